@@ -1,0 +1,53 @@
+"""Checkpoint conversion between Hugging Face DiffusionGemma folders and diffjax's own format.
+
+    config, params = load_hf("path/to/hf-folder", dtype="bfloat16")   # transformers -> params
+    save(params, config, "path/to/diffjax-ckpt")                       # our format (see convert.native)
+    config, params = load("path/to/diffjax-ckpt")
+    save_hf(params, config, "path/to/new-hf-folder")                   # params -> transformers
+    convert_checkpoint("hf-folder", "diffjax-ckpt", dtype="bfloat16")  # or: python -m convert SRC DST
+
+Every problem with an input is a `CheckpointError` (a `ValueError`) whose message names it.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+from convert.errors import CheckpointError
+from convert.hf import Progress, load_generation_config, load_hf, load_hf_numpy, save_hf
+from convert.native import FORMAT, PARAMS_FILE, load, save
+from convert.tree import unflatten
+
+
+def convert_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    dtype: Any = None,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> pathlib.Path:
+    """Convert the transformers folder `src` into a diffjax checkpoint at `dst` (generation config included).
+
+    Host arrays go straight from the reader to the writer (no jax device copies), one preallocated array per
+    leaf, so peak memory is about one copy of the converted weights.
+    """
+    config, flat = load_hf_numpy(src, dtype, progress)
+    return save(unflatten(flat), config, dst, load_generation_config(src) or None, overwrite=overwrite,
+                progress=progress)
+
+
+__all__ = [
+    "FORMAT",
+    "PARAMS_FILE",
+    "CheckpointError",
+    "Progress",
+    "convert_checkpoint",
+    "load",
+    "load_generation_config",
+    "load_hf",
+    "save",
+    "save_hf",
+]

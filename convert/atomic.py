@@ -1,0 +1,92 @@
+"""Write a directory so that readers see either the old complete one or the new complete one.
+
+Files are written into a fresh sibling `.NAME.tmp-XXXX` (same filesystem, so `rename` is atomic), each
+fsynced, then the directory is renamed onto DST. Replacing an existing DST (`overwrite=True`) moves the old
+one aside first and deletes it only after the new one is in place; if the swap fails the old one is moved
+back. On POSIX there is no atomic exchange of two non-empty directories without renameat2, so there is a
+moment between the two renames where DST does not exist, but no moment where its data is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+
+def fsync_dir(path: pathlib.Path) -> None:
+    """Make a directory's entries (new names, renames) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories: durability is then best effort
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+    """Write JSON and fsync it."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def refuse_existing(dst: pathlib.Path, overwrite: bool) -> None:
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{dst} already exists: pass overwrite=True (--overwrite) to replace it")
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | os.PathLike[str], overwrite: bool = False) -> Iterator[pathlib.Path]:
+    """Yield an empty temporary directory; on success it becomes `dst`, on any error it is removed.
+
+    Refuses (FileExistsError) when `dst` exists unless `overwrite`; the old `dst` survives any failure.
+    """
+    dst = pathlib.Path(dst)
+    refuse_existing(dst, overwrite)  # fail before spending time on a write that cannot be installed
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = dst.parent / f".{dst.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for child in tmp.iterdir():
+            if child.is_file():  # writers fsync their own files; this covers any that did not
+                with open(child, "rb+") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(tmp)
+        _install(tmp, dst, overwrite, tag)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _install(tmp: pathlib.Path, dst: pathlib.Path, overwrite: bool, tag: str) -> None:
+    refuse_existing(dst, overwrite)  # it may have appeared while we were writing
+    old = dst.parent / f".{dst.name}.old-{tag}"
+    had_old = dst.exists() or dst.is_symlink()
+    if had_old:
+        os.rename(dst, old)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        if had_old:
+            os.rename(old, dst)
+        raise
+    fsync_dir(dst.parent)
+    if had_old:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)

@@ -1,0 +1,128 @@
+"""The diffjax checkpoint format: what `convert.save` writes and `convert.load` reads.
+
+A directory:
+
+    config.json             `Config.to_hf()` (a transformers-style `diffusion_gemma` config; `Config.from_hf`
+                            reads it back to an equal Config, checked on save)
+    params.safetensors      every leaf of the parameter tree, in its own dtype, under its "/"-joined path:
+                            `embedder/embedding`, `final_norm/scale`, `self_conditioning/mlp/gate_proj/kernel`,
+                            `blocks/layer_0/self_attn/q_proj/kernel` ([num_blocks, in, out]), ... exactly the
+                            tree and shapes of `diffjax.param_shapes(config)` (kernels [in, out], layers
+                            stacked on a leading block axis). Header `__metadata__`:
+                            {"format": "diffjax", "format_version": "1"}.
+    generation_config.json  optional, flat: max_new_tokens, max_denoising_steps, t_min, t_max,
+                            entropy_bound, stability_threshold, confidence_threshold, eos_token_id (list),
+                            pad_token_id (only the keys that are set).
+
+The directory is written atomically (`convert.atomic`). Loading is bit-exact: bytes go from the file to the
+array unchanged unless a `dtype` cast is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from convert.atomic import atomic_directory, write_json
+from convert.errors import CheckpointError
+from convert.hf import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    Progress,
+    normalise_generation_config,
+    read_config,
+)
+from convert.safetensors_io import open_data, read_header, tensor_view, write_safetensors
+from convert.tree import check_tree, expected_shapes, flatten, resolve_dtype, unflatten
+from diffjax.config import Config
+
+PARAMS_FILE = "params.safetensors"
+FORMAT = "diffjax"
+FORMAT_VERSION = "1"
+
+
+def save(
+    params: Mapping[str, Any],
+    config: Config,
+    dst: str | os.PathLike[str],
+    generation_config: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> pathlib.Path:
+    """Write `params` (jax or numpy leaves) and `config` to the directory `dst` in the diffjax format.
+
+    Refuses an existing `dst` (FileExistsError) unless `overwrite=True`; the old directory is replaced only
+    once the new one is complete, and survives any failure.
+    """
+    flat = flatten(params)
+    check_tree(flat, config, "params")
+    hf_config = config.to_hf()
+    if Config.from_hf(hf_config) != config:  # a field to_hf cannot express would be silently lost
+        raise CheckpointError(f"config does not survive config.json: {config} != {Config.from_hf(hf_config)}")
+    tensors = {"/".join(path): leaf for path, leaf in flat.items()}
+    total = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors.values())
+    done = 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress("write", done, total)
+
+    dst = pathlib.Path(dst)
+    with atomic_directory(dst, overwrite) as tmp:
+        write_json(tmp / CONFIG_FILE, hf_config)
+        if generation_config:
+            write_json(tmp / GENERATION_CONFIG_FILE, normalise_generation_config(generation_config))
+        write_safetensors(
+            tmp / PARAMS_FILE, tensors, {"format": FORMAT, "format_version": FORMAT_VERSION}, advance
+        )
+    return dst
+
+
+def load(
+    src: str | os.PathLike[str], dtype: Any = None, *, as_numpy: bool = False
+) -> tuple[Config, dict[str, Any]]:
+    """Read a directory written by `save`: `(config, params)` with jax leaves (numpy with `as_numpy`).
+
+    `dtype` casts every leaf (None keeps the stored dtypes, bit for bit).
+    """
+    src = pathlib.Path(src)
+    config = read_config(src)
+    target = resolve_dtype(dtype)
+    file = src / PARAMS_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{src}: no {PARAMS_FILE} (not a diffjax checkpoint; for a transformers folder use load_hf)")
+    tensors, metadata = read_header(file)
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: not a diffjax checkpoint (metadata format {metadata.get('format')!r})")
+    shapes = expected_shapes(config)
+    expected = {"/".join(p): p for p in shapes}
+    problems = []
+    if missing := sorted(set(expected) - set(tensors)):
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected := sorted(set(tensors) - set(expected)):
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    problems += [
+        f"shape mismatch: {name}: expected {list(shapes[expected[name]])}, got {list(info.shape)}"
+        for name, info in sorted(tensors.items())
+        if name in expected and info.shape != shapes[expected[name]]
+    ]
+    if problems:
+        raise CheckpointError(f"{file}: " + "; ".join(problems))
+    data = open_data(file)
+    flat: dict[tuple[str, ...], Any] = {}
+    for name, info in sorted(tensors.items(), key=lambda kv: kv[1].begin):
+        view = tensor_view(data, info)
+        # astype always copies: the result must not alias the memory map, which is closed below.
+        host = view.astype(target or info.dtype)
+        flat[expected[name]] = host if as_numpy else jax.numpy.asarray(host)
+    del data
+    check_tree(flat, config, str(file), target)
+    return config, unflatten(flat)

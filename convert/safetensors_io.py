@@ -1,0 +1,200 @@
+"""A minimal, streaming safetensors reader and writer (numpy only).
+
+Why not the `safetensors` package: its numpy API cannot hand out bfloat16 without torch, and `load_file`
+materialises a whole file. Here a header is parsed on its own (8-byte little-endian length + JSON), every
+entry is checked against the file size before any data is touched, and tensors are read as zero-copy views
+of a read-only `numpy.memmap`, so a caller can copy them one at a time into preallocated arrays.
+
+File layout (https://github.com/huggingface/safetensors):
+    u64 little-endian N | N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}
+    | data (offsets relative to the byte after the header)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import struct
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from convert.errors import CheckpointError
+
+# safetensors dtype codes we can read and write. Integer and float8 tensors do not occur in this model:
+# they are rejected by name rather than misread.
+CODE_TO_DTYPE: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+DTYPE_TO_CODE: dict[np.dtype, str] = {dtype: code for code, dtype in CODE_TO_DTYPE.items()}
+
+# The reference implementation refuses headers above 100 MB; a larger value means a corrupt length field.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+if sys.byteorder != "little":  # bfloat16 has no explicit byte order in numpy: views would be misread
+    raise ImportError("convert.safetensors_io assumes a little-endian host")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and absolute byte range in that file."""
+
+    name: str
+    path: pathlib.Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute file offset of the first byte
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate the header of one safetensors file.
+
+    Returns (tensors by name, `__metadata__`). Raises `CheckpointError` naming the file when it is
+    truncated or corrupt: header length past the end of the file, bad JSON, an unknown dtype, a shape that
+    disagrees with its byte range, or data offsets beyond the end of the file.
+    """
+    path = pathlib.Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{path}: corrupt or truncated safetensors file: header size {header_len} is larger than the "
+                f"file ({size} bytes)"
+            )
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: corrupt safetensors file: header size {header_len} exceeds 100 MB")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors file: bad JSON header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors file: bad JSON header (not an object)")
+
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(d) for d in shape)
+            begin, end = int(begin), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{path}: corrupt safetensors file: bad header entry for tensor {name!r}: {entry!r}"
+            ) from None
+        if code not in CODE_TO_DTYPE:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has unknown or unsupported dtype {code!r} "
+                f"(supported: {', '.join(CODE_TO_DTYPE)})"
+            )
+        dtype = CODE_TO_DTYPE[code]
+        expected = math.prod(shape) * dtype.itemsize
+        if any(d < 0 for d in shape) or begin < 0 or end - begin != expected:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors file: tensor {name!r} data_offsets [{begin}, {end}] do not hold "
+                f"{code} {list(shape)} ({expected} bytes)"
+            )
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file: tensor {name!r} data_offsets end at byte "
+                f"{data_start + end}, beyond the end of the file ({size} bytes)"
+            )
+        tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
+    return tensors, metadata
+
+
+def open_data(path: str | os.PathLike[str]) -> np.memmap | np.ndarray:
+    """A read-only byte view of a whole file (pages are read on demand, never copied in bulk)."""
+    if os.path.getsize(path) == 0:
+        return np.zeros(0, np.uint8)  # mmap refuses empty files
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def tensor_view(data: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """Zero-copy array view of one tensor inside `open_data(info.path)`."""
+    count = math.prod(info.shape)
+    return np.frombuffer(data, dtype=info.dtype, count=count, offset=info.begin).reshape(info.shape)
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+    on_tensor: Callable[[int], None] | None = None,
+) -> int:
+    """Write `tensors` (name -> array-like with .shape/.dtype) to `path`, one tensor in host memory at a time.
+
+    Values may be numpy arrays, jax arrays (fetched to the host one by one) or `LazyTensor`s (built only
+    when their turn comes, so a transposed copy exists for one tensor at a time). The file is fsynced before returning.
+    Returns the number of data bytes written; `on_tensor(nbytes)` is called after each tensor.
+    """
+    entries: list[tuple[str, np.dtype, tuple[int, ...]]] = []
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, value in tensors.items():
+        shape, dtype = _shape_dtype(value)
+        if dtype not in DTYPE_TO_CODE:
+            raise CheckpointError(f"cannot write tensor {name!r}: unsupported dtype {dtype}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_TO_CODE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        entries.append((name, dtype, shape))
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
+
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, dtype, shape in entries:
+            value = tensors[name]
+            array = np.ascontiguousarray(np.asarray(value() if callable(value) else value))
+            if array.dtype != dtype or array.shape != shape:
+                raise CheckpointError(
+                    f"tensor {name!r} changed between planning and writing: {dtype}{list(shape)} -> "
+                    f"{array.dtype}{list(array.shape)}"
+                )
+            f.write(array.reshape(-1).view(np.uint8).data)
+            if on_tensor is not None:
+                on_tensor(array.nbytes)
+            del array
+        f.flush()
+        os.fsync(f.fileno())
+    return offset
+
+
+def _shape_dtype(value: Any) -> tuple[tuple[int, ...], np.dtype]:
+    return tuple(int(d) for d in value.shape), np.dtype(value.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A tensor known by shape and dtype now and produced by `make()` only when written."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    make: Callable[[], np.ndarray]
+
+    def __call__(self) -> np.ndarray:
+        return self.make()
+

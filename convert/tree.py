@@ -1,0 +1,103 @@
+"""Flat views of the nested parameter dict, dtype names, and the check against `diffjax.param_shapes`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from convert.errors import CheckpointError
+from diffjax.config import Config
+from diffjax.model import param_shapes
+
+Path = tuple[str, ...]
+
+# Target dtypes a checkpoint may be cast to. float64 is left out on purpose: jax (x64 off) would silently
+# turn it into float32 anyway.
+_DTYPE_NAMES: dict[str, np.dtype] = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "bf16": np.dtype(ml_dtypes.bfloat16),
+    "float32": np.dtype(np.float32),
+    "f32": np.dtype(np.float32),
+    "fp32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "f16": np.dtype(np.float16),
+    "fp16": np.dtype(np.float16),
+}
+SUPPORTED_DTYPES = frozenset(_DTYPE_NAMES.values())
+
+
+def resolve_dtype(dtype: Any) -> np.dtype | None:
+    """None, a name ("bfloat16", "float32", "float16") or a numpy/ml_dtypes/jax dtype -> numpy dtype."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        key = dtype.lower()
+        if key not in _DTYPE_NAMES:
+            raise ValueError(f"unsupported dtype {dtype!r}: use one of bfloat16, float32, float16")
+        return _DTYPE_NAMES[key]
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"unsupported dtype {dtype!r}: use one of bfloat16, float32, float16") from None
+    if resolved not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {resolved}: use one of bfloat16, float32, float16")
+    return resolved
+
+
+def flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
+    """Nested dict -> {path tuple: leaf}, in sorted key order (deterministic file layout)."""
+    flat: dict[Path, Any] = {}
+    for key in sorted(tree):
+        value = tree[key]
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, (*prefix, str(key))))
+        else:
+            flat[(*prefix, str(key))] = value
+    return flat
+
+
+def unflatten(flat: Mapping[Path, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+def expected_shapes(config: Config) -> dict[Path, tuple[int, ...]]:
+    """Every leaf of `diffjax.param_shapes(config)` with its shape."""
+    return {path: tuple(s.shape) for path, s in flatten(param_shapes(config, np.float32)).items()}
+
+
+def check_tree(flat: Mapping[Path, Any], config: Config, what: str, dtype: np.dtype | None = None) -> None:
+    """Raise `CheckpointError` unless `flat` has exactly the leaves and shapes of `param_shapes(config)`."""
+    expected = expected_shapes(config)
+    missing = sorted("/".join(p) for p in set(expected) - set(flat))
+    unexpected = sorted("/".join(p) for p in set(flat) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing leaves: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected leaves: {', '.join(unexpected)}")
+    for path in sorted(set(expected) & set(flat)):
+        shape = tuple(flat[path].shape)
+        if shape != expected[path]:
+            problems.append(f"shape mismatch for {'/'.join(path)}: expected {list(expected[path])}, got {list(shape)}")
+        if dtype is not None and np.dtype(flat[path].dtype) != dtype:
+            problems.append(f"dtype of {'/'.join(path)} is {np.dtype(flat[path].dtype)}, expected {dtype}")
+    if problems:
+        raise CheckpointError(f"{what} does not match the parameter tree of this config: " + "; ".join(problems))
+
+
+def to_jax(flat: dict[Path, np.ndarray]) -> dict[str, Any]:
+    """numpy leaves -> jax arrays, emptying `flat` as it goes so each host array can be freed once copied."""
+    out: dict[Path, Any] = {}
+    for path in list(flat):
+        out[path] = jax.numpy.asarray(flat.pop(path))
+    return unflatten(out)
