@@ -1,0 +1,227 @@
+"""Building blocks of the Gemma 4 MoE backbone: norms, rotary embeddings, attention, MLP, mixture of experts.
+
+Every module computes in the dtype of its parameters (bf16 weights -> bf16 activations), with norms,
+softmaxes and the router in float32, as transformers does.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffjax.config import AttentionConfig, Config
+
+Array = jax.Array
+
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def rms_norm(x: Array, scale: Array | None, eps: float) -> Array:
+    """`x * (mean(x^2) + eps)^-0.5 * scale` in float32, cast back to x's dtype (scale used as is, not 1+w)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.pow(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps, -0.5)
+    if scale is not None:
+        normed = normed * scale.astype(jnp.float32)
+    return normed.astype(x.dtype)
+
+
+def gelu_tanh(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    with_scale: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],)) if self.with_scale else None
+        return rms_norm(x, scale, self.eps)
+
+
+class Linear(nn.Module):
+    """Bias-free projection with a `[in, out]` kernel."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", _init, (x.shape[-1], self.features))
+        return x @ kernel.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+def rope_inverse_frequencies(att: AttentionConfig) -> Array:
+    """`[head_dim // 2]` inverse frequencies.
+
+    Proportional RoPE (global layers) rotates only the first `int(factor * head_dim // 2)` pairs, with the
+    exponent's denominator the FULL head_dim; the remaining pairs get frequency 0 (identity rotation).
+    """
+    half = att.head_dim // 2
+    if att.rope_type == "proportional":
+        rotated = int(att.partial_rotary_factor * att.head_dim // 2)
+        exponents = jnp.arange(0, 2 * rotated, 2, dtype=jnp.float32) / att.head_dim
+        inv = 1.0 / (att.rope_theta**exponents)
+        inv = jnp.concatenate([inv, jnp.zeros((half - rotated,), jnp.float32)])
+    else:
+        inv = 1.0 / (att.rope_theta ** (jnp.arange(0, att.head_dim, 2, dtype=jnp.float32) / att.head_dim))
+    return inv / att.rope_factor
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotate `x [batch, seq, heads, head_dim]` at integer `positions [seq]` (rotate-half layout)."""
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)  # [seq, head_dim]
+    # transformers rounds cos/sin to the activation dtype before use.
+    cos = jnp.cos(angles).astype(x.dtype)[None, :, None, :]
+    sin = jnp.sin(angles).astype(x.dtype)[None, :, None, :]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+# -------------------------------------------------------------------------- attention
+
+
+def attend(query: Array, keys: Array, values: Array, mask: Array) -> Array:
+    """Grouped-query attention with scale 1.0 and a boolean mask.
+
+    query `[batch, q, heads, hd]`, keys/values `[batch, k, kv_heads, hd]`, mask `[batch, q, k]`
+    (True = visible). A query row with no visible key returns zeros (as torch SDPA does) rather than the NaN
+    a `-inf` mask would give: left-padded rows must keep finite K/V in the cache.
+    """
+    batch, q_len, num_heads, head_dim = query.shape
+    kv_heads = keys.shape[2]
+    grouped = query.reshape(batch, q_len, kv_heads, num_heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, keys).astype(jnp.float32)
+    visible = mask[:, None, None, :, :]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(jnp.any(visible, axis=-1, keepdims=True), probs, 0.0).astype(values.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, values)
+    return out.reshape(batch, q_len, num_heads * head_dim)
+
+
+class Attention(nn.Module):
+    """Gemma 4 attention: q/k/v RMSNorms, RoPE after the norms, scale 1.0, GQA.
+
+    Global (full) layers have no v_proj: values are `v_norm(k_proj(x))`, the raw key projection.
+    """
+
+    config: Config
+    layer_type: str
+
+    @nn.compact
+    def __call__(
+        self, x: Array, positions: Array, context_keys: Array, context_values: Array, mask: Array
+    ) -> tuple[Array, tuple[Array, Array]]:
+        """Attend from `x [batch, n, hidden]` to `context ++ x`.
+
+        context_keys/values `[batch, c, kv_heads, hd]` are already normed and rotated (a cache);
+        mask `[batch, n, c + n]`. Returns the output `[batch, n, hidden]` and this call's new (keys, values).
+        """
+        cfg, att = self.config, self.config.attention(self.layer_type)
+        batch, n, _ = x.shape
+        q = Linear(cfg.num_heads * att.head_dim, name="q_proj")(x).reshape(batch, n, cfg.num_heads, att.head_dim)
+        k_raw = Linear(att.num_kv_heads * att.head_dim, name="k_proj")(x).reshape(
+            batch, n, att.num_kv_heads, att.head_dim
+        )
+        if self.layer_type == "sliding_attention":
+            v = Linear(att.num_kv_heads * att.head_dim, name="v_proj")(x).reshape(k_raw.shape)
+        else:
+            v = k_raw
+        inv_freq = rope_inverse_frequencies(att)
+        q = apply_rope(RMSNorm(cfg.rms_norm_eps, name="q_norm")(q), positions, inv_freq)
+        k = apply_rope(RMSNorm(cfg.rms_norm_eps, name="k_norm")(k_raw), positions, inv_freq)
+        v = rms_norm(v, None, cfg.rms_norm_eps)
+        keys = jnp.concatenate([context_keys.astype(k.dtype), k], axis=1)
+        values = jnp.concatenate([context_values.astype(v.dtype), v], axis=1)
+        out = attend(q, keys, values, mask)
+        return Linear(cfg.hidden_size, name="o_proj")(out), (k, v)
+
+
+# ------------------------------------------------------------------------ feed-forward
+
+
+class MLP(nn.Module):
+    """Gated GELU-tanh MLP: `down(gelu(gate(x)) * up(x))`."""
+
+    hidden_size: int
+    intermediate_size: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        gate = Linear(self.intermediate_size, name="gate_proj")(x)
+        up = Linear(self.intermediate_size, name="up_proj")(x)
+        return Linear(self.hidden_size, name="down_proj")(gelu_tanh(gate) * up)
+
+
+class Router(nn.Module):
+    """Top-k router on the un-normed residual: weights renormalised to 1, then scaled per expert."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, residual: Array) -> tuple[Array, Array]:
+        """`residual [tokens, hidden]` -> (weights `[tokens, k]`, expert ids `[tokens, k]` int32)."""
+        cfg = self.config
+        scale = self.param("scale", nn.initializers.ones, (cfg.hidden_size,))
+        per_expert_scale = self.param("per_expert_scale", nn.initializers.ones, (cfg.num_experts,))
+        h = rms_norm(residual, None, cfg.rms_norm_eps)
+        h = h * scale.astype(h.dtype) * jnp.asarray(cfg.hidden_size**-0.5, h.dtype)
+        scores = Linear(cfg.num_experts, name="proj")(h)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+        weights, expert_ids = jax.lax.top_k(probs, cfg.top_k_experts)
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        return weights * per_expert_scale.astype(jnp.float32)[expert_ids], expert_ids
+
+
+def experts_grouped(
+    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array
+) -> Array:
+    """Mixture of experts computing only the routed (token, expert) pairs.
+
+    x `[tokens, hidden]`, weights/expert_ids `[tokens, k]`, gate_up `[experts, hidden, 2 * inter]` (gate first
+    half, up second), down `[experts, inter, hidden]`. The tokens * k assignments are sorted by expert and
+    run through two grouped matmuls (`jax.lax.ragged_dot`), then scattered back weighted.
+    """
+    tokens, top_k = expert_ids.shape
+    num_experts = gate_up.shape[0]
+    flat_experts = expert_ids.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)
+    token_of = order // top_k
+    group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
+    xs = x[token_of]
+    gate, up = jnp.split(jax.lax.ragged_dot(xs, gate_up.astype(x.dtype), group_sizes), 2, axis=-1)
+    ys = jax.lax.ragged_dot(gelu_tanh(gate) * up, down.astype(x.dtype), group_sizes)
+    ys = ys * weights.reshape(-1)[order][:, None].astype(ys.dtype)
+    return jnp.zeros_like(x).at[token_of].add(ys)
+
+
+def experts_dense(
+    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array
+) -> Array:
+    """Every expert on every token, unrouted pairs weighted zero: the plain oracle for `experts_grouped`."""
+    num_experts = gate_up.shape[0]
+    dense_weights = jnp.sum(
+        jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32) * weights[..., None], axis=1
+    )  # [tokens, experts]
+    gate, up = jnp.split(jnp.einsum("th,ehi->eti", x, gate_up.astype(x.dtype)), 2, axis=-1)
+    ys = jnp.einsum("eti,eih->eth", gelu_tanh(gate) * up, down.astype(x.dtype))
+    return jnp.einsum("eth,te->th", ys, dense_weights.astype(ys.dtype))
+
+
+class Experts(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, x: Array, weights: Array, expert_ids: Array) -> Array:
+        cfg = self.config
+        gate_up = self.param(
+            "gate_up_proj", _init, (cfg.num_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size)
+        )
+        down = self.param("down_proj", _init, (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size))
+        return experts_grouped(x, weights, expert_ids, gate_up, down)

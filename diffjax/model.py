@@ -1,0 +1,413 @@
+"""The DiffusionGemma network: one set of weights used as a causal encoder and as a bidirectional decoder.
+
+ids -> embeddings -> (self-conditioning, decoder only) -> scanned layer blocks -> final norm -> tied logits.
+
+The encoder writes the K/V of new tokens (the prompt, later each finished canvas) into a `KVCache` of fixed
+capacity; the decoder denoises a canvas reading that cache read-only. Functional surface: `init_params`,
+`encode`, `denoise_logits` take the parameter pytree as an argument and are jit-compiled with the config
+static.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax.config import FULL, SLIDING, Config
+from diffjax.layers import MLP, Attention, Experts, RMSNorm, Router, rms_norm
+
+Array = jax.Array
+Params = dict[str, Any]
+
+ENCODE, DECODE = "encode", "decode"
+
+
+# ------------------------------------------------------------------------------ cache
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values the encoder has written, per layer of the repeating block.
+
+    keys/values: `"layer_{j}" -> [blocks, batch, slots, kv_heads, head_dim]`. Full layers hold `capacity`
+    slots indexed by absolute position; sliding layers hold a ring of `min(sliding_window - 1, capacity)`
+    slots (position p lives at slot p % ring), what transformers' sliding cache keeps.
+    mask: `[batch, capacity]` True where the slot holds a real (non-padding) token.
+    length: int32 scalar, slots written so far; the next token's position.
+    """
+
+    keys: dict[str, Array]
+    values: dict[str, Array]
+    mask: Array
+    length: Array
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.mask.shape[1]
+
+
+def ring_size(config: Config, capacity: int) -> int:
+    return min(config.sliding_window - 1, capacity)
+
+
+def init_cache(config: Config, batch_size: int, capacity: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty cache for `capacity` positions."""
+    if capacity <= 0:
+        raise ValueError(f"cache capacity must be positive, got {capacity}")
+    keys = {}
+    for j, layer_type in enumerate(config.block_layer_types):
+        att = config.attention(layer_type)
+        slots = ring_size(config, capacity) if layer_type == SLIDING else capacity
+        keys[f"layer_{j}"] = jnp.zeros((config.num_blocks, batch_size, slots, att.num_kv_heads, att.head_dim), dtype)
+    return KVCache(
+        keys=keys,
+        values=dict(keys),
+        mask=jnp.zeros((batch_size, capacity), bool),
+        length=jnp.zeros((), jnp.int32),
+    )
+
+
+def ring_positions(length: Array, ring: int) -> Array:
+    """`[ring]` absolute position held by each ring slot once `length` tokens are written (-1: empty)."""
+    slots = jnp.arange(ring)
+    return jnp.where(slots < length, slots + ring * ((length - 1 - slots) // ring), -1)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class Embedder(nn.Module):
+    """Token embedding, tied LM head and the soft embedding used by self-conditioning."""
+
+    config: Config
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding", nn.initializers.normal(0.02), (self.config.vocab_size, self.config.hidden_size)
+        )
+
+    def _scale(self, dtype: Any) -> Array:
+        # transformers casts sqrt(hidden) to the weight dtype first: in bf16 sqrt(2816) becomes 53.0.
+        return jnp.asarray(self.config.embed_scale, self.embedding.dtype).astype(dtype)
+
+    def embed(self, ids: Array) -> Array:
+        """`[batch, seq]` ids -> `[batch, seq, hidden]` scaled embeddings."""
+        return jnp.take(self.embedding, ids, axis=0) * self._scale(self.embedding.dtype)
+
+    def soft_embed(self, logits: Array) -> Array:
+        """`softmax(logits) @ E * scale`: the expected embedding under `[batch, canvas, vocab]` logits."""
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.embedding.dtype)
+        return (probs @ self.embedding) * self._scale(self.embedding.dtype)
+
+    def logits(self, hidden: Array) -> Array:
+        """Tied LM head with the final softcap, float32 `[batch, seq, vocab]`."""
+        logits = (hidden @ self.embedding.T.astype(hidden.dtype)).astype(jnp.float32)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+class SelfConditioning(nn.Module):
+    """`post_norm(embeddings + down(gelu(gate(pre_norm(soft))) * up(pre_norm(soft))))`, post_norm unscaled."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, embeddings: Array, soft_embeddings: Array | None) -> Array:
+        cfg = self.config
+        # No logits yet (first step): pre_norm(0) = 0 and the MLP has no bias, so the signal is exactly zero.
+        soft = jnp.zeros_like(embeddings) if soft_embeddings is None else soft_embeddings
+        signal = MLP(cfg.hidden_size, cfg.intermediate_size, name="mlp")(RMSNorm(cfg.rms_norm_eps, name="pre_norm")(soft))
+        return rms_norm(embeddings + signal, None, cfg.rms_norm_eps)
+
+
+class Layer(nn.Module):
+    """One pre-norm Gemma 4 layer: attention, then a dense MLP and a mixture of experts side by side."""
+
+    config: Config
+    layer_type: str
+    mode: str
+
+    @nn.compact
+    def __call__(
+        self, x: Array, positions: Array, context: tuple[Array, Array], mask: Array
+    ) -> tuple[Array, tuple[Array, Array]]:
+        cfg = self.config
+        norm = functools.partial(RMSNorm, cfg.rms_norm_eps)
+        attn_out, new_kv = Attention(cfg, self.layer_type, name="self_attn")(
+            norm(name="input_layernorm")(x), positions, context[0], context[1], mask
+        )
+        x = x + norm(name="post_attention_layernorm")(attn_out)
+
+        residual = x
+        dense = MLP(cfg.hidden_size, cfg.intermediate_size, name="mlp")(norm(name="pre_feedforward_layernorm")(x))
+        dense = norm(name="post_feedforward_layernorm_1")(dense)
+        flat = residual.reshape(-1, cfg.hidden_size)
+        weights, expert_ids = Router(cfg, name="router")(flat)
+        moe = Experts(cfg, name="experts")(norm(name="pre_feedforward_layernorm_2")(flat), weights, expert_ids)
+        moe = norm(name="post_feedforward_layernorm_2")(moe.reshape(residual.shape))
+        x = residual + norm(name="post_feedforward_layernorm")(dense + moe)
+
+        # The encoder and the decoder carry separate scalars (the encoder's is a buffer, not tied).
+        encoder_scalar = self.param("encoder_layer_scalar", nn.initializers.ones, (1,))
+        decoder_scalar = self.param("decoder_layer_scalar", nn.initializers.ones, (1,))
+        scalar = encoder_scalar if self.mode == ENCODE else decoder_scalar
+        return x * scalar.astype(x.dtype), new_kv
+
+
+class Block(nn.Module):
+    """The repeating pattern of layers (5 sliding + 1 full in the released model); scanned over blocks."""
+
+    config: Config
+    mode: str
+
+    @nn.compact
+    def __call__(
+        self, x: Array, context: tuple[dict[str, Array], dict[str, Array]], positions: Array,
+        masks: dict[str, Array],
+    ) -> tuple[Array, tuple[dict[str, Array], dict[str, Array]]]:
+        new_keys, new_values = {}, {}
+        for j, layer_type in enumerate(self.config.block_layer_types):
+            name = f"layer_{j}"
+            x, (k, v) = Layer(self.config, layer_type, self.mode, name=name)(
+                x, positions, (context[0][name], context[1][name]), masks[layer_type]
+            )
+            new_keys[name], new_values[name] = k, v
+        return x, (new_keys, new_values)
+
+
+class DiffusionGemma(nn.Module):
+    """The shared network. `mode` picks the causal encoder or the bidirectional decoder."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(
+        self, mode: str, ids: Array, cache: KVCache, attention_mask: Array | None = None,
+        self_conditioning_logits: Array | None = None, self_conditioning_mask: Array | None = None,
+    ) -> Any:
+        cfg = self.config
+        embedder = Embedder(cfg, name="embedder")
+        x = embedder.embed(ids)
+        n = ids.shape[1]
+        positions = cache.length + jnp.arange(n, dtype=jnp.int32)
+        if mode == ENCODE:
+            masks = _encoder_masks(cfg, cache, attention_mask, positions)
+        else:
+            soft = None
+            if self_conditioning_logits is not None:
+                soft = embedder.soft_embed(self_conditioning_logits)
+                if self_conditioning_mask is not None:
+                    soft = soft * self_conditioning_mask.astype(soft.dtype)[:, None, None]
+            x = SelfConditioning(cfg, name="self_conditioning")(x, soft)
+            masks = _decoder_masks(cfg, cache, n)
+
+        blocks = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast),
+            length=cfg.num_blocks,
+        )(cfg, mode, name="blocks")
+        x, new_kv = blocks(x, (cache.keys, cache.values), positions, masks)
+        hidden = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
+        if mode == ENCODE:
+            return hidden, new_kv
+        return embedder.logits(hidden)
+
+
+def _encoder_masks(config: Config, cache: KVCache, attention_mask: Array, positions: Array) -> dict[str, Array]:
+    """`[batch, new, context + new]` visibility for the causal encoder, per layer type."""
+    n = positions.shape[0]
+    query = positions[:, None]
+    new_visible = attention_mask[:, None, :] & (positions[None, :] <= query)[None]
+    full = jnp.concatenate([jnp.broadcast_to(cache.mask[:, None, :], (cache.batch_size, n, cache.capacity)),
+                            new_visible], axis=-1)
+    ring_pos = ring_positions(cache.length, ring_size(config, cache.capacity))
+    ring_visible = _ring_valid(cache, ring_pos)[:, None, :] & (query - config.sliding_window < ring_pos)[None]
+    new_in_window = (query - config.sliding_window < positions[None, :])[None]
+    sliding = jnp.concatenate([ring_visible, new_visible & new_in_window], axis=-1)
+    return {FULL: full, SLIDING: sliding}
+
+
+def _decoder_masks(config: Config, cache: KVCache, canvas: int) -> dict[str, Array]:
+    """`[batch, canvas, context + canvas]`: every canvas token sees all visible cache slots and the canvas.
+
+    Sliding layers see the last `sliding_window - 1` cached positions whatever the query (the ring).
+    """
+    batch = cache.batch_size
+    canvas_visible = jnp.ones((batch, canvas), bool)
+    ring_valid = _ring_valid(cache, ring_positions(cache.length, ring_size(config, cache.capacity)))
+
+    def rows(context_visible: Array) -> Array:
+        row = jnp.concatenate([context_visible, canvas_visible], axis=-1)
+        return jnp.broadcast_to(row[:, None, :], (batch, canvas, row.shape[-1]))
+
+    return {FULL: rows(cache.mask), SLIDING: rows(ring_valid)}
+
+
+def _ring_valid(cache: KVCache, ring_pos: Array) -> Array:
+    return (ring_pos >= 0)[None, :] & jnp.take(cache.mask, jnp.maximum(ring_pos, 0), axis=1)
+
+
+def _write_cache(config: Config, cache: KVCache, new_kv: tuple[dict, dict], attention_mask: Array) -> KVCache:
+    n = attention_mask.shape[1]
+    ring = ring_size(config, cache.capacity)
+    kept = min(n, ring)  # a prompt longer than the ring only leaves its last `ring` tokens
+    ring_slots = (cache.length + n - kept + jnp.arange(kept)) % ring
+
+    def write(layer_type: str, old: Array, new: Array) -> Array:
+        new = new.astype(old.dtype)
+        if layer_type == SLIDING:
+            return old.at[:, :, ring_slots].set(new[:, :, n - kept:])
+        return jax.lax.dynamic_update_slice_in_dim(old, new, cache.length, axis=2)
+
+    keys, values = {}, {}
+    for j, layer_type in enumerate(config.block_layer_types):
+        name = f"layer_{j}"
+        keys[name] = write(layer_type, cache.keys[name], new_kv[0][name])
+        values[name] = write(layer_type, cache.values[name], new_kv[1][name])
+    mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask, cache.length, axis=1)
+    return KVCache(keys=keys, values=values, mask=mask, length=cache.length + n)
+
+
+# ------------------------------------------------------------------------ functional API
+
+
+def init_params(config: Config, key: Array, dtype: Any = jnp.float32) -> Params:
+    """Random parameters (normal 0.02 projections, unit norms and scalars) in `dtype`."""
+    batch, canvas = 1, 2
+    cache = init_cache(config, batch, 1, dtype)
+    variables = DiffusionGemma(config).init(
+        key, DECODE, jnp.zeros((batch, canvas), jnp.int32), cache,
+        self_conditioning_logits=jnp.zeros((batch, canvas, config.vocab_size), jnp.float32),
+    )
+    return jax.tree.map(lambda p: p.astype(dtype), variables["params"])
+
+
+def param_shapes(config: Config, dtype: Any = jnp.bfloat16) -> Params:
+    """The parameter pytree as `jax.ShapeDtypeStruct`s, without allocating."""
+    return jax.eval_shape(functools.partial(init_params, config, dtype=dtype), jax.random.key(0))
+
+
+def count_params(config: Config) -> int:
+    """Distinct weights (the two layer-scalar sets counted once, as transformers does)."""
+    shapes = param_shapes(config)
+    total = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+    return total - config.num_layers  # encoder_layer_scalar duplicates decoder_layer_scalar in size
+
+
+def param_dtype(params: Params) -> Any:
+    return params["embedder"]["embedding"].dtype
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _encode(
+    params: Params, config: Config, input_ids: Array, attention_mask: Array, cache: KVCache
+) -> tuple[KVCache, Array]:
+    hidden, new_kv = DiffusionGemma(config).apply(
+        {"params": params}, ENCODE, input_ids, cache, attention_mask=attention_mask
+    )
+    return _write_cache(config, cache, new_kv, attention_mask), hidden
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _denoise_logits(
+    params: Params, config: Config, cache: KVCache, canvas_ids: Array,
+    self_conditioning_logits: Array | None, self_conditioning_mask: Array | None,
+) -> Array:
+    return DiffusionGemma(config).apply(
+        {"params": params}, DECODE, canvas_ids, cache,
+        self_conditioning_logits=self_conditioning_logits, self_conditioning_mask=self_conditioning_mask,
+    )
+
+
+def encode_with_hidden(
+    params: Params, config: Config, input_ids: Array, attention_mask: Array | None = None,
+    cache: KVCache | None = None, *, capacity: int | None = None,
+) -> tuple[KVCache, Array]:
+    """`encode` that also returns the encoder's final-normed hidden states `[batch, seq, hidden]`."""
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    batch, n = input_ids.shape
+    if batch == 0 or n == 0:
+        raise ValueError(f"input_ids must have at least one row and one token, got shape {input_ids.shape}")
+    check_token_ids("input_ids", input_ids, config.vocab_size)
+    if attention_mask is None:
+        attention_mask = jnp.ones((batch, n), bool)
+    attention_mask = jnp.asarray(attention_mask)
+    if attention_mask.shape != (batch, n):
+        raise ValueError(f"attention_mask shape {attention_mask.shape} does not match input_ids {input_ids.shape}")
+    if cache is None:
+        cache = init_cache(config, batch, capacity or n, param_dtype(params))
+    elif capacity is not None and capacity != cache.capacity:
+        raise ValueError(f"capacity={capacity} given with a cache of capacity {cache.capacity}")
+    if cache.batch_size != batch:
+        raise ValueError(f"cache holds {cache.batch_size} rows but input_ids has {batch}")
+    if not isinstance(cache.length, jax.core.Tracer) and int(cache.length) + n > cache.capacity:
+        raise ValueError(
+            f"prompt too long: {int(cache.length)} cached + {n} new tokens exceed the cache capacity "
+            f"{cache.capacity}"
+        )
+    return _encode(params, config, input_ids.astype(jnp.int32), attention_mask.astype(bool), cache)
+
+
+def encode(
+    params: Params, config: Config, input_ids: Array, attention_mask: Array | None = None,
+    cache: KVCache | None = None, *, capacity: int | None = None,
+) -> KVCache:
+    """Run the causal encoder over `input_ids [batch, seq]` and write their K/V into the cache.
+
+    With `cache=None` a new cache of `capacity` slots (default: seq) is made; with a cache, the tokens are
+    appended after `cache.length` (this is how a finished canvas joins the context). Positions are absolute
+    slot indices; `attention_mask [batch, seq]` (1 = real token) masks left padding, it does not shift it.
+    """
+    return encode_with_hidden(params, config, input_ids, attention_mask, cache, capacity=capacity)[0]
+
+
+def denoise_logits(
+    params: Params, config: Config, cache: KVCache, canvas_ids: Array,
+    self_conditioning_logits: Array | None = None, self_conditioning_mask: Array | None = None,
+) -> Array:
+    """One bidirectional decoder pass over `canvas_ids [batch, canvas]`, reading the cache read-only.
+
+    `self_conditioning_logits [batch, canvas, vocab]` are the previous step's processed logits (None on the
+    first step: a zero signal); `self_conditioning_mask [batch]` zeroes the signal per row (training).
+    Returns float32 logits `[batch, canvas, vocab]`, softcapped.
+    """
+    canvas_ids = jnp.asarray(canvas_ids)
+    if canvas_ids.ndim != 2 or canvas_ids.shape[0] != cache.batch_size:
+        raise ValueError(
+            f"canvas_ids must be [batch={cache.batch_size}, canvas], got shape {canvas_ids.shape}"
+        )
+    check_token_ids("canvas_ids", canvas_ids, config.vocab_size)
+    expected = (*canvas_ids.shape, config.vocab_size)
+    if self_conditioning_logits is not None and tuple(self_conditioning_logits.shape) != expected:
+        raise ValueError(
+            f"self_conditioning_logits must have shape {expected}, got {tuple(self_conditioning_logits.shape)}"
+        )
+    if self_conditioning_mask is not None and tuple(self_conditioning_mask.shape) != (canvas_ids.shape[0],):
+        raise ValueError(f"self_conditioning_mask must be [batch], got {tuple(self_conditioning_mask.shape)}")
+    return _denoise_logits(
+        params, config, cache, canvas_ids.astype(jnp.int32), self_conditioning_logits, self_conditioning_mask
+    )
+
+
+def check_token_ids(name: str, ids: Array, vocab_size: int) -> None:
+    """Raise if concrete `ids` fall outside `[0, vocab_size)` (a gather would silently clamp them)."""
+    if isinstance(ids, jax.core.Tracer) or ids.size == 0:
+        return
+    low, high = int(jnp.min(ids)), int(jnp.max(ids))
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} contains token id {bad} outside the vocabulary [0, {vocab_size})")
