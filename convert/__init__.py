@@ -15,6 +15,7 @@ import os
 import pathlib
 from typing import Any
 
+from convert.atomic import refuse_existing
 from convert.errors import CheckpointError
 from convert.hf import Progress, load_generation_config, load_hf, load_hf_numpy, save_hf
 from convert.native import FORMAT, PARAMS_FILE, load, save
@@ -34,6 +35,7 @@ def convert_checkpoint(
     Host arrays go straight from the reader to the writer (no jax device copies), one preallocated array per
     leaf, so peak memory is about one copy of the converted weights.
     """
+    refuse_existing(pathlib.Path(dst), overwrite)  # fail before reading tens of gigabytes
     config, flat = load_hf_numpy(src, dtype, progress)
     return save(unflatten(flat), config, dst, load_generation_config(src) or None, overwrite=overwrite,
                 progress=progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,6 +73,12 @@ def unflatten(flat: Mapping[Path, Any]) -> dict[str, Any]:
 
 def expected_shapes(config: Config) -> dict[Path, tuple[int, ...]]:
     """Every leaf of `diffjax.param_shapes(config)` with its shape."""
+    return dict(_expected_shapes(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_shapes(config: Config) -> dict[Path, tuple[int, ...]]:
+    # Tracing the model's init takes about a second; a conversion asks several times per config.
     return {path: tuple(s.shape) for path, s in flatten(param_shapes(config, np.float32)).items()}
 
 

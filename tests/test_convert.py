@@ -2,30 +2,54 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import pathlib
+import shutil
+import struct
+import subprocess
+import sys
+
+import jax
+import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy
+import torch
 from reference import random_hf_model, save_hf
+from transformers import DiffusionGemmaForBlockDiffusion
 
 import convert
+import convert.native
+from convert import CheckpointError
+from convert.__main__ import main as cli_main
+from convert.tree import flatten
 from diffjax import Config, param_shapes
 from diffjax.config import FULL, SLIDING
 
 # Two blocks of (sliding, full): exercises the stacked block axis (layer i -> block i // 2, slot i % 2).
 CONFIG = Config.tiny(layer_types=(SLIDING, FULL, SLIDING, FULL))
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEC, ENC = "model.decoder.", "model.encoder.language_model."
 
 
-def _np(x) -> np.ndarray:
-    return np.asarray(x)
+# ------------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="module")
-def hf_model():
+def hf_model() -> DiffusionGemmaForBlockDiffusion:
     return random_hf_model(CONFIG, seed=3)
 
 
 @pytest.fixture(scope="module")
-def hf_dir(hf_model, tmp_path_factory):
+def hf_dir(hf_model, tmp_path_factory) -> pathlib.Path:
     return save_hf(hf_model, tmp_path_factory.mktemp("hf") / "single")
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(hf_model, tmp_path_factory) -> pathlib.Path:
+    return save_hf(hf_model, tmp_path_factory.mktemp("hf") / "sharded", max_shard_size="20KB")
 
 
 @pytest.fixture(scope="module")
@@ -33,49 +57,461 @@ def state(hf_model) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
 
 
+@pytest.fixture(scope="module")
+def reference_params(hf_dir) -> dict:
+    return convert.load_hf(hf_dir)[1]
+
+
+def _tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
+    return safetensors.numpy.load_file(folder / "model.safetensors")
+
+
+def _variant(src: pathlib.Path, dst: pathlib.Path, tensors: dict[str, np.ndarray]) -> pathlib.Path:
+    """A copy of the folder `src` whose weights file holds `tensors`."""
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    safetensors.numpy.save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _assert_trees_equal(a, b) -> None:
+    """Same structure, shapes, dtypes and bytes."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.shape == y.shape and x.dtype == y.dtype
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8))
+
+
+def _leaf(params: dict, layer: int, *path: str) -> np.ndarray:
+    block, j = CONFIG.layer_slot(layer)
+    node = params["blocks"][f"layer_{j}"]
+    for key in path:
+        node = node[key]
+    return np.asarray(node)[block]
+
+
+def _raw_safetensors(path: pathlib.Path, header: bytes | dict, data: bytes = b"", length: int | None = None) -> None:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+
+
+# ------------------------------------------------------------------------------- loading HF
+
+
 def test_load_hf_single_file_maps_every_tensor(hf_dir, state):
     config, params = convert.load_hf(hf_dir)
     assert config == CONFIG
-    b = params["blocks"]
-    assert np.array_equal(_np(params["embedder"]["embedding"]), state["model.decoder.embed_tokens.weight"])
-    assert np.array_equal(_np(params["final_norm"]["scale"]), state["model.decoder.norm.weight"])
+    assert np.array_equal(np.asarray(params["embedder"]["embedding"]), state[DEC + "embed_tokens.weight"])
+    assert np.array_equal(np.asarray(params["final_norm"]["scale"]), state[DEC + "norm.weight"])
     sc = params["self_conditioning"]
-    assert np.array_equal(_np(sc["mlp"]["gate_proj"]["kernel"]), state["model.decoder.self_conditioning.gate_proj.weight"].T)
-    assert np.array_equal(_np(sc["pre_norm"]["scale"]), state["model.decoder.self_conditioning.pre_norm.weight"])
-    for i in range(CONFIG.num_layers):
-        blk, j = CONFIG.layer_slot(i)
-        layer = b[f"layer_{j}"]
-        pre = f"model.decoder.layers.{i}."
-
-        def leaf(*path, layer=layer, blk=blk):
-            node = layer
-            for key in path:
-                node = node[key]
-            return _np(node)[blk]
-
-        assert np.array_equal(leaf("self_attn", "q_proj", "kernel"), state[pre + "self_attn.q_proj.weight"].T)
-        assert np.array_equal(leaf("self_attn", "o_proj", "kernel"), state[pre + "self_attn.o_proj.weight"].T)
-        assert np.array_equal(leaf("self_attn", "k_norm", "scale"), state[pre + "self_attn.k_norm.weight"])
-        assert ("v_proj" in layer["self_attn"]) == (CONFIG.layer_types[i] == SLIDING)
-        assert np.array_equal(leaf("mlp", "down_proj", "kernel"), state[pre + "mlp.down_proj.weight"].T)
-        assert np.array_equal(leaf("router", "proj", "kernel"), state[pre + "router.proj.weight"].T)
-        assert np.array_equal(leaf("router", "per_expert_scale"), state[pre + "router.per_expert_scale"])
-        assert np.array_equal(leaf("experts", "gate_up_proj"), state[pre + "experts.gate_up_proj"].swapaxes(1, 2))
-        assert np.array_equal(leaf("experts", "down_proj"), state[pre + "experts.down_proj"].swapaxes(1, 2))
+    for proj in ("gate_proj", "up_proj", "down_proj"):
         assert np.array_equal(
-            leaf("post_feedforward_layernorm_2", "scale"), state[pre + "post_feedforward_layernorm_2.weight"]
+            np.asarray(sc["mlp"][proj]["kernel"]), state[f"{DEC}self_conditioning.{proj}.weight"].T
         )
-        assert np.array_equal(leaf("decoder_layer_scalar"), state[pre + "layer_scalar"])
-        enc = state[f"model.encoder.language_model.layers.{i}.layer_scalar"]
-        assert np.array_equal(leaf("encoder_layer_scalar"), enc)
-        assert not np.array_equal(enc, state[pre + "layer_scalar"])  # distinct values survive
+    assert np.array_equal(np.asarray(sc["pre_norm"]["scale"]), state[DEC + "self_conditioning.pre_norm.weight"])
+    for i in range(CONFIG.num_layers):
+        pre = f"{DEC}layers.{i}."
+        for proj in ("q_proj", "k_proj", "o_proj"):
+            assert np.array_equal(_leaf(params, i, "self_attn", proj, "kernel"), state[f"{pre}self_attn.{proj}.weight"].T)
+        for norm in ("q_norm", "k_norm"):
+            assert np.array_equal(_leaf(params, i, "self_attn", norm, "scale"), state[f"{pre}self_attn.{norm}.weight"])
+        block_layer = params["blocks"][f"layer_{CONFIG.layer_slot(i)[1]}"]
+        assert ("v_proj" in block_layer["self_attn"]) == (CONFIG.layer_types[i] == SLIDING)
+        if CONFIG.layer_types[i] == SLIDING:
+            assert np.array_equal(_leaf(params, i, "self_attn", "v_proj", "kernel"), state[pre + "self_attn.v_proj.weight"].T)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert np.array_equal(_leaf(params, i, "mlp", proj, "kernel"), state[f"{pre}mlp.{proj}.weight"].T)
+        assert np.array_equal(_leaf(params, i, "router", "proj", "kernel"), state[pre + "router.proj.weight"].T)
+        assert np.array_equal(_leaf(params, i, "router", "scale"), state[pre + "router.scale"])
+        assert np.array_equal(_leaf(params, i, "router", "per_expert_scale"), state[pre + "router.per_expert_scale"])
+        assert np.array_equal(_leaf(params, i, "experts", "gate_up_proj"), state[pre + "experts.gate_up_proj"].swapaxes(1, 2))
+        assert np.array_equal(_leaf(params, i, "experts", "down_proj"), state[pre + "experts.down_proj"].swapaxes(1, 2))
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
+                     "pre_feedforward_layernorm_2"):
+            assert np.array_equal(_leaf(params, i, norm, "scale"), state[f"{pre}{norm}.weight"])
+        # The two layer_scalar sets are different tensors and both survive.
+        enc = state[f"{ENC}layers.{i}.layer_scalar"]
+        assert np.array_equal(_leaf(params, i, "decoder_layer_scalar"), state[pre + "layer_scalar"])
+        assert np.array_equal(_leaf(params, i, "encoder_layer_scalar"), enc)
+        assert not np.array_equal(enc, state[pre + "layer_scalar"])
 
 
-def test_structure_matches_param_shapes(hf_dir):
+def test_default_tiny_config_single_block(tmp_path):
+    """The parity tests' path: Config.tiny() (one block of 4 layers) from save_pretrained."""
+    folder = save_hf(random_hf_model(Config.tiny(), seed=0), tmp_path / "tiny")
+    config, params = convert.load_hf(folder)
+    assert config == Config.tiny()
+    _assert_trees_equal(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(config, np.float32)),
+                        jax.tree.map(lambda a: np.zeros_like(np.asarray(a)), params))
+
+
+def test_dtype_cast_bfloat16_matches_param_shapes(hf_dir, reference_params):
     config, params = convert.load_hf(hf_dir, dtype="bfloat16")
-    expected = param_shapes(config)
-    import jax
-
+    expected = param_shapes(config)  # bfloat16 by default
     assert jax.tree.structure(params) == jax.tree.structure(expected)
-    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
-        assert got.shape == want.shape and got.dtype == want.dtype
+    for got, want, f32 in zip(jax.tree.leaves(params), jax.tree.leaves(expected), jax.tree.leaves(reference_params),
+                              strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype == jax.numpy.bfloat16
+        assert np.array_equal(np.asarray(got), np.asarray(f32).astype(ml_dtypes.bfloat16))
+    # Other spellings of the same request.
+    _, params16 = convert.load_hf(hf_dir, dtype=jax.numpy.float16)
+    assert params16["embedder"]["embedding"].dtype == np.float16
+    with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
+        convert.load_hf(hf_dir, dtype="int8")
+
+
+def test_sharded_equals_single_file(sharded_dir, reference_params):
+    assert (sharded_dir / "model.safetensors.index.json").is_file()
+    assert len(list(sharded_dir.glob("model-*.safetensors"))) > 3
+    _, params = convert.load_hf(sharded_dir)
+    _assert_trees_equal(params, reference_params)
+
+
+def test_encoder_names_only(hf_dir, tmp_path, reference_params):
+    renamed = {}
+    for name, value in _tensors(hf_dir).items():
+        shared = name.startswith(DEC) and "self_conditioning" not in name and not name.endswith("layer_scalar")
+        renamed[ENC + name[len(DEC):] if shared else name] = value
+    assert not any(n.startswith(DEC + "layers.0.self_attn") for n in renamed)
+    _, params = convert.load_hf(_variant(hf_dir, tmp_path / "enc", renamed))
+    _assert_trees_equal(params, reference_params)
+
+
+def test_both_names_prefers_decoder(hf_dir, tmp_path, reference_params):
+    tensors = _tensors(hf_dir)
+    both = dict(tensors)
+    for name, value in tensors.items():
+        if name.startswith(DEC) and "self_conditioning" not in name and not name.endswith("layer_scalar"):
+            both[ENC + name[len(DEC):]] = np.zeros_like(value)  # a differing duplicate: the decoder's wins
+    _, params = convert.load_hf(_variant(hf_dir, tmp_path / "both", both))
+    _assert_trees_equal(params, reference_params)
+
+
+def test_lm_head_and_vision_skipped(hf_dir, tmp_path, reference_params, caplog):
+    tensors = _tensors(hf_dir)
+    n_vision = sum(n.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.")) for n in tensors)
+    assert n_vision > 0
+    tensors["lm_head.weight"] = tensors[DEC + "embed_tokens.weight"]
+    with caplog.at_level(logging.INFO, logger="convert"):
+        _, params = convert.load_hf(_variant(hf_dir, tmp_path / "lm_head", tensors))
+    _assert_trees_equal(params, reference_params)
+    assert f"skipped {n_vision} vision tensors" in caplog.text
+    no_vision = {n: v for n, v in tensors.items() if "vision" not in n}
+    _, params = convert.load_hf(_variant(hf_dir, tmp_path / "text_only", no_vision))
+    _assert_trees_equal(params, reference_params)
+
+
+@pytest.mark.parametrize("owner", ["encoder", "decoder"])
+def test_one_layer_scalar_set_missing_defaults_to_one(hf_dir, tmp_path, reference_params, caplog, owner):
+    prefix = ENC if owner == "encoder" else DEC
+    tensors = {n: v for n, v in _tensors(hf_dir).items() if not (n.startswith(prefix) and n.endswith("layer_scalar"))}
+    with caplog.at_level(logging.WARNING, logger="convert"):
+        _, params = convert.load_hf(_variant(hf_dir, tmp_path / owner, tensors))
+    assert "layer_scalar buffer(s) absent" in caplog.text
+    other = "decoder" if owner == "encoder" else "encoder"
+    for j in range(CONFIG.layer_period):
+        got = params["blocks"][f"layer_{j}"]
+        ref = reference_params["blocks"][f"layer_{j}"]
+        assert np.all(np.asarray(got[f"{owner}_layer_scalar"]) == 1.0)
+        assert np.array_equal(np.asarray(got[f"{other}_layer_scalar"]), np.asarray(ref[f"{other}_layer_scalar"]))
+
+
+# -------------------------------------------------------------------------------------- errors
+
+
+def test_error_missing_config(hf_dir, tmp_path):
+    folder = tmp_path / "noconfig"
+    folder.mkdir()
+    shutil.copy(hf_dir / "model.safetensors", folder)
+    with pytest.raises(CheckpointError, match=r"missing config\.json: .*noconfig/config\.json"):
+        convert.load_hf(folder)
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        convert.load_hf(tmp_path / "nowhere")
+
+
+def test_error_unknown_model_type(hf_dir, tmp_path):
+    folder = tmp_path / "gemma3"
+    shutil.copytree(hf_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "gemma3"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown model_type 'gemma3'"):
+        convert.load_hf(folder)
+
+
+def test_error_no_weights(hf_dir, tmp_path):
+    folder = tmp_path / "noweights"
+    folder.mkdir()
+    shutil.copy(hf_dir / "config.json", folder)
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):
+        convert.load_hf(folder)
+
+
+def test_error_missing_and_unexpected_tensors_listed(hf_dir, tmp_path):
+    tensors = _tensors(hf_dir)
+    del tensors[DEC + "layers.2.mlp.up_proj.weight"]
+    del tensors[DEC + "self_conditioning.pre_norm.weight"]
+    for name in [n for n in tensors if n.endswith("layer_scalar") and ".layers.1." in n]:
+        del tensors[name]  # both scalars of one layer gone: an error, not a default
+    tensors[DEC + "layers.0.mystery.weight"] = np.zeros(3, np.float32)
+    tensors[ENC + "self_conditioning.pre_norm.weight"] = np.zeros(64, np.float32)  # no encoder copy exists
+    with pytest.raises(CheckpointError, match="missing tensors: 4") as info:
+        convert.load_hf(_variant(hf_dir, tmp_path / "broken", tensors))
+    message = str(info.value)
+    for name in ("model.decoder.layers.2.mlp.up_proj.weight", "model.decoder.self_conditioning.pre_norm.weight",
+                 "model.decoder.layers.1.layer_scalar", "model.encoder.language_model.layers.1.layer_scalar"):
+        assert name in message
+    assert "unexpected tensors (map to no parameter): 2" in message
+    assert "model.decoder.layers.0.mystery.weight" in message
+    assert "model.encoder.language_model.self_conditioning.pre_norm.weight" in message
+
+
+def test_error_shape_mismatch(hf_dir, tmp_path):
+    tensors = _tensors(hf_dir)
+    tensors[DEC + "layers.1.self_attn.q_proj.weight"] = np.zeros((64, 32), np.float32)
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape mismatch: 1\n  model\.decoder\.layers\.1\.self_attn\.q_proj\.weight: expected \[128, 64\], got \[64, 32\]",
+    ):
+        convert.load_hf(_variant(hf_dir, tmp_path / "shape", tensors))
+
+
+def _corrupt_copy(hf_dir: pathlib.Path, tmp_path: pathlib.Path, name: str) -> pathlib.Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    shutil.copy(hf_dir / "config.json", folder)
+    return folder
+
+
+def test_error_truncated_file(hf_dir, tmp_path):
+    folder = _corrupt_copy(hf_dir, tmp_path, "truncated")
+    data = (hf_dir / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated safetensors file: tensor .* beyond the end of the file"):
+        convert.load_hf(folder)
+    (folder / "model.safetensors").write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match="truncated safetensors file"):
+        convert.load_hf(folder)
+
+
+def test_error_header_larger_than_file(hf_dir, tmp_path):
+    folder = _corrupt_copy(hf_dir, tmp_path, "bighead")
+    _raw_safetensors(folder / "model.safetensors", b"{}", length=10**6)
+    with pytest.raises(CheckpointError, match=r"header size 1000000 is larger than the file \(10 bytes\)"):
+        convert.load_hf(folder)
+
+
+def test_error_bad_json(hf_dir, tmp_path):
+    folder = _corrupt_copy(hf_dir, tmp_path, "badjson")
+    _raw_safetensors(folder / "model.safetensors", b'{"a": [1, 2')
+    with pytest.raises(CheckpointError, match="bad JSON header"):
+        convert.load_hf(folder)
+
+
+def test_error_unknown_dtype(hf_dir, tmp_path):
+    folder = _corrupt_copy(hf_dir, tmp_path, "dtype")
+    _raw_safetensors(folder / "model.safetensors",
+                     {"x": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 2]}}, b"\0\0")
+    with pytest.raises(CheckpointError, match="tensor 'x' has unknown or unsupported dtype 'Q7'"):
+        convert.load_hf(folder)
+
+
+def test_error_offsets_beyond_file(hf_dir, tmp_path):
+    folder = _corrupt_copy(hf_dir, tmp_path, "offsets")
+    _raw_safetensors(folder / "model.safetensors",
+                     {"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)
+    with pytest.raises(CheckpointError, match=r"tensor 'x' data_offsets end at byte .* beyond the end of the file"):
+        convert.load_hf(folder)
+    _raw_safetensors(folder / "model.safetensors",
+                     {"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, b"\0" * 16)
+    with pytest.raises(CheckpointError, match=r"data_offsets \[0, 12\] do not hold F32 \[4\]"):
+        convert.load_hf(folder)
+
+
+def test_error_index_names_missing_shard(sharded_dir, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(sharded_dir, folder)
+    next(folder.glob("model-00002-of-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match=r"names missing shard\(s\): model-00002-of-\d+\.safetensors"):
+        convert.load_hf(folder)
+
+
+# ------------------------------------------------------------------------------- our format
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_save_load_round_trip_bit_identical(hf_dir, tmp_path, dtype):
+    config, params = convert.load_hf(hf_dir, dtype=dtype)
+    generation = {"max_new_tokens": 64, "entropy_bound": 0.2, "eos_token_id": [1, 106], "t_min": None}
+    dst = convert.save(params, config, tmp_path / "ckpt", generation)
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "generation_config.json", "params.safetensors"]
+    assert Config.from_hf(json.loads((dst / "config.json").read_text())) == config
+    loaded_config, loaded = convert.load(dst)
+    assert loaded_config == config
+    _assert_trees_equal(loaded, params)
+    assert convert.load_generation_config(dst) == {"max_new_tokens": 64, "entropy_bound": 0.2, "eos_token_id": [1, 106]}
+    # Flat "/"-joined keys, readable by the reference safetensors implementation, bytes unchanged.
+    with safetensors.safe_open(dst / "params.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "diffjax", "format_version": "1"}
+        flat = flatten(params)
+        assert set(f.keys()) == {"/".join(p) for p in flat}
+        kernel = f.get_tensor("blocks/layer_0/self_attn/q_proj/kernel")
+        want = np.asarray(flat[("blocks", "layer_0", "self_attn", "q_proj", "kernel")])
+        assert kernel.view(torch.int16 if dtype == "bfloat16" else torch.int32).numpy().tobytes() == want.tobytes()
+
+
+def test_load_casts_and_rejects_foreign_folders(hf_dir, tmp_path, reference_params):
+    dst = convert.save(reference_params, CONFIG, tmp_path / "ckpt")
+    _, bf16 = convert.load(dst, dtype="bfloat16")
+    assert bf16["final_norm"]["scale"].dtype == jax.numpy.bfloat16
+    with pytest.raises(CheckpointError, match=r"no params\.safetensors"):
+        convert.load(hf_dir)
+
+
+def test_save_rejects_params_of_another_config(reference_params, tmp_path):
+    with pytest.raises(CheckpointError, match="shape mismatch for embedder/embedding"):
+        convert.save(reference_params, CONFIG.replace(vocab_size=1024), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def _leftovers(folder: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_atomic_write_failure_leaves_nothing(reference_params, tmp_path, monkeypatch):
+    real = convert.native.write_safetensors
+
+    def half_then_fail(path, tensors, metadata=None, on_tensor=None):
+        real(path, dict(list(tensors.items())[:3]), metadata, on_tensor)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(convert.native, "write_safetensors", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        convert.save(reference_params, CONFIG, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_overwrite(reference_params, tmp_path, monkeypatch):
+    dst = convert.save(reference_params, CONFIG, tmp_path / "ckpt", {"max_new_tokens": 32})
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert.save(reference_params, CONFIG, dst)
+
+    def fail(*args, **kwargs):
+        raise OSError("crash mid-write (simulated)")
+
+    monkeypatch.setattr(convert.native, "write_safetensors", fail)
+    with pytest.raises(OSError, match="crash mid-write"):
+        convert.save(reference_params, CONFIG, dst, overwrite=True)
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before  # the old checkpoint survived
+    assert _leftovers(tmp_path) == []
+    monkeypatch.undo()
+
+    bf16 = jax.tree.map(lambda a: a.astype(jax.numpy.bfloat16), reference_params)
+    convert.save(bf16, CONFIG, dst, overwrite=True)
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "params.safetensors"]
+    _assert_trees_equal(convert.load(dst)[1], bf16)
+    assert _leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------- writing HF folders
+
+
+def test_save_hf_loads_in_transformers_with_same_logits(hf_model, hf_dir, reference_params, tmp_path):
+    generation = {"max_denoising_steps": 12, "entropy_bound": 0.3, "t_min": 0.5, "t_max": 1,
+                  "eos_token_id": [1, 106], "pad_token_id": 0}
+    out = convert.save_hf(reference_params, CONFIG, tmp_path / "hf_out", generation, max_shard_size="100KB")
+    assert (out / "model.safetensors.index.json").is_file()
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(out, attn_implementation="eager").eval()
+    original = {k: v for k, v in hf_model.state_dict().items() if "vision" not in k}
+    reloaded = model.state_dict()
+    for name, value in original.items():
+        assert torch.equal(reloaded[name], value), name
+    assert model.generation_config.max_denoising_steps == 12
+    assert model.generation_config.sampler_config.entropy_bound == 0.3
+    assert model.generation_config.t_max == 1.0
+
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, CONFIG.vocab_size, (2, 5), generator=generator)
+    canvas = torch.randint(0, CONFIG.vocab_size, (2, CONFIG.canvas_length), generator=generator)
+    with torch.no_grad():
+        want = hf_model(input_ids=prompt, decoder_input_ids=canvas).logits
+        got = model(input_ids=prompt, decoder_input_ids=canvas).logits
+    # The weights are equal (above); logits still differ by ~2e-6 because transformers computes on the
+    # memory-mapped file and CPU matmul kernels round differently with the buffers' alignment (its own
+    # save_pretrained folder, reloaded, differs from the in-memory model by the same amount).
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    config, params = convert.load_hf(out)
+    assert config == CONFIG
+    _assert_trees_equal(params, reference_params)
+    assert convert.load_generation_config(out) == {**generation, "t_max": 1.0}
+
+
+def test_save_hf_single_file_bfloat16(reference_params, tmp_path):
+    bf16 = jax.tree.map(lambda a: a.astype(jax.numpy.bfloat16), reference_params)
+    out = convert.save_hf(bf16, CONFIG, tmp_path / "hf_bf16")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    _, params = convert.load_hf(out)
+    _assert_trees_equal(params, bf16)
+
+
+def test_load_generation_config_transformers_layout(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({
+        "max_new_tokens": 256, "max_denoising_steps": None, "t_min": 0.4, "t_max": 0.8,
+        "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
+        "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": 1, "pad_token_id": 0,
+        "return_dict_in_generate": True, "transformers_version": "5.23.0",
+    }))
+    assert convert.load_generation_config(tmp_path) == {
+        "max_new_tokens": 256, "t_min": 0.4, "t_max": 0.8, "entropy_bound": 0.1, "stability_threshold": 1,
+        "confidence_threshold": 0.005, "eos_token_id": [1], "pad_token_id": 0,
+    }
+    assert convert.load_generation_config(tmp_path / "absent") == {}
+    (tmp_path / "generation_config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match=r"generation_config\.json: bad JSON"):
+        convert.load_generation_config(tmp_path)
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=120)
+
+
+def test_cli_end_to_end(sharded_dir, reference_params, tmp_path, capsys):
+    generation = json.loads((sharded_dir / "generation_config.json").read_text())
+    generation["max_new_tokens"] = 48
+    folder = tmp_path / "src"
+    shutil.copytree(sharded_dir, folder)
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+
+    result = _cli(str(folder), str(tmp_path / "out"), "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stderr
+    config, params = convert.load(tmp_path / "out")
+    assert config == CONFIG
+    _assert_trees_equal(params, jax.tree.map(lambda a: a.astype(jax.numpy.bfloat16), reference_params))
+    assert convert.load_generation_config(tmp_path / "out") == {"max_new_tokens": 48}
+
+    # The same entry point in-process (a subprocess each costs seconds of imports).
+    assert cli_main([str(folder), str(tmp_path / "out")]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main([str(tmp_path / "out"), str(tmp_path / "hf"), "--to-hf", "-q", "--max-shard-size", "50KB"]) == 0
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    _assert_trees_equal(convert.load_hf(tmp_path / "hf")[1], params)
+    assert cli_main([str(tmp_path / "missing"), str(tmp_path / "out2")]) == 1
+    assert f"error: {tmp_path / 'missing'}: not a checkpoint directory" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
+
+
+def test_convert_checkpoint_refuses_existing_dst_before_reading(tmp_path):
+    (tmp_path / "dst").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert.convert_checkpoint(tmp_path / "does-not-exist", tmp_path / "dst")
