@@ -39,15 +39,8 @@ import numpy as np
 
 from convert.atomic import atomic_directory, write_json
 from convert.errors import CheckpointError
-from convert.safetensors_io import (
-    LazyTensor,
-    TensorInfo,
-    open_data,
-    read_header,
-    tensor_view,
-    write_safetensors,
-)
-from convert.tree import Path, check_tree, expected_shapes, flatten, resolve_dtype, to_jax, unflatten
+from convert.safetensors_io import LazyTensor, MappedFile, TensorInfo, read_header, write_safetensors
+from convert.tree import Path, check_tree, expected_shapes, flatten, resolve_dtype, to_jax
 from diffjax.config import Config
 
 log = logging.getLogger("convert")
@@ -215,7 +208,7 @@ def index_tensors(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
                     f"tensor {name!r} is stored twice: in {tensors[name].path.name} and in {shard}"
                 )
             tensors[name] = info
-    listed_absent = sorted(n for n, s in weight_map.items() if n not in tensors or tensors[n].path.name != s)
+    listed_absent = sorted(n for n, s in weight_map.items() if n not in tensors or tensors[n].path != path / s)
     if listed_absent:
         raise CheckpointError(
             f"{index} lists tensor(s) its shard does not hold: {_listing(listed_absent)}"
@@ -278,15 +271,17 @@ def plan_load(
     if problems:
         raise CheckpointError(f"{where}: " + "\n".join(problems))
 
+    def kept(dtypes: list[np.dtype]) -> np.dtype:
+        # float64 is kept as float32: jax without x64 cannot hold it.
+        return np.result_type(*[np.dtype(np.float32) if d == np.float64 else d for d in dtypes])
+
+    # dtype=None keeps each leaf's stored dtype; a leaf with nothing stored (defaulted layer_scalars) takes
+    # the checkpoint's.
+    overall = kept([info.dtype for info in found.values()])
     leaf_dtypes: dict[Path, np.dtype] = {}
     for path in shapes:
-        if dtype is not None:
-            leaf_dtypes[path] = dtype
-            continue
         stored = [info.dtype for k, info in found.items() if slots[k].leaf == path]
-        # float64 is kept as float32: jax without x64 cannot hold it.
-        stored = [np.dtype(np.float32) if d == np.float64 else d for d in stored]
-        leaf_dtypes[path] = np.result_type(*stored) if stored else np.dtype(np.float32)
+        leaf_dtypes[path] = dtype if dtype is not None else kept(stored) if stored else overall
     reads = sorted(((slots[k], info) for k, info in found.items()), key=lambda r: (str(r[1].path), r[1].begin))
     return _Plan(reads, ones, leaf_dtypes, len(vision))
 
@@ -314,18 +309,18 @@ def load_hf_numpy(
         arrays[slot.leaf][slot.block] = 1
     total = sum(info.nbytes for _, info in plan.reads)
     done = 0
-    data, data_path = None, None
+    mapped: MappedFile | None = None
     for slot, info in plan.reads:
-        if info.path != data_path:
-            del data  # unmap the previous shard before mapping the next
-            data, data_path = open_data(info.path), info.path
-        source = _apply(slot.transform, tensor_view(data, info))
+        if mapped is None or mapped.path != info.path:
+            mapped = MappedFile(info.path)  # the previous shard is unmapped once its last view is gone
         dest = arrays[slot.leaf] if slot.block is None else arrays[slot.leaf][slot.block]
-        np.copyto(dest, source, casting="unsafe")  # float -> float only: dtypes were validated
+        # float -> float only (dtypes were validated); the transpose is done by the strided copy itself.
+        np.copyto(dest, _apply(slot.transform, mapped.view(info)), casting="unsafe")
+        mapped.release(info)
         done += info.nbytes
         if progress is not None:
             progress("read", done, total)
-    del data
+    del mapped
     check_tree(arrays, config, f"converted {path}", target)
     return config, arrays
 
@@ -485,10 +480,11 @@ def _maker(leaf: Any, slot: Slot) -> Callable[[], np.ndarray]:
 
 
 __all__ = [
-    "CheckpointError",
+    "GENERATION_KEYS",
+    "Progress",
+    "hf_slots",
     "load_generation_config",
     "load_hf",
     "load_hf_numpy",
     "save_hf",
-    "unflatten",
 ]

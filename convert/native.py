@@ -37,7 +37,7 @@ from convert.hf import (
     normalise_generation_config,
     read_config,
 )
-from convert.safetensors_io import open_data, read_header, tensor_view, write_safetensors
+from convert.safetensors_io import MappedFile, read_header, write_safetensors
 from convert.tree import check_tree, expected_shapes, flatten, resolve_dtype, unflatten
 from diffjax.config import Config
 
@@ -116,13 +116,13 @@ def load(
     ]
     if problems:
         raise CheckpointError(f"{file}: " + "; ".join(problems))
-    data = open_data(file)
+    mapped = MappedFile(file)
     flat: dict[tuple[str, ...], Any] = {}
     for name, info in sorted(tensors.items(), key=lambda kv: kv[1].begin):
-        view = tensor_view(data, info)
-        # astype always copies: the result must not alias the memory map, which is closed below.
-        host = view.astype(target or info.dtype)
+        # astype always copies, so no leaf aliases (and keeps alive) the memory map.
+        host = mapped.view(info).astype(target or info.dtype)
+        mapped.release(info)
         flat[expected[name]] = host if as_numpy else jax.numpy.asarray(host)
-    del data
+    del mapped
     check_tree(flat, config, str(file), target)
     return config, unflatten(flat)

@@ -3,7 +3,7 @@
 Why not the `safetensors` package: its numpy API cannot hand out bfloat16 without torch, and `load_file`
 materialises a whole file. Here a header is parsed on its own (8-byte little-endian length + JSON), every
 entry is checked against the file size before any data is touched, and tensors are read as zero-copy views
-of a read-only `numpy.memmap`, so a caller can copy them one at a time into preallocated arrays.
+of a read-only memory map, so a caller can copy them one at a time into preallocated arrays.
 
 File layout (https://github.com/huggingface/safetensors):
     u64 little-endian N | N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}
@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
 import os
 import pathlib
 import struct
@@ -124,17 +125,34 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
     return tensors, metadata
 
 
-def open_data(path: str | os.PathLike[str]) -> np.memmap | np.ndarray:
-    """A read-only byte view of a whole file (pages are read on demand, never copied in bulk)."""
-    if os.path.getsize(path) == 0:
-        return np.zeros(0, np.uint8)  # mmap refuses empty files
-    return np.memmap(path, dtype=np.uint8, mode="r")
+class MappedFile:
+    """A read-only memory map of one safetensors file handing out zero-copy tensor views.
 
+    `release(info)` drops a tensor's pages from this process once it has been copied: they stay in the
+    page cache but stop counting as our resident memory, so streaming a 50 GB checkpoint does not look
+    (to a container's memory limit) like holding it twice. Views keep the map alive by reference.
+    """
 
-def tensor_view(data: np.ndarray, info: TensorInfo) -> np.ndarray:
-    """Zero-copy array view of one tensor inside `open_data(info.path)`."""
-    count = math.prod(info.shape)
-    return np.frombuffer(data, dtype=info.dtype, count=count, offset=info.begin).reshape(info.shape)
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = pathlib.Path(path)
+        with open(self.path, "rb") as f:
+            # mmap refuses empty files; such a file can only hold empty tensors anyway.
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else None
+
+    def view(self, info: TensorInfo) -> np.ndarray:
+        count = math.prod(info.shape)
+        if self._map is None or count == 0:
+            return np.zeros(info.shape, info.dtype)
+        return np.frombuffer(self._map, dtype=info.dtype, count=count, offset=info.begin).reshape(info.shape)
+
+    def release(self, info: TensorInfo) -> None:
+        if self._map is None or not hasattr(self._map, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = info.begin - info.begin % mmap.PAGESIZE
+        end = min(len(self._map), -(-info.end // mmap.PAGESIZE) * mmap.PAGESIZE)
+        if end > start:
+            # A read-only file mapping re-reads dropped pages from the file if touched again: always safe.
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def write_safetensors(
