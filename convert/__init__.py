@@ -50,6 +50,7 @@ __all__ = [
     "load",
     "load_generation_config",
     "load_hf",
+    "load_hf_numpy",
     "save",
     "save_hf",
 ]
