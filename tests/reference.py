@@ -11,10 +11,8 @@ from diffjax.config import Config
 
 
 def hf_config(config: Config) -> DiffusionGemmaConfig:
-    cfg = DiffusionGemmaConfig(**config.to_hf())
-    cfg.text_config._attn_implementation = "eager"
-    cfg._attn_implementation = "eager"
-    return cfg
+    # Default attention (sdpa): transformers' eager mask builder cannot make the decoder's padded mask in generate.
+    return DiffusionGemmaConfig(**config.to_hf())
 
 
 def random_hf_model(config: Config, seed: int = 0) -> DiffusionGemmaForBlockDiffusion:

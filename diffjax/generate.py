@@ -1,0 +1,280 @@
+"""Block-diffusion generation: the whole loop compiled as one program.
+
+    encode(prompt) -> for each canvas (lax.while_loop):
+        canvas = uniform noise (or `initial_canvas` for the first)
+        for n = N..1 while some row is still denoising (lax.while_loop):
+            logits = denoise_logits(cache, canvas, self_conditioning)
+            processed = filter(logits / T(n))
+            canvas, accepted, state = sampler(processed, canvas, state, key)
+            stopped |= stopping(argmax(processed), processed)      # stopped rows stay frozen
+        append the argmax canvas; EOS ends a row (later tokens -> pad); encode it into the cache
+
+The defaults reproduce transformers 5.23.0 `DiffusionGemmaGenerationMixin.generate`; samplers, schedules,
+filters and stopping rules are values (see `diffjax.sampling`), swapped without touching this loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax import sampling
+from diffjax.config import Config
+from diffjax.model import (
+    KVCache,
+    Params,
+    _denoise_logits,
+    _encode,
+    check_token_ids,
+    init_cache,
+    param_dtype,
+)
+
+Array = jax.Array
+# on_step(canvas_index, remaining_steps, argmax_canvas [batch, canvas]) — runs on the host.
+StepCallback = Callable[[int, int, np.ndarray], None]
+
+
+@flax.struct.dataclass
+class GenerationOutput:
+    """sequences `[batch, prompt + canvases * canvas]` (prompt included; rows that ended early and canvases
+    never generated hold `pad_token_id`), tokens_per_forward `[batch]` (non-pad new tokens / counted decoder
+    passes), decoder_passes `[batch]`, and the cache holding every token of `sequences`."""
+
+    sequences: Array
+    tokens_per_forward: Array
+    decoder_passes: Array
+    cache: KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """Generation hyper-parameters that are not sampler components. Defaults: transformers' defaults."""
+
+    max_new_tokens: int = 256
+    max_denoising_steps: int = 48
+    eos_token_id: tuple[int, ...] | None = (1,)
+    pad_token_id: int = 0
+
+    def validate(self, config: Config) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps <= 0:
+            raise ValueError(f"max_denoising_steps must be a positive integer, got {self.max_denoising_steps!r}")
+        for token in (self.pad_token_id, *(self.eos_token_id or ())):
+            if not 0 <= token < config.vocab_size:
+                raise ValueError(f"special token id {token} outside the vocabulary [0, {config.vocab_size})")
+
+    def num_canvases(self, config: Config) -> int:
+        return math.ceil(self.max_new_tokens / config.canvas_length)
+
+
+def generate(
+    params: Params,
+    config: Config,
+    input_ids: Array,
+    *,
+    key: Array,
+    attention_mask: Array | None = None,
+    max_new_tokens: int = 256,
+    max_denoising_steps: int = 48,
+    t_min: float = 0.4,
+    t_max: float = 0.8,
+    entropy_bound: float = 0.1,
+    stability_threshold: int | None = 1,
+    confidence_threshold: float | None = 0.005,
+    eos_token_id: int | Sequence[int] | None = 1,
+    pad_token_id: int = 0,
+    initial_canvas: Array | None = None,
+    sampler: sampling.Sampler | None = None,
+    temperature_schedule: sampling.TemperatureSchedule | None = None,
+    logits_filter: sampling.LogitsFilter | None = None,
+    stopping_rule: sampling.StoppingRule | None = None,
+    on_step: StepCallback | None = None,
+) -> GenerationOutput:
+    """Generate `max_new_tokens` (rounded up to whole canvases) after `input_ids [batch, prompt]`.
+
+    The defaults are transformers': linear temperature from t_max to t_min over the remaining steps,
+    the entropy-bound sampler, and stable-and-confident adaptive stopping (`stability_threshold=None` or
+    `confidence_threshold=None` disables it: every canvas then runs `max_denoising_steps`). Pass
+    `sampler`, `temperature_schedule`, `logits_filter` or `stopping_rule` to replace a component; their
+    numeric hyper-parameters are traced, so sweeping them does not recompile.
+    `initial_canvas [batch, canvas]` fixes the first canvas (transformers' `decoder_input_ids`; later
+    canvases start from uniform noise). `on_step`, if given, receives every step's argmax draft on the
+    host (`jax.debug.callback`); without it the loop has no host round trip.
+    Same `key`, same inputs -> bitwise the same tokens.
+    """
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, prompt], got shape {input_ids.shape}")
+    batch, prompt = input_ids.shape
+    if batch == 0:
+        raise ValueError("input_ids has zero rows: batch size must be at least 1")
+    if prompt == 0:
+        raise ValueError("input_ids has zero tokens: give at least one prompt token (e.g. <bos>)")
+    check_token_ids("input_ids", input_ids, config.vocab_size)
+    attention_mask = jnp.ones((batch, prompt), bool) if attention_mask is None else jnp.asarray(attention_mask)
+    if attention_mask.shape != (batch, prompt):
+        raise ValueError(f"attention_mask shape {attention_mask.shape} does not match input_ids {input_ids.shape}")
+    eos = None if eos_token_id is None else (
+        (int(eos_token_id),) if isinstance(eos_token_id, int | np.integer) else tuple(int(e) for e in eos_token_id)
+    )
+    settings = GenerationSettings(max_new_tokens, max_denoising_steps, eos, pad_token_id)
+    settings.validate(config)
+    total = prompt + settings.num_canvases(config) * config.canvas_length
+    if total > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({prompt}) + generated tokens ({total - prompt}) exceed the model's context "
+            f"({config.max_position_embeddings} positions)"
+        )
+    if initial_canvas is not None:
+        initial_canvas = jnp.asarray(initial_canvas)
+        if initial_canvas.shape != (batch, config.canvas_length):
+            raise ValueError(
+                f"initial_canvas must be [batch={batch}, canvas={config.canvas_length}], got {initial_canvas.shape}"
+            )
+        check_token_ids("initial_canvas", initial_canvas, config.vocab_size)
+        initial_canvas = initial_canvas.astype(jnp.int32)
+
+    components = Components(
+        sampler=sampler if sampler is not None else sampling.EntropyBoundSampler(entropy_bound=entropy_bound),
+        schedule=(
+            temperature_schedule if temperature_schedule is not None
+            else sampling.LinearTemperature(t_min=t_min, t_max=t_max)
+        ),
+        logits_filter=logits_filter if logits_filter is not None else sampling.IdentityFilter(),
+        stopping=stopping_rule if stopping_rule is not None else (
+            sampling.NeverStop() if stability_threshold is None or confidence_threshold is None
+            else sampling.StableAndConfidentStopping(
+                stability_threshold=stability_threshold, confidence_threshold=confidence_threshold
+            )
+        ),
+    )
+    return _generate(
+        params, config, settings, input_ids.astype(jnp.int32), attention_mask.astype(bool), key,
+        initial_canvas, components, on_step,
+    )
+
+
+@flax.struct.dataclass
+class Components:
+    """The swappable pieces of the loop, passed as one pytree so their numbers are traced, not baked in."""
+
+    sampler: Any
+    schedule: Any
+    logits_filter: Any
+    stopping: Any
+
+
+@functools.partial(jax.jit, static_argnames=("config", "settings", "on_step"))
+def _generate(
+    params: Params, config: Config, settings: GenerationSettings, input_ids: Array, attention_mask: Array,
+    key: Array, initial_canvas: Array | None, components: Components, on_step: StepCallback | None,
+) -> GenerationOutput:
+    batch, prompt = input_ids.shape
+    canvas_len, num_canvases = config.canvas_length, settings.num_canvases(config)
+    cache = init_cache(config, batch, prompt + num_canvases * canvas_len, param_dtype(params))
+    cache, _ = _encode(params, config, input_ids, attention_mask, cache)
+    sequences = jnp.concatenate(
+        [input_ids, jnp.full((batch, num_canvases * canvas_len), settings.pad_token_id, jnp.int32)], axis=1
+    )
+    eos = jnp.asarray(settings.eos_token_id or (), jnp.int32)
+
+    def denoise_canvas(canvas_index, cache, finished_rows):
+        """Run the inner loop on one canvas: (argmax canvas, counted decoder passes per row)."""
+        noise_key, steps_key = jax.random.split(jax.random.fold_in(key, canvas_index))
+        noise = jax.random.randint(noise_key, (batch, canvas_len), 0, config.vocab_size, jnp.int32)
+        canvas = noise if initial_canvas is None else jnp.where(canvas_index == 0, initial_canvas, noise)
+        sc_dtype = param_dtype(params)
+        state = dict(
+            step=jnp.zeros((), jnp.int32),
+            canvas=canvas,
+            argmax=canvas,
+            sc_logits=jnp.zeros((batch, canvas_len, config.vocab_size), sc_dtype),
+            stopped=jnp.zeros((batch,), bool),
+            passes=jnp.zeros((batch,), jnp.int32),
+            sampler=components.sampler.init(canvas),
+            stop=components.stopping.init(canvas),
+        )
+
+        def keep_going(s):
+            return (s["step"] < settings.max_denoising_steps) & ~jnp.all(s["stopped"])
+
+        def step(s):
+            remaining = settings.max_denoising_steps - s["step"]
+            # The first step has no previous logits: a masked (exactly zero) signal, as transformers' None.
+            first_step_mask = jnp.broadcast_to(s["step"] > 0, (batch,))
+            logits = _denoise_logits(params, config, cache, s["canvas"], s["sc_logits"], first_step_mask)
+            temperature = components.schedule(remaining, settings.max_denoising_steps)
+            processed = components.logits_filter(sampling.scale_logits(logits, temperature))
+            step_key = jax.random.fold_in(steps_key, s["step"])
+            canvas, _, sampler_state = components.sampler(processed, s["canvas"], s["sampler"], step_key)
+            argmax = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+            # A row that has stopped keeps its canvas, argmax and self-conditioning frozen.
+            frozen = s["stopped"]
+            argmax = jnp.where(frozen[:, None], s["argmax"], argmax)
+            canvas = jnp.where(frozen[:, None], s["canvas"], canvas)
+            processed = jnp.where(frozen[:, None, None], s["sc_logits"].astype(processed.dtype), processed)
+            newly_stopped, stop_state = components.stopping(argmax, processed, s["stop"])
+            if on_step is not None:
+                jax.debug.callback(on_step, canvas_index, remaining, argmax, ordered=True)
+            return dict(
+                step=s["step"] + 1,
+                canvas=canvas,
+                argmax=argmax,
+                sc_logits=processed.astype(sc_dtype),
+                stopped=frozen | newly_stopped,
+                passes=s["passes"] + (~(frozen | finished_rows)).astype(jnp.int32),
+                sampler=sampler_state,
+                stop=stop_state,
+            )
+
+        final = jax.lax.while_loop(keep_going, step, state)
+        return final["argmax"], final["passes"]
+
+    def finalize(new_tokens, finished_rows, length_reached):
+        """EOS ends a row: tokens after its first EOS, and whole canvases of ended rows, become pad."""
+        if settings.eos_token_id:
+            is_eos = jnp.isin(new_tokens, eos)
+            seen = jnp.cumsum(is_eos, axis=-1)
+            after_first_eos = (seen > 0) & ~((seen == 1) & is_eos)
+            new_tokens = jnp.where(after_first_eos, settings.pad_token_id, new_tokens)
+            ends_here = jnp.any(is_eos, axis=-1)
+        else:
+            ends_here = jnp.zeros_like(finished_rows)
+        new_tokens = jnp.where(finished_rows[:, None], settings.pad_token_id, new_tokens)
+        return new_tokens, finished_rows | ends_here | length_reached
+
+    def canvas_loop_body(s):
+        canvas_index = s["index"]
+        argmax, passes = denoise_canvas(canvas_index, s["cache"], s["finished"])
+        length_reached = (canvas_index + 1) * canvas_len >= settings.max_new_tokens
+        new_tokens, finished = finalize(argmax, s["finished"], length_reached)
+        offset = prompt + canvas_index * canvas_len
+        sequences = jax.lax.dynamic_update_slice_in_dim(s["sequences"], new_tokens, offset, axis=1)
+        # The finished canvas joins the context with every slot attended (its pads included), as in transformers.
+        cache, _ = _encode(params, config, new_tokens, jnp.ones_like(new_tokens, bool), s["cache"])
+        return dict(index=canvas_index + 1, sequences=sequences, cache=cache, finished=finished,
+                    passes=s["passes"] + passes)
+
+    state = jax.lax.while_loop(
+        lambda s: (s["index"] < num_canvases) & ~jnp.all(s["finished"]),
+        canvas_loop_body,
+        dict(index=jnp.zeros((), jnp.int32), sequences=sequences, cache=cache,
+             finished=jnp.zeros((batch,), bool), passes=jnp.zeros((batch,), jnp.int32)),
+    )
+    valid = jnp.sum(state["sequences"][:, prompt:] != settings.pad_token_id, axis=-1)
+    return GenerationOutput(
+        sequences=state["sequences"],
+        tokens_per_forward=valid.astype(jnp.float32) / state["passes"].astype(jnp.float32),
+        decoder_passes=state["passes"],
+        cache=state["cache"],
+    )
