@@ -1,0 +1,492 @@
+"""Speed of `diffjax.generate` against transformers' `DiffusionGemmaForBlockDiffusion.generate`.
+
+Two modes (`diffjax bench --help`):
+
+* comparison (default, CPU-sized): one random config, the transformers model built and randomised in torch,
+  saved with `save_pretrained` and read back through `convert.load_hf`, so both sides run IDENTICAL weights
+  in float32 on the same prompt, batch, canvas and a FIXED number of denoising steps (adaptive stopping and
+  EOS disabled on both sides, so every canvas runs every step). Reported per side: first call (ours: compile
+  + run), a warmed-up call, decoder passes, ms per decoder step (warm call / passes; the prompt and canvas
+  encodes are amortised into it), tokens/s, and the ratio ours / transformers (lower is faster).
+* `--full-size`: the released 26B-A4B shapes (optionally fewer layers) with random bf16 weights created on
+  the device by one jitted init (nothing crosses from the host), timed against the memory floor of a step:
+  parameter bytes a decoder step reads / measured device copy bandwidth. GPU only unless `--force`.
+
+torch and transformers are optional (the `test` extra): imported only when the transformers side runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax.config import FULL, SLIDING, AttentionConfig, Config
+
+RESULT_KEYS = ("first_call_s", "compile_s", "warm_call_s", "decoder_passes", "ms_per_step", "tokens_per_s")
+
+
+class BenchError(RuntimeError):
+    """A benchmark that cannot run here (missing optional dependency, no GPU); the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """Sizes of the comparison run. Defaults: a CPU-sized model that still has every structural feature."""
+
+    hidden: int = 256
+    layers: int = 4
+    experts: int = 8
+    top_k: int = 2
+    vocab: int = 4096
+    canvas: int = 64
+    steps: int = 12
+    batch: int = 2
+    prompt: int = 32
+    new_tokens: int = 128
+    repeats: int = 3
+    seed: int = 0
+    transformers: bool = True
+    threads: int | None = None
+
+    def validate(self) -> None:
+        for name in ("hidden", "layers", "experts", "top_k", "vocab", "canvas", "steps", "batch", "prompt",
+                     "new_tokens", "repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.top_k > self.experts:
+            raise ValueError(f"--top-k ({self.top_k}) must be <= --experts ({self.experts})")
+        if self.hidden % 64:
+            raise ValueError(f"--hidden must be a multiple of 64 (4 heads of hidden/4, even), got {self.hidden}")
+        if self.vocab < 8:
+            raise ValueError(f"--vocab must be at least 8, got {self.vocab}")
+
+
+def layer_types(num_layers: int, period: int) -> tuple[str, ...]:
+    """Gemma 4's pattern: every `period`-th layer global, and the last always global (as transformers forces)."""
+    return tuple(FULL if (i + 1) % period == 0 or i == num_layers - 1 else SLIDING for i in range(num_layers))
+
+
+def bench_config(s: BenchSettings) -> Config:
+    """The comparison model: 4 heads, sliding head_dim hidden/4 (2 kv heads), k_eq_v global layers of twice that."""
+    head_dim = s.hidden // 4
+    return Config(
+        vocab_size=s.vocab, hidden_size=s.hidden, num_layers=s.layers, layer_types=layer_types(s.layers, 4),
+        num_heads=4,
+        sliding=AttentionConfig(head_dim=head_dim, num_kv_heads=2, rope_theta=10_000.0),
+        full=AttentionConfig(head_dim=2 * head_dim, num_kv_heads=1, rope_theta=1_000_000.0,
+                             rope_type="proportional", partial_rotary_factor=0.25),
+        # Shorter than prompt + generated tokens, so the sliding layers' ring cache is exercised too.
+        sliding_window=max(2, min(128, s.prompt + s.new_tokens - 1)),
+        intermediate_size=2 * s.hidden, num_experts=s.experts, top_k_experts=s.top_k,
+        moe_intermediate_size=max(8, s.hidden // 2), canvas_length=s.canvas,
+        max_position_embeddings=max(4096, s.prompt + s.new_tokens + s.canvas),
+        eos_token_id=(1,),
+    )
+
+
+# ------------------------------------------------------------------------------------ transformers side
+
+
+def _import_torch() -> tuple[Any, Any]:
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise BenchError(
+            f"the transformers side needs torch and transformers ({exc.name} is missing): "
+            "pip install -e '.[test]', or pass --no-transformers"
+        ) from None
+    if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
+        raise BenchError(
+            f"transformers {transformers.__version__} has no DiffusionGemmaForBlockDiffusion (need 5.23.0)"
+        )
+    return torch, transformers
+
+
+def random_hf_model(config: Config, seed: int, dtype: Any = None, device: Any = None) -> Any:
+    """A transformers DiffusionGemma with every text weight random (the recipe of tests/reference.py, milder
+    scales so activations stay in a normal float range over many steps).
+
+    Encoder and decoder layer scalars get different values, as a trained checkpoint has.
+    """
+    torch, transformers = _import_torch()
+    torch.manual_seed(seed)
+    hf_config = transformers.DiffusionGemmaConfig(**config.to_hf())
+    with torch.device(device or "cpu"):
+        model = transformers.DiffusionGemmaForBlockDiffusion(hf_config)
+    model = model.to(dtype or torch.float32).eval()
+    generator = torch.Generator(device=device or "cpu").manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if "vision" in name or "inv_freq" in name or "embed_scale" in name:
+                continue
+            if name.endswith("layer_scalar"):
+                value = (0.7 if "encoder" in name else 1.2) + 0.2 * torch.rand(
+                    tensor.shape, generator=generator, device=tensor.device)
+            elif "norm" in name or name.endswith("router.scale") or name.endswith("per_expert_scale"):
+                value = 1.0 + 0.1 * torch.randn(tensor.shape, generator=generator, device=tensor.device)
+            else:
+                value = 0.05 * torch.randn(tensor.shape, generator=generator, device=tensor.device)
+            tensor.copy_(value)
+    return model
+
+
+def time_transformers(
+    model: Any, prompt_ids: np.ndarray, *, new_tokens: int, steps: int, repeats: int, threads: int | None,
+    seed: int, device: Any = None,
+) -> dict[str, float]:
+    """Time `model.generate` at a fixed step count: a warm-up call, then `repeats` timed calls (median)."""
+    torch, _ = _import_torch()
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device or "cpu")
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    sync = torch.cuda.synchronize if (device and str(device).startswith("cuda")) else (lambda: None)
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=new_tokens, max_denoising_steps=steps,
+        # None disables both adaptive stopping and EOS: every canvas runs every step.
+        stability_threshold=None, confidence_threshold=None, eos_token_id=None, pad_token_id=None,
+    )
+
+    def call() -> tuple[float, Any]:
+        sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, **kwargs)
+        sync()
+        return time.perf_counter() - start, out
+
+    torch.manual_seed(seed)
+    first, out = call()
+    times = [call()[0] for _ in range(repeats)]
+    # With pad_token_id=None every generated position counts, so passes = generated length / tokens_per_forward.
+    generated = out.sequences.shape[1] - ids.shape[1]
+    passes = round(generated / float(out.tokens_per_forward[0]))
+    warm = statistics.median(times)
+    return {
+        "first_call_s": first, "compile_s": float("nan"), "warm_call_s": warm, "decoder_passes": passes,
+        "ms_per_step": 1e3 * warm / passes, "tokens_per_s": ids.shape[0] * generated / warm,
+    }
+
+
+# ------------------------------------------------------------------------------------------ our side
+
+
+def time_diffjax(
+    params: Any, config: Config, prompt_ids: np.ndarray, *, new_tokens: int, steps: int, repeats: int, seed: int,
+) -> dict[str, float]:
+    """Time our `generate` at a fixed step count: the first call compiles; then `repeats` timed calls (median).
+
+    compile_s = first call - median warm call (the first call also runs once).
+    """
+    from diffjax.generate import generate
+
+    ids = jnp.asarray(prompt_ids, jnp.int32)
+
+    def call(i: int) -> tuple[float, Any]:
+        start = time.perf_counter()
+        out = generate(
+            params, config, ids, key=jax.random.key(seed + i), max_new_tokens=new_tokens,
+            max_denoising_steps=steps, stability_threshold=None, confidence_threshold=None, eos_token_id=None,
+        )
+        jax.block_until_ready(out.sequences)
+        return time.perf_counter() - start, out
+
+    first, out = call(0)
+    times = [call(i + 1)[0] for i in range(repeats)]
+    warm = statistics.median(times)
+    passes = int(np.max(np.asarray(out.decoder_passes)))
+    generated = out.sequences.shape[1] - ids.shape[1]
+    return {
+        "first_call_s": first, "compile_s": max(first - warm, 0.0), "warm_call_s": warm, "decoder_passes": passes,
+        "ms_per_step": 1e3 * warm / passes, "tokens_per_s": ids.shape[0] * generated / warm,
+    }
+
+
+def prompt_ids(config: Config, batch: int, length: int, seed: int) -> np.ndarray:
+    # Ids from 3 up: no pad/eos/bos inside the prompt, so nothing special happens to it on either side.
+    return np.random.default_rng(seed).integers(3, config.vocab_size, (batch, length), dtype=np.int64)
+
+
+def run_comparison(s: BenchSettings, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """The CPU comparison. Returns {"settings", "config", "device", "diffjax", "transformers", "ratio"}."""
+    import convert
+
+    s.validate()
+    config = bench_config(s)
+    ids = prompt_ids(config, s.batch, s.prompt, s.seed)
+    result: dict[str, Any] = {
+        "settings": dataclasses.asdict(s), "device": str(jax.devices()[0]), "transformers": None, "ratio": None,
+    }
+    if s.transformers:
+        log("building the random transformers model")
+        model = random_hf_model(config, s.seed)
+        with tempfile.TemporaryDirectory(prefix="diffjax-bench-") as tmp:
+            model.save_pretrained(tmp)
+            loaded_config, params = convert.load_hf(tmp)
+        if loaded_config != config:
+            raise BenchError(f"config changed on the way through transformers: {loaded_config} != {config}")
+        log(f"timing transformers ({s.repeats} warm calls)")
+        result["transformers"] = time_transformers(
+            model, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats, threads=s.threads, seed=s.seed,
+        )
+        result["torch_threads"] = _torch_threads()
+        del model
+    else:
+        from diffjax.model import init_params
+
+        params = init_params(config, jax.random.key(s.seed))
+    log(f"timing diffjax (compile + {s.repeats} warm calls)")
+    result["diffjax"] = time_diffjax(
+        params, config, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats, seed=s.seed,
+    )
+    if result["transformers"]:
+        result["ratio"] = result["diffjax"]["ms_per_step"] / result["transformers"]["ms_per_step"]
+    result["config"] = _config_summary(config)
+    return result
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _config_summary(config: Config) -> dict[str, Any]:
+    return {
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "num_layers": config.num_layers,
+        "layer_types": "".join("F" if t == FULL else "S" for t in config.layer_types),
+        "num_experts": config.num_experts, "top_k_experts": config.top_k_experts,
+        "canvas_length": config.canvas_length,
+    }
+
+
+# ------------------------------------------------------------------------------------------ full size
+
+
+@dataclasses.dataclass(frozen=True)
+class FullSizeSettings:
+    layers: int | None = None
+    batch: int = 1
+    prompt: int = 128
+    new_tokens: int = 256
+    steps: int = 16
+    repeats: int = 3
+    seed: int = 0
+    force: bool = False
+    transformers: bool = False
+    bandwidth_bytes: int = 4 << 30
+
+    def validate(self) -> None:
+        for name in ("batch", "prompt", "new_tokens", "steps", "repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.layers is not None and not 0 < self.layers <= 30:
+            raise ValueError(f"--layers must be in [1, 30] for --full-size, got {self.layers}")
+
+
+def full_size_config(layers: int | None) -> Config:
+    config = Config.diffusiongemma_26b_a4b()
+    if layers is None or layers == config.num_layers:
+        return config
+    return config.replace(num_layers=layers, layer_types=layer_types(layers, 6))
+
+
+def _is_scale(path: tuple[Any, ...]) -> bool:
+    names = [getattr(k, "key", str(k)) for k in path]
+    return names[-1] in ("scale", "per_expert_scale") or names[-1].endswith("layer_scalar")
+
+
+def random_params_on_device(config: Config, key: jax.Array, dtype: Any = jnp.bfloat16) -> Any:
+    """Random parameters made directly on the default device by one jitted program (no host copy).
+
+    Projections and embeddings ~ N(0, 0.02), norm scales and scalars 1: routing then spreads tokens over
+    the experts as a trained router roughly does, which is what the memory traffic of a step depends on.
+    """
+    from diffjax.model import param_shapes
+
+    shapes = param_shapes(config, dtype)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+
+    @jax.jit
+    def init(key: jax.Array) -> Any:
+        keys = jax.random.split(key, len(flat))
+        leaves = [
+            jnp.ones(leaf.shape, leaf.dtype) if _is_scale(path)
+            # Drawn in the target dtype: no float32 copy of a 5 GB expert tensor is ever materialised.
+            else jax.random.normal(k, leaf.shape, leaf.dtype) * jnp.asarray(0.02, leaf.dtype)
+            for (path, leaf), k in zip(flat, keys, strict=True)
+        ]
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    return init(key)
+
+
+def decoder_bytes_per_step(params: Any) -> int:
+    """Bytes of the weights one decoder step reads, assuming every expert is hit (256 tokens x top-8 of 128
+    leaves an expert untouched with probability (1 - 8/128)^256 ~ 7e-8). The encoder's layer scalars are not
+    read; the embedding is counted once (a fused `softmax(h E^T) E` streams it once for logits and
+    self-conditioning together), so this is a floor, not what today's implementation reads."""
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if getattr(path[-1], "key", None) == "encoder_layer_scalar":
+            continue
+        total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def copy_bandwidth(nbytes: int, repeats: int = 10) -> float:
+    """Device copy bandwidth in bytes/s: read + write of an `nbytes` array per call, best of `repeats`."""
+    n = max(nbytes // 4, 1)
+    x = jnp.zeros((n,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0)
+    jax.block_until_ready(copy(x))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(copy(x))
+        best = min(best, time.perf_counter() - start)
+    return 2 * n * 4 / best
+
+
+def peak_memory_bytes() -> int | None:
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def run_full_size(s: FullSizeSettings, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """The released shapes on the device, against the memory floor. Returns a flat result dict."""
+    s.validate()
+    device = jax.devices()[0]
+    if device.platform == "cpu" and not s.force:
+        raise BenchError(
+            "--full-size measures a ~50 GB bf16 model against GPU memory bandwidth; this machine has only a CPU "
+            "backend. Run it where a GPU is, or pass --force (with e.g. --layers 1) to try anyway."
+        )
+    config = full_size_config(s.layers)
+    log(f"making random bf16 weights on {device} ({config.num_layers} layers)")
+    start = time.perf_counter()
+    params = random_params_on_device(config, jax.random.key(s.seed))
+    jax.block_until_ready(params)
+    init_s = time.perf_counter() - start
+    log("measuring device copy bandwidth")
+    bandwidth = copy_bandwidth(s.bandwidth_bytes)
+    ids = prompt_ids(config, s.batch, s.prompt, s.seed)
+    log(f"timing diffjax (compile + {s.repeats} warm calls)")
+    ours = time_diffjax(params, config, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats, seed=s.seed)
+    step_bytes = decoder_bytes_per_step(params)
+    floor_ms = 1e3 * step_bytes / bandwidth
+    result: dict[str, Any] = {
+        "settings": dataclasses.asdict(s), "device": str(device), "config": _config_summary(config),
+        "init_s": init_s, "diffjax": ours, "bytes_per_step": step_bytes, "bandwidth_bytes_per_s": bandwidth,
+        "floor_ms_per_step": floor_ms, "ratio_to_floor": ours["ms_per_step"] / floor_ms,
+        "peak_memory_bytes": peak_memory_bytes(), "transformers": None, "ratio": None,
+    }
+    if s.transformers:
+        del params  # both models do not fit next to each other at full size
+        torch, _ = _import_torch()
+        torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+        log(f"building the random transformers model on {torch_device} (bf16; weights differ from ours)")
+        model = random_hf_model(config, s.seed, dtype=torch.bfloat16, device=torch_device)
+        result["transformers"] = time_transformers(
+            model, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats, threads=None, seed=s.seed,
+            device=torch_device,
+        )
+        result["ratio"] = ours["ms_per_step"] / result["transformers"]["ms_per_step"]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
+
+
+def _gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def render(result: dict[str, Any], console: Any) -> None:
+    """Print a result as rich tables."""
+    from rich.table import Table
+
+    cfg = result["config"]
+    title = (f"hidden {cfg['hidden_size']}, {cfg['num_layers']} layers ({cfg['layer_types']}), "
+             f"{cfg['num_experts']} experts top-{cfg['top_k_experts']}, vocab {cfg['vocab_size']}, "
+             f"canvas {cfg['canvas_length']}")
+    settings = result["settings"]
+    caption = (f"batch {settings['batch']}, prompt {settings['prompt']}, {settings['new_tokens']} new tokens, "
+               f"{settings['steps']} fixed steps per canvas; {result['device']}")
+    table = Table(title=title, caption=caption)
+    table.add_column("metric")
+    table.add_column("diffjax", justify="right")
+    has_theirs = result.get("transformers") is not None
+    if has_theirs:
+        table.add_column("transformers", justify="right")
+    labels = {
+        "first_call_s": "first call (s)", "compile_s": "compile (s)", "warm_call_s": "warm call (s)",
+        "decoder_passes": "decoder passes", "ms_per_step": "ms / decoder step", "tokens_per_s": "tokens / s",
+    }
+    for key in RESULT_KEYS:
+        row = [labels[key], _fmt(result["diffjax"][key])]
+        if has_theirs:
+            row.append(_fmt(result["transformers"][key]))
+        table.add_row(*row)
+    console.print(table)
+    if "floor_ms_per_step" in result:
+        console.print(
+            f"memory floor: {_gib(result['bytes_per_step'])} read per step / "
+            f"{result['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s copy bandwidth = "
+            f"{result['floor_ms_per_step']:.2f} ms; measured {result['diffjax']['ms_per_step']:.2f} ms "
+            f"= {result['ratio_to_floor']:.2f}x the floor; peak device memory {_gib(result['peak_memory_bytes'])}; "
+            f"weights made in {result['init_s']:.1f} s"
+        )
+    if result.get("ratio") is not None:
+        verdict = "faster" if result["ratio"] < 1 else "slower"
+        console.print(f"ratio ours/transformers (ms per decoder step): {result['ratio']:.3f} "
+                      f"(diffjax {verdict}; lower is faster)")
+
+
+def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and math.isnan(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        return x
+
+    pathlib.Path(path).write_text(json.dumps(clean(result), indent=2) + "\n", encoding="utf-8")
+
+
+__all__ = [
+    "BenchError",
+    "BenchSettings",
+    "FullSizeSettings",
+    "bench_config",
+    "copy_bandwidth",
+    "decoder_bytes_per_step",
+    "random_hf_model",
+    "random_params_on_device",
+    "render",
+    "run_comparison",
+    "run_full_size",
+    "write_json",
+]

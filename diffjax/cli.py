@@ -1,0 +1,517 @@
+"""The `diffjax` command: generate (with a live view of the canvas being denoised), convert, bench, info.
+
+    diffjax generate "Why is the sky blue?"                       # embedded default model (random for now)
+    diffjax generate --checkpoint ckpt/ --max-new-tokens 512 "Why is the sky blue?"
+    diffjax convert hf-folder/ ckpt/ --dtype bfloat16
+    diffjax bench [--json out.json]                               # diffjax vs transformers, same weights
+    diffjax info [--checkpoint DIR | --preset tiny]
+
+Every error the user can cause (bad flags, a missing or malformed checkpoint) ends in one line on stderr
+and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import numpy as np
+
+EXIT_USAGE = 2
+# Random default model: a fixed seed, so `diffjax generate` is reproducible run to run.
+DEFAULT_MODEL_SEED = 0
+DEFAULT_MODEL_MAX_NEW_TOKENS = 64
+RANDOM_BANNER = (
+    "RANDOM WEIGHTS: the embedded default model is untrained, its output is noise. "
+    "Pass --checkpoint DIR to run a real model."
+)
+
+
+# C0/C1 control characters other than newline and tab: a random model (or a hostile prompt) could otherwise
+# emit terminal escape sequences into the user's terminal.
+_CONTROL = {c: "\ufffd" for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """`text` safe to show on a terminal: control characters (except newline and tab) become U+FFFD."""
+    return text.translate(_CONTROL)
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the whole usage block and exits by itself; the CLI wants one line and control of exit.
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """Everything `generate` needs: weights, config, tokenizer and the checkpoint's sampler defaults."""
+
+    config: Any
+    params: Any
+    tokenizer: Any
+    generation_defaults: dict[str, Any]
+    name: str
+    banner: str | None = None
+
+
+def _random_params(config: Any, seed: int) -> Any:
+    """Host-side random weights with the model's tree: seconds faster than tracing flax's init for a demo."""
+    import jax
+    import jax.numpy as jnp
+
+    from diffjax.model import param_shapes
+
+    rng = np.random.default_rng(seed)
+
+    def leaf(path: tuple[Any, ...], shape: Any) -> Any:
+        name = getattr(path[-1], "key", "")
+        if name in ("scale", "per_expert_scale") or name.endswith("layer_scalar"):
+            return jnp.ones(shape.shape, jnp.float32)
+        return jnp.asarray(rng.normal(0.0, 0.02, shape.shape).astype(np.float32))
+
+    return jax.tree_util.tree_map_with_path(leaf, param_shapes(config, jnp.float32))
+
+
+def default_model() -> LoadedModel:
+    """The model `diffjax generate` runs without `--checkpoint`.
+
+    For now a small RANDOM model (the structure of `Config.tiny()`, vocabulary = the byte-level stand-in
+    tokenizer's) whose output is noise; swap this function's body for a trained demo model when one ships.
+    """
+    from diffjax.config import Config
+    from diffjax.tokenizer import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    config = Config.tiny(
+        vocab_size=tokenizer.vocab_size, eos_token_id=(tokenizer.eos_token_id, tokenizer.end_of_turn_id),
+        # Left-padded batches and a long answer fit; the model is tiny so this costs nothing.
+        max_position_embeddings=4096,
+    )
+    return LoadedModel(
+        config=config, params=_random_params(config, DEFAULT_MODEL_SEED), tokenizer=tokenizer,
+        generation_defaults={"max_new_tokens": DEFAULT_MODEL_MAX_NEW_TOKENS}, name="embedded default (random)",
+        banner=RANDOM_BANNER,
+    )
+
+
+def checkpoint_kind(path: pathlib.Path) -> str:
+    """'diffjax' (a `convert.save` folder) or 'hf' (a transformers folder), from the files present."""
+    from convert import PARAMS_FILE
+
+    if not path.exists():
+        raise CliError(f"checkpoint directory {path} does not exist")
+    if not path.is_dir():
+        raise CliError(f"checkpoint {path} is not a directory")
+    if (path / PARAMS_FILE).is_file():
+        return "diffjax"
+    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+        return "hf"
+    raise CliError(
+        f"{path} is neither a diffjax checkpoint ({PARAMS_FILE}) nor a transformers folder "
+        "(model.safetensors or model.safetensors.index.json)"
+    )
+
+
+def load_model(
+    checkpoint: pathlib.Path, dtype: str | None, tokenizer_dir: pathlib.Path | None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> LoadedModel:
+    """Weights from a diffjax or transformers folder, its generation_config.json, and a tokenizer folder."""
+    import convert
+    from diffjax.tokenizer import TOKENIZER_FILE, Tokenizer
+
+    kind = checkpoint_kind(checkpoint)
+    tokenizer_dir = tokenizer_dir or checkpoint
+    if not (tokenizer_dir / TOKENIZER_FILE).is_file():
+        hint = " (diffjax checkpoints do not carry one: pass --tokenizer HF_FOLDER)" if kind == "diffjax" else ""
+        raise CliError(f"no {TOKENIZER_FILE} in {tokenizer_dir}{hint}")
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)  # before the weights: fail fast on a bad folder
+    if kind == "diffjax":
+        config, params = convert.load(checkpoint, dtype)
+    else:
+        config, params = convert.load_hf(checkpoint, dtype, progress)
+    return LoadedModel(config, params, tokenizer, convert.load_generation_config(checkpoint), str(checkpoint))
+
+
+# -------------------------------------------------------------------------------------- live canvas
+
+
+class CanvasView:
+    """`on_step` callback: keeps row 0's latest argmax draft per canvas and shows the text so far.
+
+    On a terminal it redraws a rich Live panel; otherwise (`compact`) it prints one short line per step.
+    """
+
+    def __init__(self, tokenizer: Any, eos_ids: Sequence[int], pad_id: int, steps: int, canvases: int,
+                 console: Any, compact: bool) -> None:
+        self.tokenizer, self.eos_ids, self.pad_id = tokenizer, tuple(eos_ids), pad_id
+        self.steps, self.canvases, self.console, self.compact = steps, canvases, console, compact
+        self.drafts: dict[int, np.ndarray] = {}
+        self.live: Any = None
+        self.first_step_at: float | None = None
+        self.calls = 0
+
+    def text(self) -> str:
+        from diffjax.tokenizer import answer_ids
+
+        ids = np.concatenate([self.drafts[i] for i in sorted(self.drafts)]) if self.drafts else np.zeros(0, int)
+        return self.tokenizer.decode(answer_ids(ids, self.eos_ids, self.pad_id))
+
+    def __call__(self, canvas_index: Any, remaining: Any, argmax: Any) -> None:
+        if self.first_step_at is None:
+            self.first_step_at = time.perf_counter()
+        self.calls += 1
+        index, step = int(canvas_index), self.steps - int(remaining) + 1
+        self.drafts[index] = np.asarray(argmax)[0]
+        title = f"canvas {index + 1}/{self.canvases} · step {step}/{self.steps}"
+        if self.compact:
+            snippet = printable(self.text()).replace("\n", " ")[-60:]
+            self.console.print(f"[{title}] {snippet}", markup=False, highlight=False, soft_wrap=True)
+        elif self.live is not None:
+            from rich.panel import Panel
+            from rich.text import Text
+
+            self.live.update(Panel(Text(printable(self.text())), title=title, border_style="cyan"))
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def _settings(args: argparse.Namespace, model: LoadedModel) -> dict[str, Any]:
+    """generate() keywords: checkpoint defaults, overridden by the flags the user gave."""
+    settings = dict(model.generation_defaults)
+    settings.setdefault("eos_token_id", list(model.config.eos_token_id))
+    settings.setdefault("pad_token_id", model.config.pad_token_id)
+    flags = {
+        "max_new_tokens": args.max_new_tokens, "max_denoising_steps": args.steps, "t_min": args.t_min,
+        "t_max": args.t_max, "entropy_bound": args.entropy_bound, "stability_threshold": args.stability_threshold,
+        "confidence_threshold": args.confidence_threshold,
+    }
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_adaptive_stop:
+        settings["stability_threshold"] = None
+    return settings
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer: Any) -> list[int]:
+    if args.raw:
+        ids = tokenizer.encode(args.prompt, add_special_tokens=True)
+        bos = tokenizer.bos_token_id
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]  # the model was trained with <bos> first; some tokenizer.json files omit it
+        return ids
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": args.prompt})
+    return tokenizer.chat_ids(messages, enable_thinking=args.think) if args.think else tokenizer.chat_ids(messages)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+    from rich.console import Console
+    from rich.live import Live
+
+    from diffjax.generate import generate
+    from diffjax.tokenizer import answer_ids, strip_thinking
+
+    out, err = Console(), Console(stderr=True)
+    if args.checkpoint is None:
+        if args.tokenizer is not None or args.dtype is not None:
+            raise CliError("--tokenizer and --dtype need --checkpoint")
+        model = default_model()
+    else:
+        with err.status(f"loading {args.checkpoint}"):
+            model = load_model(args.checkpoint, args.dtype, args.tokenizer)
+    if model.banner:
+        err.print(f"[bold white on red] {model.banner} [/]", soft_wrap=True)
+    ids = _prompt_ids(args, model.tokenizer)
+    if not ids:
+        raise CliError("the prompt encodes to no tokens")
+    settings = _settings(args, model)
+    eos = settings.get("eos_token_id") or []
+    eos_ids = [eos] if isinstance(eos, int) else list(eos)
+    pad = int(settings["pad_token_id"])
+    canvas = model.config.canvas_length
+    canvases = -(-int(settings.get("max_new_tokens", 256)) // canvas)
+    steps = int(settings.get("max_denoising_steps", 48))
+
+    live_tty = not args.no_live and out.is_terminal
+    view = None
+    if not args.no_live:
+        view = CanvasView(model.tokenizer, eos_ids, pad, steps, canvases, err, compact=not live_tty)
+    key = jax.random.key(args.seed)
+    start = time.perf_counter()
+
+    def run() -> Any:
+        result = generate(
+            model.params, model.config, jnp.asarray([ids], jnp.int32), key=key, on_step=view, **settings
+        )
+        jax.block_until_ready(result.sequences)
+        return result
+
+    if live_tty:
+        with Live(console=out, refresh_per_second=12, transient=True) as live:
+            view.live = live
+            result = run()
+    else:
+        result = run()
+    elapsed = time.perf_counter() - start
+
+    new = answer_ids(np.asarray(result.sequences)[0, len(ids):], eos_ids, pad)
+    shown = new if args.keep_thinking else strip_thinking(new, model.tokenizer)
+    out.print(printable(model.tokenizer.decode(shown)), markup=False, highlight=False, soft_wrap=True)
+    passes = int(np.asarray(result.decoder_passes)[0])
+    rate = len(new) / elapsed if elapsed > 0 else float("inf")
+    stats = (f"{len(new)} tokens in {elapsed:.2f} s ({rate:.1f} tokens/s incl. compile) · "
+             f"{float(np.asarray(result.tokens_per_forward)[0]):.2f} tokens per forward · {passes} decoder passes")
+    if view is not None and view.first_step_at is not None and view.calls > 1:
+        steady = elapsed - (view.first_step_at - start)
+        stats += f" · first step after {view.first_step_at - start:.2f} s (compile + prompt)"
+        if steady > 0:
+            stats += f", then {len(new) * (view.calls - 1) / view.calls / steady:.1f} tokens/s"
+    err.print(stats, markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from convert.__main__ import main as convert_main
+
+    argv = [str(args.src), str(args.dst), "--max-shard-size", args.max_shard_size]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    argv += ["--overwrite"] * args.overwrite + ["--to-hf"] * args.to_hf + ["--quiet"] * args.quiet
+    return 0 if convert_main(argv) == 0 else EXIT_USAGE
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from diffjax import bench
+
+    out, err = Console(), Console(stderr=True)
+
+    def log(message: str) -> None:
+        err.print(f"[dim]{message}[/]")
+
+    try:
+        if args.full_size:
+            result = bench.run_full_size(bench.FullSizeSettings(
+                layers=args.layers, batch=args.batch or 1, prompt=args.prompt or 128,
+                new_tokens=args.new_tokens or 256, steps=args.steps or 16, repeats=args.repeats, seed=args.seed,
+                force=args.force, transformers=args.with_transformers,
+            ), log)
+        else:
+            defaults = bench.BenchSettings()
+            chosen = {
+                "hidden": args.hidden, "layers": args.layers, "experts": args.experts, "top_k": args.top_k,
+                "vocab": args.vocab, "canvas": args.canvas, "steps": args.steps, "batch": args.batch,
+                "prompt": args.prompt, "new_tokens": args.new_tokens, "threads": args.threads,
+            }
+            result = bench.run_comparison(dataclasses.replace(
+                defaults, repeats=args.repeats, seed=args.seed, transformers=not args.no_transformers,
+                **{k: v for k, v in chosen.items() if v is not None},
+            ), log)
+    except bench.BenchError as exc:
+        raise CliError(str(exc)) from None
+    bench.render(result, out)
+    if args.json:
+        bench.write_json(result, args.json)
+        err.print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from diffjax.config import FULL, Config
+    from diffjax.model import count_params, param_shapes
+
+    if args.checkpoint is not None:
+        from convert.hf import read_config
+
+        checkpoint_kind(args.checkpoint)
+        config, source = read_config(args.checkpoint), str(args.checkpoint)
+    elif args.preset == "tiny":
+        config, source = Config.tiny(), "Config.tiny()"
+    elif args.preset == "default":
+        config, source = default_model().config, "embedded default model"
+    else:
+        config, source = Config.diffusiongemma_26b_a4b(), "Config.diffusiongemma_26b_a4b() (released 26B-A4B)"
+    total = count_params(config)
+    experts = sum(
+        int(np.prod(leaf.shape)) for path, leaf in _leaves(param_shapes(config)) if "experts" in path
+    )
+    # A token runs top_k of num_experts experts; every other weight it touches in full.
+    active = total - experts + experts * config.top_k_experts // config.num_experts
+    if args.json:
+        print(json.dumps({"source": source, "config": _config_dict(config), "params": total,
+                          "active_params_per_token": active, "bf16_bytes": 2 * total}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=source, show_header=False)
+    for name, value in _config_dict(config).items():
+        if name == "layer_types":
+            value = "".join("F" if t == FULL else "S" for t in value) + "  (S sliding, F full)"
+        table.add_row(name, str(value))
+    table.add_row("parameters", f"{total:,} ({total / 1e9:.2f} B)")
+    table.add_row("active per token", f"{active:,} ({active / 1e9:.2f} B)")
+    table.add_row("bf16 size", f"{2 * total / 2**30:.2f} GiB")
+    Console().print(table)
+    return 0
+
+
+def _leaves(tree: Any) -> list[tuple[str, Any]]:
+    import jax
+
+    return [(jax.tree_util.keystr(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    out = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        out[field.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else (
+            list(value) if isinstance(value, tuple) else value)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="diffjax", description="DiffusionGemma in JAX: generate, convert, bench, info.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    dtypes = ["bfloat16", "float32", "float16"]
+
+    g = sub.add_parser("generate", help="generate text, showing the canvas as it is denoised")
+    g.add_argument("prompt", help="the user message (with --raw: the raw text to continue)")
+    g.add_argument("--checkpoint", type=pathlib.Path,
+                   help="diffjax checkpoint or transformers folder (default: the embedded default model)")
+    g.add_argument("--tokenizer", type=pathlib.Path,
+                   help="folder with tokenizer.json (+ chat template) if not in the checkpoint")
+    g.add_argument("--dtype", choices=dtypes, help="cast the weights (default: as stored)")
+    g.add_argument("--max-new-tokens", type=_positive_int, help="rounded up to whole canvases")
+    g.add_argument("--steps", type=_positive_int, help="max denoising steps per canvas (default 48)")
+    g.add_argument("--t-min", type=float, help="final temperature (default 0.4)")
+    g.add_argument("--t-max", type=float, help="initial temperature (default 0.8)")
+    g.add_argument("--entropy-bound", type=_positive_float, help="entropy-bound sampler budget (default 0.1)")
+    g.add_argument("--stability-threshold", type=_nonnegative_int, help="adaptive stop: stable steps (default 1)")
+    g.add_argument("--confidence-threshold", type=_positive_float,
+                   help="adaptive stop: mean entropy below this (default 0.005)")
+    g.add_argument("--no-adaptive-stop", action="store_true", help="run every denoising step")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-live", action="store_true", help="no per-step view (also skips the host callback)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="raw", action="store_false", help="wrap the prompt in the chat template (default)")
+    mode.add_argument("--raw", dest="raw", action="store_true", help="encode the prompt as is (<bos> + text)")
+    g.add_argument("--system", help="system message (chat mode)")
+    g.add_argument("--think", action="store_true", help="enable_thinking=True in the chat template")
+    g.add_argument("--keep-thinking", action="store_true", help="print the thought channel too")
+    g.set_defaults(func=cmd_generate, raw=False)
+
+    c = sub.add_parser("convert", help="transformers folder -> diffjax checkpoint (or back with --to-hf)")
+    c.add_argument("src", type=pathlib.Path)
+    c.add_argument("dst", type=pathlib.Path)
+    c.add_argument("--dtype", choices=dtypes, help="cast every weight (default: keep the stored dtype)")
+    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    c.add_argument("--to-hf", action="store_true", help="SRC is a diffjax checkpoint, DST a transformers folder")
+    c.add_argument("--max-shard-size", default="5GB", help="shard size for --to-hf (default 5GB)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_convert)
+
+    b = sub.add_parser("bench", help="time diffjax against transformers (same weights, fixed steps)")
+    b.add_argument("--hidden", type=_positive_int, help="hidden size (default 256)")
+    b.add_argument("--layers", type=_positive_int, help="layers (default 4; with --full-size: of 30)")
+    b.add_argument("--experts", type=_positive_int, help="experts (default 8)")
+    b.add_argument("--top-k", type=_positive_int, help="experts per token (default 2)")
+    b.add_argument("--vocab", type=_positive_int, help="vocabulary (default 4096)")
+    b.add_argument("--canvas", type=_positive_int, help="canvas length (default 64)")
+    b.add_argument("--steps", type=_positive_int, help="fixed denoising steps per canvas (default 12; full size 16)")
+    b.add_argument("--batch", type=_positive_int, help="rows (default 2; full size 1)")
+    b.add_argument("--prompt", type=_positive_int, help="prompt tokens (default 32; full size 128)")
+    b.add_argument("--new-tokens", type=_positive_int, help="generated tokens (default 128; full size 256)")
+    b.add_argument("--repeats", type=_positive_int, default=3, help="timed warm calls, median (default 3)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
+    b.add_argument("--no-transformers", action="store_true", help="time diffjax only")
+    b.add_argument("--full-size", action="store_true", help="released 26B-A4B shapes, random bf16, on the GPU")
+    b.add_argument("--with-transformers", action="store_true", help="--full-size: also time transformers")
+    b.add_argument("--force", action="store_true", help="--full-size on a CPU backend anyway")
+    b.add_argument("--json", type=pathlib.Path, help="also write the results as JSON")
+    b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("info", help="config and parameter count of a preset or checkpoint")
+    i.add_argument("--checkpoint", type=pathlib.Path, help="read this folder's config.json")
+    i.add_argument("--preset", choices=["26b", "tiny", "default"], default="26b",
+                   help="without --checkpoint: 26b (released model, default), tiny, default (embedded model)")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `diffjax` console script; returns the exit status."""
+    from convert import CheckpointError
+    from diffjax.tokenizer import TokenizerError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (CliError, CheckpointError, TokenizerError, FileExistsError, ValueError) as exc:
+        # ValueError: generate()'s and Config's own validation (prompt too long, bad temperature, ...).
+        print(f"diffjax: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("diffjax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The `diffjax` command line: generate on the default model and on converted checkpoints, info, convert,
+bench on a tiny config, and clean one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from diffjax import cli
+from diffjax.config import Config
+
+TINY_GENERATE = ["--steps", "2", "--max-new-tokens", "16"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_clean_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    # One error line, last; only the random-model banner may come before it.
+    assert lines and lines[-1].startswith("diffjax: error: "), err
+    assert all("RANDOM WEIGHTS" in line for line in lines[:-1]), err
+    for fragment in fragments:
+        assert fragment in lines[-1]
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+
+def test_generate_default_model(capsys):
+    code, out, err = run(capsys, "generate", "--no-live", *TINY_GENERATE, "--seed", "3", "Hello there")
+    assert code == 0, err
+    assert "RANDOM WEIGHTS" in err and "--checkpoint" in err
+    assert "tokens/s" in err and "tokens per forward" in err and "decoder passes" in err
+    assert "[canvas" not in err  # --no-live: no per-step output
+    # Same seed: the same answer, byte for byte.
+    assert run(capsys, "generate", "--no-live", *TINY_GENERATE, "--seed", "3", "Hello there")[1] == out
+
+
+def test_generate_compact_steps_when_not_a_tty(capsys):
+    code, _, err = run(capsys, "generate", *TINY_GENERATE, "--raw", "--no-adaptive-stop", "Once upon a time")
+    assert code == 0, err
+    assert "[canvas 1/1 · step 1/2]" in err and "[canvas 1/1 · step 2/2]" in err
+    assert "2 decoder passes" in err
+
+
+def test_default_model_is_one_function():
+    model = cli.default_model()
+    assert model.banner and "random" in model.name
+    assert model.config.vocab_size >= model.tokenizer.vocab_size
+    assert model.tokenizer.eos_token_id in model.config.eos_token_id
+
+
+def test_printable_strips_control_characters():
+    assert cli.printable("a\x1b[31mb\tc\nd\x07\x9b") == "a\ufffd[31mb\tc\nd\ufffd\ufffd"
+
+
+# -------------------------------------------------------------------------------- checkpoints, convert
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory) -> pathlib.Path:
+    """A tiny transformers folder with a tokenizer and a generation config, as a Hub checkpoint has."""
+    pytest.importorskip("transformers")
+    from reference import random_hf_model
+    from test_tokenizer import make_tokenizer_dir
+
+    path = tmp_path_factory.mktemp("hf") / "model"
+    random_hf_model(Config.tiny(), seed=0).save_pretrained(path)
+    make_tokenizer_dir(path)
+    (path / "generation_config.json").write_text(
+        json.dumps({"max_denoising_steps": 2, "max_new_tokens": 16, "eos_token_id": [1, 5]}), encoding="utf-8"
+    )
+    return path
+
+
+def test_convert_and_generate_from_checkpoints(capsys, hf_folder, tmp_path):
+    dst = tmp_path / "ckpt"
+    code, _, err = run(capsys, "convert", str(hf_folder), str(dst), "--quiet")
+    assert code == 0, err
+    assert (dst / "params.safetensors").is_file() and (dst / "generation_config.json").is_file()
+
+    # A converted checkpoint has no tokenizer: a clean error that says what to do, before loading weights.
+    code, _, err = run(capsys, "generate", "--checkpoint", str(dst), "hi")
+    assert_clean_error(code, err, "tokenizer.json", "--tokenizer")
+
+    # The transformers folder directly; its generation_config.json sets 2 steps and 16 tokens.
+    code, out, err = run(capsys, "generate", "--checkpoint", str(hf_folder), "--no-live", "--no-adaptive-stop",
+                         "Hello world")
+    assert code == 0, err
+    assert "RANDOM" not in err and "2 decoder passes" in err
+    # The converted checkpoint with the tokenizer from the transformers folder: same weights, same seed.
+    code, out2, err = run(capsys, "generate", "--checkpoint", str(dst), "--tokenizer", str(hf_folder),
+                          "--no-live", "--no-adaptive-stop", "Hello world")
+    assert code == 0, err
+    assert out2 == out
+
+
+def test_convert_errors(capsys, hf_folder, tmp_path):
+    dst = tmp_path / "exists"
+    dst.mkdir()
+    code, _, err = run(capsys, "convert", str(hf_folder), str(dst), "--quiet")
+    assert code == 2 and "Traceback" not in err and "exists" in err
+    code, _, err = run(capsys, "convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--quiet")
+    assert code == 2 and "Traceback" not in err and "error" in err
+
+
+def test_convert_round_trip_to_hf(capsys, hf_folder, tmp_path):
+    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
+    assert run(capsys, "convert", str(hf_folder), str(ckpt), "-q")[0] == 0
+    assert run(capsys, "convert", str(ckpt), str(back), "--to-hf", "-q", "--dtype", "bfloat16")[0] == 0
+    assert (back / "model.safetensors").is_file() and (back / "config.json").is_file()
+
+
+def test_checkpoint_kind(tmp_path):
+    with pytest.raises(cli.CliError, match="does not exist"):
+        cli.checkpoint_kind(tmp_path / "nope")
+    with pytest.raises(cli.CliError, match="neither"):
+        cli.checkpoint_kind(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ info
+
+
+def test_info_released_model(capsys):
+    code, out, _ = run(capsys, "info", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["params"] == 25_250_986_782
+    assert 3.5e9 < info["active_params_per_token"] < 4.2e9  # "~3.8B active"
+    assert info["config"]["num_experts"] == 128
+    code, out, _ = run(capsys, "info")
+    assert code == 0 and "25,250,986,782" in out
+
+
+def test_info_presets_and_checkpoint(capsys, hf_folder):
+    assert run(capsys, "info", "--preset", "tiny")[0] == 0
+    code, out, _ = run(capsys, "info", "--preset", "default", "--json")
+    assert code == 0 and json.loads(out)["config"]["vocab_size"] == cli.default_model().config.vocab_size
+    code, out, _ = run(capsys, "info", "--checkpoint", str(hf_folder), "--json")
+    assert code == 0 and json.loads(out)["config"]["hidden_size"] == Config.tiny().hidden_size
+
+
+# ----------------------------------------------------------------------------------------------- bench
+
+
+def test_bench_tiny(capsys, tmp_path):
+    pytest.importorskip("transformers")
+    out_json = tmp_path / "bench.json"
+    code, out, err = run(
+        capsys, "bench", "--hidden", "64", "--layers", "2", "--experts", "4", "--vocab", "512", "--canvas", "16",
+        "--steps", "2", "--batch", "1", "--prompt", "8", "--new-tokens", "16", "--repeats", "1",
+        "--json", str(out_json),
+    )
+    assert code == 0, err
+    assert "ms / decoder step" in out and "transformers" in out and "diffjax" in out
+    assert "ratio ours/transformers" in out
+    result = json.loads(out_json.read_text())
+    for side in ("diffjax", "transformers"):
+        assert result[side]["decoder_passes"] == 2
+        assert result[side]["ms_per_step"] > 0 and result[side]["tokens_per_s"] > 0
+    assert result["diffjax"]["compile_s"] >= 0
+    assert result["ratio"] == pytest.approx(result["diffjax"]["ms_per_step"] / result["transformers"]["ms_per_step"])
+
+
+def test_bench_full_size_refuses_cpu(capsys):
+    import jax
+
+    if jax.devices()[0].platform != "cpu":
+        pytest.skip("a GPU is present: --full-size would really run")
+    code, _, err = run(capsys, "bench", "--full-size")
+    assert_clean_error(code, err, "GPU", "--force")
+
+
+def test_full_size_helpers():
+    from diffjax import bench
+
+    config = bench.full_size_config(3)
+    assert config.num_layers == 3 and config.layer_types[-1] == "full_attention"
+    assert bench.full_size_config(None) == Config.diffusiongemma_26b_a4b()
+    tiny = Config.tiny()
+    import jax
+
+    params = bench.random_params_on_device(tiny, jax.random.key(0), jax.numpy.bfloat16)
+    leaves = jax.tree_util.tree_leaves(params)
+    assert all(leaf.dtype == jax.numpy.bfloat16 for leaf in leaves)
+    assert float(params["final_norm"]["scale"][0]) == 1.0
+    assert bench.decoder_bytes_per_step(params) == 2 * (bench_count(params) - tiny.num_layers)
+    assert bench.copy_bandwidth(1 << 20, repeats=2) > 0
+
+
+def bench_count(params) -> int:
+    import jax
+    import numpy as np
+
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["generate", "--checkpoint", "/nonexistent/ckpt", "hi"], "does not exist"),
+        (["generate", "--steps", "0", "hi"], "--steps"),
+        (["generate", "--steps", "two", "hi"], "--steps"),
+        (["generate"], "prompt"),
+        (["generate", "--chat", "--raw", "hi"], "not allowed"),
+        (["generate", "--dtype", "bfloat16", "hi"], "--checkpoint"),
+        (["generate", "--t-min", "0.9", "--t-max", "0.5", "hi"], "t_"),
+        (["frobnicate"], "invalid choice"),
+        ([], "required"),
+        (["info", "--checkpoint", "/nonexistent"], "does not exist"),
+        (["bench", "--top-k", "9", "--experts", "8", "--no-transformers"], "--top-k"),
+    ],
+)
+def test_errors_are_one_clean_line(capsys, argv, fragment):
+    code, _, err = run(capsys, *argv)
+    assert_clean_error(code, err, fragment)
+
+
+def test_console_script_error_exit_code(tmp_path):
+    """The real entry point: exit status 2 and a single stderr line, no traceback."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    exe = shutil.which("diffjax")
+    cmd = [exe] if exe else [sys.executable, "-m", "diffjax.cli"]
+    proc = subprocess.run([*cmd, "generate", "--checkpoint", str(tmp_path / "missing"), "hi"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("diffjax: error: ")
