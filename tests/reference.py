@@ -15,10 +15,11 @@ def hf_config(config: Config) -> DiffusionGemmaConfig:
     return DiffusionGemmaConfig(**config.to_hf())
 
 
-def random_hf_model(config: Config, seed: int = 0) -> DiffusionGemmaForBlockDiffusion:
+def random_hf_model(config: Config, seed: int = 0, embed_std: float = 0.15) -> DiffusionGemmaForBlockDiffusion:
     """A float32 transformers model with every text weight randomised (norms around 1, scalars distinct).
 
     Encoder and decoder `layer_scalar`s get different values; token 0's embedding row is not left at zero.
+    A larger `embed_std` spreads the (tied) logits, so near-ties between the top two tokens become rare.
     """
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(hf_config(config)).float().eval()
@@ -34,7 +35,8 @@ def random_hf_model(config: Config, seed: int = 0) -> DiffusionGemmaForBlockDiff
             elif "norm" in name or name.endswith("router.scale") or name.endswith("per_expert_scale"):
                 value = 1.0 + 0.3 * torch.randn(shape, generator=generator)
             else:
-                value = 0.15 * torch.randn(shape, generator=generator)
+                std = embed_std if name.endswith("embed_tokens.weight") else 0.15
+                value = std * torch.randn(shape, generator=generator)
             tensor.copy_(value)
     return model
 

@@ -1,0 +1,161 @@
+"""generate(): parity with transformers' generate in the deterministic regime, determinism, plug-in samplers."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+from reference import diffjax_params, random_hf_model
+
+import diffjax
+from diffjax import sampling
+from diffjax.config import FULL, SLIDING, AttentionConfig, Config
+from diffjax.generate import _generate, generate
+
+# Near-zero temperatures make sampling argmax-like and entropies ~0, so both implementations take the same
+# path whatever their random number generators.
+DETERMINISTIC = dict(t_min=1e-4, t_max=2e-4)
+
+CONFIGS = {
+    "tiny": Config.tiny(),
+    "two_blocks": Config.tiny(
+        num_layers=6, layer_types=(SLIDING, SLIDING, FULL) * 2, sliding_window=5, canvas_length=12,
+        sliding=AttentionConfig(head_dim=16, num_kv_heads=4, rope_theta=10_000.0),
+    ),
+}
+
+
+# Small enough to compile fast: one sliding and one global layer.
+MICRO = Config.tiny(num_layers=2, layer_types=(SLIDING, FULL))
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    out = {}
+    for name, config in CONFIGS.items():
+        # At T ~ 1e-4 sampling is argmax only where the top-two logit gap is >> T: spread the logits.
+        model = random_hf_model(config, seed=11, embed_std=1.0)
+        _, params = diffjax_params(model, tmp_path_factory.mktemp(name))
+        out[name] = config, model, params
+    return out
+
+
+def _inputs(config: Config, batch: int, prompt: int, pad: list[int], seed: int):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, config.vocab_size, (batch, prompt))
+    mask = np.ones((batch, prompt), bool)
+    for row, n_pad in enumerate(pad):
+        ids[row, :n_pad], mask[row, :n_pad] = config.pad_token_id, False
+    canvas = rng.integers(0, config.vocab_size, (batch, config.canvas_length))
+    return ids, mask, canvas
+
+
+@pytest.mark.parametrize(
+    ("name", "batch", "prompt", "pad", "eos", "stop"),
+    [
+        ("tiny", 1, 4, [0], None, {}),
+        ("tiny", 3, 9, [2, 0, 0], "many", {}),
+        ("two_blocks", 2, 13, [0, 5], 1, {}),
+        ("two_blocks", 3, 6, [0, 0, 3], None, dict(stability_threshold=1, confidence_threshold=1e3)),
+    ],
+    # eos_appears: a quarter of the vocabulary ends a row, so EOS appears mid-canvas and pads the rest.
+    # rows_stop_early: always confident, so each row stops once its argmax repeats, at its own step, and
+    # stays frozen while the others go on.
+    ids=["tiny-batch1_no_eos", "tiny-eos_appears", "two_blocks-padded_longer_than_window",
+         "two_blocks-rows_stop_early"],
+)
+def test_matches_transformers_generate(pairs, name, batch, prompt, pad, eos, stop):
+    config, model, params = pairs[name]
+    ids, mask, canvas = _inputs(config, batch, prompt, pad, seed=prompt)
+    eos_ids = list(range(3, config.vocab_size, 4)) if eos == "many" else eos
+    kwargs = dict(DETERMINISTIC, max_new_tokens=config.canvas_length, max_denoising_steps=10,
+                  eos_token_id=eos_ids, pad_token_id=0, **stop)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                             decoder_input_ids=torch.tensor(canvas), **kwargs)
+    out = generate(params, config, ids, attention_mask=mask, key=jax.random.key(0), initial_canvas=canvas,
+                   **kwargs)
+    np.testing.assert_array_equal(np.asarray(out.sequences), ref.sequences.numpy())
+    np.testing.assert_allclose(np.asarray(out.tokens_per_forward), ref.tokens_per_forward.numpy(), rtol=1e-6)
+    new = np.asarray(out.sequences)[:, prompt:]
+    assert (new != config.pad_token_id).any()
+    if eos == "many":
+        assert (new == config.pad_token_id).any(), "the EOS case should have padded something"
+    if stop:
+        passes = np.asarray(out.decoder_passes)
+        assert passes.min() < passes.max(), f"rows should stop at different steps: {passes}"
+
+
+def test_same_key_same_tokens_and_cache_covers_sequences():
+    config = MICRO
+    params = diffjax.init_params(config, jax.random.key(1))
+    ids = np.arange(3, 9)[None].repeat(2, 0)
+    kwargs = dict(max_new_tokens=2 * config.canvas_length, max_denoising_steps=4, eos_token_id=None)
+    a = generate(params, config, ids, key=jax.random.key(7), **kwargs)
+    b = generate(params, config, ids, key=jax.random.key(7), **kwargs)
+    c = generate(params, config, ids, key=jax.random.key(8), **kwargs)
+    np.testing.assert_array_equal(np.asarray(a.sequences), np.asarray(b.sequences))
+    assert not np.array_equal(np.asarray(a.sequences), np.asarray(c.sequences))
+    assert a.sequences.shape == (2, 6 + 2 * config.canvas_length)
+    assert int(a.cache.length) == a.sequences.shape[1]
+    np.testing.assert_array_equal(np.asarray(a.decoder_passes), [8, 8])
+
+
+def test_samplers_plug_in_without_recompiling():
+    """Every shipped sampler runs in the same loop; changing a numeric hyper-parameter reuses the program."""
+    config = MICRO
+    params = diffjax.init_params(config, jax.random.key(2))
+    ids = np.arange(3, 8)[None]
+    steps = 4
+    common = dict(key=jax.random.key(0), max_new_tokens=config.canvas_length, max_denoising_steps=steps,
+                  eos_token_id=None)
+    samplers = [
+        sampling.BlockRefinementSampler(num_steps=steps),
+        sampling.ConfidenceThresholdSampler(threshold=0.5),
+        sampling.DDIMSampler(num_steps=steps),
+    ]
+    for sampler in samplers:
+        out = generate(params, config, ids, sampler=sampler, logits_filter=sampling.TopKFilter(k=5), **common)
+        new = np.asarray(out.sequences)[:, 5:]
+        assert new.shape == (1, config.canvas_length) and ((new >= 0) & (new < config.vocab_size)).all()
+
+    generate(params, config, ids, entropy_bound=0.1, t_min=0.3, **common)
+    compiled = _generate._cache_size()
+    generate(params, config, ids, entropy_bound=0.5, t_min=0.1, t_max=0.9, **common)
+    assert _generate._cache_size() == compiled
+
+
+def test_streaming_callback_sees_every_step():
+    config = MICRO
+    params = diffjax.init_params(config, jax.random.key(3))
+    drafts = []
+    out = generate(params, config, np.arange(3, 7)[None], key=jax.random.key(0), max_new_tokens=config.canvas_length,
+                   max_denoising_steps=3, eos_token_id=None, stability_threshold=None,
+                   on_step=lambda canvas, remaining, argmax: drafts.append((int(canvas), int(remaining), argmax)))
+    jax.effects_barrier()
+    assert [(c, r) for c, r, _ in drafts] == [(0, 3), (0, 2), (0, 1)]
+    np.testing.assert_array_equal(drafts[-1][2], np.asarray(out.sequences)[:, 4:])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(t_min=-0.1), "t_min"),
+        (dict(t_min=0.5, t_max=0.5), "t_max"),
+        (dict(entropy_bound=0.0), "entropy_bound"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_denoising_steps=-1), "max_denoising_steps"),
+        (dict(input_ids=np.zeros((0, 4), np.int32)), "zero rows"),
+        (dict(input_ids=np.array([[3, 600]])), "outside the vocabulary"),
+        (dict(max_new_tokens=10**6), "exceed the model's context"),
+        (dict(initial_canvas=np.zeros((1, 3), np.int32)), "initial_canvas"),
+        (dict(eos_token_id=10**6), "special token id"),
+    ],
+)
+def test_bad_parameters_name_themselves(kwargs, match):
+    config = Config.tiny(max_position_embeddings=4096)
+    params = diffjax.param_shapes(config, np.float32)  # validation happens before any tracing
+    input_ids = kwargs.pop("input_ids", np.array([[3, 4, 5]]))
+    with pytest.raises(ValueError, match=match):
+        generate(params, config, input_ids, key=jax.random.key(0), **kwargs)
