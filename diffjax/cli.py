@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=_positive_int, help="rows (default 2; full size 1)")
     b.add_argument("--prompt", type=_positive_int, help="prompt tokens (default 32; full size 128)")
     b.add_argument("--new-tokens", type=_positive_int, help="generated tokens (default 128; full size 256)")
-    b.add_argument("--repeats", type=_positive_int, default=3, help="timed warm calls, median (default 3)")
+    b.add_argument("--repeats", type=_positive_int, default=3, help="timed warm calls, the best is reported (default 3)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
     b.add_argument("--no-transformers", action="store_true", help="time diffjax only")

@@ -200,6 +200,23 @@ def test_full_size_helpers():
     assert bench.copy_bandwidth(1 << 20, repeats=2) > 0
 
 
+def test_full_size_path_on_a_tiny_model():
+    """The whole --full-size pipeline (device init, bandwidth, timing, floor, table) on Config.tiny()."""
+    from rich.console import Console
+
+    from diffjax import bench
+
+    settings = bench.FullSizeSettings(batch=1, prompt=4, new_tokens=16, steps=2, repeats=1, force=True,
+                                      bandwidth_bytes=1 << 20)
+    result = bench.run_full_size(settings, config=Config.tiny())
+    assert result["diffjax"]["decoder_passes"] == 2
+    assert result["floor_ms_per_step"] > 0 and result["ratio_to_floor"] > 0
+    assert result["bytes_per_step"] > 0 and result["bandwidth_bytes_per_s"] > 0
+    console = Console(record=True, width=200)
+    bench.render(result, console)
+    assert "memory floor" in console.export_text()
+
+
 def bench_count(params) -> int:
     import jax
     import numpy as np
