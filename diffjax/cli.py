@@ -266,7 +266,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return result
 
     if live_tty:
-        with Live(console=out, refresh_per_second=12, transient=True) as live:
+        from rich.text import Text
+
+        # Compiling takes seconds before the first step arrives: say so instead of showing nothing.
+        waiting = Text("compiling and encoding the prompt…", style="dim")
+        with Live(waiting, console=out, refresh_per_second=12, transient=True) as live:
             view.live = live
             result = run()
     else:
