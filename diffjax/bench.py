@@ -59,6 +59,7 @@ class BenchSettings:
     seed: int = 0
     transformers: bool = True
     threads: int | None = None
+    moe_implementation: str = "grouped"
 
     def validate(self) -> None:
         for name in ("hidden", "layers", "experts", "top_k", "vocab", "canvas", "steps", "batch", "prompt",
@@ -93,7 +94,7 @@ def bench_config(s: BenchSettings) -> Config:
         intermediate_size=2 * s.hidden, num_experts=s.experts, top_k_experts=s.top_k,
         moe_intermediate_size=max(8, s.hidden // 2), canvas_length=s.canvas,
         max_position_embeddings=max(4096, s.prompt + s.new_tokens + s.canvas),
-        eos_token_id=(1,),
+        eos_token_id=(1,), moe_implementation=s.moe_implementation,
     )
 
 

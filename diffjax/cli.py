@@ -326,6 +326,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "hidden": args.hidden, "layers": args.layers, "experts": args.experts, "top_k": args.top_k,
                 "vocab": args.vocab, "canvas": args.canvas, "steps": args.steps, "batch": args.batch,
                 "prompt": args.prompt, "new_tokens": args.new_tokens, "threads": args.threads,
+                "moe_implementation": args.moe,
             }
             result = bench.run_comparison(dataclasses.replace(
                 defaults, repeats=args.repeats, seed=args.seed, transformers=not args.no_transformers,
@@ -484,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int, default=3, help="timed warm calls, the best is reported (default 3)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
+    b.add_argument("--moe", choices=("grouped", "dense"), default="grouped",
+                   help="our expert computation: routed pairs via ragged_dot, or every expert on every token")
     b.add_argument("--no-transformers", action="store_true", help="time diffjax only")
     b.add_argument("--full-size", action="store_true", help="released 26B-A4B shapes, random bf16, on the GPU")
     b.add_argument("--with-transformers", action="store_true", help="--full-size: also time transformers")

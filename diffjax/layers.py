@@ -96,13 +96,15 @@ def attend(query: Array, keys: Array, values: Array, mask: Array) -> Array:
     batch, q_len, num_heads, head_dim = query.shape
     kv_heads = keys.shape[2]
     grouped = query.reshape(batch, q_len, kv_heads, num_heads // kv_heads, head_dim)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, keys).astype(jnp.float32)
+    # Scores and the weighted sum accumulate in float32 (as fused attention kernels do): with scale 1.0 the
+    # scores reach tens, where a bf16 rounding step (0.06) would already move the softmax by several percent.
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, keys, preferred_element_type=jnp.float32)
     visible = mask[:, None, None, :, :]
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(jnp.any(visible, axis=-1, keepdims=True), probs, 0.0).astype(values.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, values)
-    return out.reshape(batch, q_len, num_heads * head_dim)
+    probs = jnp.where(jnp.any(visible, axis=-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, values.astype(jnp.float32))
+    return out.reshape(batch, q_len, num_heads * head_dim).astype(values.dtype)
 
 
 class Attention(nn.Module):
@@ -188,7 +190,7 @@ def experts_grouped(
     half, up second), down `[experts, inter, hidden]`. The tokens * k assignments are sorted by expert and
     run through two grouped matmuls (`jax.lax.ragged_dot`), then scattered back weighted.
     """
-    tokens, top_k = expert_ids.shape
+    top_k = expert_ids.shape[1]
     num_experts = gate_up.shape[0]
     flat_experts = expert_ids.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
@@ -224,4 +226,5 @@ class Experts(nn.Module):
             "gate_up_proj", _init, (cfg.num_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size)
         )
         down = self.param("down_proj", _init, (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size))
-        return experts_grouped(x, weights, expert_ids, gate_up, down)
+        compute = experts_grouped if cfg.moe_implementation == "grouped" else experts_dense
+        return compute(x, weights, expert_ids, gate_up, down)

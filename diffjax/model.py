@@ -111,7 +111,10 @@ class Embedder(nn.Module):
 
     def logits(self, hidden: Array) -> Array:
         """Tied LM head with the final softcap, float32 `[batch, seq, vocab]`."""
-        logits = (hidden @ self.embedding.T.astype(hidden.dtype)).astype(jnp.float32)
+        # float32 output even for bf16 weights: transformers rounds logits to bf16 first, which turns top-two
+        # gaps below one bf16 ulp (~1% of the logit) into ties and flips the argmax; we keep the extra bits.
+        logits = jnp.einsum("bsh,vh->bsv", hidden, self.embedding.astype(hidden.dtype),
+                            preferred_element_type=jnp.float32)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * jnp.tanh(logits / cap)
 

@@ -74,7 +74,7 @@ def _reference(model, ids, mask, canvas, sc_logits=None, sc_mask=None, cache=Non
             self_conditioning_logits=None if sc_logits is None else torch.tensor(sc_logits),
             self_conditioning_mask=None if sc_mask is None else torch.tensor(sc_mask),
         )
-    return out.logits.numpy(), out.encoder_last_hidden_state.numpy()
+    return out.logits.numpy(), out.encoder_last_hidden_state.float().numpy()
 
 
 def _assert_close(ours, ref, what, tol=TOL):

@@ -629,3 +629,12 @@ def test_token_draws_sample_the_categorical():
         )
         np.testing.assert_array_equal(ids, np.asarray(draw(jax.random.key(7), logits)))
     assert np.asarray(S.GreedySampling()(jax.random.key(0), logits)).max() == 0
+
+
+def test_gumbel_max_draws_equal_jax_categorical():
+    """The max-then-min-index form is the same draw as `jax.random.categorical`, bit for bit."""
+    for seed in range(4):
+        key = jax.random.key(seed)
+        logits = 3.0 * jax.random.normal(jax.random.key(100 + seed), (3, 17, 301))
+        ours = S.GumbelMaxSampling()(key, logits)
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.random.categorical(key, logits, axis=-1)))
