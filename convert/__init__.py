@@ -30,15 +30,22 @@ def convert_checkpoint(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> pathlib.Path:
-    """Convert the transformers folder `src` into a diffjax checkpoint at `dst` (generation config included).
+    """Convert the transformers folder `src` into a diffjax checkpoint at `dst` (generation config, tokenizer
+    and chat template included, so `diffjax generate --checkpoint DST` needs nothing else).
 
     Host arrays go straight from the reader to the writer (no jax device copies), one preallocated array per
     leaf, so peak memory is about one copy of the converted weights.
     """
     refuse_existing(pathlib.Path(dst), overwrite)  # fail before reading tens of gigabytes
     config, flat = load_hf_numpy(src, dtype, progress)
+    tokenizer_files = [pathlib.Path(src) / name for name in TOKENIZER_FILES if (pathlib.Path(src) / name).is_file()]
     return save(unflatten(flat), config, dst, load_generation_config(src) or None, overwrite=overwrite,
-                progress=progress)
+                progress=progress, extra_files=tokenizer_files)
+
+
+# What a transformers folder keeps beside the weights for its tokenizer and chat template.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json")
 
 
 __all__ = [

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -54,16 +55,19 @@ def save(
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
+    extra_files: Iterable[str | os.PathLike[str]] = (),
 ) -> pathlib.Path:
     """Write `params` (jax or numpy leaves) and `config` to the directory `dst` in the diffjax format.
 
-    Refuses an existing `dst` (FileExistsError) unless `overwrite=True`; the old directory is replaced only
-    once the new one is complete, and survives any failure.
+    `extra_files` (e.g. the tokenizer and chat template) are copied in beside them, inside the same atomic
+    write. Refuses an existing `dst` (FileExistsError) unless `overwrite=True`; the old directory is
+    replaced only once the new one is complete, and survives any failure.
     """
     flat = flatten(params)
     check_tree(flat, config, "params")
     hf_config = config.to_hf()
-    if Config.from_hf(hf_config) != config:  # a field to_hf cannot express would be silently lost
+    # A maths field to_hf cannot express would be silently lost (the expert implementation is not maths).
+    if Config.from_hf(hf_config).replace(moe_implementation=config.moe_implementation) != config:
         raise CheckpointError(f"config does not survive config.json: {config} != {Config.from_hf(hf_config)}")
     tensors = {"/".join(path): leaf for path, leaf in flat.items()}
     total = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors.values())
@@ -83,6 +87,8 @@ def save(
         write_safetensors(
             tmp / PARAMS_FILE, tensors, {"format": FORMAT, "format_version": FORMAT_VERSION}, advance
         )
+        for extra in extra_files:
+            shutil.copyfile(extra, tmp / pathlib.Path(extra).name)
     return dst
 
 

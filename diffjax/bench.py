@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.config import FULL, SLIDING, AttentionConfig, Config
+from diffjax.model import init_params
 
 RESULT_KEYS = ("first_call_s", "compile_s", "warm_call_s", "decoder_passes", "ms_per_step", "tokens_per_s")
 
@@ -239,6 +240,8 @@ def run_comparison(s: BenchSettings, log: Callable[[str], None] = lambda _: None
         with tempfile.TemporaryDirectory(prefix="diffjax-bench-") as tmp:
             model.save_pretrained(tmp)
             loaded_config, params = convert.load_hf(tmp)
+        # The expert implementation is ours alone: it does not travel through a transformers config.
+        loaded_config = loaded_config.replace(moe_implementation=config.moe_implementation)
         if loaded_config != config:
             raise BenchError(f"config changed on the way through transformers: {loaded_config} != {config}")
         log(f"timing transformers ({s.repeats} warm calls)")
@@ -248,8 +251,6 @@ def run_comparison(s: BenchSettings, log: Callable[[str], None] = lambda _: None
         result["torch_threads"] = _torch_threads()
         del model
     else:
-        from diffjax.model import init_params
-
         params = init_params(config, jax.random.key(s.seed))
     log(f"timing diffjax (compile + {s.repeats} warm calls)")
     result["diffjax"] = time_diffjax(
@@ -310,36 +311,6 @@ def full_size_config(layers: int | None) -> Config:
     return config.replace(num_layers=layers, layer_types=layer_types(layers, 6))
 
 
-def _is_scale(path: tuple[Any, ...]) -> bool:
-    names = [getattr(k, "key", str(k)) for k in path]
-    return names[-1] in ("scale", "per_expert_scale") or names[-1].endswith("layer_scalar")
-
-
-def random_params_on_device(config: Config, key: jax.Array, dtype: Any = jnp.bfloat16) -> Any:
-    """Random parameters made directly on the default device by one jitted program (no host copy).
-
-    Projections and embeddings ~ N(0, 0.02), norm scales and scalars 1: routing then spreads tokens over
-    the experts as a trained router roughly does, which is what the memory traffic of a step depends on.
-    """
-    from diffjax.model import param_shapes
-
-    shapes = param_shapes(config, dtype)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-
-    @jax.jit
-    def init(key: jax.Array) -> Any:
-        keys = jax.random.split(key, len(flat))
-        leaves = [
-            jnp.ones(leaf.shape, leaf.dtype) if _is_scale(path)
-            # Drawn in the target dtype: no float32 copy of a 5 GB expert tensor is ever materialised.
-            else jax.random.normal(k, leaf.shape, leaf.dtype) * jnp.asarray(0.02, leaf.dtype)
-            for (path, leaf), k in zip(flat, keys, strict=True)
-        ]
-        return jax.tree_util.tree_unflatten(treedef, leaves)
-
-    return init(key)
-
-
 def decoder_bytes_per_step(params: Any) -> int:
     """Bytes of the weights one decoder step reads, assuming every expert is hit (256 tokens x top-8 of 128
     leaves an expert untouched with probability (1 - 8/128)^256 ~ 7e-8). The encoder's layer scalars are not
@@ -390,7 +361,7 @@ def run_full_size(
     config = config or full_size_config(s.layers)
     log(f"making random bf16 weights on {device} ({config.num_layers} layers)")
     start = time.perf_counter()
-    params = random_params_on_device(config, jax.random.key(s.seed))
+    params = init_params(config, jax.random.key(s.seed), jnp.bfloat16)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - start
     log("measuring device copy bandwidth")
@@ -497,7 +468,6 @@ __all__ = [
     "copy_bandwidth",
     "decoder_bytes_per_step",
     "random_hf_model",
-    "random_params_on_device",
     "render",
     "run_comparison",
     "run_full_size",

@@ -68,31 +68,16 @@ class LoadedModel:
     banner: str | None = None
 
 
-def _random_params(config: Any, seed: int) -> Any:
-    """Host-side random weights with the model's tree: seconds faster than tracing flax's init for a demo."""
-    import jax
-    import jax.numpy as jnp
-
-    from diffjax.model import param_shapes
-
-    rng = np.random.default_rng(seed)
-
-    def leaf(path: tuple[Any, ...], shape: Any) -> Any:
-        name = getattr(path[-1], "key", "")
-        if name in ("scale", "per_expert_scale") or name.endswith("layer_scalar"):
-            return jnp.ones(shape.shape, jnp.float32)
-        return jnp.asarray(rng.normal(0.0, 0.02, shape.shape).astype(np.float32))
-
-    return jax.tree_util.tree_map_with_path(leaf, param_shapes(config, jnp.float32))
-
-
 def default_model() -> LoadedModel:
     """The model `diffjax generate` runs without `--checkpoint`.
 
     For now a small RANDOM model (the structure of `Config.tiny()`, vocabulary = the byte-level stand-in
     tokenizer's) whose output is noise; swap this function's body for a trained demo model when one ships.
     """
+    import jax
+
     from diffjax.config import Config
+    from diffjax.model import init_params
     from diffjax.tokenizer import ByteTokenizer
 
     tokenizer = ByteTokenizer()
@@ -102,7 +87,7 @@ def default_model() -> LoadedModel:
         max_position_embeddings=4096,
     )
     return LoadedModel(
-        config=config, params=_random_params(config, DEFAULT_MODEL_SEED), tokenizer=tokenizer,
+        config=config, params=init_params(config, jax.random.key(DEFAULT_MODEL_SEED)), tokenizer=tokenizer,
         generation_defaults={"max_new_tokens": DEFAULT_MODEL_MAX_NEW_TOKENS}, name="embedded default (random)",
         banner=RANDOM_BANNER,
     )

@@ -286,20 +286,37 @@ def _write_cache(config: Config, cache: KVCache, new_kv: tuple[dict, dict], atte
 # ------------------------------------------------------------------------ functional API
 
 
-def init_params(config: Config, key: Array, dtype: Any = jnp.float32) -> Params:
-    """Random parameters (normal 0.02 projections, unit norms and scalars) in `dtype`."""
+def _flax_variables(config: Config, key: Array) -> Any:
+    """flax's init: traces one decoder pass (with self-conditioning) to discover every parameter."""
     batch, canvas = 1, 2
-    cache = init_cache(config, batch, 1, dtype)
-    variables = DiffusionGemma(config).init(
-        key, DECODE, jnp.zeros((batch, canvas), jnp.int32), cache,
+    return DiffusionGemma(config).init(
+        key, DECODE, jnp.zeros((batch, canvas), jnp.int32), init_cache(config, batch, 1),
         self_conditioning_logits=jnp.zeros((batch, canvas, config.vocab_size), jnp.float32),
     )
-    return jax.tree.map(lambda p: p.astype(dtype), variables["params"])
 
 
 def param_shapes(config: Config, dtype: Any = jnp.bfloat16) -> Params:
     """The parameter pytree as `jax.ShapeDtypeStruct`s, without allocating."""
-    return jax.eval_shape(functools.partial(init_params, config, dtype=dtype), jax.random.key(0))
+    shapes = jax.eval_shape(functools.partial(_flax_variables, config), jax.random.key(0))["params"]
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+
+
+_UNIT_PARAMS = ("scale", "per_expert_scale", "encoder_layer_scalar", "decoder_layer_scalar")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def init_params(config: Config, key: Array, dtype: Any = jnp.float32) -> Params:
+    """Random parameters made directly on the default device (no host copy), leaf by leaf from
+    `param_shapes`: weights ~ N(0, 0.02) drawn in `dtype` (no float32 copy of a 5 GB expert tensor), norm
+    scales and layer scalars 1."""
+    paths_and_shapes, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config, dtype))
+    keys = jax.random.split(key, len(paths_and_shapes))
+    leaves = [
+        jnp.ones(shape.shape, dtype) if getattr(path[-1], "key", None) in _UNIT_PARAMS
+        else jax.random.normal(leaf_key, shape.shape, dtype) * jnp.asarray(0.02, dtype)
+        for (path, shape), leaf_key in zip(paths_and_shapes, keys, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def count_params(config: Config) -> int:

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+import diffjax
 from diffjax import cli
 from diffjax.config import Config
 
@@ -91,20 +92,26 @@ def test_convert_and_generate_from_checkpoints(capsys, hf_folder, tmp_path):
     assert code == 0, err
     assert (dst / "params.safetensors").is_file() and (dst / "generation_config.json").is_file()
 
-    # A converted checkpoint has no tokenizer: a clean error that says what to do, before loading weights.
-    code, _, err = run(capsys, "generate", "--checkpoint", str(dst), "hi")
-    assert_clean_error(code, err, "tokenizer.json", "--tokenizer")
-
     # The transformers folder directly; its generation_config.json sets 2 steps and 16 tokens.
     code, out, err = run(capsys, "generate", "--checkpoint", str(hf_folder), "--no-live", "--no-adaptive-stop",
                          "Hello world")
     assert code == 0, err
     assert "RANDOM" not in err and "2 decoder passes" in err
-    # The converted checkpoint with the tokenizer from the transformers folder: same weights, same seed.
-    code, out2, err = run(capsys, "generate", "--checkpoint", str(dst), "--tokenizer", str(hf_folder),
-                          "--no-live", "--no-adaptive-stop", "Hello world")
+    # The converted checkpoint carries the tokenizer: same weights, same seed, same answer.
+    assert (dst / "tokenizer.json").is_file()
+    code, out2, err = run(capsys, "generate", "--checkpoint", str(dst), "--no-live", "--no-adaptive-stop",
+                          "Hello world")
     assert code == 0, err
     assert out2 == out
+
+    # Without a tokenizer: a clean error that says what to do, before loading weights.
+    (dst / "tokenizer.json").unlink()
+    code, _, err = run(capsys, "generate", "--checkpoint", str(dst), "hi")
+    assert_clean_error(code, err, "tokenizer.json", "--tokenizer")
+    code, out3, err = run(capsys, "generate", "--checkpoint", str(dst), "--tokenizer", str(hf_folder),
+                          "--no-live", "--no-adaptive-stop", "Hello world")
+    assert code == 0, err
+    assert out3 == out
 
 
 def test_convert_errors(capsys, hf_folder, tmp_path):
@@ -192,7 +199,7 @@ def test_full_size_helpers():
     tiny = Config.tiny()
     import jax
 
-    params = bench.random_params_on_device(tiny, jax.random.key(0), jax.numpy.bfloat16)
+    params = diffjax.init_params(tiny, jax.random.key(0), jax.numpy.bfloat16)
     leaves = jax.tree_util.tree_leaves(params)
     assert all(leaf.dtype == jax.numpy.bfloat16 for leaf in leaves)
     assert float(params["final_norm"]["scale"][0]) == 1.0

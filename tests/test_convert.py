@@ -546,3 +546,15 @@ def test_convert_checkpoint_refuses_existing_dst_before_reading(tmp_path):
     (tmp_path / "dst").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         convert.convert_checkpoint(tmp_path / "does-not-exist", tmp_path / "dst")
+
+
+def test_convert_checkpoint_carries_tokenizer_files(hf_dir, tmp_path, reference_params):
+    src = tmp_path / "src"
+    shutil.copytree(hf_dir, src)
+    (src / "tokenizer.json").write_text('{"version": "1.0"}')
+    (src / "chat_template.jinja").write_text("{{ bos_token }}")
+    dst = convert.convert_checkpoint(src, tmp_path / "dst")
+    assert (dst / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    assert (dst / "chat_template.jinja").read_text() == "{{ bos_token }}"
+    assert not (dst / "special_tokens_map.json").exists()
+    _assert_trees_equal(convert.load(dst)[1], reference_params)
