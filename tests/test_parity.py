@@ -81,6 +81,7 @@ def _assert_close(ours, ref, what, tol=TOL):
     """Max-abs difference within `tol`; hidden states (not softcapped) are compared relative to their scale."""
     diff = float(np.max(np.abs(np.asarray(ours) - ref)))
     scale = float(np.abs(ref).max())
+    print(f"{what}: max abs diff {diff:.2e} (reference max {scale:.2f})")  # shown with pytest -s
     assert scale > 0.1, f"{what}: reference is degenerate"
     assert diff <= tol * max(1.0, scale), f"{what}: max abs diff {diff:.3g} > {tol} (scale {scale:.3g})"
 
