@@ -48,6 +48,19 @@ log = logging.getLogger("convert")
 # progress(phase, done_bytes, total_bytes); phase is "read" or "write".
 Progress = Callable[[str, int, int], None]
 
+
+def write_progress(progress: Progress | None, total: int) -> Callable[[int], None]:
+    """An `advance(nbytes)` callback that reports cumulative bytes written out of `total` as "write"."""
+    done = 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress("write", done, total)
+
+    return advance
+
 DECODER = "model.decoder."
 ENCODER = "model.encoder.language_model."
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
@@ -445,13 +458,7 @@ def save_hf(
         shards[-1].append(name)
         used += nbytes
     total = sum(math.prod(t.shape) * t.dtype.itemsize for t in lazy.values())
-    done = 0
-
-    def advance(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        if progress is not None:
-            progress("write", done, total)
+    advance = write_progress(progress, total)
 
     dst = pathlib.Path(dst)
     with atomic_directory(dst, overwrite) as tmp:

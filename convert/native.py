@@ -37,6 +37,7 @@ from convert.hf import (
     Progress,
     normalise_generation_config,
     read_config,
+    write_progress,
 )
 from convert.safetensors_io import MappedFile, read_header, write_safetensors
 from convert.tree import check_tree, expected_shapes, flatten, resolve_dtype, unflatten
@@ -70,14 +71,7 @@ def save(
     if Config.from_hf(hf_config).replace(moe_implementation=config.moe_implementation) != config:
         raise CheckpointError(f"config does not survive config.json: {config} != {Config.from_hf(hf_config)}")
     tensors = {"/".join(path): leaf for path, leaf in flat.items()}
-    total = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors.values())
-    done = 0
-
-    def advance(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        if progress is not None:
-            progress("write", done, total)
+    advance = write_progress(progress, sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors.values()))
 
     dst = pathlib.Path(dst)
     with atomic_directory(dst, overwrite) as tmp:

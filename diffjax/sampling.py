@@ -253,6 +253,16 @@ def _uniform_tokens(key: jax.Array, shape: tuple[int, ...], vocab_size: int) -> 
     return jax.random.randint(key, shape, 0, vocab_size, dtype=jnp.int32)
 
 
+def _draw_and_noise(
+    sampling: Any, vocab_size: int | None, processed_logits: jax.Array, canvas_shape: tuple[int, ...],
+    key: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """One draw per position and a uniform renoise token per position: (sampled_ids, noise_ids)."""
+    sample_key, noise_key = jax.random.split(key)
+    sampled = sampling(sample_key, processed_logits)
+    return sampled, _uniform_tokens(noise_key, canvas_shape, _vocab(vocab_size, processed_logits))
+
+
 def _vocab(vocab_size: int | None, logits: jax.Array) -> int:
     return int(logits.shape[-1]) if vocab_size is None else int(vocab_size)
 
@@ -588,9 +598,7 @@ class EntropyBoundSampler:
     def __call__(
         self, processed_logits: jax.Array, canvas_ids: jax.Array, state: SamplerState, key: jax.Array
     ) -> tuple[jax.Array, jax.Array, SamplerState]:
-        sample_key, noise_key = jax.random.split(key)
-        sampled = self.sampling(sample_key, processed_logits)
-        noise = _uniform_tokens(noise_key, canvas_ids.shape, _vocab(self.vocab_size, processed_logits))
+        sampled, noise = _draw_and_noise(self.sampling, self.vocab_size, processed_logits, canvas_ids.shape, key)
         new_canvas, accepted = entropy_bound_update(
             processed_logits, canvas_ids, sampled, noise, self.entropy_bound
         )
@@ -692,10 +700,8 @@ class BlockRefinementSampler:
     def __call__(
         self, processed_logits: jax.Array, canvas_ids: jax.Array, state: SamplerState, key: jax.Array
     ) -> tuple[jax.Array, jax.Array, SamplerState]:
-        sample_key, noise_key = jax.random.split(key)
-        sampled = self.sampling(sample_key, processed_logits)
+        sampled, noise = _draw_and_noise(self.sampling, self.vocab_size, processed_logits, canvas_ids.shape, key)
         confidence = sampled_token_probs(processed_logits, sampled)
-        noise = _uniform_tokens(noise_key, canvas_ids.shape, _vocab(self.vocab_size, processed_logits))
         new_canvas, changed, committed = block_refinement_update(
             canvas_ids,
             sampled,
@@ -780,10 +786,8 @@ class ConfidenceThresholdSampler:
     def __call__(
         self, processed_logits: jax.Array, canvas_ids: jax.Array, state: SamplerState, key: jax.Array
     ) -> tuple[jax.Array, jax.Array, SamplerState]:
-        sample_key, noise_key = jax.random.split(key)
-        sampled = self.sampling(sample_key, processed_logits)
+        sampled, noise = _draw_and_noise(self.sampling, self.vocab_size, processed_logits, canvas_ids.shape, key)
         confidence = sampled_token_probs(processed_logits, sampled)
-        noise = _uniform_tokens(noise_key, canvas_ids.shape, _vocab(self.vocab_size, processed_logits))
         new_canvas, accepted, committed = confidence_threshold_update(
             canvas_ids, sampled, confidence, state.committed, noise, self.threshold, self.monotone
         )
