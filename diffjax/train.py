@@ -1,0 +1,275 @@
+"""Training objective of DiffusionGemma: block-diffusion denoising loss + autoregressive encoder loss.
+
+Data (`Batch`, built by `make_batch`): a prompt left-padded to a fixed length, then the response cut into
+`num_canvases x canvas_length` tokens. The last canvas that holds text is filled with EOS to its end; later
+canvases are PAD, masked out of the encoder and carry no loss (`canvas_valid` False).
+
+Loss (`diffusion_loss`), one call:
+
+1. Encoder: ONE causal pass over prompt + clean response. Its final-normed hidden states through the tied,
+   softcapped LM head give an autoregressive next-token loss (token t+1 predicted at position t). Scored
+   targets (`Batch.ar_mask`): the response's text tokens and the first EOS that ends it; prompt tokens, the
+   EOS fill after that first EOS, and PAD canvases are not scored (as Google's / TRL's SFT score the
+   response only). Mean over scored tokens of the whole batch, weight 1.
+2. The same pass gives the K/V of every position and layer (the flax module's raw per-token K/V, before the
+   cache's sliding ring). Per example one valid canvas `c` is chosen (start `s = P + c * L`), noised with
+   `t ~ U(1e-4, 1 - 1e-4)`: each token replaced by a uniform random token with probability t.
+3. Decoder view = exactly what generation has when it reaches that canvas: a `KVCache` with `length = s`,
+   `mask` = the attention mask with every slot at or after `s` hidden (so the canvas sees the clean prompt
+   and the clean EARLIER canvases, never later ones), full layers holding the K/V of all positions, and the
+   sliding ring rebuilt per example by gathering the K/V of the last `ring` positions before `s`
+   (`ring_positions(s, ring)`), which is what an encoder that had stopped at `s` would have left there. The
+   canvas sits at positions `s .. s+L-1`. Since the cache length (and so the positions) differ per example,
+   the decoder runs per example, each a batch of one: `jax.vmap` with dense experts, `jax.lax.map` with grouped
+   ones (`ragged_dot` cannot be vmapped in jax 0.10; model.py keeps one scalar cache length per batch).
+4. Self-conditioning: a first decoder pass without it, under `stop_gradient`; per example with probability
+   0.5 (`NoiseDraws.self_condition`) its logits feed a second pass, otherwise the signal is exactly zero
+   (`self_conditioning_mask` False). Only the second pass is scored: cross-entropy against the clean canvas
+   over all its L positions, a per-example mean (no 1/t weight), then the batch mean.
+
+Total = diffusion + AR. The decoder's loss also flows back through the cached K/V into the encoder pass.
+All randomness is in `NoiseDraws` (`draw_noise`), so tests can fix it. `train_step` is one jit-compiled optax
+step (clip 1.0, AdamW b1 0.95 b2 0.99 wd 1e-4, warmup + cosine schedule).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from diffjax.config import SLIDING, Config
+from diffjax.model import (
+    DECODE,
+    ENCODE,
+    DiffusionGemma,
+    Embedder,
+    KVCache,
+    init_cache,
+    ring_positions,
+    ring_size,
+)
+
+Array = jax.Array
+Params = dict[str, Any]
+
+T_MIN, T_MAX = 1e-4, 1.0 - 1e-4
+
+
+@flax.struct.dataclass
+class Batch:
+    """One training batch. P = prompt length, N = canvases, L = canvas length.
+
+    prompt_ids/prompt_mask `[B, P]`: left-padded prompt and its attention mask.
+    response_ids `[B, N*L]`: response tokens, the last text canvas EOS-filled, later canvases PAD.
+    ar_mask `[B, N*L]`: response tokens scored by the AR loss (text + the first EOS).
+    canvas_valid `[B, N]`: canvases holding text (or its EOS fill); at least one per example.
+    """
+
+    prompt_ids: Array
+    prompt_mask: Array
+    response_ids: Array
+    ar_mask: Array
+    canvas_valid: Array
+
+    @property
+    def num_canvases(self) -> int:
+        return self.canvas_valid.shape[1]
+
+
+@flax.struct.dataclass
+class NoiseDraws:
+    """The loss's randomness. canvas `[B]` int: chosen canvas index (a valid one); t `[B]` f32 noise level;
+    tokens `[B, L]` int: the replacement tokens; replace_mask `[B, L]` bool: where they replace the clean
+    canvas; self_condition `[B]` bool: whether the second decoder pass gets the first pass' logits."""
+
+    canvas: Array
+    t: Array
+    tokens: Array
+    replace_mask: Array
+    self_condition: Array
+
+
+def make_batch(
+    config: Config, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], prompt_length: int,
+    num_canvases: int,
+) -> Batch:
+    """Token lists -> `Batch`. A prompt longer than `prompt_length` keeps its last tokens; a response (without
+    EOS) longer than `num_canvases * canvas_length - 1` is cut to leave room for its EOS."""
+    length = config.canvas_length
+    eos, pad = config.eos_token_id[0], config.pad_token_id
+    batch = len(prompts)
+    if len(responses) != batch:
+        raise ValueError(f"{batch} prompts but {len(responses)} responses")
+    prompt_ids = np.full((batch, prompt_length), pad, np.int32)
+    prompt_mask = np.zeros((batch, prompt_length), bool)
+    response_ids = np.full((batch, num_canvases * length), pad, np.int32)
+    ar_mask = np.zeros((batch, num_canvases * length), bool)
+    canvas_valid = np.zeros((batch, num_canvases), bool)
+    for b, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        prompt = list(prompt)[-prompt_length:]
+        if not prompt:
+            raise ValueError(f"prompt {b} is empty")
+        prompt_ids[b, prompt_length - len(prompt):] = prompt
+        prompt_mask[b, prompt_length - len(prompt):] = True
+        text = list(response)[: num_canvases * length - 1]
+        used = len(text) // length + 1  # canvases holding text and its EOS
+        response_ids[b, : used * length] = eos
+        response_ids[b, : len(text)] = text
+        ar_mask[b, : len(text) + 1] = True
+        canvas_valid[b, :used] = True
+    return Batch(jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), jnp.asarray(response_ids),
+                 jnp.asarray(ar_mask), jnp.asarray(canvas_valid))
+
+
+def draw_noise(key: Array, batch: Batch, config: Config) -> NoiseDraws:
+    """Uniform valid canvas, t ~ U(1e-4, 1-1e-4), uniform replacement tokens, coin p=0.5 per example."""
+    k_canvas, k_t, k_tokens, k_replace, k_coin = jax.random.split(key, 5)
+    rows, length = batch.canvas_valid.shape[0], config.canvas_length
+    canvas = jax.random.categorical(k_canvas, jnp.where(batch.canvas_valid, 0.0, -jnp.inf), axis=-1)
+    t = jax.random.uniform(k_t, (rows,), jnp.float32, T_MIN, T_MAX)
+    tokens = jax.random.randint(k_tokens, (rows, length), 0, config.vocab_size, jnp.int32)
+    replace = jax.random.uniform(k_replace, (rows, length)) < t[:, None]
+    coin = jax.random.bernoulli(k_coin, 0.5, (rows,))
+    return NoiseDraws(canvas.astype(jnp.int32), t, tokens, replace, coin)
+
+
+def noisy_canvas(config: Config, batch: Batch, noise: NoiseDraws) -> tuple[Array, Array]:
+    """(clean `[B, L]`, noisy `[B, L]`) tokens of each example's chosen canvas."""
+    length = config.canvas_length
+    canvases = batch.response_ids.reshape(batch.response_ids.shape[0], -1, length)
+    clean = jnp.take_along_axis(canvases, noise.canvas[:, None, None], axis=1)[:, 0]
+    return clean, jnp.where(noise.replace_mask, noise.tokens, clean)
+
+
+def _cross_entropy(logits: Array, targets: Array) -> Array:
+    logits = logits.astype(jnp.float32)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def _decoder_cache(config: Config, kv: tuple[dict, dict], mask: Array, start: Array) -> KVCache:
+    """One example's cache as the encoder would have left it after `start` tokens (batch axis of 1).
+
+    kv: per-token K/V of the whole sequence, `"layer_j" -> [blocks, seq, kv_heads, head_dim]`; mask `[seq]`.
+    """
+    seq = mask.shape[0]
+    ring = ring_size(config, seq)
+    ring_pos = jnp.maximum(ring_positions(start, ring), 0)  # empty slots (-1) are masked by the cache mask
+
+    def view(layer_type: str, x: Array) -> Array:
+        x = jnp.take(x, ring_pos, axis=1) if layer_type == SLIDING else x
+        return x[:, None]
+
+    keys, values = {}, {}
+    for j, layer_type in enumerate(config.block_layer_types):
+        name = f"layer_{j}"
+        keys[name] = view(layer_type, kv[0][name])
+        values[name] = view(layer_type, kv[1][name])
+    visible = mask & (jnp.arange(seq) < start)
+    return KVCache(keys=keys, values=values, mask=visible[None], length=start.astype(jnp.int32))
+
+
+def _decode_one(
+    params: Params, config: Config, kv: tuple[dict, dict], mask: Array, start: Array, canvas: Array,
+    sc_logits: Array | None, sc_mask: Array | None,
+) -> Array:
+    cache = _decoder_cache(config, kv, mask, start)
+    return DiffusionGemma(config).apply(
+        {"params": params}, DECODE, canvas[None], cache,
+        self_conditioning_logits=None if sc_logits is None else sc_logits[None],
+        self_conditioning_mask=None if sc_mask is None else sc_mask[None],
+    )[0]
+
+
+def _per_example(config: Config, fn: Any, args: Any) -> Array:
+    """`fn` over the leading (example) axis of `args`: `jax.vmap` for dense experts; `jax.lax.map` (a loop of
+    batch-1 passes) for grouped experts, because `jax.lax.ragged_dot` has no batching rule in jax 0.10."""
+    if config.moe_implementation == "dense":
+        return jax.vmap(fn)(args)
+    return jax.lax.map(fn, args)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def loss_terms(params: Params, config: Config, batch: Batch, noise: NoiseDraws) -> dict[str, Array]:
+    """The loss and its parts: `loss`, `diffusion`, `ar`, `diffusion_per_example [B]`."""
+    rows, prompt_len = batch.prompt_ids.shape
+    length = config.canvas_length
+    ids = jnp.concatenate([batch.prompt_ids, batch.response_ids], axis=1).astype(jnp.int32)
+    response_visible = jnp.repeat(batch.canvas_valid, length, axis=1)
+    mask = jnp.concatenate([batch.prompt_mask, response_visible], axis=1).astype(bool)
+
+    # 1. One causal encoder pass: hidden states for the AR loss and the per-token K/V of every layer.
+    dtype = params["embedder"]["embedding"].dtype
+    hidden, kv = DiffusionGemma(config).apply(
+        {"params": params}, ENCODE, ids, init_cache(config, rows, 1, dtype), attention_mask=mask
+    )
+    ar_logits = Embedder(config).apply({"params": params["embedder"]}, hidden[:, :-1], method=Embedder.logits)
+    targets_scored = jnp.concatenate([jnp.zeros_like(batch.prompt_mask, bool), batch.ar_mask], axis=1)[:, 1:]
+    ar_ce = _cross_entropy(ar_logits, ids[:, 1:])
+    ar = jnp.sum(ar_ce * targets_scored) / jnp.maximum(jnp.sum(targets_scored), 1)
+
+    # 2. The chosen canvas, noised, decoded against the clean context before it (vmapped: positions differ).
+    clean, noisy = noisy_canvas(config, batch, noise)
+    start = prompt_len + noise.canvas * length
+    kv_rows = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), kv)  # [blocks, B, ...] -> [B, blocks, ...]
+    decode = functools.partial(_decode_one, params, config)
+    first = _per_example(config, lambda a: decode(*a, None, None), (kv_rows, mask, start, noisy))
+    first = jax.lax.stop_gradient(first)
+    second = _per_example(config, lambda a: decode(*a), (kv_rows, mask, start, noisy, first, noise.self_condition))
+    per_example = jnp.mean(_cross_entropy(second, clean), axis=-1)
+    diffusion = jnp.mean(per_example)
+    return {"loss": diffusion + ar, "diffusion": diffusion, "ar": ar, "diffusion_per_example": per_example}
+
+
+def diffusion_loss(params: Params, config: Config, batch: Batch, noise: NoiseDraws) -> Array:
+    """Total training loss (diffusion + AR, both batch means) for fixed `noise`; see the module docstring."""
+    return loss_terms(params, config, batch, noise)["loss"]
+
+
+# ------------------------------------------------------------------------------- optimiser
+
+
+def make_optimizer(
+    peak_lr: float = 1e-4, total_steps: int = 1000, warmup_steps: int = 100, end_lr_ratio: float = 0.1,
+    weight_decay: float = 1e-4, clip_norm: float = 1.0,
+) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW(b1 0.95, b2 0.99) on a linear-warmup + cosine-decay schedule."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=peak_lr * end_lr_ratio,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.adamw(schedule, b1=0.95, b2=0.99, weight_decay=weight_decay),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "optimizer"), donate_argnames=("params", "opt_state"))
+def train_step(
+    params: Params, opt_state: Any, config: Config, optimizer: optax.GradientTransformation, batch: Batch,
+    noise: NoiseDraws,
+) -> tuple[Params, Any, dict[str, Array]]:
+    """One optimiser step on `diffusion_loss`; metrics: loss, diffusion, ar, grad_norm (before clipping)."""
+
+    def loss_fn(p: Params) -> tuple[Array, dict[str, Array]]:
+        terms = loss_terms(p, config, batch, noise)
+        return terms["loss"], terms
+
+    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {k: terms[k] for k in ("loss", "diffusion", "ar")}
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return params, opt_state, metrics
+
+
+__all__ = [
+    "Batch", "NoiseDraws", "diffusion_loss", "draw_noise", "loss_terms", "make_batch", "make_optimizer",
+    "noisy_canvas", "train_step",
+]

@@ -1,0 +1,157 @@
+"""The training loss against transformers 5.23.0 on a tiny random checkpoint, and an overfitting train_step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from reference import diffjax_params, random_hf_model
+from transformers import DynamicCache
+
+from diffjax import train
+from diffjax.config import FULL, SLIDING, Config
+
+PROMPT_LEN, NUM_CANVASES = 10, 3
+
+
+def _batch(config: Config, seed: int = 0) -> train.Batch:
+    """Row 0: a full-length prompt (longer than the window), 20 response tokens (3 canvases, EOS-filled).
+    Row 1: a left-padded 6-token prompt, 12 response tokens (2 canvases, the third PAD)."""
+    rng = np.random.default_rng(seed)
+    hi = config.vocab_size
+    prompts = [rng.integers(3, hi, PROMPT_LEN), rng.integers(3, hi, 6)]
+    responses = [rng.integers(3, hi, 20), rng.integers(3, hi, 12)]
+    return train.make_batch(config, prompts, responses, PROMPT_LEN, NUM_CANVASES)
+
+
+def _noise(config: Config, batch: train.Batch, canvas, coin, seed: int = 1) -> train.NoiseDraws:
+    drawn = train.draw_noise(jax.random.key(seed), batch, config)
+    return drawn.replace(canvas=jnp.asarray(canvas, jnp.int32), self_condition=jnp.asarray(coin, bool))
+
+
+def test_make_batch_and_draw_noise():
+    config = Config.tiny(canvas_length=8)
+    batch = _batch(config)
+    eos, pad = config.eos_token_id[0], config.pad_token_id
+    resp = np.asarray(batch.response_ids)
+    np.testing.assert_array_equal(batch.canvas_valid, [[True, True, True], [True, True, False]])
+    np.testing.assert_array_equal(resp[0, 20:], eos)  # text, then EOS to the end of its canvas
+    np.testing.assert_array_equal(resp[1, 12:16], eos)
+    np.testing.assert_array_equal(resp[1, 16:], pad)
+    np.testing.assert_array_equal(np.asarray(batch.ar_mask).sum(1), [21, 13])  # text + first EOS
+    np.testing.assert_array_equal(np.asarray(batch.prompt_mask).sum(1), [PROMPT_LEN, 6])
+    assert np.all(np.asarray(batch.prompt_ids)[1, :4] == pad)
+
+    noise = train.draw_noise(jax.random.key(0), batch.replace(canvas_valid=jnp.tile(batch.canvas_valid, (50, 1))),
+                             config)
+    canvas = np.asarray(noise.canvas).reshape(50, 2)
+    assert set(canvas[:, 0]) == {0, 1, 2} and set(canvas[:, 1]) == {0, 1}  # only valid canvases
+    t = np.asarray(noise.t)
+    assert np.all((t >= train.T_MIN) & (t <= train.T_MAX))
+    frac = np.asarray(noise.replace_mask).mean(1)
+    assert np.corrcoef(frac, t)[0, 1] > 0.8
+    assert 0.3 < np.asarray(noise.self_condition).mean() < 0.7
+
+
+def _softcap(config: Config, logits: np.ndarray) -> np.ndarray:
+    cap = config.final_logit_softcapping
+    return cap * np.tanh(logits / cap)
+
+
+def _ce(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    return lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+
+
+def _reference_loss(model, config: Config, batch: train.Batch, noise: train.NoiseDraws) -> dict[str, float]:
+    """The same objective through transformers: one encoder pass for the AR loss; per example, a fresh cache of
+    the clean context before the chosen canvas, a decoder pass without self-conditioning, then a second with
+    the first pass' logits and the coin as `self_conditioning_mask`."""
+    length = config.canvas_length
+    ids = np.concatenate([batch.prompt_ids, batch.response_ids], 1).astype(np.int64)
+    mask = np.concatenate([batch.prompt_mask, np.repeat(batch.canvas_valid, length, 1)], 1)
+    rows = ids.shape[0]
+    scored = np.concatenate([np.zeros_like(batch.prompt_mask), batch.ar_mask], 1)[:, 1:]
+    clean, noisy = (np.asarray(x) for x in train.noisy_canvas(config, batch, noise))
+    dummy = np.zeros((rows, length), np.int64)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+            past_key_values=DynamicCache(config=model.config.text_config),
+            decoder_input_ids=torch.tensor(dummy),
+            decoder_attention_mask=torch.tensor(np.concatenate([mask, np.ones((rows, length), bool)], 1)),
+        )
+        hidden = out.encoder_last_hidden_state
+        ar_logits = _softcap(config, model.lm_head(hidden).float().numpy())
+    ar_ce = _ce(ar_logits[:, :-1], ids[:, 1:])
+    ar = float((ar_ce * scored).sum() / scored.sum())
+
+    per_example = []
+    for b in range(rows):
+        start = PROMPT_LEN + int(noise.canvas[b]) * length
+        ctx, ctx_mask = ids[b:b + 1, :start], mask[b:b + 1, :start]
+        canvas = torch.tensor(noisy[b:b + 1].astype(np.int64))
+        dec_mask = torch.tensor(np.concatenate([ctx_mask, np.ones((1, length), bool)], 1))
+
+        def decode(sc_logits=None, sc_mask=None, ctx=ctx, ctx_mask=ctx_mask, canvas=canvas, dec_mask=dec_mask):
+            with torch.no_grad():
+                return model(
+                    input_ids=torch.tensor(ctx), attention_mask=torch.tensor(ctx_mask),
+                    past_key_values=DynamicCache(config=model.config.text_config),
+                    decoder_input_ids=canvas, decoder_attention_mask=dec_mask,
+                    self_conditioning_logits=sc_logits, self_conditioning_mask=sc_mask,
+                ).logits
+
+        first = decode()
+        second = decode(first, torch.tensor([bool(noise.self_condition[b])]))
+        per_example.append(float(_ce(second[0].numpy(), clean[b]).mean()))
+    diffusion = float(np.mean(per_example))
+    return {"loss": diffusion + ar, "ar": ar, "diffusion": diffusion, "per_example": np.array(per_example)}
+
+
+def test_loss_matches_transformers(tmp_path):
+    config = Config.tiny(canvas_length=8)  # sliding window 8 < prompt length 10
+    model = random_hf_model(config, seed=3)
+    loaded, params = diffjax_params(model, tmp_path)
+    assert loaded == config
+    batch = _batch(config)
+    # Row 0: its last canvas (the ring then holds response positions only); row 1: its middle one.
+    noise = _noise(config, batch, canvas=[2, 1], coin=[True, False])
+    ours = train.loss_terms(params, config, batch, noise)
+    ref = _reference_loss(model, config, batch, noise)
+    diffs = {k: abs(float(ours[k]) - ref[k]) for k in ("loss", "ar", "diffusion")}
+    diffs["per_example"] = float(np.max(np.abs(np.asarray(ours["diffusion_per_example"]) - ref["per_example"])))
+    print("loss parity:", {k: f"{v:.2e}" for k, v in diffs.items()}, "reference", ref)
+    assert ref["ar"] > 1.0 and ref["diffusion"] > 1.0
+    assert max(diffs.values()) < 1e-5, diffs
+    assert float(ours["loss"]) == pytest.approx(float(train.diffusion_loss(params, config, batch, noise)))
+
+    # The fixed draws matter: another canvas or the other coin changes the loss.
+    for other in (_noise(config, batch, canvas=[0, 1], coin=[True, False]),
+                  _noise(config, batch, canvas=[2, 1], coin=[False, False])):
+        assert abs(float(train.diffusion_loss(params, config, batch, other)) - float(ours["loss"])) > 1e-3
+
+
+def test_train_step_overfits_one_batch():
+    config = Config.tiny(
+        num_layers=2, layer_types=(SLIDING, FULL), canvas_length=8, vocab_size=256, hidden_size=32,
+        intermediate_size=64, num_experts=4, moe_intermediate_size=16, moe_implementation="dense",
+    )
+    from diffjax.model import init_params
+
+    params = init_params(config, jax.random.key(0))
+    batch = _batch(config)
+    noise = train.draw_noise(jax.random.key(1), batch, config)
+    optimizer = train.make_optimizer(peak_lr=1e-2, total_steps=40, warmup_steps=5)
+    opt_state = optimizer.init(params)
+    losses = []
+    for _ in range(40):
+        params, opt_state, metrics = train.train_step(params, opt_state, config, optimizer, batch, noise)
+        losses.append(float(metrics["loss"]))
+        assert np.isfinite(float(metrics["grad_norm"]))
+    print(f"overfit: loss {losses[0]:.3f} -> {losses[-1]:.4f} in {len(losses)} steps")
+    assert losses[-1] < 0.1 * losses[0]
