@@ -128,6 +128,7 @@ def make_batch(
                  jnp.asarray(ar_mask), jnp.asarray(canvas_valid))
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
 def draw_noise(key: Array, batch: Batch, config: Config) -> NoiseDraws:
     """Uniform valid canvas, t ~ U(1e-4, 1-1e-4), uniform replacement tokens, coin p=0.5 per example."""
     k_canvas, k_t, k_tokens, k_replace, k_coin = jax.random.split(key, 5)

@@ -146,7 +146,7 @@ def test_train_step_overfits_one_batch():
     params = init_params(config, jax.random.key(0))
     batch = _batch(config)
     noise = train.draw_noise(jax.random.key(1), batch, config)
-    optimizer = train.make_optimizer(peak_lr=1e-2, total_steps=40, warmup_steps=5)
+    optimizer = train.make_optimizer(peak_lr=1e-2, total_steps=100, warmup_steps=5)
     opt_state = optimizer.init(params)
     losses = []
     for _ in range(40):
