@@ -26,6 +26,7 @@ counted in the log.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -35,12 +36,14 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from convert.atomic import atomic_directory, write_json
 from convert.errors import CheckpointError
 from convert.safetensors_io import LazyTensor, MappedFile, TensorInfo, read_header, write_safetensors
-from convert.tree import Path, check_tree, expected_shapes, flatten, resolve_dtype, to_jax
+from convert.tree import Path, check_tree, expected_shapes, flatten, resolve_dtype, to_jax, unflatten
 from diffjax.config import Config
 
 log = logging.getLogger("convert")
@@ -299,10 +302,8 @@ def plan_load(
     return _Plan(reads, ones, leaf_dtypes, len(vision))
 
 
-def load_hf_numpy(
-    path: str | os.PathLike[str], dtype: Any = None, progress: Progress | None = None
-) -> tuple[Config, dict[Path, np.ndarray]]:
-    """`load_hf` returning flat numpy leaves {path tuple: array} (what the converter writes from)."""
+def _prepare(path: str | os.PathLike[str], dtype: Any) -> tuple[Config, np.dtype | None, _Plan]:
+    """Config, target dtype and read plan of a transformers folder, logging what is skipped or defaulted."""
     config = read_config(path)
     target = resolve_dtype(dtype)
     tensors = index_tensors(path)
@@ -314,7 +315,14 @@ def load_hf_numpy(
             "%s: %d layer_scalar buffer(s) absent (%s); set to 1.0 as transformers initialises them",
             path, len(plan.ones), ", ".join(s.names[0] for s in plan.ones[:4]) + (", ..." if len(plan.ones) > 4 else ""),
         )
+    return config, target, plan
 
+
+def load_hf_numpy(
+    path: str | os.PathLike[str], dtype: Any = None, progress: Progress | None = None
+) -> tuple[Config, dict[Path, np.ndarray]]:
+    """`load_hf` returning flat numpy leaves {path tuple: array} (what the converter writes from)."""
+    config, target, plan = _prepare(path, dtype)
     _, shapes = hf_slots(config)
     # One preallocated array per leaf in the final dtype: the checkpoint is never held twice.
     arrays = {p: np.empty(shape, plan.leaf_dtypes[p]) for p, shape in shapes.items()}
@@ -339,7 +347,7 @@ def load_hf_numpy(
 
 
 def load_hf(
-    path: str | os.PathLike[str], dtype: Any = None, progress: Progress | None = None
+    path: str | os.PathLike[str], dtype: Any = None, progress: Progress | None = None, *, mesh: Mesh | None = None
 ) -> tuple[Config, dict[str, Any]]:
     """Read a transformers DiffusionGemma folder into `(Config, params)`.
 
@@ -348,9 +356,69 @@ def load_hf(
     `dtype` ("bfloat16", "float32", "float16" or a dtype; None keeps the stored dtype). Returns jax arrays with
     exactly the structure and shapes of `diffjax.param_shapes(config)`. Raises `CheckpointError` (a
     `ValueError`) naming the problem.
+
+    With a `mesh` (`diffjax.sharding.make_mesh`), every leaf is made directly with the sharding of
+    `diffjax.sharding.param_shardings`: each device's shard is copied from the memory-mapped slices it
+    covers, so neither one device nor the host ever holds more than one shard at a time. On several hosts
+    each host reads only its own devices' shards.
     """
-    config, arrays = load_hf_numpy(path, dtype, progress)
-    return config, to_jax(arrays)
+    if mesh is None:
+        config, arrays = load_hf_numpy(path, dtype, progress)
+        return config, to_jax(arrays)
+    return _load_hf_sharded(path, dtype, progress, mesh)
+
+
+def _load_hf_sharded(
+    path: str | os.PathLike[str], dtype: Any, progress: Progress | None, mesh: Mesh
+) -> tuple[Config, dict[str, Any]]:
+    from diffjax.sharding import param_shardings  # imports the model: only needed here
+
+    config, target, plan = _prepare(path, dtype)
+    _, shapes = hf_slots(config)
+    # leaf -> {block (None: unstacked) -> (transform, tensor), or None for a defaulted layer_scalar}
+    sources: dict[Path, dict[int | None, tuple[str | None, TensorInfo] | None]] = {p: {} for p in shapes}
+    for slot, info in plan.reads:
+        sources[slot.leaf][slot.block] = (slot.transform, info)
+    for slot in plan.ones:
+        sources[slot.leaf][slot.block] = None
+    shardings = flatten(param_shardings(config, mesh))
+    files: dict[pathlib.Path, MappedFile] = {}
+
+    def copy_into(dest: np.ndarray, source: tuple[str | None, TensorInfo] | None, index: tuple[slice, ...]) -> None:
+        if source is None:
+            dest[...] = 1
+            return
+        transform, info = source
+        if info.path not in files:
+            files[info.path] = MappedFile(info.path)
+        # Only the shard's slice of the (transposed) view is touched and copied.
+        np.copyto(dest, _apply(transform, files[info.path].view(info))[index], casting="unsafe")
+
+    def shard(leaf: Path, index: tuple[slice, ...]) -> np.ndarray:
+        shape = shapes[leaf]
+        out = np.empty([len(range(dim)[s]) for dim, s in zip(shape, index, strict=True)], plan.leaf_dtypes[leaf])
+        if leaf[0] != "blocks":
+            copy_into(out, sources[leaf][None], index)
+        else:
+            for row, block in enumerate(range(shape[0])[index[0]]):
+                copy_into(out[row], sources[leaf][block], index[1:])
+        return out
+
+    total = sum(info.nbytes for _, info in plan.reads)
+    done = 0
+    arrays: dict[Path, Any] = {}
+    for leaf, shape in shapes.items():
+        arrays[leaf] = jax.make_array_from_callback(shape, shardings[leaf], functools.partial(shard, leaf))
+        for source in sources[leaf].values():
+            if source is not None:
+                if source[1].path in files:  # a host whose devices needed none of it never mapped it
+                    files[source[1].path].release(source[1])
+                done += source[1].nbytes
+        if progress is not None:
+            progress("read", done, total)
+    files.clear()
+    check_tree(arrays, config, f"converted {path}", target)
+    return config, unflatten(arrays)
 
 
 # ---------------------------------------------------------------------------- generation config

@@ -87,7 +87,9 @@ class Config:
     # How the experts are computed; same maths, different speed. "grouped": only routed (token, expert)
     # pairs, sorted by expert, through `jax.lax.ragged_dot`. "dense": every expert on every token with the
     # unrouted pairs weighted 0 (faster on CPU for few experts, and the oracle for "grouped").
-    moe_implementation: Literal["grouped", "dense"] = "grouped"
+    # "expert_parallel": experts split over a device mesh, tokens sent to their experts' devices with
+    # all-to-all (`diffjax.sharding.experts_expert_parallel`; needs `jax.set_mesh`).
+    moe_implementation: Literal["grouped", "dense", "expert_parallel"] = "grouped"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -116,8 +118,10 @@ class Config:
             raise ValueError(
                 f"top_k_experts ({self.top_k_experts}) must be <= num_experts ({self.num_experts})"
             )
-        if self.moe_implementation not in ("grouped", "dense"):
-            raise ValueError(f"moe_implementation must be 'grouped' or 'dense', got {self.moe_implementation!r}")
+        if self.moe_implementation not in ("grouped", "dense", "expert_parallel"):
+            raise ValueError(
+                f"moe_implementation must be 'grouped', 'dense' or 'expert_parallel', got {self.moe_implementation!r}"
+            )
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:

@@ -226,5 +226,10 @@ class Experts(nn.Module):
             "gate_up_proj", _init, (cfg.num_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size)
         )
         down = self.param("down_proj", _init, (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size))
+        if cfg.moe_implementation == "expert_parallel":
+            # Imported here: diffjax.sharding imports the model (for its parameter shapes).
+            from diffjax.sharding import experts_expert_parallel
+
+            return experts_expert_parallel(x, weights, expert_ids, gate_up, down)
         compute = experts_grouped if cfg.moe_implementation == "grouped" else experts_dense
         return compute(x, weights, expert_ids, gate_up, down)

@@ -1,0 +1,127 @@
+"""Sharded runs against the single-device run, on 8 forced CPU devices; prints one JSON report.
+
+Run by tests/test_sharding.py in a subprocess, because the device count is fixed when jax starts:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_check.py
+
+For each mesh (data, expert, model): the parameters are loaded from a transformers-format folder straight
+onto the mesh (`convert.load_hf(mesh=...)`), then a decoder pass (compiled once, its HLO inspected),
+`generate` and one `train_step` run with the expert-parallel MoE and are compared with the same calls on
+one device with the grouped MoE.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import convert
+from diffjax import model, sharding, train
+from diffjax.config import FULL, SLIDING, Config
+from diffjax.generate import generate
+
+MESHES = ((8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2))
+BATCH, PROMPT = 8, 5  # the odd prompt length makes the MoE pad its tokens
+
+
+def spread(params: dict) -> dict:
+    """Weights ~ N(0, 0.15) instead of 0.02 (logits far apart, so no near-ties), norms and scalars 1 + noise."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    return jax.tree.unflatten(treedef, [
+        1.0 + 0.3 * jax.random.normal(k, x.shape) if bool(jnp.all(x == 1)) else 7.5 * x
+        for x, k in zip(leaves, keys, strict=True)
+    ])
+
+
+def max_diff(a, b) -> float:
+    return max(float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def collectives(hlo: str, config: Config) -> dict:
+    """Counts of the collectives in a compiled module, and any all-gather producing a whole expert weight."""
+    e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    expert_shapes = (f"{e},{h},{2 * i}]", f"{e},{i},{h}]")
+    gathers = [line.strip()[:160] for line in hlo.splitlines()
+               if re.search(r"\ball-gather(-start)?\(", line) and any(s in line.split("all-gather")[0]
+                                                                      for s in expert_shapes)]
+    counts = {op: len(re.findall(rf"\b{op}(-start)?\(", hlo)) for op in ("all-to-all", "all-reduce",
+                                                                       "reduce-scatter", "all-gather")}
+    return {"counts": counts, "expert_weight_all_gathers": gathers}
+
+
+def main() -> None:
+    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    config = Config.tiny(num_layers=4, layer_types=(SLIDING, FULL, SLIDING, FULL))
+    parallel = config.replace(moe_implementation="expert_parallel")
+    params = spread(model.init_params(config, jax.random.key(0)))
+    folder = tempfile.mkdtemp()
+    convert.save_hf(params, config, folder, overwrite=True)
+    _, params = convert.load_hf(folder)  # the single-device reference reads the same file
+
+    ids = jax.random.randint(jax.random.key(1), (BATCH, PROMPT), 0, config.vocab_size)
+    canvas = jax.random.randint(jax.random.key(2), (BATCH, config.canvas_length), 0, config.vocab_size)
+    sc_logits = 3.0 * jax.random.normal(jax.random.key(3), (BATCH, config.canvas_length, config.vocab_size))
+    sc_mask = jnp.arange(BATCH) % 3 != 0
+    cache = model.encode(params, config, ids, capacity=PROMPT + config.canvas_length)
+    gen_kwargs = dict(key=jax.random.key(4), max_new_tokens=2 * config.canvas_length, max_denoising_steps=3)
+    rng = np.random.default_rng(5)
+    batch = train.make_batch(
+        config, [rng.integers(3, 500, n).tolist() for n in range(1, BATCH + 1)],
+        [rng.integers(3, 500, n).tolist() for n in range(3, 3 * BATCH + 3, 3)], prompt_length=4, num_canvases=2,
+    )
+    noise = train.draw_noise(jax.random.key(6), batch, config)
+    optimizer = optax.sgd(0.1)  # plain SGD: the update is the gradient itself, compared as is
+
+    ref_logits = model.denoise_logits(params, config, cache, canvas, sc_logits, sc_mask)
+    ref_gen = generate(params, config, ids, **gen_kwargs)
+    ref_params, _, ref_metrics = train.train_step(
+        jax.tree.map(jnp.copy, params), optimizer.init(params), config, optimizer, batch, noise
+    )
+
+    report: dict = {"meshes": {}}
+    for shape in MESHES:
+        mesh = sharding.make_mesh(*shape)
+        result: dict = {}
+        with jax.set_mesh(mesh):
+            _, sharded = convert.load_hf(folder, mesh=mesh)
+            result["load_max_diff"] = max_diff(sharded, params)
+            expected = sharding.param_shardings(parallel, mesh)
+            result["load_shardings_match"] = all(
+                a.sharding.is_equivalent_to(s, a.ndim)
+                for a, s in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected), strict=True))
+            experts = sharded["blocks"]["layer_0"]["experts"]["gate_up_proj"]
+            result["expert_shard_shape"] = list(experts.addressable_shards[0].data.shape)
+
+            args = (sharded, sharding.shard_cache(cache, parallel, mesh), sharding.shard_batch(canvas, mesh),
+                    sharding.shard_batch(sc_logits, mesh), sharding.shard_batch(sc_mask, mesh))
+            compiled = model._denoise_logits.lower(args[0], parallel, *args[1:]).compile()
+            result["hlo"] = collectives(compiled.as_text(), config)
+            result["logits_max_diff"] = max_diff(compiled(*args), ref_logits)
+
+            out = generate(sharded, parallel, sharding.shard_batch(ids, mesh), **gen_kwargs)
+            result["tokens_equal"] = bool(jnp.array_equal(out.sequences, ref_gen.sequences))
+            result["passes_equal"] = bool(jnp.array_equal(out.decoder_passes, ref_gen.decoder_passes))
+
+            new_params, _, metrics = train.train_step(
+                sharded, optimizer.init(sharded), parallel, optimizer, sharding.shard_batch(batch, mesh),
+                sharding.shard_batch(noise, mesh),
+            )
+            result["loss_diff"] = abs(float(metrics["loss"]) - float(ref_metrics["loss"]))
+            result["grad_norm_diff"] = abs(float(metrics["grad_norm"]) - float(ref_metrics["grad_norm"]))
+            result["updated_params_max_diff"] = max_diff(new_params, ref_params)
+            result["updated_params_moved"] = max_diff(ref_params, params)
+        report["meshes"][",".join(map(str, shape))] = result
+    json.dump(report, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
