@@ -199,13 +199,16 @@ def experts_expert_parallel(x: Array, weights: Array, expert_ids: Array, gate_up
     """`experts_grouped` with the experts split over the current mesh's expert group (`expert` x `model`).
 
     x `[tokens, hidden]`, weights/expert_ids `[tokens, k]`, gate_up `[experts, hidden, 2 * inter]`, down
-    `[experts, inter, hidden]` (global shapes). Runs as a `jax.shard_map` over the mesh set by
-    `jax.set_mesh`: tokens are split over `data`; within an expert group each device routes 1/G of its
-    tokens, sends every (token, expert) pair to the device owning that expert (all-to-all), runs its own
-    experts on what it received (grouped matmuls), sends the weighted results back (all-to-all), sums the k
-    results per token and all-gathers the group's tokens. No pair is dropped: each send buffer has room for
-    all of a device's pairs, so the exchanged volume is G times the routed one (the price of exactness with
-    a fixed-shape all-to-all).
+    `[experts, inter, hidden]` (global shapes). Runs as a `jax.shard_map` over the mesh set by `jax.set_mesh`:
+    every device routes 1/devices of the tokens, sends each (token, expert) pair to the member of its expert
+    group owning that expert (all-to-all), runs its own experts on what it received (grouped matmuls), sends
+    the weighted results back (all-to-all), sums the k results per token, and the tokens are all-gathered.
+    No pair is dropped: each send buffer has room for all of a device's pairs, so the exchanged volume is
+    G times the routed one (the price of exactness with a fixed-shape all-to-all).
+
+    The tokens enter replicated (XLA gathers them over `data` first) rather than split over `data`: the
+    split form gave wrong gradients inside the training step's per-example `lax.map` (jax 0.10.2), while
+    this form is exact everywhere and still does every pair's work once.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or tuple(mesh.axis_names) != AXES:
@@ -217,32 +220,45 @@ def experts_expert_parallel(x: Array, weights: Array, expert_ids: Array, gate_up
     num_experts = gate_up.shape[0]
     if num_experts % groups:
         raise ValueError(f"{num_experts} experts cannot be split evenly over an expert group of {groups} devices")
+    if mesh.size == 1:
+        return experts_grouped(x, weights, expert_ids, gate_up, down)
     tokens = x.shape[0]
-    # Pad so every device of every group gets the same number of tokens; padding has weight 0.
-    pad = -tokens % (mesh.shape[DATA] * groups)
+    # Pad so every device routes the same number of tokens; padding has weight 0.
+    pad = -tokens % mesh.size
     if pad:
         x = jnp.pad(x, ((0, pad), (0, 0)))
         weights = jnp.pad(weights, ((0, pad), (0, 0)))
         expert_ids = jnp.pad(expert_ids, ((0, pad), (0, 0)))
     # A group of one holds every expert: "replicated" keeps the shard_map's replication check exact.
-    tokens_spec, experts_spec = P(DATA, None), P(EXPERT_GROUP, None, None) if groups > 1 else P()
+    experts_spec = P(EXPERT_GROUP, None, None) if groups > 1 else P()
     dispatch = jax.shard_map(
-        functools.partial(_dispatch, groups=groups), mesh=mesh,
-        in_specs=(tokens_spec, tokens_spec, tokens_spec, experts_spec, experts_spec), out_specs=tokens_spec,
+        functools.partial(_dispatch, groups=groups, devices=mesh.size), mesh=mesh,
+        in_specs=(P(), P(), P(), experts_spec, experts_spec), out_specs=P(),
     )
     return dispatch(x, weights, expert_ids, gate_up, down)[:tokens]
 
 
-def _dispatch(x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, *, groups: int) -> Array:
-    """One device's part of `experts_expert_parallel`: x `[tokens, hidden]` (its data shard, the same on every
-    device of the group), gate_up/down its `experts / groups` local experts."""
+def _dispatch(
+    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, *, groups: int, devices: int
+) -> Array:
+    """One device's part of `experts_expert_parallel`: x `[tokens, hidden]` (all of them, on every device),
+    gate_up/down its `experts / groups` local experts."""
+    share = x.shape[0] // devices
+    start = jax.lax.axis_index(AXES) * share
+    xs, ws, ids = (jax.lax.dynamic_slice_in_dim(a, start, share) for a in (x, weights, expert_ids))
     if groups == 1:
-        return experts_grouped(x, weights, expert_ids, gate_up, down)
-    local_experts, top_k, hidden = gate_up.shape[0], expert_ids.shape[1], x.shape[1]
-    share = x.shape[0] // groups
-    start = jax.lax.axis_index(EXPERT_GROUP) * share
-    mine = [jax.lax.dynamic_slice_in_dim(a, start, share) for a in (x, weights, expert_ids)]
-    xs, ws, ids = mine[0], mine[1].reshape(-1), mine[2].reshape(-1)  # pairs: [share * k], token-major
+        out = experts_grouped(xs, ws, ids, gate_up, down)
+    else:
+        out = _exchange(xs, ws, ids, gate_up, down, groups)
+    # "invarying": the gathered tokens are the same on every device (out_specs says so), which also makes the
+    # gradient a plain slice of the cotangent rather than a sum over devices.
+    return jax.lax.all_gather(out, AXES, axis=0, tiled=True, to="invarying")
+
+
+def _exchange(xs: Array, ws: Array, ids: Array, gate_up: Array, down: Array, groups: int) -> Array:
+    """xs `[share, hidden]`, ws/ids `[share, k]` -> `[share, hidden]` through the expert group's all-to-alls."""
+    local_experts, top_k, hidden = gate_up.shape[0], ids.shape[1], xs.shape[1]
+    ws, ids = ws.reshape(-1), ids.reshape(-1)  # pairs: [share * k], token-major
     # send[d, p]: pair p if its expert lives on group member d; elsewhere weight 0 and no expert
     # (local id `local_experts`, which the grouped matmul skips).
     to_member = ids[None, :] // local_experts == jnp.arange(groups)[:, None]  # [groups, pairs]
@@ -256,10 +272,7 @@ def _dispatch(x: Array, weights: Array, expert_ids: Array, gate_up: Array, down:
         recv_x.reshape(-1, hidden), recv_w.reshape(-1, 1), recv_id.reshape(-1, 1), gate_up, down
     ).reshape(groups, -1, hidden)
     back = jax.lax.all_to_all(ys, EXPERT_GROUP, 0, 0)  # [groups (owner), pairs, hidden], one owner per pair
-    out = jnp.sum(back, axis=0).reshape(share, top_k, hidden).sum(axis=1)
-    # "invarying": the gathered tokens are the same on every group member (out_specs says so), which also makes
-    # the gradient a plain slice of the cotangent rather than a sum over the group.
-    return jax.lax.all_gather(out, EXPERT_GROUP, axis=0, tiled=True, to="invarying")
+    return jnp.sum(back, axis=0).reshape(-1, top_k, hidden).sum(axis=1)
 
 
 __all__ = [
