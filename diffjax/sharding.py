@@ -127,10 +127,15 @@ def _leaf_spec(path: tuple[str, ...], shape: tuple[int, ...], config: Config, me
 def param_specs(config: Config, mesh: Mesh | jax.sharding.AbstractMesh) -> Params:
     """`PartitionSpec` of every parameter: a pytree with the structure of `param_shapes(config)`."""
     _check_mesh(mesh)
-    shapes = param_shapes(config)
     return jax.tree_util.tree_map_with_path(
-        lambda path, s: _leaf_spec(tuple(k.key for k in path), s.shape, config, mesh), shapes
+        lambda path, s: _leaf_spec(tuple(k.key for k in path), s.shape, config, mesh), _param_shapes(config)
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _param_shapes(config: Config) -> Params:
+    # Tracing the model's init costs about a second; loading and sharding ask for the same config repeatedly.
+    return param_shapes(config)
 
 
 def param_shardings(config: Config, mesh: Mesh) -> Params:
