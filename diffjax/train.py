@@ -190,7 +190,8 @@ def _decode_one(
 
 def _per_example(config: Config, fn: Any, args: Any) -> Array:
     """`fn` over the leading (example) axis of `args`: `jax.vmap` for dense experts; `jax.lax.map` (a loop of
-    batch-1 passes) for grouped experts, because `jax.lax.ragged_dot` has no batching rule in jax 0.10."""
+    batch-1 passes) for grouped and expert-parallel ones, because `jax.lax.ragged_dot` has no batching rule in
+    jax 0.10."""
     if config.moe_implementation == "dense":
         return jax.vmap(fn)(args)
     return jax.lax.map(fn, args)
