@@ -41,13 +41,13 @@ def lap(what: str) -> None:
 
 
 def spread(params: dict) -> dict:
-    """Weights ~ N(0, 0.05) instead of 0.02 (logits further apart: no near-ties), norms and scalars 1 + noise."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    return jax.tree.unflatten(treedef, [
-        1.0 + 0.1 * jax.random.normal(k, x.shape) if bool(jnp.all(x == 1)) else 2.5 * x
-        for x, k in zip(leaves, keys, strict=True)
-    ])
+    """Weights ~ N(0, 0.05) instead of 0.02 (logits further apart: no near-ties), norms and scalars 1 + noise.
+
+    Drawn with numpy: a jax draw would compile once per leaf shape."""
+    rng = np.random.default_rng(7)
+    return jax.tree.map(lambda x: jnp.asarray(
+        1.0 + 0.1 * rng.standard_normal(x.shape, np.float32) if bool(np.all(np.asarray(x) == 1))
+        else 2.5 * np.asarray(x)), params)
 
 
 def max_diff(a, b) -> float:
@@ -68,16 +68,14 @@ def collectives(hlo: str, config: Config) -> dict:
     return {"counts": counts, "expert_weight_all_gathers": gathers}
 
 
-def random_cache(config: Config, key: jax.Array) -> model.KVCache:
-    """A filled cache (random K/V, a few masked slots) without compiling the encoder."""
+def random_cache(config: Config) -> model.KVCache:
+    """A filled cache (random K/V, rows left-padded by 0..2 slots) without compiling the encoder."""
     capacity = PROMPT + config.canvas_length
     cache = model.init_cache(config, BATCH, capacity)
-    keys = jax.random.split(key, 2 * len(cache.keys))
-    fill = [jax.random.normal(k, x.shape) for k, x in zip(keys, jax.tree.leaves((cache.keys, cache.values)),
-                                                           strict=False)]
-    kv = jax.tree.unflatten(jax.tree.structure((cache.keys, cache.values)), fill)
-    mask = jnp.arange(capacity)[None, :] >= (jnp.arange(BATCH) % 3)[:, None]  # rows left-padded by 0..2
-    return model.KVCache(keys=kv[0], values=kv[1], mask=mask, length=jnp.asarray(PROMPT + 3, jnp.int32))
+    rng = np.random.default_rng(8)
+    kv = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32)), (cache.keys, cache.values))
+    mask = np.arange(capacity)[None, :] >= (np.arange(BATCH) % 3)[:, None]
+    return model.KVCache(keys=kv[0], values=kv[1], mask=jnp.asarray(mask), length=jnp.asarray(PROMPT + 3, jnp.int32))
 
 
 def main(train_meshes: tuple[tuple[int, int, int], ...]) -> None:
@@ -85,15 +83,17 @@ def main(train_meshes: tuple[tuple[int, int, int], ...]) -> None:
     config = Config.tiny(num_layers=4, layer_types=(SLIDING, FULL, SLIDING, FULL), canvas_length=8)
     parallel = config.replace(moe_implementation="expert_parallel")
     params = spread(model.init_params(config, jax.random.key(0)))
+    lap("params")
     folder = tempfile.mkdtemp()
     convert.save_hf(params, config, folder, overwrite=True)
     _, params = convert.load_hf(folder)  # the single-device reference reads the same file
 
-    ids = jax.random.randint(jax.random.key(1), (BATCH, PROMPT), 0, config.vocab_size)
-    canvas = jax.random.randint(jax.random.key(2), (BATCH, config.canvas_length), 0, config.vocab_size)
-    sc_logits = 3.0 * jax.random.normal(jax.random.key(3), (BATCH, config.canvas_length, config.vocab_size))
-    sc_mask = jnp.arange(BATCH) % 3 != 0
-    cache = random_cache(config, jax.random.key(8))
+    rng = np.random.default_rng(1)
+    ids = jnp.asarray(rng.integers(0, config.vocab_size, (BATCH, PROMPT), np.int32))
+    canvas = jnp.asarray(rng.integers(0, config.vocab_size, (BATCH, config.canvas_length), np.int32))
+    sc_logits = jnp.asarray(3.0 * rng.standard_normal((BATCH, config.canvas_length, config.vocab_size), np.float32))
+    sc_mask = jnp.asarray(np.arange(BATCH) % 3 != 0)
+    cache = random_cache(config)
     gen_kwargs = dict(key=jax.random.key(4), max_new_tokens=2 * config.canvas_length, max_denoising_steps=3)
     rng = np.random.default_rng(5)
     batch = train.make_batch(
@@ -103,8 +103,11 @@ def main(train_meshes: tuple[tuple[int, int, int], ...]) -> None:
     noise = train.draw_noise(jax.random.key(6), batch, config)
     optimizer = optax.sgd(0.1)  # plain SGD: the update is the gradient itself, compared as is
 
+    lap("inputs")
     ref_logits = model.denoise_logits(params, config, cache, canvas, sc_logits, sc_mask)
+    lap("reference logits")
     ref_gen = generate(params, config, ids, **gen_kwargs)
+    lap("reference generation")
     ref_params, _, ref_metrics = train.train_step(
         jax.tree.map(jnp.copy, params), optimizer.init(params), config, optimizer, batch, noise
     )
