@@ -149,7 +149,29 @@ def main(train_meshes: tuple[tuple[int, int, int], ...]) -> None:
                 result["updated_params_max_diff"] = max_diff(new_params, ref_params)
         report["meshes"][",".join(map(str, shape))] = result
         lap(f"mesh {shape}")
+    report["errors"] = bad_input_errors()
     json.dump(report, sys.stdout)
+
+
+def bad_input_errors() -> dict[str, str]:
+    """The messages of inputs a mesh cannot take (raised before anything compiles)."""
+    mesh = sharding.make_mesh(1, 8, 1)
+    attempts = {
+        "uneven_batch": lambda: sharding.shard_batch(jnp.zeros((3, 2)), sharding.make_mesh(8, 1, 1)),
+        "experts_not_divisible": lambda: sharding.experts_expert_parallel(
+            jnp.ones((4, 8)), jnp.ones((4, 2)), jnp.zeros((4, 2), jnp.int32), jnp.ones((4, 8, 6)),
+            jnp.ones((4, 3, 8))),
+        "foreign_mesh": lambda: sharding.param_specs(Config.tiny(), jax.make_mesh((8,), ("x",))),
+    }
+    messages = {}
+    for name, attempt in attempts.items():
+        try:
+            with jax.set_mesh(mesh):
+                attempt()
+            messages[name] = "no error"
+        except ValueError as exc:
+            messages[name] = str(exc)
+    return messages
 
 
 if __name__ == "__main__":
