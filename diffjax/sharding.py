@@ -84,11 +84,15 @@ def _check_mesh(mesh: Any) -> None:
         raise ValueError(f"mesh axes must be {AXES} (use diffjax.sharding.make_mesh), got {tuple(mesh.axis_names)}")
 
 
+def _names(entry: Any) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _fit(spec: Sequence[Any], shape: Sequence[int], mesh: Any) -> P:
     """`spec` with every entry whose axes do not divide its dimension replaced by None (replicated)."""
     fitted = []
     for entry, dim in zip(spec, shape, strict=True):
-        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        names = _names(entry)
         size = math.prod(mesh.shape[name] for name in names)
         fitted.append(entry if names and dim % size == 0 else None)
     return P(*fitted)
@@ -158,10 +162,6 @@ def param_bytes_per_device(config: Config, mesh: Mesh | jax.sharding.AbstractMes
                       zip(shape.shape, tuple(spec) + (None,) * (len(shape.shape) - len(spec)), strict=True)]
         total += math.prod(per_device) * jnp.dtype(dtype).itemsize
     return total
-
-
-def _names(entry: Any) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def cache_specs(config: Config, mesh: Mesh) -> KVCache:
