@@ -351,6 +351,32 @@ def _denoise_logits(
     )
 
 
+def prefill(
+    params: Params, config: Config, input_ids: Array, attention_mask: Array, cache: KVCache, chunk_size: int
+) -> KVCache:
+    """`_encode` in chunks of `chunk_size` tokens, traceable (used inside `generate`'s jit).
+
+    One pass over a long prompt materialises `[batch, heads, prompt, context]` attention scores (64 GB at 32K
+    tokens); in chunks the peak is `chunk x context`. The first chunk takes the remainder so every other chunk
+    has the same static shape (one compiled body, a `fori_loop` over it) and no padding shifts positions.
+    """
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"prefill_chunk_size must be a positive integer, got {chunk_size!r}")
+    length = input_ids.shape[1]
+    first = length % chunk_size or chunk_size
+    cache, _ = _encode(params, config, input_ids[:, :first], attention_mask[:, :first], cache)
+    if first == length:
+        return cache
+
+    def next_chunk(i: Array, cache: KVCache) -> KVCache:
+        start = first + i * chunk_size
+        ids = jax.lax.dynamic_slice_in_dim(input_ids, start, chunk_size, axis=1)
+        mask = jax.lax.dynamic_slice_in_dim(attention_mask, start, chunk_size, axis=1)
+        return _encode(params, config, ids, mask, cache)[0]
+
+    return jax.lax.fori_loop(0, (length - first) // chunk_size, next_chunk, cache)
+
+
 def encode_with_hidden(
     params: Params, config: Config, input_ids: Array, attention_mask: Array | None = None,
     cache: KVCache | None = None, *, capacity: int | None = None,
