@@ -467,7 +467,7 @@ def run_full_size(
                         seed=s.seed, device=torch_device, compile=s.transformers_compile,
                     )
                     point["ratio"] = point["diffjax"]["ms_per_step"] / point["transformers"]["ms_per_step"]
-            except Exception as exc:
+            except Exception as exc:  # one point failing (e.g. out of memory) must not lose the others
                 point["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 log(f"prompt {prompt}, batch {batch} failed: {point['error']}")
             point["peak_memory_bytes"] = peak_memory_bytes()
