@@ -1,0 +1,116 @@
+"""Pallas kernels against their plain-JAX twins (interpret mode on CPU) and lowered for CUDA from here.
+
+Interpret mode runs the kernel bodies exactly as written (grid, block indexing, loops, masks) on the CPU;
+the CUDA lowering runs Pallas' Triton lowering of the same kernels, so a kernel that cannot compile for an
+NVIDIA GPU fails here even without one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax.config import Config
+from diffjax.kernels import bench as kernel_bench
+from diffjax.kernels.moe import experts_pallas
+from diffjax.layers import Experts, experts_dense, experts_grouped
+
+
+def lower_for_cuda(fn, *args) -> str:
+    """StableHLO text of `fn(*args)` lowered for CUDA (no GPU needed); Triton kernels appear as custom calls."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _close(actual, expected, dtype, scale=1.0) -> None:
+    """fp32: tight. bf16: within a few bf16 roundings of the largest magnitude (compare against a float32
+    oracle of the same bf16 inputs: the bf16 twins round intermediates at other points than the kernels)."""
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    peak = np.abs(expected).max()
+    assert peak > 0.05  # never compare on (near) zeros
+    tol = scale * (2e-5 if dtype == jnp.float32 else 2**-7 * peak)
+    np.testing.assert_allclose(actual, expected, atol=tol, rtol=2e-5 * scale if dtype == jnp.float32 else 0)
+
+
+def as_f32(*arrays):
+    return tuple(a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in arrays)
+
+
+# --------------------------------------------------------------------------------------------- moe
+
+
+def moe_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, dtype, seed: int):
+    """Random MoE inputs routed to the first half of the experts only: several experts get zero tokens."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(keys[0], (tokens, hidden)).astype(dtype)
+    scores = jax.random.normal(keys[1], (tokens, max(top_k, experts // 2)))
+    weights, ids = jax.lax.top_k(jax.nn.softmax(scores), top_k)
+    gate_up = (0.3 * jax.random.normal(keys[2], (experts, hidden, 2 * inter))).astype(dtype)
+    down = (0.3 * jax.random.normal(keys[3], (experts, inter, hidden))).astype(dtype)
+    return x, weights, ids.astype(jnp.int32), gate_up, down
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "hidden", "inter", "block_rows", "dtype"),
+    [
+        (1, 4, 1, 32, 16, None, jnp.float32),  # one token: one row tile, the rest unused
+        (37, 8, 2, 64, 32, 16, jnp.float32),  # ragged groups spanning several row tiles
+        (50, 16, 4, 48, 80, 32, jnp.bfloat16),  # dims that are multiples of 16 but not powers of two
+    ],
+)
+def test_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, block_rows, dtype):
+    args = moe_case(tokens, experts, top_k, hidden, inter, dtype, seed=tokens)
+    ours = experts_pallas(*args, block_rows=block_rows, interpret=True)
+    assert ours.shape == args[0].shape and ours.dtype == dtype
+    _close(ours, experts_dense(*as_f32(*args)), dtype)
+    _close(experts_grouped(*args), experts_dense(*as_f32(*args)), dtype)  # the twin meets the same bar
+
+
+def test_experts_module_selects_the_kernel():
+    x, weights, ids, gate_up, down = moe_case(12, 8, 2, 64, 32, jnp.float32, seed=3)
+    variables = {"params": {"gate_up_proj": gate_up, "down_proj": down}}
+    outputs = {
+        impl: Experts(Config.tiny(moe_implementation=impl)).apply(variables, x, weights, ids)
+        for impl in ("grouped", "pallas")
+    }
+    _close(outputs["pallas"], outputs["grouped"], jnp.float32)
+
+
+def test_moe_kernel_lowers_for_cuda():
+    args = moe_case(256, 16, 4, 64, 32, jnp.bfloat16, seed=0)
+    text = lower_for_cuda(lambda *a: experts_pallas(*a, interpret=False), *args)
+    assert text.count("__gpu$xla.gpu.triton") == 2  # gate/up and down kernels
+
+
+def test_moe_kernel_rejects_bad_shapes():
+    x, weights, ids, gate_up, down = moe_case(4, 4, 2, 32, 16, jnp.float32, seed=0)
+    with pytest.raises(ValueError, match="down must be"):
+        experts_pallas(x, weights, ids, gate_up, down[:, :8])
+    with pytest.raises(ValueError, match=r"weights .* and expert_ids"):
+        experts_pallas(x, weights[:, :1], ids, gate_up, down)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        experts_pallas(x[:, :24], weights, ids, gate_up[:, :24], down[..., :24])
+    with pytest.raises(ValueError, match="block_rows"):
+        experts_pallas(x, weights, ids, gate_up, down, block_rows=24, interpret=True)
+
+
+# ------------------------------------------------------------------------------------------- bench
+
+
+def test_kernel_bench_runs_tiny_and_records_failures(tmp_path, monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr("diffjax.kernels.bench.experts_dense", broken)
+    out = tmp_path / "k.json"
+    assert kernel_bench.main([
+        "--tiny", "--rows", "1", "--repeats", "1", "--sections", "moe", "--moe-impls", "pallas", "dense",
+        "--out", str(out),
+    ]) == 0
+    entries = json.loads(out.read_text())["entries"]
+    by_impl = {e["impl"]: e for e in entries}
+    assert by_impl["pallas"]["ms"] > 0 and by_impl["pallas"]["bytes"] > 0
+    assert "kernel exploded" in by_impl["dense"]["error"]
