@@ -17,7 +17,9 @@ import pytest
 from diffjax.config import Config
 from diffjax.kernels import bench as kernel_bench
 from diffjax.kernels.moe import experts_pallas
+from diffjax.kernels.vocab import vocab_stats_pallas, vocab_stats_reference
 from diffjax.layers import Experts, experts_dense, experts_grouped
+from diffjax.model import tied_logits
 
 
 def lower_for_cuda(fn, *args) -> str:
@@ -114,3 +116,79 @@ def test_kernel_bench_runs_tiny_and_records_failures(tmp_path, monkeypatch):
     by_impl = {e["impl"]: e for e in entries}
     assert by_impl["pallas"]["ms"] > 0 and by_impl["pallas"]["bytes"] > 0
     assert "kernel exploded" in by_impl["dense"]["error"]
+
+
+# ------------------------------------------------------------------------------------------- vocab
+
+
+def vocab_case(lead: tuple[int, ...], width: int, vocab: int, dtype, seed: int):
+    keys = jax.random.split(jax.random.key(seed), 2)
+    hidden = jax.random.normal(keys[0], (*lead, width)).astype(dtype)
+    embedding = (0.4 * jax.random.normal(keys[1], (vocab, width))).astype(dtype)
+    return hidden, embedding
+
+
+@pytest.mark.parametrize(
+    ("lead", "width", "vocab", "softcap", "temperature", "splits", "dtype"),
+    [
+        ((2, 20), 32, 512, 30.0, 0.8, 2, jnp.float32),  # rows padded to the row block, two splits combined
+        ((16,), 64, 256, None, 1.3, None, jnp.bfloat16),
+    ],
+)
+def test_vocab_kernel_matches_twin(lead, width, vocab, softcap, temperature, splits, dtype):
+    hidden, embedding = vocab_case(lead, width, vocab, dtype, seed=width)
+    ours = vocab_stats_pallas(hidden, embedding, temperature, seed=5, softcap=softcap, splits=splits,
+                              interpret=True)
+    twin = vocab_stats_reference(hidden, embedding, temperature, seed=5, softcap=softcap)
+    for name in ("logsumexp", "entropy", "sample_logprob"):
+        expected = np.asarray(getattr(twin, name))
+        assert getattr(ours, name).shape == lead and np.abs(expected).max() > 0.1
+        np.testing.assert_allclose(np.asarray(getattr(ours, name)), expected, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(ours.argmax), np.asarray(twin.argmax))
+    np.testing.assert_array_equal(np.asarray(ours.sample), np.asarray(twin.sample))
+    assert np.mean(np.asarray(ours.sample) != np.asarray(ours.argmax)) > 0.2  # samples are not just argmax
+
+
+def test_vocab_kernel_samples_follow_softmax():
+    """Chi-square test of 2048 draws of one distribution (every row the same hidden state) against softmax."""
+    rows, width, vocab, temperature = 2048, 16, 64, 0.7
+    hidden, embedding = vocab_case((1,), width, vocab, jnp.float32, seed=11)
+    hidden = jnp.broadcast_to(hidden, (rows, width))
+    stats = vocab_stats_pallas(hidden, embedding, temperature, seed=123, softcap=30.0, interpret=True)
+    probs = np.asarray(jax.nn.softmax(tied_logits(hidden[0], embedding, 30.0) / temperature), np.float64)
+    counts = np.bincount(np.asarray(stats.sample), minlength=vocab)
+    expected = rows * probs
+    # Pool the tokens expected fewer than 5 times into one bin, as the chi-square approximation needs.
+    rare = expected < 5
+    observed = np.append(counts[~rare], counts[rare].sum())
+    expected = np.append(expected[~rare], expected[rare].sum())
+    chi2 = float(np.sum((observed - expected) ** 2 / expected))
+    dof = len(observed) - 1
+    assert dof >= 10  # a spread-out distribution, not a near-deterministic one
+    # Wilson-Hilferty upper 0.1% point of the chi-square distribution (z = 3.09).
+    critical = dof * (1 - 2 / (9 * dof) + 3.09 * np.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < critical, (chi2, critical)
+    # The log-probability of each draw is the softmax's.
+    np.testing.assert_allclose(np.exp(np.asarray(stats.sample_logprob)), probs[np.asarray(stats.sample)], rtol=1e-4)
+
+
+def test_vocab_kernel_lowers_for_cuda():
+    hidden, embedding = vocab_case((2, 64), 64, 1024, jnp.bfloat16, seed=0)
+    args = (hidden, embedding, jnp.float32(0.9), jnp.uint32(4))
+    text = lower_for_cuda(
+        lambda h, e, t, s: vocab_stats_pallas(h, e, t, seed=s, softcap=30.0, interpret=False), *args
+    )
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    twin = lower_for_cuda(lambda h, e, t, s: vocab_stats_reference(h, e, t, seed=s, softcap=30.0), *args)
+    # No float32 [rows..., vocab] array anywhere in the program (the twin has them).
+    assert "x1024xf32>" in twin and "x1024xf32>" not in text
+
+
+def test_vocab_kernel_rejects_bad_shapes():
+    hidden, embedding = vocab_case((4,), 32, 64, jnp.float32, seed=0)
+    with pytest.raises(ValueError, match="embedding must be"):
+        vocab_stats_pallas(hidden, embedding[:, :16], 1.0, seed=0, softcap=None)
+    with pytest.raises(ValueError, match="vocab to be a multiple of 16"):
+        vocab_stats_pallas(hidden, embedding[:40], 1.0, seed=0, softcap=None)
+    with pytest.raises(ValueError, match="splits"):
+        vocab_stats_pallas(hidden, embedding, 1.0, seed=0, softcap=None, splits=3)
