@@ -16,9 +16,10 @@ import pytest
 
 from diffjax.config import Config
 from diffjax.kernels import bench as kernel_bench
+from diffjax.kernels.attention import global_attention_pallas
 from diffjax.kernels.moe import experts_pallas
 from diffjax.kernels.vocab import vocab_stats_pallas, vocab_stats_reference
-from diffjax.layers import Experts, experts_dense, experts_grouped
+from diffjax.layers import Experts, attend, experts_dense, experts_grouped
 from diffjax.model import tied_logits
 
 
@@ -81,8 +82,16 @@ def test_experts_module_selects_the_kernel():
     _close(outputs["pallas"], outputs["grouped"], jnp.float32)
 
 
-def test_moe_kernel_lowers_for_cuda():
-    args = moe_case(256, 16, 4, 64, 32, jnp.bfloat16, seed=0)
+def test_moe_kernel_lowers_for_cuda_at_released_shapes():
+    cfg = Config.diffusiongemma_26b_a4b()
+    tokens, k, experts = 2 * cfg.canvas_length, cfg.top_k_experts, cfg.num_experts
+    args = (
+        jax.ShapeDtypeStruct((tokens, cfg.hidden_size), jnp.bfloat16),
+        jax.ShapeDtypeStruct((tokens, k), jnp.float32),
+        jax.ShapeDtypeStruct((tokens, k), jnp.int32),
+        jax.ShapeDtypeStruct((experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size), jnp.bfloat16),
+        jax.ShapeDtypeStruct((experts, cfg.moe_intermediate_size, cfg.hidden_size), jnp.bfloat16),
+    )
     text = lower_for_cuda(lambda *a: experts_pallas(*a, interpret=False), *args)
     assert text.count("__gpu$xla.gpu.triton") == 2  # gate/up and down kernels
 
@@ -172,16 +181,21 @@ def test_vocab_kernel_samples_follow_softmax():
     np.testing.assert_allclose(np.exp(np.asarray(stats.sample_logprob)), probs[np.asarray(stats.sample)], rtol=1e-4)
 
 
-def test_vocab_kernel_lowers_for_cuda():
-    hidden, embedding = vocab_case((2, 64), 64, 1024, jnp.bfloat16, seed=0)
-    args = (hidden, embedding, jnp.float32(0.9), jnp.uint32(4))
+def test_vocab_kernel_lowers_for_cuda_at_released_shapes():
+    cfg = Config.diffusiongemma_26b_a4b()
+    args = (
+        jax.ShapeDtypeStruct((2, cfg.canvas_length, cfg.hidden_size), jnp.bfloat16),
+        jax.ShapeDtypeStruct((cfg.vocab_size, cfg.hidden_size), jnp.bfloat16),
+        jax.ShapeDtypeStruct((), jnp.float32),
+        jax.ShapeDtypeStruct((), jnp.uint32),
+    )
     text = lower_for_cuda(
         lambda h, e, t, s: vocab_stats_pallas(h, e, t, seed=s, softcap=30.0, interpret=False), *args
     )
     assert text.count("__gpu$xla.gpu.triton") == 1
     twin = lower_for_cuda(lambda h, e, t, s: vocab_stats_reference(h, e, t, seed=s, softcap=30.0), *args)
     # No float32 [rows..., vocab] array anywhere in the program (the twin has them).
-    assert "x1024xf32>" in twin and "x1024xf32>" not in text
+    assert "x262144xf32>" in twin and "x262144xf32>" not in text
 
 
 def test_vocab_kernel_rejects_bad_shapes():
@@ -192,3 +206,67 @@ def test_vocab_kernel_rejects_bad_shapes():
         vocab_stats_pallas(hidden, embedding[:40], 1.0, seed=0, softcap=None)
     with pytest.raises(ValueError, match="splits"):
         vocab_stats_pallas(hidden, embedding, 1.0, seed=0, softcap=None, splits=3)
+
+
+# --------------------------------------------------------------------------------------- attention
+
+
+def attention_case(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int, length: int, dtype, seed: int):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    query = jax.random.normal(keys[0], (batch, q_len, heads, head_dim)).astype(dtype)
+    k = jax.random.normal(keys[1], (batch, length, kv_heads, head_dim)).astype(dtype)
+    v = jax.random.normal(keys[2], (batch, length, kv_heads, head_dim)).astype(dtype)
+    return query, k, v
+
+
+def attend_padding_only(query, keys, values, valid):
+    return attend(query, keys, values, jnp.broadcast_to(valid[:, None, :], (*query.shape[:2], valid.shape[1])))
+
+
+@pytest.mark.parametrize(
+    ("batch", "q_len", "heads", "kv_heads", "head_dim", "length", "splits", "dtype"),
+    [
+        (2, 16, 4, 2, 32, 45, 3, jnp.float32),  # a partial last key tile, three splits combined
+        (1, 8, 8, 2, 64, 72, None, jnp.bfloat16),
+    ],
+)
+def test_attention_kernel_matches_attend(batch, q_len, heads, kv_heads, head_dim, length, splits, dtype):
+    query, k, v = attention_case(batch, q_len, heads, kv_heads, head_dim, length, dtype, seed=length)
+    # Left padding of different lengths per row (the cache of a batch of prompts), plus a padded tail.
+    valid = (jnp.arange(length)[None, :] >= jnp.arange(batch)[:, None] * 7) & (jnp.arange(length) < length - 3)
+    ours = global_attention_pallas(query, k, v, valid, block_q=16, block_k=16, splits=splits, interpret=True)
+    assert ours.shape == (batch, q_len, heads * head_dim) and ours.dtype == dtype
+    _close(ours, attend_padding_only(*as_f32(query, k, v), valid), dtype)
+
+
+def test_attention_kernel_gives_zeros_for_all_padding_rows():
+    query, k, v = attention_case(2, 16, 4, 2, 32, 40, jnp.float32, seed=1)
+    valid = jnp.zeros((2, 40), bool).at[0, 5:].set(True)
+    ours = global_attention_pallas(query, k, v, valid, block_q=16, block_k=16, splits=2, interpret=True)
+    np.testing.assert_array_equal(np.asarray(ours[1]), 0.0)
+    _close(ours[0], attend_padding_only(query, k, v, valid)[0], jnp.float32)
+
+
+def test_attention_kernel_lowers_for_cuda_at_released_shapes():
+    cfg = Config.diffusiongemma_26b_a4b()
+    query, k, v = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in (
+        (2, cfg.canvas_length, cfg.num_heads, cfg.full.head_dim),
+        (2, 1024 + cfg.canvas_length, cfg.full.num_kv_heads, cfg.full.head_dim),
+        (2, 1024 + cfg.canvas_length, cfg.full.num_kv_heads, cfg.full.head_dim),
+    ))
+    valid = jax.ShapeDtypeStruct((2, 1024 + cfg.canvas_length), jnp.bool_)
+    text = lower_for_cuda(lambda *a: global_attention_pallas(*a, interpret=False), query, k, v, valid)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def test_attention_kernel_rejects_bad_shapes():
+    query, k, v = attention_case(1, 4, 4, 2, 32, 20, jnp.float32, seed=0)
+    valid = jnp.ones((1, 20), bool)
+    with pytest.raises(ValueError, match="values"):
+        global_attention_pallas(query, k, v[:, :10], valid)
+    with pytest.raises(ValueError, match="valid must be"):
+        global_attention_pallas(query, k, v, valid[:, :10])
+    with pytest.raises(ValueError, match="must divide the query heads"):
+        global_attention_pallas(query[:, :, :3], k, v, valid)
+    with pytest.raises(ValueError, match="block_k"):
+        global_attention_pallas(query, k, v, valid, block_k=24)
