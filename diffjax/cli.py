@@ -23,6 +23,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from diffjax.config import MOE_IMPLEMENTATIONS
+
 EXIT_USAGE = 2
 # Random default model: a fixed seed, so `diffjax generate` is reproducible run to run.
 DEFAULT_MODEL_SEED = 0
@@ -476,8 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int, default=3, help="timed warm calls, the best is reported (default 3)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
-    b.add_argument("--moe", choices=("grouped", "dense"), default="grouped",
-                   help="our expert computation: routed pairs via ragged_dot, or every expert on every token")
+    b.add_argument("--moe", choices=MOE_IMPLEMENTATIONS, default="grouped",
+                   help="our expert computation: routed pairs via ragged_dot, every expert on every token, "
+                        "or the Pallas grouped-matmul kernel")
     b.add_argument("--no-transformers", action="store_true", help="time diffjax only")
     b.add_argument("--full-size", action="store_true", help="released 26B-A4B shapes, random bf16, on the GPU")
     b.add_argument("--with-transformers", action="store_true",

@@ -14,6 +14,7 @@ from typing import Any, Literal
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
+MOE_IMPLEMENTATIONS = ("grouped", "dense", "pallas")
 
 RopeType = Literal["default", "proportional"]
 
@@ -86,8 +87,9 @@ class Config:
     bos_token_id: int = 2
     # How the experts are computed; same maths, different speed. "grouped": only routed (token, expert)
     # pairs, sorted by expert, through `jax.lax.ragged_dot`. "dense": every expert on every token with the
-    # unrouted pairs weighted 0 (faster on CPU for few experts, and the oracle for "grouped").
-    moe_implementation: Literal["grouped", "dense"] = "grouped"
+    # unrouted pairs weighted 0 (faster on CPU for few experts, and the oracle for "grouped"). "pallas": the
+    # block-sparse grouped-matmul kernel of `diffjax.kernels.moe` (GPU; interpreted elsewhere, slowly).
+    moe_implementation: Literal["grouped", "dense", "pallas"] = "grouped"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -116,8 +118,10 @@ class Config:
             raise ValueError(
                 f"top_k_experts ({self.top_k_experts}) must be <= num_experts ({self.num_experts})"
             )
-        if self.moe_implementation not in ("grouped", "dense"):
-            raise ValueError(f"moe_implementation must be 'grouped' or 'dense', got {self.moe_implementation!r}")
+        if self.moe_implementation not in MOE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}"
+            )
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:

@@ -226,5 +226,9 @@ class Experts(nn.Module):
             "gate_up_proj", _init, (cfg.num_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size)
         )
         down = self.param("down_proj", _init, (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size))
+        if cfg.moe_implementation == "pallas":
+            from diffjax.kernels.moe import experts_pallas  # the kernels import this module
+
+            return experts_pallas(x, weights, expert_ids, gate_up, down)
         compute = experts_grouped if cfg.moe_implementation == "grouped" else experts_dense
         return compute(x, weights, expert_ids, gate_up, down)

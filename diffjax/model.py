@@ -86,6 +86,14 @@ def ring_positions(length: Array, ring: int) -> Array:
 # ----------------------------------------------------------------------------- modules
 
 
+def tied_logits(hidden: Array, embedding: Array, softcap: float | None) -> Array:
+    """`softcap * tanh(hidden @ embedding^T / softcap)`: float32 `[..., vocab]` for hidden `[..., hidden]`."""
+    # float32 output even for bf16 weights: transformers rounds logits to bf16 first, which turns top-two
+    # gaps below one bf16 ulp (~1% of the logit) into ties and flips the argmax; we keep the extra bits.
+    logits = jnp.einsum("...h,vh->...v", hidden, embedding.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
+
+
 class Embedder(nn.Module):
     """Token embedding, tied LM head and the soft embedding used by self-conditioning."""
 
@@ -111,12 +119,7 @@ class Embedder(nn.Module):
 
     def logits(self, hidden: Array) -> Array:
         """Tied LM head with the final softcap, float32 `[batch, seq, vocab]`."""
-        # float32 output even for bf16 weights: transformers rounds logits to bf16 first, which turns top-two
-        # gaps below one bf16 ulp (~1% of the logit) into ties and flips the argmax; we keep the extra bits.
-        logits = jnp.einsum("bsh,vh->bsv", hidden, self.embedding.astype(hidden.dtype),
-                            preferred_element_type=jnp.float32)
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else cap * jnp.tanh(logits / cap)
+        return tied_logits(hidden, self.embedding, self.config.final_logit_softcapping)
 
 
 class SelfConditioning(nn.Module):
