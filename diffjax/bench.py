@@ -19,6 +19,7 @@ torch and transformers are optional (the `test` extra): imported only when the t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.config import FULL, SLIDING, AttentionConfig, Config
+from diffjax.config import FULL, MOE_IMPLEMENTATIONS, SLIDING, AttentionConfig, Config
 from diffjax.model import init_params
 
 RESULT_KEYS = ("first_call_s", "compile_s", "warm_call_s", "decoder_passes", "ms_per_step", "tokens_per_s")
@@ -306,6 +307,8 @@ class FullSizeSettings:
     # torch.compile + static cache on the transformers side (what their generate does on a GPU when asked).
     transformers_compile: bool = True
     prefill_chunk: int = 2048
+    # Expert implementations to time at each point (same weights): see `Config.moe_implementation`.
+    moe_implementations: tuple[str, ...] = ("grouped",)
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
@@ -319,6 +322,9 @@ class FullSizeSettings:
             values = getattr(self, name)
             if not values or any(not isinstance(v, int) or v <= 0 for v in values):
                 raise ValueError(f"--{name[:-1]} takes positive integers, got {values!r}")
+        unknown = set(self.moe_implementations) - set(MOE_IMPLEMENTATIONS)
+        if not self.moe_implementations or unknown:
+            raise ValueError(f"--moe takes values of {MOE_IMPLEMENTATIONS}, got {self.moe_implementations!r}")
         if self.layers is not None and not 0 < self.layers <= 30:
             raise ValueError(f"--layers must be in [1, 30] for --full-size, got {self.layers}")
         if self.transformers and not self.generate:
@@ -437,15 +443,16 @@ def run_full_size(
     log("measuring device copy bandwidth")
     bandwidth = copy_bandwidth(s.bandwidth_bytes or ((256 << 20) if device.platform == "cpu" else (4 << 30)))
     weight_bytes = decoder_bytes_per_step(params)
-    model = None
+    model, theirs = None, {}
     if s.transformers:
         torch, _ = _import_torch()
         torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     points = []
     for prompt in sorted(set(s.prompts)):
-        for batch in sorted(set(s.batches)):
-            log(f"prompt {prompt}, batch {batch}: decoder step and encoder canvas")
-            point: dict[str, Any] = {"prompt": prompt, "batch": batch}
+        for batch, moe in itertools.product(sorted(set(s.batches)), s.moe_implementations):
+            log(f"prompt {prompt}, batch {batch}, moe {moe}: decoder step and encoder canvas")
+            point: dict[str, Any] = {"prompt": prompt, "batch": batch, "moe": moe}
+            config = config.replace(moe_implementation=moe)
             try:
                 point.update(time_steps(params, config, batch, prompt, s))
                 step_bytes = weight_bytes + point["cache_bytes"]
@@ -453,23 +460,25 @@ def run_full_size(
                 point["ratio_to_floor"] = point["decoder_ms"] / point["floor_ms"]
                 ids = prompt_ids(config, batch, prompt, s.seed)
                 if s.generate:
-                    log(f"prompt {prompt}, batch {batch}: whole generate loop ({s.steps} steps per canvas)")
+                    log(f"prompt {prompt}, batch {batch}, moe {moe}: whole generate loop ({s.steps} steps per canvas)")
                     point["diffjax"] = time_diffjax(
                         params, config, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats,
                         seed=s.seed, prefill_chunk_size=s.prefill_chunk,
                     )
                 if s.transformers:
-                    log(f"prompt {prompt}, batch {batch}: transformers generate")
-                    # Random weights of their own: both sides read the same bytes, values do not matter here.
-                    model = model or random_hf_model(config, s.seed, dtype=torch.bfloat16, device=torch_device)
-                    point["transformers"] = time_transformers(
-                        model, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats, threads=None,
-                        seed=s.seed, device=torch_device, compile=s.transformers_compile,
-                    )
+                    if (prompt, batch) not in theirs:
+                        log(f"prompt {prompt}, batch {batch}: transformers generate")
+                        # Random weights of their own: both sides read the same bytes; values do not matter.
+                        model = model or random_hf_model(config, s.seed, dtype=torch.bfloat16, device=torch_device)
+                        theirs[prompt, batch] = time_transformers(
+                            model, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats, threads=None,
+                            seed=s.seed, device=torch_device, compile=s.transformers_compile,
+                        )
+                    point["transformers"] = theirs[prompt, batch]
                     point["ratio"] = point["diffjax"]["ms_per_step"] / point["transformers"]["ms_per_step"]
             except Exception as exc:  # one point failing (e.g. out of memory) must not lose the others
                 point["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                log(f"prompt {prompt}, batch {batch} failed: {point['error']}")
+                log(f"prompt {prompt}, batch {batch}, moe {moe} failed: {point['error']}")
             point["peak_memory_bytes"] = peak_memory_bytes()
             points.append(point)
             log(f"point {json.dumps({k: v for k, v in point.items() if not isinstance(v, dict)})}")
@@ -543,18 +552,18 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
                f"bandwidth; tokens/s at {settings['steps']} steps per canvas = canvas x batch / (steps x decoder + "
                f"encoder); generate = whole loop, ms per decoder pass")
     table = Table(title=_title(result["config"]), caption=caption)
-    columns = ["prompt", "batch", "decoder ms", "floor ms", "x floor", "encoder canvas ms", "tokens/s",
+    columns = ["prompt", "batch", "moe", "decoder ms", "floor ms", "x floor", "encoder canvas ms", "tokens/s",
                "generate ms/step", "transformers ms/step", "ours/theirs", "peak mem"]
     for name in columns:
         table.add_column(name, justify="right")
     for point in result["points"]:
         if "error" in point:
-            table.add_row(str(point["prompt"]), str(point["batch"]), f"[red]{point['error'][:60]}[/]",
-                          *["-"] * (len(columns) - 3))
+            table.add_row(str(point["prompt"]), str(point["batch"]), point["moe"],
+                          f"[red]{point['error'][:60]}[/]", *["-"] * (len(columns) - 4))
             continue
         ours, theirs = point.get("diffjax") or {}, point.get("transformers") or {}
         table.add_row(
-            str(point["prompt"]), str(point["batch"]), _fmt(point["decoder_ms"]), _fmt(point["floor_ms"]),
+            str(point["prompt"]), str(point["batch"]), point["moe"], _fmt(point["decoder_ms"]), _fmt(point["floor_ms"]),
             _fmt(point["ratio_to_floor"]), _fmt(point["encoder_canvas_ms"]), _fmt(point["tokens_per_s_at_steps"]),
             _fmt(ours.get("ms_per_step")), _fmt(theirs.get("ms_per_step")), _fmt(point.get("ratio")),
             _gib(point["peak_memory_bytes"]),

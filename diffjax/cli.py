@@ -306,18 +306,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 layers=args.layers, batches=tuple(args.batch or (1,)), prompts=tuple(args.prompt or (1024,)),
                 new_tokens=args.new_tokens or 256, steps=args.steps or 16, repeats=args.repeats, seed=args.seed,
                 force=args.force, generate=not args.no_generate, transformers=args.with_transformers,
-                transformers_compile=not args.no_compile,
+                transformers_compile=not args.no_compile, moe_implementations=tuple(args.moe or ("grouped",)),
             ), log)
         else:
             defaults = bench.BenchSettings()
-            for name in ("batch", "prompt"):
+            for name in ("batch", "prompt", "moe"):
                 if len(getattr(args, name) or ()) > 1:
                     raise CliError(f"--{name} takes one value without --full-size")
             chosen = {
                 "hidden": args.hidden, "layers": args.layers, "experts": args.experts, "top_k": args.top_k,
                 "vocab": args.vocab, "canvas": args.canvas, "steps": args.steps, "batch": args.batch and args.batch[0],
                 "prompt": args.prompt and args.prompt[0], "new_tokens": args.new_tokens, "threads": args.threads,
-                "moe_implementation": args.moe,
+                "moe_implementation": args.moe and args.moe[0],
             }
             result = bench.run_comparison(dataclasses.replace(
                 defaults, repeats=args.repeats, seed=args.seed, transformers=not args.no_transformers,
@@ -478,9 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int, default=3, help="timed warm calls, the best is reported (default 3)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
-    b.add_argument("--moe", choices=MOE_IMPLEMENTATIONS, default="grouped",
-                   help="our expert computation: routed pairs via ragged_dot, every expert on every token, "
-                        "or the Pallas grouped-matmul kernel")
+    b.add_argument("--moe", choices=MOE_IMPLEMENTATIONS, nargs="+",
+                   help="our expert computation (default grouped): routed pairs via ragged_dot, every expert on "
+                        "every token, or the Pallas grouped-matmul kernel; --full-size: one or more, each timed")
     b.add_argument("--no-transformers", action="store_true", help="time diffjax only")
     b.add_argument("--full-size", action="store_true", help="released 26B-A4B shapes, random bf16, on the GPU")
     b.add_argument("--with-transformers", action="store_true",

@@ -218,9 +218,12 @@ def test_full_size_path_on_a_tiny_model(tmp_path):
 
     settings = bench.FullSizeSettings(batches=(2, 1), prompts=(20,), new_tokens=16, steps=2, repeats=1,
                                       force=True, bandwidth_bytes=1 << 20, prefill_chunk=8, transformers=True,
-                                      transformers_compile=False)
+                                      transformers_compile=False, moe_implementations=("grouped", "dense"))
     result = bench.run_full_size(settings, config=Config.tiny().replace(canvas_length=8))
-    assert [(p["prompt"], p["batch"]) for p in result["points"]] == [(20, 1), (20, 2)]
+    assert [(p["prompt"], p["batch"], p["moe"]) for p in result["points"]] == [
+        (20, 1, "grouped"), (20, 1, "dense"), (20, 2, "grouped"), (20, 2, "dense")]
+    # transformers runs once per (prompt, batch), whatever our expert implementation.
+    assert result["points"][0]["transformers"] is result["points"][1]["transformers"]
     for point in result["points"]:
         assert "error" not in point, point
         assert point["diffjax"]["decoder_passes"] == 4 and point["transformers"]["decoder_passes"] == 4
@@ -230,7 +233,7 @@ def test_full_size_path_on_a_tiny_model(tmp_path):
     bench.render(result, console)
     assert "x floor" in console.export_text()
     bench.write_json(result, tmp_path / "r.json")
-    assert json.loads((tmp_path / "r.json").read_text())["points"][1]["batch"] == 2
+    assert json.loads((tmp_path / "r.json").read_text())["points"][2]["batch"] == 2
 
 
 def test_full_size_records_a_failing_point_and_goes_on():
