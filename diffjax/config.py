@@ -15,6 +15,7 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 MOE_IMPLEMENTATIONS = ("grouped", "dense", "pallas")
+GLOBAL_ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
 
 RopeType = Literal["default", "proportional"]
 
@@ -90,6 +91,10 @@ class Config:
     # unrouted pairs weighted 0 (faster on CPU for few experts, and the oracle for "grouped"). "pallas": the
     # block-sparse grouped-matmul kernel of `diffjax.kernels.moe` (GPU; interpreted elsewhere, slowly).
     moe_implementation: Literal["grouped", "dense", "pallas"] = "grouped"
+    # How the decoder's global layers attend (the canvas over the whole cache, padding-only mask). "xla":
+    # `layers.attend`. "pallas": the split-K kernel of `diffjax.kernels.attention`. The encoder (causal) and
+    # the sliding layers always use `attend`.
+    global_attention_implementation: Literal["xla", "pallas"] = "xla"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -121,6 +126,11 @@ class Config:
         if self.moe_implementation not in MOE_IMPLEMENTATIONS:
             raise ValueError(
                 f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}"
+            )
+        if self.global_attention_implementation not in GLOBAL_ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"global_attention_implementation must be one of {GLOBAL_ATTENTION_IMPLEMENTATIONS}, "
+                f"got {self.global_attention_implementation!r}"
             )
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
