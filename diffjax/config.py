@@ -16,6 +16,8 @@ FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 MOE_IMPLEMENTATIONS = ("grouped", "dense", "pallas")
 GLOBAL_ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
+# Config fields that pick an implementation (same maths): not written to config.json.
+IMPLEMENTATION_FIELDS = ("moe_implementation", "global_attention_implementation")
 
 RopeType = Literal["default", "proportional"]
 
@@ -176,6 +178,10 @@ class Config:
     @property
     def embed_scale(self) -> float:
         return math.sqrt(self.hidden_size)
+
+    def implementation(self) -> dict[str, str]:
+        """The fields that choose how (not what) is computed, e.g. to carry them over a config.json."""
+        return {name: getattr(self, name) for name in IMPLEMENTATION_FIELDS}
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed; unknown field names raise `ValueError`."""
