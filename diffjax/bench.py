@@ -248,8 +248,8 @@ def run_comparison(s: BenchSettings, log: Callable[[str], None] = lambda _: None
         with tempfile.TemporaryDirectory(prefix="diffjax-bench-") as tmp:
             model.save_pretrained(tmp)
             loaded_config, params = convert.load_hf(tmp)
-        # The expert implementation is ours alone: it does not travel through a transformers config.
-        loaded_config = loaded_config.replace(moe_implementation=config.moe_implementation)
+        # The implementation choices are ours alone: they do not travel through a transformers config.
+        loaded_config = loaded_config.replace(**config.implementation())
         if loaded_config != config:
             raise BenchError(f"config changed on the way through transformers: {loaded_config} != {config}")
         log(f"timing transformers ({s.repeats} warm calls)")

@@ -149,7 +149,7 @@ class Layer(nn.Module):
     ) -> tuple[Array, tuple[Array, Array]]:
         cfg = self.config
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps)
-        attn_out, new_kv = Attention(cfg, self.layer_type, name="self_attn")(
+        attn_out, new_kv = Attention(cfg, self.layer_type, padding_only_mask=self.mode == DECODE, name="self_attn")(
             norm(name="input_layernorm")(x), positions, context[0], context[1], mask
         )
         x = x + norm(name="post_attention_layernorm")(attn_out)

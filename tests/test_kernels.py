@@ -20,7 +20,7 @@ from diffjax.kernels.attention import global_attention_pallas
 from diffjax.kernels.moe import experts_pallas
 from diffjax.kernels.vocab import vocab_stats_pallas, vocab_stats_reference
 from diffjax.layers import Experts, attend, experts_dense, experts_grouped
-from diffjax.model import tied_logits
+from diffjax.model import denoise_logits, encode, init_params, tied_logits
 
 
 def lower_for_cuda(fn, *args) -> str:
@@ -59,7 +59,6 @@ def moe_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, dty
 @pytest.mark.parametrize(
     ("tokens", "experts", "top_k", "hidden", "inter", "block_rows", "dtype"),
     [
-        (1, 4, 1, 32, 16, None, jnp.float32),  # one token: one row tile, the rest unused
         (37, 8, 2, 64, 32, 16, jnp.float32),  # ragged groups spanning several row tiles
         (50, 16, 4, 48, 80, 32, jnp.bfloat16),  # dims that are multiples of 16 but not powers of two
     ],
@@ -73,7 +72,8 @@ def test_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, block_r
 
 
 def test_experts_module_selects_the_kernel():
-    x, weights, ids, gate_up, down = moe_case(12, 8, 2, 64, 32, jnp.float32, seed=3)
+    # One token: a single used row tile, every other tile skipped.
+    x, weights, ids, gate_up, down = moe_case(1, 8, 2, 64, 32, jnp.float32, seed=3)
     variables = {"params": {"gate_up_proj": gate_up, "down_proj": down}}
     outputs = {
         impl: Experts(Config.tiny(moe_implementation=impl)).apply(variables, x, weights, ids)
@@ -118,12 +118,12 @@ def test_kernel_bench_runs_tiny_and_records_failures(tmp_path, monkeypatch):
     monkeypatch.setattr("diffjax.kernels.bench.experts_dense", broken)
     out = tmp_path / "k.json"
     assert kernel_bench.main([
-        "--tiny", "--rows", "1", "--repeats", "1", "--sections", "moe", "--moe-impls", "pallas", "dense",
+        "--tiny", "--rows", "1", "--repeats", "1", "--sections", "moe", "--moe-impls", "ragged_dot", "dense",
         "--out", str(out),
     ]) == 0
     entries = json.loads(out.read_text())["entries"]
     by_impl = {e["impl"]: e for e in entries}
-    assert by_impl["pallas"]["ms"] > 0 and by_impl["pallas"]["bytes"] > 0
+    assert by_impl["ragged_dot"]["ms"] > 0 and by_impl["ragged_dot"]["bytes"] > 0
     assert "kernel exploded" in by_impl["dense"]["error"]
 
 
@@ -270,3 +270,20 @@ def test_attention_kernel_rejects_bad_shapes():
         global_attention_pallas(query[:, :, :3], k, v, valid)
     with pytest.raises(ValueError, match="block_k"):
         global_attention_pallas(query, k, v, valid, block_k=24)
+
+
+def test_decoder_global_layers_select_the_kernel():
+    """`global_attention_implementation="pallas"` changes only the decoder's global layers, not the maths."""
+    config = Config.tiny(num_layers=1, layer_types=("full_attention",))
+    params = init_params(config, jax.random.key(1))
+    prompt = jax.random.randint(jax.random.key(2), (2, 8), 3, config.vocab_size)
+    attention_mask = jnp.ones((2, 8), bool).at[1, :3].set(False)  # left padding in one row
+    cache = encode(params, config, prompt, attention_mask, capacity=12)  # the encoder never uses the kernel
+    canvas = jax.random.randint(jax.random.key(3), (2, config.canvas_length), 3, config.vocab_size)
+    logits = {
+        impl: denoise_logits(params, config.replace(global_attention_implementation=impl), cache, canvas)
+        for impl in ("xla", "pallas")
+    }
+    _close(logits["pallas"], logits["xla"], jnp.float32, scale=5)
+    with pytest.raises(ValueError, match="global_attention_implementation"):
+        config.replace(global_attention_implementation="cudnn")
