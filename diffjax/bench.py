@@ -481,7 +481,8 @@ def run_full_size(
                 log(f"prompt {prompt}, batch {batch}, moe {moe} failed: {point['error']}")
             point["peak_memory_bytes"] = peak_memory_bytes()
             points.append(point)
-            log(f"point {json.dumps({k: v for k, v in point.items() if not isinstance(v, dict)})}")
+            # The whole point, as it finishes: a run killed later (time limit, out of memory) keeps it in its log.
+            log(f"point {json.dumps(point)}")
     return {
         "settings": dataclasses.asdict(s), "device": str(device), "config": _config_summary(config),
         "init_s": init_s, "weight_bytes": weight_bytes, "bandwidth_bytes_per_s": bandwidth, "points": points,
