@@ -10,6 +10,7 @@ XLA step combines the splits. Twin: `diffjax.layers.attend` with a padding-only 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -26,33 +27,43 @@ _NEG = -1e30  # finite "minus infinity": no inf - inf = NaN in the running max u
 _TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
 
 
-@functools.partial(
-    jax.jit, static_argnames=("block_q", "block_k", "splits", "num_warps", "num_stages", "interpret")
-)
+@dataclasses.dataclass(frozen=True)
+class AttentionTiles:
+    """Query-row and key blocks (powers of two >= 16; block_k is lowered to fit the keys), key splits and
+    Triton launch parameters of the split-K kernel."""
+
+    block_q: int = 64
+    block_k: int = 32
+    splits: int | None = None  # key ranges per (batch, kv head, row block); None: enough to fill the GPU
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def global_attention_pallas(
-    query: Array, keys: Array, values: Array, valid: Array, *, block_q: int = 64, block_k: int = 32,
-    splits: int | None = None, num_warps: int = 8, num_stages: int = 2, interpret: bool | None = None,
+    query: Array, keys: Array, values: Array, valid: Array, *, tiles: AttentionTiles = AttentionTiles(),
+    interpret: bool | None = None,
 ) -> Array:
     """`attend(query, keys, values, mask)` for a mask that only hides padded keys.
 
     query `[batch, q, heads, head_dim]`, keys/values `[batch, k, kv_heads, head_dim]`, valid `[batch, k]`
     bool (True = a real key). Returns `[batch, q, heads * head_dim]` in values' dtype; a row whose keys are
-    all padding gives zeros, as `attend` does. head_dim a multiple of 16, k >= 16. block_q/block_k: powers of
-    two >= 16 (block_k is lowered to fit k); splits: key ranges per (batch, kv head, row block), by default
-    enough programs to fill the GPU.
+    all padding gives zeros, as `attend` does. head_dim a multiple of 16, k >= 16.
     """
     batch, q_len, heads, head_dim = query.shape
     _, length, kv_heads, _ = keys.shape
     _check(query, keys, values, valid)
-    for name, block in (("block_q", block_q), ("block_k", block_k)):
+    for name in ("block_q", "block_k"):
+        block = getattr(tiles, name)
         if block < _MIN_BLOCK or block & (block - 1):
-            raise ValueError(f"{name} must be a power of two >= {_MIN_BLOCK}, got {block}")
-    block_k = min(block_k, 1 << (length.bit_length() - 1))
+            raise ValueError(f"AttentionTiles.{name} must be a power of two >= {_MIN_BLOCK}, got {block}")
+    block_q = tiles.block_q
+    block_k = min(tiles.block_k, 1 << (length.bit_length() - 1))
     group = heads // kv_heads
     rows = q_len * group
     row_blocks = pl.cdiv(rows, block_q)
     num_tiles = pl.cdiv(length, block_k)
-    splits = splits or max(1, min(num_tiles, _TARGET_PROGRAMS // (batch * kv_heads * row_blocks)))
+    splits = tiles.splits or max(1, min(num_tiles, _TARGET_PROGRAMS // (batch * kv_heads * row_blocks)))
     tiles_per_split = pl.cdiv(num_tiles, splits)
 
     # [batch, kv_heads, q * group, head_dim]: the query rows sharing a kv head, padded to the row block.
@@ -76,7 +87,7 @@ def global_attention_pallas(
             pl.BlockSpec((None, None, None, block_q, head_dim), lambda b, h, i, s: (s, b, h, i, 0)),
             pl.BlockSpec((None, None, None, block_q), lambda b, h, i, s: (s, b, h, i)),
         ],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=resolve_interpret(interpret),
         name="global_attention_split_k",
     )(grouped.astype(keys.dtype), keys, values.astype(keys.dtype), valid.astype(jnp.int32))
