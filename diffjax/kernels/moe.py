@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,14 +98,13 @@ def experts_pallas(
     return jnp.sum(per_assignment.astype(jnp.float32), axis=1).astype(x.dtype)
 
 
-class _Layout:
+class _Layout(NamedTuple):
     """Where each expert-sorted assignment goes in the row-tile-padded buffer."""
 
-    def __init__(self, order: Array, dest: Array, tile_expert: Array, padded_rows: int) -> None:
-        self.order = order  # [A] assignment indices sorted by expert (stable)
-        self.dest = dest  # [A] padded row of the i-th sorted assignment
-        self.tile_expert = tile_expert  # [padded_rows // block_rows] expert of each row tile, -1 = unused
-        self.padded_rows = padded_rows
+    order: Array  # [A] assignment indices sorted by expert (stable)
+    dest: Array  # [A] padded row of the i-th sorted assignment
+    tile_expert: Array  # [padded_rows // block_rows] expert of each row tile, -1 = unused
+    padded_rows: int
 
 
 def _padded_layout(expert_ids: Array, num_experts: int, block_rows: int) -> _Layout:
