@@ -18,12 +18,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from diffjax.kernels import resolve_interpret
+from diffjax.kernels import FINITE_NEG, MIN_BLOCK, require_block, resolve_interpret
 
 Array = jax.Array
 
-_MIN_BLOCK = 16
-_NEG = -1e30  # finite "minus infinity": no inf - inf = NaN in the running max updates
 _TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
 
 
@@ -54,9 +52,7 @@ def global_attention_pallas(
     _, length, kv_heads, _ = keys.shape
     _check(query, keys, values, valid)
     for name in ("block_q", "block_k"):
-        block = getattr(tiles, name)
-        if block < _MIN_BLOCK or block & (block - 1):
-            raise ValueError(f"AttentionTiles.{name} must be a power of two >= {_MIN_BLOCK}, got {block}")
+        require_block(f"AttentionTiles.{name}", getattr(tiles, name))
     block_q = tiles.block_q
     block_k = min(tiles.block_k, 1 << (length.bit_length() - 1))
     group = heads // kv_heads
@@ -110,9 +106,9 @@ def _check(query: Array, keys: Array, values: Array, valid: Array) -> None:
         raise ValueError(f"kv_heads ({keys.shape[2]}) must divide the query heads ({heads})")
     if valid.shape != keys.shape[:2]:
         raise ValueError(f"valid must be [batch, k] = {keys.shape[:2]}, got {valid.shape}")
-    if head_dim % _MIN_BLOCK or keys.shape[1] < _MIN_BLOCK:
+    if head_dim % MIN_BLOCK or keys.shape[1] < MIN_BLOCK:
         raise ValueError(
-            f"global_attention_pallas needs head_dim a multiple of {_MIN_BLOCK} and >= {_MIN_BLOCK} keys, "
+            f"global_attention_pallas needs head_dim a multiple of {MIN_BLOCK} and >= {MIN_BLOCK} keys, "
             f"got head_dim {head_dim} and {keys.shape[1]} keys"
         )
 
@@ -132,7 +128,7 @@ def _split_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, lse_ref, *, block_q, 
                                      preferred_element_type=jnp.float32)
         cols = load + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         keep = (cols >= start) & (valid_ref[b, keys] > 0)[None, :]
-        scores = jnp.where(keep, scores, _NEG)
+        scores = jnp.where(keep, scores, FINITE_NEG)
         m_new = jnp.maximum(m, jnp.max(scores, axis=1))
         p = jnp.where(keep, jnp.exp(scores - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
@@ -141,10 +137,10 @@ def _split_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, lse_ref, *, block_q, 
         return m_new, alpha * total + jnp.sum(p, axis=1), acc
 
     head_dim = q.shape[-1]
-    init = (jnp.full((block_q,), _NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+    init = (jnp.full((block_q,), FINITE_NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
             jnp.zeros((block_q, head_dim), jnp.float32))
     m, total, acc = jax.lax.fori_loop(0, tiles_per_split, tile, init)
     seen = total > 0  # False: no visible key in this split
     safe_total = jnp.where(seen, total, 1.0)
     out_ref[...] = jnp.where(seen[:, None], acc / safe_total[:, None], 0.0).astype(out_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_total), _NEG)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_total), FINITE_NEG)

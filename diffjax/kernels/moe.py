@@ -24,19 +24,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from diffjax.kernels import largest_power_of_two_divisor, resolve_interpret
+from diffjax.kernels import MIN_BLOCK, largest_power_of_two_divisor, require_block, resolve_interpret
 from diffjax.layers import gelu_tanh
 
 Array = jax.Array
-
-# Triton's tensor-core dot needs every block dimension >= 16.
-_MIN_BLOCK = 16
 
 
 def row_tile(num_assignments: int, num_experts: int) -> int:
     """Row tile for a given load: about the mean group size (less padding), 16..128 rows, a power of two."""
     mean_rows = max(1, num_assignments // num_experts)
-    tile = _MIN_BLOCK
+    tile = MIN_BLOCK
     while tile < 128 and tile < mean_rows:
         tile *= 2
     return tile
@@ -56,12 +53,10 @@ class MoeTiles:
     num_stages: int = 3
 
     def validate(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name.startswith(("block", "gate_up", "down")) and value is not None and (
-                value < _MIN_BLOCK or value & (value - 1)
-            ):
-                raise ValueError(f"MoeTiles.{field.name} must be a power of two >= {_MIN_BLOCK}, got {value}")
+        for name in ("gate_up_block_k", "gate_up_block_n", "down_block_k", "down_block_n"):
+            require_block(f"MoeTiles.{name}", getattr(self, name))
+        if self.block_rows is not None:
+            require_block("MoeTiles.block_rows", self.block_rows)
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
@@ -142,8 +137,8 @@ def _check_shapes(x: Array, weights: Array, expert_ids: Array, gate_up: Array, d
             f"down must be [experts={num_experts}, inter={two_inter // 2}, hidden={hidden}], got {down.shape}"
         )
     for name, size in (("hidden", hidden), ("inter", two_inter // 2)):
-        if size % _MIN_BLOCK:
-            raise ValueError(f"experts_pallas needs {name} to be a multiple of {_MIN_BLOCK}, got {size}")
+        if size % MIN_BLOCK:
+            raise ValueError(f"experts_pallas needs {name} to be a multiple of {MIN_BLOCK}, got {size}")
 
 
 def _gate_up_kernel(tile_expert_ref, x_ref, w_ref, h_ref, *, block_rows, block_k, block_n, hidden, inter):

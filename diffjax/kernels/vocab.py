@@ -22,15 +22,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from diffjax.kernels import largest_power_of_two_divisor, resolve_interpret
+from diffjax.kernels import (
+    FINITE_NEG,
+    MIN_BLOCK,
+    largest_power_of_two_divisor,
+    require_block,
+    resolve_interpret,
+)
 from diffjax.model import tied_logits
 from diffjax.sampling import scale_logits, token_entropy
 
 Array = jax.Array
 
-_MIN_BLOCK = 16
-# A finite "minus infinity" for running maxima: exp(_NEG - m) is 0 and (_NEG - m) * 0 stays 0, no NaN.
-_NEG = -1e30
 # Programs to aim for: a few waves of an H100's 132 SMs.
 _TARGET_PROGRAMS = 512
 
@@ -111,14 +114,12 @@ def vocab_stats_pallas(
     if embedding.ndim != 2 or embedding.shape[1] != width:
         raise ValueError(f"embedding must be [vocab, hidden={width}], got {embedding.shape}")
     for name, size in (("hidden", width), ("vocab", vocab)):
-        if size % _MIN_BLOCK:
-            raise ValueError(f"vocab_stats_pallas needs {name} to be a multiple of {_MIN_BLOCK}, got {size}")
+        if size % MIN_BLOCK:
+            raise ValueError(f"vocab_stats_pallas needs {name} to be a multiple of {MIN_BLOCK}, got {size}")
     for name in ("block_rows", "block_v", "block_k"):
-        block = getattr(tiles, name)
-        if block < _MIN_BLOCK or block & (block - 1):
-            raise ValueError(f"VocabTiles.{name} must be a power of two >= {_MIN_BLOCK}, got {block}")
+        require_block(f"VocabTiles.{name}", getattr(tiles, name))
     rows = hidden.size // width
-    block_rows = min(tiles.block_rows, max(_MIN_BLOCK, pl.next_power_of_2(rows)))
+    block_rows = min(tiles.block_rows, max(MIN_BLOCK, pl.next_power_of_2(rows)))
     block_v = largest_power_of_two_divisor(vocab, tiles.block_v)
     block_k = largest_power_of_two_divisor(width, tiles.block_k)
     num_tiles = vocab // block_v
@@ -197,7 +198,7 @@ def _stats_kernel(temp_ref, seed_ref, h_ref, e_ref, max_ref, sum_ref, ent_ref, t
         race_z = jnp.where(better, tile_race_z, race_z)
         return m_new, s_new, w_new, top, top_id, race, race_id, race_z
 
-    neg = jnp.full((block_rows,), _NEG, jnp.float32)
+    neg = jnp.full((block_rows,), FINITE_NEG, jnp.float32)
     zero = jnp.zeros((block_rows,), jnp.float32)
     none = jnp.full((block_rows,), vocab, jnp.int32)
     init = (neg, zero, zero, neg, none, neg, none, zero)
