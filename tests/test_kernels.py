@@ -16,9 +16,9 @@ import pytest
 
 from diffjax.config import Config
 from diffjax.kernels import bench as kernel_bench
-from diffjax.kernels.attention import global_attention_pallas
-from diffjax.kernels.moe import experts_pallas
-from diffjax.kernels.vocab import vocab_stats_pallas, vocab_stats_reference
+from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
+from diffjax.kernels.moe import MoeTiles, experts_pallas
+from diffjax.kernels.vocab import VocabTiles, vocab_stats_pallas, vocab_stats_reference
 from diffjax.layers import Experts, attend, experts_dense, experts_grouped
 from diffjax.model import denoise_logits, encode, init_params, tied_logits
 
@@ -65,7 +65,7 @@ def moe_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, dty
 )
 def test_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, block_rows, dtype):
     args = moe_case(tokens, experts, top_k, hidden, inter, dtype, seed=tokens)
-    ours = experts_pallas(*args, block_rows=block_rows, interpret=True)
+    ours = experts_pallas(*args, tiles=MoeTiles(block_rows=block_rows), interpret=True)
     assert ours.shape == args[0].shape and ours.dtype == dtype
     _close(ours, experts_dense(*as_f32(*args)), dtype)
     _close(experts_grouped(*args), experts_dense(*as_f32(*args)), dtype)  # the twin meets the same bar
@@ -105,7 +105,7 @@ def test_moe_kernel_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiple of 16"):
         experts_pallas(x[:, :24], weights, ids, gate_up[:, :24], down[..., :24])
     with pytest.raises(ValueError, match="block_rows"):
-        experts_pallas(x, weights, ids, gate_up, down, block_rows=24, interpret=True)
+        experts_pallas(x, weights, ids, gate_up, down, tiles=MoeTiles(block_rows=24), interpret=True)
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -146,8 +146,8 @@ def vocab_case(lead: tuple[int, ...], width: int, vocab: int, dtype, seed: int):
 )
 def test_vocab_kernel_matches_twin(lead, width, vocab, softcap, temperature, splits, dtype):
     hidden, embedding = vocab_case(lead, width, vocab, dtype, seed=width)
-    ours = vocab_stats_pallas(hidden, embedding, temperature, seed=5, softcap=softcap, splits=splits,
-                              interpret=True)
+    ours = vocab_stats_pallas(hidden, embedding, temperature, seed=5, softcap=softcap,
+                              tiles=VocabTiles(splits=splits), interpret=True)
     twin = vocab_stats_reference(hidden, embedding, temperature, seed=5, softcap=softcap)
     for name in ("logsumexp", "entropy", "sample_logprob"):
         expected = np.asarray(getattr(twin, name))
@@ -205,7 +205,9 @@ def test_vocab_kernel_rejects_bad_shapes():
     with pytest.raises(ValueError, match="vocab to be a multiple of 16"):
         vocab_stats_pallas(hidden, embedding[:40], 1.0, seed=0, softcap=None)
     with pytest.raises(ValueError, match="splits"):
-        vocab_stats_pallas(hidden, embedding, 1.0, seed=0, softcap=None, splits=3)
+        vocab_stats_pallas(hidden, embedding, 1.0, seed=0, softcap=None, tiles=VocabTiles(splits=3))
+    with pytest.raises(ValueError, match="block_v"):
+        vocab_stats_pallas(hidden, embedding, 1.0, seed=0, softcap=None, tiles=VocabTiles(block_v=48))
 
 
 # --------------------------------------------------------------------------------------- attention
@@ -234,7 +236,7 @@ def test_attention_kernel_matches_attend(batch, q_len, heads, kv_heads, head_dim
     query, k, v = attention_case(batch, q_len, heads, kv_heads, head_dim, length, dtype, seed=length)
     # Left padding of different lengths per row (the cache of a batch of prompts), plus a padded tail.
     valid = (jnp.arange(length)[None, :] >= jnp.arange(batch)[:, None] * 7) & (jnp.arange(length) < length - 3)
-    ours = global_attention_pallas(query, k, v, valid, block_q=16, block_k=16, splits=splits, interpret=True)
+    ours = global_attention_pallas(query, k, v, valid, tiles=AttentionTiles(16, 16, splits), interpret=True)
     assert ours.shape == (batch, q_len, heads * head_dim) and ours.dtype == dtype
     _close(ours, attend_padding_only(*as_f32(query, k, v), valid), dtype)
 
@@ -242,7 +244,7 @@ def test_attention_kernel_matches_attend(batch, q_len, heads, kv_heads, head_dim
 def test_attention_kernel_gives_zeros_for_all_padding_rows():
     query, k, v = attention_case(2, 16, 4, 2, 32, 40, jnp.float32, seed=1)
     valid = jnp.zeros((2, 40), bool).at[0, 5:].set(True)
-    ours = global_attention_pallas(query, k, v, valid, block_q=16, block_k=16, splits=2, interpret=True)
+    ours = global_attention_pallas(query, k, v, valid, tiles=AttentionTiles(16, 16, 2), interpret=True)
     np.testing.assert_array_equal(np.asarray(ours[1]), 0.0)
     _close(ours[0], attend_padding_only(query, k, v, valid)[0], jnp.float32)
 
@@ -269,7 +271,7 @@ def test_attention_kernel_rejects_bad_shapes():
     with pytest.raises(ValueError, match="must divide the query heads"):
         global_attention_pallas(query[:, :, :3], k, v, valid)
     with pytest.raises(ValueError, match="block_k"):
-        global_attention_pallas(query, k, v, valid, block_k=24)
+        global_attention_pallas(query, k, v, valid, tiles=AttentionTiles(block_k=24))
 
 
 def test_decoder_global_layers_select_the_kernel():

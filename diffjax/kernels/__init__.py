@@ -22,6 +22,19 @@ def resolve_interpret(interpret: bool | None) -> bool:
     return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
 
 
+# Triton's tensor-core dot needs every block dimension >= 16.
+MIN_BLOCK = 16
+# A finite "minus infinity" for running maxima and masked scores: exp(FINITE_NEG - m) is 0 and
+# (FINITE_NEG - m) * 0 stays 0, where -inf would give inf - inf = NaN.
+FINITE_NEG = -1e30
+
+
+def require_block(name: str, value: int) -> None:
+    """Raise `ValueError` unless `value` is a valid block dimension: a power of two >= `MIN_BLOCK`."""
+    if value < MIN_BLOCK or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {value}")
+
+
 def largest_power_of_two_divisor(n: int, cap: int) -> int:
     """The largest power of two <= `cap` dividing `n` (Triton block dimensions are powers of two)."""
     block = 1

@@ -10,6 +10,7 @@ XLA step combines the splits. Twin: `diffjax.layers.attend` with a padding-only 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -17,42 +18,48 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from diffjax.kernels import resolve_interpret
+from diffjax.kernels import FINITE_NEG, MIN_BLOCK, require_block, resolve_interpret
 
 Array = jax.Array
 
-_MIN_BLOCK = 16
-_NEG = -1e30  # finite "minus infinity": no inf - inf = NaN in the running max updates
 _TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
 
 
-@functools.partial(
-    jax.jit, static_argnames=("block_q", "block_k", "splits", "num_warps", "num_stages", "interpret")
-)
+@dataclasses.dataclass(frozen=True)
+class AttentionTiles:
+    """Query-row and key blocks (powers of two >= 16; block_k is lowered to fit the keys), key splits and
+    Triton launch parameters of the split-K kernel."""
+
+    block_q: int = 64
+    block_k: int = 32
+    splits: int | None = None  # key ranges per (batch, kv head, row block); None: enough to fill the GPU
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def global_attention_pallas(
-    query: Array, keys: Array, values: Array, valid: Array, *, block_q: int = 64, block_k: int = 32,
-    splits: int | None = None, num_warps: int = 8, num_stages: int = 2, interpret: bool | None = None,
+    query: Array, keys: Array, values: Array, valid: Array, *, tiles: AttentionTiles = AttentionTiles(),
+    interpret: bool | None = None,
 ) -> Array:
     """`attend(query, keys, values, mask)` for a mask that only hides padded keys.
 
     query `[batch, q, heads, head_dim]`, keys/values `[batch, k, kv_heads, head_dim]`, valid `[batch, k]`
     bool (True = a real key). Returns `[batch, q, heads * head_dim]` in values' dtype; a row whose keys are
-    all padding gives zeros, as `attend` does. head_dim a multiple of 16, k >= 16. block_q/block_k: powers of
-    two >= 16 (block_k is lowered to fit k); splits: key ranges per (batch, kv head, row block), by default
-    enough programs to fill the GPU.
+    all padding gives zeros, as `attend` does. head_dim a multiple of 16, k >= 16.
     """
     batch, q_len, heads, head_dim = query.shape
     _, length, kv_heads, _ = keys.shape
     _check(query, keys, values, valid)
-    for name, block in (("block_q", block_q), ("block_k", block_k)):
-        if block < _MIN_BLOCK or block & (block - 1):
-            raise ValueError(f"{name} must be a power of two >= {_MIN_BLOCK}, got {block}")
-    block_k = min(block_k, 1 << (length.bit_length() - 1))
+    for name in ("block_q", "block_k"):
+        require_block(f"AttentionTiles.{name}", getattr(tiles, name))
+    block_q = tiles.block_q
+    block_k = min(tiles.block_k, 1 << (length.bit_length() - 1))
     group = heads // kv_heads
     rows = q_len * group
     row_blocks = pl.cdiv(rows, block_q)
     num_tiles = pl.cdiv(length, block_k)
-    splits = splits or max(1, min(num_tiles, _TARGET_PROGRAMS // (batch * kv_heads * row_blocks)))
+    splits = tiles.splits or max(1, min(num_tiles, _TARGET_PROGRAMS // (batch * kv_heads * row_blocks)))
     tiles_per_split = pl.cdiv(num_tiles, splits)
 
     # [batch, kv_heads, q * group, head_dim]: the query rows sharing a kv head, padded to the row block.
@@ -76,7 +83,7 @@ def global_attention_pallas(
             pl.BlockSpec((None, None, None, block_q, head_dim), lambda b, h, i, s: (s, b, h, i, 0)),
             pl.BlockSpec((None, None, None, block_q), lambda b, h, i, s: (s, b, h, i)),
         ],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=resolve_interpret(interpret),
         name="global_attention_split_k",
     )(grouped.astype(keys.dtype), keys, values.astype(keys.dtype), valid.astype(jnp.int32))
@@ -99,9 +106,9 @@ def _check(query: Array, keys: Array, values: Array, valid: Array) -> None:
         raise ValueError(f"kv_heads ({keys.shape[2]}) must divide the query heads ({heads})")
     if valid.shape != keys.shape[:2]:
         raise ValueError(f"valid must be [batch, k] = {keys.shape[:2]}, got {valid.shape}")
-    if head_dim % _MIN_BLOCK or keys.shape[1] < _MIN_BLOCK:
+    if head_dim % MIN_BLOCK or keys.shape[1] < MIN_BLOCK:
         raise ValueError(
-            f"global_attention_pallas needs head_dim a multiple of {_MIN_BLOCK} and >= {_MIN_BLOCK} keys, "
+            f"global_attention_pallas needs head_dim a multiple of {MIN_BLOCK} and >= {MIN_BLOCK} keys, "
             f"got head_dim {head_dim} and {keys.shape[1]} keys"
         )
 
@@ -121,7 +128,7 @@ def _split_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, lse_ref, *, block_q, 
                                      preferred_element_type=jnp.float32)
         cols = load + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         keep = (cols >= start) & (valid_ref[b, keys] > 0)[None, :]
-        scores = jnp.where(keep, scores, _NEG)
+        scores = jnp.where(keep, scores, FINITE_NEG)
         m_new = jnp.maximum(m, jnp.max(scores, axis=1))
         p = jnp.where(keep, jnp.exp(scores - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
@@ -130,10 +137,10 @@ def _split_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, lse_ref, *, block_q, 
         return m_new, alpha * total + jnp.sum(p, axis=1), acc
 
     head_dim = q.shape[-1]
-    init = (jnp.full((block_q,), _NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+    init = (jnp.full((block_q,), FINITE_NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
             jnp.zeros((block_q, head_dim), jnp.float32))
     m, total, acc = jax.lax.fori_loop(0, tiles_per_split, tile, init)
     seen = total > 0  # False: no visible key in this split
     safe_total = jnp.where(seen, total, 1.0)
     out_ref[...] = jnp.where(seen[:, None], acc / safe_total[:, None], 0.0).astype(out_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_total), _NEG)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_total), FINITE_NEG)

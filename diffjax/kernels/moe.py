@@ -15,50 +15,68 @@ Twin: `diffjax.layers.experts_grouped` (ragged_dot) and `experts_dense`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from diffjax.kernels import largest_power_of_two_divisor, resolve_interpret
+from diffjax.kernels import MIN_BLOCK, largest_power_of_two_divisor, require_block, resolve_interpret
 from diffjax.layers import gelu_tanh
 
 Array = jax.Array
-
-# Triton's tensor-core dot needs every block dimension >= 16.
-_MIN_BLOCK = 16
 
 
 def row_tile(num_assignments: int, num_experts: int) -> int:
     """Row tile for a given load: about the mean group size (less padding), 16..128 rows, a power of two."""
     mean_rows = max(1, num_assignments // num_experts)
-    tile = _MIN_BLOCK
+    tile = MIN_BLOCK
     while tile < 128 and tile < mean_rows:
         tile *= 2
     return tile
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "interpret"))
+@dataclasses.dataclass(frozen=True)
+class MoeTiles:
+    """Block sizes (powers of two >= 16; the k and n blocks are caps, lowered to divide the model's sizes)
+    and Triton launch parameters of the two MoE kernels."""
+
+    block_rows: int | None = None  # None: `row_tile` of the load
+    gate_up_block_k: int = 64
+    gate_up_block_n: int = 64
+    down_block_k: int = 64
+    down_block_n: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def validate(self) -> None:
+        for name in ("gate_up_block_k", "gate_up_block_n", "down_block_k", "down_block_n"):
+            require_block(f"MoeTiles.{name}", getattr(self, name))
+        if self.block_rows is not None:
+            require_block("MoeTiles.block_rows", self.block_rows)
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def experts_pallas(
     x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array,
-    *, block_rows: int | None = None, interpret: bool | None = None,
+    *, tiles: MoeTiles = MoeTiles(), interpret: bool | None = None,
 ) -> Array:
     """Mixture of experts over the routed (token, expert) pairs only; same maths as `experts_grouped`.
 
     x `[tokens, hidden]`, weights/expert_ids `[tokens, k]`, gate_up `[experts, hidden, 2 * inter]` (gate first
     half, up second), down `[experts, inter, hidden]`. hidden and inter must be multiples of 16.
-    block_rows: row tile (a power of two >= 16; default `row_tile`). Returns `[tokens, hidden]` in x's dtype.
+    Returns `[tokens, hidden]` in x's dtype.
     """
     tokens, hidden = x.shape
     num_experts, _, two_inter = gate_up.shape
     inter = two_inter // 2
     top_k = expert_ids.shape[1]
     _check_shapes(x, weights, expert_ids, gate_up, down)
-    block_rows = row_tile(tokens * top_k, num_experts) if block_rows is None else block_rows
-    if block_rows < _MIN_BLOCK or block_rows & (block_rows - 1):
-        raise ValueError(f"block_rows must be a power of two >= {_MIN_BLOCK}, got {block_rows}")
+    tiles.validate()
+    block_rows = tiles.block_rows or row_tile(tokens * top_k, num_experts)
     interpret = resolve_interpret(interpret)
 
     layout = _padded_layout(expert_ids, num_experts, block_rows)
@@ -67,22 +85,21 @@ def experts_pallas(
     row_weights = jnp.zeros((layout.padded_rows,), jnp.float32).at[layout.dest].set(
         weights.reshape(-1)[layout.order].astype(jnp.float32)
     )
-    h = _gate_up_call(xs, layout.tile_expert, gate_up.astype(x.dtype), inter, block_rows, interpret)
-    ys = _down_call(h, row_weights, layout.tile_expert, down.astype(x.dtype), block_rows, interpret)
+    h = _gate_up_call(xs, layout.tile_expert, gate_up.astype(x.dtype), inter, block_rows, tiles, interpret)
+    ys = _down_call(h, row_weights, layout.tile_expert, down.astype(x.dtype), block_rows, tiles, interpret)
     # Assignment a = token * top_k + j sits at padded row dest_of[a]: gather and sum each token's k rows.
     dest_of = jnp.zeros_like(layout.dest).at[layout.order].set(layout.dest)
     per_assignment = ys[dest_of].reshape(tokens, top_k, hidden)
     return jnp.sum(per_assignment.astype(jnp.float32), axis=1).astype(x.dtype)
 
 
-class _Layout:
+class _Layout(NamedTuple):
     """Where each expert-sorted assignment goes in the row-tile-padded buffer."""
 
-    def __init__(self, order: Array, dest: Array, tile_expert: Array, padded_rows: int) -> None:
-        self.order = order  # [A] assignment indices sorted by expert (stable)
-        self.dest = dest  # [A] padded row of the i-th sorted assignment
-        self.tile_expert = tile_expert  # [padded_rows // block_rows] expert of each row tile, -1 = unused
-        self.padded_rows = padded_rows
+    order: Array  # [A] assignment indices sorted by expert (stable)
+    dest: Array  # [A] padded row of the i-th sorted assignment
+    tile_expert: Array  # [padded_rows // block_rows] expert of each row tile, -1 = unused
+    padded_rows: int
 
 
 def _padded_layout(expert_ids: Array, num_experts: int, block_rows: int) -> _Layout:
@@ -120,8 +137,8 @@ def _check_shapes(x: Array, weights: Array, expert_ids: Array, gate_up: Array, d
             f"down must be [experts={num_experts}, inter={two_inter // 2}, hidden={hidden}], got {down.shape}"
         )
     for name, size in (("hidden", hidden), ("inter", two_inter // 2)):
-        if size % _MIN_BLOCK:
-            raise ValueError(f"experts_pallas needs {name} to be a multiple of {_MIN_BLOCK}, got {size}")
+        if size % MIN_BLOCK:
+            raise ValueError(f"experts_pallas needs {name} to be a multiple of {MIN_BLOCK}, got {size}")
 
 
 def _gate_up_kernel(tile_expert_ref, x_ref, w_ref, h_ref, *, block_rows, block_k, block_n, hidden, inter):
@@ -148,11 +165,11 @@ def _gate_up_kernel(tile_expert_ref, x_ref, w_ref, h_ref, *, block_rows, block_k
 
 
 def _gate_up_call(
-    xs: Array, tile_expert: Array, gate_up: Array, inter: int, block_rows: int, interpret: bool
+    xs: Array, tile_expert: Array, gate_up: Array, inter: int, block_rows: int, tiles: MoeTiles, interpret: bool
 ) -> Array:
     padded_rows, hidden = xs.shape
-    block_k = largest_power_of_two_divisor(hidden, 64)
-    block_n = largest_power_of_two_divisor(inter, 64)
+    block_k = largest_power_of_two_divisor(hidden, tiles.gate_up_block_k)
+    block_n = largest_power_of_two_divisor(inter, tiles.gate_up_block_n)
     kernel = functools.partial(
         _gate_up_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, hidden=hidden, inter=inter
     )
@@ -162,7 +179,7 @@ def _gate_up_call(
         grid=(padded_rows // block_rows, inter // block_n),
         in_specs=[pl.no_block_spec, pl.no_block_spec, pl.no_block_spec],
         out_specs=pl.BlockSpec((block_rows, block_n), lambda i, j: (i, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name="moe_gate_up",
     )(tile_expert, xs, gate_up)
@@ -186,12 +203,13 @@ def _down_kernel(tile_expert_ref, h_ref, row_weight_ref, w_ref, y_ref, *, block_
 
 
 def _down_call(
-    h: Array, row_weights: Array, tile_expert: Array, down: Array, block_rows: int, interpret: bool
+    h: Array, row_weights: Array, tile_expert: Array, down: Array, block_rows: int, tiles: MoeTiles,
+    interpret: bool,
 ) -> Array:
     padded_rows, inter = h.shape
     hidden = down.shape[2]
-    block_k = largest_power_of_two_divisor(inter, 64)
-    block_n = largest_power_of_two_divisor(hidden, 128)
+    block_k = largest_power_of_two_divisor(inter, tiles.down_block_k)
+    block_n = largest_power_of_two_divisor(hidden, tiles.down_block_n)
     kernel = functools.partial(
         _down_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, inter=inter
     )
@@ -201,7 +219,7 @@ def _down_call(
         grid=(padded_rows // block_rows, hidden // block_n),
         in_specs=[pl.no_block_spec] * 4,
         out_specs=pl.BlockSpec((block_rows, block_n), lambda i, j: (i, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name="moe_down",
     )(tile_expert, h, row_weights, down)

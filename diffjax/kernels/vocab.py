@@ -13,6 +13,7 @@ The Gumbel noise is a counter-based hash of (seed, row, token id), so the kernel
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -21,15 +22,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from diffjax.kernels import largest_power_of_two_divisor, resolve_interpret
+from diffjax.kernels import (
+    FINITE_NEG,
+    MIN_BLOCK,
+    largest_power_of_two_divisor,
+    require_block,
+    resolve_interpret,
+)
 from diffjax.model import tied_logits
 from diffjax.sampling import scale_logits, token_entropy
 
 Array = jax.Array
 
-_MIN_BLOCK = 16
-# A finite "minus infinity" for running maxima: exp(_NEG - m) is 0 and (_NEG - m) * 0 stays 0, no NaN.
-_NEG = -1e30
 # Programs to aim for: a few waves of an H100's 132 SMs.
 _TARGET_PROGRAMS = 512
 
@@ -82,33 +86,45 @@ def vocab_stats_reference(
     return VocabStats(lse, token_entropy(z), jnp.argmax(z, axis=-1).astype(jnp.int32), sample, picked - lse)
 
 
-@functools.partial(jax.jit, static_argnames=("softcap", "block_rows", "splits", "interpret"))
+@dataclasses.dataclass(frozen=True)
+class VocabTiles:
+    """Block sizes (powers of two >= 16; block_v and block_k are caps, lowered to divide vocab and hidden),
+    vocabulary splits and Triton launch parameters of the statistics kernel."""
+
+    block_rows: int = 64  # lowered for fewer rows
+    block_v: int = 128
+    block_k: int = 64
+    splits: int | None = None  # a power of two dividing the vocabulary tiles; None: enough to fill the GPU
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@functools.partial(jax.jit, static_argnames=("softcap", "tiles", "interpret"))
 def vocab_stats_pallas(
     hidden: Array, embedding: Array, temperature: Array | float, *, seed: Array | int, softcap: float | None,
-    block_rows: int | None = None, splits: int | None = None, interpret: bool | None = None,
+    tiles: VocabTiles = VocabTiles(), interpret: bool | None = None,
 ) -> VocabStats:
     """Same outputs as `vocab_stats_reference`, in one pass over `embedding [vocab, hidden]`.
 
     hidden `[..., hidden]` (hidden a multiple of 16), vocab a multiple of 16, temperature > 0 (a traced
-    scalar is fine). block_rows (power of two >= 16) and splits (vocabulary splits, a power of two dividing
-    the tile count) default to a choice that fills the GPU.
+    scalar is fine).
     """
     lead, width = hidden.shape[:-1], hidden.shape[-1]
     vocab = embedding.shape[0]
     if embedding.ndim != 2 or embedding.shape[1] != width:
         raise ValueError(f"embedding must be [vocab, hidden={width}], got {embedding.shape}")
     for name, size in (("hidden", width), ("vocab", vocab)):
-        if size % _MIN_BLOCK:
-            raise ValueError(f"vocab_stats_pallas needs {name} to be a multiple of {_MIN_BLOCK}, got {size}")
+        if size % MIN_BLOCK:
+            raise ValueError(f"vocab_stats_pallas needs {name} to be a multiple of {MIN_BLOCK}, got {size}")
+    for name in ("block_rows", "block_v", "block_k"):
+        require_block(f"VocabTiles.{name}", getattr(tiles, name))
     rows = hidden.size // width
-    block_rows = block_rows or min(64, max(_MIN_BLOCK, pl.next_power_of_2(rows)))
-    if block_rows < _MIN_BLOCK or block_rows & (block_rows - 1):
-        raise ValueError(f"block_rows must be a power of two >= {_MIN_BLOCK}, got {block_rows}")
-    block_v = largest_power_of_two_divisor(vocab, 128)
-    block_k = largest_power_of_two_divisor(width, 64)
+    block_rows = min(tiles.block_rows, max(MIN_BLOCK, pl.next_power_of_2(rows)))
+    block_v = largest_power_of_two_divisor(vocab, tiles.block_v)
+    block_k = largest_power_of_two_divisor(width, tiles.block_k)
     num_tiles = vocab // block_v
     row_blocks = pl.cdiv(rows, block_rows)
-    splits = splits or largest_power_of_two_divisor(num_tiles, max(1, _TARGET_PROGRAMS // row_blocks))
+    splits = tiles.splits or largest_power_of_two_divisor(num_tiles, max(1, _TARGET_PROGRAMS // row_blocks))
     if num_tiles % splits:
         raise ValueError(f"splits ({splits}) must divide the {num_tiles} vocabulary tiles of {block_v}")
 
@@ -126,7 +142,7 @@ def vocab_stats_pallas(
         grid=(row_blocks, splits),
         in_specs=[pl.no_block_spec] * 4,
         out_specs=[pl.BlockSpec((block_rows,), lambda i, s: (s * row_blocks + i,))] * len(partial_shapes),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=resolve_interpret(interpret),
         name="vocab_stats",
     )(
@@ -182,7 +198,7 @@ def _stats_kernel(temp_ref, seed_ref, h_ref, e_ref, max_ref, sum_ref, ent_ref, t
         race_z = jnp.where(better, tile_race_z, race_z)
         return m_new, s_new, w_new, top, top_id, race, race_id, race_z
 
-    neg = jnp.full((block_rows,), _NEG, jnp.float32)
+    neg = jnp.full((block_rows,), FINITE_NEG, jnp.float32)
     zero = jnp.zeros((block_rows,), jnp.float32)
     none = jnp.full((block_rows,), vocab, jnp.int32)
     init = (neg, zero, zero, neg, none, neg, none, zero)
