@@ -45,6 +45,7 @@ import numpy as np
 import optax
 
 from diffjax.config import SLIDING, Config
+from diffjax.lora import LoraConfig, merge_lora
 from diffjax.model import (
     DECODE,
     ENCODE,
@@ -251,26 +252,44 @@ def make_optimizer(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "optimizer"), donate_argnames=("params", "opt_state"))
+def trained_loss_terms(
+    trainable: Params, config: Config, batch: Batch, noise: NoiseDraws, base: Params | None = None,
+    lora: LoraConfig | None = None,
+) -> dict[str, Array]:
+    """`loss_terms` of what a train step optimises: the model params, or with `lora` the LoRA tree
+    `trainable` merged into the frozen `base` params (see `diffjax.lora`)."""
+    if (base is None) != (lora is None):
+        raise ValueError("LoRA training needs both `base` (the frozen params) and `lora` (its LoraConfig)")
+    params = trainable if lora is None else merge_lora(base, trainable, lora)
+    return loss_terms(params, config, batch, noise)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "optimizer", "lora"), donate_argnames=("trainable", "opt_state")
+)
 def train_step(
-    params: Params, opt_state: Any, config: Config, optimizer: optax.GradientTransformation, batch: Batch,
-    noise: NoiseDraws,
+    trainable: Params, opt_state: Any, config: Config, optimizer: optax.GradientTransformation, batch: Batch,
+    noise: NoiseDraws, base: Params | None = None, lora: LoraConfig | None = None,
 ) -> tuple[Params, Any, dict[str, Array]]:
-    """One optimiser step on `diffusion_loss`; metrics: loss, diffusion, ar, grad_norm (before clipping)."""
+    """One optimiser step on `diffusion_loss`; metrics: loss, diffusion, ar, grad_norm (before clipping).
+
+    Full fine-tuning: `trainable` is the params. LoRA: `trainable` is the LoRA tree, `base` the frozen params
+    and `lora` its config; only the LoRA tree (and its optimiser state, `optimizer.init(lora_tree)`) changes.
+    """
 
     def loss_fn(p: Params) -> tuple[Array, dict[str, Array]]:
-        terms = loss_terms(p, config, batch, noise)
+        terms = trained_loss_terms(p, config, batch, noise, base, lora)
         return terms["loss"], terms
 
-    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
     metrics = {k: terms[k] for k in ("loss", "diffusion", "ar")}
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return params, opt_state, metrics
+    return trainable, opt_state, metrics
 
 
 __all__ = [
     "Batch", "NoiseDraws", "diffusion_loss", "draw_noise", "loss_terms", "make_batch", "make_optimizer",
-    "noisy_canvas", "train_step",
+    "noisy_canvas", "train_step", "trained_loss_terms",
 ]
