@@ -34,8 +34,11 @@ step (clip 1.0, AdamW b1 0.95 b2 0.99 wd 1e-4, warmup + cosine schedule).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.struct
@@ -43,9 +46,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
+from diffjax.checkpoint import TrainCheckpointer, TrainState
 from diffjax.config import SLIDING, Config
-from diffjax.lora import LoraConfig, merge_lora
+from diffjax.lora import LoraConfig, init_lora, merge_lora
 from diffjax.model import (
     DECODE,
     ENCODE,
@@ -289,7 +301,105 @@ def train_step(
     return trainable, opt_state, metrics
 
 
+# ------------------------------------------------------------------------------- fit loop
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` returns. params: the trained model (the LoRA update merged in); lora: the LoRA tree (None for
+    full fine-tuning); opt_state: the optimiser state of the trained tree; step: optimiser steps done in total;
+    history: per step run by this call (a resumed run starts at its checkpoint): loss, diffusion, ar, grad_norm;
+    tokens_per_second: encoder tokens (prompt + response) per second after the first (compiling) step."""
+
+    params: Params
+    lora: Params | None
+    opt_state: Any
+    step: int
+    history: dict[str, list[float]]
+    tokens_per_second: float | None
+
+    @property
+    def losses(self) -> list[float]:
+        return self.history["loss"]
+
+
+def fit(
+    params: Params, config: Config, batches: Callable[[int], Batch], steps: int, *, key: Array,
+    optimizer: optax.GradientTransformation | None = None, lora: LoraConfig | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None, checkpoint_every: int = 100, keep: int = 3,
+    resume: bool = False, metadata: Mapping[str, Any] | None = None, progress: bool = True,
+    console: Any = None,
+) -> FitResult:
+    """Train until `steps` optimiser steps are done: one jit-compiled `train_step` per step, batch `batches(i)`
+    for data position i, the step's noise drawn from a key split off the carried RNG key.
+
+    `params` is the model to train, or with `lora` the frozen base (a fresh LoRA tree is initialised from
+    `key`). With `checkpoint_dir`, a `TrainCheckpointer` there saves the train state every `checkpoint_every`
+    steps and at the end, keeping the last `keep`; `resume=True` continues from its latest checkpoint (the
+    losses then equal those of an uninterrupted run), and a directory that already has checkpoints is refused
+    without it. `metadata` (JSON) is stored with each checkpoint and must match on resume. `progress` shows a
+    rich progress bar (loss, tokens/s) on `console`.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    optimizer = optimizer or make_optimizer(total_steps=steps, warmup_steps=max(1, steps // 10))
+    if lora is None:
+        trainable = jax.tree.map(jnp.copy, params)  # train_step donates its input; the caller keeps theirs
+    else:
+        key, lora_key = jax.random.split(key)
+        trainable = init_lora(params, lora, lora_key)
+    base = None if lora is None else params
+    state = TrainState(trainable, optimizer.init(trainable), 0, 0, key)
+    checkpointer = None
+    if checkpoint_dir is not None:
+        checkpointer = TrainCheckpointer(checkpoint_dir, keep)
+        metadata = {"lora": None if lora is None else dataclasses.asdict(lora), **(metadata or {})}
+        if checkpointer.latest_step() is not None:
+            if not resume:
+                raise FileExistsError(f"{checkpoint_dir} already holds training checkpoints "
+                                      f"{checkpointer.all_steps()}: resume from them or choose another directory")
+            state = checkpointer.restore(state, metadata)
+        elif resume:
+            raise ValueError(f"nothing to resume: no training checkpoint in {checkpoint_dir}")
+    elif resume:
+        raise ValueError("resume needs a checkpoint_dir")
+
+    history: dict[str, list[float]] = {"loss": [], "diffusion": [], "ar": [], "grad_norm": []}
+    tokens, timed_from = 0, None
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("train", total=steps, completed=state.step, loss="-", rate="-")
+        while state.step < steps:
+            batch = batches(state.data_position)
+            next_key, step_key = jax.random.split(state.key)
+            noise = draw_noise(step_key, batch, config)
+            trainable, opt_state, metrics = train_step(
+                state.trainable, state.opt_state, config, optimizer, batch, noise, base, lora)
+            for name, value in metrics.items():
+                history[name].append(float(value))  # also waits for the step, so the timing below is real
+            state = TrainState(trainable, opt_state, state.step + 1, state.data_position + 1, next_key)
+            if timed_from is None:
+                timed_from = time.perf_counter()
+            else:
+                tokens += int(batch.prompt_ids.size + batch.response_ids.size)
+            rate = tokens / (time.perf_counter() - timed_from) if tokens else None
+            bar.update(task, completed=state.step, loss=f"{history['loss'][-1]:.4f}",
+                       rate="-" if rate is None else f"{rate:,.0f}")
+            if checkpointer is not None and (state.step % checkpoint_every == 0 or state.step == steps):
+                checkpointer.save(state, metadata)
+    if checkpointer is not None:
+        if checkpointer.latest_step() != state.step:  # a run resumed at its end: keep its last state on disk
+            checkpointer.save(state, metadata)
+        checkpointer.close()
+    merged = state.trainable if lora is None else merge_lora(params, state.trainable, lora)
+    return FitResult(merged, None if lora is None else state.trainable, state.opt_state, state.step, history,
+                     rate if tokens else None)
+
+
 __all__ = [
-    "Batch", "NoiseDraws", "diffusion_loss", "draw_noise", "loss_terms", "make_batch", "make_optimizer",
-    "noisy_canvas", "train_step", "trained_loss_terms",
+    "Batch", "FitResult", "NoiseDraws", "diffusion_loss", "draw_noise", "fit", "loss_terms", "make_batch",
+    "make_optimizer", "noisy_canvas", "train_step", "trained_loss_terms",
 ]
