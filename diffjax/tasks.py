@@ -14,7 +14,10 @@ characters (the training batch appends EOS). Pure numpy and Python: no model cod
 from __future__ import annotations
 
 import abc
+import json
 import math
+import os
+import pathlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +28,8 @@ PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 SPECIALS = ("<pad>", "<eos>", "<bos>")
 ALPHABET = "0123456789."
 BLANK = "."
+# A checkpoint folder trained on a task names it here; its tokenizer is then the task's (no tokenizer.json).
+TASK_FILE = "task.json"
 
 
 class SymbolTokenizer:
@@ -235,4 +240,26 @@ def get_task(name: str) -> Task:
     return _TASKS[name]
 
 
-__all__ = ["TASK_NAMES", "SortTask", "SudokuTask", "SymbolTokenizer", "Task", "get_task"]
+def write_task_file(folder: str | os.PathLike[str], task: Task) -> pathlib.Path:
+    """Write `folder/task.json` naming `task`; returns its path."""
+    path = pathlib.Path(folder) / TASK_FILE
+    path.write_text(json.dumps({"task": task.name}) + "\n")
+    return path
+
+
+def read_task_file(folder: str | os.PathLike[str]) -> Task | None:
+    """The task named by `folder/task.json`, or None if the folder has no such file."""
+    path = pathlib.Path(folder) / TASK_FILE
+    if not path.is_file():
+        return None
+    try:
+        name = json.loads(path.read_text())["task"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: expected {{\"task\": NAME}}, could not read it ({exc})") from None
+    return get_task(name)
+
+
+__all__ = [
+    "TASK_FILE", "TASK_NAMES", "SortTask", "SudokuTask", "SymbolTokenizer", "Task", "get_task", "read_task_file",
+    "write_task_file",
+]

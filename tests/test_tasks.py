@@ -4,7 +4,18 @@ import numpy as np
 import pytest
 
 from diffjax.config import Config
-from diffjax.tasks import BOS_ID, EOS_ID, PAD_ID, TASK_NAMES, SudokuTask, SymbolTokenizer, get_task
+from diffjax.tasks import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    TASK_FILE,
+    TASK_NAMES,
+    SudokuTask,
+    SymbolTokenizer,
+    get_task,
+    read_task_file,
+    write_task_file,
+)
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
@@ -103,3 +114,15 @@ def test_bad_inputs_name_the_problem():
         get_task("sort").batch(Config.tiny(vocab_size=8, pad_token_id=0, bos_token_id=2), 2, 0, 0)
     with pytest.raises(ValueError, match="min_blanks"):
         SudokuTask(box=2, min_blanks=10, max_blanks=5)
+
+
+def test_task_file_round_trip_and_errors(tmp_path):
+    assert read_task_file(tmp_path) is None
+    write_task_file(tmp_path, get_task("sudoku4"))
+    assert read_task_file(tmp_path) is get_task("sudoku4")
+    (tmp_path / TASK_FILE).write_text("{}")
+    with pytest.raises(ValueError, match=r"task\.json"):
+        read_task_file(tmp_path)
+    (tmp_path / TASK_FILE).write_text('{"task": "chess"}')
+    with pytest.raises(ValueError, match="unknown task 'chess'"):
+        read_task_file(tmp_path)
