@@ -72,15 +72,16 @@ class TrainCheckpointer:
             raise ValueError(f"no training checkpoint in {self.directory}")
         if step not in self._manager.all_steps():
             raise ValueError(f"no checkpoint of step {step} in {self.directory}; have {self.all_steps()}")
+        # Settings first: a run with other settings would fail on shapes, or worse, silently continue.
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        stored, given = meta["metadata"], _json_roundtrip(metadata or {})
+        if metadata is not None and stored != given:
+            differ = ", ".join(f"{k} (checkpoint {stored.get(k)!r}, now {given.get(k)!r})"
+                               for k in sorted(set(stored) | set(given)) if stored.get(k) != given.get(k))
+            raise ValueError(f"checkpoint {self.directory / str(step)} was written by a run with other settings: "
+                             f"{differ}")
         template = {"trainable": like.trainable, "opt_state": like.opt_state, "key": jax.random.key_data(like.key)}
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
-        meta = restored.meta
-        if metadata is not None and meta["metadata"] != _json_roundtrip(metadata):
-            raise ValueError(
-                f"checkpoint {self.directory / str(step)} was written by a run with other settings: "
-                f"{meta['metadata']} != {_json_roundtrip(metadata)}"
-            )
+        restored = self._manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(template)))
         arrays = restored.arrays
         return TrainState(arrays["trainable"], arrays["opt_state"], int(meta["step"]), int(meta["data_position"]),
                           jax.random.wrap_key_data(arrays["key"], impl=jax.random.key_impl(like.key)))
