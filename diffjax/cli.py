@@ -24,6 +24,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from diffjax.config import MOE_IMPLEMENTATIONS
+
 EXIT_USAGE = 2
 # Random default model: a fixed seed, so `diffjax generate` is reproducible run to run.
 DEFAULT_MODEL_SEED = 0
@@ -399,17 +401,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         if args.full_size:
             result = bench.run_full_size(bench.FullSizeSettings(
-                layers=args.layers, batch=args.batch or 1, prompt=args.prompt or 128,
+                layers=args.layers, batches=tuple(args.batch or (1,)), prompts=tuple(args.prompt or (1024,)),
                 new_tokens=args.new_tokens or 256, steps=args.steps or 16, repeats=args.repeats, seed=args.seed,
-                force=args.force, transformers=args.with_transformers,
+                force=args.force, generate=not args.no_generate, transformers=args.with_transformers,
+                transformers_compile=not args.no_compile, moe_implementations=tuple(args.moe or ("grouped",)),
             ), log)
         else:
             defaults = bench.BenchSettings()
+            for name in ("batch", "prompt", "moe"):
+                if len(getattr(args, name) or ()) > 1:
+                    raise CliError(f"--{name} takes one value without --full-size")
             chosen = {
                 "hidden": args.hidden, "layers": args.layers, "experts": args.experts, "top_k": args.top_k,
-                "vocab": args.vocab, "canvas": args.canvas, "steps": args.steps, "batch": args.batch,
-                "prompt": args.prompt, "new_tokens": args.new_tokens, "threads": args.threads,
-                "moe_implementation": args.moe,
+                "vocab": args.vocab, "canvas": args.canvas, "steps": args.steps, "batch": args.batch and args.batch[0],
+                "prompt": args.prompt and args.prompt[0], "new_tokens": args.new_tokens, "threads": args.threads,
+                "moe_implementation": args.moe and args.moe[0],
             }
             result = bench.run_comparison(dataclasses.replace(
                 defaults, repeats=args.repeats, seed=args.seed, transformers=not args.no_transformers,
@@ -589,17 +595,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vocab", type=_positive_int, help="vocabulary (default 4096)")
     b.add_argument("--canvas", type=_positive_int, help="canvas length (default 64)")
     b.add_argument("--steps", type=_positive_int, help="fixed denoising steps per canvas (default 12; full size 16)")
-    b.add_argument("--batch", type=_positive_int, help="rows (default 2; full size 1)")
-    b.add_argument("--prompt", type=_positive_int, help="prompt tokens (default 32; full size 128)")
+    b.add_argument("--batch", type=_positive_int, nargs="+",
+                   help="rows (default 2; --full-size: one or more, default 1)")
+    b.add_argument("--prompt", type=_positive_int, nargs="+",
+                   help="prompt tokens (default 32; --full-size: one or more, default 1024)")
     b.add_argument("--new-tokens", type=_positive_int, help="generated tokens (default 128; full size 256)")
     b.add_argument("--repeats", type=_positive_int, default=3, help="timed warm calls, the best is reported (default 3)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
-    b.add_argument("--moe", choices=("grouped", "dense"), default="grouped",
-                   help="our expert computation: routed pairs via ragged_dot, or every expert on every token")
+    b.add_argument("--moe", choices=MOE_IMPLEMENTATIONS, nargs="+",
+                   help="our expert computation (default grouped): routed pairs via ragged_dot, every expert on "
+                        "every token, or the Pallas grouped-matmul kernel; --full-size: one or more, each timed")
     b.add_argument("--no-transformers", action="store_true", help="time diffjax only")
     b.add_argument("--full-size", action="store_true", help="released 26B-A4B shapes, random bf16, on the GPU")
-    b.add_argument("--with-transformers", action="store_true", help="--full-size: also time transformers")
+    b.add_argument("--with-transformers", action="store_true",
+                   help="--full-size: also time transformers in this process (pick --layers so both fit; on a GPU "
+                        "cap JAX's preallocation, e.g. XLA_PYTHON_CLIENT_MEM_FRACTION=0.5)")
+    b.add_argument("--no-compile", action="store_true",
+                   help="--with-transformers: eager transformers (default: static cache + torch.compile)")
+    b.add_argument("--no-generate", action="store_true",
+                   help="--full-size: time the decoder step and encoder canvas only, not the whole loop")
     b.add_argument("--force", action="store_true", help="--full-size on a CPU backend anyway")
     b.add_argument("--json", type=pathlib.Path, help="also write the results as JSON")
     b.set_defaults(func=cmd_bench)
