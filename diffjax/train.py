@@ -29,7 +29,9 @@ Loss (`diffusion_loss`), one call:
 
 Total = diffusion + AR. The decoder's loss also flows back through the cached K/V into the encoder pass.
 All randomness is in `NoiseDraws` (`draw_noise`), so tests can fix it. `train_step` is one jit-compiled optax
-step (clip 1.0, AdamW b1 0.95 b2 0.99 wd 1e-4, warmup + cosine schedule).
+step (clip 1.0, AdamW b1 0.95 b2 0.99 wd 1e-4, warmup + cosine schedule) of the full params, or of a LoRA
+tree merged into frozen params (`diffjax.lora`). `fit` runs it step by step over a batch stream with a progress
+bar and orbax checkpoints (`diffjax.checkpoint`) that resume a killed run exactly.
 """
 
 from __future__ import annotations
