@@ -325,6 +325,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError(f"--resume: no training checkpoints in {state_dir}")
     if not args.resume and state_dir.exists():
         raise CliError(f"{args.out} already holds a training run: pass --resume to continue it, or choose another --out")
+    if not args.resume and args.out.is_dir() and any(args.out.iterdir()):
+        raise CliError(f"--out {args.out} is not empty: a new run needs a new or empty folder")
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 10)
     if warmup >= args.steps:
         raise CliError(f"--warmup-steps ({warmup}) must be below --steps ({args.steps})")

@@ -84,6 +84,8 @@ def test_train_bad_arguments(trained, tmp_path, capsys):
     cases = [
         ([*TINY_RUN, "--out", trained], "already holds a training run: pass --resume"),
         ([*TINY_RUN, *out, "--resume"], "--resume: no training checkpoints in"),
+        ([*TINY_RUN, "--out", trained / "train_state"], "is not empty: a new run needs a new or empty folder"),
+        ([*TINY_RUN, "--out", trained / "config.json"], "exists and is not a directory"),
         ([*TINY_RUN, *out, "--lora-alpha", "4"], "--lora-alpha and --lora-targets need --lora-rank"),
         ([*TINY_RUN, *out, "--warmup-steps", "2"], "--warmup-steps (2) must be below --steps (2)"),
         ([*TINY_RUN, *out, "--lora-rank", "2", "--lora-targets", "self_attn/qkv"], "match no linear layer"),
