@@ -78,6 +78,12 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
                   checkpoint_dir=tmp_path / "whole", resume=True, metadata={"task": "other"}, progress=False)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         train.fit(params, CONFIG, batches, 0, key=jax.random.key(1))
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+        train.fit(params, CONFIG, batches, 1, key=jax.random.key(1), checkpoint_every=0)
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        train.fit(params, CONFIG, batches, 1, key=jax.random.key(1), checkpoint_dir=tmp_path / "k", keep=0)
+    with pytest.raises(ValueError, match="resume needs a checkpoint_dir"):
+        train.fit(params, CONFIG, batches, 1, key=jax.random.key(1), resume=True)
 
 
 def test_lora_fit_trains_only_the_adapter(tmp_path):
