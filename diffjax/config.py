@@ -211,6 +211,17 @@ class Config:
         )
         return base.replace(**changes) if changes else base
 
+    @classmethod
+    def demo(cls, **changes: Any) -> Config:
+        """The demo model's architecture (trained on CPU by `diffjax train`): `tiny()`'s structure with an
+        8-token sliding window, 8 experts top-2 and a short context; `Task.model_config` sets the vocabulary
+        and canvas length."""
+        base = cls.tiny(
+            hidden_size=64, intermediate_size=128, moe_intermediate_size=64, sliding_window=8,
+            max_position_embeddings=256,
+        )
+        return base.replace(**changes) if changes else base
+
     # ---------------------------------------------------------- Hugging Face IO
     @classmethod
     def from_hf(cls, hf_config: Mapping[str, Any]) -> Config:
