@@ -14,6 +14,12 @@ from typing import Any, Literal
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
+MOE_IMPLEMENTATIONS = ("grouped", "dense", "pallas")
+# MoE forms that need a device mesh (`jax.set_mesh`): not offered where no mesh is set up (bench, CLI).
+MESH_MOE_IMPLEMENTATIONS = ("expert_parallel",)
+GLOBAL_ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
+# Config fields that pick an implementation (same maths): not written to config.json.
+IMPLEMENTATION_FIELDS = ("moe_implementation", "global_attention_implementation")
 
 RopeType = Literal["default", "proportional"]
 
@@ -86,10 +92,15 @@ class Config:
     bos_token_id: int = 2
     # How the experts are computed; same maths, different speed. "grouped": only routed (token, expert)
     # pairs, sorted by expert, through `jax.lax.ragged_dot`. "dense": every expert on every token with the
-    # unrouted pairs weighted 0 (faster on CPU for few experts, and the oracle for "grouped").
+    # unrouted pairs weighted 0 (faster on CPU for few experts, and the oracle for "grouped"). "pallas": the
+    # block-sparse grouped-matmul kernel of `diffjax.kernels.moe` (GPU; interpreted elsewhere, slowly).
     # "expert_parallel": experts split over a device mesh, tokens sent to their experts' devices with
     # all-to-all (`diffjax.sharding.experts_expert_parallel`; needs `jax.set_mesh`).
-    moe_implementation: Literal["grouped", "dense", "expert_parallel"] = "grouped"
+    moe_implementation: Literal["grouped", "dense", "pallas", "expert_parallel"] = "grouped"
+    # How the decoder's global layers attend (the canvas over the whole cache, padding-only mask). "xla":
+    # `layers.attend`. "pallas": the split-K kernel of `diffjax.kernels.attention`. The encoder (causal) and
+    # the sliding layers always use `attend`.
+    global_attention_implementation: Literal["xla", "pallas"] = "xla"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -118,9 +129,15 @@ class Config:
             raise ValueError(
                 f"top_k_experts ({self.top_k_experts}) must be <= num_experts ({self.num_experts})"
             )
-        if self.moe_implementation not in ("grouped", "dense", "expert_parallel"):
+        if self.moe_implementation not in MOE_IMPLEMENTATIONS + MESH_MOE_IMPLEMENTATIONS:
             raise ValueError(
-                f"moe_implementation must be 'grouped', 'dense' or 'expert_parallel', got {self.moe_implementation!r}"
+                f"moe_implementation must be one of {MOE_IMPLEMENTATIONS + MESH_MOE_IMPLEMENTATIONS}, "
+                f"got {self.moe_implementation!r}"
+            )
+        if self.global_attention_implementation not in GLOBAL_ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"global_attention_implementation must be one of {GLOBAL_ATTENTION_IMPLEMENTATIONS}, "
+                f"got {self.global_attention_implementation!r}"
             )
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
@@ -167,6 +184,10 @@ class Config:
     def embed_scale(self) -> float:
         return math.sqrt(self.hidden_size)
 
+    def implementation(self) -> dict[str, str]:
+        """The fields that choose how (not what) is computed, e.g. to carry them over a config.json."""
+        return {name: getattr(self, name) for name in IMPLEMENTATION_FIELDS}
+
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed; unknown field names raise `ValueError`."""
         known = {f.name for f in dataclasses.fields(self)}
@@ -192,6 +213,17 @@ class Config:
                                  rope_type="proportional", partial_rotary_factor=0.25),
             sliding_window=8, intermediate_size=96, num_experts=8, top_k_experts=2,
             moe_intermediate_size=32, canvas_length=16,
+        )
+        return base.replace(**changes) if changes else base
+
+    @classmethod
+    def demo(cls, **changes: Any) -> Config:
+        """The demo model's architecture (trained on CPU by `diffjax train`): `tiny()`'s structure with an
+        8-token sliding window, 8 experts top-2 and a short context; `Task.model_config` sets the vocabulary
+        and canvas length."""
+        base = cls.tiny(
+            hidden_size=64, intermediate_size=128, moe_intermediate_size=64, sliding_window=8,
+            max_position_embeddings=256,
         )
         return base.replace(**changes) if changes else base
 
