@@ -24,7 +24,7 @@ A dimension that the axes do not divide evenly is replicated instead (jax arrays
 The K/V cache is split over `data` on its batch axis and over `model` on its kv heads (as k/v_proj); token
 arrays `[batch, ...]` over `data` (`shard_batch`).
 
-Usage (one host; see docs/sharding.md for several):
+Usage (one host; README "Sharded runs" for several):
 
     mesh = make_mesh(data=1, expert=8, model=1)
     config = config.replace(moe_implementation="expert_parallel")
