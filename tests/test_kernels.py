@@ -7,6 +7,7 @@ NVIDIA GPU fails here even without one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -289,3 +290,21 @@ def test_decoder_global_layers_select_the_kernel():
     _close(logits["pallas"], logits["xla"], jnp.float32, scale=5)
     with pytest.raises(ValueError, match="global_attention_implementation"):
         config.replace(global_attention_implementation="cudnn")
+
+
+def test_kernel_bench_sweep_lists_tile_variants_and_picks_the_fastest():
+    variants = kernel_bench._pallas_variants(lambda t: lambda: t, VocabTiles, ({"block_k": 32},), sweep=True)
+    assert list(variants) == ["pallas[0]", "pallas[1]"]
+    assert variants["pallas[0]"][1]["tiles"] == dataclasses.asdict(VocabTiles())
+    assert variants["pallas[1]"][1]["tiles"]["block_k"] == 32
+    assert list(kernel_bench._pallas_variants(lambda t: lambda: t, VocabTiles, (), sweep=False)) == ["pallas"]
+    entries = [
+        {"section": "moe", "rows": 1, "ms": 2.0, "tiles": {"num_warps": 4}},
+        {"section": "moe", "rows": 1, "ms": 1.0, "tiles": {"num_warps": 8}},
+        {"section": "moe", "rows": 1, "error": "failed"},
+        {"section": "moe", "rows": 4, "ms": 3.0, "tiles": {"num_warps": 4}},
+    ]
+    assert kernel_bench.best_tiles(entries) == [
+        {"section": "moe", "rows": 1, "ms": 1.0, "tiles": {"num_warps": 8}},
+        {"section": "moe", "rows": 4, "ms": 3.0, "tiles": {"num_warps": 4}},
+    ]
