@@ -72,6 +72,17 @@ def test_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, block_r
     _close(experts_grouped(*args), experts_dense(*as_f32(*args)), dtype)  # the twin meets the same bar
 
 
+def test_moe_kernel_reads_a_layer_of_a_stack_in_place():
+    x, weights, ids, gate_up, down = moe_case(20, 8, 2, 32, 16, jnp.float32, seed=4)
+    stack_up = jnp.stack([gate_up, -0.5 * gate_up, gate_up[::-1]])
+    stack_down = jnp.stack([down, down[::-1], 2.0 * down])
+    run = jax.jit(lambda layer: experts_pallas(x, weights, ids, stack_up, stack_down, layer, interpret=True))
+    for layer in (1, 2):  # one compile, the layer traced
+        _close(run(jnp.int32(layer)), experts_dense(x, weights, ids, stack_up[layer], stack_down[layer]), jnp.float32)
+    with pytest.raises(ValueError, match="stacks"):
+        experts_pallas(x, weights, ids, gate_up, down, 0)
+
+
 def test_experts_module_selects_the_kernel():
     # One token: a single used row tile, every other tile skipped.
     x, weights, ids, gate_up, down = moe_case(1, 8, 2, 64, 32, jnp.float32, seed=3)
@@ -95,6 +106,23 @@ def test_moe_kernel_lowers_for_cuda_at_released_shapes():
     )
     text = lower_for_cuda(lambda *a: experts_pallas(*a, interpret=False), *args)
     assert text.count("__gpu$xla.gpu.triton") == 2  # gate/up and down kernels
+
+    # A scan over a stack of layers hands the kernels the whole stack: no per-layer slice (a copy) of it.
+    layers = 2
+    stacks = [jax.ShapeDtypeStruct((layers, *a.shape), a.dtype) for a in args[3:]]
+
+    def scanned(x, weights, ids, gate_up, down, sliced):
+        def layer_step(h, layer):
+            if sliced:
+                return experts_pallas(h, weights, ids, gate_up[layer], down[layer], interpret=False), None
+            return experts_pallas(h, weights, ids, gate_up, down, layer, interpret=False), None
+
+        return jax.lax.scan(layer_step, x, jnp.arange(layers))[0]
+
+    slice_type = f"tensor<1x{cfg.num_experts}x{cfg.hidden_size}x{2 * cfg.moe_intermediate_size}xbf16>"
+    in_place = lower_for_cuda(lambda *a: scanned(*a, sliced=False), *args[:3], *stacks)
+    assert in_place.count("__gpu$xla.gpu.triton") == 2 and slice_type not in in_place
+    assert slice_type in lower_for_cuda(lambda *a: scanned(*a, sliced=True), *args[:3], *stacks)
 
 
 def test_moe_kernel_rejects_bad_shapes():
