@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
 from diffjax.kernels.moe import MoeTiles, experts_pallas
 from diffjax.kernels.vocab import VocabTiles, vocab_stats_pallas, vocab_stats_reference
 from diffjax.layers import Experts, attend, experts_dense, experts_grouped
-from diffjax.model import denoise_logits, encode, init_params, tied_logits
+from diffjax.model import denoise_logits, encode, init_cache, init_params, param_shapes, tied_logits
 
 
 def lower_for_cuda(fn, *args) -> str:
@@ -92,6 +93,36 @@ def test_experts_module_selects_the_kernel():
         for impl in ("grouped", "pallas")
     }
     _close(outputs["pallas"], outputs["grouped"], jnp.float32)
+
+
+def test_model_hands_the_kernel_each_blocks_experts_from_the_stack():
+    """Two scanned blocks with different experts: the kernel must read block i's weights in block i."""
+    config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"))
+    params = init_params(config, jax.random.key(1))
+    experts = params["blocks"]["layer_0"]["experts"]  # [blocks, ...] stacks
+    experts["gate_up_proj"] = experts["gate_up_proj"].at[0].multiply(30.0)
+    experts["down_proj"] = experts["down_proj"].at[0].multiply(30.0)
+    prompt = jax.random.randint(jax.random.key(2), (2, 8), 3, config.vocab_size)
+    cache = encode(params, config, prompt, capacity=8)
+    canvas = jax.random.randint(jax.random.key(3), (2, config.canvas_length), 3, config.vocab_size)
+    logits = {
+        impl: denoise_logits(params, config.replace(moe_implementation=impl), cache, canvas)
+        for impl in ("grouped", "pallas")
+    }
+    _close(logits["pallas"], logits["grouped"], jnp.float32, scale=5)
+
+
+def test_decoder_lowered_for_cuda_slices_no_expert_weights(monkeypatch):
+    """In the scanned model the kernels take the whole expert stacks: no per-block slice (copy) of them."""
+    monkeypatch.setattr("diffjax.kernels.moe.resolve_interpret", lambda _: False)  # Triton, even on a CPU host
+    config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"), moe_implementation="pallas")
+    params = param_shapes(config, jnp.bfloat16)
+    cache = jax.eval_shape(lambda: init_cache(config, 2, 8, jnp.bfloat16))
+    canvas = jax.ShapeDtypeStruct((2, config.canvas_length), jnp.int32)
+    text = lower_for_cuda(lambda p, c, ids: denoise_logits(p, config, c, ids), params, cache, canvas)
+    assert text.count("__gpu$xla.gpu.triton") == 2
+    expert = f"{config.num_experts}x{config.hidden_size}x{2 * config.moe_intermediate_size}xbf16>"
+    assert not re.search(r"dynamic_slice[^\n]*-> tensor<1x" + expert, text)
 
 
 def test_moe_kernel_lowers_for_cuda_at_released_shapes():
