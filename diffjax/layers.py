@@ -228,7 +228,11 @@ class Experts(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x: Array, weights: Array, expert_ids: Array) -> Array:
+    def __call__(
+        self, x: Array, weights: Array, expert_ids: Array, stacked: tuple[Array, Array, Array] | None = None
+    ) -> Array:
+        """`stacked` (the "pallas" implementation only): (gate_up, down) stacks `[blocks, ...]` of this layer
+        position and the block index; the kernel reads them in place instead of this module's (sliced) params."""
         cfg = self.config
         gate_up = self.param(
             "gate_up_proj", _init, (cfg.num_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size)
@@ -237,6 +241,8 @@ class Experts(nn.Module):
         if cfg.moe_implementation == "pallas":
             from diffjax.kernels.moe import experts_pallas  # the kernels import this module
 
+            if stacked is not None:
+                return experts_pallas(x, weights, expert_ids, *stacked)
             return experts_pallas(x, weights, expert_ids, gate_up, down)
         if cfg.moe_implementation == "expert_parallel":
             from diffjax.sharding import experts_expert_parallel  # sharding imports the model

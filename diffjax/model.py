@@ -145,7 +145,8 @@ class Layer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, context: tuple[Array, Array], mask: Array
+        self, x: Array, positions: Array, context: tuple[Array, Array], mask: Array,
+        stacked_experts: tuple[Array, Array, Array] | None = None,
     ) -> tuple[Array, tuple[Array, Array]]:
         cfg = self.config
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps)
@@ -159,7 +160,9 @@ class Layer(nn.Module):
         dense = norm(name="post_feedforward_layernorm_1")(dense)
         flat = residual.reshape(-1, cfg.hidden_size)
         weights, expert_ids = Router(cfg, name="router")(flat)
-        moe = Experts(cfg, name="experts")(norm(name="pre_feedforward_layernorm_2")(flat), weights, expert_ids)
+        moe = Experts(cfg, name="experts")(
+            norm(name="pre_feedforward_layernorm_2")(flat), weights, expert_ids, stacked_experts
+        )
         moe = norm(name="post_feedforward_layernorm_2")(moe.reshape(residual.shape))
         x = residual + norm(name="post_feedforward_layernorm")(dense + moe)
 
@@ -179,13 +182,14 @@ class Block(nn.Module):
     @nn.compact
     def __call__(
         self, x: Array, context: tuple[dict[str, Array], dict[str, Array]], positions: Array,
-        masks: dict[str, Array],
+        masks: dict[str, Array], block_index: Array, expert_stacks: dict[str, tuple[Array, Array]] | None,
     ) -> tuple[Array, tuple[dict[str, Array], dict[str, Array]]]:
         new_keys, new_values = {}, {}
         for j, layer_type in enumerate(self.config.block_layer_types):
             name = f"layer_{j}"
+            stacked = None if expert_stacks is None else (*expert_stacks[name], block_index)
             x, (k, v) = Layer(self.config, layer_type, self.mode, name=name)(
-                x, positions, (context[0][name], context[1][name]), masks[layer_type]
+                x, positions, (context[0][name], context[1][name]), masks[layer_type], stacked
             )
             new_keys[name], new_values[name] = k, v
         return x, (new_keys, new_values)
@@ -217,14 +221,25 @@ class DiffusionGemma(nn.Module):
             x = SelfConditioning(cfg, name="self_conditioning")(x, soft)
             masks = _decoder_masks(cfg, cache, n)
 
+        expert_stacks = None
+        if cfg.moe_implementation == "pallas" and not self.is_initializing():
+            # The Pallas experts read each block's weights from the whole stack: the scan's per-block slice
+            # of a stack feeding a custom call would be a 1.5 GB copy per layer and step at full size.
+            expert_stacks = {
+                name: (layer["experts"]["gate_up_proj"], layer["experts"]["down_proj"])
+                for name, layer in self.variables["params"]["blocks"].items()
+            }
         blocks = nn.scan(
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_blocks,
         )(cfg, mode, name="blocks")
-        x, new_kv = blocks(x, (cache.keys, cache.values), positions, masks)
+        x, new_kv = blocks(
+            x, (cache.keys, cache.values), positions, masks, jnp.arange(cfg.num_blocks, dtype=jnp.int32),
+            expert_stacks,
+        )
         hidden = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
         if mode == ENCODE:
             return hidden, new_kv

@@ -7,7 +7,9 @@ NVIDIA GPU fails here even without one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,7 @@ from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
 from diffjax.kernels.moe import MoeTiles, experts_pallas
 from diffjax.kernels.vocab import VocabTiles, vocab_stats_pallas, vocab_stats_reference
 from diffjax.layers import Experts, attend, experts_dense, experts_grouped
-from diffjax.model import denoise_logits, encode, init_params, tied_logits
+from diffjax.model import denoise_logits, encode, init_cache, init_params, param_shapes, tied_logits
 
 
 def lower_for_cuda(fn, *args) -> str:
@@ -71,6 +73,17 @@ def test_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, block_r
     _close(experts_grouped(*args), experts_dense(*as_f32(*args)), dtype)  # the twin meets the same bar
 
 
+def test_moe_kernel_reads_a_layer_of_a_stack_in_place():
+    x, weights, ids, gate_up, down = moe_case(20, 8, 2, 32, 16, jnp.float32, seed=4)
+    stack_up = jnp.stack([gate_up, -0.5 * gate_up, gate_up[::-1]])
+    stack_down = jnp.stack([down, down[::-1], 2.0 * down])
+    run = jax.jit(lambda layer: experts_pallas(x, weights, ids, stack_up, stack_down, layer, interpret=True))
+    for layer in (1, 2):  # one compile, the layer traced
+        _close(run(jnp.int32(layer)), experts_dense(x, weights, ids, stack_up[layer], stack_down[layer]), jnp.float32)
+    with pytest.raises(ValueError, match="stacks"):
+        experts_pallas(x, weights, ids, gate_up, down, 0)
+
+
 def test_experts_module_selects_the_kernel():
     # One token: a single used row tile, every other tile skipped.
     x, weights, ids, gate_up, down = moe_case(1, 8, 2, 64, 32, jnp.float32, seed=3)
@@ -80,6 +93,36 @@ def test_experts_module_selects_the_kernel():
         for impl in ("grouped", "pallas")
     }
     _close(outputs["pallas"], outputs["grouped"], jnp.float32)
+
+
+def test_model_hands_the_kernel_each_blocks_experts_from_the_stack():
+    """Two scanned blocks with different experts: the kernel must read block i's weights in block i."""
+    config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"))
+    params = init_params(config, jax.random.key(1))
+    experts = params["blocks"]["layer_0"]["experts"]  # [blocks, ...] stacks
+    experts["gate_up_proj"] = experts["gate_up_proj"].at[0].multiply(30.0)
+    experts["down_proj"] = experts["down_proj"].at[0].multiply(30.0)
+    prompt = jax.random.randint(jax.random.key(2), (2, 8), 3, config.vocab_size)
+    cache = encode(params, config, prompt, capacity=8)
+    canvas = jax.random.randint(jax.random.key(3), (2, config.canvas_length), 3, config.vocab_size)
+    logits = {
+        impl: denoise_logits(params, config.replace(moe_implementation=impl), cache, canvas)
+        for impl in ("grouped", "pallas")
+    }
+    _close(logits["pallas"], logits["grouped"], jnp.float32, scale=5)
+
+
+def test_decoder_lowered_for_cuda_slices_no_expert_weights(monkeypatch):
+    """In the scanned model the kernels take the whole expert stacks: no per-block slice (copy) of them."""
+    monkeypatch.setattr("diffjax.kernels.moe.resolve_interpret", lambda _: False)  # Triton, even on a CPU host
+    config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"), moe_implementation="pallas")
+    params = param_shapes(config, jnp.bfloat16)
+    cache = jax.eval_shape(lambda: init_cache(config, 2, 8, jnp.bfloat16))
+    canvas = jax.ShapeDtypeStruct((2, config.canvas_length), jnp.int32)
+    text = lower_for_cuda(lambda p, c, ids: denoise_logits(p, config, c, ids), params, cache, canvas)
+    assert text.count("__gpu$xla.gpu.triton") == 2
+    expert = f"{config.num_experts}x{config.hidden_size}x{2 * config.moe_intermediate_size}xbf16>"
+    assert not re.search(r"dynamic_slice[^\n]*-> tensor<1x" + expert, text)
 
 
 def test_moe_kernel_lowers_for_cuda_at_released_shapes():
@@ -94,6 +137,23 @@ def test_moe_kernel_lowers_for_cuda_at_released_shapes():
     )
     text = lower_for_cuda(lambda *a: experts_pallas(*a, interpret=False), *args)
     assert text.count("__gpu$xla.gpu.triton") == 2  # gate/up and down kernels
+
+    # A scan over a stack of layers hands the kernels the whole stack: no per-layer slice (a copy) of it.
+    layers = 2
+    stacks = [jax.ShapeDtypeStruct((layers, *a.shape), a.dtype) for a in args[3:]]
+
+    def scanned(x, weights, ids, gate_up, down, sliced):
+        def layer_step(h, layer):
+            if sliced:
+                return experts_pallas(h, weights, ids, gate_up[layer], down[layer], interpret=False), None
+            return experts_pallas(h, weights, ids, gate_up, down, layer, interpret=False), None
+
+        return jax.lax.scan(layer_step, x, jnp.arange(layers))[0]
+
+    slice_type = f"tensor<1x{cfg.num_experts}x{cfg.hidden_size}x{2 * cfg.moe_intermediate_size}xbf16>"
+    in_place = lower_for_cuda(lambda *a: scanned(*a, sliced=False), *args[:3], *stacks)
+    assert in_place.count("__gpu$xla.gpu.triton") == 2 and slice_type not in in_place
+    assert slice_type in lower_for_cuda(lambda *a: scanned(*a, sliced=True), *args[:3], *stacks)
 
 
 def test_moe_kernel_rejects_bad_shapes():
@@ -289,3 +349,21 @@ def test_decoder_global_layers_select_the_kernel():
     _close(logits["pallas"], logits["xla"], jnp.float32, scale=5)
     with pytest.raises(ValueError, match="global_attention_implementation"):
         config.replace(global_attention_implementation="cudnn")
+
+
+def test_kernel_bench_sweep_lists_tile_variants_and_picks_the_fastest():
+    variants = kernel_bench._pallas_variants(lambda t: lambda: t, VocabTiles, ({"block_k": 32},), sweep=True)
+    assert list(variants) == ["pallas[0]", "pallas[1]"]
+    assert variants["pallas[0]"][1]["tiles"] == dataclasses.asdict(VocabTiles())
+    assert variants["pallas[1]"][1]["tiles"]["block_k"] == 32
+    assert list(kernel_bench._pallas_variants(lambda t: lambda: t, VocabTiles, (), sweep=False)) == ["pallas"]
+    entries = [
+        {"section": "moe", "rows": 1, "ms": 2.0, "tiles": {"num_warps": 4}},
+        {"section": "moe", "rows": 1, "ms": 1.0, "tiles": {"num_warps": 8}},
+        {"section": "moe", "rows": 1, "error": "failed"},
+        {"section": "moe", "rows": 4, "ms": 3.0, "tiles": {"num_warps": 4}},
+    ]
+    assert kernel_bench.best_tiles(entries) == [
+        {"section": "moe", "rows": 1, "ms": 1.0, "tiles": {"num_warps": 8}},
+        {"section": "moe", "rows": 4, "ms": 3.0, "tiles": {"num_warps": 4}},
+    ]

@@ -14,6 +14,9 @@ For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--re
 * `attention`: one global layer's attention (16 query heads, 2 kv heads, head_dim 512) of the canvas over a
   prompt cache of 1K and 32K tokens plus the canvas (`pallas` split-K against `attend`).
 
+`--sweep` instead times each Pallas kernel under the tile settings of `MOE_TILES`, `VOCAB_TILES` and
+`ATTENTION_TILES` beside its defaults, and lists the fastest per problem (`best_tiles` in the JSON).
+
 Each entry records ms, the bytes it must read at least (weights touched + inputs + outputs) and those bytes
 over the time (GB/s, to set against the device copy bandwidth also recorded). A failing entry records its
 error and the others still run.
@@ -46,6 +49,20 @@ from diffjax.layers import attend, experts_dense, experts_grouped
 RAGGED_DOT_FUSION_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
 MOE_IMPLS = ("pallas", "ragged_dot", "ragged_dot_fusion", "dense")
 SECTIONS = ("moe", "vocab", "attention")
+# `--sweep`: tile settings tried beside each kernel's defaults (keyword arguments of its *Tiles class).
+MOE_TILES = (
+    {"gate_up_block_k": 128}, {"num_stages": 4}, {"num_stages": 5, "gate_up_block_k": 128}, {"num_warps": 8},
+    {"gate_up_block_n": 32, "down_block_n": 64}, {"down_block_n": 256, "num_warps": 8}, {"block_rows": 64},
+)
+VOCAB_TILES = (
+    {"block_rows": 128, "num_warps": 8}, {"block_v": 256, "num_warps": 8},
+    {"block_rows": 128, "block_v": 256, "num_warps": 8}, {"block_k": 128}, {"num_stages": 4},
+    {"block_rows": 128, "block_k": 32, "num_stages": 4},
+)
+ATTENTION_TILES = (
+    {"block_k": 16, "num_warps": 4}, {"num_warps": 4, "num_stages": 1}, {"block_q": 32, "num_warps": 4},
+    {"block_q": 128, "block_k": 16}, {"block_k": 64, "num_stages": 1}, {"block_q": 128, "num_stages": 1},
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +103,7 @@ class Settings:
     moe_impls: tuple[str, ...] = MOE_IMPLS
     repeats: int = 5
     tiny: bool = False
+    sweep: bool = False  # time the Pallas kernels under several tile settings instead of against the twins
     seed: int = 0
 
 
@@ -147,31 +165,48 @@ def moe_bytes(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Arr
     return hit * per_expert + 2 * _nbytes(x) + _nbytes(weights, ids)
 
 
-def moe_function(impl: str, interpret: bool) -> Callable[..., jax.Array]:
-    if impl == "pallas":
-        from diffjax.kernels.moe import experts_pallas
+def _pallas_variants(make: Callable[[Any], Callable[..., Any]], tiles_class: type, candidates: Sequence[dict],
+                     sweep: bool) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
+    """`{"pallas": (jitted kernel, {})}`, or with `sweep` one entry per tile candidate, the defaults first."""
+    if not sweep:
+        return {"pallas": (jax.jit(make(tiles_class())), {})}
+    variants = [tiles_class(), *(tiles_class(**c) for c in candidates)]
+    return {f"pallas[{i}]": (jax.jit(make(t)), {"tiles": dataclasses.asdict(t)}) for i, t in enumerate(variants)}
 
-        return jax.jit(lambda *a: experts_pallas(*a, interpret=interpret))
-    if impl in ("ragged_dot", "ragged_dot_fusion"):
-        return jax.jit(experts_grouped)
-    if impl == "dense":
-        return jax.jit(experts_dense)
-    raise ValueError(f"unknown moe implementation {impl!r}; expected one of {MOE_IMPLS}")
+
+def _time_all(section: str, rows: int, args: tuple, nbytes: int,
+              impls: dict[str, tuple[Callable[..., Any], dict[str, Any]]], s: Settings,
+              log: Callable[[str], None], **problem: Any) -> list[dict[str, Any]]:
+    out = []
+    for impl, (fn, extra) in impls.items():
+        log(" ".join([section, impl, f"rows={rows}", *(f"{k}={v}" for k, v in problem.items())]))
+
+        def timed(fn: Callable[..., Any] = fn) -> tuple[float, float, int]:
+            return (*time_call(fn, *args, repeats=s.repeats), nbytes)
+
+        out.append(_entry(section, impl, rows, timed, **problem, **extra))
+    return out
 
 
 def bench_moe(s: Settings, shapes: Shapes, impls: Sequence[str], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    from diffjax.kernels.moe import MoeTiles, experts_pallas
+
+    functions: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
+    for impl in impls:
+        if impl == "pallas":
+            functions |= _pallas_variants(
+                lambda t: lambda *a: experts_pallas(*a, tiles=t, interpret=s.tiny), MoeTiles, MOE_TILES, s.sweep)
+        elif impl in ("ragged_dot", "ragged_dot_fusion"):
+            functions[impl] = (jax.jit(experts_grouped), {})
+        elif impl == "dense":
+            functions[impl] = (jax.jit(experts_dense), {})
+        else:
+            raise ValueError(f"unknown moe implementation {impl!r}; expected one of {MOE_IMPLS}")
     out = []
     for rows in s.rows:
         tokens = rows * shapes.canvas
         args = moe_inputs(shapes, tokens, s.seed)
-        nbytes = moe_bytes(*args)
-        for impl in impls:
-            log(f"moe {impl} rows={rows}")
-
-            def timed(impl: str = impl, args: tuple = args, nbytes: int = nbytes) -> tuple[float, float, int]:
-                return (*time_call(moe_function(impl, s.tiny), *args, repeats=s.repeats), nbytes)
-
-            out.append(_entry("moe", impl, rows, timed, tokens=tokens))
+        out += _time_all("moe", rows, args, moe_bytes(*args), functions, s, log)
         del args
     return out
 
@@ -209,29 +244,22 @@ def vocab_inputs(shapes: Shapes, rows: int, seed: int) -> tuple[jax.Array, jax.A
 
 
 def bench_vocab(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    from diffjax.kernels import vocab
+    from diffjax.kernels.vocab import VocabTiles, vocab_stats_pallas, vocab_stats_reference
 
+    functions = _pallas_variants(
+        lambda t: lambda h, e, temp: vocab_stats_pallas(
+            h, e, temp, seed=7, softcap=shapes.softcap, tiles=t, interpret=s.tiny),
+        VocabTiles, VOCAB_TILES, s.sweep,
+    )
+    if not s.sweep:
+        functions["logits_then_stats"] = (
+            jax.jit(lambda h, e, temp: vocab_stats_reference(h, e, temp, seed=7, softcap=shapes.softcap)), {})
     out = []
     for batch in s.rows:
-        rows = batch * shapes.canvas
-        hidden, embedding = vocab_inputs(shapes, rows, s.seed)
-        temperature = jnp.float32(0.8)
-        nbytes = _nbytes(hidden, embedding)
-        impls = {
-            "pallas": jax.jit(lambda h, e, t: vocab.vocab_stats_pallas(
-                h, e, t, seed=7, softcap=shapes.softcap, interpret=s.tiny)),
-            "logits_then_stats": jax.jit(lambda h, e, t: vocab.vocab_stats_reference(
-                h, e, t, seed=7, softcap=shapes.softcap)),
-        }
-        for impl, fn in impls.items():
-            log(f"vocab {impl} rows={batch}")
-
-            def timed(fn: Callable = fn, hidden: jax.Array = hidden, embedding: jax.Array = embedding,
-                      temperature: jax.Array = temperature, nbytes: int = nbytes) -> tuple[float, float, int]:
-                return (*time_call(fn, hidden, embedding, temperature, repeats=s.repeats), nbytes)
-
-            out.append(_entry("vocab", impl, batch, timed, tokens=rows))
-        del hidden, embedding
+        hidden, embedding = vocab_inputs(shapes, batch * shapes.canvas, s.seed)
+        args = (hidden, embedding, jnp.float32(0.8))
+        out += _time_all("vocab", batch, args, _nbytes(hidden, embedding), functions, s, log)
+        del hidden, embedding, args
     return out
 
 
@@ -257,25 +285,21 @@ def attention_inputs(shapes: Shapes, batch: int, prompt: int, seed: int) -> tupl
 
 
 def bench_attention(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    from diffjax.kernels.attention import global_attention_pallas
+    from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
 
-    impls = {
-        "pallas": jax.jit(lambda q, k, v, valid: global_attention_pallas(q, k, v, valid, interpret=s.tiny)),
-        "attend": jax.jit(lambda q, k, v, valid: attend(
-            q, k, v, jnp.broadcast_to(valid[:, None, :], (q.shape[0], q.shape[1], valid.shape[1])))),
-    }
+    functions = _pallas_variants(
+        lambda t: lambda q, k, v, valid: global_attention_pallas(q, k, v, valid, tiles=t, interpret=s.tiny),
+        AttentionTiles, ATTENTION_TILES, s.sweep,
+    )
+    if not s.sweep:
+        functions["attend"] = (jax.jit(lambda q, k, v, valid: attend(
+            q, k, v, jnp.broadcast_to(valid[:, None, :], (q.shape[0], q.shape[1], valid.shape[1])))), {})
     out = []
     for prompt in s.prompts:
         for batch in s.rows:
             args = attention_inputs(shapes, batch, prompt, s.seed)
             nbytes = _nbytes(*args) + _nbytes(args[0])  # + the output, the size of the queries
-            for impl, fn in impls.items():
-                log(f"attention {impl} rows={batch} prompt={prompt}")
-
-                def timed(fn: Callable = fn, args: tuple = args, nbytes: int = nbytes) -> tuple[float, float, int]:
-                    return (*time_call(fn, *args, repeats=s.repeats), nbytes)
-
-                out.append(_entry("attention", impl, batch, timed, prompt=prompt))
+            out += _time_all("attention", batch, args, nbytes, functions, s, log, prompt=prompt)
             del args
     return out
 
@@ -285,6 +309,8 @@ def bench_attention(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> 
 
 def run(s: Settings, log: Callable[[str], None] = lambda _: None, child: bool = False) -> dict[str, Any]:
     shapes = Shapes.tiny() if s.tiny else Shapes.released()
+    if s.sweep:
+        s = dataclasses.replace(s, moe_impls=("pallas",))
     # The child runs first, while this process has not yet claimed (preallocated) the GPU's memory.
     fusion = (bench_moe_fusion_child(s, log) if "moe" in s.sections and "ragged_dot_fusion" in s.moe_impls
               and not child else [])
@@ -311,7 +337,19 @@ def run(s: Settings, log: Callable[[str], None] = lambda _: None, child: bool = 
                 entries += section()
             except Exception as exc:  # e.g. the section's module failing to import
                 entries.append({"section": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+    if s.sweep:
+        result["best_tiles"] = best_tiles(entries)
     return result
+
+
+def best_tiles(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The fastest tile setting per problem (section, rows, prompt) among the entries that ran."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for e in entries:
+        key = (e["section"], e.get("rows"), e.get("prompt"))
+        if "ms" in e and (key not in best or e["ms"] < best[key]["ms"]):
+            best[key] = e
+    return [{k: e[k] for k in ("section", "rows", "prompt", "ms", "tiles") if k in e} for e in best.values()]
 
 
 def render(result: dict[str, Any]) -> str:
@@ -323,7 +361,10 @@ def render(result: dict[str, Any]) -> str:
     for e in result["entries"]:
         ms = f"{e['ms']:9.3f}" if "ms" in e else f"{'-':>9}"
         gbs = f"{e['gb_per_s']:8.0f}" if "gb_per_s" in e else f"{'-':>8}"
-        note = e.get("error", "").splitlines()[0][:100] if "error" in e else ""
+        if "error" in e:
+            note = e["error"].splitlines()[0][:100]
+        else:
+            note = " ".join(f"{k}={v}" for k, v in e.get("tiles", {}).items() if v is not None)
         lines.append(f"{e['section']:<10} {e.get('impl', '-'):<18} {e.get('rows', '-'):>4} "
                      f"{e.get('prompt', ''):>6} {ms} {gbs}  {note}")
     return "\n".join(lines)
@@ -338,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--moe-impls", nargs="+", choices=MOE_IMPLS, default=list(MOE_IMPLS))
     p.add_argument("--repeats", type=int, default=5, help="warm calls per entry, the best is kept (default 5)")
+    p.add_argument("--sweep", action="store_true",
+                   help="time each Pallas kernel under several tile settings (no twins); report the fastest")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if any(n <= 0 for n in (args.rows or []) + (args.prompts or []) + [args.repeats]):
@@ -346,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows=tuple(args.rows or ((1, 2) if args.tiny else (1, 4, 8, 16))),
         prompts=tuple(args.prompts or ((32,) if args.tiny else (1024, 32768))),
         sections=tuple(args.sections), moe_impls=tuple(args.moe_impls), repeats=args.repeats, tiny=args.tiny,
+        sweep=args.sweep,
     )
     start = time.perf_counter()
     result = run(settings, log=lambda m: print(f"[{time.perf_counter() - start:6.1f}s] {m}", file=sys.stderr,

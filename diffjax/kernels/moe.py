@@ -61,7 +61,7 @@ class MoeTiles:
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def experts_pallas(
-    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array,
+    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None = None,
     *, tiles: MoeTiles = MoeTiles(), interpret: bool | None = None,
 ) -> Array:
     """Mixture of experts over the routed (token, expert) pairs only; same maths as `experts_grouped`.
@@ -69,13 +69,27 @@ def experts_pallas(
     x `[tokens, hidden]`, weights/expert_ids `[tokens, k]`, gate_up `[experts, hidden, 2 * inter]` (gate first
     half, up second), down `[experts, inter, hidden]`. hidden and inter must be multiples of 16.
     Returns `[tokens, hidden]` in x's dtype.
+
+    With `layer` (an int32 scalar, traced is fine), gate_up/down are stacks `[layers, experts, ...]` and the
+    kernels read layer `layer`'s experts in place: slicing the stack first (e.g. a scan over layers) would
+    materialise a copy of the slice, since a custom call cannot take a view of a dynamic slice.
     """
+    if layer is None:
+        gate_up, down, layer = gate_up[None], down[None], 0
+    elif gate_up.ndim != 4 or down.ndim != 4:
+        raise ValueError(
+            f"with a layer index, gate_up and down must be [layers, experts, ...] stacks, got {gate_up.shape} "
+            f"and {down.shape}"
+        )
     tokens, hidden = x.shape
-    num_experts, _, two_inter = gate_up.shape
+    _, num_experts, _, two_inter = gate_up.shape
     inter = two_inter // 2
     top_k = expert_ids.shape[1]
-    _check_shapes(x, weights, expert_ids, gate_up, down)
+    _check_shapes(x, weights, expert_ids, gate_up[0], down[0])
+    if down.shape[0] != gate_up.shape[0]:
+        raise ValueError(f"gate_up has {gate_up.shape[0]} layers but down has {down.shape[0]}")
     tiles.validate()
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
     block_rows = tiles.block_rows or row_tile(tokens * top_k, num_experts)
     interpret = resolve_interpret(interpret)
 
@@ -85,8 +99,8 @@ def experts_pallas(
     row_weights = jnp.zeros((layout.padded_rows,), jnp.float32).at[layout.dest].set(
         weights.reshape(-1)[layout.order].astype(jnp.float32)
     )
-    h = _gate_up_call(xs, layout.tile_expert, gate_up.astype(x.dtype), inter, block_rows, tiles, interpret)
-    ys = _down_call(h, row_weights, layout.tile_expert, down.astype(x.dtype), block_rows, tiles, interpret)
+    h = _gate_up_call(xs, layer, layout.tile_expert, gate_up.astype(x.dtype), inter, block_rows, tiles, interpret)
+    ys = _down_call(h, row_weights, layer, layout.tile_expert, down.astype(x.dtype), block_rows, tiles, interpret)
     # Assignment a = token * top_k + j sits at padded row dest_of[a]: gather and sum each token's k rows.
     dest_of = jnp.zeros_like(layout.dest).at[layout.order].set(layout.dest)
     per_assignment = ys[dest_of].reshape(tokens, top_k, hidden)
@@ -141,9 +155,10 @@ def _check_shapes(x: Array, weights: Array, expert_ids: Array, gate_up: Array, d
             raise ValueError(f"experts_pallas needs {name} to be a multiple of {MIN_BLOCK}, got {size}")
 
 
-def _gate_up_kernel(tile_expert_ref, x_ref, w_ref, h_ref, *, block_rows, block_k, block_n, hidden, inter):
+def _gate_up_kernel(layer_ref, tile_expert_ref, x_ref, w_ref, h_ref, *, block_rows, block_k, block_n, hidden,
+                    inter):
     row_tile_index, col_tile = pl.program_id(0), pl.program_id(1)
-    expert = tile_expert_ref[row_tile_index]
+    layer, expert = layer_ref[0], tile_expert_ref[row_tile_index]
 
     @pl.when(expert >= 0)
     def _():
@@ -155,8 +170,8 @@ def _gate_up_kernel(tile_expert_ref, x_ref, w_ref, h_ref, *, block_rows, block_k
             acc_gate, acc_up = acc
             ks = pl.ds(k * block_k, block_k)
             xk = x_ref[rows, ks]
-            acc_gate += jnp.dot(xk, w_ref[expert, ks, gate_cols], preferred_element_type=jnp.float32)
-            acc_up += jnp.dot(xk, w_ref[expert, ks, up_cols], preferred_element_type=jnp.float32)
+            acc_gate += jnp.dot(xk, w_ref[layer, expert, ks, gate_cols], preferred_element_type=jnp.float32)
+            acc_up += jnp.dot(xk, w_ref[layer, expert, ks, up_cols], preferred_element_type=jnp.float32)
             return acc_gate, acc_up
 
         zeros = jnp.zeros((block_rows, block_n), jnp.float32)
@@ -165,7 +180,8 @@ def _gate_up_kernel(tile_expert_ref, x_ref, w_ref, h_ref, *, block_rows, block_k
 
 
 def _gate_up_call(
-    xs: Array, tile_expert: Array, gate_up: Array, inter: int, block_rows: int, tiles: MoeTiles, interpret: bool
+    xs: Array, layer: Array, tile_expert: Array, gate_up: Array, inter: int, block_rows: int, tiles: MoeTiles,
+    interpret: bool,
 ) -> Array:
     padded_rows, hidden = xs.shape
     block_k = largest_power_of_two_divisor(hidden, tiles.gate_up_block_k)
@@ -177,17 +193,18 @@ def _gate_up_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((padded_rows, inter), xs.dtype),
         grid=(padded_rows // block_rows, inter // block_n),
-        in_specs=[pl.no_block_spec, pl.no_block_spec, pl.no_block_spec],
+        in_specs=[pl.no_block_spec] * 4,
         out_specs=pl.BlockSpec((block_rows, block_n), lambda i, j: (i, j)),
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name="moe_gate_up",
-    )(tile_expert, xs, gate_up)
+    )(layer, tile_expert, xs, gate_up)
 
 
-def _down_kernel(tile_expert_ref, h_ref, row_weight_ref, w_ref, y_ref, *, block_rows, block_k, block_n, inter):
+def _down_kernel(layer_ref, tile_expert_ref, h_ref, row_weight_ref, w_ref, y_ref, *, block_rows, block_k, block_n,
+                 inter):
     row_tile_index, col_tile = pl.program_id(0), pl.program_id(1)
-    expert = tile_expert_ref[row_tile_index]
+    layer, expert = layer_ref[0], tile_expert_ref[row_tile_index]
 
     @pl.when(expert >= 0)
     def _():
@@ -196,18 +213,19 @@ def _down_kernel(tile_expert_ref, h_ref, row_weight_ref, w_ref, y_ref, *, block_
 
         def step(k, acc):
             ks = pl.ds(k * block_k, block_k)
-            return acc + jnp.dot(h_ref[rows, ks], w_ref[expert, ks, cols], preferred_element_type=jnp.float32)
+            w = w_ref[layer, expert, ks, cols]
+            return acc + jnp.dot(h_ref[rows, ks], w, preferred_element_type=jnp.float32)
 
         acc = jax.lax.fori_loop(0, inter // block_k, step, jnp.zeros((block_rows, block_n), jnp.float32))
         y_ref[...] = (acc * row_weight_ref[rows][:, None]).astype(y_ref.dtype)
 
 
 def _down_call(
-    h: Array, row_weights: Array, tile_expert: Array, down: Array, block_rows: int, tiles: MoeTiles,
+    h: Array, row_weights: Array, layer: Array, tile_expert: Array, down: Array, block_rows: int, tiles: MoeTiles,
     interpret: bool,
 ) -> Array:
     padded_rows, inter = h.shape
-    hidden = down.shape[2]
+    hidden = down.shape[3]
     block_k = largest_power_of_two_divisor(inter, tiles.down_block_k)
     block_n = largest_power_of_two_divisor(hidden, tiles.down_block_n)
     kernel = functools.partial(
@@ -217,9 +235,9 @@ def _down_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((padded_rows, hidden), h.dtype),
         grid=(padded_rows // block_rows, hidden // block_n),
-        in_specs=[pl.no_block_spec] * 4,
+        in_specs=[pl.no_block_spec] * 5,
         out_specs=pl.BlockSpec((block_rows, block_n), lambda i, j: (i, j)),
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name="moe_down",
-    )(tile_expert, h, row_weights, down)
+    )(layer, tile_expert, h, row_weights, down)

@@ -60,8 +60,9 @@ def _mix32(x: Array) -> Array:
 def gumbel_noise(seed: Array, rows: Array, cols: Array) -> Array:
     """Standard Gumbel noise, a pure function of (uint32 seed, row index, token index), broadcasting.
 
-    Distinct (row, token) pairs of one seed hash to distinct words (both mixing rounds are bijections);
-    the top 24 bits make a uniform in (0, 1) that never reaches 0 or 1.
+    Within a row, distinct token ids get distinct 32-bit words (xor with the row's word and the finaliser are
+    bijections); the first round decorrelates rows and seeds. The top 24 bits make a uniform in (0, 1) that
+    never reaches 0 or 1 (so the noise is finite, at most ~17.3).
     """
     x = _mix32(rows.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) ^ seed)
     x = _mix32(x ^ cols.astype(jnp.uint32))
@@ -94,7 +95,7 @@ class VocabTiles:
     block_rows: int = 64  # lowered for fewer rows
     block_v: int = 128
     block_k: int = 64
-    splits: int | None = None  # a power of two dividing the vocabulary tiles; None: enough to fill the GPU
+    splits: int | None = None  # must divide the number of vocabulary tiles; None: enough to fill the GPU
     num_warps: int = 4
     num_stages: int = 3
 
