@@ -67,8 +67,8 @@ def save(
     flat = flatten(params)
     check_tree(flat, config, "params")
     hf_config = config.to_hf()
-    # A maths field to_hf cannot express would be silently lost (the expert implementation is not maths).
-    if Config.from_hf(hf_config).replace(moe_implementation=config.moe_implementation) != config:
+    # A maths field to_hf cannot express would be silently lost (the implementation choices are not maths).
+    if Config.from_hf(hf_config).replace(**config.implementation()) != config:
         raise CheckpointError(f"config does not survive config.json: {config} != {Config.from_hf(hf_config)}")
     tensors = {"/".join(path): leaf for path, leaf in flat.items()}
     advance = write_progress(progress, sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors.values()))

@@ -19,6 +19,7 @@ torch and transformers are optional (the `test` extra): imported only when the t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.config import FULL, SLIDING, AttentionConfig, Config
+from diffjax.config import FULL, MOE_IMPLEMENTATIONS, SLIDING, AttentionConfig, Config
 from diffjax.model import init_params
 
 RESULT_KEYS = ("first_call_s", "compile_s", "warm_call_s", "decoder_passes", "ms_per_step", "tokens_per_s")
@@ -148,9 +149,12 @@ def random_hf_model(config: Config, seed: int, dtype: Any = None, device: Any = 
 
 def time_transformers(
     model: Any, prompt_ids: np.ndarray, *, new_tokens: int, steps: int, repeats: int, threads: int | None,
-    seed: int, device: Any = None,
+    seed: int, device: Any = None, compile: bool = False,
 ) -> dict[str, float]:
-    """Time `model.generate` at a fixed step count: a warm-up call, then `repeats` timed calls (the best)."""
+    """Time `model.generate` at a fixed step count: a warm-up call, then `repeats` timed calls (the best).
+
+    `compile`: a static cache, which makes their generate torch.compile its encoder, decoder and sampler
+    ("reduce-overhead", CUDA graphs); the first call pays the compilation."""
     torch, _ = _import_torch()
     torch.set_num_threads(threads or os.cpu_count() or 1)
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device or "cpu")
@@ -161,6 +165,8 @@ def time_transformers(
         # None disables both adaptive stopping and EOS: every canvas runs every step.
         stability_threshold=None, confidence_threshold=None, eos_token_id=None, pad_token_id=None,
     )
+    if compile:
+        kwargs["cache_implementation"] = "static"
 
     def call() -> tuple[float, Any]:
         sync()
@@ -189,6 +195,7 @@ def time_transformers(
 
 def time_diffjax(
     params: Any, config: Config, prompt_ids: np.ndarray, *, new_tokens: int, steps: int, repeats: int, seed: int,
+    prefill_chunk_size: int = 2048,
 ) -> dict[str, float]:
     """Time our `generate` at a fixed step count: the first call compiles; then `repeats` timed calls (the best).
 
@@ -203,6 +210,7 @@ def time_diffjax(
         out = generate(
             params, config, ids, key=jax.random.key(seed + i), max_new_tokens=new_tokens,
             max_denoising_steps=steps, stability_threshold=None, confidence_threshold=None, eos_token_id=None,
+            prefill_chunk_size=prefill_chunk_size,
         )
         jax.block_until_ready(out.sequences)
         return time.perf_counter() - start, out
@@ -240,8 +248,8 @@ def run_comparison(s: BenchSettings, log: Callable[[str], None] = lambda _: None
         with tempfile.TemporaryDirectory(prefix="diffjax-bench-") as tmp:
             model.save_pretrained(tmp)
             loaded_config, params = convert.load_hf(tmp)
-        # The expert implementation is ours alone: it does not travel through a transformers config.
-        loaded_config = loaded_config.replace(moe_implementation=config.moe_implementation)
+        # The implementation choices are ours alone: they do not travel through a transformers config.
+        loaded_config = loaded_config.replace(**config.implementation())
         if loaded_config != config:
             raise BenchError(f"config changed on the way through transformers: {loaded_config} != {config}")
         log(f"timing transformers ({s.repeats} warm calls)")
@@ -282,26 +290,45 @@ def _config_summary(config: Config) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class FullSizeSettings:
+    """A sweep over (prompt, batch) at the released shapes. Per point: one decoder step and one encoder
+    canvas timed alone (jitted calls on a prefilled cache), and with `generate` the whole loop at a fixed step
+    count. With `transformers`, their `generate` on the same config, prompt and batch (same process)."""
+
     layers: int | None = None
-    batch: int = 1
-    prompt: int = 128
+    batches: tuple[int, ...] = (1,)
+    prompts: tuple[int, ...] = (1024,)
     new_tokens: int = 256
     steps: int = 16
     repeats: int = 3
     seed: int = 0
     force: bool = False
+    generate: bool = True
     transformers: bool = False
+    # torch.compile + static cache on the transformers side (what their generate does on a GPU when asked).
+    transformers_compile: bool = True
+    prefill_chunk: int = 2048
+    # Expert implementations to time at each point (same weights): see `Config.moe_implementation`.
+    moe_implementations: tuple[str, ...] = ("grouped",)
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
 
     def validate(self) -> None:
-        for name in ("batch", "prompt", "new_tokens", "steps", "repeats"):
+        for name in ("new_tokens", "steps", "repeats", "prefill_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        for name in ("batches", "prompts"):
+            values = getattr(self, name)
+            if not values or any(not isinstance(v, int) or v <= 0 for v in values):
+                raise ValueError(f"--{name[:-1]} takes positive integers, got {values!r}")
+        unknown = set(self.moe_implementations) - set(MOE_IMPLEMENTATIONS)
+        if not self.moe_implementations or unknown:
+            raise ValueError(f"--moe takes values of {MOE_IMPLEMENTATIONS}, got {self.moe_implementations!r}")
         if self.layers is not None and not 0 < self.layers <= 30:
             raise ValueError(f"--layers must be in [1, 30] for --full-size, got {self.layers}")
+        if self.transformers and not self.generate:
+            raise ValueError("--with-transformers compares whole generate loops: drop --no-generate")
 
 
 def full_size_config(layers: int | None) -> Config:
@@ -324,6 +351,11 @@ def decoder_bytes_per_step(params: Any) -> int:
     return total
 
 
+def cache_bytes(cache: Any) -> int:
+    """Bytes of the cached keys and values: a decoder step reads all of them once."""
+    return sum(x.nbytes for x in jax.tree_util.tree_leaves((cache.keys, cache.values)))
+
+
 def copy_bandwidth(nbytes: int, repeats: int = 10) -> float:
     """Device copy bandwidth in bytes/s: read + write of an `nbytes` array per call, best of `repeats`."""
     n = max(nbytes // 4, 1)
@@ -343,12 +375,56 @@ def peak_memory_bytes() -> int | None:
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
+def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """(first call incl. compile, best of `repeats` warm calls) in seconds, each call waited for."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return first, best
+
+
+def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSizeSettings) -> dict[str, Any]:
+    """One decoder step and one encoder canvas on a cache prefilled with `prompt` random tokens."""
+    from diffjax.model import _denoise_logits, _encode, init_cache, param_dtype, prefill
+
+    if prompt + config.canvas_length > config.max_position_embeddings:
+        raise ValueError(f"prompt {prompt} + a canvas exceed the model's {config.max_position_embeddings} positions")
+    ids = jnp.asarray(prompt_ids(config, batch, prompt, s.seed), jnp.int32)
+    mask = jnp.ones_like(ids, bool)
+    empty = init_cache(config, batch, prompt + config.canvas_length, param_dtype(params))
+    fill = jax.jit(prefill, static_argnames=("config", "chunk_size"))
+    prefill_first, prefill_s = best_time(
+        lambda: fill(params, config, ids, mask, empty, chunk_size=s.prefill_chunk), 1)
+    cache = fill(params, config, ids, mask, empty, chunk_size=s.prefill_chunk)
+    canvas = jax.random.randint(jax.random.key(s.seed), (batch, config.canvas_length), 0, config.vocab_size)
+    sc_logits = jnp.zeros((batch, config.canvas_length, config.vocab_size), param_dtype(params))
+    sc_mask = jnp.ones((batch,), bool)
+    decoder_first, decoder_s = best_time(
+        lambda: _denoise_logits(params, config, cache, canvas, sc_logits, sc_mask), s.repeats)
+    canvas_mask = jnp.ones_like(canvas, bool)
+    encoder_first, encoder_s = best_time(lambda: _encode(params, config, canvas, canvas_mask, cache)[0], s.repeats)
+    return {
+        "prefill_s": prefill_s, "prefill_compile_s": max(prefill_first - prefill_s, 0.0),
+        "decoder_ms": 1e3 * decoder_s, "decoder_compile_s": max(decoder_first - decoder_s, 0.0),
+        "encoder_canvas_ms": 1e3 * encoder_s, "encoder_compile_s": max(encoder_first - encoder_s, 0.0),
+        "cache_bytes": cache_bytes(cache),
+        # A canvas costs `steps` decoder passes plus one encoder pass that appends it to the context.
+        "tokens_per_s_at_steps": batch * config.canvas_length / (s.steps * decoder_s + encoder_s),
+    }
+
+
 def run_full_size(
     s: FullSizeSettings, log: Callable[[str], None] = lambda _: None, config: Config | None = None
 ) -> dict[str, Any]:
-    """The released shapes on the device, against the memory floor. Returns a flat result dict.
+    """The released shapes on the device, against the memory floor. Returns {"points": [...], ...}.
 
-    `config` replaces the released shapes (tests run the whole path on a tiny model).
+    Points run in increasing (prompt, batch) order so the running peak of device memory after each point is
+    that point's peak. `config` replaces the released shapes (tests run the whole path on a tiny model).
     """
     s.validate()
     device = jax.devices()[0]
@@ -366,29 +442,50 @@ def run_full_size(
     init_s = time.perf_counter() - start
     log("measuring device copy bandwidth")
     bandwidth = copy_bandwidth(s.bandwidth_bytes or ((256 << 20) if device.platform == "cpu" else (4 << 30)))
-    ids = prompt_ids(config, s.batch, s.prompt, s.seed)
-    log(f"timing diffjax (compile + {s.repeats} warm calls)")
-    ours = time_diffjax(params, config, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats, seed=s.seed)
-    step_bytes = decoder_bytes_per_step(params)
-    floor_ms = 1e3 * step_bytes / bandwidth
-    result: dict[str, Any] = {
-        "settings": dataclasses.asdict(s), "device": str(device), "config": _config_summary(config),
-        "init_s": init_s, "diffjax": ours, "bytes_per_step": step_bytes, "bandwidth_bytes_per_s": bandwidth,
-        "floor_ms_per_step": floor_ms, "ratio_to_floor": ours["ms_per_step"] / floor_ms,
-        "peak_memory_bytes": peak_memory_bytes(), "transformers": None, "ratio": None,
-    }
+    weight_bytes = decoder_bytes_per_step(params)
+    model, theirs = None, {}
     if s.transformers:
-        del params  # both models do not fit next to each other at full size
         torch, _ = _import_torch()
         torch_device = "cuda" if torch.cuda.is_available() else "cpu"
-        log(f"building the random transformers model on {torch_device} (bf16; weights differ from ours)")
-        model = random_hf_model(config, s.seed, dtype=torch.bfloat16, device=torch_device)
-        result["transformers"] = time_transformers(
-            model, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats, threads=None, seed=s.seed,
-            device=torch_device,
-        )
-        result["ratio"] = ours["ms_per_step"] / result["transformers"]["ms_per_step"]
-    return result
+    points = []
+    for prompt in sorted(set(s.prompts)):
+        for batch, moe in itertools.product(sorted(set(s.batches)), s.moe_implementations):
+            log(f"prompt {prompt}, batch {batch}, moe {moe}: decoder step and encoder canvas")
+            point: dict[str, Any] = {"prompt": prompt, "batch": batch, "moe": moe}
+            config = config.replace(moe_implementation=moe)
+            try:
+                point.update(time_steps(params, config, batch, prompt, s))
+                step_bytes = weight_bytes + point["cache_bytes"]
+                point["floor_ms"] = 1e3 * step_bytes / bandwidth
+                point["ratio_to_floor"] = point["decoder_ms"] / point["floor_ms"]
+                ids = prompt_ids(config, batch, prompt, s.seed)
+                if s.generate:
+                    log(f"prompt {prompt}, batch {batch}, moe {moe}: whole generate loop ({s.steps} steps per canvas)")
+                    point["diffjax"] = time_diffjax(
+                        params, config, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats,
+                        seed=s.seed, prefill_chunk_size=s.prefill_chunk,
+                    )
+                if s.transformers:
+                    if (prompt, batch) not in theirs:
+                        log(f"prompt {prompt}, batch {batch}: transformers generate")
+                        # Random weights of their own: both sides read the same bytes; values do not matter.
+                        model = model or random_hf_model(config, s.seed, dtype=torch.bfloat16, device=torch_device)
+                        theirs[prompt, batch] = time_transformers(
+                            model, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats, threads=None,
+                            seed=s.seed, device=torch_device, compile=s.transformers_compile,
+                        )
+                    point["transformers"] = theirs[prompt, batch]
+                    point["ratio"] = point["diffjax"]["ms_per_step"] / point["transformers"]["ms_per_step"]
+            except Exception as exc:  # one point failing (e.g. out of memory) must not lose the others
+                point["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                log(f"prompt {prompt}, batch {batch}, moe {moe} failed: {point['error']}")
+            point["peak_memory_bytes"] = peak_memory_bytes()
+            points.append(point)
+            log(f"point {json.dumps({k: v for k, v in point.items() if not isinstance(v, dict)})}")
+    return {
+        "settings": dataclasses.asdict(s), "device": str(device), "config": _config_summary(config),
+        "init_s": init_s, "weight_bytes": weight_bytes, "bandwidth_bytes_per_s": bandwidth, "points": points,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -408,18 +505,23 @@ def _gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+def _title(cfg: dict[str, Any]) -> str:
+    return (f"hidden {cfg['hidden_size']}, {cfg['num_layers']} layers ({cfg['layer_types']}), "
+            f"{cfg['num_experts']} experts top-{cfg['top_k_experts']}, vocab {cfg['vocab_size']}, "
+            f"canvas {cfg['canvas_length']}")
+
+
 def render(result: dict[str, Any], console: Any) -> None:
-    """Print a result as rich tables."""
+    """Print a result (comparison or full-size sweep) as rich tables."""
+    if "points" in result:
+        render_full_size(result, console)
+        return
     from rich.table import Table
 
-    cfg = result["config"]
-    title = (f"hidden {cfg['hidden_size']}, {cfg['num_layers']} layers ({cfg['layer_types']}), "
-             f"{cfg['num_experts']} experts top-{cfg['top_k_experts']}, vocab {cfg['vocab_size']}, "
-             f"canvas {cfg['canvas_length']}")
     settings = result["settings"]
     caption = (f"batch {settings['batch']}, prompt {settings['prompt']}, {settings['new_tokens']} new tokens, "
                f"{settings['steps']} fixed steps per canvas; {result['device']}")
-    table = Table(title=title, caption=caption)
+    table = Table(title=_title(result["config"]), caption=caption)
     table.add_column("metric")
     table.add_column("diffjax", justify="right")
     has_theirs = result.get("transformers") is not None
@@ -435,18 +537,38 @@ def render(result: dict[str, Any], console: Any) -> None:
             row.append(_fmt(result["transformers"][key]))
         table.add_row(*row)
     console.print(table)
-    if "floor_ms_per_step" in result:
-        console.print(
-            f"memory floor: {_gib(result['bytes_per_step'])} read per step / "
-            f"{result['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s copy bandwidth = "
-            f"{result['floor_ms_per_step']:.2f} ms; measured {result['diffjax']['ms_per_step']:.2f} ms "
-            f"= {result['ratio_to_floor']:.2f}x the floor; peak device memory {_gib(result['peak_memory_bytes'])}; "
-            f"weights made in {result['init_s']:.1f} s"
-        )
     if result.get("ratio") is not None:
         verdict = "faster" if result["ratio"] < 1 else "slower"
         console.print(f"ratio ours/transformers (ms per decoder step): {result['ratio']:.3f} "
                       f"(diffjax {verdict}; lower is faster)")
+
+
+def render_full_size(result: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    settings = result["settings"]
+    caption = (f"{result['device']}; weights {_gib(result['weight_bytes'])} made in {result['init_s']:.1f} s; "
+               f"copy bandwidth {result['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; floor = (weights + cache) / "
+               f"bandwidth; tokens/s at {settings['steps']} steps per canvas = canvas x batch / (steps x decoder + "
+               f"encoder); generate = whole loop, ms per decoder pass")
+    table = Table(title=_title(result["config"]), caption=caption)
+    columns = ["prompt", "batch", "moe", "decoder ms", "floor ms", "x floor", "encoder canvas ms", "tokens/s",
+               "generate ms/step", "transformers ms/step", "ours/theirs", "peak mem"]
+    for name in columns:
+        table.add_column(name, justify="right")
+    for point in result["points"]:
+        if "error" in point:
+            table.add_row(str(point["prompt"]), str(point["batch"]), point["moe"],
+                          f"[red]{point['error'][:60]}[/]", *["-"] * (len(columns) - 4))
+            continue
+        ours, theirs = point.get("diffjax") or {}, point.get("transformers") or {}
+        table.add_row(
+            str(point["prompt"]), str(point["batch"]), point["moe"], _fmt(point["decoder_ms"]), _fmt(point["floor_ms"]),
+            _fmt(point["ratio_to_floor"]), _fmt(point["encoder_canvas_ms"]), _fmt(point["tokens_per_s_at_steps"]),
+            _fmt(ours.get("ms_per_step")), _fmt(theirs.get("ms_per_step")), _fmt(point.get("ratio")),
+            _gib(point["peak_memory_bytes"]),
+        )
+    console.print(table)
 
 
 def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -455,6 +577,8 @@ def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
             return None
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
         return x
 
     pathlib.Path(path).write_text(json.dumps(clean(result), indent=2) + "\n", encoding="utf-8")

@@ -1,7 +1,8 @@
-"""The `diffjax` command: generate (with a live view of the canvas being denoised), convert, bench, info.
+"""The `diffjax` command: generate (with a live view of the canvas being denoised), train, convert, bench, info.
 
     diffjax generate 52817                                        # embedded demo model: sorts digits
     diffjax generate --checkpoint ckpt/ --max-new-tokens 512 "Why is the sky blue?"
+    diffjax train --task sort --steps 2000 --batch-size 32 --out runs/sort    # then: generate --checkpoint runs/sort
     diffjax convert hf-folder/ ckpt/ --dtype bfloat16
     diffjax bench [--json out.json]                               # diffjax vs transformers, same weights
     diffjax info [--checkpoint DIR | --preset tiny]
@@ -25,6 +26,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
+
+from diffjax.config import MOE_IMPLEMENTATIONS
 
 EXIT_USAGE = 2
 # The embedded default model: a DiffusionGemma-architecture model that diffjax trained on a task.
@@ -275,6 +278,94 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_STATE_DIR = "train_state"  # the orbax checkpoints of a `diffjax train --out DIR` run, inside DIR
+
+
+def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that define a training run: stored with its checkpoints, a resume must repeat them."""
+    return {
+        "task": args.task, "preset": None if args.init else args.preset, "init": str(args.init) if args.init else None,
+        "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
+        "warmup_steps": args.warmup_steps, "moe": args.moe,
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import jax
+    from rich.console import Console
+
+    import convert
+    from diffjax.config import Config
+    from diffjax.lora import DEFAULT_TARGETS, LoraConfig
+    from diffjax.model import init_params
+    from diffjax.tasks import get_task, write_task_file
+    from diffjax.train import fit, make_optimizer
+
+    err = Console(stderr=True)
+    if args.lora_rank is None and (args.lora_alpha is not None or args.lora_targets is not None):
+        raise CliError("--lora-alpha and --lora-targets need --lora-rank")
+    if args.out.exists() and not args.out.is_dir():
+        raise CliError(f"--out {args.out} exists and is not a directory")
+    state_dir = args.out / TRAIN_STATE_DIR
+    if args.resume and not state_dir.is_dir():
+        raise CliError(f"--resume: no training checkpoints in {state_dir}")
+    if not args.resume and state_dir.exists():
+        raise CliError(f"{args.out} already holds a training run: pass --resume to continue it, or choose another --out")
+    if not args.resume and args.out.is_dir() and any(args.out.iterdir()):
+        raise CliError(f"--out {args.out} is not empty: a new run needs a new or empty folder")
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 10)
+    if warmup >= args.steps:
+        raise CliError(f"--warmup-steps ({warmup}) must be below --steps ({args.steps})")
+    lora = None
+    if args.lora_rank is not None:
+        targets = DEFAULT_TARGETS if args.lora_targets is None else tuple(args.lora_targets.split(","))
+        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+        lora = LoraConfig(rank=args.lora_rank, alpha=alpha, targets=targets)
+
+    task = get_task(args.task)
+    init_key, train_key = jax.random.split(jax.random.key(args.seed))
+    if args.init is not None:
+        kind = checkpoint_kind(args.init)
+        with err.status(f"loading {args.init}"):
+            config, params = convert.load(args.init, "float32") if kind == "diffjax" else convert.load_hf(
+                args.init, "float32")
+        if config.vocab_size < task.tokenizer.vocab_size or config.canvas_length != task.canvas_length:
+            raise CliError(f"--init {args.init}: vocabulary {config.vocab_size} / canvas {config.canvas_length} "
+                           f"do not fit task {task.name} (needs >= {task.tokenizer.vocab_size} / {task.canvas_length})")
+        config = config.replace(moe_implementation=args.moe)
+    else:
+        preset = Config.demo() if args.preset == "demo" else Config.tiny()
+        config = task.model_config(preset).replace(moe_implementation=args.moe)
+        params = init_params(config, init_key)
+
+    settings = _train_settings(args)
+    result = fit(
+        params, config, lambda index: task.batch(config, args.batch_size, index, args.seed), args.steps,
+        key=train_key, optimizer=make_optimizer(args.lr, args.steps, warmup), lora=lora, checkpoint_dir=state_dir,
+        checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume, metadata=settings,
+        progress=not args.no_progress, console=err,
+    )
+
+    # The trained model as a diffjax checkpoint in --out itself (beside train_state/), so that
+    # `diffjax generate --checkpoint OUT` and `diffjax convert --to-hf OUT HF` read it. Written into a staging
+    # folder first (convert.save is atomic), then moved in file by file, the weights last.
+    staging = args.out / ".export"
+    generation = {"max_new_tokens": task.num_canvases(config) * config.canvas_length}
+    convert.save(result.params, config, staging, generation, overwrite=True)
+    write_task_file(staging, task)
+    for name in [*sorted(p.name for p in staging.iterdir() if p.name != convert.PARAMS_FILE), convert.PARAMS_FILE]:
+        (staging / name).replace(args.out / name)
+    staging.rmdir()
+
+    if result.losses:
+        rate = "" if result.tokens_per_second is None else f", {result.tokens_per_second:,.0f} tokens/s"
+        err.print(f"step {result.step}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over "
+                  f"{len(result.losses)} steps{rate}", highlight=False)
+    err.print(f"wrote {args.out} (generate --checkpoint {args.out}; training state in {state_dir})",
+              highlight=False, soft_wrap=True)
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from convert.__main__ import main as convert_main
 
@@ -298,17 +389,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         if args.full_size:
             result = bench.run_full_size(bench.FullSizeSettings(
-                layers=args.layers, batch=args.batch or 1, prompt=args.prompt or 128,
+                layers=args.layers, batches=tuple(args.batch or (1,)), prompts=tuple(args.prompt or (1024,)),
                 new_tokens=args.new_tokens or 256, steps=args.steps or 16, repeats=args.repeats, seed=args.seed,
-                force=args.force, transformers=args.with_transformers,
+                force=args.force, generate=not args.no_generate, transformers=args.with_transformers,
+                transformers_compile=not args.no_compile, moe_implementations=tuple(args.moe or ("grouped",)),
             ), log)
         else:
             defaults = bench.BenchSettings()
+            for name in ("batch", "prompt", "moe"):
+                if len(getattr(args, name) or ()) > 1:
+                    raise CliError(f"--{name} takes one value without --full-size")
             chosen = {
                 "hidden": args.hidden, "layers": args.layers, "experts": args.experts, "top_k": args.top_k,
-                "vocab": args.vocab, "canvas": args.canvas, "steps": args.steps, "batch": args.batch,
-                "prompt": args.prompt, "new_tokens": args.new_tokens, "threads": args.threads,
-                "moe_implementation": args.moe,
+                "vocab": args.vocab, "canvas": args.canvas, "steps": args.steps, "batch": args.batch and args.batch[0],
+                "prompt": args.prompt and args.prompt[0], "new_tokens": args.new_tokens, "threads": args.threads,
+                "moe_implementation": args.moe and args.moe[0],
             }
             result = bench.run_comparison(dataclasses.replace(
                 defaults, repeats=args.repeats, seed=args.seed, transformers=not args.no_transformers,
@@ -412,7 +507,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="diffjax", description="DiffusionGemma in JAX: generate, convert, bench, info.")
+    parser = _Parser(prog="diffjax", description="DiffusionGemma in JAX: generate, train, convert, bench, info.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     dtypes = ["bfloat16", "float32", "float16"]
@@ -453,6 +548,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 
+    t = sub.add_parser("train", help="train (or LoRA fine-tune) a model on a task; resumable")
+    from diffjax.tasks import TASK_NAMES
+
+    t.add_argument("--task", required=True, choices=TASK_NAMES, help="the task to train on")
+    start = t.add_mutually_exclusive_group()
+    start.add_argument("--preset", choices=("demo", "tiny"), default="demo",
+                       help="architecture of a model trained from scratch (default demo)")
+    start.add_argument("--init", type=pathlib.Path, help="start from this diffjax checkpoint or transformers folder")
+    t.add_argument("--steps", type=_positive_int, required=True, help="optimiser steps in total")
+    t.add_argument("--batch-size", type=_positive_int, default=32, help="examples per step (default 32)")
+    t.add_argument("--out", type=pathlib.Path, required=True,
+                   help="run folder: the trained checkpoint, and the training state in OUT/train_state")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
+    t.add_argument("--warmup-steps", type=_nonnegative_int, help="linear warmup (default steps/10), then cosine")
+    t.add_argument("--seed", type=int, default=0, help="init, data and noise seed (default 0)")
+    t.add_argument("--lora-rank", type=_positive_int, help="train a LoRA adapter of this rank instead of all weights")
+    t.add_argument("--lora-alpha", type=_positive_float, help="LoRA scale alpha (default 2 * rank)")
+    t.add_argument("--lora-targets", help="comma-separated modules, e.g. self_attn/q_proj,mlp/up_proj (default: "
+                   "attention q/k/v/o and the dense MLP gate/up/down)")
+    t.add_argument("--checkpoint-every", type=_positive_int, default=100, help="save every K steps (default 100)")
+    t.add_argument("--keep", type=_positive_int, default=3, help="training checkpoints kept (default 3)")
+    t.add_argument("--moe", choices=("grouped", "dense"), default="dense",
+                   help="expert computation during training (default dense: every expert, vmapped per example)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
     b = sub.add_parser("bench", help="time diffjax against transformers (same weights, fixed steps)")
     b.add_argument("--hidden", type=_positive_int, help="hidden size (default 256)")
     b.add_argument("--layers", type=_positive_int, help="layers (default 4; with --full-size: of 30)")
@@ -461,17 +583,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vocab", type=_positive_int, help="vocabulary (default 4096)")
     b.add_argument("--canvas", type=_positive_int, help="canvas length (default 64)")
     b.add_argument("--steps", type=_positive_int, help="fixed denoising steps per canvas (default 12; full size 16)")
-    b.add_argument("--batch", type=_positive_int, help="rows (default 2; full size 1)")
-    b.add_argument("--prompt", type=_positive_int, help="prompt tokens (default 32; full size 128)")
+    b.add_argument("--batch", type=_positive_int, nargs="+",
+                   help="rows (default 2; --full-size: one or more, default 1)")
+    b.add_argument("--prompt", type=_positive_int, nargs="+",
+                   help="prompt tokens (default 32; --full-size: one or more, default 1024)")
     b.add_argument("--new-tokens", type=_positive_int, help="generated tokens (default 128; full size 256)")
     b.add_argument("--repeats", type=_positive_int, default=3, help="timed warm calls, the best is reported (default 3)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
-    b.add_argument("--moe", choices=("grouped", "dense"), default="grouped",
-                   help="our expert computation: routed pairs via ragged_dot, or every expert on every token")
+    b.add_argument("--moe", choices=MOE_IMPLEMENTATIONS, nargs="+",
+                   help="our expert computation (default grouped): routed pairs via ragged_dot, every expert on "
+                        "every token, or the Pallas grouped-matmul kernel; --full-size: one or more, each timed")
     b.add_argument("--no-transformers", action="store_true", help="time diffjax only")
     b.add_argument("--full-size", action="store_true", help="released 26B-A4B shapes, random bf16, on the GPU")
-    b.add_argument("--with-transformers", action="store_true", help="--full-size: also time transformers")
+    b.add_argument("--with-transformers", action="store_true",
+                   help="--full-size: also time transformers in this process (pick --layers so both fit; on a GPU "
+                        "cap JAX's preallocation, e.g. XLA_PYTHON_CLIENT_MEM_FRACTION=0.5)")
+    b.add_argument("--no-compile", action="store_true",
+                   help="--with-transformers: eager transformers (default: static cache + torch.compile)")
+    b.add_argument("--no-generate", action="store_true",
+                   help="--full-size: time the decoder step and encoder canvas only, not the whole loop")
     b.add_argument("--force", action="store_true", help="--full-size on a CPU backend anyway")
     b.add_argument("--json", type=pathlib.Path, help="also write the results as JSON")
     b.set_defaults(func=cmd_bench)

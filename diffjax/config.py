@@ -14,6 +14,10 @@ from typing import Any, Literal
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
+MOE_IMPLEMENTATIONS = ("grouped", "dense", "pallas")
+GLOBAL_ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
+# Config fields that pick an implementation (same maths): not written to config.json.
+IMPLEMENTATION_FIELDS = ("moe_implementation", "global_attention_implementation")
 
 RopeType = Literal["default", "proportional"]
 
@@ -86,8 +90,13 @@ class Config:
     bos_token_id: int = 2
     # How the experts are computed; same maths, different speed. "grouped": only routed (token, expert)
     # pairs, sorted by expert, through `jax.lax.ragged_dot`. "dense": every expert on every token with the
-    # unrouted pairs weighted 0 (faster on CPU for few experts, and the oracle for "grouped").
-    moe_implementation: Literal["grouped", "dense"] = "grouped"
+    # unrouted pairs weighted 0 (faster on CPU for few experts, and the oracle for "grouped"). "pallas": the
+    # block-sparse grouped-matmul kernel of `diffjax.kernels.moe` (GPU; interpreted elsewhere, slowly).
+    moe_implementation: Literal["grouped", "dense", "pallas"] = "grouped"
+    # How the decoder's global layers attend (the canvas over the whole cache, padding-only mask). "xla":
+    # `layers.attend`. "pallas": the split-K kernel of `diffjax.kernels.attention`. The encoder (causal) and
+    # the sliding layers always use `attend`.
+    global_attention_implementation: Literal["xla", "pallas"] = "xla"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -116,8 +125,15 @@ class Config:
             raise ValueError(
                 f"top_k_experts ({self.top_k_experts}) must be <= num_experts ({self.num_experts})"
             )
-        if self.moe_implementation not in ("grouped", "dense"):
-            raise ValueError(f"moe_implementation must be 'grouped' or 'dense', got {self.moe_implementation!r}")
+        if self.moe_implementation not in MOE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}"
+            )
+        if self.global_attention_implementation not in GLOBAL_ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"global_attention_implementation must be one of {GLOBAL_ATTENTION_IMPLEMENTATIONS}, "
+                f"got {self.global_attention_implementation!r}"
+            )
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:
@@ -162,6 +178,10 @@ class Config:
     @property
     def embed_scale(self) -> float:
         return math.sqrt(self.hidden_size)
+
+    def implementation(self) -> dict[str, str]:
+        """The fields that choose how (not what) is computed, e.g. to carry them over a config.json."""
+        return {name: getattr(self, name) for name in IMPLEMENTATION_FIELDS}
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed; unknown field names raise `ValueError`."""

@@ -36,6 +36,7 @@ from diffjax.model import (
     check_token_ids,
     init_cache,
     param_dtype,
+    prefill,
 )
 
 Array = jax.Array
@@ -63,6 +64,7 @@ class GenerationSettings:
     max_denoising_steps: int = 48
     eos_token_id: tuple[int, ...] | None = (1,)
     pad_token_id: int = 0
+    prefill_chunk_size: int = 2048
 
     def validate(self, config: Config) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -94,6 +96,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = 1,
     pad_token_id: int = 0,
     initial_canvas: Array | None = None,
+    prefill_chunk_size: int = 2048,
     sampler: sampling.Sampler | None = None,
     temperature_schedule: sampling.TemperatureSchedule | None = None,
     logits_filter: sampling.LogitsFilter | None = None,
@@ -108,7 +111,8 @@ def generate(
     `sampler`, `temperature_schedule`, `logits_filter` or `stopping_rule` to replace a component; their
     numeric hyper-parameters are traced, so sweeping them does not recompile.
     `initial_canvas [batch, canvas]` fixes the first canvas (transformers' `decoder_input_ids`; later
-    canvases start from uniform noise). `on_step`, if given, receives every step's argmax draft on the
+    canvases start from uniform noise). The prompt is encoded `prefill_chunk_size` tokens at a time (peak
+    attention memory grows with chunk x context, not prompt squared). `on_step`, if given, receives every step's argmax draft on the
     host (`jax.debug.callback`); without it the loop has no host round trip.
     Same `key`, same inputs -> bitwise the same tokens.
     """
@@ -127,7 +131,7 @@ def generate(
     eos = None if eos_token_id is None else (
         (int(eos_token_id),) if isinstance(eos_token_id, int | np.integer) else tuple(int(e) for e in eos_token_id)
     )
-    settings = GenerationSettings(max_new_tokens, max_denoising_steps, eos, pad_token_id)
+    settings = GenerationSettings(max_new_tokens, max_denoising_steps, eos, pad_token_id, prefill_chunk_size)
     settings.validate(config)
     total = prompt + settings.num_canvases(config) * config.canvas_length
     if total > config.max_position_embeddings:
@@ -182,7 +186,7 @@ def _generate(
     batch, prompt = input_ids.shape
     canvas_len, num_canvases = config.canvas_length, settings.num_canvases(config)
     cache = init_cache(config, batch, prompt + num_canvases * canvas_len, param_dtype(params))
-    cache, _ = _encode(params, config, input_ids, attention_mask, cache)
+    cache = prefill(params, config, input_ids, attention_mask, cache, settings.prefill_chunk_size)
     sequences = jnp.concatenate(
         [input_ids, jnp.full((batch, num_canvases * canvas_len), settings.pad_token_id, jnp.int32)], axis=1
     )

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax.config import AttentionConfig, Config
+from diffjax.config import FULL, AttentionConfig, Config
 
 Array = jax.Array
 
@@ -115,6 +115,9 @@ class Attention(nn.Module):
 
     config: Config
     layer_type: str
+    # True when every query row of `mask` is the same (the decoder: padding only), which lets global layers
+    # use the split-K kernel when `config.global_attention_implementation` is "pallas".
+    padding_only_mask: bool = False
 
     @nn.compact
     def __call__(
@@ -141,7 +144,12 @@ class Attention(nn.Module):
         v = rms_norm(v, None, cfg.rms_norm_eps)
         keys = jnp.concatenate([context_keys.astype(k.dtype), k], axis=1)
         values = jnp.concatenate([context_values.astype(v.dtype), v], axis=1)
-        out = attend(q, keys, values, mask)
+        if self.layer_type == FULL and self.padding_only_mask and cfg.global_attention_implementation == "pallas":
+            from diffjax.kernels.attention import global_attention_pallas  # the kernels import this module
+
+            out = global_attention_pallas(q, keys, values, mask[:, 0, :])
+        else:
+            out = attend(q, keys, values, mask)
         return Linear(cfg.hidden_size, name="o_proj")(out), (k, v)
 
 
@@ -226,5 +234,9 @@ class Experts(nn.Module):
             "gate_up_proj", _init, (cfg.num_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size)
         )
         down = self.param("down_proj", _init, (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size))
+        if cfg.moe_implementation == "pallas":
+            from diffjax.kernels.moe import experts_pallas  # the kernels import this module
+
+            return experts_pallas(x, weights, expert_ids, gate_up, down)
         compute = experts_grouped if cfg.moe_implementation == "grouped" else experts_dense
         return compute(x, weights, expert_ids, gate_up, down)

@@ -86,6 +86,14 @@ def ring_positions(length: Array, ring: int) -> Array:
 # ----------------------------------------------------------------------------- modules
 
 
+def tied_logits(hidden: Array, embedding: Array, softcap: float | None) -> Array:
+    """`softcap * tanh(hidden @ embedding^T / softcap)`: float32 `[..., vocab]` for hidden `[..., hidden]`."""
+    # float32 output even for bf16 weights: transformers rounds logits to bf16 first, which turns top-two
+    # gaps below one bf16 ulp (~1% of the logit) into ties and flips the argmax; we keep the extra bits.
+    logits = jnp.einsum("...h,vh->...v", hidden, embedding.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
+
+
 class Embedder(nn.Module):
     """Token embedding, tied LM head and the soft embedding used by self-conditioning."""
 
@@ -111,12 +119,7 @@ class Embedder(nn.Module):
 
     def logits(self, hidden: Array) -> Array:
         """Tied LM head with the final softcap, float32 `[batch, seq, vocab]`."""
-        # float32 output even for bf16 weights: transformers rounds logits to bf16 first, which turns top-two
-        # gaps below one bf16 ulp (~1% of the logit) into ties and flips the argmax; we keep the extra bits.
-        logits = jnp.einsum("bsh,vh->bsv", hidden, self.embedding.astype(hidden.dtype),
-                            preferred_element_type=jnp.float32)
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else cap * jnp.tanh(logits / cap)
+        return tied_logits(hidden, self.embedding, self.config.final_logit_softcapping)
 
 
 class SelfConditioning(nn.Module):
@@ -146,7 +149,7 @@ class Layer(nn.Module):
     ) -> tuple[Array, tuple[Array, Array]]:
         cfg = self.config
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps)
-        attn_out, new_kv = Attention(cfg, self.layer_type, name="self_attn")(
+        attn_out, new_kv = Attention(cfg, self.layer_type, padding_only_mask=self.mode == DECODE, name="self_attn")(
             norm(name="input_layernorm")(x), positions, context[0], context[1], mask
         )
         x = x + norm(name="post_attention_layernorm")(attn_out)
@@ -349,6 +352,32 @@ def _denoise_logits(
         {"params": params}, DECODE, canvas_ids, cache,
         self_conditioning_logits=self_conditioning_logits, self_conditioning_mask=self_conditioning_mask,
     )
+
+
+def prefill(
+    params: Params, config: Config, input_ids: Array, attention_mask: Array, cache: KVCache, chunk_size: int
+) -> KVCache:
+    """`_encode` in chunks of `chunk_size` tokens, traceable (used inside `generate`'s jit).
+
+    One pass over a long prompt materialises `[batch, heads, prompt, context]` attention scores (64 GB at 32K
+    tokens); in chunks the peak is `chunk x context`. The first chunk takes the remainder so every other chunk
+    has the same static shape (one compiled body, a `fori_loop` over it) and no padding shifts positions.
+    """
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"prefill_chunk_size must be a positive integer, got {chunk_size!r}")
+    length = input_ids.shape[1]
+    first = length % chunk_size or chunk_size
+    cache, _ = _encode(params, config, input_ids[:, :first], attention_mask[:, :first], cache)
+    if first == length:
+        return cache
+
+    def next_chunk(i: Array, cache: KVCache) -> KVCache:
+        start = first + i * chunk_size
+        ids = jax.lax.dynamic_slice_in_dim(input_ids, start, chunk_size, axis=1)
+        mask = jax.lax.dynamic_slice_in_dim(attention_mask, start, chunk_size, axis=1)
+        return _encode(params, config, ids, mask, cache)[0]
+
+    return jax.lax.fori_loop(0, (length - first) // chunk_size, next_chunk, cache)
 
 
 def encode_with_hidden(

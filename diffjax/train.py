@@ -29,13 +29,18 @@ Loss (`diffusion_loss`), one call:
 
 Total = diffusion + AR. The decoder's loss also flows back through the cached K/V into the encoder pass.
 All randomness is in `NoiseDraws` (`draw_noise`), so tests can fix it. `train_step` is one jit-compiled optax
-step (clip 1.0, AdamW b1 0.95 b2 0.99 wd 1e-4, warmup + cosine schedule).
+step (clip 1.0, AdamW b1 0.95 b2 0.99 wd 1e-4, warmup + cosine schedule) of the full params, or of a LoRA
+tree merged into frozen params (`diffjax.lora`). `fit` runs it step by step over a batch stream with a progress
+bar and orbax checkpoints (`diffjax.checkpoint`) that resume a killed run exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.struct
@@ -43,8 +48,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
+from diffjax.checkpoint import TrainCheckpointer, TrainState
 from diffjax.config import SLIDING, Config
+from diffjax.lora import LoraConfig, init_lora, merge_lora
 from diffjax.model import (
     DECODE,
     ENCODE,
@@ -251,26 +266,142 @@ def make_optimizer(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "optimizer"), donate_argnames=("params", "opt_state"))
+def trained_loss_terms(
+    trainable: Params, config: Config, batch: Batch, noise: NoiseDraws, base: Params | None = None,
+    lora: LoraConfig | None = None,
+) -> dict[str, Array]:
+    """`loss_terms` of what a train step optimises: the model params, or with `lora` the LoRA tree
+    `trainable` merged into the frozen `base` params (see `diffjax.lora`)."""
+    if (base is None) != (lora is None):
+        raise ValueError("LoRA training needs both `base` (the frozen params) and `lora` (its LoraConfig)")
+    params = trainable if lora is None else merge_lora(base, trainable, lora)
+    return loss_terms(params, config, batch, noise)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "optimizer", "lora"), donate_argnames=("trainable", "opt_state")
+)
 def train_step(
-    params: Params, opt_state: Any, config: Config, optimizer: optax.GradientTransformation, batch: Batch,
-    noise: NoiseDraws,
+    trainable: Params, opt_state: Any, config: Config, optimizer: optax.GradientTransformation, batch: Batch,
+    noise: NoiseDraws, base: Params | None = None, lora: LoraConfig | None = None,
 ) -> tuple[Params, Any, dict[str, Array]]:
-    """One optimiser step on `diffusion_loss`; metrics: loss, diffusion, ar, grad_norm (before clipping)."""
+    """One optimiser step on `diffusion_loss`; metrics: loss, diffusion, ar, grad_norm (before clipping).
+
+    Full fine-tuning: `trainable` is the params. LoRA: `trainable` is the LoRA tree, `base` the frozen params
+    and `lora` its config; only the LoRA tree (and its optimiser state, `optimizer.init(lora_tree)`) changes.
+    """
 
     def loss_fn(p: Params) -> tuple[Array, dict[str, Array]]:
-        terms = loss_terms(p, config, batch, noise)
+        terms = trained_loss_terms(p, config, batch, noise, base, lora)
         return terms["loss"], terms
 
-    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
     metrics = {k: terms[k] for k in ("loss", "diffusion", "ar")}
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return params, opt_state, metrics
+    return trainable, opt_state, metrics
+
+
+# ------------------------------------------------------------------------------- fit loop
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` returns. params: the trained model (the LoRA update merged in); lora: the LoRA tree (None for
+    full fine-tuning); opt_state: the optimiser state of the trained tree; step: optimiser steps done in total;
+    history: per step run by this call (a resumed run starts at its checkpoint): loss, diffusion, ar, grad_norm;
+    tokens_per_second: encoder tokens (prompt + response) per second after the first (compiling) step."""
+
+    params: Params
+    lora: Params | None
+    opt_state: Any
+    step: int
+    history: dict[str, list[float]]
+    tokens_per_second: float | None
+
+    @property
+    def losses(self) -> list[float]:
+        return self.history["loss"]
+
+
+def fit(
+    params: Params, config: Config, batches: Callable[[int], Batch], steps: int, *, key: Array,
+    optimizer: optax.GradientTransformation | None = None, lora: LoraConfig | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None, checkpoint_every: int = 100, keep: int = 3,
+    resume: bool = False, metadata: Mapping[str, Any] | None = None, progress: bool = True,
+    console: Any = None,
+) -> FitResult:
+    """Train until `steps` optimiser steps are done: one jit-compiled `train_step` per step, batch `batches(i)`
+    for data position i, the step's noise drawn from a key split off the carried RNG key.
+
+    `params` is the model to train, or with `lora` the frozen base (a fresh LoRA tree is initialised from
+    `key`). With `checkpoint_dir`, a `TrainCheckpointer` there saves the train state every `checkpoint_every`
+    steps and at the end, keeping the last `keep`; `resume=True` continues from its latest checkpoint (the
+    losses then equal those of an uninterrupted run), and a directory that already has checkpoints is refused
+    without it. `metadata` (JSON) is stored with each checkpoint and must match on resume. `progress` shows a
+    rich progress bar (loss, tokens/s) on `console`.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    optimizer = optimizer or make_optimizer(total_steps=steps, warmup_steps=max(1, steps // 10))
+    if lora is None:
+        trainable = jax.tree.map(jnp.copy, params)  # train_step donates its input; the caller keeps theirs
+    else:
+        key, lora_key = jax.random.split(key)
+        trainable = init_lora(params, lora, lora_key)
+    base = None if lora is None else params
+    state = TrainState(trainable, optimizer.init(trainable), 0, 0, key)
+    checkpointer = None
+    if checkpoint_dir is not None:
+        checkpointer = TrainCheckpointer(checkpoint_dir, keep)
+        metadata = {"lora": None if lora is None else dataclasses.asdict(lora), **(metadata or {})}
+        if checkpointer.latest_step() is not None:
+            if not resume:
+                raise FileExistsError(f"{checkpoint_dir} already holds training checkpoints "
+                                      f"{checkpointer.all_steps()}: resume from them or choose another directory")
+            state = checkpointer.restore(state, metadata)
+        elif resume:
+            raise ValueError(f"nothing to resume: no training checkpoint in {checkpoint_dir}")
+    elif resume:
+        raise ValueError("resume needs a checkpoint_dir")
+
+    history: dict[str, list[float]] = {"loss": [], "diffusion": [], "ar": [], "grad_norm": []}
+    tokens, timed_from = 0, None
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("train", total=steps, completed=state.step, loss="-", rate="-")
+        while state.step < steps:
+            batch = batches(state.data_position)
+            next_key, step_key = jax.random.split(state.key)
+            noise = draw_noise(step_key, batch, config)
+            trainable, opt_state, metrics = train_step(
+                state.trainable, state.opt_state, config, optimizer, batch, noise, base, lora)
+            for name, value in metrics.items():
+                history[name].append(float(value))  # also waits for the step, so the timing below is real
+            state = TrainState(trainable, opt_state, state.step + 1, state.data_position + 1, next_key)
+            if timed_from is None:
+                timed_from = time.perf_counter()
+            else:
+                tokens += int(batch.prompt_ids.size + batch.response_ids.size)
+            rate = tokens / (time.perf_counter() - timed_from) if tokens else None
+            bar.update(task, completed=state.step, loss=f"{history['loss'][-1]:.4f}",
+                       rate="-" if rate is None else f"{rate:,.0f}")
+            if checkpointer is not None and (state.step % checkpoint_every == 0 or state.step == steps):
+                checkpointer.save(state, metadata)
+    if checkpointer is not None:
+        if checkpointer.latest_step() != state.step:  # a run resumed at its end: keep its last state on disk
+            checkpointer.save(state, metadata)
+        checkpointer.close()
+    merged = state.trainable if lora is None else merge_lora(params, state.trainable, lora)
+    return FitResult(merged, None if lora is None else state.trainable, state.opt_state, state.step, history,
+                     rate if tokens else None)
 
 
 __all__ = [
-    "Batch", "NoiseDraws", "diffusion_loss", "draw_noise", "loss_terms", "make_batch", "make_optimizer",
-    "noisy_canvas", "train_step",
+    "Batch", "FitResult", "NoiseDraws", "diffusion_loss", "draw_noise", "fit", "loss_terms", "make_batch",
+    "make_optimizer", "noisy_canvas", "train_step", "trained_loss_terms",
 ]

@@ -206,21 +206,44 @@ def test_full_size_helpers():
     assert bench.copy_bandwidth(1 << 20, repeats=2) > 0
 
 
-def test_full_size_path_on_a_tiny_model():
-    """The whole --full-size pipeline (device init, bandwidth, timing, floor, table) on Config.tiny()."""
+def test_full_size_path_on_a_tiny_model(tmp_path):
+    """The whole --full-size sweep (device init, bandwidth, chunked prefill, step timings, generate, floor,
+    table, JSON) on Config.tiny(), with the transformers side eager on the CPU."""
+    import json
+
     from rich.console import Console
 
     from diffjax import bench
 
-    settings = bench.FullSizeSettings(batch=1, prompt=4, new_tokens=16, steps=2, repeats=1, force=True,
-                                      bandwidth_bytes=1 << 20)
-    result = bench.run_full_size(settings, config=Config.tiny())
-    assert result["diffjax"]["decoder_passes"] == 2
-    assert result["floor_ms_per_step"] > 0 and result["ratio_to_floor"] > 0
-    assert result["bytes_per_step"] > 0 and result["bandwidth_bytes_per_s"] > 0
-    console = Console(record=True, width=200)
+    settings = bench.FullSizeSettings(batches=(2, 1), prompts=(20,), new_tokens=16, steps=2, repeats=1,
+                                      force=True, bandwidth_bytes=1 << 20, prefill_chunk=8, transformers=True,
+                                      transformers_compile=False, moe_implementations=("grouped", "dense"))
+    result = bench.run_full_size(settings, config=Config.tiny().replace(canvas_length=8))
+    assert [(p["prompt"], p["batch"], p["moe"]) for p in result["points"]] == [
+        (20, 1, "grouped"), (20, 1, "dense"), (20, 2, "grouped"), (20, 2, "dense")]
+    # transformers runs once per (prompt, batch), whatever our expert implementation.
+    assert result["points"][0]["transformers"] is result["points"][1]["transformers"]
+    for point in result["points"]:
+        assert "error" not in point, point
+        assert point["diffjax"]["decoder_passes"] == 4 and point["transformers"]["decoder_passes"] == 4
+        assert point["decoder_ms"] > 0 and point["encoder_canvas_ms"] > 0 and point["floor_ms"] > 0
+        assert point["cache_bytes"] > 0 and point["ratio"] > 0
+    console = Console(record=True, width=250)
     bench.render(result, console)
-    assert "memory floor" in console.export_text()
+    assert "x floor" in console.export_text()
+    bench.write_json(result, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["points"][2]["batch"] == 2
+
+
+def test_full_size_records_a_failing_point_and_goes_on():
+    from diffjax import bench
+
+    settings = bench.FullSizeSettings(batches=(1,), prompts=(4, 100), steps=1, repeats=1, force=True,
+                                      bandwidth_bytes=1 << 20, generate=False)
+    result = bench.run_full_size(settings, config=Config.tiny(max_position_embeddings=64))
+    ok, failed = result["points"]
+    assert "error" not in ok and ok["decoder_ms"] > 0
+    assert failed["error"].startswith("ValueError: prompt 100 + a canvas exceed")
 
 
 def bench_count(params) -> int:

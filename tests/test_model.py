@@ -166,3 +166,25 @@ def test_config_from_hf_reads_and_rejects():
 def test_ruff_clean():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_chunked_prefill_equals_one_pass():
+    """Prompt longer than the sliding window, left padding, chunks smaller and larger than the window."""
+    from diffjax.model import _encode, prefill
+
+    config = Config.tiny()
+    params = diffjax.init_params(config, jax.random.key(3))
+    ids = jax.random.randint(jax.random.key(4), (2, 23), 3, config.vocab_size)
+    mask = jnp.ones((2, 23), bool).at[1, :5].set(False)
+    empty = diffjax.init_cache(config, 2, 40)
+    one_pass, _ = _encode(params, config, ids, mask, empty)
+    for chunk in (5, 10, 23, 64):
+        chunked = prefill(params, config, ids, mask, empty, chunk)
+        assert int(chunked.length) == 23
+        np.testing.assert_array_equal(np.asarray(chunked.mask), np.asarray(one_pass.mask))
+        for name in one_pass.keys:
+            for got, want in ((chunked.keys[name], one_pass.keys[name]), (chunked.values[name], one_pass.values[name])):
+                assert float(jnp.abs(want).max()) > 0.1
+                np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        prefill(params, config, ids, mask, empty, 0)

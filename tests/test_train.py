@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 from reference import diffjax_params, random_hf_model
-from transformers import DynamicCache
+from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
+import convert
 from diffjax import train
 from diffjax.config import FULL, SLIDING, Config
+from diffjax.lora import LoraConfig, init_lora, merge_lora
 
 PROMPT_LEN, NUM_CANVASES = 10, 3
 
@@ -134,6 +136,55 @@ def test_loss_matches_transformers(tmp_path):
     for other in (_noise(config, batch, canvas=[0, 1], coin=[True, False]),
                   _noise(config, batch, canvas=[2, 1], coin=[False, False])):
         assert abs(float(train.diffusion_loss(params, config, batch, other)) - float(ours["loss"])) > 1e-3
+
+
+def test_lora_loss_matches_transformers_with_merged_weights(tmp_path):
+    """LoRA on, B random (non-zero): our loss through the LoRA path equals the transformers model's, loaded from
+    the merged fine-tune exported by `convert.save_hf` (so this also checks the LoRA-merged export)."""
+    config = Config.tiny(canvas_length=8)
+    model = random_hf_model(config, seed=3)
+    _, params = diffjax_params(model, tmp_path / "base")
+    lora_config = LoraConfig(rank=4, alpha=8.0)
+    lora = init_lora(params, lora_config, jax.random.key(5))
+    b_keys = iter(jax.random.split(jax.random.key(6), 100))
+    lora = jax.tree_util.tree_map_with_path(
+        lambda path, x: 0.1 * jax.random.normal(next(b_keys), x.shape) if path[-1].key == "b" else x, lora)
+    adapted = {"/".join(k.key for k in p[2:-1]) for p, _ in jax.tree_util.tree_flatten_with_path(lora)[0]}
+    assert adapted == set(lora_config.targets)
+
+    batch = _batch(config)
+    noise = _noise(config, batch, canvas=[2, 1], coin=[True, False])
+    ours = train.trained_loss_terms(lora, config, batch, noise, base=params, lora=lora_config)
+    merged = merge_lora(params, lora, lora_config)
+    exported = convert.save_hf(merged, config, tmp_path / "merged")
+    ref = _reference_loss(DiffusionGemmaForBlockDiffusion.from_pretrained(exported).float().eval(), config, batch,
+                          noise)
+    diffs = {k: abs(float(ours[k]) - ref[k]) for k in ("loss", "ar", "diffusion")}
+    diffs["per_example"] = float(np.max(np.abs(np.asarray(ours["diffusion_per_example"]) - ref["per_example"])))
+    print("LoRA loss parity:", {k: f"{v:.2e}" for k, v in diffs.items()}, "reference", ref)
+    assert max(diffs.values()) < 1e-5, diffs
+    # The adapter matters: the base model's loss is clearly different.
+    assert abs(float(train.diffusion_loss(params, config, batch, noise)) - ref["loss"]) > 1e-2
+
+
+def test_lora_bad_input():
+    config = Config.tiny()
+    from diffjax.model import init_params
+
+    params = init_params(config, jax.random.key(0))
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        LoraConfig(rank=0)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        LoraConfig(alpha=0.0)
+    with pytest.raises(ValueError, match=r"match no linear layer.*known: .*self_attn/q_proj"):
+        init_lora(params, LoraConfig(targets=("self_attn/qkv",)), jax.random.key(0))
+    lora = init_lora(params, LoraConfig(rank=2, targets=("self_attn/q_proj",)), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"does not match lora_config\.targets"):
+        merge_lora(params, lora, LoraConfig(rank=2, targets=("self_attn/q_proj", "mlp/up_proj")))
+    with pytest.raises(ValueError, match="do not fit kernel"):
+        merge_lora(params, lora, LoraConfig(rank=3, targets=("self_attn/q_proj",)))
+    with pytest.raises(ValueError, match="needs both"):
+        train.trained_loss_terms(lora, config, None, None, base=params)
 
 
 def test_train_step_overfits_one_batch():

@@ -1,0 +1,139 @@
+"""Split-K (flash-decoding) attention of the canvas over a long cache, for the global layers.
+
+Global layers have few kv heads (2) and many query heads per kv head (8), a wide head (512), scale 1.0 and
+no mask beyond padding. Per kv head, the (canvas rows x query heads of that kv head) form one query matrix
+of `canvas * group` rows that shares every key and value; it is cut into row blocks, and the keys into
+`splits` contiguous ranges, giving a grid (batch, kv head, row block, key split). Each program streams its
+key range in tiles with an online softmax (float32), and writes its normalised output and logsumexp; an
+XLA step combines the splits. Twin: `diffjax.layers.attend` with a padding-only mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from diffjax.kernels import resolve_interpret
+
+Array = jax.Array
+
+_MIN_BLOCK = 16
+_NEG = -1e30  # finite "minus infinity": no inf - inf = NaN in the running max updates
+_TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
+
+
+@functools.partial(
+    jax.jit, static_argnames=("block_q", "block_k", "splits", "num_warps", "num_stages", "interpret")
+)
+def global_attention_pallas(
+    query: Array, keys: Array, values: Array, valid: Array, *, block_q: int = 64, block_k: int = 32,
+    splits: int | None = None, num_warps: int = 8, num_stages: int = 2, interpret: bool | None = None,
+) -> Array:
+    """`attend(query, keys, values, mask)` for a mask that only hides padded keys.
+
+    query `[batch, q, heads, head_dim]`, keys/values `[batch, k, kv_heads, head_dim]`, valid `[batch, k]`
+    bool (True = a real key). Returns `[batch, q, heads * head_dim]` in values' dtype; a row whose keys are
+    all padding gives zeros, as `attend` does. head_dim a multiple of 16, k >= 16. block_q/block_k: powers of
+    two >= 16 (block_k is lowered to fit k); splits: key ranges per (batch, kv head, row block), by default
+    enough programs to fill the GPU.
+    """
+    batch, q_len, heads, head_dim = query.shape
+    _, length, kv_heads, _ = keys.shape
+    _check(query, keys, values, valid)
+    for name, block in (("block_q", block_q), ("block_k", block_k)):
+        if block < _MIN_BLOCK or block & (block - 1):
+            raise ValueError(f"{name} must be a power of two >= {_MIN_BLOCK}, got {block}")
+    block_k = min(block_k, 1 << (length.bit_length() - 1))
+    group = heads // kv_heads
+    rows = q_len * group
+    row_blocks = pl.cdiv(rows, block_q)
+    num_tiles = pl.cdiv(length, block_k)
+    splits = splits or max(1, min(num_tiles, _TARGET_PROGRAMS // (batch * kv_heads * row_blocks)))
+    tiles_per_split = pl.cdiv(num_tiles, splits)
+
+    # [batch, kv_heads, q * group, head_dim]: the query rows sharing a kv head, padded to the row block.
+    grouped = query.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+    grouped = jnp.pad(grouped.reshape(batch, kv_heads, rows, head_dim),
+                      ((0, 0), (0, 0), (0, row_blocks * block_q - rows), (0, 0)))
+    padded_rows = row_blocks * block_q
+    out_dtype = jnp.float32 if splits > 1 else values.dtype
+    kernel = functools.partial(
+        _split_kernel, block_q=block_q, block_k=block_k, tiles_per_split=tiles_per_split, length=length
+    )
+    partial_out, partial_lse = pl.pallas_call(
+        kernel,
+        out_shape=[
+            jax.ShapeDtypeStruct((splits, batch, kv_heads, padded_rows, head_dim), out_dtype),
+            jax.ShapeDtypeStruct((splits, batch, kv_heads, padded_rows), jnp.float32),
+        ],
+        grid=(batch, kv_heads, row_blocks, splits),
+        in_specs=[pl.no_block_spec] * 4,
+        out_specs=[
+            pl.BlockSpec((None, None, None, block_q, head_dim), lambda b, h, i, s: (s, b, h, i, 0)),
+            pl.BlockSpec((None, None, None, block_q), lambda b, h, i, s: (s, b, h, i)),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=resolve_interpret(interpret),
+        name="global_attention_split_k",
+    )(grouped.astype(keys.dtype), keys, values.astype(keys.dtype), valid.astype(jnp.int32))
+    if splits == 1:
+        out = partial_out[0]
+    else:
+        weights = jnp.exp(partial_lse - jnp.max(partial_lse, axis=0))  # all-padding rows: every split equal
+        out = jnp.sum(weights[..., None] * partial_out, axis=0) / jnp.sum(weights, axis=0)[..., None]
+    out = out[:, :, :rows].reshape(batch, kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
+    return out.reshape(batch, q_len, heads * head_dim).astype(values.dtype)
+
+
+def _check(query: Array, keys: Array, values: Array, valid: Array) -> None:
+    batch, _, heads, head_dim = query.shape
+    if keys.ndim != 4 or keys.shape[0] != batch or keys.shape[3] != head_dim:
+        raise ValueError(f"keys must be [batch={batch}, k, kv_heads, head_dim={head_dim}], got {keys.shape}")
+    if values.shape != keys.shape:
+        raise ValueError(f"values {values.shape} must have the shape of keys {keys.shape}")
+    if heads % keys.shape[2]:
+        raise ValueError(f"kv_heads ({keys.shape[2]}) must divide the query heads ({heads})")
+    if valid.shape != keys.shape[:2]:
+        raise ValueError(f"valid must be [batch, k] = {keys.shape[:2]}, got {valid.shape}")
+    if head_dim % _MIN_BLOCK or keys.shape[1] < _MIN_BLOCK:
+        raise ValueError(
+            f"global_attention_pallas needs head_dim a multiple of {_MIN_BLOCK} and >= {_MIN_BLOCK} keys, "
+            f"got head_dim {head_dim} and {keys.shape[1]} keys"
+        )
+
+
+def _split_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, lse_ref, *, block_q, block_k, tiles_per_split, length):
+    b, h, row_block, split = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    q = q_ref[b, h, pl.ds(row_block * block_q, block_q), :]
+
+    def tile(t, carry):
+        m, total, acc = carry
+        start = (split * tiles_per_split + t) * block_k
+        # The last tile is shifted back to end at `length` (no out-of-bounds reads); the keys it re-covers,
+        # and whole tiles past the end, are masked out.
+        load = jnp.minimum(start, length - block_k)
+        keys = pl.ds(load, block_k)
+        scores = jax.lax.dot_general(q, k_ref[b, keys, h, :], (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+        cols = load + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+        keep = (cols >= start) & (valid_ref[b, keys] > 0)[None, :]
+        scores = jnp.where(keep, scores, _NEG)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=1))
+        p = jnp.where(keep, jnp.exp(scores - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        values = v_ref[b, keys, h, :]
+        acc = alpha[:, None] * acc + jnp.dot(p.astype(values.dtype), values, preferred_element_type=jnp.float32)
+        return m_new, alpha * total + jnp.sum(p, axis=1), acc
+
+    head_dim = q.shape[-1]
+    init = (jnp.full((block_q,), _NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+            jnp.zeros((block_q, head_dim), jnp.float32))
+    m, total, acc = jax.lax.fori_loop(0, tiles_per_split, tile, init)
+    seen = total > 0  # False: no visible key in this split
+    safe_total = jnp.where(seen, total, 1.0)
+    out_ref[...] = jnp.where(seen[:, None], acc / safe_total[:, None], 0.0).astype(out_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_total), _NEG)

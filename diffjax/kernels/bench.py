@@ -1,0 +1,362 @@
+"""GPU micro-benchmark of the kernels against their plain-JAX twins at the released 26B-A4B shapes.
+
+    python -m diffjax.kernels.bench --out kernels.json          # on the GPU, bf16, < 3 minutes on an H100
+    python -m diffjax.kernels.bench --tiny --out tiny.json      # CPU smoke run: tiny shapes, interpret mode
+
+For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--repeats` warm calls:
+
+* `moe`: one layer's experts (128 experts top-8, hidden 2816, inter 704) as the Pallas kernel (`pallas`),
+  `jax.lax.ragged_dot` (`ragged_dot`), ragged_dot with `--xla_gpu_experimental_use_ragged_dot_fusion`
+  (`ragged_dot_fusion`, in a child process because XLA flags are process-wide) and every expert on every
+  token (`dense`);
+* `vocab`: the LM-head statistics pass over the 262144-token vocabulary (`pallas`) against float32 logits
+  followed by the statistics (`logits_then_stats`);
+* `attention`: one global layer's attention (16 query heads, 2 kv heads, head_dim 512) of the canvas over a
+  prompt cache of 1K and 32K tokens plus the canvas (`pallas` split-K against `attend`).
+
+Each entry records ms, the bytes it must read at least (weights touched + inputs + outputs) and those bytes
+over the time (GB/s, to set against the device copy bandwidth also recorded). A failing entry records its
+error and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax.bench import copy_bandwidth
+from diffjax.config import Config
+from diffjax.layers import attend, experts_dense, experts_grouped
+
+RAGGED_DOT_FUSION_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
+MOE_IMPLS = ("pallas", "ragged_dot", "ragged_dot_fusion", "dense")
+SECTIONS = ("moe", "vocab", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """Sizes of the timed problems (defaults: the released model, one layer)."""
+
+    hidden: int
+    experts: int
+    top_k: int
+    moe_inter: int
+    vocab: int
+    canvas: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    softcap: float | None
+
+    @classmethod
+    def released(cls) -> Shapes:
+        c = Config.diffusiongemma_26b_a4b()
+        return cls(
+            hidden=c.hidden_size, experts=c.num_experts, top_k=c.top_k_experts, moe_inter=c.moe_intermediate_size,
+            vocab=c.vocab_size, canvas=c.canvas_length, heads=c.num_heads, kv_heads=c.full.num_kv_heads,
+            head_dim=c.full.head_dim, softcap=c.final_logit_softcapping,
+        )
+
+    @classmethod
+    def tiny(cls) -> Shapes:
+        return cls(hidden=64, experts=8, top_k=2, moe_inter=32, vocab=512, canvas=16, heads=4, kv_heads=2,
+                   head_dim=32, softcap=30.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    rows: tuple[int, ...] = (1, 4, 8, 16)
+    prompts: tuple[int, ...] = (1024, 32768)
+    sections: tuple[str, ...] = SECTIONS
+    moe_impls: tuple[str, ...] = MOE_IMPLS
+    repeats: int = 5
+    tiny: bool = False
+    seed: int = 0
+
+
+def time_call(fn: Callable[..., Any], *args: Any, repeats: int) -> tuple[float, float]:
+    """(first call incl. compile in s, best warm call in ms) of a jitted `fn(*args)`."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first_s = time.perf_counter() - start
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return first_s, 1e3 * best
+
+
+def _nbytes(*arrays: Any) -> int:
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays)
+
+
+def _entry(section: str, impl: str, rows: int, timed: Callable[[], tuple[float, float, int]], **extra: Any
+           ) -> dict[str, Any]:
+    """Run one timing; a failure is recorded, not raised."""
+    record: dict[str, Any] = {"section": section, "impl": impl, "rows": rows, **extra}
+    try:
+        first_s, ms, nbytes = timed()
+        record.update(first_call_s=first_s, ms=ms, bytes=nbytes, gb_per_s=nbytes / ms / 1e6)
+    except Exception as exc:  # one broken kernel must not lose the other figures
+        record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        record["traceback"] = traceback.format_exc(limit=8)[-4000:]
+    return record
+
+
+# --------------------------------------------------------------------------------------------- moe
+
+
+def moe_inputs(shapes: Shapes, tokens: int, seed: int) -> tuple[jax.Array, ...]:
+    """Random bf16 activations, routing (top-k of random scores) and expert weights, made on the device."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+
+    @jax.jit
+    def make() -> tuple[jax.Array, ...]:
+        x = jax.random.normal(keys[0], (tokens, shapes.hidden), jnp.bfloat16)
+        scores = jax.random.normal(keys[1], (tokens, shapes.experts), jnp.float32)
+        top, ids = jax.lax.top_k(scores, shapes.top_k)
+        weights = jax.nn.softmax(top, axis=-1)
+        gate_up = (0.02 * jax.random.normal(keys[2], (shapes.experts, shapes.hidden, 2 * shapes.moe_inter),
+                                            jnp.bfloat16))
+        down = 0.02 * jax.random.normal(keys[3], (shapes.experts, shapes.moe_inter, shapes.hidden), jnp.bfloat16)
+        return x, weights, ids.astype(jnp.int32), gate_up, down
+
+    return make()
+
+
+def moe_bytes(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array) -> int:
+    """Weights of the experts hit, the activations in and the output."""
+    hit = len(np.unique(np.asarray(ids)))
+    per_expert = _nbytes(gate_up, down) // gate_up.shape[0]
+    return hit * per_expert + 2 * _nbytes(x) + _nbytes(weights, ids)
+
+
+def moe_function(impl: str, interpret: bool) -> Callable[..., jax.Array]:
+    if impl == "pallas":
+        from diffjax.kernels.moe import experts_pallas
+
+        return jax.jit(lambda *a: experts_pallas(*a, interpret=interpret))
+    if impl in ("ragged_dot", "ragged_dot_fusion"):
+        return jax.jit(experts_grouped)
+    if impl == "dense":
+        return jax.jit(experts_dense)
+    raise ValueError(f"unknown moe implementation {impl!r}; expected one of {MOE_IMPLS}")
+
+
+def bench_moe(s: Settings, shapes: Shapes, impls: Sequence[str], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    out = []
+    for rows in s.rows:
+        tokens = rows * shapes.canvas
+        args = moe_inputs(shapes, tokens, s.seed)
+        nbytes = moe_bytes(*args)
+        for impl in impls:
+            log(f"moe {impl} rows={rows}")
+
+            def timed(impl: str = impl, args: tuple = args, nbytes: int = nbytes) -> tuple[float, float, int]:
+                return (*time_call(moe_function(impl, s.tiny), *args, repeats=s.repeats), nbytes)
+
+            out.append(_entry("moe", impl, rows, timed, tokens=tokens))
+        del args
+    return out
+
+
+def bench_moe_fusion_child(s: Settings, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """ragged_dot under the cuDNN ragged-dot fusion flag, in a fresh process (XLA flags are process-wide)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "fusion.json"
+        cmd = [sys.executable, "-m", "diffjax.kernels.bench", "--sections", "moe", "--moe-impls", "ragged_dot_fusion",
+               "--child", "--repeats", str(s.repeats), "--rows", *map(str, s.rows), "--out", str(out)]
+        if s.tiny:
+            cmd.append("--tiny")
+        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {RAGGED_DOT_FUSION_FLAG}".strip())
+        log("moe ragged_dot_fusion (child process)")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+        if proc.returncode != 0 or not out.exists():
+            return [{"section": "moe", "impl": "ragged_dot_fusion", "rows": rows,
+                     "error": f"child process exited {proc.returncode}: {proc.stderr[-2000:]}"} for rows in s.rows]
+        return json.loads(out.read_text())["entries"]
+
+
+# ------------------------------------------------------------------------------------------- vocab
+
+
+def vocab_inputs(shapes: Shapes, rows: int, seed: int) -> tuple[jax.Array, jax.Array]:
+    keys = jax.random.split(jax.random.key(seed + 1), 2)
+
+    @jax.jit
+    def make() -> tuple[jax.Array, jax.Array]:
+        hidden = jax.random.normal(keys[0], (rows, shapes.hidden), jnp.bfloat16)
+        embedding = 0.05 * jax.random.normal(keys[1], (shapes.vocab, shapes.hidden), jnp.bfloat16)
+        return hidden, embedding
+
+    return make()
+
+
+def bench_vocab(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    from diffjax.kernels import vocab
+
+    out = []
+    for batch in s.rows:
+        rows = batch * shapes.canvas
+        hidden, embedding = vocab_inputs(shapes, rows, s.seed)
+        temperature = jnp.float32(0.8)
+        nbytes = _nbytes(hidden, embedding)
+        impls = {
+            "pallas": jax.jit(lambda h, e, t: vocab.vocab_stats_pallas(
+                h, e, t, seed=7, softcap=shapes.softcap, interpret=s.tiny)),
+            "logits_then_stats": jax.jit(lambda h, e, t: vocab.vocab_stats_reference(
+                h, e, t, seed=7, softcap=shapes.softcap)),
+        }
+        for impl, fn in impls.items():
+            log(f"vocab {impl} rows={batch}")
+
+            def timed(fn: Callable = fn, hidden: jax.Array = hidden, embedding: jax.Array = embedding,
+                      temperature: jax.Array = temperature, nbytes: int = nbytes) -> tuple[float, float, int]:
+                return (*time_call(fn, hidden, embedding, temperature, repeats=s.repeats), nbytes)
+
+            out.append(_entry("vocab", impl, batch, timed, tokens=rows))
+        del hidden, embedding
+    return out
+
+
+# --------------------------------------------------------------------------------------- attention
+
+
+def attention_inputs(shapes: Shapes, batch: int, prompt: int, seed: int) -> tuple[jax.Array, ...]:
+    keys = jax.random.split(jax.random.key(seed + 2), 3)
+    length = prompt + shapes.canvas
+
+    @jax.jit
+    def make() -> tuple[jax.Array, ...]:
+        q = jax.random.normal(keys[0], (batch, shapes.canvas, shapes.heads, shapes.head_dim), jnp.bfloat16)
+        k = jax.random.normal(keys[1], (batch, length, shapes.kv_heads, shapes.head_dim), jnp.bfloat16)
+        v = jax.random.normal(keys[2], (batch, length, shapes.kv_heads, shapes.head_dim), jnp.bfloat16)
+        # The unit-RMS q/k of Gemma's q/k norms make scale-1.0 scores of size ~sqrt(head_dim): shrink them.
+        q = q * jnp.asarray(shapes.head_dim**-0.25, q.dtype)
+        k = k * jnp.asarray(shapes.head_dim**-0.25, k.dtype)
+        valid = jnp.ones((batch, length), bool)
+        return q, k, v, valid
+
+    return make()
+
+
+def bench_attention(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    from diffjax.kernels.attention import global_attention_pallas
+
+    impls = {
+        "pallas": jax.jit(lambda q, k, v, valid: global_attention_pallas(q, k, v, valid, interpret=s.tiny)),
+        "attend": jax.jit(lambda q, k, v, valid: attend(
+            q, k, v, jnp.broadcast_to(valid[:, None, :], (q.shape[0], q.shape[1], valid.shape[1])))),
+    }
+    out = []
+    for prompt in s.prompts:
+        for batch in s.rows:
+            args = attention_inputs(shapes, batch, prompt, s.seed)
+            nbytes = _nbytes(*args) + _nbytes(args[0])  # + the output, the size of the queries
+            for impl, fn in impls.items():
+                log(f"attention {impl} rows={batch} prompt={prompt}")
+
+                def timed(fn: Callable = fn, args: tuple = args, nbytes: int = nbytes) -> tuple[float, float, int]:
+                    return (*time_call(fn, *args, repeats=s.repeats), nbytes)
+
+                out.append(_entry("attention", impl, batch, timed, prompt=prompt))
+            del args
+    return out
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def run(s: Settings, log: Callable[[str], None] = lambda _: None, child: bool = False) -> dict[str, Any]:
+    shapes = Shapes.tiny() if s.tiny else Shapes.released()
+    # The child runs first, while this process has not yet claimed (preallocated) the GPU's memory.
+    fusion = (bench_moe_fusion_child(s, log) if "moe" in s.sections and "ragged_dot_fusion" in s.moe_impls
+              and not child else [])
+    device = jax.devices()[0]
+    result: dict[str, Any] = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "device": str(device),
+        "device_kind": device.device_kind, "jax": jax.__version__, "settings": dataclasses.asdict(s),
+        "shapes": dataclasses.asdict(shapes), "entries": [],
+    }
+    if not child:
+        log("measuring device copy bandwidth")
+        result["copy_bandwidth_gb_per_s"] = copy_bandwidth(
+            (64 << 20) if device.platform == "cpu" else (2 << 30)) / 1e9
+    entries = result["entries"]
+    if "moe" in s.sections:
+        in_process = [i for i in s.moe_impls if i != "ragged_dot_fusion" or child]
+        entries += bench_moe(s, shapes, in_process, log) + fusion
+    sections: dict[str, Callable[[], list[dict[str, Any]]]] = {
+        "vocab": lambda: bench_vocab(s, shapes, log), "attention": lambda: bench_attention(s, shapes, log),
+    }
+    for name, section in sections.items():
+        if name in s.sections:
+            try:
+                entries += section()
+            except Exception as exc:  # e.g. the section's module failing to import
+                entries.append({"section": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    """A plain-text table of the entries, one line each."""
+    lines = [f"{result['device_kind']} ({result['device']}), jax {result['jax']}, {result['date_utc']} UTC"]
+    if "copy_bandwidth_gb_per_s" in result:
+        lines.append(f"device copy bandwidth: {result['copy_bandwidth_gb_per_s']:.0f} GB/s")
+    lines.append(f"{'section':<10} {'impl':<18} {'rows':>4} {'prompt':>6} {'ms':>9} {'GB/s':>8}  note")
+    for e in result["entries"]:
+        ms = f"{e['ms']:9.3f}" if "ms" in e else f"{'-':>9}"
+        gbs = f"{e['gb_per_s']:8.0f}" if "gb_per_s" in e else f"{'-':>8}"
+        note = e.get("error", "").splitlines()[0][:100] if "error" in e else ""
+        lines.append(f"{e['section']:<10} {e.get('impl', '-'):<18} {e.get('rows', '-'):>4} "
+                     f"{e.get('prompt', ''):>6} {ms} {gbs}  {note}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m diffjax.kernels.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=pathlib.Path, help="write the result as JSON here")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes in Pallas interpret mode (CPU smoke run)")
+    p.add_argument("--rows", type=int, nargs="+", help="decoder batch rows (default 1 4 8 16; tiny: 1 2)")
+    p.add_argument("--prompts", type=int, nargs="+", help="attention prompt lengths (default 1024 32768)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--moe-impls", nargs="+", choices=MOE_IMPLS, default=list(MOE_IMPLS))
+    p.add_argument("--repeats", type=int, default=5, help="warm calls per entry, the best is kept (default 5)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if any(n <= 0 for n in (args.rows or []) + (args.prompts or []) + [args.repeats]):
+        p.error("--rows, --prompts and --repeats must be positive")
+    settings = Settings(
+        rows=tuple(args.rows or ((1, 2) if args.tiny else (1, 4, 8, 16))),
+        prompts=tuple(args.prompts or ((32,) if args.tiny else (1024, 32768))),
+        sections=tuple(args.sections), moe_impls=tuple(args.moe_impls), repeats=args.repeats, tiny=args.tiny,
+    )
+    start = time.perf_counter()
+    result = run(settings, log=lambda m: print(f"[{time.perf_counter() - start:6.1f}s] {m}", file=sys.stderr,
+                                                flush=True), child=args.child)
+    result["total_s"] = time.perf_counter() - start
+    if not args.child:
+        print(render(result))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The training loop: orbax checkpoints that resume a killed run exactly, keep-last-K, LoRA fine-tuning."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from diffjax import train
+from diffjax.checkpoint import TrainCheckpointer, TrainState
+from diffjax.config import FULL, SLIDING, Config
+from diffjax.lora import LoraConfig
+from diffjax.model import init_params
+
+CONFIG = Config.tiny(
+    num_layers=2, layer_types=(SLIDING, FULL), canvas_length=8, vocab_size=128, hidden_size=32,
+    intermediate_size=64, num_experts=4, moe_intermediate_size=16, moe_implementation="dense",
+)
+STEPS = 6
+# One optimizer object for every run: it is a static argument of the jitted step, so all runs share one compile.
+OPTIMIZER = train.make_optimizer(peak_lr=1e-2, total_steps=STEPS, warmup_steps=2)
+
+
+def batches(index: int) -> train.Batch:
+    """Batch `index` of a deterministic stream: two rows, prompts of 7 and 4 tokens, 1-2 canvases."""
+    rng = np.random.default_rng(index)
+    hi = CONFIG.vocab_size
+    prompts = [rng.integers(3, hi, 7), rng.integers(3, hi, 4)]
+    responses = [rng.integers(3, hi, 11), rng.integers(3, hi, 5)]
+    return train.make_batch(CONFIG, prompts, responses, prompt_length=7, num_canvases=2)
+
+
+class Killed(Exception):
+    pass
+
+
+def _assert_trees_equal(a, b) -> None:
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    params = init_params(CONFIG, jax.random.key(0))
+    kept = jax.tree.map(np.asarray, params)
+    whole = train.fit(params, CONFIG, batches, STEPS, key=jax.random.key(1), optimizer=OPTIMIZER,
+                      checkpoint_dir=tmp_path / "whole", checkpoint_every=2, keep=2, progress=False)
+    _assert_trees_equal(params, kept)  # the caller's params survive the donating train step
+    assert len(whole.losses) == STEPS and whole.step == STEPS
+    assert TrainCheckpointer(tmp_path / "whole").all_steps() == [4, 6]  # keep the last 2
+    assert whole.losses[-1] < whole.losses[0]
+
+    def dying(index: int) -> train.Batch:
+        if index == 5:
+            raise Killed
+        return batches(index)
+
+    with pytest.raises(Killed):  # dies during step 6, after the checkpoint of step 4
+        train.fit(params, CONFIG, dying, STEPS, key=jax.random.key(1), optimizer=OPTIMIZER,
+                  checkpoint_dir=tmp_path / "killed", checkpoint_every=2, keep=2, progress=False)
+    assert TrainCheckpointer(tmp_path / "killed").all_steps() == [2, 4]
+
+    # A fresh process' view: new params and another key; step, data position, RNG and optimiser come from disk.
+    fresh = init_params(CONFIG, jax.random.key(0))
+    resumed = train.fit(fresh, CONFIG, batches, STEPS, key=jax.random.key(99), optimizer=OPTIMIZER,
+                        checkpoint_dir=tmp_path / "killed", checkpoint_every=2, keep=2, resume=True, progress=False)
+    print("uninterrupted", whole.losses, "resumed", resumed.losses)
+    assert resumed.losses == whole.losses[4:]  # bit-exact
+    _assert_trees_equal(resumed.params, whole.params)
+    _assert_trees_equal(resumed.opt_state, whole.opt_state)
+
+    with pytest.raises(FileExistsError, match="already holds training checkpoints"):
+        train.fit(params, CONFIG, batches, STEPS, key=jax.random.key(1), optimizer=OPTIMIZER,
+                  checkpoint_dir=tmp_path / "whole", progress=False)
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train.fit(params, CONFIG, batches, STEPS, key=jax.random.key(1), optimizer=OPTIMIZER,
+                  checkpoint_dir=tmp_path / "empty", resume=True, progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        train.fit(params, CONFIG, batches, STEPS, key=jax.random.key(1), optimizer=OPTIMIZER,
+                  checkpoint_dir=tmp_path / "whole", resume=True, metadata={"task": "other"}, progress=False)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        train.fit(params, CONFIG, batches, 0, key=jax.random.key(1))
+
+
+def test_lora_fit_trains_only_the_adapter(tmp_path):
+    params = init_params(CONFIG, jax.random.key(0))
+    lora_config = LoraConfig(rank=2, alpha=4.0)
+    result = train.fit(params, CONFIG, batches, 3, key=jax.random.key(1), optimizer=OPTIMIZER, lora=lora_config,
+                       checkpoint_dir=tmp_path / "lora", checkpoint_every=3, progress=False)
+    assert result.losses[-1] < result.losses[0]
+    b = result.lora["blocks"]["layer_0"]["self_attn"]["q_proj"]["b"]
+    assert float(np.abs(np.asarray(b)).max()) > 0  # B starts at zero: it moved
+    # Optimiser state only for the adapter: its leaves are LoRA-sized.
+    n_lora = sum(x.size for x in jax.tree.leaves(result.lora))
+    assert sum(x.size for x in jax.tree.leaves(result.opt_state)) < 3 * n_lora + 10
+    for path, leaf in jax.tree_util.tree_flatten_with_path(result.params)[0]:
+        names = [k.key for k in path]
+        adapted = names[0] == "blocks" and "/".join(names[2:4]) in lora_config.targets
+        same = np.array_equal(np.asarray(leaf), np.asarray(_get(params, names)))
+        assert same != adapted, names
+    # The checkpoint holds the adapter, not the model.
+    restored = TrainCheckpointer(tmp_path / "lora").restore(
+        TrainState(result.lora, result.opt_state, 0, 0, jax.random.key(0)))
+    _assert_trees_equal(restored.trainable, result.lora)
+    assert restored.step == restored.data_position == 3
+
+
+def _get(tree, names):
+    for name in names:
+        tree = tree[name]
+    return tree

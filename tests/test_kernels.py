@@ -1,0 +1,289 @@
+"""Pallas kernels against their plain-JAX twins (interpret mode on CPU) and lowered for CUDA from here.
+
+Interpret mode runs the kernel bodies exactly as written (grid, block indexing, loops, masks) on the CPU;
+the CUDA lowering runs Pallas' Triton lowering of the same kernels, so a kernel that cannot compile for an
+NVIDIA GPU fails here even without one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax.config import Config
+from diffjax.kernels import bench as kernel_bench
+from diffjax.kernels.attention import global_attention_pallas
+from diffjax.kernels.moe import experts_pallas
+from diffjax.kernels.vocab import vocab_stats_pallas, vocab_stats_reference
+from diffjax.layers import Experts, attend, experts_dense, experts_grouped
+from diffjax.model import denoise_logits, encode, init_params, tied_logits
+
+
+def lower_for_cuda(fn, *args) -> str:
+    """StableHLO text of `fn(*args)` lowered for CUDA (no GPU needed); Triton kernels appear as custom calls."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _close(actual, expected, dtype, scale=1.0) -> None:
+    """fp32: tight. bf16: within a few bf16 roundings of the largest magnitude (compare against a float32
+    oracle of the same bf16 inputs: the bf16 twins round intermediates at other points than the kernels)."""
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    peak = np.abs(expected).max()
+    assert peak > 0.05  # never compare on (near) zeros
+    tol = scale * (2e-5 if dtype == jnp.float32 else 2**-7 * peak)
+    np.testing.assert_allclose(actual, expected, atol=tol, rtol=2e-5 * scale if dtype == jnp.float32 else 0)
+
+
+def as_f32(*arrays):
+    return tuple(a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in arrays)
+
+
+# --------------------------------------------------------------------------------------------- moe
+
+
+def moe_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, dtype, seed: int):
+    """Random MoE inputs routed to the first half of the experts only: several experts get zero tokens."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(keys[0], (tokens, hidden)).astype(dtype)
+    scores = jax.random.normal(keys[1], (tokens, max(top_k, experts // 2)))
+    weights, ids = jax.lax.top_k(jax.nn.softmax(scores), top_k)
+    gate_up = (0.3 * jax.random.normal(keys[2], (experts, hidden, 2 * inter))).astype(dtype)
+    down = (0.3 * jax.random.normal(keys[3], (experts, inter, hidden))).astype(dtype)
+    return x, weights, ids.astype(jnp.int32), gate_up, down
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "hidden", "inter", "block_rows", "dtype"),
+    [
+        (37, 8, 2, 64, 32, 16, jnp.float32),  # ragged groups spanning several row tiles
+        (50, 16, 4, 48, 80, 32, jnp.bfloat16),  # dims that are multiples of 16 but not powers of two
+    ],
+)
+def test_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, block_rows, dtype):
+    args = moe_case(tokens, experts, top_k, hidden, inter, dtype, seed=tokens)
+    ours = experts_pallas(*args, block_rows=block_rows, interpret=True)
+    assert ours.shape == args[0].shape and ours.dtype == dtype
+    _close(ours, experts_dense(*as_f32(*args)), dtype)
+    _close(experts_grouped(*args), experts_dense(*as_f32(*args)), dtype)  # the twin meets the same bar
+
+
+def test_experts_module_selects_the_kernel():
+    # One token: a single used row tile, every other tile skipped.
+    x, weights, ids, gate_up, down = moe_case(1, 8, 2, 64, 32, jnp.float32, seed=3)
+    variables = {"params": {"gate_up_proj": gate_up, "down_proj": down}}
+    outputs = {
+        impl: Experts(Config.tiny(moe_implementation=impl)).apply(variables, x, weights, ids)
+        for impl in ("grouped", "pallas")
+    }
+    _close(outputs["pallas"], outputs["grouped"], jnp.float32)
+
+
+def test_moe_kernel_lowers_for_cuda_at_released_shapes():
+    cfg = Config.diffusiongemma_26b_a4b()
+    tokens, k, experts = 2 * cfg.canvas_length, cfg.top_k_experts, cfg.num_experts
+    args = (
+        jax.ShapeDtypeStruct((tokens, cfg.hidden_size), jnp.bfloat16),
+        jax.ShapeDtypeStruct((tokens, k), jnp.float32),
+        jax.ShapeDtypeStruct((tokens, k), jnp.int32),
+        jax.ShapeDtypeStruct((experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size), jnp.bfloat16),
+        jax.ShapeDtypeStruct((experts, cfg.moe_intermediate_size, cfg.hidden_size), jnp.bfloat16),
+    )
+    text = lower_for_cuda(lambda *a: experts_pallas(*a, interpret=False), *args)
+    assert text.count("__gpu$xla.gpu.triton") == 2  # gate/up and down kernels
+
+
+def test_moe_kernel_rejects_bad_shapes():
+    x, weights, ids, gate_up, down = moe_case(4, 4, 2, 32, 16, jnp.float32, seed=0)
+    with pytest.raises(ValueError, match="down must be"):
+        experts_pallas(x, weights, ids, gate_up, down[:, :8])
+    with pytest.raises(ValueError, match=r"weights .* and expert_ids"):
+        experts_pallas(x, weights[:, :1], ids, gate_up, down)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        experts_pallas(x[:, :24], weights, ids, gate_up[:, :24], down[..., :24])
+    with pytest.raises(ValueError, match="block_rows"):
+        experts_pallas(x, weights, ids, gate_up, down, block_rows=24, interpret=True)
+
+
+# ------------------------------------------------------------------------------------------- bench
+
+
+def test_kernel_bench_runs_tiny_and_records_failures(tmp_path, monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr("diffjax.kernels.bench.experts_dense", broken)
+    out = tmp_path / "k.json"
+    assert kernel_bench.main([
+        "--tiny", "--rows", "1", "--repeats", "1", "--sections", "moe", "--moe-impls", "ragged_dot", "dense",
+        "--out", str(out),
+    ]) == 0
+    entries = json.loads(out.read_text())["entries"]
+    by_impl = {e["impl"]: e for e in entries}
+    assert by_impl["ragged_dot"]["ms"] > 0 and by_impl["ragged_dot"]["bytes"] > 0
+    assert "kernel exploded" in by_impl["dense"]["error"]
+
+
+# ------------------------------------------------------------------------------------------- vocab
+
+
+def vocab_case(lead: tuple[int, ...], width: int, vocab: int, dtype, seed: int):
+    keys = jax.random.split(jax.random.key(seed), 2)
+    hidden = jax.random.normal(keys[0], (*lead, width)).astype(dtype)
+    embedding = (0.4 * jax.random.normal(keys[1], (vocab, width))).astype(dtype)
+    return hidden, embedding
+
+
+@pytest.mark.parametrize(
+    ("lead", "width", "vocab", "softcap", "temperature", "splits", "dtype"),
+    [
+        ((2, 20), 32, 512, 30.0, 0.8, 2, jnp.float32),  # rows padded to the row block, two splits combined
+        ((16,), 64, 256, None, 1.3, None, jnp.bfloat16),
+    ],
+)
+def test_vocab_kernel_matches_twin(lead, width, vocab, softcap, temperature, splits, dtype):
+    hidden, embedding = vocab_case(lead, width, vocab, dtype, seed=width)
+    ours = vocab_stats_pallas(hidden, embedding, temperature, seed=5, softcap=softcap, splits=splits,
+                              interpret=True)
+    twin = vocab_stats_reference(hidden, embedding, temperature, seed=5, softcap=softcap)
+    for name in ("logsumexp", "entropy", "sample_logprob"):
+        expected = np.asarray(getattr(twin, name))
+        assert getattr(ours, name).shape == lead and np.abs(expected).max() > 0.1
+        np.testing.assert_allclose(np.asarray(getattr(ours, name)), expected, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(ours.argmax), np.asarray(twin.argmax))
+    np.testing.assert_array_equal(np.asarray(ours.sample), np.asarray(twin.sample))
+    assert np.mean(np.asarray(ours.sample) != np.asarray(ours.argmax)) > 0.2  # samples are not just argmax
+
+
+def test_vocab_kernel_samples_follow_softmax():
+    """Chi-square test of 2048 draws of one distribution (every row the same hidden state) against softmax."""
+    rows, width, vocab, temperature = 2048, 16, 64, 0.7
+    hidden, embedding = vocab_case((1,), width, vocab, jnp.float32, seed=11)
+    hidden = jnp.broadcast_to(hidden, (rows, width))
+    stats = vocab_stats_pallas(hidden, embedding, temperature, seed=123, softcap=30.0, interpret=True)
+    probs = np.asarray(jax.nn.softmax(tied_logits(hidden[0], embedding, 30.0) / temperature), np.float64)
+    counts = np.bincount(np.asarray(stats.sample), minlength=vocab)
+    expected = rows * probs
+    # Pool the tokens expected fewer than 5 times into one bin, as the chi-square approximation needs.
+    rare = expected < 5
+    observed = np.append(counts[~rare], counts[rare].sum())
+    expected = np.append(expected[~rare], expected[rare].sum())
+    chi2 = float(np.sum((observed - expected) ** 2 / expected))
+    dof = len(observed) - 1
+    assert dof >= 10  # a spread-out distribution, not a near-deterministic one
+    # Wilson-Hilferty upper 0.1% point of the chi-square distribution (z = 3.09).
+    critical = dof * (1 - 2 / (9 * dof) + 3.09 * np.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < critical, (chi2, critical)
+    # The log-probability of each draw is the softmax's.
+    np.testing.assert_allclose(np.exp(np.asarray(stats.sample_logprob)), probs[np.asarray(stats.sample)], rtol=1e-4)
+
+
+def test_vocab_kernel_lowers_for_cuda_at_released_shapes():
+    cfg = Config.diffusiongemma_26b_a4b()
+    args = (
+        jax.ShapeDtypeStruct((2, cfg.canvas_length, cfg.hidden_size), jnp.bfloat16),
+        jax.ShapeDtypeStruct((cfg.vocab_size, cfg.hidden_size), jnp.bfloat16),
+        jax.ShapeDtypeStruct((), jnp.float32),
+        jax.ShapeDtypeStruct((), jnp.uint32),
+    )
+    text = lower_for_cuda(
+        lambda h, e, t, s: vocab_stats_pallas(h, e, t, seed=s, softcap=30.0, interpret=False), *args
+    )
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    twin = lower_for_cuda(lambda h, e, t, s: vocab_stats_reference(h, e, t, seed=s, softcap=30.0), *args)
+    # No float32 [rows..., vocab] array anywhere in the program (the twin has them).
+    assert "x262144xf32>" in twin and "x262144xf32>" not in text
+
+
+def test_vocab_kernel_rejects_bad_shapes():
+    hidden, embedding = vocab_case((4,), 32, 64, jnp.float32, seed=0)
+    with pytest.raises(ValueError, match="embedding must be"):
+        vocab_stats_pallas(hidden, embedding[:, :16], 1.0, seed=0, softcap=None)
+    with pytest.raises(ValueError, match="vocab to be a multiple of 16"):
+        vocab_stats_pallas(hidden, embedding[:40], 1.0, seed=0, softcap=None)
+    with pytest.raises(ValueError, match="splits"):
+        vocab_stats_pallas(hidden, embedding, 1.0, seed=0, softcap=None, splits=3)
+
+
+# --------------------------------------------------------------------------------------- attention
+
+
+def attention_case(batch: int, q_len: int, heads: int, kv_heads: int, head_dim: int, length: int, dtype, seed: int):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    query = jax.random.normal(keys[0], (batch, q_len, heads, head_dim)).astype(dtype)
+    k = jax.random.normal(keys[1], (batch, length, kv_heads, head_dim)).astype(dtype)
+    v = jax.random.normal(keys[2], (batch, length, kv_heads, head_dim)).astype(dtype)
+    return query, k, v
+
+
+def attend_padding_only(query, keys, values, valid):
+    return attend(query, keys, values, jnp.broadcast_to(valid[:, None, :], (*query.shape[:2], valid.shape[1])))
+
+
+@pytest.mark.parametrize(
+    ("batch", "q_len", "heads", "kv_heads", "head_dim", "length", "splits", "dtype"),
+    [
+        (2, 16, 4, 2, 32, 45, 3, jnp.float32),  # a partial last key tile, three splits combined
+        (1, 8, 8, 2, 64, 72, None, jnp.bfloat16),
+    ],
+)
+def test_attention_kernel_matches_attend(batch, q_len, heads, kv_heads, head_dim, length, splits, dtype):
+    query, k, v = attention_case(batch, q_len, heads, kv_heads, head_dim, length, dtype, seed=length)
+    # Left padding of different lengths per row (the cache of a batch of prompts), plus a padded tail.
+    valid = (jnp.arange(length)[None, :] >= jnp.arange(batch)[:, None] * 7) & (jnp.arange(length) < length - 3)
+    ours = global_attention_pallas(query, k, v, valid, block_q=16, block_k=16, splits=splits, interpret=True)
+    assert ours.shape == (batch, q_len, heads * head_dim) and ours.dtype == dtype
+    _close(ours, attend_padding_only(*as_f32(query, k, v), valid), dtype)
+
+
+def test_attention_kernel_gives_zeros_for_all_padding_rows():
+    query, k, v = attention_case(2, 16, 4, 2, 32, 40, jnp.float32, seed=1)
+    valid = jnp.zeros((2, 40), bool).at[0, 5:].set(True)
+    ours = global_attention_pallas(query, k, v, valid, block_q=16, block_k=16, splits=2, interpret=True)
+    np.testing.assert_array_equal(np.asarray(ours[1]), 0.0)
+    _close(ours[0], attend_padding_only(query, k, v, valid)[0], jnp.float32)
+
+
+def test_attention_kernel_lowers_for_cuda_at_released_shapes():
+    cfg = Config.diffusiongemma_26b_a4b()
+    query, k, v = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in (
+        (2, cfg.canvas_length, cfg.num_heads, cfg.full.head_dim),
+        (2, 1024 + cfg.canvas_length, cfg.full.num_kv_heads, cfg.full.head_dim),
+        (2, 1024 + cfg.canvas_length, cfg.full.num_kv_heads, cfg.full.head_dim),
+    ))
+    valid = jax.ShapeDtypeStruct((2, 1024 + cfg.canvas_length), jnp.bool_)
+    text = lower_for_cuda(lambda *a: global_attention_pallas(*a, interpret=False), query, k, v, valid)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def test_attention_kernel_rejects_bad_shapes():
+    query, k, v = attention_case(1, 4, 4, 2, 32, 20, jnp.float32, seed=0)
+    valid = jnp.ones((1, 20), bool)
+    with pytest.raises(ValueError, match="values"):
+        global_attention_pallas(query, k, v[:, :10], valid)
+    with pytest.raises(ValueError, match="valid must be"):
+        global_attention_pallas(query, k, v, valid[:, :10])
+    with pytest.raises(ValueError, match="must divide the query heads"):
+        global_attention_pallas(query[:, :, :3], k, v, valid)
+    with pytest.raises(ValueError, match="block_k"):
+        global_attention_pallas(query, k, v, valid, block_k=24)
+
+
+def test_decoder_global_layers_select_the_kernel():
+    """`global_attention_implementation="pallas"` changes only the decoder's global layers, not the maths."""
+    config = Config.tiny(num_layers=1, layer_types=("full_attention",))
+    params = init_params(config, jax.random.key(1))
+    prompt = jax.random.randint(jax.random.key(2), (2, 8), 3, config.vocab_size)
+    attention_mask = jnp.ones((2, 8), bool).at[1, :3].set(False)  # left padding in one row
+    cache = encode(params, config, prompt, attention_mask, capacity=12)  # the encoder never uses the kernel
+    canvas = jax.random.randint(jax.random.key(3), (2, config.canvas_length), 3, config.vocab_size)
+    logits = {
+        impl: denoise_logits(params, config.replace(global_attention_implementation=impl), cache, canvas)
+        for impl in ("xla", "pallas")
+    }
+    _close(logits["pallas"], logits["xla"], jnp.float32, scale=5)
+    with pytest.raises(ValueError, match="global_attention_implementation"):
+        config.replace(global_attention_implementation="cudnn")
