@@ -3,7 +3,7 @@
     PYTHONPATH=. python notebooks/train_demo.py [--task sort] [--steps 3000] [--batch-size 32] [--out DIR]
 
 The recipe of the committed model: `Config.demo()` (4 layers, 3 sliding (window 8) + 1 full, 8 experts
-top-2, self-conditioning) sized for the task by `Task.model_config`, `diffjax.train.train_step` with AdamW
+top-2, self-conditioning) sized for the task by `Task.model_config`, `diffjax.train.fit` with AdamW
 (b1 0.95, b2 0.99, wd 1e-4, clip 1.0) at peak 3e-3, 100 warmup steps then cosine to 10%, batch 32, batches
 `task.batch(config, 32, index=step, seed=0)`, noise key chain from `jax.random.key(1)`. Dense expert maths
 while training (the fastest on CPU; the saved config uses the default grouped experts, same maths).
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import tempfile
-import time
 
 import jax
 
@@ -23,7 +22,7 @@ from diffjax.cli import DEFAULT_MODEL_DIR
 from diffjax.config import Config
 from diffjax.model import count_params, init_params
 from diffjax.tasks import get_task, write_task_file
-from diffjax.train import draw_noise, make_optimizer, train_step
+from diffjax.train import fit, make_optimizer
 
 
 def main() -> None:
@@ -38,22 +37,16 @@ def main() -> None:
     task = get_task(args.task)
     config = task.model_config(Config.demo(moe_implementation="dense"))
     print(f"{task.name}: {count_params(config):,} parameters")
-    params = init_params(config, jax.random.key(0))
-    optimizer = make_optimizer(args.lr, args.steps, warmup_steps=min(100, args.steps // 10))
-    opt_state = optimizer.init(params)
-    key, start = jax.random.key(1), time.perf_counter()
-    for step in range(args.steps):
-        batch = task.batch(config, args.batch_size, index=step, seed=0)
-        key, noise_key = jax.random.split(key)
-        params, opt_state, metrics = train_step(
-            params, opt_state, config, optimizer, batch, draw_noise(noise_key, batch, config))
-        if step % 50 == 0 or step == args.steps - 1:
-            shown = ", ".join(f"{k} {float(v):.3f}" for k, v in metrics.items())
-            print(f"step {step}: {shown} ({time.perf_counter() - start:.0f} s)", flush=True)
+    result = fit(
+        init_params(config, jax.random.key(0)), config,
+        lambda index: task.batch(config, args.batch_size, index=index, seed=0), args.steps,
+        key=jax.random.key(1), optimizer=make_optimizer(args.lr, args.steps, warmup_steps=min(100, args.steps // 10)),
+    )
+    print(f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
     generation = {"max_new_tokens": task.max_answer_chars + 1, "eos_token_id": [task.tokenizer.eos_id],
                   "pad_token_id": task.tokenizer.pad_id}
     with tempfile.TemporaryDirectory() as tmp:
-        convert.save(params, config.replace(moe_implementation="grouped"), args.out, generation, overwrite=True,
+        convert.save(result.params, config.replace(moe_implementation="grouped"), args.out, generation, overwrite=True,
                      extra_files=[write_task_file(tmp, task)])
     print(f"wrote {args.out}")
 
