@@ -1,11 +1,14 @@
 """The `diffjax` command: generate (with a live view of the canvas being denoised), train, convert, bench, info.
 
-    diffjax generate "Why is the sky blue?"                       # embedded default model (random for now)
+    diffjax generate 52817                                        # embedded demo model: sorts digits
     diffjax generate --checkpoint ckpt/ --max-new-tokens 512 "Why is the sky blue?"
     diffjax train --task sort --steps 2000 --batch-size 32 --out runs/sort    # then: generate --checkpoint runs/sort
     diffjax convert hf-folder/ ckpt/ --dtype bfloat16
     diffjax bench [--json out.json]                               # diffjax vs transformers, same weights
     diffjax info [--checkpoint DIR | --preset tiny]
+
+A checkpoint folder with a task.json (written by `diffjax train --task NAME`) takes that task's puzzles as
+prompts and decodes with its symbol tokenizer.
 
 Every error the user can cause (bad flags, a missing or malformed checkpoint) ends in one line on stderr
 and exit status 2, never a traceback.
@@ -27,16 +30,11 @@ import numpy as np
 from diffjax.config import MOE_IMPLEMENTATIONS
 
 EXIT_USAGE = 2
-# Random default model: a fixed seed, so `diffjax generate` is reproducible run to run.
-DEFAULT_MODEL_SEED = 0
-DEFAULT_MODEL_MAX_NEW_TOKENS = 64
-RANDOM_BANNER = (
-    "RANDOM WEIGHTS: the embedded default model is untrained, its output is noise. "
-    "Pass --checkpoint DIR to run a real model."
-)
+# The embedded default model: a DiffusionGemma-architecture model that diffjax trained on a task.
+DEFAULT_MODEL_DIR = pathlib.Path(__file__).parent / "assets" / "demo"
 
 
-# C0/C1 control characters other than newline and tab: a random model (or a hostile prompt) could otherwise
+# C0/C1 control characters other than newline and tab: an untrained model (or a hostile prompt) could otherwise
 # emit terminal escape sequences into the user's terminal.
 _CONTROL = {c: "\ufffd" for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0))}
 
@@ -69,32 +67,15 @@ class LoadedModel:
     generation_defaults: dict[str, Any]
     name: str
     banner: str | None = None
-    task: Any = None  # the `diffjax.tasks.Task` a task-trained checkpoint names: its prompts and tokenizer
+    task: Any = None  # a `diffjax.tasks.Task` when the checkpoint was trained on one: prompts are its puzzles
 
 
 def default_model() -> LoadedModel:
-    """The model `diffjax generate` runs without `--checkpoint`.
-
-    For now a small RANDOM model (the structure of `Config.tiny()`, vocabulary = the byte-level stand-in
-    tokenizer's) whose output is noise; swap this function's body for a trained demo model when one ships.
-    """
-    import jax
-
-    from diffjax.config import Config
-    from diffjax.model import init_params
-    from diffjax.tokenizer import ByteTokenizer
-
-    tokenizer = ByteTokenizer()
-    config = Config.tiny(
-        vocab_size=tokenizer.vocab_size, eos_token_id=(tokenizer.eos_token_id, tokenizer.end_of_turn_id),
-        # Left-padded batches and a long answer fit; the model is tiny so this costs nothing.
-        max_position_embeddings=4096,
-    )
-    return LoadedModel(
-        config=config, params=init_params(config, jax.random.key(DEFAULT_MODEL_SEED)), tokenizer=tokenizer,
-        generation_defaults={"max_new_tokens": DEFAULT_MODEL_MAX_NEW_TOKENS}, name="embedded default (random)",
-        banner=RANDOM_BANNER,
-    )
+    """The model `diffjax generate` runs without `--checkpoint`: the demo model in `diffjax/assets/demo`
+    (trained by diffjax on CPU on the task its task.json names; prompts are that task's puzzles)."""
+    model = load_model(DEFAULT_MODEL_DIR, None, None)
+    model.name = f"embedded demo model ({model.task.name})"
+    return model
 
 
 def checkpoint_kind(path: pathlib.Path) -> str:
@@ -119,8 +100,8 @@ def load_model(
     checkpoint: pathlib.Path, dtype: str | None, tokenizer_dir: pathlib.Path | None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> LoadedModel:
-    """Weights from a diffjax or transformers folder, its generation_config.json, and a tokenizer folder (or,
-    for a checkpoint trained by `diffjax train`, the tokenizer of the task its task.json names)."""
+    """Weights from a diffjax or transformers folder, its generation_config.json, and a tokenizer folder
+    (or, for a folder trained on a task, the task.json naming it: the task's tokenizer)."""
     import convert
     from diffjax.tasks import read_task_file
     from diffjax.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -128,19 +109,22 @@ def load_model(
     kind = checkpoint_kind(checkpoint)
     task = read_task_file(checkpoint) if tokenizer_dir is None else None
     if task is not None:
-        config, params = convert.load(checkpoint, dtype) if kind == "diffjax" else convert.load_hf(checkpoint, dtype)
-        return LoadedModel(config, params, task.tokenizer, convert.load_generation_config(checkpoint),
-                           str(checkpoint), task=task)
-    tokenizer_dir = tokenizer_dir or checkpoint
-    if not (tokenizer_dir / TOKENIZER_FILE).is_file():
-        hint = " (diffjax checkpoints do not carry one: pass --tokenizer HF_FOLDER)" if kind == "diffjax" else ""
-        raise CliError(f"no {TOKENIZER_FILE} in {tokenizer_dir}{hint}")
-    tokenizer = Tokenizer.from_dir(tokenizer_dir)  # before the weights: fail fast on a bad folder
+        tokenizer = task.tokenizer
+    else:
+        tokenizer_dir = tokenizer_dir or checkpoint
+        if not (tokenizer_dir / TOKENIZER_FILE).is_file():
+            hint = " (diffjax checkpoints do not carry one: pass --tokenizer HF_FOLDER)" if kind == "diffjax" else ""
+            raise CliError(f"no {TOKENIZER_FILE} in {tokenizer_dir}{hint}")
+        tokenizer = Tokenizer.from_dir(tokenizer_dir)  # before the weights: fail fast on a bad folder
     if kind == "diffjax":
         config, params = convert.load(checkpoint, dtype)
     else:
         config, params = convert.load_hf(checkpoint, dtype, progress)
-    return LoadedModel(config, params, tokenizer, convert.load_generation_config(checkpoint), str(checkpoint))
+    if task is not None and config.vocab_size < tokenizer.vocab_size:
+        raise CliError(f"{checkpoint}: model vocabulary {config.vocab_size} < task {task.name!r}'s {tokenizer.vocab_size}")
+    return LoadedModel(
+        config, params, tokenizer, convert.load_generation_config(checkpoint), str(checkpoint), task=task
+    )
 
 
 # -------------------------------------------------------------------------------------- live canvas
@@ -205,7 +189,9 @@ def _settings(args: argparse.Namespace, model: LoadedModel) -> dict[str, Any]:
 
 def _prompt_ids(args: argparse.Namespace, model: LoadedModel) -> list[int]:
     if model.task is not None:
-        return model.task.prompt_ids(args.prompt)  # a puzzle, validated; no chat template
+        if args.system or args.think:
+            raise CliError(f"--system and --think do not apply to a model trained on task {model.task.name!r}")
+        return model.task.prompt_ids(args.prompt)
     tokenizer = model.tokenizer
     if args.raw:
         ids = tokenizer.encode(args.prompt, add_special_tokens=True)

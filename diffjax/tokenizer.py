@@ -9,7 +9,7 @@ sandbox and options, special tokens from `tokenizer_config.json` / `special_toke
 variables, the rendered string tokenized without adding special tokens): the template shipped in the
 checkpoint is the authority. Only a checkpoint without any template falls back to `GEMMA4_CHAT_TEMPLATE`.
 
-`ByteTokenizer` is NOT a real vocabulary: it exists so that the embedded random default model of the CLI has
+`ByteTokenizer` is NOT a real vocabulary: it exists so that random test models (tests, `chat` examples) have
 something to encode with (UTF-8 bytes shifted by an offset, a few Gemma-4-like control tokens).
 """
 
@@ -268,7 +268,7 @@ class Tokenizer(_ChatTemplateMixin):
 
 
 class ByteTokenizer(_ChatTemplateMixin):
-    """STAND-IN tokenizer for the CLI's random default model: UTF-8 bytes, id = byte + `OFFSET`.
+    """STAND-IN tokenizer for random test models: UTF-8 bytes, id = byte + `OFFSET`.
 
     Not a trained vocabulary and not compatible with any real checkpoint. Ids below `OFFSET` are control
     tokens (pad 0, eos 1, bos 2, unk 3 as in Gemma, then Gemma 4's turn/channel markers) so that the

@@ -16,8 +16,6 @@ import diffjax
 from diffjax import cli
 from diffjax.config import Config
 
-TINY_GENERATE = ["--steps", "2", "--max-new-tokens", "16"]
-
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     code = cli.main(list(argv))
@@ -29,9 +27,8 @@ def assert_clean_error(code: int, err: str, *fragments: str) -> None:
     assert code == 2
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
-    # One error line, last; only the random-model banner may come before it.
-    assert lines and lines[-1].startswith("diffjax: error: "), err
-    assert all("RANDOM WEIGHTS" in line for line in lines[:-1]), err
+    # One error line, nothing before it.
+    assert len(lines) == 1 and lines[-1].startswith("diffjax: error: "), err
     for fragment in fragments:
         assert fragment in lines[-1]
 
@@ -39,28 +36,30 @@ def assert_clean_error(code: int, err: str, *fragments: str) -> None:
 # ------------------------------------------------------------------------------------------ generate
 
 
-def test_generate_default_model(capsys):
-    code, out, err = run(capsys, "generate", "--no-live", *TINY_GENERATE, "--seed", "3", "Hello there")
+def test_generate_default_model_sorts(capsys):
+    """The embedded demo model (trained by diffjax on the sort task) answers a sort puzzle correctly."""
+    code, out, err = run(capsys, "generate", "--no-live", "--seed", "3", "9402751")
     assert code == 0, err
-    assert "RANDOM WEIGHTS" in err and "--checkpoint" in err
+    assert out.strip() == "0124579"
     assert "tokens/s" in err and "tokens per forward" in err and "decoder passes" in err
     assert "[canvas" not in err  # --no-live: no per-step output
     # Same seed: the same answer, byte for byte.
-    assert run(capsys, "generate", "--no-live", *TINY_GENERATE, "--seed", "3", "Hello there")[1] == out
+    assert run(capsys, "generate", "--no-live", "--seed", "3", "9402751")[1] == out
 
 
 def test_generate_compact_steps_when_not_a_tty(capsys):
-    code, _, err = run(capsys, "generate", *TINY_GENERATE, "--raw", "--no-adaptive-stop", "Once upon a time")
+    code, _, err = run(capsys, "generate", "--steps", "2", "--no-adaptive-stop", "31")
     assert code == 0, err
     assert "[canvas 1/1 · step 1/2]" in err and "[canvas 1/1 · step 2/2]" in err
     assert "2 decoder passes" in err
 
 
-def test_default_model_is_one_function():
+def test_default_model_is_the_trained_demo():
     model = cli.default_model()
-    assert model.banner and "random" in model.name
-    assert model.config.vocab_size >= model.tokenizer.vocab_size
-    assert model.tokenizer.eos_token_id in model.config.eos_token_id
+    assert model.task is not None and model.task.name in model.name and model.banner is None
+    assert model.config.vocab_size == model.tokenizer.vocab_size
+    assert model.config.num_experts > model.config.top_k_experts > 1  # the real structure: MoE, top-k
+    assert {"sliding_attention", "full_attention"} == set(model.config.layer_types)
 
 
 def test_printable_strips_control_characters():
@@ -266,7 +265,9 @@ def bench_count(params) -> int:
         (["generate"], "prompt"),
         (["generate", "--chat", "--raw", "hi"], "not allowed"),
         (["generate", "--dtype", "bfloat16", "hi"], "--checkpoint"),
-        (["generate", "--t-min", "0.9", "--t-max", "0.5", "hi"], "t_"),
+        (["generate", "--t-min", "0.9", "--t-max", "0.5", "52817"], "t_"),
+        (["generate", "hi"], "digits"),
+        (["generate", "--system", "be brief", "52817"], "--system"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
         (["info", "--checkpoint", "/nonexistent"], "does not exist"),
