@@ -23,6 +23,9 @@ from diffjax.config import Config
 from diffjax.layers import experts_grouped
 from diffjax.model import param_shapes
 
+# One worker runs the whole module, so the 8-device subprocess behind `report` runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = ("8,1,1", "1,8,1", "1,4,2", "2,2,2")
 TOLERANCE = 1e-5
