@@ -22,6 +22,7 @@ from transformers import DiffusionGemmaForBlockDiffusion
 
 import convert
 import convert.native
+import diffjax
 from convert import CheckpointError
 from convert.__main__ import main as cli_main
 from convert.tree import flatten
@@ -362,6 +363,9 @@ def test_save_load_round_trip_bit_identical(hf_dir, tmp_path, dtype):
     loaded_config, loaded = convert.load(dst)
     assert loaded_config == config
     _assert_trees_equal(loaded, params)
+    public_config, public = diffjax.load(dst)  # the package-level name users reach for
+    assert public_config == config
+    _assert_trees_equal(public, params)
     assert convert.load_generation_config(dst) == {"max_new_tokens": 64, "entropy_bound": 0.2, "eos_token_id": [1, 106]}
     # Flat "/"-joined keys, readable by the reference safetensors implementation, bytes unchanged.
     with safetensors.safe_open(dst / "params.safetensors", "pt") as f:
