@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.bench import copy_bandwidth
+from diffjax.bench import best_time, copy_bandwidth
 from diffjax.config import Config
 from diffjax.layers import attend, experts_dense, experts_grouped
 
@@ -107,19 +107,6 @@ class Settings:
     seed: int = 0
 
 
-def time_call(fn: Callable[..., Any], *args: Any, repeats: int) -> tuple[float, float]:
-    """(first call incl. compile in s, best warm call in ms) of a jitted `fn(*args)`."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first_s = time.perf_counter() - start
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return first_s, 1e3 * best
-
-
 def _nbytes(*arrays: Any) -> int:
     return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays)
 
@@ -182,7 +169,8 @@ def _time_all(section: str, rows: int, args: tuple, nbytes: int,
         log(" ".join([section, impl, f"rows={rows}", *(f"{k}={v}" for k, v in problem.items())]))
 
         def timed(fn: Callable[..., Any] = fn) -> tuple[float, float, int]:
-            return (*time_call(fn, *args, repeats=s.repeats), nbytes)
+            first_s, best_s = best_time(lambda: fn(*args), s.repeats)
+            return first_s, 1e3 * best_s, nbytes
 
         out.append(_entry(section, impl, rows, timed, **problem, **extra))
     return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -189,16 +189,8 @@ def _gate_up_call(
     kernel = functools.partial(
         _gate_up_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, hidden=hidden, inter=inter
     )
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((padded_rows, inter), xs.dtype),
-        grid=(padded_rows // block_rows, inter // block_n),
-        in_specs=[pl.no_block_spec] * 4,
-        out_specs=pl.BlockSpec((block_rows, block_n), lambda i, j: (i, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
-        interpret=interpret,
-        name="moe_gate_up",
-    )(layer, tile_expert, xs, gate_up)
+    return _row_tiled_call(kernel, (layer, tile_expert, xs, gate_up), (padded_rows, inter), xs.dtype, block_rows,
+                           block_n, tiles, interpret, "moe_gate_up")
 
 
 def _down_kernel(layer_ref, tile_expert_ref, h_ref, row_weight_ref, w_ref, y_ref, *, block_rows, block_k, block_n,
@@ -231,13 +223,24 @@ def _down_call(
     kernel = functools.partial(
         _down_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, inter=inter
     )
+    return _row_tiled_call(kernel, (layer, tile_expert, h, row_weights, down), (padded_rows, hidden), h.dtype,
+                           block_rows, block_n, tiles, interpret, "moe_down")
+
+
+def _row_tiled_call(
+    kernel: Any, inputs: tuple[Array, ...], out_shape: tuple[int, int], dtype: Any, block_rows: int, block_n: int,
+    tiles: MoeTiles, interpret: bool, name: str,
+) -> Array:
+    """Launch `kernel` over a (row tile, output column tile) grid: inputs whole (each program picks its expert's
+    weights itself), each program writing one `[block_rows, block_n]` block of the output."""
+    rows, cols = out_shape
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((padded_rows, hidden), h.dtype),
-        grid=(padded_rows // block_rows, hidden // block_n),
-        in_specs=[pl.no_block_spec] * 5,
+        out_shape=jax.ShapeDtypeStruct(out_shape, dtype),
+        grid=(rows // block_rows, cols // block_n),
+        in_specs=[pl.no_block_spec] * len(inputs),
         out_specs=pl.BlockSpec((block_rows, block_n), lambda i, j: (i, j)),
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
-        name="moe_down",
-    )(layer, tile_expert, h, row_weights, down)
+        name=name,
+    )(*inputs)
