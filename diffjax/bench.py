@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.config import FULL, MOE_IMPLEMENTATIONS, SLIDING, AttentionConfig, Config
+from diffjax.generate import STATISTICS
 from diffjax.model import init_params
 
 RESULT_KEYS = ("first_call_s", "compile_s", "warm_call_s", "decoder_passes", "ms_per_step", "tokens_per_s")
@@ -62,8 +63,11 @@ class BenchSettings:
     transformers: bool = True
     threads: int | None = None
     moe_implementation: str = "grouped"
+    statistics: str = "logits"
 
     def validate(self) -> None:
+        if self.statistics not in STATISTICS:
+            raise ValueError(f"--statistics must be one of {STATISTICS}, got {self.statistics!r}")
         for name in ("hidden", "layers", "experts", "top_k", "vocab", "canvas", "steps", "batch", "prompt",
                      "new_tokens", "repeats"):
             value = getattr(self, name)
@@ -195,7 +199,7 @@ def time_transformers(
 
 def time_diffjax(
     params: Any, config: Config, prompt_ids: np.ndarray, *, new_tokens: int, steps: int, repeats: int, seed: int,
-    prefill_chunk_size: int = 2048,
+    prefill_chunk_size: int = 2048, statistics: str = "logits",
 ) -> dict[str, float]:
     """Time our `generate` at a fixed step count: the first call compiles; then `repeats` timed calls (the best).
 
@@ -210,7 +214,7 @@ def time_diffjax(
         out = generate(
             params, config, ids, key=jax.random.key(seed + i), max_new_tokens=new_tokens,
             max_denoising_steps=steps, stability_threshold=None, confidence_threshold=None, eos_token_id=None,
-            prefill_chunk_size=prefill_chunk_size,
+            prefill_chunk_size=prefill_chunk_size, statistics=statistics,
         )
         jax.block_until_ready(out.sequences)
         return time.perf_counter() - start, out
@@ -263,6 +267,7 @@ def run_comparison(s: BenchSettings, log: Callable[[str], None] = lambda _: None
     log(f"timing diffjax (compile + {s.repeats} warm calls)")
     result["diffjax"] = time_diffjax(
         params, config, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats, seed=s.seed,
+        statistics=s.statistics,
     )
     if result["transformers"]:
         result["ratio"] = result["diffjax"]["ms_per_step"] / result["transformers"]["ms_per_step"]
@@ -309,6 +314,9 @@ class FullSizeSettings:
     prefill_chunk: int = 2048
     # Expert implementations to time at each point (same weights): see `Config.moe_implementation`.
     moe_implementations: tuple[str, ...] = ("grouped",)
+    # How the whole loop turns the decoder's output into the sampler's input (`generate`'s `statistics`):
+    # each value gives its own row (same decoder and encoder timings, its own generate timing).
+    statistics: tuple[str, ...] = ("logits",)
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
@@ -325,6 +333,8 @@ class FullSizeSettings:
         unknown = set(self.moe_implementations) - set(MOE_IMPLEMENTATIONS)
         if not self.moe_implementations or unknown:
             raise ValueError(f"--moe takes values of {MOE_IMPLEMENTATIONS}, got {self.moe_implementations!r}")
+        if not self.statistics or set(self.statistics) - set(STATISTICS):
+            raise ValueError(f"--statistics takes values of {STATISTICS}, got {self.statistics!r}")
         if self.layers is not None and not 0 < self.layers <= 30:
             raise ValueError(f"--layers must be in [1, 30] for --full-size, got {self.layers}")
         if self.transformers and not self.generate:
@@ -449,22 +459,29 @@ def run_full_size(
         torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     points = []
     for prompt in sorted(set(s.prompts)):
-        for batch, moe in itertools.product(sorted(set(s.batches)), s.moe_implementations):
-            log(f"prompt {prompt}, batch {batch}, moe {moe}: decoder step and encoder canvas")
-            point: dict[str, Any] = {"prompt": prompt, "batch": batch, "moe": moe}
+        steps: dict[tuple[int, str], dict[str, Any]] = {}
+        for batch, moe, statistics in itertools.product(
+            sorted(set(s.batches)), s.moe_implementations, s.statistics
+        ):
+            name = f"prompt {prompt}, batch {batch}, moe {moe}, statistics {statistics}"
+            point: dict[str, Any] = {"prompt": prompt, "batch": batch, "moe": moe, "statistics": statistics}
             config = config.replace(moe_implementation=moe)
             try:
-                point.update(time_steps(params, config, batch, prompt, s))
+                if (batch, moe) not in steps:
+                    log(f"{name}: decoder step and encoder canvas")
+                    steps[batch, moe] = time_steps(params, config, batch, prompt, s)
+                point.update(steps[batch, moe])
                 step_bytes = weight_bytes + point["cache_bytes"]
                 point["floor_ms"] = 1e3 * step_bytes / bandwidth
                 point["ratio_to_floor"] = point["decoder_ms"] / point["floor_ms"]
                 ids = prompt_ids(config, batch, prompt, s.seed)
                 if s.generate:
-                    log(f"prompt {prompt}, batch {batch}, moe {moe}: whole generate loop ({s.steps} steps per canvas)")
+                    log(f"{name}: whole generate loop ({s.steps} steps per canvas)")
                     point["diffjax"] = time_diffjax(
                         params, config, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats,
-                        seed=s.seed, prefill_chunk_size=s.prefill_chunk,
+                        seed=s.seed, prefill_chunk_size=s.prefill_chunk, statistics=statistics,
                     )
+                    point["generate_ratio_to_floor"] = point["diffjax"]["ms_per_step"] / point["floor_ms"]
                 if s.transformers:
                     if (prompt, batch) not in theirs:
                         log(f"prompt {prompt}, batch {batch}: transformers generate")
@@ -478,7 +495,7 @@ def run_full_size(
                     point["ratio"] = point["diffjax"]["ms_per_step"] / point["transformers"]["ms_per_step"]
             except Exception as exc:  # one point failing (e.g. out of memory) must not lose the others
                 point["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                log(f"prompt {prompt}, batch {batch}, moe {moe} failed: {point['error']}")
+                log(f"{name} failed: {point['error']}")
             point["peak_memory_bytes"] = peak_memory_bytes()
             points.append(point)
             # The whole point, as it finishes: a run killed later (time limit, out of memory) keeps it in its log.
@@ -521,7 +538,8 @@ def render(result: dict[str, Any], console: Any) -> None:
 
     settings = result["settings"]
     caption = (f"batch {settings['batch']}, prompt {settings['prompt']}, {settings['new_tokens']} new tokens, "
-               f"{settings['steps']} fixed steps per canvas; {result['device']}")
+               f"{settings['steps']} fixed steps per canvas; experts {settings['moe_implementation']}, statistics "
+               f"{settings['statistics']}; {result['device']}")
     table = Table(title=_title(result["config"]), caption=caption)
     table.add_column("metric")
     table.add_column("diffjax", justify="right")
@@ -553,18 +571,19 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
                f"bandwidth; tokens/s at {settings['steps']} steps per canvas = canvas x batch / (steps x decoder + "
                f"encoder); generate = whole loop, ms per decoder pass")
     table = Table(title=_title(result["config"]), caption=caption)
-    columns = ["prompt", "batch", "moe", "decoder ms", "floor ms", "x floor", "encoder canvas ms", "tokens/s",
-               "generate ms/step", "transformers ms/step", "ours/theirs", "peak mem"]
+    columns = ["prompt", "batch", "moe", "statistics", "decoder ms", "floor ms", "x floor", "encoder canvas ms",
+               "tokens/s", "generate ms/step", "transformers ms/step", "ours/theirs", "peak mem"]
     for name in columns:
         table.add_column(name, justify="right")
     for point in result["points"]:
         if "error" in point:
-            table.add_row(str(point["prompt"]), str(point["batch"]), point["moe"],
-                          f"[red]{point['error'][:60]}[/]", *["-"] * (len(columns) - 4))
+            table.add_row(str(point["prompt"]), str(point["batch"]), point["moe"], point["statistics"],
+                          f"[red]{point['error'][:60]}[/]", *["-"] * (len(columns) - 5))
             continue
         ours, theirs = point.get("diffjax") or {}, point.get("transformers") or {}
         table.add_row(
-            str(point["prompt"]), str(point["batch"]), point["moe"], _fmt(point["decoder_ms"]), _fmt(point["floor_ms"]),
+            str(point["prompt"]), str(point["batch"]), point["moe"], point["statistics"], _fmt(point["decoder_ms"]),
+            _fmt(point["floor_ms"]),
             _fmt(point["ratio_to_floor"]), _fmt(point["encoder_canvas_ms"]), _fmt(point["tokens_per_s_at_steps"]),
             _fmt(ours.get("ms_per_step")), _fmt(theirs.get("ms_per_step")), _fmt(point.get("ratio")),
             _gib(point["peak_memory_bytes"]),

@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from diffjax.config import MOE_IMPLEMENTATIONS
+from diffjax.generate import STATISTICS
 
 EXIT_USAGE = 2
 # The embedded default model: a DiffusionGemma-architecture model that diffjax trained on a task.
@@ -393,17 +394,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 new_tokens=args.new_tokens or 256, steps=args.steps or 16, repeats=args.repeats, seed=args.seed,
                 force=args.force, generate=not args.no_generate, transformers=args.with_transformers,
                 transformers_compile=not args.no_compile, moe_implementations=tuple(args.moe or ("grouped",)),
+                statistics=tuple(args.statistics or ("logits",)),
             ), log)
         else:
             defaults = bench.BenchSettings()
-            for name in ("batch", "prompt", "moe"):
+            for name in ("batch", "prompt", "moe", "statistics"):
                 if len(getattr(args, name) or ()) > 1:
                     raise CliError(f"--{name} takes one value without --full-size")
             chosen = {
                 "hidden": args.hidden, "layers": args.layers, "experts": args.experts, "top_k": args.top_k,
                 "vocab": args.vocab, "canvas": args.canvas, "steps": args.steps, "batch": args.batch and args.batch[0],
                 "prompt": args.prompt and args.prompt[0], "new_tokens": args.new_tokens, "threads": args.threads,
-                "moe_implementation": args.moe and args.moe[0],
+                "moe_implementation": args.moe and args.moe[0], "statistics": args.statistics and args.statistics[0],
             }
             result = bench.run_comparison(dataclasses.replace(
                 defaults, repeats=args.repeats, seed=args.seed, transformers=not args.no_transformers,
@@ -594,6 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--moe", choices=MOE_IMPLEMENTATIONS, nargs="+",
                    help="our expert computation (default grouped): routed pairs via ragged_dot, every expert on "
                         "every token, or the Pallas grouped-matmul kernel; --full-size: one or more, each timed")
+    b.add_argument("--statistics", choices=STATISTICS, nargs="+",
+                   help="generate's statistics path (default logits): float32 logits, or the fused vocabulary "
+                        "pass (pallas; xla is its plain-JAX twin); --full-size: one or more, each timed")
     b.add_argument("--no-transformers", action="store_true", help="time diffjax only")
     b.add_argument("--full-size", action="store_true", help="released 26B-A4B shapes, random bf16, on the GPU")
     b.add_argument("--with-transformers", action="store_true",

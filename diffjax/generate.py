@@ -9,6 +9,11 @@
             stopped |= stopping(argmax(processed), processed)      # stopped rows stay frozen
         append the argmax canvas; EOS ends a row (later tokens -> pad); encode it into the cache
 
+With `statistics="pallas"` (or its twin `"xla"`) the step never holds float32 logits: the decoder returns
+its hidden state, one pass over the vocabulary (`diffjax.kernels.vocab`) gives per-position statistics
+(entropy, a draw, the argmax) and the processed logits once in the model's dtype for self-conditioning, and
+the sampler and stopping rule take the statistics (`from_statistics`).
+
 The defaults reproduce transformers 5.23.0 `DiffusionGemmaGenerationMixin.generate`; samplers, schedules,
 filters and stopping rules are values (see `diffjax.sampling`), swapped without touching this loop.
 """
@@ -28,6 +33,7 @@ import numpy as np
 
 from diffjax import sampling
 from diffjax.config import Config
+from diffjax.kernels.vocab import vocab_stats_pallas, vocab_stats_reference
 from diffjax.model import (
     KVCache,
     Params,
@@ -40,6 +46,10 @@ from diffjax.model import (
 )
 
 Array = jax.Array
+# How a step turns the decoder's output into the sampler's input: "logits" (float32 [batch, canvas, vocab],
+# any sampler, filter or stopping rule; the transformers-exact path), "xla" / "pallas" (TokenStatistics from
+# one vocabulary pass; "xla" materialises the logits to compute them, "pallas" does not).
+STATISTICS = ("logits", "xla", "pallas")
 # on_step(canvas_index, remaining_steps, argmax_canvas [batch, canvas]) — runs on the host.
 StepCallback = Callable[[int, int, np.ndarray], None]
 
@@ -65,12 +75,15 @@ class GenerationSettings:
     eos_token_id: tuple[int, ...] | None = (1,)
     pad_token_id: int = 0
     prefill_chunk_size: int = 2048
+    statistics: str = "logits"
 
     def validate(self, config: Config) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps <= 0:
             raise ValueError(f"max_denoising_steps must be a positive integer, got {self.max_denoising_steps!r}")
+        if self.statistics not in STATISTICS:
+            raise ValueError(f"statistics must be one of {STATISTICS}, got {self.statistics!r}")
         for token in (self.pad_token_id, *(self.eos_token_id or ())):
             if not 0 <= token < config.vocab_size:
                 raise ValueError(f"special token id {token} outside the vocabulary [0, {config.vocab_size})")
@@ -97,6 +110,7 @@ def generate(
     pad_token_id: int = 0,
     initial_canvas: Array | None = None,
     prefill_chunk_size: int = 2048,
+    statistics: str = "logits",
     sampler: sampling.Sampler | None = None,
     temperature_schedule: sampling.TemperatureSchedule | None = None,
     logits_filter: sampling.LogitsFilter | None = None,
@@ -112,8 +126,12 @@ def generate(
     numeric hyper-parameters are traced, so sweeping them does not recompile.
     `initial_canvas [batch, canvas]` fixes the first canvas (transformers' `decoder_input_ids`; later
     canvases start from uniform noise). The prompt is encoded `prefill_chunk_size` tokens at a time (peak
-    attention memory grows with chunk x context, not prompt squared). `on_step`, if given, receives every step's argmax draft on the
-    host (`jax.debug.callback`); without it the loop has no host round trip.
+    attention memory grows with chunk x context, not prompt squared). `on_step`, if given, receives every
+    step's argmax draft on the host (`jax.debug.callback`); without it the loop has no host round trip.
+    `statistics` (see `STATISTICS`): "pallas" runs the LM head, the sampler's statistics and the draw in one
+    kernel without float32 `[batch, canvas, vocab]` logits (the filter must be the identity, the sampler and
+    stopping rule must have `from_statistics`); its draw uses a counter-based Gumbel noise, so the tokens
+    follow the same distribution as "logits" but not the same random stream; "xla" is its plain-JAX twin.
     Same `key`, same inputs -> bitwise the same tokens.
     """
     input_ids = jnp.asarray(input_ids)
@@ -131,7 +149,9 @@ def generate(
     eos = None if eos_token_id is None else (
         (int(eos_token_id),) if isinstance(eos_token_id, int | np.integer) else tuple(int(e) for e in eos_token_id)
     )
-    settings = GenerationSettings(max_new_tokens, max_denoising_steps, eos, pad_token_id, prefill_chunk_size)
+    settings = GenerationSettings(
+        max_new_tokens, max_denoising_steps, eos, pad_token_id, prefill_chunk_size, statistics
+    )
     settings.validate(config)
     total = prompt + settings.num_canvases(config) * config.canvas_length
     if total > config.max_position_embeddings:
@@ -162,10 +182,31 @@ def generate(
             )
         ),
     )
+    if statistics != "logits":
+        _check_statistics_components(components, statistics)
     return _generate(
         params, config, settings, input_ids.astype(jnp.int32), attention_mask.astype(bool), key,
         initial_canvas, components, on_step,
     )
+
+
+def _check_statistics_components(components: Components, statistics: str) -> None:
+    if not isinstance(components.logits_filter, sampling.IdentityFilter):
+        raise ValueError(
+            f"statistics={statistics!r} never materialises the logits, so it cannot apply "
+            f"{type(components.logits_filter).__name__}: use statistics='logits' with a logits filter"
+        )
+    for role, component in (("sampler", components.sampler), ("stopping rule", components.stopping)):
+        if not hasattr(component, "from_statistics"):
+            raise ValueError(
+                f"the {role} {type(component).__name__} has no from_statistics (it needs the full logits): "
+                f"use statistics='logits'"
+            )
+    if not hasattr(components.sampler.sampling, "from_statistics"):
+        raise ValueError(
+            f"the token draw {type(components.sampler.sampling).__name__} has no from_statistics: "
+            "use statistics='logits'"
+        )
 
 
 @flax.struct.dataclass
@@ -212,22 +253,49 @@ def _generate(
         def keep_going(s):
             return (s["step"] < settings.max_denoising_steps) & ~jnp.all(s["stopped"])
 
+        def logits_step(s, first_step_mask, temperature, step_key):
+            logits = _denoise_logits(params, config, cache, s["canvas"], s["sc_logits"], first_step_mask)
+            processed = components.logits_filter(sampling.scale_logits(logits, temperature))
+            canvas, _, sampler_state = components.sampler(processed, s["canvas"], s["sampler"], step_key)
+            argmax = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+            # A stopped row's verdict is ignored (it stays stopped), so the rule may see its fresh logits.
+            return canvas, argmax, processed, sampler_state, lambda argmax, state: components.stopping(
+                argmax, processed, state
+            )
+
+        def statistics_step(s, first_step_mask, temperature, step_key):
+            hidden = _denoise_logits(
+                params, config, cache, s["canvas"], s["sc_logits"], first_step_mask, return_hidden=True
+            )
+            # The draw's seed comes from the key half the logits path draws with; the sampler renoises with
+            # the other half, as there.
+            draw_key, _ = jax.random.split(step_key)
+            vocab_pass = vocab_stats_pallas if settings.statistics == "pallas" else vocab_stats_reference
+            stats, processed = vocab_pass(
+                hidden, params["embedder"]["embedding"], temperature, seed=jax.random.bits(draw_key, (), jnp.uint32),
+                softcap=config.final_logit_softcapping, return_logits=True,
+            )
+            canvas, _, sampler_state = components.sampler.from_statistics(
+                stats, s["canvas"], s["sampler"], step_key, config.vocab_size
+            )
+            return canvas, stats.argmax, processed, sampler_state, lambda argmax, state: (
+                components.stopping.from_statistics(argmax, stats, state)
+            )
+
         def step(s):
             remaining = settings.max_denoising_steps - s["step"]
             # The first step has no previous logits: a masked (exactly zero) signal, as transformers' None.
             first_step_mask = jnp.broadcast_to(s["step"] > 0, (batch,))
-            logits = _denoise_logits(params, config, cache, s["canvas"], s["sc_logits"], first_step_mask)
             temperature = components.schedule(remaining, settings.max_denoising_steps)
-            processed = components.logits_filter(sampling.scale_logits(logits, temperature))
             step_key = jax.random.fold_in(steps_key, s["step"])
-            canvas, _, sampler_state = components.sampler(processed, s["canvas"], s["sampler"], step_key)
-            argmax = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+            propose = logits_step if settings.statistics == "logits" else statistics_step
+            canvas, argmax, processed, sampler_state, stopping = propose(s, first_step_mask, temperature, step_key)
             # A row that has stopped keeps its canvas, argmax and self-conditioning frozen.
             frozen = s["stopped"]
             argmax = jnp.where(frozen[:, None], s["argmax"], argmax)
             canvas = jnp.where(frozen[:, None], s["canvas"], canvas)
             processed = jnp.where(frozen[:, None, None], s["sc_logits"].astype(processed.dtype), processed)
-            newly_stopped, stop_state = components.stopping(argmax, processed, s["stop"])
+            newly_stopped, stop_state = stopping(argmax, s["stop"])
             if on_step is not None:
                 jax.debug.callback(on_step, canvas_index, remaining, argmax, ordered=True)
             return dict(

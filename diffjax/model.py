@@ -204,6 +204,7 @@ class DiffusionGemma(nn.Module):
     def __call__(
         self, mode: str, ids: Array, cache: KVCache, attention_mask: Array | None = None,
         self_conditioning_logits: Array | None = None, self_conditioning_mask: Array | None = None,
+        return_hidden: bool = False,
     ) -> Any:
         cfg = self.config
         embedder = Embedder(cfg, name="embedder")
@@ -243,7 +244,7 @@ class DiffusionGemma(nn.Module):
         hidden = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
         if mode == ENCODE:
             return hidden, new_kv
-        return embedder.logits(hidden)
+        return hidden if return_hidden else embedder.logits(hidden)
 
 
 def _encoder_masks(config: Config, cache: KVCache, attention_mask: Array, positions: Array) -> dict[str, Array]:
@@ -358,14 +359,17 @@ def _encode(
     return _write_cache(config, cache, new_kv, attention_mask), hidden
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config", "return_hidden"))
 def _denoise_logits(
     params: Params, config: Config, cache: KVCache, canvas_ids: Array,
-    self_conditioning_logits: Array | None, self_conditioning_mask: Array | None,
+    self_conditioning_logits: Array | None, self_conditioning_mask: Array | None, return_hidden: bool = False,
 ) -> Array:
+    """Float32 logits `[batch, canvas, vocab]`, or with `return_hidden` the final-norm hidden state
+    `[batch, canvas, hidden]` (for a fused LM head, `diffjax.kernels.vocab`)."""
     return DiffusionGemma(config).apply(
         {"params": params}, DECODE, canvas_ids, cache,
         self_conditioning_logits=self_conditioning_logits, self_conditioning_mask=self_conditioning_mask,
+        return_hidden=return_hidden,
     )
 
 

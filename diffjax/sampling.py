@@ -16,6 +16,11 @@ The generation loop drives the components through a few small protocols::
         canvas, accepted, state = sampler(processed, canvas, state, key)
         stopped, stop_state = stopping(argmax(processed), processed, stop_state)
 
+Samplers and stopping rules that only need per-position statistics (entropy, one draw, the argmax and
+their log-probabilities) also implement ``from_statistics``; the loop can then feed them a
+:class:`TokenStatistics` computed in one pass over the vocabulary (``generate(statistics="pallas")``, see
+``diffjax.kernels.vocab``) instead of float32 ``[batch, canvas, vocab]`` logits.
+
 The reference behaviour is Hugging Face ``transformers==5.23.0``
 (``models/diffusion_gemma/generation_diffusion_gemma.py``): :class:`LinearTemperature`,
 :class:`EntropyBoundSampler` and :class:`StableAndConfidentStopping` reproduce it; the other samplers
@@ -36,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +71,7 @@ __all__ = [
     "StoppingRule",
     "TemperatureSchedule",
     "TokenSampling",
+    "TokenStatistics",
     "TopKFilter",
     "TopPFilter",
     "block_refinement_update",
@@ -76,9 +82,11 @@ __all__ = [
     "entropy_bound_mask",
     "entropy_bound_update",
     "exponential_race",
+    "gumbel_noise",
     "sampled_token_probs",
     "scale_logits",
     "token_entropy",
+    "token_statistics",
 ]
 
 # Filtered-out logits are set to this finite value rather than -inf: softmax still gives them exactly zero
@@ -110,9 +118,15 @@ class LogitsFilter(Protocol):
 
 @runtime_checkable
 class TokenSampling(Protocol):
-    """Draws one token per position from ``logits [..., vocab]``; returns int32 ``[...]``."""
+    """Draws one token per position from ``logits [..., vocab]``; returns int32 ``[...]``.
+
+    ``from_statistics(stats)`` returns the same kind of draw, ``(token_ids, log_probs)`` each ``[...]``, from
+    a :class:`TokenStatistics` (the statistics path of the loop).
+    """
 
     def __call__(self, key: jax.Array, logits: jax.Array) -> jax.Array: ...
+
+    def from_statistics(self, stats: TokenStatistics) -> tuple[jax.Array, jax.Array]: ...
 
 
 @runtime_checkable
@@ -122,6 +136,10 @@ class Sampler(Protocol):
     ``init(canvas_ids [batch, canvas])`` returns the per-canvas state (any pytree);
     ``__call__(processed_logits [batch, canvas, vocab], canvas_ids [batch, canvas], state, key)`` returns
     ``(new_canvas_ids int32 [batch, canvas], accepted_mask bool [batch, canvas], new_state)``.
+
+    Optional: ``from_statistics(stats, canvas_ids, state, key, vocab_size)`` makes the same step from a
+    :class:`TokenStatistics` of ``softmax(processed)`` instead of the logits; samplers that need more of the
+    distribution than that (e.g. :class:`DDIMSampler`) do not have it.
     """
 
     def init(self, canvas_ids: jax.Array) -> Any: ...
@@ -138,7 +156,8 @@ class StoppingRule(Protocol):
     ``(argmax_ids [batch, canvas], processed_logits [batch, canvas, vocab], state) -> (bool [batch], state)``.
 
     The rule reports the condition at this step; like transformers, the loop ORs it into its running
-    ``finished`` flags (a stopped row stays stopped).
+    ``finished`` flags (a stopped row stays stopped). Optional: ``from_statistics(argmax_ids, stats, state)``,
+    the same rule on a :class:`TokenStatistics`.
     """
 
     def init(self, canvas_ids: jax.Array) -> Any: ...
@@ -233,6 +252,66 @@ def sampled_token_probs(logits: jax.Array, token_ids: jax.Array) -> jax.Array:
     return jnp.exp(picked)
 
 
+class TokenStatistics(NamedTuple):
+    """Per-position statistics of ``softmax(z)`` for processed logits ``z [..., vocab]``, each ``[...]``.
+
+    What the statistics path of the loop hands to ``from_statistics``: enough for the entropy-bound,
+    confidence and block-refinement samplers and the stopping rules, and small enough that the
+    ``[..., vocab]`` logits never have to exist in float32 (``diffjax.kernels.vocab`` computes it in one
+    pass over the vocabulary; :func:`token_statistics` is the plain-JAX twin).
+    """
+
+    logsumexp: jax.Array  # float32
+    entropy: jax.Array  # float32, nats
+    argmax: jax.Array  # int32, first index among ties
+    argmax_logprob: jax.Array  # float32, z[argmax] - logsumexp
+    sample: jax.Array  # int32, argmax(z + gumbel_noise(seed, row, token))
+    sample_logprob: jax.Array  # float32, z[sample] - logsumexp
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """Standard Gumbel noise, a pure function of (uint32 seed, row index, token index), broadcasting.
+
+    Counter-based, so a kernel walking the vocabulary in tiles and a plain-JAX twin holding all logits draw
+    the same noise. Within a row, distinct token ids get distinct 32-bit words (xor with the row's word and
+    the finaliser are bijections); the first round decorrelates rows and seeds. The top 24 bits make a
+    uniform in (0, 1) that never reaches 0 or 1 (so the noise is finite, at most ~17.3).
+    """
+    x = _mix32(rows.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) ^ seed)
+    x = _mix32(x ^ cols.astype(jnp.uint32))
+    u = ((x >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
+    return -jnp.log(-jnp.log(u))
+
+
+def token_statistics(processed_logits: jax.Array, seed: jax.Array | int) -> TokenStatistics:
+    """:class:`TokenStatistics` of float ``processed_logits [..., vocab]`` (rows numbered in C order).
+
+    ``seed`` (uint32 scalar) picks the Gumbel noise of the draw; the same seed gives the same draw as
+    ``diffjax.kernels.vocab.vocab_stats_pallas`` on the same logits.
+    """
+    z = jnp.asarray(processed_logits, jnp.float32)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    rows = jnp.arange(z.size // z.shape[-1], dtype=jnp.uint32).reshape(z.shape[:-1])[..., None]
+    cols = jnp.arange(z.shape[-1], dtype=jnp.uint32)
+    seed = jnp.asarray(seed).astype(jnp.uint32).reshape(())
+    sample = jnp.argmax(z + gumbel_noise(seed, rows, cols), axis=-1).astype(jnp.int32)
+    argmax = jnp.argmax(z, axis=-1).astype(jnp.int32)
+
+    def logprob(ids: jax.Array) -> jax.Array:
+        return jnp.take_along_axis(z, ids[..., None], axis=-1)[..., 0] - lse
+
+    return TokenStatistics(lse, token_entropy(z), argmax, logprob(argmax), sample, logprob(sample))
+
+
 def exponential_race(probs: jax.Array, exp_noise: jax.Array) -> jax.Array:
     """``argmax(probs / exp_noise)``: a categorical draw given Exp(1) noise of the same shape.
 
@@ -267,6 +346,20 @@ def _vocab(vocab_size: int | None, logits: jax.Array) -> int:
     return int(logits.shape[-1]) if vocab_size is None else int(vocab_size)
 
 
+def _draw_and_noise_from_statistics(
+    sampling: Any, vocab_size: int | None, stats: TokenStatistics, canvas_shape: tuple[int, ...],
+    key: jax.Array, model_vocab_size: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The statistics path's `_draw_and_noise`: (sampled_ids, their probabilities, noise_ids).
+
+    The noise comes from the same key split as `_draw_and_noise`'s, so both paths renoise identically.
+    """
+    sampled, log_probs = sampling.from_statistics(stats)
+    _, noise_key = jax.random.split(key)
+    noise = _uniform_tokens(noise_key, canvas_shape, model_vocab_size if vocab_size is None else int(vocab_size))
+    return sampled, jnp.exp(log_probs), noise
+
+
 # --------------------------------------------------------------------------------------------------
 # Token draws
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +381,9 @@ class GumbelMaxSampling:
         index = jax.lax.broadcasted_iota(jnp.int32, perturbed.shape, perturbed.ndim - 1)
         return jnp.min(jnp.where(perturbed == top, index, perturbed.shape[-1]), axis=-1)
 
+    def from_statistics(self, stats: TokenStatistics) -> tuple[jax.Array, jax.Array]:
+        return stats.sample, stats.sample_logprob
+
 
 @struct.dataclass
 class ExponentialRaceSampling:
@@ -306,6 +402,10 @@ class ExponentialRaceSampling:
         )
         return exponential_race(probs, noise)
 
+    def from_statistics(self, stats: TokenStatistics) -> tuple[jax.Array, jax.Array]:
+        # Same distribution as the Gumbel-max draw the statistics carry (not the same random stream).
+        return stats.sample, stats.sample_logprob
+
 
 @struct.dataclass
 class GreedySampling:
@@ -314,6 +414,9 @@ class GreedySampling:
     def __call__(self, key: jax.Array, logits: jax.Array) -> jax.Array:
         del key
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def from_statistics(self, stats: TokenStatistics) -> tuple[jax.Array, jax.Array]:
+        return stats.argmax, stats.argmax_logprob
 
 
 # --------------------------------------------------------------------------------------------------
@@ -604,6 +707,17 @@ class EntropyBoundSampler:
         )
         return new_canvas, accepted, SamplerState(step=state.step + 1, committed=accepted)
 
+    def from_statistics(
+        self, stats: TokenStatistics, canvas_ids: jax.Array, state: SamplerState, key: jax.Array,
+        vocab_size: int,
+    ) -> tuple[jax.Array, jax.Array, SamplerState]:
+        sampled, _, noise = _draw_and_noise_from_statistics(
+            self.sampling, self.vocab_size, stats, canvas_ids.shape, key, vocab_size
+        )
+        accepted = entropy_bound_mask(stats.entropy, self.entropy_bound)
+        new_canvas = jnp.where(accepted, sampled, noise).astype(jnp.int32)
+        return new_canvas, accepted, SamplerState(step=state.step + 1, committed=accepted)
+
 
 # --------------------------------------------------------------------------------------------------
 # Block refinement (diffusers, uniform corruption mode)
@@ -701,7 +815,21 @@ class BlockRefinementSampler:
         self, processed_logits: jax.Array, canvas_ids: jax.Array, state: SamplerState, key: jax.Array
     ) -> tuple[jax.Array, jax.Array, SamplerState]:
         sampled, noise = _draw_and_noise(self.sampling, self.vocab_size, processed_logits, canvas_ids.shape, key)
-        confidence = sampled_token_probs(processed_logits, sampled)
+        return self._update(canvas_ids, sampled, sampled_token_probs(processed_logits, sampled), noise, state)
+
+    def from_statistics(
+        self, stats: TokenStatistics, canvas_ids: jax.Array, state: SamplerState, key: jax.Array,
+        vocab_size: int,
+    ) -> tuple[jax.Array, jax.Array, SamplerState]:
+        sampled, confidence, noise = _draw_and_noise_from_statistics(
+            self.sampling, self.vocab_size, stats, canvas_ids.shape, key, vocab_size
+        )
+        return self._update(canvas_ids, sampled, confidence, noise, state)
+
+    def _update(
+        self, canvas_ids: jax.Array, sampled: jax.Array, confidence: jax.Array, noise: jax.Array,
+        state: SamplerState,
+    ) -> tuple[jax.Array, jax.Array, SamplerState]:
         new_canvas, changed, committed = block_refinement_update(
             canvas_ids,
             sampled,
@@ -787,7 +915,21 @@ class ConfidenceThresholdSampler:
         self, processed_logits: jax.Array, canvas_ids: jax.Array, state: SamplerState, key: jax.Array
     ) -> tuple[jax.Array, jax.Array, SamplerState]:
         sampled, noise = _draw_and_noise(self.sampling, self.vocab_size, processed_logits, canvas_ids.shape, key)
-        confidence = sampled_token_probs(processed_logits, sampled)
+        return self._update(canvas_ids, sampled, sampled_token_probs(processed_logits, sampled), noise, state)
+
+    def from_statistics(
+        self, stats: TokenStatistics, canvas_ids: jax.Array, state: SamplerState, key: jax.Array,
+        vocab_size: int,
+    ) -> tuple[jax.Array, jax.Array, SamplerState]:
+        sampled, confidence, noise = _draw_and_noise_from_statistics(
+            self.sampling, self.vocab_size, stats, canvas_ids.shape, key, vocab_size
+        )
+        return self._update(canvas_ids, sampled, confidence, noise, state)
+
+    def _update(
+        self, canvas_ids: jax.Array, sampled: jax.Array, confidence: jax.Array, noise: jax.Array,
+        state: SamplerState,
+    ) -> tuple[jax.Array, jax.Array, SamplerState]:
         new_canvas, accepted, committed = confidence_threshold_update(
             canvas_ids, sampled, confidence, state.committed, noise, self.threshold, self.monotone
         )
@@ -1047,6 +1189,14 @@ class StableAndConfidentStopping:
     def __call__(
         self, argmax_ids: jax.Array, processed_logits: jax.Array, state: StopState
     ) -> tuple[jax.Array, StopState]:
+        return self._decide(argmax_ids, token_entropy(processed_logits), state)
+
+    def from_statistics(
+        self, argmax_ids: jax.Array, stats: TokenStatistics, state: StopState
+    ) -> tuple[jax.Array, StopState]:
+        return self._decide(argmax_ids, stats.entropy, state)
+
+    def _decide(self, argmax_ids: jax.Array, entropy: jax.Array, state: StopState) -> tuple[jax.Array, StopState]:
         argmax_ids = argmax_ids.astype(jnp.int32)
         # all() over an empty history is True: stability_threshold = 0 means "always stable".
         stable = jnp.all(state.history == argmax_ids[None], axis=(0, 2))
@@ -1054,7 +1204,7 @@ class StableAndConfidentStopping:
             history = state.history
         else:  # drop the oldest, append the newest (torch.roll(-1) then write the last slot)
             history = jnp.concatenate([state.history[1:], argmax_ids[None]], axis=0)
-        mean_entropy = jnp.mean(token_entropy(processed_logits), axis=-1)
+        mean_entropy = jnp.mean(entropy, axis=-1)
         confident = mean_entropy < jnp.asarray(self.confidence_threshold, jnp.float32)
         return stable & confident, StopState(history=history)
 
@@ -1071,4 +1221,10 @@ class NeverStop:
         self, argmax_ids: jax.Array, processed_logits: jax.Array, state: tuple[()]
     ) -> tuple[jax.Array, tuple[()]]:
         del processed_logits
+        return jnp.zeros(argmax_ids.shape[:1], jnp.bool_), state
+
+    def from_statistics(
+        self, argmax_ids: jax.Array, stats: TokenStatistics, state: tuple[()]
+    ) -> tuple[jax.Array, tuple[()]]:
+        del stats
         return jnp.zeros(argmax_ids.shape[:1], jnp.bool_), state

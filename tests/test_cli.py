@@ -217,11 +217,17 @@ def test_full_size_path_on_a_tiny_model(tmp_path):
 
     settings = bench.FullSizeSettings(batches=(2,), prompts=(20,), new_tokens=16, steps=2, repeats=1,
                                       force=True, bandwidth_bytes=1 << 20, prefill_chunk=8, transformers=True,
-                                      transformers_compile=False, moe_implementations=("grouped", "dense"))
+                                      transformers_compile=False, moe_implementations=("grouped", "dense"),
+                                      statistics=("logits", "xla"))
     result = bench.run_full_size(settings, config=Config.tiny().replace(canvas_length=8))
-    assert [(p["prompt"], p["batch"], p["moe"]) for p in result["points"]] == [(20, 2, "grouped"), (20, 2, "dense")]
-    # transformers runs once per (prompt, batch), whatever our expert implementation.
-    assert result["points"][0]["transformers"] is result["points"][1]["transformers"]
+    assert [(p["prompt"], p["batch"], p["moe"], p["statistics"]) for p in result["points"]] == [
+        (20, 2, "grouped", "logits"), (20, 2, "grouped", "xla"), (20, 2, "dense", "logits"), (20, 2, "dense", "xla")
+    ]
+    # transformers runs once per (prompt, batch), whatever our expert implementation; the decoder step once per
+    # (batch, experts), whatever the statistics path.
+    assert all(p["transformers"] is result["points"][0]["transformers"] for p in result["points"])
+    assert result["points"][0]["decoder_ms"] == result["points"][1]["decoder_ms"]
+    assert result["points"][0]["decoder_ms"] != result["points"][2]["decoder_ms"]
     for point in result["points"]:
         assert "error" not in point, point
         assert point["diffjax"]["decoder_passes"] == 4 and point["transformers"]["decoder_passes"] == 4
@@ -231,7 +237,7 @@ def test_full_size_path_on_a_tiny_model(tmp_path):
     bench.render(result, console)
     assert "x floor" in console.export_text()
     bench.write_json(result, tmp_path / "r.json")
-    assert json.loads((tmp_path / "r.json").read_text())["points"][1]["moe"] == "dense"
+    assert json.loads((tmp_path / "r.json").read_text())["points"][3]["statistics"] == "xla"
 
 
 def test_full_size_records_a_failing_point_and_goes_on():

@@ -52,20 +52,22 @@ def _inputs(config: Config, batch: int, prompt: int, pad: list[int], seed: int):
 
 
 @pytest.mark.parametrize(
-    ("name", "batch", "prompt", "pad", "eos", "stop"),
+    ("name", "batch", "prompt", "pad", "eos", "stop", "statistics"),
     [
-        ("tiny", 1, 4, [0], None, {}),
-        ("tiny", 3, 9, [2, 0, 0], "many", {}),
-        ("two_blocks", 2, 13, [0, 5], 1, {}),
-        ("two_blocks", 3, 6, [0, 0, 3], None, dict(stability_threshold=1, confidence_threshold=1e3)),
+        ("tiny", 1, 4, [0], None, {}, "logits"),
+        ("tiny", 3, 9, [2, 0, 0], "many", {}, "logits"),
+        ("two_blocks", 2, 13, [0, 5], 1, {}, "logits"),
+        ("two_blocks", 3, 6, [0, 0, 3], None, dict(stability_threshold=1, confidence_threshold=1e3), "logits"),
+        ("tiny", 3, 9, [2, 0, 0], "many", {}, "pallas"),
+        ("two_blocks", 3, 6, [0, 0, 3], None, dict(stability_threshold=1, confidence_threshold=1e3), "pallas"),
     ],
     # eos_appears: a quarter of the vocabulary ends a row, so EOS appears mid-canvas and pads the rest.
     # rows_stop_early: always confident, so each row stops once its argmax repeats, at its own step, and
-    # stays frozen while the others go on.
+    # stays frozen while the others go on. pallas: the fused vocabulary pass (interpreted on CPU).
     ids=["tiny-batch1_no_eos", "tiny-eos_appears", "two_blocks-padded_longer_than_window",
-         "two_blocks-rows_stop_early"],
+         "two_blocks-rows_stop_early", "tiny-eos_appears-pallas", "two_blocks-rows_stop_early-pallas"],
 )
-def test_matches_transformers_generate(pairs, name, batch, prompt, pad, eos, stop):
+def test_matches_transformers_generate(pairs, name, batch, prompt, pad, eos, stop, statistics):
     config, model, params = pairs[name]
     ids, mask, canvas = _inputs(config, batch, prompt, pad, seed=prompt)
     eos_ids = list(range(3, config.vocab_size, 4)) if eos == "many" else eos
@@ -75,7 +77,7 @@ def test_matches_transformers_generate(pairs, name, batch, prompt, pad, eos, sto
         ref = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
                              decoder_input_ids=torch.tensor(canvas), **kwargs)
     out = generate(params, config, ids, attention_mask=mask, key=jax.random.key(0), initial_canvas=canvas,
-                   **kwargs)
+                   statistics=statistics, **kwargs)
     np.testing.assert_array_equal(np.asarray(out.sequences), ref.sequences.numpy())
     np.testing.assert_allclose(np.asarray(out.tokens_per_forward), ref.tokens_per_forward.numpy(), rtol=1e-6)
     new = np.asarray(out.sequences)[:, prompt:]
@@ -124,6 +126,48 @@ def test_samplers_plug_in_without_recompiling():
     compiled = _generate._cache_size()
     generate(params, config, ids, entropy_bound=0.5, t_min=0.1, t_max=0.9, **common)
     assert _generate._cache_size() == compiled
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        sampling.EntropyBoundSampler(entropy_bound=0.5),
+        sampling.ConfidenceThresholdSampler(threshold=0.3, sampling=sampling.GreedySampling()),
+        sampling.BlockRefinementSampler(num_steps=5, confidence_threshold=0.5),
+    ],
+    ids=lambda sampler: type(sampler).__name__,
+)
+def test_statistics_kernel_generates_what_its_twin_does(sampler):
+    """Away from the deterministic regime the draws are random: the Pallas vocabulary pass and its plain-JAX
+    twin share the counter-based noise, so whole generations agree token for token."""
+    config = Config.tiny(num_layers=2, layer_types=(SLIDING, FULL), sliding_window=5)
+    params = diffjax.init_params(config, jax.random.key(4))
+    ids, mask, _ = _inputs(config, 2, 9, [3, 0], seed=5)
+    kwargs = dict(key=jax.random.key(6), attention_mask=mask, max_new_tokens=2 * config.canvas_length,
+                  max_denoising_steps=5, eos_token_id=None, t_min=0.5, t_max=1.0, sampler=sampler)
+    twin = generate(params, config, ids, statistics="xla", **kwargs)
+    fused = generate(params, config, ids, statistics="pallas", **kwargs)
+    np.testing.assert_array_equal(np.asarray(fused.sequences), np.asarray(twin.sequences))
+    np.testing.assert_array_equal(np.asarray(fused.decoder_passes), np.asarray(twin.decoder_passes))
+    # Random draws, not the deterministic regime: a different key changes the tokens.
+    other = generate(params, config, ids, statistics="pallas", **{**kwargs, "key": jax.random.key(7)})
+    assert not np.array_equal(np.asarray(other.sequences), np.asarray(fused.sequences))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(statistics="fused"), "statistics must be one of"),
+        (dict(logits_filter=sampling.TopKFilter(k=4)), "cannot apply TopKFilter"),
+        (dict(sampler=sampling.DDIMSampler(num_steps=4)), "DDIMSampler has no from_statistics"),
+    ],
+)
+def test_statistics_path_refuses_what_needs_the_logits(kwargs, match):
+    config = MICRO
+    params = diffjax.param_shapes(config, np.float32)
+    kwargs.setdefault("statistics", "pallas")
+    with pytest.raises(ValueError, match=match):
+        generate(params, config, np.array([[3, 4, 5]]), key=jax.random.key(0), **kwargs)
 
 
 def test_streaming_callback_sees_every_step():

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from diffjax.config import Config
+from diffjax.generate import generate
 from diffjax.kernels import bench as kernel_bench
 from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
 from diffjax.kernels.moe import MoeTiles, experts_pallas
@@ -206,10 +207,19 @@ def vocab_case(lead: tuple[int, ...], width: int, vocab: int, dtype, seed: int):
 )
 def test_vocab_kernel_matches_twin(lead, width, vocab, softcap, temperature, splits, dtype):
     hidden, embedding = vocab_case(lead, width, vocab, dtype, seed=width)
-    ours = vocab_stats_pallas(hidden, embedding, temperature, seed=5, softcap=softcap,
-                              tiles=VocabTiles(splits=splits), interpret=True)
-    twin = vocab_stats_reference(hidden, embedding, temperature, seed=5, softcap=softcap)
-    for name in ("logsumexp", "entropy", "sample_logprob"):
+    ours, ours_logits = vocab_stats_pallas(hidden, embedding, temperature, seed=5, softcap=softcap,
+                                           return_logits=True, tiles=VocabTiles(splits=splits), interpret=True)
+    twin, twin_logits = vocab_stats_reference(hidden, embedding, temperature, seed=5, softcap=softcap,
+                                              return_logits=True)
+    # The stored logits (self-conditioning's input) are the twin's, rounded to the hidden state's dtype.
+    assert ours_logits.shape == (*lead, vocab) and ours_logits.dtype == dtype
+    np.testing.assert_allclose(np.asarray(ours_logits, np.float32), np.asarray(twin_logits, np.float32),
+                               rtol=1e-5 if dtype == jnp.float32 else 1e-2, atol=1e-5)
+    # Statistics alone (no logits output) are the same numbers.
+    alone = vocab_stats_pallas(hidden, embedding, temperature, seed=5, softcap=softcap,
+                               tiles=VocabTiles(splits=splits), interpret=True)
+    np.testing.assert_array_equal(np.asarray(alone.entropy), np.asarray(ours.entropy))
+    for name in ("logsumexp", "entropy", "argmax_logprob", "sample_logprob"):
         expected = np.asarray(getattr(twin, name))
         assert getattr(ours, name).shape == lead and np.abs(expected).max() > 0.1
         np.testing.assert_allclose(np.asarray(getattr(ours, name)), expected, rtol=1e-5, atol=1e-5, err_msg=name)
@@ -249,13 +259,20 @@ def test_vocab_kernel_lowers_for_cuda_at_released_shapes():
         jax.ShapeDtypeStruct((), jnp.float32),
         jax.ShapeDtypeStruct((), jnp.uint32),
     )
-    text = lower_for_cuda(
-        lambda h, e, t, s: vocab_stats_pallas(h, e, t, seed=s, softcap=30.0, interpret=False), *args
-    )
-    assert text.count("__gpu$xla.gpu.triton") == 1
+    for return_logits in (False, True):
+        text = lower_for_cuda(
+            lambda h, e, t, s: vocab_stats_pallas(
+                h, e, t, seed=s, softcap=30.0, return_logits=return_logits, interpret=False  # noqa: B023
+            ),
+            *args,
+        )
+        assert text.count("__gpu$xla.gpu.triton") == 1
+        # No float32 [rows..., vocab] array anywhere in the program (the twin has them); the logits for
+        # self-conditioning leave the kernel once, in bf16.
+        assert "x262144xf32>" not in text
+        assert ("x262144xbf16>" in text) == return_logits
     twin = lower_for_cuda(lambda h, e, t, s: vocab_stats_reference(h, e, t, seed=s, softcap=30.0), *args)
-    # No float32 [rows..., vocab] array anywhere in the program (the twin has them).
-    assert "x262144xf32>" in twin and "x262144xf32>" not in text
+    assert "x262144xf32>" in twin
 
 
 def test_vocab_kernel_rejects_bad_shapes():
@@ -307,6 +324,26 @@ def test_attention_kernel_gives_zeros_for_all_padding_rows():
     ours = global_attention_pallas(query, k, v, valid, tiles=AttentionTiles(16, 16, 2), interpret=True)
     np.testing.assert_array_equal(np.asarray(ours[1]), 0.0)
     _close(ours[0], attend_padding_only(query, k, v, valid)[0], jnp.float32)
+
+
+def test_generate_with_fused_statistics_lowers_for_cuda(monkeypatch):
+    """The whole generation loop with the fused vocabulary pass lowers to one Triton call per step, and no XLA
+    matmul produces float32 `[batch, canvas, vocab]` logits (the logits path's LM head does). The
+    self-conditioning softmax of the stored bf16 logits stays in XLA (a fused reduction + elementwise pass)."""
+    monkeypatch.setattr("diffjax.kernels.vocab.resolve_interpret", lambda _: False)
+    config = Config.tiny(num_layers=2, layer_types=("sliding_attention", "full_attention"), vocab_size=1024)
+    params = param_shapes(config, jnp.bfloat16)
+    ids = np.arange(3, 11)[None].repeat(2, 0)
+    lm_head_f32 = re.compile(rf"dot_general[^\n]*-> tensor<2x{config.canvas_length}x{config.vocab_size}xf32>")
+    texts = {
+        statistics: lower_for_cuda(
+            lambda p: generate(p, config, ids, key=jax.random.key(0), statistics=statistics),  # noqa: B023
+            params,
+        )
+        for statistics in ("logits", "pallas")
+    }
+    assert texts["pallas"].count("__gpu$xla.gpu.triton") == 1
+    assert lm_head_f32.search(texts["logits"]) and not lm_head_f32.search(texts["pallas"])
 
 
 def test_attention_kernel_lowers_for_cuda_at_released_shapes():

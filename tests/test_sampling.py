@@ -638,3 +638,73 @@ def test_gumbel_max_draws_equal_jax_categorical():
         logits = 3.0 * jax.random.normal(jax.random.key(100 + seed), (3, 17, 301))
         ours = S.GumbelMaxSampling()(key, logits)
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.random.categorical(key, logits, axis=-1)))
+
+
+# ----------------------------------------------------------------------------- statistics path
+
+
+def test_token_statistics_agree_with_the_logits_helpers():
+    logits = _varied_logits(np.random.default_rng(21), (BATCH, CANVAS, VOCAB))
+    stats = jax.jit(S.token_statistics)(logits, 9)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    np.testing.assert_allclose(np.asarray(stats.logsumexp), np.asarray(lse), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(stats.entropy), np.asarray(_entropy(logits)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(stats.argmax), logits.argmax(-1))
+    for ids, log_prob in ((stats.argmax, stats.argmax_logprob), (stats.sample, stats.sample_logprob)):
+        np.testing.assert_allclose(np.exp(np.asarray(log_prob)), np.asarray(S.sampled_token_probs(logits, ids)),
+                                   rtol=1e-5)
+    # The draw is random (not the argmax everywhere) and a function of the seed.
+    assert np.any(np.asarray(stats.sample) != np.asarray(stats.argmax))
+    assert np.any(np.asarray(S.token_statistics(logits, 10).sample) != np.asarray(stats.sample))
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        S.EntropyBoundSampler(entropy_bound=0.7, sampling=S.GreedySampling()),
+        S.ConfidenceThresholdSampler(threshold=0.4, sampling=S.GreedySampling()),
+        S.ConfidenceThresholdSampler(threshold=0.4, monotone=False, sampling=S.GreedySampling()),
+        S.BlockRefinementSampler(num_steps=4, confidence_threshold=0.6, sampling=S.GreedySampling()),
+        S.BlockRefinementSampler(num_steps=4, allow_reediting=True, editing_threshold=0.3,
+                                 sampling=S.GreedySampling()),
+    ],
+    ids=lambda s: type(s).__name__,
+)
+def test_from_statistics_is_the_same_step_as_from_logits(sampler):
+    """With a deterministic draw both entry points must make the same step (renoise included), step after
+    step, so the fused vocabulary pass changes nothing but where the statistics come from."""
+    rng = np.random.default_rng(22)
+    canvas = jnp.asarray(rng.integers(0, VOCAB, (BATCH, CANVAS)), jnp.int32)
+    state_logits = state_stats = sampler.init(canvas)
+    canvas_logits = canvas_stats = canvas
+    from_stats = jax.jit(lambda smp, st, c, s, k: smp.from_statistics(st, c, s, k, VOCAB))
+    for step in range(3):
+        logits = _varied_logits(rng, (BATCH, CANVAS, VOCAB))
+        key = jax.random.key(step)
+        canvas_logits, accepted_logits, state_logits = _sampler_step(sampler, logits, canvas_logits, state_logits,
+                                                                     key)
+        canvas_stats, accepted_stats, state_stats = from_stats(
+            sampler, S.token_statistics(logits, step), canvas_stats, state_stats, key
+        )
+        np.testing.assert_array_equal(np.asarray(canvas_stats), np.asarray(canvas_logits))
+        np.testing.assert_array_equal(np.asarray(accepted_stats), np.asarray(accepted_logits))
+        assert 0 < int(np.sum(np.asarray(accepted_logits))) < BATCH * CANVAS
+    jax.tree.map(np.testing.assert_array_equal, state_stats, state_logits)
+
+
+def test_stopping_from_statistics_equals_from_logits():
+    rng = np.random.default_rng(23)
+    rule = S.StableAndConfidentStopping(stability_threshold=1, confidence_threshold=1.7)
+    state_a = state_b = rule.init(jnp.zeros((BATCH, CANVAS), jnp.int32))
+    argmax = jnp.asarray(rng.integers(0, VOCAB, (BATCH, CANVAS)), jnp.int32)
+    verdicts = []
+    for _ in range(2):  # the second call sees a stable argmax; the confidence decides per row
+        logits = _varied_logits(rng, (BATCH, CANVAS, VOCAB))
+        stop_a, state_a = _stop_step(rule, argmax, logits, state_a)
+        stop_b, state_b = rule.from_statistics(argmax, S.token_statistics(logits, 0), state_b)
+        np.testing.assert_array_equal(np.asarray(stop_b), np.asarray(stop_a))
+        verdicts.append(np.asarray(stop_a))
+    assert not verdicts[0].any()
+    np.testing.assert_array_equal(verdicts[1], [True, False])  # mean entropies 1.48 and 1.98
+    never = S.NeverStop()
+    assert not np.asarray(never.from_statistics(argmax, S.token_statistics(logits, 0), ())[0]).any()

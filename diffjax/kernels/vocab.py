@@ -1,21 +1,23 @@
 """Statistics of the next-token distribution in one pass over the vocabulary, without float32 logits.
 
 Per row, with `z = softcap(h @ E^T) / temperature` over the vocabulary: logsumexp, entropy, argmax, and a
-Gumbel-max sample `argmax(z + g)` with its log-probability. The kernel (Pallas, Triton lowering) runs a grid
-of (row block, vocabulary split); each program walks its split's vocabulary tiles keeping a running max,
-sum of exponentials, entropy accumulator, argmax and best perturbed logit in registers, and writes only
-these per-row partials; a small XLA step combines the splits (the split-K of flash-decoding, over the
-vocabulary). The `[rows, vocab]` logits never reach memory.
+Gumbel-max sample `argmax(z + g)`, with their log-probabilities (`diffjax.sampling.TokenStatistics`). The
+kernel (Pallas, Triton lowering) runs a grid of (row block, vocabulary split); each program walks its
+split's vocabulary tiles keeping a running max, sum of exponentials, entropy accumulator, argmax and best
+perturbed logit in registers, and writes only these per-row partials; a small XLA step combines the
+splits (the split-K of flash-decoding, over the vocabulary). The float32 `[rows, vocab]` logits never reach
+memory; with `return_logits` the kernel also stores `z` once in the hidden state's dtype (bf16 for the
+released model), the copy self-conditioning reads at the next step.
 
-The Gumbel noise is a counter-based hash of (seed, row, token id), so the kernel and its twin
-(`vocab_stats_reference`: logits materialised, then the sampler's statistics) draw the same samples.
+The Gumbel noise is a counter-based hash of (seed, row, token id) (`diffjax.sampling.gumbel_noise`), so
+the kernel and its twin (`vocab_stats_reference`: logits materialised, then
+`diffjax.sampling.token_statistics`) draw the same samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,7 @@ from diffjax.kernels import (
     resolve_interpret,
 )
 from diffjax.model import tied_logits
-from diffjax.sampling import scale_logits, token_entropy
+from diffjax.sampling import TokenStatistics, gumbel_noise, scale_logits, token_statistics
 
 Array = jax.Array
 
@@ -38,53 +40,15 @@ Array = jax.Array
 _TARGET_PROGRAMS = 512
 
 
-class VocabStats(NamedTuple):
-    """Per-row statistics of `softmax(z)`, each `[...]` (the hidden's leading shape)."""
-
-    logsumexp: Array  # float32
-    entropy: Array  # float32, nats
-    argmax: Array  # int32, first index among ties
-    sample: Array  # int32, argmax(z + gumbel_noise)
-    sample_logprob: Array  # float32, z[sample] - logsumexp
-
-
-def _mix32(x: Array) -> Array:
-    """MurmurHash3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def gumbel_noise(seed: Array, rows: Array, cols: Array) -> Array:
-    """Standard Gumbel noise, a pure function of (uint32 seed, row index, token index), broadcasting.
-
-    Within a row, distinct token ids get distinct 32-bit words (xor with the row's word and the finaliser are
-    bijections); the first round decorrelates rows and seeds. The top 24 bits make a uniform in (0, 1) that
-    never reaches 0 or 1 (so the noise is finite, at most ~17.3).
-    """
-    x = _mix32(rows.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) ^ seed)
-    x = _mix32(x ^ cols.astype(jnp.uint32))
-    u = ((x >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
-    return -jnp.log(-jnp.log(u))
-
-
-def _seed_array(seed: Array | int) -> Array:
-    return jnp.asarray(seed).astype(jnp.uint32).reshape(())
-
-
 def vocab_stats_reference(
     hidden: Array, embedding: Array, temperature: Array | float, *, seed: Array | int, softcap: float | None,
-) -> VocabStats:
-    """The plain-JAX twin: float32 logits `[..., vocab]`, then the statistics the samplers compute."""
+    return_logits: bool = False,
+) -> TokenStatistics | tuple[TokenStatistics, Array]:
+    """The plain-JAX twin: float32 logits `[..., vocab]`, then `token_statistics`; with `return_logits`,
+    also `z` in the hidden state's dtype, as the kernel returns it."""
     z = scale_logits(tied_logits(hidden, embedding, softcap), temperature)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    rows = jnp.arange(z.size // z.shape[-1], dtype=jnp.uint32).reshape(z.shape[:-1])[..., None]
-    cols = jnp.arange(z.shape[-1], dtype=jnp.uint32)
-    sample = jnp.argmax(z + gumbel_noise(_seed_array(seed), rows, cols), axis=-1).astype(jnp.int32)
-    picked = jnp.take_along_axis(z, sample[..., None], axis=-1)[..., 0]
-    return VocabStats(lse, token_entropy(z), jnp.argmax(z, axis=-1).astype(jnp.int32), sample, picked - lse)
+    stats = token_statistics(z, seed)
+    return (stats, z.astype(hidden.dtype)) if return_logits else stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,15 +64,15 @@ class VocabTiles:
     num_stages: int = 3
 
 
-@functools.partial(jax.jit, static_argnames=("softcap", "tiles", "interpret"))
+@functools.partial(jax.jit, static_argnames=("softcap", "return_logits", "tiles", "interpret"))
 def vocab_stats_pallas(
     hidden: Array, embedding: Array, temperature: Array | float, *, seed: Array | int, softcap: float | None,
-    tiles: VocabTiles = VocabTiles(), interpret: bool | None = None,
-) -> VocabStats:
+    return_logits: bool = False, tiles: VocabTiles = VocabTiles(), interpret: bool | None = None,
+) -> TokenStatistics | tuple[TokenStatistics, Array]:
     """Same outputs as `vocab_stats_reference`, in one pass over `embedding [vocab, hidden]`.
 
     hidden `[..., hidden]` (hidden a multiple of 16), vocab a multiple of 16, temperature > 0 (a traced
-    scalar is fine).
+    scalar is fine). With `return_logits`, also `z [..., vocab]` in hidden's dtype.
     """
     lead, width = hidden.shape[:-1], hidden.shape[-1]
     vocab = embedding.shape[0]
@@ -129,34 +93,44 @@ def vocab_stats_pallas(
     if num_tiles % splits:
         raise ValueError(f"splits ({splits}) must divide the {num_tiles} vocabulary tiles of {block_v}")
 
-    h = jnp.pad(hidden.reshape(rows, width), ((0, row_blocks * block_rows - rows), (0, 0)))
+    padded = row_blocks * block_rows
+    h = jnp.pad(hidden.reshape(rows, width), ((0, padded - rows), (0, 0)))
     kernel = functools.partial(
         _stats_kernel, block_rows=block_rows, block_v=block_v, block_k=block_k, width=width,
-        tiles_per_split=num_tiles // splits, vocab=vocab, softcap=softcap,
+        tiles_per_split=num_tiles // splits, vocab=vocab, softcap=softcap, return_logits=return_logits,
     )
-    padded = row_blocks * block_rows
     f32, i32 = jnp.float32, jnp.int32
     partial_shapes = [jax.ShapeDtypeStruct((splits * padded,), d) for d in (f32, f32, f32, f32, i32, f32, i32, f32)]
-    partials = pl.pallas_call(
+    out_specs = [pl.BlockSpec((block_rows,), lambda i, s: (s * row_blocks + i,))] * len(partial_shapes)
+    if return_logits:
+        # Whole-array output: each program stores its own (row block, vocabulary tile) pieces.
+        partial_shapes.append(jax.ShapeDtypeStruct((padded, vocab), hidden.dtype))
+        out_specs.append(pl.no_block_spec)
+    outputs = pl.pallas_call(
         kernel,
         out_shape=partial_shapes,
         grid=(row_blocks, splits),
         in_specs=[pl.no_block_spec] * 4,
-        out_specs=[pl.BlockSpec((block_rows,), lambda i, s: (s * row_blocks + i,))] * len(partial_shapes),
+        out_specs=out_specs,
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=resolve_interpret(interpret),
         name="vocab_stats",
     )(
-        jnp.asarray(temperature, f32).reshape(1), _seed_array(seed).reshape(1), h,
+        jnp.asarray(temperature, f32).reshape(1), jnp.asarray(seed).astype(jnp.uint32).reshape(1), h,
         embedding.astype(hidden.dtype),
     )
-    stats = _combine(*(p.reshape(splits, padded)[:, :rows] for p in partials))
-    return VocabStats(*(s.reshape(lead) for s in stats))
+    stats = _combine(*(p.reshape(splits, padded)[:, :rows] for p in outputs[:8]))
+    stats = TokenStatistics(*(s.reshape(lead) for s in stats))
+    if not return_logits:
+        return stats
+    # At the released shapes rows = batch x 256 is a whole number of row blocks: no slice, no copy.
+    logits = outputs[8] if padded == rows else outputs[8][:rows]
+    return stats, logits.reshape(*lead, vocab)
 
 
 def _stats_kernel(temp_ref, seed_ref, h_ref, e_ref, max_ref, sum_ref, ent_ref, top_ref, top_id_ref,
-                  race_ref, race_id_ref, race_z_ref, *, block_rows, block_v, block_k, width, tiles_per_split,
-                  vocab, softcap):
+                  race_ref, race_id_ref, race_z_ref, *logits_ref, block_rows, block_v, block_k, width,
+                  tiles_per_split, vocab, softcap, return_logits):
     row_block, split = pl.program_id(0), pl.program_id(1)
     temperature, seed = temp_ref[0], seed_ref[0]
     rows = pl.ds(row_block * block_rows, block_rows)
@@ -176,6 +150,8 @@ def _stats_kernel(temp_ref, seed_ref, h_ref, e_ref, max_ref, sum_ref, ent_ref, t
         if softcap is not None:
             logits = softcap * jnp.tanh(logits / softcap)
         z = logits / temperature
+        if return_logits:
+            logits_ref[0][rows, tokens] = z.astype(logits_ref[0].dtype)
         cols = v0 + jax.lax.broadcasted_iota(jnp.int32, (1, block_v), 1)
         # Online logsumexp; w = sum exp(z - m) * (z - m), so entropy = log(s) - w / s, free of cancellation.
         tile_max = jnp.max(z, axis=1)
@@ -224,4 +200,4 @@ def _combine(m, s, w, top, top_id, race, race_id, race_z) -> tuple[Array, ...]:
     winner = jnp.argmax(race, axis=0)[None]
     sample = jnp.take_along_axis(race_id, winner, axis=0)[0]
     sample_z = jnp.take_along_axis(race_z, winner, axis=0)[0]
-    return lse, entropy, argmax, sample, sample_z - lse
+    return lse, entropy, argmax, jnp.max(top, axis=0) - lse, sample, sample_z - lse
