@@ -71,40 +71,44 @@ def vocab_stats_pallas(
 ) -> TokenStatistics | tuple[TokenStatistics, Array]:
     """Same outputs as `vocab_stats_reference`, in one pass over `embedding [vocab, hidden]`.
 
-    hidden `[..., hidden]` (hidden a multiple of 16), vocab a multiple of 16, temperature > 0 (a traced
-    scalar is fine). With `return_logits`, also `z [..., vocab]` in hidden's dtype.
+    hidden `[..., hidden]`, embedding `[vocab, hidden]`, temperature > 0 (a traced scalar is fine). With
+    `return_logits`, also `z [..., vocab]` in hidden's dtype. Sizes that are not multiples of 16 (Triton's
+    smallest dot) are zero-padded, the padded vocabulary masked out; that costs a padded copy of the
+    embedding per call, which the released shapes (hidden 2816, vocab 262144) never need.
     """
     lead, width = hidden.shape[:-1], hidden.shape[-1]
-    vocab = embedding.shape[0]
     if embedding.ndim != 2 or embedding.shape[1] != width:
         raise ValueError(f"embedding must be [vocab, hidden={width}], got {embedding.shape}")
-    for name, size in (("hidden", width), ("vocab", vocab)):
-        if size % MIN_BLOCK:
-            raise ValueError(f"vocab_stats_pallas needs {name} to be a multiple of {MIN_BLOCK}, got {size}")
     for name in ("block_rows", "block_v", "block_k"):
         require_block(f"VocabTiles.{name}", getattr(tiles, name))
+    vocab = embedding.shape[0]
+    padded_width = -(-width // MIN_BLOCK) * MIN_BLOCK
+    # A vocabulary that needs padding anyway is padded to whole tiles of block_v (not 16-wide ones).
+    padded_vocab = vocab if vocab % MIN_BLOCK == 0 else -(-vocab // tiles.block_v) * tiles.block_v
+    embedding = jnp.pad(embedding.astype(hidden.dtype), ((0, padded_vocab - vocab), (0, padded_width - width)))
     rows = hidden.size // width
     block_rows = min(tiles.block_rows, max(MIN_BLOCK, pl.next_power_of_2(rows)))
-    block_v = largest_power_of_two_divisor(vocab, tiles.block_v)
-    block_k = largest_power_of_two_divisor(width, tiles.block_k)
-    num_tiles = vocab // block_v
+    block_v = largest_power_of_two_divisor(padded_vocab, tiles.block_v)
+    block_k = largest_power_of_two_divisor(padded_width, tiles.block_k)
+    num_tiles = padded_vocab // block_v
     row_blocks = pl.cdiv(rows, block_rows)
     splits = tiles.splits or largest_power_of_two_divisor(num_tiles, max(1, _TARGET_PROGRAMS // row_blocks))
     if num_tiles % splits:
         raise ValueError(f"splits ({splits}) must divide the {num_tiles} vocabulary tiles of {block_v}")
 
     padded = row_blocks * block_rows
-    h = jnp.pad(hidden.reshape(rows, width), ((0, padded - rows), (0, 0)))
+    h = jnp.pad(hidden.reshape(rows, width), ((0, padded - rows), (0, padded_width - width)))
     kernel = functools.partial(
-        _stats_kernel, block_rows=block_rows, block_v=block_v, block_k=block_k, width=width,
-        tiles_per_split=num_tiles // splits, vocab=vocab, softcap=softcap, return_logits=return_logits,
+        _stats_kernel, block_rows=block_rows, block_v=block_v, block_k=block_k, width=padded_width,
+        tiles_per_split=num_tiles // splits, vocab=vocab, mask_tail=padded_vocab != vocab, softcap=softcap,
+        return_logits=return_logits,
     )
     f32, i32 = jnp.float32, jnp.int32
     partial_shapes = [jax.ShapeDtypeStruct((splits * padded,), d) for d in (f32, f32, f32, f32, i32, f32, i32, f32)]
     out_specs = [pl.BlockSpec((block_rows,), lambda i, s: (s * row_blocks + i,))] * len(partial_shapes)
     if return_logits:
         # Whole-array output: each program stores its own (row block, vocabulary tile) pieces.
-        partial_shapes.append(jax.ShapeDtypeStruct((padded, vocab), hidden.dtype))
+        partial_shapes.append(jax.ShapeDtypeStruct((padded, padded_vocab), hidden.dtype))
         out_specs.append(pl.no_block_spec)
     outputs = pl.pallas_call(
         kernel,
@@ -116,21 +120,20 @@ def vocab_stats_pallas(
         interpret=resolve_interpret(interpret),
         name="vocab_stats",
     )(
-        jnp.asarray(temperature, f32).reshape(1), jnp.asarray(seed).astype(jnp.uint32).reshape(1), h,
-        embedding.astype(hidden.dtype),
+        jnp.asarray(temperature, f32).reshape(1), jnp.asarray(seed).astype(jnp.uint32).reshape(1), h, embedding,
     )
     stats = _combine(*(p.reshape(splits, padded)[:, :rows] for p in outputs[:8]))
     stats = TokenStatistics(*(s.reshape(lead) for s in stats))
     if not return_logits:
         return stats
     # At the released shapes rows = batch x 256 is a whole number of row blocks: no slice, no copy.
-    logits = outputs[8] if padded == rows else outputs[8][:rows]
+    logits = outputs[8] if (padded, padded_vocab) == (rows, vocab) else outputs[8][:rows, :vocab]
     return stats, logits.reshape(*lead, vocab)
 
 
 def _stats_kernel(temp_ref, seed_ref, h_ref, e_ref, max_ref, sum_ref, ent_ref, top_ref, top_id_ref,
                   race_ref, race_id_ref, race_z_ref, *logits_ref, block_rows, block_v, block_k, width,
-                  tiles_per_split, vocab, softcap, return_logits):
+                  tiles_per_split, vocab, mask_tail, softcap, return_logits):
     row_block, split = pl.program_id(0), pl.program_id(1)
     temperature, seed = temp_ref[0], seed_ref[0]
     rows = pl.ds(row_block * block_rows, block_rows)
@@ -153,6 +156,8 @@ def _stats_kernel(temp_ref, seed_ref, h_ref, e_ref, max_ref, sum_ref, ent_ref, t
         if return_logits:
             logits_ref[0][rows, tokens] = z.astype(logits_ref[0].dtype)
         cols = v0 + jax.lax.broadcasted_iota(jnp.int32, (1, block_v), 1)
+        if mask_tail:  # the zero-padded tokens past the vocabulary have probability 0
+            z = jnp.where(cols < vocab, z, FINITE_NEG)
         # Online logsumexp; w = sum exp(z - m) * (z - m), so entropy = log(s) - w / s, free of cancellation.
         tile_max = jnp.max(z, axis=1)
         m_new = jnp.maximum(m, tile_max)
