@@ -180,7 +180,7 @@ def _settings(args: argparse.Namespace, model: LoadedModel) -> dict[str, Any]:
     flags = {
         "max_new_tokens": args.max_new_tokens, "max_denoising_steps": args.steps, "t_min": args.t_min,
         "t_max": args.t_max, "entropy_bound": args.entropy_bound, "stability_threshold": args.stability_threshold,
-        "confidence_threshold": args.confidence_threshold,
+        "confidence_threshold": args.confidence_threshold, "statistics": args.statistics,
     }
     settings.update({k: v for k, v in flags.items() if v is not None})
     if args.no_adaptive_stop:
@@ -530,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--confidence-threshold", type=_positive_float,
                    help="adaptive stop: mean entropy below this (default 0.005)")
     g.add_argument("--no-adaptive-stop", action="store_true", help="run every denoising step")
+    g.add_argument("--statistics", choices=STATISTICS,
+                   help="logits (default): float32 logits per step; pallas: LM head, entropy and draw fused in one "
+                        "vocabulary pass (GPU kernel; interpreted, slowly, on a CPU); xla: its plain-JAX twin")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-live", action="store_true", help="no per-step view (also skips the host callback)")
     mode = g.add_mutually_exclusive_group()

@@ -240,6 +240,10 @@ def bench_vocab(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list
         VocabTiles, VOCAB_TILES, s.sweep,
     )
     if not s.sweep:
+        # What generate(statistics="pallas") runs: the statistics plus the bf16 logits for self-conditioning.
+        functions["pallas_with_logits"] = (
+            jax.jit(lambda h, e, temp: vocab_stats_pallas(
+                h, e, temp, seed=7, softcap=shapes.softcap, return_logits=True, interpret=s.tiny)), {})
         functions["logits_then_stats"] = (
             jax.jit(lambda h, e, temp: vocab_stats_reference(h, e, temp, seed=7, softcap=shapes.softcap)), {})
     out = []
