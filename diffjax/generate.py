@@ -202,10 +202,10 @@ def _check_statistics_components(components: Components, statistics: str) -> Non
                 f"the {role} {type(component).__name__} has no from_statistics (it needs the full logits): "
                 f"use statistics='logits'"
             )
-    if not hasattr(components.sampler.sampling, "from_statistics"):
+    draw = getattr(components.sampler, "sampling", None)  # the shipped samplers' token draw, if any
+    if draw is not None and not hasattr(draw, "from_statistics"):
         raise ValueError(
-            f"the token draw {type(components.sampler.sampling).__name__} has no from_statistics: "
-            "use statistics='logits'"
+            f"the token draw {type(draw).__name__} has no from_statistics: use statistics='logits'"
         )
 
 
