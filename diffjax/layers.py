@@ -20,6 +20,10 @@ Array = jax.Array
 _init = nn.initializers.normal(stddev=0.02)
 
 
+def _init_fp8(key: Array, shape: tuple[int, ...]) -> Array:
+    return jax.random.normal(key, shape).astype(FP8)
+
+
 def rms_norm(x: Array, scale: Array | None, eps: float) -> Array:
     """`x * (mean(x^2) + eps)^-0.5 * scale` in float32, cast back to x's dtype (scale used as is, not 1+w)."""
     x32 = x.astype(jnp.float32)
@@ -239,10 +243,12 @@ class Experts(nn.Module):
         stacks by name, and the block index; the kernel reads them in place instead of this module's (sliced)
         params."""
         cfg = self.config
+        # fp8: flax's own init (tracing the model for `param_shapes`) must see e4m3 weights too.
+        init = _init if cfg.expert_quantization == "none" else _init_fp8
         gate_up = self.param(
-            "gate_up_proj", _init, (cfg.num_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size)
+            "gate_up_proj", init, (cfg.num_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size)
         )
-        down = self.param("down_proj", _init, (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size))
+        down = self.param("down_proj", init, (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size))
         leaves = {"gate_up_proj": gate_up, "down_proj": down}
         if cfg.expert_quantization == "fp8":
             self._check_fp8(gate_up, down)

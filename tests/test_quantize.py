@@ -98,8 +98,8 @@ def _logits(params, config: Config) -> jax.Array:
 def test_quantized_model_logits():
     """Against its own dequantized weights the fp8 model differs only by float32 rounding. Against the
     unquantized weights the e4m3 rounding carried through 4 layers: measured 0.058 relative (bf16 experts
-    give 0.0045, e4m3's step being 16 times bf16's; a wrong scale gives ~1). CONFIG uses every expert, so no
-    routing decision can flip on that rounding (top-2 of 8 flips some, and the gap becomes 0.24)."""
+    give 0.0045, e4m3's step being 16 times bf16's). CONFIG uses every expert, so no
+    routing decision can flip on that rounding (in Config.tiny's top-2 of 8 some do: the gap is 0.24)."""
     params = init_params(CONFIG, jax.random.key(5))
     fp8_config, quantized = quantize_model(CONFIG, params)
     assert fp8_config.expert_quantization == "fp8"
