@@ -23,6 +23,7 @@ from diffjax.quantize import (
     quantize_experts,
     quantize_model,
 )
+from diffjax.train import fit
 
 # Every expert used (top_k = num_experts): see test_quantized_model_logits.
 CONFIG = Config.tiny(num_experts=2, top_k_experts=2)
@@ -135,5 +136,7 @@ def test_load_quantizes_on_the_way_and_checkpoints_refuse_fp8(tmp_path):
         convert.save(loaded, fp8_config, tmp_path / "fp8")
     with pytest.raises(convert.CheckpointError, match="checkpoints hold unquantized weights"):
         convert.save_hf(loaded, fp8_config, tmp_path / "hf")
+    with pytest.raises(ValueError, match="not trainable weights"):
+        fit(loaded, fp8_config, lambda _: None, 1, key=jax.random.key(0))
     with pytest.raises(ValueError, match="expert_quantization must be one of"):
         Config.tiny(expert_quantization="int4")
