@@ -43,7 +43,16 @@ from jax.sharding import Mesh
 from convert.atomic import atomic_directory, write_json
 from convert.errors import CheckpointError
 from convert.safetensors_io import LazyTensor, MappedFile, TensorInfo, read_header, write_safetensors
-from convert.tree import Path, check_tree, expected_shapes, flatten, resolve_dtype, to_jax, unflatten
+from convert.tree import (
+    Path,
+    check_tree,
+    expected_shapes,
+    flatten,
+    refuse_quantized,
+    resolve_dtype,
+    to_jax,
+    unflatten,
+)
 from diffjax.config import Config
 
 log = logging.getLogger("convert")
@@ -506,6 +515,7 @@ def save_hf(
     not written: transformers 5.23.0 then initialises it randomly with a MISSING note, it does not fail (the
     text model is unaffected). Written atomically (see `convert.atomic`).
     """
+    refuse_quantized(config)
     flat = flatten(params)
     check_tree(flat, config, "params")
     slots, _ = hf_slots(config)

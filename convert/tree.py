@@ -102,6 +102,16 @@ def check_tree(flat: Mapping[Path, Any], config: Config, what: str, dtype: np.dt
         raise CheckpointError(f"{what} does not match the parameter tree of this config: " + "; ".join(problems))
 
 
+def refuse_quantized(config: Config) -> None:
+    """Checkpoints hold unquantized weights: fp8 experts (`diffjax.quantize`) are made at load time."""
+    if config.expert_quantization != "none":
+        raise CheckpointError(
+            f"cannot save expert_quantization={config.expert_quantization!r} params: checkpoints hold unquantized "
+            "weights. Save the unquantized ones (or diffjax.quantize.dequantize_experts) and quantize at load: "
+            "diffjax.load(path, experts_fp8=True)"
+        )
+
+
 def to_jax(flat: dict[Path, np.ndarray]) -> dict[str, Any]:
     """numpy leaves -> jax arrays, emptying `flat` as it goes so each host array can be freed once copied."""
     out: dict[Path, Any] = {}

@@ -19,16 +19,25 @@ from diffjax.model import (
     init_params,
     param_shapes,
 )
+from diffjax.quantize import quantize_model
 from diffjax.tokenizer import chat
 
 
-def load(path: str | os.PathLike[str], dtype: Any = None) -> tuple[Config, dict[str, Any]]:
+def load(
+    path: str | os.PathLike[str], dtype: Any = None, *, experts_fp8: bool = False
+) -> tuple[Config, dict[str, Any]]:
     """`(config, params)` of a checkpoint written by `diffjax convert` or `diffjax train`: `convert.load`,
-    bit-identical to what was saved (`dtype` casts every leaf)."""
+    bit-identical to what was saved (`dtype` casts every leaf).
+
+    `experts_fp8`: store the experts' weights in float8_e4m3fn with float32 per-column scales
+    (`diffjax.quantize`; about half the memory of a bf16 model, and of what a decoder step reads). They are
+    quantized on the way from the file to the device, one weight stack at a time."""
     # Imported here: `convert` imports diffjax's submodules, so a module-level import would be circular.
     from convert import load as load_checkpoint
 
-    return load_checkpoint(path, dtype)
+    if not experts_fp8:
+        return load_checkpoint(path, dtype)
+    return quantize_model(*load_checkpoint(path, dtype, as_numpy=True))
 
 __all__ = [
     "AttentionConfig",

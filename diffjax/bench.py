@@ -11,7 +11,9 @@ Two modes (`diffjax bench --help`):
   the best of `repeats` warm calls: on a shared machine the minimum is the least disturbed by other load.
 * `--full-size`: the released 26B-A4B shapes (optionally fewer layers) with random bf16 weights created on
   the device by one jitted init (nothing crosses from the host), timed against the memory floor of a step:
-  parameter bytes a decoder step reads / measured device copy bandwidth. GPU only unless `--force`.
+  parameter bytes a decoder step reads / measured device copy bandwidth. GPU only unless `--force`. With
+  `--experts-fp8` the experts are float8_e4m3fn with float32 per-column scales (`diffjax.quantize`), and the
+  floor counts those bytes (about half of bf16's).
 
 torch and transformers are optional (the `test` extra): imported only when the transformers side runs.
 """
@@ -286,7 +288,7 @@ def _config_summary(config: Config) -> dict[str, Any]:
         "vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "num_layers": config.num_layers,
         "layer_types": "".join("F" if t == FULL else "S" for t in config.layer_types),
         "num_experts": config.num_experts, "top_k_experts": config.top_k_experts,
-        "canvas_length": config.canvas_length,
+        "canvas_length": config.canvas_length, "expert_quantization": config.expert_quantization,
     }
 
 
@@ -317,6 +319,8 @@ class FullSizeSettings:
     # How the whole loop turns the decoder's output into the sampler's input (`generate`'s `statistics`):
     # each value gives its own row (same decoder and encoder timings, its own generate timing).
     statistics: tuple[str, ...] = ("logits",)
+    # float8_e4m3fn experts with float32 per-column scales (`Config.expert_quantization="fp8"`).
+    experts_fp8: bool = False
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
@@ -352,7 +356,8 @@ def decoder_bytes_per_step(params: Any) -> int:
     """Bytes of the weights one decoder step reads, assuming every expert is hit (256 tokens x top-8 of 128
     leaves an expert untouched with probability (1 - 8/128)^256 ~ 7e-8). The encoder's layer scalars are not
     read; the embedding is counted once (a fused `softmax(h E^T) E` streams it once for logits and
-    self-conditioning together), so this is a floor, not what today's implementation reads."""
+    self-conditioning together), so this is a floor, not what today's implementation reads. Each leaf counts
+    in its own dtype: fp8 experts are one byte per weight plus their float32 scales."""
     total = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         if getattr(path[-1], "key", None) == "encoder_layer_scalar":
@@ -445,7 +450,10 @@ def run_full_size(
             "needs well over 10 GB of host memory) to try anyway."
         )
     config = config or full_size_config(s.layers)
-    log(f"making random bf16 weights on {device} ({config.num_layers} layers)")
+    if s.experts_fp8:
+        config = config.replace(expert_quantization="fp8")
+    experts = "fp8 experts" if config.expert_quantization == "fp8" else "bf16 experts"
+    log(f"making random bf16 weights ({experts}) on {device} ({config.num_layers} layers)")
     start = time.perf_counter()
     params = init_params(config, jax.random.key(s.seed), jnp.bfloat16)
     jax.block_until_ready(params)
@@ -526,7 +534,8 @@ def _gib(n: float | None) -> str:
 def _title(cfg: dict[str, Any]) -> str:
     return (f"hidden {cfg['hidden_size']}, {cfg['num_layers']} layers ({cfg['layer_types']}), "
             f"{cfg['num_experts']} experts top-{cfg['top_k_experts']}, vocab {cfg['vocab_size']}, "
-            f"canvas {cfg['canvas_length']}")
+            f"canvas {cfg['canvas_length']}"
+            + (f", {cfg['expert_quantization']} experts" if cfg.get("expert_quantization", "none") != "none" else ""))
 
 
 def render(result: dict[str, Any], console: Any) -> None:

@@ -71,10 +71,10 @@ class LoadedModel:
     task: Any = None  # a `diffjax.tasks.Task` when the checkpoint was trained on one: prompts are its puzzles
 
 
-def default_model() -> LoadedModel:
+def default_model(experts_fp8: bool = False) -> LoadedModel:
     """The model `diffjax generate` runs without `--checkpoint`: the demo model in `diffjax/assets/demo`
     (trained by diffjax on CPU on the task its task.json names; prompts are that task's puzzles)."""
-    model = load_model(DEFAULT_MODEL_DIR, None, None)
+    model = load_model(DEFAULT_MODEL_DIR, None, None, experts_fp8=experts_fp8)
     model.name = f"embedded demo model ({model.task.name})"
     return model
 
@@ -99,11 +99,16 @@ def checkpoint_kind(path: pathlib.Path) -> str:
 
 def load_model(
     checkpoint: pathlib.Path, dtype: str | None, tokenizer_dir: pathlib.Path | None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None, experts_fp8: bool = False,
 ) -> LoadedModel:
     """Weights from a diffjax or transformers folder, its generation_config.json, and a tokenizer folder
-    (or, for a folder trained on a task, the task.json naming it: the task's tokenizer)."""
+    (or, for a folder trained on a task, the task.json naming it: the task's tokenizer).
+
+    `experts_fp8`: experts quantized to float8_e4m3fn on the way from the host to the device
+    (`diffjax.quantize.quantize_model`)."""
     import convert
+    from convert.tree import unflatten
+    from diffjax.quantize import quantize_model
     from diffjax.tasks import read_task_file
     from diffjax.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -117,7 +122,14 @@ def load_model(
             hint = " (diffjax checkpoints do not carry one: pass --tokenizer HF_FOLDER)" if kind == "diffjax" else ""
             raise CliError(f"no {TOKENIZER_FILE} in {tokenizer_dir}{hint}")
         tokenizer = Tokenizer.from_dir(tokenizer_dir)  # before the weights: fail fast on a bad folder
-    if kind == "diffjax":
+    if experts_fp8:
+        if kind == "diffjax":
+            config, host = convert.load(checkpoint, dtype, as_numpy=True)
+        else:
+            config, flat = convert.load_hf_numpy(checkpoint, dtype, progress)
+            host = unflatten(flat)
+        config, params = quantize_model(config, host)
+    elif kind == "diffjax":
         config, params = convert.load(checkpoint, dtype)
     else:
         config, params = convert.load_hf(checkpoint, dtype, progress)
@@ -220,10 +232,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         if args.tokenizer is not None or args.dtype is not None:
             raise CliError("--tokenizer and --dtype need --checkpoint")
-        model = default_model()
+        model = default_model(args.experts_fp8)
     else:
         with err.status(f"loading {args.checkpoint}"):
-            model = load_model(args.checkpoint, args.dtype, args.tokenizer)
+            model = load_model(args.checkpoint, args.dtype, args.tokenizer, experts_fp8=args.experts_fp8)
     if model.banner:
         err.print(f"[bold white on red] {model.banner} [/]", soft_wrap=True)
     ids = _prompt_ids(args, model)
@@ -395,8 +407,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 force=args.force, generate=not args.no_generate, transformers=args.with_transformers,
                 transformers_compile=not args.no_compile, moe_implementations=tuple(args.moe or ("grouped",)),
                 statistics=tuple(args.statistics or ("logits",)),
+                experts_fp8=args.experts_fp8,
             ), log)
         else:
+            if args.experts_fp8:
+                raise CliError("--experts-fp8 needs --full-size (the comparison runs identical weights on both sides)")
             defaults = bench.BenchSettings()
             for name in ("batch", "prompt", "moe", "statistics"):
                 if len(getattr(args, name) or ()) > 1:
@@ -521,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", type=pathlib.Path,
                    help="folder with tokenizer.json (+ chat template) if not in the checkpoint")
     g.add_argument("--dtype", choices=dtypes, help="cast the weights (default: as stored)")
+    g.add_argument("--experts-fp8", action="store_true",
+                   help="quantize the experts to float8_e4m3fn (per-column scales) when loading: about half the "
+                        "memory of bf16")
     g.add_argument("--max-new-tokens", type=_positive_int, help="rounded up to whole canvases")
     g.add_argument("--steps", type=_positive_int, help="max denoising steps per canvas (default 48)")
     g.add_argument("--t-min", type=float, help="final temperature (default 0.4)")
@@ -611,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--with-transformers: eager transformers (default: static cache + torch.compile)")
     b.add_argument("--no-generate", action="store_true",
                    help="--full-size: time the decoder step and encoder canvas only, not the whole loop")
+    b.add_argument("--experts-fp8", action="store_true",
+                   help="--full-size: experts in float8_e4m3fn with float32 per-column scales (the floor counts "
+                        "their bytes)")
     b.add_argument("--force", action="store_true", help="--full-size on a CPU backend anyway")
     b.add_argument("--json", type=pathlib.Path, help="also write the results as JSON")
     b.set_defaults(func=cmd_bench)

@@ -20,6 +20,9 @@ MESH_MOE_IMPLEMENTATIONS = ("expert_parallel",)
 GLOBAL_ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
 # Config fields that pick an implementation (same maths): not written to config.json.
 IMPLEMENTATION_FIELDS = ("moe_implementation", "global_attention_implementation")
+# How the expert weights are stored (`diffjax.quantize`). Not an implementation field: fp8 changes the maths
+# (slightly) and the parameter tree, and no checkpoint stores it (quantized trees are made at load time).
+EXPERT_QUANTIZATIONS = ("none", "fp8")
 
 RopeType = Literal["default", "proportional"]
 
@@ -101,6 +104,11 @@ class Config:
     # `layers.attend`. "pallas": the split-K kernel of `diffjax.kernels.attention`. The encoder (causal) and
     # the sliding layers always use `attend`.
     global_attention_implementation: Literal["xla", "pallas"] = "xla"
+    # How the experts' weights are stored. "none": in the parameter dtype. "fp8": float8_e4m3fn with a float32
+    # scale per output channel (`diffjax.quantize`: half the bytes of bf16; the tree gains
+    # `experts/{gate_up,down}_proj_scale` leaves). Every `moe_implementation` runs either; the plain-JAX ones
+    # dequantize to the activation dtype, the Pallas kernel converts weight tiles in-kernel.
+    expert_quantization: Literal["none", "fp8"] = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -138,6 +146,10 @@ class Config:
             raise ValueError(
                 f"global_attention_implementation must be one of {GLOBAL_ATTENTION_IMPLEMENTATIONS}, "
                 f"got {self.global_attention_implementation!r}"
+            )
+        if self.expert_quantization not in EXPERT_QUANTIZATIONS:
+            raise ValueError(
+                f"expert_quantization must be one of {EXPERT_QUANTIZATIONS}, got {self.expert_quantization!r}"
             )
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")

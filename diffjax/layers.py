@@ -6,15 +6,22 @@ softmaxes and the router in float32, as transformers does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from diffjax.config import FULL, AttentionConfig, Config
+from diffjax.quantize import FP8, SCALE_LEAVES, dequantize
 
 Array = jax.Array
 
 _init = nn.initializers.normal(stddev=0.02)
+
+
+def _init_fp8(key: Array, shape: tuple[int, ...]) -> Array:
+    return jax.random.normal(key, shape).astype(FP8)
 
 
 def rms_norm(x: Array, scale: Array | None, eps: float) -> Array:
@@ -229,24 +236,59 @@ class Experts(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, weights: Array, expert_ids: Array, stacked: tuple[Array, Array, Array] | None = None
+        self, x: Array, weights: Array, expert_ids: Array,
+        stacked: tuple[Mapping[str, Array], Array] | None = None,
     ) -> Array:
-        """`stacked` (the "pallas" implementation only): (gate_up, down) stacks `[blocks, ...]` of this layer
-        position and the block index; the kernel reads them in place instead of this module's (sliced) params."""
+        """`stacked` (the "pallas" implementation only): this layer position's expert leaves as `[blocks, ...]`
+        stacks by name, and the block index; the kernel reads them in place instead of this module's (sliced)
+        params."""
         cfg = self.config
+        # fp8: flax's own init (tracing the model for `param_shapes`) must see e4m3 weights too.
+        init = _init if cfg.expert_quantization == "none" else _init_fp8
         gate_up = self.param(
-            "gate_up_proj", _init, (cfg.num_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size)
+            "gate_up_proj", init, (cfg.num_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size)
         )
-        down = self.param("down_proj", _init, (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size))
+        down = self.param("down_proj", init, (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size))
+        leaves = {"gate_up_proj": gate_up, "down_proj": down}
+        if cfg.expert_quantization == "fp8":
+            self._check_fp8(gate_up, down)
+            leaves["gate_up_proj_scale"] = self.param(
+                "gate_up_proj_scale", nn.initializers.ones, (cfg.num_experts, 2 * cfg.moe_intermediate_size)
+            )
+            leaves["down_proj_scale"] = self.param("down_proj_scale", nn.initializers.ones,
+                                                   (cfg.num_experts, cfg.hidden_size))
+        elif gate_up.dtype == FP8 or down.dtype == FP8:
+            raise ValueError(
+                "the expert weights are float8_e4m3fn but config.expert_quantization is 'none': use "
+                "config.replace(expert_quantization='fp8') with params from diffjax.quantize.quantize_experts"
+            )
         if cfg.moe_implementation == "pallas":
             from diffjax.kernels.moe import experts_pallas  # the kernels import this module
 
-            if stacked is not None:
-                return experts_pallas(x, weights, expert_ids, *stacked)
-            return experts_pallas(x, weights, expert_ids, gate_up, down)
+            stacks, layer = stacked if stacked is not None else (leaves, None)
+            return experts_pallas(
+                x, weights, expert_ids, stacks["gate_up_proj"], stacks["down_proj"], layer,
+                gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"),
+            )
+        if cfg.expert_quantization == "fp8":
+            # The plain-JAX forms (the kernel's oracles) run on weights dequantized to the activation dtype.
+            gate_up = dequantize(gate_up, leaves["gate_up_proj_scale"], x.dtype)
+            down = dequantize(down, leaves["down_proj_scale"], x.dtype)
         if cfg.moe_implementation == "expert_parallel":
             from diffjax.sharding import experts_expert_parallel  # sharding imports the model
 
             return experts_expert_parallel(x, weights, expert_ids, gate_up, down)
         compute = experts_grouped if cfg.moe_implementation == "grouped" else experts_dense
         return compute(x, weights, expert_ids, gate_up, down)
+
+    def _check_fp8(self, gate_up: Array, down: Array) -> None:
+        if self.is_initializing():
+            return
+        if gate_up.dtype != FP8 or down.dtype != FP8:
+            raise ValueError(
+                f"config.expert_quantization='fp8' needs float8_e4m3fn expert weights, got gate_up_proj "
+                f"{gate_up.dtype} and down_proj {down.dtype}: quantize them with diffjax.quantize.quantize_experts"
+            )
+        missing = [name for name in SCALE_LEAVES if not self.has_variable("params", name)]
+        if missing:
+            raise ValueError(f"fp8 expert weights without their scales: {', '.join(missing)} missing in {'/'.join(self.path)}")

@@ -11,6 +11,7 @@ static.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ import numpy as np
 
 from diffjax.config import FULL, SLIDING, Config
 from diffjax.layers import MLP, Attention, Experts, RMSNorm, Router, rms_norm
+from diffjax.quantize import FP8, SCALE_LEAVES, storage_dtype
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -146,7 +148,7 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(
         self, x: Array, positions: Array, context: tuple[Array, Array], mask: Array,
-        stacked_experts: tuple[Array, Array, Array] | None = None,
+        stacked_experts: tuple[Mapping[str, Array], Array] | None = None,
     ) -> tuple[Array, tuple[Array, Array]]:
         cfg = self.config
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps)
@@ -182,12 +184,12 @@ class Block(nn.Module):
     @nn.compact
     def __call__(
         self, x: Array, context: tuple[dict[str, Array], dict[str, Array]], positions: Array,
-        masks: dict[str, Array], block_index: Array, expert_stacks: dict[str, tuple[Array, Array]] | None,
+        masks: dict[str, Array], block_index: Array, expert_stacks: dict[str, Mapping[str, Array]] | None,
     ) -> tuple[Array, tuple[dict[str, Array], dict[str, Array]]]:
         new_keys, new_values = {}, {}
         for j, layer_type in enumerate(self.config.block_layer_types):
             name = f"layer_{j}"
-            stacked = None if expert_stacks is None else (*expert_stacks[name], block_index)
+            stacked = None if expert_stacks is None else (expert_stacks[name], block_index)
             x, (k, v) = Layer(self.config, layer_type, self.mode, name=name)(
                 x, positions, (context[0][name], context[1][name]), masks[layer_type], stacked
             )
@@ -225,10 +227,10 @@ class DiffusionGemma(nn.Module):
         expert_stacks = None
         if cfg.moe_implementation == "pallas" and not self.is_initializing():
             # The Pallas experts read each block's weights from the whole stack: the scan's per-block slice
-            # of a stack feeding a custom call would be a 1.5 GB copy per layer and step at full size.
+            # of a stack feeding a custom call would be a 1.5 GB copy per layer and step at full size. The
+            # fp8 scales ride along (same reason, smaller copies).
             expert_stacks = {
-                name: (layer["experts"]["gate_up_proj"], layer["experts"]["down_proj"])
-                for name, layer in self.variables["params"]["blocks"].items()
+                name: dict(layer["experts"]) for name, layer in self.variables["params"]["blocks"].items()
             }
         blocks = nn.scan(
             Block,
@@ -315,9 +317,16 @@ def _flax_variables(config: Config, key: Array) -> Any:
 
 
 def param_shapes(config: Config, dtype: Any = jnp.bfloat16) -> Params:
-    """The parameter pytree as `jax.ShapeDtypeStruct`s, without allocating."""
+    """The parameter pytree as `jax.ShapeDtypeStruct`s, without allocating: every leaf in `dtype`, except
+    fp8 experts (`expert_quantization="fp8"`: float8_e4m3fn weights, float32 scales)."""
     shapes = jax.eval_shape(functools.partial(_flax_variables, config), jax.random.key(0))["params"]
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, s: jax.ShapeDtypeStruct(s.shape, storage_dtype(config, _keys(path), dtype)), shapes
+    )
+
+
+def _keys(path: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in path)
 
 
 _UNIT_PARAMS = ("scale", "per_expert_scale", "encoder_layer_scalar", "decoder_layer_scalar")
@@ -327,20 +336,29 @@ _UNIT_PARAMS = ("scale", "per_expert_scale", "encoder_layer_scalar", "decoder_la
 def init_params(config: Config, key: Array, dtype: Any = jnp.float32) -> Params:
     """Random parameters made directly on the default device (no host copy), leaf by leaf from
     `param_shapes`: weights ~ N(0, 0.02) drawn in `dtype` (no float32 copy of a 5 GB expert tensor), norm
-    scales and layer scalars 1."""
+    scales and layer scalars 1; fp8 experts (`expert_quantization="fp8"`) as e4m3 N(0, 1) with scales 0.02."""
     paths_and_shapes, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config, dtype))
     keys = jax.random.split(key, len(paths_and_shapes))
-    leaves = [
-        jnp.ones(shape.shape, dtype) if getattr(path[-1], "key", None) in _UNIT_PARAMS
-        else jax.random.normal(leaf_key, shape.shape, dtype) * jnp.asarray(0.02, dtype)
-        for (path, shape), leaf_key in zip(paths_and_shapes, keys, strict=True)
-    ]
+    leaves = [_init_leaf(_keys(path), shape, leaf_key, dtype)
+              for (path, shape), leaf_key in zip(paths_and_shapes, keys, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _init_leaf(path: tuple[str, ...], shape: jax.ShapeDtypeStruct, key: Array, dtype: Any) -> Array:
+    if path[-1] in _UNIT_PARAMS:
+        return jnp.ones(shape.shape, dtype)
+    if path[-1] in SCALE_LEAVES:
+        return jnp.full(shape.shape, 0.02, shape.dtype)
+    if shape.dtype == FP8:
+        # N(0, 1) rounded to e4m3 times the 0.02 scale: the unquantized init's N(0, 0.02), drawn elementwise
+        # (no amax pass over, nor a full-precision copy of, a 5 GB expert stack).
+        return jax.random.normal(key, shape.shape, dtype).astype(FP8)
+    return jax.random.normal(key, shape.shape, dtype) * jnp.asarray(0.02, dtype)
 
 
 def count_params(config: Config) -> int:
     """Distinct weights (the two layer-scalar sets counted once, as transformers does)."""
-    shapes = param_shapes(config)
+    shapes = param_shapes(config.replace(expert_quantization="none"))  # fp8 scales are not weights
     total = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
     return total - config.num_layers  # encoder_layer_scalar duplicates decoder_layer_scalar in size
 

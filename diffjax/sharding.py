@@ -18,6 +18,7 @@ Partition rules (`param_specs`), `[blocks]` being the scanned leading axis of pe
     mlp/{gate,up}_proj [.., hidden, inter]      model on inter      mlp/down_proj [.., inter, hidden]: model
     experts/* [blocks, experts, ..]             (expert, model) on experts: every device of an expert group
                                                 holds whole experts, so an expert's gate/up halves stay together
+                                                (fp8 experts' `*_scale` leaves too, beside their weights)
     everything else (norms, router, scalars)    replicated
 
 A dimension that the axes do not divide evenly is replicated instead (jax arrays cannot be split unevenly).
@@ -112,7 +113,7 @@ def _leaf_spec(path: tuple[str, ...], shape: tuple[int, ...], config: Config, me
     if path == ("embedder", "embedding"):
         rule: tuple[Any, ...] = (EXPERT_GROUP, None)
     elif sub[0] == "experts":
-        rule = (EXPERT_GROUP, None, None)
+        rule = (EXPERT_GROUP,) + (None,) * (len(shape) - stacked - 1)
     elif kernel and sub[:2] == ("self_attn", "q_proj"):
         rule = (None, MODEL) if config.num_heads % mesh.shape[MODEL] == 0 else (None, None)
     elif kernel and sub[:2] == ("self_attn", "o_proj"):
@@ -153,14 +154,15 @@ def shard_params(params: Params, config: Config, mesh: Mesh) -> Params:
 
 
 def param_bytes_per_device(config: Config, mesh: Mesh | jax.sharding.AbstractMesh, dtype: Any = jnp.bfloat16) -> int:
-    """Bytes of parameters one device holds under the partition rules (no allocation)."""
+    """Bytes of parameters one device holds under the partition rules (no allocation); weights in `dtype`
+    except fp8 experts (`param_shapes`)."""
     shapes, specs = param_shapes(config, dtype), param_specs(config, mesh)
     total = 0
     for shape, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)),
                            strict=True):
         per_device = [dim // math.prod(mesh.shape[a] for a in _names(entry)) for dim, entry in
                       zip(shape.shape, tuple(spec) + (None,) * (len(shape.shape) - len(spec)), strict=True)]
-        total += math.prod(per_device) * jnp.dtype(dtype).itemsize
+        total += math.prod(per_device) * jnp.dtype(shape.dtype).itemsize
     return total
 
 

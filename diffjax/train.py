@@ -347,6 +347,11 @@ def fit(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if lora is None and config.expert_quantization != "none":
+        raise ValueError(
+            f"training updates every weight, and {config.expert_quantization} experts are a storage format, not "
+            "trainable weights: train the unquantized model (diffjax.quantize.dequantize_experts)"
+        )
     optimizer = optimizer or make_optimizer(total_steps=steps, warmup_steps=max(1, steps // 10))
     if lora is None:
         trainable = jax.tree.map(jnp.copy, params)  # train_step donates its input; the caller keeps theirs

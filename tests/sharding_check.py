@@ -7,7 +7,7 @@ Run by tests/test_sharding.py in a subprocess, because the device count is fixed
 For each mesh (data, expert, model): the parameters are loaded from a transformers-format folder straight
 onto the mesh (`convert.load_hf(mesh=...)`), then a decoder pass (compiled once, its HLO inspected),
 `generate` and one `train_step` run with the expert-parallel MoE and are compared with the same calls on
-one device with the grouped MoE.
+one device with the grouped MoE; on one mesh also a decoder pass with fp8 experts.
 """
 
 from __future__ import annotations
@@ -27,11 +27,14 @@ import convert
 from diffjax import model, sharding, train
 from diffjax.config import FULL, SLIDING, Config
 from diffjax.generate import generate
+from diffjax.quantize import quantize_experts
 
 MESHES = ((8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2))
 # A training step compiles for ~20 s of CPU per mesh: by default it runs on the mesh that uses all three axes
 # (--train-all: on all four).
 TRAIN_MESHES = ((2, 2, 2),)
+# fp8 experts (`diffjax.quantize`) run through the expert-parallel MoE on one mesh: one more decoder compile.
+FP8_MESH = (1, 4, 2)
 BATCH, PROMPT = 8, 5  # the odd prompt length makes the MoE pad its tokens
 
 
@@ -111,6 +114,11 @@ def main(train_meshes: tuple[tuple[int, int, int], ...]) -> None:
     ref_params, _, ref_metrics = train.train_step(
         jax.tree.map(jnp.copy, params), optimizer.init(params), config, optimizer, batch, noise
     )
+    fp8 = parallel.replace(expert_quantization="fp8")
+    fp8_params = quantize_experts(params)
+    ref_fp8_logits = model.denoise_logits(
+        fp8_params, config.replace(expert_quantization="fp8"), cache, canvas, sc_logits, sc_mask
+    )
     lap("reference")
     report: dict = {"meshes": {}, "reference": {
         "max_abs_logit": float(jnp.max(jnp.abs(ref_logits))), "loss": float(ref_metrics["loss"]),
@@ -138,6 +146,12 @@ def main(train_meshes: tuple[tuple[int, int, int], ...]) -> None:
             out = generate(sharded, parallel, sharding.shard_batch(ids, mesh), **gen_kwargs)
             result["tokens_equal"] = bool(np.array_equal(out.sequences, ref_gen.sequences))
             result["passes_equal"] = bool(np.array_equal(out.decoder_passes, ref_gen.decoder_passes))
+
+            if shape == FP8_MESH:
+                placed = sharding.shard_params(fp8_params, fp8, mesh)
+                compiled = model._denoise_logits.lower(placed, fp8, *args[1:]).compile()
+                result["fp8_hlo"] = collectives(compiled.as_text(), config)
+                result["fp8_logits_max_diff"] = max_diff(compiled(placed, *args[1:]), ref_fp8_logits)
 
             if shape in train_meshes:
                 new_params, _, metrics = train.train_step(

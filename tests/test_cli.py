@@ -15,6 +15,7 @@ import pytest
 import diffjax
 from diffjax import cli
 from diffjax.config import Config
+from diffjax.quantize import FP8
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -251,6 +252,34 @@ def test_full_size_records_a_failing_point_and_goes_on():
     assert (ok["prompt"], failed["prompt"]) == (4, 100)
     assert "error" not in ok and ok["decoder_ms"] > 0
     assert failed["error"].startswith("ValueError: prompt 100 + a canvas exceed")
+
+
+def test_full_size_with_fp8_experts_counts_their_bytes(capsys, monkeypatch):
+    import jax
+
+    from diffjax import bench
+
+    tiny = Config.tiny(canvas_length=8)
+    fp8 = tiny.replace(expert_quantization="fp8")
+    params = diffjax.init_params(fp8, jax.random.key(0), jax.numpy.bfloat16)
+    unquantized = bench.decoder_bytes_per_step(diffjax.param_shapes(tiny))
+    expert_weights = tiny.num_layers * tiny.num_experts * 3 * tiny.hidden_size * tiny.moe_intermediate_size
+    scales = tiny.num_layers * tiny.num_experts * (2 * tiny.moe_intermediate_size + tiny.hidden_size)
+    # One byte instead of two per expert weight, plus a float32 scale per output column.
+    assert bench.decoder_bytes_per_step(params) == unquantized - expert_weights + 4 * scales
+    # The sweep runs on fp8 weights (the timings themselves: test_full_size_path_on_a_tiny_model).
+    timed = []
+    monkeypatch.setattr(bench, "time_steps", lambda p, config, *_: timed.append((p, config)) or {
+        "cache_bytes": 0, "decoder_ms": 1.0})
+    settings = bench.FullSizeSettings(batches=(1,), prompts=(4,), steps=1, repeats=1, force=True,
+                                      bandwidth_bytes=1 << 20, generate=False, experts_fp8=True)
+    result = bench.run_full_size(settings, config=tiny)
+    assert result["config"]["expert_quantization"] == "fp8" and timed[0][1] == fp8
+    assert timed[0][0]["blocks"]["layer_0"]["experts"]["down_proj"].dtype == FP8
+    assert result["weight_bytes"] == bench.decoder_bytes_per_step(params)
+    assert "error" not in result["points"][0]
+    code, _, err = run(capsys, "bench", "--experts-fp8")
+    assert_clean_error(code, err, "--experts-fp8 needs --full-size")
 
 
 def bench_count(params) -> int:

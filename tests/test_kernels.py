@@ -24,6 +24,7 @@ from diffjax.kernels.moe import MoeTiles, experts_pallas
 from diffjax.kernels.vocab import VocabTiles, vocab_stats_pallas, vocab_stats_reference
 from diffjax.layers import Experts, attend, experts_dense, experts_grouped
 from diffjax.model import denoise_logits, encode, init_cache, init_params, param_shapes, tied_logits
+from diffjax.quantize import FP8, dequantize, quantize
 
 
 def lower_for_cuda(fn, *args) -> str:
@@ -85,6 +86,40 @@ def test_moe_kernel_reads_a_layer_of_a_stack_in_place():
         experts_pallas(x, weights, ids, gate_up, down, 0)
 
 
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "hidden", "inter", "block_rows", "dtype"),
+    [
+        (37, 8, 2, 64, 32, 16, jnp.float32),
+        (50, 16, 4, 48, 80, 32, jnp.bfloat16),
+    ],
+)
+def test_moe_kernel_fp8_matches_dequantized_twins(tokens, experts, top_k, hidden, inter, block_rows, dtype):
+    """fp8 stacks of two layers read in place at a traced layer index, half the experts without tokens."""
+    x, weights, ids, gate_up, down = moe_case(tokens, experts, top_k, hidden, inter, dtype, seed=tokens + 1)
+    # Layer 1 differs from layer 0 in weights and, by the factor, in its scales.
+    (q_up, s_up), (q_down, s_down) = (quantize(jnp.stack([w, 0.5 * w[::-1]])) for w in (gate_up, down))
+    layer = jnp.int32(1)
+    ours = jax.jit(lambda i: experts_pallas(x, weights, ids, q_up, q_down, i, gate_up_scale=s_up, down_scale=s_down,
+                                            tiles=MoeTiles(block_rows=block_rows), interpret=True))(layer)
+    assert ours.shape == x.shape and ours.dtype == dtype
+    oracle = experts_dense(x.astype(jnp.float32), weights, ids, dequantize(q_up[1], s_up[1], jnp.float32),
+                           dequantize(q_down[1], s_down[1], jnp.float32))
+    _close(ours, oracle, dtype)
+    twin = experts_grouped(x, weights, ids, dequantize(q_up[1], s_up[1], dtype), dequantize(q_down[1], s_down[1], dtype))
+    _close(twin, oracle, dtype)  # the twin (weights dequantized to the activation dtype) meets the same bar
+
+
+def test_moe_kernel_rejects_inconsistent_fp8_inputs():
+    x, weights, ids, gate_up, down = moe_case(4, 4, 2, 32, 16, jnp.float32, seed=0)
+    (q_up, s_up), (q_down, s_down) = quantize(gate_up), quantize(down)
+    with pytest.raises(ValueError, match="fp8 experts need"):
+        experts_pallas(x, weights, ids, q_up, q_down)  # no scales
+    with pytest.raises(ValueError, match="fp8 experts need"):
+        experts_pallas(x, weights, ids, gate_up, down, gate_up_scale=s_up, down_scale=s_down)
+    with pytest.raises(ValueError, match="down_scale must be"):
+        experts_pallas(x, weights, ids, q_up, q_down, gate_up_scale=s_up, down_scale=s_down[:, :8])
+
+
 def test_experts_module_selects_the_kernel():
     # One token: a single used row tile, every other tile skipped.
     x, weights, ids, gate_up, down = moe_case(1, 8, 2, 64, 32, jnp.float32, seed=3)
@@ -96,13 +131,17 @@ def test_experts_module_selects_the_kernel():
     _close(outputs["pallas"], outputs["grouped"], jnp.float32)
 
 
-def test_model_hands_the_kernel_each_blocks_experts_from_the_stack():
-    """Two scanned blocks with different experts: the kernel must read block i's weights in block i."""
-    config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"))
+@pytest.mark.parametrize("quantization", ["none", "fp8"])
+def test_model_hands_the_kernel_each_blocks_experts_from_the_stack(quantization):
+    """Two scanned blocks with different experts: the kernel must read block i's weights (and fp8 scales)
+    in block i."""
+    config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"),
+                         expert_quantization=quantization)
     params = init_params(config, jax.random.key(1))
     experts = params["blocks"]["layer_0"]["experts"]  # [blocks, ...] stacks
-    experts["gate_up_proj"] = experts["gate_up_proj"].at[0].multiply(30.0)
-    experts["down_proj"] = experts["down_proj"].at[0].multiply(30.0)
+    # fp8: the weights stay e4m3 and block 0's scales carry the factor.
+    for name in ("gate_up_proj_scale", "down_proj_scale") if quantization == "fp8" else ("gate_up_proj", "down_proj"):
+        experts[name] = experts[name].at[0].multiply(30.0)
     prompt = jax.random.randint(jax.random.key(2), (2, 8), 3, config.vocab_size)
     cache = encode(params, config, prompt, capacity=8)
     canvas = jax.random.randint(jax.random.key(3), (2, config.canvas_length), 3, config.vocab_size)
@@ -113,17 +152,22 @@ def test_model_hands_the_kernel_each_blocks_experts_from_the_stack():
     _close(logits["pallas"], logits["grouped"], jnp.float32, scale=5)
 
 
-def test_decoder_lowered_for_cuda_slices_no_expert_weights(monkeypatch):
-    """In the scanned model the kernels take the whole expert stacks: no per-block slice (copy) of them."""
+@pytest.mark.parametrize(("quantization", "weight_type"), [("none", "bf16"), ("fp8", "f8E4M3FN")])
+def test_decoder_lowered_for_cuda_slices_no_expert_weights(monkeypatch, quantization, weight_type):
+    """In the scanned model the kernels take the whole expert stacks: no per-block slice (copy) of them,
+    nor of the fp8 scales."""
     monkeypatch.setattr("diffjax.kernels.moe.resolve_interpret", lambda _: False)  # Triton, even on a CPU host
-    config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"), moe_implementation="pallas")
+    config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"), moe_implementation="pallas",
+                         expert_quantization=quantization)
     params = param_shapes(config, jnp.bfloat16)
     cache = jax.eval_shape(lambda: init_cache(config, 2, 8, jnp.bfloat16))
     canvas = jax.ShapeDtypeStruct((2, config.canvas_length), jnp.int32)
     text = lower_for_cuda(lambda p, c, ids: denoise_logits(p, config, c, ids), params, cache, canvas)
     assert text.count("__gpu$xla.gpu.triton") == 2
-    expert = f"{config.num_experts}x{config.hidden_size}x{2 * config.moe_intermediate_size}xbf16>"
-    assert not re.search(r"dynamic_slice[^\n]*-> tensor<1x" + expert, text)
+    e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    for sliced in (f"{e}x{h}x{2 * i}x{weight_type}>", f"{e}x{2 * i}xf32>", f"{e}x{h}xf32>"):
+        assert not re.search(r"dynamic_slice[^\n]*-> tensor<1x" + sliced, text)
+    assert (f"{e}x{h}x{2 * i}xf8E4M3FN>" in text) == (quantization == "fp8")
 
 
 def test_moe_kernel_lowers_for_cuda_at_released_shapes():
@@ -155,6 +199,27 @@ def test_moe_kernel_lowers_for_cuda_at_released_shapes():
     in_place = lower_for_cuda(lambda *a: scanned(*a, sliced=False), *args[:3], *stacks)
     assert in_place.count("__gpu$xla.gpu.triton") == 2 and slice_type not in in_place
     assert slice_type in lower_for_cuda(lambda *a: scanned(*a, sliced=True), *args[:3], *stacks)
+
+
+def test_fp8_moe_kernel_lowers_for_cuda_at_released_shapes():
+    """e4m3 weight stacks and their scales go to the Triton kernels as they are (no converted copy)."""
+    cfg = Config.diffusiongemma_26b_a4b()
+    tokens, k, experts, layers = 2 * cfg.canvas_length, cfg.top_k_experts, cfg.num_experts, 5
+    hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    args = (
+        jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16),
+        jax.ShapeDtypeStruct((tokens, k), jnp.float32),
+        jax.ShapeDtypeStruct((tokens, k), jnp.int32),
+        jax.ShapeDtypeStruct((layers, experts, hidden, 2 * inter), FP8),
+        jax.ShapeDtypeStruct((layers, experts, inter, hidden), FP8),
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((layers, experts, 2 * inter), jnp.float32),
+        jax.ShapeDtypeStruct((layers, experts, hidden), jnp.float32),
+    )
+    text = lower_for_cuda(lambda x, w, i, up, down, layer, s_up, s_down: experts_pallas(
+        x, w, i, up, down, layer, gate_up_scale=s_up, down_scale=s_down, interpret=False), *args)
+    assert text.count("__gpu$xla.gpu.triton") == 2
+    assert "dynamic_slice" not in text and f"{experts}x{hidden}x{2 * inter}xbf16>" not in text
 
 
 def test_moe_kernel_rejects_bad_shapes():

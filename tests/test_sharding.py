@@ -77,6 +77,13 @@ def test_decoder_hlo_has_the_expected_collectives(report: dict, mesh: str) -> No
     assert hlo["expert_weight_all_gathers"] == []  # expert weights are never gathered whole
 
 
+def test_fp8_experts_run_expert_parallel(report: dict) -> None:
+    result = report["meshes"]["1,4,2"]
+    assert result["fp8_logits_max_diff"] <= TOLERANCE
+    assert result["fp8_hlo"]["counts"]["all-to-all"] > 0
+    assert result["fp8_hlo"]["expert_weight_all_gathers"] == []  # dequantized where they lie, not gathered
+
+
 def test_sharded_train_step_equals_single_device(report: dict) -> None:
     result = report["meshes"]["2,2,2"]
     assert report["reference"]["updated_params_moved"] > 1e-2  # the step changes the weights
@@ -112,6 +119,12 @@ def test_partition_rules_of_the_released_model() -> None:
     wide = sharding.param_specs(config, AbstractMesh((1, 2, 4), sharding.AXES))
     assert wide["blocks"]["layer_5"]["self_attn"]["k_proj"]["kernel"] == P(None, None, None)
     assert jax.tree.structure(specs, is_leaf=lambda x: isinstance(x, P)) == jax.tree.structure(param_shapes(config))
+    # fp8 experts: the scales are split with their weights.
+    fp8 = config.replace(expert_quantization="fp8")
+    fp8_specs = sharding.param_specs(fp8, mesh)
+    fp8_experts = fp8_specs["blocks"]["layer_0"]["experts"]
+    assert fp8_experts["gate_up_proj_scale"] == fp8_experts["down_proj_scale"] == P(None, sharding.EXPERT_GROUP, None)
+    assert jax.tree.structure(fp8_specs, is_leaf=lambda x: isinstance(x, P)) == jax.tree.structure(param_shapes(fp8))
 
 
 def test_expert_mesh_divides_the_released_model_bytes() -> None:
@@ -123,6 +136,11 @@ def test_expert_mesh_divides_the_released_model_bytes() -> None:
                   if "experts" in jax.tree_util.keystr(path)) * 2
     embedding = shapes["embedder"]["embedding"].size * 2
     assert per_device == total - (experts + embedding) * 7 // 8
+    # fp8 experts: one byte per expert weight plus a float32 scale per output column.
+    fp8 = config.replace(expert_quantization="fp8")
+    scales = 4 * config.num_layers * config.num_experts * (2 * config.moe_intermediate_size + config.hidden_size)
+    fp8_total = sharding.param_bytes_per_device(fp8, AbstractMesh((1, 1, 1), sharding.AXES))
+    assert fp8_total == total - experts // 2 + scales
 
 
 def test_make_mesh_rejects_a_wrong_device_count() -> None:

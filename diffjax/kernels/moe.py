@@ -10,6 +10,11 @@ tile to its expert (-1 for the unused tail tiles, which do nothing); a program o
 2. down: `y = weight * (h @ W_down[e])`, the routing weight of each row fused into the store.
 
 The padded rows are then gathered back per token and summed over its top_k experts.
+
+FP8 experts (`diffjax.quantize`: float8_e4m3fn weights, a float32 scale per output column): the kernels load
+e4m3 weight tiles (half the bytes), convert them to the activation dtype in registers (exact), accumulate in
+float32 and multiply the accumulators by their columns' scales once, after the k-loop: gate and up before the
+activation, down before the routing weight. The Triton cast from e4m3 needs compute capability >= 8.9.
 Twin: `diffjax.layers.experts_grouped` (ragged_dot) and `experts_dense`.
 """
 
@@ -26,6 +31,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from diffjax.kernels import MIN_BLOCK, largest_power_of_two_divisor, require_block, resolve_interpret
 from diffjax.layers import gelu_tanh
+from diffjax.quantize import FP8
 
 Array = jax.Array
 
@@ -62,7 +68,8 @@ class MoeTiles:
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def experts_pallas(
     x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None = None,
-    *, tiles: MoeTiles = MoeTiles(), interpret: bool | None = None,
+    *, gate_up_scale: Array | None = None, down_scale: Array | None = None, tiles: MoeTiles = MoeTiles(),
+    interpret: bool | None = None,
 ) -> Array:
     """Mixture of experts over the routed (token, expert) pairs only; same maths as `experts_grouped`.
 
@@ -73,9 +80,15 @@ def experts_pallas(
     With `layer` (an int32 scalar, traced is fine), gate_up/down are stacks `[layers, experts, ...]` and the
     kernels read layer `layer`'s experts in place: slicing the stack first (e.g. a scan over layers) would
     materialise a copy of the slice, since a custom call cannot take a view of a dynamic slice.
+
+    FP8 experts: gate_up and down float8_e4m3fn with `gate_up_scale [(layers,) experts, 2 * inter]` and
+    `down_scale [(layers,) experts, hidden]` (float32, `diffjax.quantize`), read in place like the weights.
     """
+    quantized = _check_quantization(gate_up, down, gate_up_scale, down_scale)
     if layer is None:
         gate_up, down, layer = gate_up[None], down[None], 0
+        if quantized:
+            gate_up_scale, down_scale = gate_up_scale[None], down_scale[None]
     elif gate_up.ndim != 4 or down.ndim != 4:
         raise ValueError(
             f"with a layer index, gate_up and down must be [layers, experts, ...] stacks, got {gate_up.shape} "
@@ -88,6 +101,16 @@ def experts_pallas(
     _check_shapes(x, weights, expert_ids, gate_up[0], down[0])
     if down.shape[0] != gate_up.shape[0]:
         raise ValueError(f"gate_up has {gate_up.shape[0]} layers but down has {down.shape[0]}")
+    if quantized:
+        for name, scale, weight in (("gate_up_scale", gate_up_scale, gate_up), ("down_scale", down_scale, down)):
+            expected = (*weight.shape[:2], weight.shape[3])
+            if scale.shape != expected:
+                raise ValueError(f"{name} must be [(layers,) experts, outputs] = {list(expected)}, got {list(scale.shape)}")
+        # Full-precision scales: they multiply the float32 accumulators.
+        gate_up_scale, down_scale = gate_up_scale.astype(jnp.float32), down_scale.astype(jnp.float32)
+    else:
+        # Unquantized stacks in another dtype are cast outside (a copy); fp8 ones are converted per tile.
+        gate_up, down = gate_up.astype(x.dtype), down.astype(x.dtype)
     tiles.validate()
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     block_rows = tiles.block_rows or row_tile(tokens * top_k, num_experts)
@@ -99,8 +122,8 @@ def experts_pallas(
     row_weights = jnp.zeros((layout.padded_rows,), jnp.float32).at[layout.dest].set(
         weights.reshape(-1)[layout.order].astype(jnp.float32)
     )
-    h = _gate_up_call(xs, layer, layout.tile_expert, gate_up.astype(x.dtype), inter, block_rows, tiles, interpret)
-    ys = _down_call(h, row_weights, layer, layout.tile_expert, down.astype(x.dtype), block_rows, tiles, interpret)
+    h = _gate_up_call(xs, layer, layout.tile_expert, gate_up, gate_up_scale, inter, block_rows, tiles, interpret)
+    ys = _down_call(h, row_weights, layer, layout.tile_expert, down, down_scale, block_rows, tiles, interpret)
     # Assignment a = token * top_k + j sits at padded row dest_of[a]: gather and sum each token's k rows.
     dest_of = jnp.zeros_like(layout.dest).at[layout.order].set(layout.dest)
     per_assignment = ys[dest_of].reshape(tokens, top_k, hidden)
@@ -137,6 +160,22 @@ def _padded_layout(expert_ids: Array, num_experts: int, block_rows: int) -> _Lay
     return _Layout(order, dest, tile_expert, num_tiles * block_rows)
 
 
+def _check_quantization(
+    gate_up: Array, down: Array, gate_up_scale: Array | None, down_scale: Array | None
+) -> bool:
+    """Whether the experts are fp8; raises unless the weights are fp8 exactly when both scales are given."""
+    fp8 = {jnp.dtype(gate_up.dtype) == FP8, jnp.dtype(down.dtype) == FP8}
+    scaled = {gate_up_scale is not None, down_scale is not None}
+    if len(fp8) > 1 or len(scaled) > 1 or fp8 != scaled:
+        raise ValueError(
+            f"fp8 experts need float8_e4m3fn gate_up and down with both scales (and unquantized ones neither "
+            f"scale): got gate_up {gate_up.dtype}, down {down.dtype}, gate_up_scale "
+            f"{'given' if gate_up_scale is not None else 'None'}, down_scale "
+            f"{'given' if down_scale is not None else 'None'}"
+        )
+    return fp8 == {True}
+
+
 def _check_shapes(x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array) -> None:
     tokens, hidden = x.shape
     num_experts, gate_up_in, two_inter = gate_up.shape
@@ -155,8 +194,10 @@ def _check_shapes(x: Array, weights: Array, expert_ids: Array, gate_up: Array, d
             raise ValueError(f"experts_pallas needs {name} to be a multiple of {MIN_BLOCK}, got {size}")
 
 
-def _gate_up_kernel(layer_ref, tile_expert_ref, x_ref, w_ref, h_ref, *, block_rows, block_k, block_n, hidden,
-                    inter):
+def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantized):
+    """refs: layer, tile_expert, x, w, (scale if quantized), then the output h."""
+    layer_ref, tile_expert_ref, x_ref, w_ref = refs[:4]
+    h_ref = refs[-1]
     row_tile_index, col_tile = pl.program_id(0), pl.program_id(1)
     layer, expert = layer_ref[0], tile_expert_ref[row_tile_index]
 
@@ -170,31 +211,41 @@ def _gate_up_kernel(layer_ref, tile_expert_ref, x_ref, w_ref, h_ref, *, block_ro
             acc_gate, acc_up = acc
             ks = pl.ds(k * block_k, block_k)
             xk = x_ref[rows, ks]
-            acc_gate += jnp.dot(xk, w_ref[layer, expert, ks, gate_cols], preferred_element_type=jnp.float32)
-            acc_up += jnp.dot(xk, w_ref[layer, expert, ks, up_cols], preferred_element_type=jnp.float32)
+            w_gate = w_ref[layer, expert, ks, gate_cols].astype(xk.dtype)
+            w_up = w_ref[layer, expert, ks, up_cols].astype(xk.dtype)
+            acc_gate += jnp.dot(xk, w_gate, preferred_element_type=jnp.float32)
+            acc_up += jnp.dot(xk, w_up, preferred_element_type=jnp.float32)
             return acc_gate, acc_up
 
         zeros = jnp.zeros((block_rows, block_n), jnp.float32)
         acc_gate, acc_up = jax.lax.fori_loop(0, hidden // block_k, step, (zeros, zeros))
+        if quantized:
+            scale_ref = refs[4]
+            acc_gate *= scale_ref[layer, expert, gate_cols][None, :]
+            acc_up *= scale_ref[layer, expert, up_cols][None, :]
         h_ref[...] = (gelu_tanh(acc_gate) * acc_up).astype(h_ref.dtype)
 
 
 def _gate_up_call(
-    xs: Array, layer: Array, tile_expert: Array, gate_up: Array, inter: int, block_rows: int, tiles: MoeTiles,
-    interpret: bool,
+    xs: Array, layer: Array, tile_expert: Array, gate_up: Array, scale: Array | None, inter: int, block_rows: int,
+    tiles: MoeTiles, interpret: bool,
 ) -> Array:
     padded_rows, hidden = xs.shape
     block_k = largest_power_of_two_divisor(hidden, tiles.gate_up_block_k)
     block_n = largest_power_of_two_divisor(inter, tiles.gate_up_block_n)
     kernel = functools.partial(
-        _gate_up_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, hidden=hidden, inter=inter
+        _gate_up_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, hidden=hidden, inter=inter,
+        quantized=scale is not None,
     )
-    return _row_tiled_call(kernel, (layer, tile_expert, xs, gate_up), (padded_rows, inter), xs.dtype, block_rows,
-                           block_n, tiles, interpret, "moe_gate_up")
+    inputs = (layer, tile_expert, xs, gate_up) + ((scale,) if scale is not None else ())
+    return _row_tiled_call(kernel, inputs, (padded_rows, inter), xs.dtype, block_rows, block_n, tiles, interpret,
+                           "moe_gate_up")
 
 
-def _down_kernel(layer_ref, tile_expert_ref, h_ref, row_weight_ref, w_ref, y_ref, *, block_rows, block_k, block_n,
-                 inter):
+def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized):
+    """refs: layer, tile_expert, h, row_weight, w, (scale if quantized), then the output y."""
+    layer_ref, tile_expert_ref, h_ref, row_weight_ref, w_ref = refs[:5]
+    y_ref = refs[-1]
     row_tile_index, col_tile = pl.program_id(0), pl.program_id(1)
     layer, expert = layer_ref[0], tile_expert_ref[row_tile_index]
 
@@ -205,26 +256,31 @@ def _down_kernel(layer_ref, tile_expert_ref, h_ref, row_weight_ref, w_ref, y_ref
 
         def step(k, acc):
             ks = pl.ds(k * block_k, block_k)
-            w = w_ref[layer, expert, ks, cols]
-            return acc + jnp.dot(h_ref[rows, ks], w, preferred_element_type=jnp.float32)
+            hk = h_ref[rows, ks]
+            w = w_ref[layer, expert, ks, cols].astype(hk.dtype)
+            return acc + jnp.dot(hk, w, preferred_element_type=jnp.float32)
 
         acc = jax.lax.fori_loop(0, inter // block_k, step, jnp.zeros((block_rows, block_n), jnp.float32))
+        if quantized:
+            acc *= refs[5][layer, expert, cols][None, :]
         y_ref[...] = (acc * row_weight_ref[rows][:, None]).astype(y_ref.dtype)
 
 
 def _down_call(
-    h: Array, row_weights: Array, layer: Array, tile_expert: Array, down: Array, block_rows: int, tiles: MoeTiles,
-    interpret: bool,
+    h: Array, row_weights: Array, layer: Array, tile_expert: Array, down: Array, scale: Array | None,
+    block_rows: int, tiles: MoeTiles, interpret: bool,
 ) -> Array:
     padded_rows, inter = h.shape
     hidden = down.shape[3]
     block_k = largest_power_of_two_divisor(inter, tiles.down_block_k)
     block_n = largest_power_of_two_divisor(hidden, tiles.down_block_n)
     kernel = functools.partial(
-        _down_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, inter=inter
+        _down_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, inter=inter,
+        quantized=scale is not None,
     )
-    return _row_tiled_call(kernel, (layer, tile_expert, h, row_weights, down), (padded_rows, hidden), h.dtype,
-                           block_rows, block_n, tiles, interpret, "moe_down")
+    inputs = (layer, tile_expert, h, row_weights, down) + ((scale,) if scale is not None else ())
+    return _row_tiled_call(kernel, inputs, (padded_rows, hidden), h.dtype, block_rows, block_n, tiles, interpret,
+                           "moe_down")
 
 
 def _row_tiled_call(
