@@ -306,8 +306,10 @@ def token_statistics(processed_logits: jax.Array, seed: jax.Array | int) -> Toke
     sample = jnp.argmax(z + gumbel_noise(seed, rows, cols), axis=-1).astype(jnp.int32)
     argmax = jnp.argmax(z, axis=-1).astype(jnp.int32)
 
+    log_probs = jax.nn.log_softmax(z, axis=-1)  # as `sampled_token_probs` rounds it
+
     def logprob(ids: jax.Array) -> jax.Array:
-        return jnp.take_along_axis(z, ids[..., None], axis=-1)[..., 0] - lse
+        return jnp.take_along_axis(log_probs, ids[..., None], axis=-1)[..., 0]
 
     return TokenStatistics(lse, token_entropy(z), argmax, logprob(argmax), sample, logprob(sample))
 

@@ -47,7 +47,7 @@ from diffjax.config import Config
 from diffjax.layers import attend, experts_dense, experts_grouped
 
 RAGGED_DOT_FUSION_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
-MOE_IMPLS = ("pallas", "ragged_dot", "ragged_dot_fusion", "dense")
+MOE_IMPLS = ("pallas", "pallas_fp8", "ragged_dot", "ragged_dot_fusion", "dense")
 SECTIONS = ("moe", "vocab", "attention")
 # `--sweep`: tile settings tried beside each kernel's defaults (keyword arguments of its *Tiles class).
 MOE_TILES = (
@@ -153,12 +153,12 @@ def moe_bytes(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Arr
 
 
 def _pallas_variants(make: Callable[[Any], Callable[..., Any]], tiles_class: type, candidates: Sequence[dict],
-                     sweep: bool) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
-    """`{"pallas": (jitted kernel, {})}`, or with `sweep` one entry per tile candidate, the defaults first."""
+                     sweep: bool, name: str = "pallas") -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
+    """`{name: (jitted kernel, {})}`, or with `sweep` one entry per tile candidate, the defaults first."""
     if not sweep:
-        return {"pallas": (jax.jit(make(tiles_class())), {})}
+        return {name: (jax.jit(make(tiles_class())), {})}
     variants = [tiles_class(), *(tiles_class(**c) for c in candidates)]
-    return {f"pallas[{i}]": (jax.jit(make(t)), {"tiles": dataclasses.asdict(t)}) for i, t in enumerate(variants)}
+    return {f"{name}[{i}]": (jax.jit(make(t)), {"tiles": dataclasses.asdict(t)}) for i, t in enumerate(variants)}
 
 
 def _time_all(section: str, rows: int, args: tuple, nbytes: int,
@@ -178,12 +178,20 @@ def _time_all(section: str, rows: int, args: tuple, nbytes: int,
 
 def bench_moe(s: Settings, shapes: Shapes, impls: Sequence[str], log: Callable[[str], None]) -> list[dict[str, Any]]:
     from diffjax.kernels.moe import MoeTiles, experts_pallas
+    from diffjax.quantize import quantize
 
     functions: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
+    fp8_functions: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
     for impl in impls:
         if impl == "pallas":
             functions |= _pallas_variants(
                 lambda t: lambda *a: experts_pallas(*a, tiles=t, interpret=s.tiny), MoeTiles, MOE_TILES, s.sweep)
+        elif impl == "pallas_fp8":
+            fp8_functions = _pallas_variants(
+                lambda t: lambda x, w, ids, gate_up, down, gate_up_scale, down_scale: experts_pallas(
+                    x, w, ids, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale, tiles=t,
+                    interpret=s.tiny),
+                MoeTiles, MOE_TILES, s.sweep, name="pallas_fp8")
         elif impl in ("ragged_dot", "ragged_dot_fusion"):
             functions[impl] = (jax.jit(experts_grouped), {})
         elif impl == "dense":
@@ -195,6 +203,13 @@ def bench_moe(s: Settings, shapes: Shapes, impls: Sequence[str], log: Callable[[
         tokens = rows * shapes.canvas
         args = moe_inputs(shapes, tokens, s.seed)
         out += _time_all("moe", rows, args, moe_bytes(*args), functions, s, log)
+        if fp8_functions:
+            x, weights, ids, gate_up, down = args
+            (gate_up, gate_up_scale), (down, down_scale) = quantize(gate_up), quantize(down)
+            nbytes = moe_bytes(x, weights, ids, gate_up, down) + _nbytes(gate_up_scale, down_scale)
+            fp8_args = (x, weights, ids, gate_up, down, gate_up_scale, down_scale)
+            out += _time_all("moe", rows, fp8_args, nbytes, fp8_functions, s, log)
+            del fp8_args, gate_up, down
         del args
     return out
 
