@@ -244,13 +244,18 @@ def test_kernel_bench_runs_tiny_and_records_failures(tmp_path, monkeypatch):
     monkeypatch.setattr("diffjax.kernels.bench.experts_dense", broken)
     out = tmp_path / "k.json"
     assert kernel_bench.main([
-        "--tiny", "--rows", "1", "--repeats", "1", "--sections", "moe", "--moe-impls", "ragged_dot", "dense",
-        "--out", str(out),
+        "--tiny", "--rows", "1", "--repeats", "1", "--sections", "moe", "sliding", "--moe-impls", "ragged_dot",
+        "pallas_fp8", "dense", "--out", str(out),
     ]) == 0
     entries = json.loads(out.read_text())["entries"]
     by_impl = {e["impl"]: e for e in entries}
     assert by_impl["ragged_dot"]["ms"] > 0 and by_impl["ragged_dot"]["bytes"] > 0
+    # fp8 experts read about half the bytes (the activations and scales are the rest).
+    assert by_impl["pallas_fp8"]["ms"] > 0 and by_impl["pallas_fp8"]["bytes"] < 0.75 * by_impl["ragged_dot"]["bytes"]
     assert "kernel exploded" in by_impl["dense"]["error"]
+    assert by_impl["attend"]["section"] == "sliding" and by_impl["sdpa_xla"]["ms"] > 0
+    if jax.default_backend() == "cpu":
+        assert "cuDNN" in by_impl["sdpa_cudnn"]["error"]
 
 
 # ------------------------------------------------------------------------------------------- vocab

@@ -8,11 +8,15 @@ For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--re
 * `moe`: one layer's experts (128 experts top-8, hidden 2816, inter 704) as the Pallas kernel (`pallas`),
   `jax.lax.ragged_dot` (`ragged_dot`), ragged_dot with `--xla_gpu_experimental_use_ragged_dot_fusion`
   (`ragged_dot_fusion`, in a child process because XLA flags are process-wide) and every expert on every
-  token (`dense`);
-* `vocab`: the LM-head statistics pass over the 262144-token vocabulary (`pallas`) against float32 logits
-  followed by the statistics (`logits_then_stats`);
+  token (`dense`); `pallas_fp8` is the Pallas kernel on float8_e4m3fn experts (`diffjax.quantize`);
+* `vocab`: the LM-head statistics pass over the 262144-token vocabulary (`pallas`; `pallas_with_logits`
+  also stores the bf16 logits, as `generate(statistics="pallas")` runs it) against float32 logits followed
+  by the statistics (`logits_then_stats`);
 * `attention`: one global layer's attention (16 query heads, 2 kv heads, head_dim 512) of the canvas over a
-  prompt cache of 1K and 32K tokens plus the canvas (`pallas` split-K against `attend`).
+  prompt cache of 1K and 32K tokens plus the canvas (`pallas` split-K against `attend`);
+* `sliding`: one sliding layer's attention (16 query heads, 8 kv heads, head_dim 256) of the canvas over a
+  full ring of 1023 slots plus the canvas: `attend` (ours, XLA) against `jax.nn.dot_product_attention` with
+  XLA (`sdpa_xla`) and cuDNN (`sdpa_cudnn`).
 
 `--sweep` instead times each Pallas kernel under the tile settings of `MOE_TILES`, `VOCAB_TILES` and
 `ATTENTION_TILES` beside its defaults, and lists the fastest per problem (`best_tiles` in the JSON).
@@ -48,7 +52,7 @@ from diffjax.layers import attend, experts_dense, experts_grouped
 
 RAGGED_DOT_FUSION_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
 MOE_IMPLS = ("pallas", "pallas_fp8", "ragged_dot", "ragged_dot_fusion", "dense")
-SECTIONS = ("moe", "vocab", "attention")
+SECTIONS = ("moe", "vocab", "attention", "sliding")
 # `--sweep`: tile settings tried beside each kernel's defaults (keyword arguments of its *Tiles class).
 MOE_TILES = (
     {"gate_up_block_k": 128}, {"num_stages": 4}, {"num_stages": 5, "gate_up_block_k": 128}, {"num_warps": 8},
@@ -79,6 +83,9 @@ class Shapes:
     kv_heads: int
     head_dim: int
     softcap: float | None
+    sliding_kv_heads: int
+    sliding_head_dim: int
+    sliding_window: int
 
     @classmethod
     def released(cls) -> Shapes:
@@ -86,13 +93,14 @@ class Shapes:
         return cls(
             hidden=c.hidden_size, experts=c.num_experts, top_k=c.top_k_experts, moe_inter=c.moe_intermediate_size,
             vocab=c.vocab_size, canvas=c.canvas_length, heads=c.num_heads, kv_heads=c.full.num_kv_heads,
-            head_dim=c.full.head_dim, softcap=c.final_logit_softcapping,
+            head_dim=c.full.head_dim, softcap=c.final_logit_softcapping, sliding_kv_heads=c.sliding.num_kv_heads,
+            sliding_head_dim=c.sliding.head_dim, sliding_window=c.sliding_window,
         )
 
     @classmethod
     def tiny(cls) -> Shapes:
         return cls(hidden=64, experts=8, top_k=2, moe_inter=32, vocab=512, canvas=16, heads=4, kv_heads=2,
-                   head_dim=32, softcap=30.0)
+                   head_dim=32, softcap=30.0, sliding_kv_heads=2, sliding_head_dim=16, sliding_window=24)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,22 +281,28 @@ def bench_vocab(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list
 # --------------------------------------------------------------------------------------- attention
 
 
-def attention_inputs(shapes: Shapes, batch: int, prompt: int, seed: int) -> tuple[jax.Array, ...]:
+def attention_inputs(shapes: Shapes, batch: int, length: int, kv_heads: int, head_dim: int,
+                     seed: int) -> tuple[jax.Array, ...]:
+    """Canvas queries `[batch, canvas, heads, head_dim]` over `length` keys/values, and an all-True `valid`."""
     keys = jax.random.split(jax.random.key(seed + 2), 3)
-    length = prompt + shapes.canvas
 
     @jax.jit
     def make() -> tuple[jax.Array, ...]:
-        q = jax.random.normal(keys[0], (batch, shapes.canvas, shapes.heads, shapes.head_dim), jnp.bfloat16)
-        k = jax.random.normal(keys[1], (batch, length, shapes.kv_heads, shapes.head_dim), jnp.bfloat16)
-        v = jax.random.normal(keys[2], (batch, length, shapes.kv_heads, shapes.head_dim), jnp.bfloat16)
+        q = jax.random.normal(keys[0], (batch, shapes.canvas, shapes.heads, head_dim), jnp.bfloat16)
+        k = jax.random.normal(keys[1], (batch, length, kv_heads, head_dim), jnp.bfloat16)
+        v = jax.random.normal(keys[2], (batch, length, kv_heads, head_dim), jnp.bfloat16)
         # The unit-RMS q/k of Gemma's q/k norms make scale-1.0 scores of size ~sqrt(head_dim): shrink them.
-        q = q * jnp.asarray(shapes.head_dim**-0.25, q.dtype)
-        k = k * jnp.asarray(shapes.head_dim**-0.25, k.dtype)
+        q = q * jnp.asarray(head_dim**-0.25, q.dtype)
+        k = k * jnp.asarray(head_dim**-0.25, k.dtype)
         valid = jnp.ones((batch, length), bool)
         return q, k, v, valid
 
     return make()
+
+
+def _attend_visible(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
+    """Our XLA attention with every query row seeing the `valid` keys (the decoder's padding-only mask)."""
+    return attend(q, k, v, jnp.broadcast_to(valid[:, None, :], (q.shape[0], q.shape[1], valid.shape[1])))
 
 
 def bench_attention(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -299,15 +313,38 @@ def bench_attention(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> 
         AttentionTiles, ATTENTION_TILES, s.sweep,
     )
     if not s.sweep:
-        functions["attend"] = (jax.jit(lambda q, k, v, valid: attend(
-            q, k, v, jnp.broadcast_to(valid[:, None, :], (q.shape[0], q.shape[1], valid.shape[1])))), {})
+        functions["attend"] = (jax.jit(_attend_visible), {})
     out = []
     for prompt in s.prompts:
         for batch in s.rows:
-            args = attention_inputs(shapes, batch, prompt, s.seed)
+            args = attention_inputs(shapes, batch, prompt + shapes.canvas, shapes.kv_heads, shapes.head_dim, s.seed)
             nbytes = _nbytes(*args) + _nbytes(args[0])  # + the output, the size of the queries
             out += _time_all("attention", batch, args, nbytes, functions, s, log, prompt=prompt)
             del args
+    return out
+
+
+def bench_sliding(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The decoder's sliding layers: the canvas over a full ring (window - 1 slots) plus itself, no mask (the
+    ring is full once the context reaches the window). Ours (`attend`, XLA) against
+    `jax.nn.dot_product_attention` with XLA and with cuDNN (GPU only; recorded as an error elsewhere)."""
+
+    def sdpa(implementation: str) -> Callable[..., jax.Array]:
+        def run(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
+            del valid  # all True here
+            out = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation)
+            return out.reshape(*out.shape[:2], -1)
+        return run
+
+    functions = {"attend": (jax.jit(_attend_visible), {})}
+    functions |= {f"sdpa_{impl}": (jax.jit(sdpa(impl)), {}) for impl in ("xla", "cudnn")}
+    length = shapes.sliding_window - 1 + shapes.canvas
+    out = []
+    for batch in s.rows:
+        args = attention_inputs(shapes, batch, length, shapes.sliding_kv_heads, shapes.sliding_head_dim, s.seed)
+        nbytes = _nbytes(*args) + _nbytes(args[0])
+        out += _time_all("sliding", batch, args, nbytes, functions, s, log, prompt=length - shapes.canvas)
+        del args
     return out
 
 
@@ -337,6 +374,7 @@ def run(s: Settings, log: Callable[[str], None] = lambda _: None, child: bool = 
         entries += bench_moe(s, shapes, in_process, log) + fusion
     sections: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "vocab": lambda: bench_vocab(s, shapes, log), "attention": lambda: bench_attention(s, shapes, log),
+        "sliding": lambda: bench_sliding(s, shapes, log),
     }
     for name, section in sections.items():
         if name in s.sections:
