@@ -721,6 +721,30 @@ class EntropyBoundSampler:
         return new_canvas, accepted, SamplerState(step=state.step + 1, committed=accepted)
 
 
+class _ConfidenceSampler:
+    """The shared step of the samplers that decide from each draw's probability (its "confidence"): draw,
+    renoise, then the subclass's `_update(canvas_ids, sampled, confidence, noise, state)`. Needs the fields
+    `sampling` and `vocab_size`."""
+
+    def init(self, canvas_ids: jax.Array) -> SamplerState:
+        return _initial_state(canvas_ids)
+
+    def __call__(
+        self, processed_logits: jax.Array, canvas_ids: jax.Array, state: SamplerState, key: jax.Array
+    ) -> tuple[jax.Array, jax.Array, SamplerState]:
+        sampled, noise = _draw_and_noise(self.sampling, self.vocab_size, processed_logits, canvas_ids.shape, key)
+        return self._update(canvas_ids, sampled, sampled_token_probs(processed_logits, sampled), noise, state)
+
+    def from_statistics(
+        self, stats: TokenStatistics, canvas_ids: jax.Array, state: SamplerState, key: jax.Array,
+        vocab_size: int,
+    ) -> tuple[jax.Array, jax.Array, SamplerState]:
+        sampled, confidence, noise = _draw_and_noise_from_statistics(
+            self.sampling, self.vocab_size, stats, canvas_ids.shape, key, vocab_size
+        )
+        return self._update(canvas_ids, sampled, confidence, noise, state)
+
+
 # --------------------------------------------------------------------------------------------------
 # Block refinement (diffusers, uniform corruption mode)
 # --------------------------------------------------------------------------------------------------
@@ -773,7 +797,7 @@ def block_refinement_update(
 
 
 @struct.dataclass
-class BlockRefinementSampler:
+class BlockRefinementSampler(_ConfidenceSampler):
     """diffusers' ``BlockRefinementScheduler`` in uniform-corruption mode (``mask_token_id=None``).
 
     The mode diffusers' ``DiffusionGemmaPipeline`` uses. Step ``i`` (0-based, counted by the state) draws
@@ -809,24 +833,6 @@ class BlockRefinementSampler:
         _require("confidence_threshold", self.confidence_threshold, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
         _require("editing_threshold", self.editing_threshold, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
         _require_optional_vocab(self.vocab_size)
-
-    def init(self, canvas_ids: jax.Array) -> SamplerState:
-        return _initial_state(canvas_ids)
-
-    def __call__(
-        self, processed_logits: jax.Array, canvas_ids: jax.Array, state: SamplerState, key: jax.Array
-    ) -> tuple[jax.Array, jax.Array, SamplerState]:
-        sampled, noise = _draw_and_noise(self.sampling, self.vocab_size, processed_logits, canvas_ids.shape, key)
-        return self._update(canvas_ids, sampled, sampled_token_probs(processed_logits, sampled), noise, state)
-
-    def from_statistics(
-        self, stats: TokenStatistics, canvas_ids: jax.Array, state: SamplerState, key: jax.Array,
-        vocab_size: int,
-    ) -> tuple[jax.Array, jax.Array, SamplerState]:
-        sampled, confidence, noise = _draw_and_noise_from_statistics(
-            self.sampling, self.vocab_size, stats, canvas_ids.shape, key, vocab_size
-        )
-        return self._update(canvas_ids, sampled, confidence, noise, state)
 
     def _update(
         self, canvas_ids: jax.Array, sampled: jax.Array, confidence: jax.Array, noise: jax.Array,
@@ -882,7 +888,7 @@ def confidence_threshold_update(
 
 
 @struct.dataclass
-class ConfidenceThresholdSampler:
+class ConfidenceThresholdSampler(_ConfidenceSampler):
     """Fast-dLLM's confidence-aware parallel decoding (arXiv 2505.22618), for uniform noise.
 
     Each step draws a token per position; its confidence is the draw's probability under
@@ -909,24 +915,6 @@ class ConfidenceThresholdSampler:
     def __post_init__(self) -> None:
         _require("threshold", self.threshold, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
         _require_optional_vocab(self.vocab_size)
-
-    def init(self, canvas_ids: jax.Array) -> SamplerState:
-        return _initial_state(canvas_ids)
-
-    def __call__(
-        self, processed_logits: jax.Array, canvas_ids: jax.Array, state: SamplerState, key: jax.Array
-    ) -> tuple[jax.Array, jax.Array, SamplerState]:
-        sampled, noise = _draw_and_noise(self.sampling, self.vocab_size, processed_logits, canvas_ids.shape, key)
-        return self._update(canvas_ids, sampled, sampled_token_probs(processed_logits, sampled), noise, state)
-
-    def from_statistics(
-        self, stats: TokenStatistics, canvas_ids: jax.Array, state: SamplerState, key: jax.Array,
-        vocab_size: int,
-    ) -> tuple[jax.Array, jax.Array, SamplerState]:
-        sampled, confidence, noise = _draw_and_noise_from_statistics(
-            self.sampling, self.vocab_size, stats, canvas_ids.shape, key, vocab_size
-        )
-        return self._update(canvas_ids, sampled, confidence, noise, state)
 
     def _update(
         self, canvas_ids: jax.Array, sampled: jax.Array, confidence: jax.Array, noise: jax.Array,
