@@ -35,6 +35,9 @@ MESHES = ((8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2))
 TRAIN_MESHES = ((2, 2, 2),)
 # fp8 experts (`diffjax.quantize`) run through the expert-parallel MoE on one mesh: one more decoder compile.
 FP8_MESH = (1, 4, 2)
+# generate(statistics="pallas"): the vocabulary kernel as a shard_map (interpreted on CPU), on the meshes that
+# split the vocabulary and the rows.
+FUSED_MESHES = ((1, 4, 2), (2, 2, 2))
 BATCH, PROMPT = 8, 5  # the odd prompt length makes the MoE pad its tokens
 
 
@@ -62,13 +65,31 @@ def max_diff(a, b) -> float:
 def collectives(hlo: str, config: Config) -> dict:
     """Counts of the collectives in a compiled module, and any all-gather producing a whole expert weight."""
     e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
-    expert_shapes = (f"{e},{h},{2 * i}]", f"{e},{i},{h}]")
+    expert_shapes = (f"{e},{h},{2 * i}", f"{e},{i},{h}")
+    # e.g. `%all-gather.3 = f32[2,8,64,64]{3,2,1,0} all-gather(...)`: the result's dims, [blocks,] experts, ...
+    result = re.compile(r"= \w+\[([\d,]*)\]\S* all-gather(-start)?\(")
     gathers = [line.strip()[:160] for line in hlo.splitlines()
-               if re.search(r"\ball-gather(-start)?\(", line)
-               and any(s in line.split("all-gather")[0] for s in expert_shapes)]
+               if (m := result.search(line)) and m.group(1).endswith(expert_shapes)]
     counts = {op: len(re.findall(rf"\b{op}(-start)?\(", hlo))
               for op in ("all-to-all", "all-reduce", "reduce-scatter", "all-gather")}
     return {"counts": counts, "expert_weight_all_gathers": gathers}
+
+
+def vocab_pass_collectives(params: dict, config: Config, mesh) -> dict:
+    """Collectives of the fused vocabulary pass on the mesh, and any all-gather rebuilding the embedding."""
+    from diffjax.kernels.vocab import vocab_stats_pallas
+
+    embedding = params["embedder"]["embedding"]
+    hidden = sharding.shard_batch(jnp.ones((BATCH, config.canvas_length, config.hidden_size), jnp.float32), mesh)
+    compiled = jax.jit(lambda h, e: vocab_stats_pallas(h, e, 0.7, seed=1, softcap=30.0, return_logits=True)).lower(
+        hidden, embedding).compile()
+    text = compiled.as_text()
+    # e.g. `%all-gather.3 = f32[512,64]{1,0} all-gather(...)`: a gather whose result is the whole embedding.
+    whole = re.compile(rf"= \w+\[{config.vocab_size},{config.hidden_size}\]\S* all-gather(-start)?\(")
+    return {
+        "all_gathers": len(re.findall(r"\ball-gather(-start)?\(", text)),
+        "embedding_all_gathers": [line.strip()[:160] for line in text.splitlines() if whole.search(line)],
+    }
 
 
 def random_cache(config: Config) -> model.KVCache:
@@ -110,6 +131,7 @@ def main(train_meshes: tuple[tuple[int, int, int], ...]) -> None:
     ref_logits = model.denoise_logits(params, config, cache, canvas, sc_logits, sc_mask)
     lap("reference logits")
     ref_gen = generate(params, config, ids, **gen_kwargs)
+    ref_fused = generate(params, config, ids, statistics="pallas", **gen_kwargs)
     lap("reference generation")
     ref_params, _, ref_metrics = train.train_step(
         jax.tree.map(jnp.copy, params), optimizer.init(params), config, optimizer, batch, noise
@@ -146,6 +168,12 @@ def main(train_meshes: tuple[tuple[int, int, int], ...]) -> None:
             out = generate(sharded, parallel, sharding.shard_batch(ids, mesh), **gen_kwargs)
             result["tokens_equal"] = bool(np.array_equal(out.sequences, ref_gen.sequences))
             result["passes_equal"] = bool(np.array_equal(out.decoder_passes, ref_gen.decoder_passes))
+
+            if shape in FUSED_MESHES:
+                out = generate(sharded, parallel, sharding.shard_batch(ids, mesh), statistics="pallas", **gen_kwargs)
+                result["fused_tokens_equal"] = bool(np.array_equal(out.sequences, ref_fused.sequences))
+                result["fused_passes_equal"] = bool(np.array_equal(out.decoder_passes, ref_fused.decoder_passes))
+                result["fused_hlo"] = vocab_pass_collectives(sharded, config, mesh)
 
             if shape == FP8_MESH:
                 placed = sharding.shard_params(fp8_params, fp8, mesh)

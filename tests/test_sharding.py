@@ -52,6 +52,16 @@ def test_sharded_logits_and_tokens_equal_single_device(report: dict, mesh: str) 
     assert result["tokens_equal"] and result["passes_equal"]
 
 
+@pytest.mark.parametrize("mesh", ["1,4,2", "2,2,2"])
+def test_fused_vocabulary_pass_runs_sharded(report: dict, mesh: str) -> None:
+    """generate(statistics="pallas") on the mesh draws the same tokens as on one device, and the vocabulary
+    kernel reads each device's slice of the embedding: no all-gather rebuilds it (only the per-row partials
+    are gathered)."""
+    result = report["meshes"][mesh]
+    assert result["fused_tokens_equal"] and result["fused_passes_equal"]
+    assert result["fused_hlo"]["all_gathers"] > 0 and result["fused_hlo"]["embedding_all_gathers"] == []
+
+
 @pytest.mark.parametrize("mesh", MESHES)
 def test_load_hf_places_params_on_their_shards(report: dict, mesh: str) -> None:
     result = report["meshes"][mesh]

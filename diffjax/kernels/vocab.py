@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
 
 from diffjax.kernels import (
     FINITE_NEG,
@@ -38,6 +41,8 @@ Array = jax.Array
 
 # Programs to aim for: a few waves of an H100's 132 SMs.
 _TARGET_PROGRAMS = 512
+# Above every token id: the "no token yet" of running argmaxes (min over ids picks the first among ties).
+_NO_TOKEN = 2**31 - 1
 
 
 def vocab_stats_reference(
@@ -75,18 +80,72 @@ def vocab_stats_pallas(
     `return_logits`, also `z [..., vocab]` in hidden's dtype. Sizes that are not multiples of 16 (Triton's
     smallest dot) are zero-padded, the padded vocabulary masked out; that costs a padded copy of the
     embedding per call, which the released shapes (hidden 2816, vocab 262144) never need.
+
+    Under a `diffjax.sharding` mesh (`jax.set_mesh`) the same kernel runs per device as a `jax.shard_map`:
+    rows split over `data`, the vocabulary over the expert group (as `shard_params` places the embedding),
+    each device's per-split partials all-gathered over the group (a few floats per row) and combined; the
+    logits come out split the same way. Same numbers, same draws as one device. Without that, XLA would
+    replicate the embedding onto every device to feed the custom call.
     """
-    lead, width = hidden.shape[:-1], hidden.shape[-1]
+    width = hidden.shape[-1]
     if embedding.ndim != 2 or embedding.shape[1] != width:
         raise ValueError(f"embedding must be [vocab, hidden={width}], got {embedding.shape}")
     for name in ("block_rows", "block_v", "block_k"):
         require_block(f"VocabTiles.{name}", getattr(tiles, name))
+    temperature = jnp.asarray(temperature, jnp.float32).reshape(1)
+    seed = jnp.asarray(seed).astype(jnp.uint32).reshape(1)
+    local = functools.partial(
+        _local_stats, softcap=softcap, return_logits=return_logits, tiles=tiles, interpret=resolve_interpret(interpret)
+    )
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(hidden, embedding.astype(hidden.dtype), temperature, seed, row_axis=None, group_axes=())
+    return _sharded_stats(local, mesh, hidden, embedding.astype(hidden.dtype), temperature, seed, return_logits)
+
+
+def _sharded_stats(
+    local: Any, mesh: Any, hidden: Array, embedding: Array, temperature: Array, seed: Array, return_logits: bool,
+) -> TokenStatistics | tuple[TokenStatistics, Array]:
+    """`_local_stats` as a shard_map over a (data, expert, model) mesh (see `vocab_stats_pallas`)."""
+    from diffjax.sharding import AXES, DATA, EXPERT_GROUP  # sharding imports the model, as this module does
+
+    if tuple(mesh.axis_names) != AXES:
+        raise ValueError(f"the fused vocabulary pass needs a diffjax mesh {AXES}, got {tuple(mesh.axis_names)}")
+    group = math.prod(mesh.shape[a] for a in EXPERT_GROUP)
+    # Split the vocabulary only as `shard_params` does: where the group divides it (else it is replicated).
+    group_axes = EXPERT_GROUP if embedding.shape[0] % group == 0 else ()
+    row_axis = DATA if hidden.shape[0] % mesh.shape[DATA] == 0 else None
+    rows = P(row_axis)
+    stats_spec = TokenStatistics(*(rows,) * len(TokenStatistics._fields))
+    logits_spec = P(*rows, *(None,) * (hidden.ndim - 2), group_axes or None)
+    sharded = jax.shard_map(
+        functools.partial(local, row_axis=row_axis, group_axes=group_axes), mesh=mesh,
+        in_specs=(rows, P(group_axes or None, None), P(), P()),
+        out_specs=(stats_spec, logits_spec) if return_logits else stats_spec,
+        # pallas_call outputs carry no varying-axes type; the stats are equal over the group by construction
+        # (every member combines the same gathered partials).
+        check_vma=False,
+    )
+    return sharded(hidden, embedding, temperature, seed)
+
+
+def _local_stats(
+    hidden: Array, embedding: Array, temperature: Array, seed: Array, *, row_axis: str | None,
+    group_axes: tuple[str, ...], softcap: float | None, return_logits: bool, tiles: VocabTiles, interpret: bool,
+) -> TokenStatistics | tuple[TokenStatistics, Array]:
+    """The kernel over this device's rows and vocabulary slice. Inside a shard_map, `row_axis` names the mesh
+    axis splitting the rows and `group_axes` those splitting the vocabulary: the offsets of this device's
+    pieces make row and token ids (hence the Gumbel noise) global, and the partials are gathered over the
+    group."""
+    lead, width = hidden.shape[:-1], hidden.shape[-1]
     vocab = embedding.shape[0]
+    rows = hidden.size // width
+    row_offset = jax.lax.axis_index(row_axis) * rows if row_axis else jnp.zeros((), jnp.int32)
+    vocab_offset = jax.lax.axis_index(group_axes) * vocab if group_axes else jnp.zeros((), jnp.int32)
     padded_width = -(-width // MIN_BLOCK) * MIN_BLOCK
     # A vocabulary that needs padding anyway is padded to whole tiles of block_v (not 16-wide ones).
     padded_vocab = vocab if vocab % MIN_BLOCK == 0 else -(-vocab // tiles.block_v) * tiles.block_v
-    embedding = jnp.pad(embedding.astype(hidden.dtype), ((0, padded_vocab - vocab), (0, padded_width - width)))
-    rows = hidden.size // width
+    embedding = jnp.pad(embedding, ((0, padded_vocab - vocab), (0, padded_width - width)))
     block_rows = min(tiles.block_rows, max(MIN_BLOCK, pl.next_power_of_2(rows)))
     block_v = largest_power_of_two_divisor(padded_vocab, tiles.block_v)
     block_k = largest_power_of_two_divisor(padded_width, tiles.block_k)
@@ -114,16 +173,16 @@ def vocab_stats_pallas(
         kernel,
         out_shape=partial_shapes,
         grid=(row_blocks, splits),
-        in_specs=[pl.no_block_spec] * 4,
+        in_specs=[pl.no_block_spec] * 5,
         out_specs=out_specs,
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
-        interpret=resolve_interpret(interpret),
+        interpret=interpret,
         name="vocab_stats",
-    )(
-        jnp.asarray(temperature, f32).reshape(1), jnp.asarray(seed).astype(jnp.uint32).reshape(1), h, embedding,
-    )
-    stats = _combine(*(p.reshape(splits, padded)[:, :rows] for p in outputs[:8]))
-    stats = TokenStatistics(*(s.reshape(lead) for s in stats))
+    )(temperature, seed, jnp.stack([row_offset, vocab_offset]), h, embedding)
+    partials = [p.reshape(splits, padded)[:, :rows] for p in outputs[:8]]
+    if group_axes:  # every member's splits, member-major: token order, as one device would have them
+        partials = [jax.lax.all_gather(p, group_axes, axis=0, tiled=True) for p in partials]
+    stats = TokenStatistics(*(s.reshape(lead) for s in _combine(*partials)))
     if not return_logits:
         return stats
     # At the released shapes rows = batch x 256 is a whole number of row blocks: no slice, no copy.
@@ -131,13 +190,15 @@ def vocab_stats_pallas(
     return stats, logits.reshape(*lead, vocab)
 
 
-def _stats_kernel(temp_ref, seed_ref, h_ref, e_ref, max_ref, sum_ref, ent_ref, top_ref, top_id_ref,
+def _stats_kernel(temp_ref, seed_ref, offsets_ref, h_ref, e_ref, max_ref, sum_ref, ent_ref, top_ref, top_id_ref,
                   race_ref, race_id_ref, race_z_ref, *logits_ref, block_rows, block_v, block_k, width,
                   tiles_per_split, vocab, mask_tail, softcap, return_logits):
+    """vocab: this slice's token count; offsets (row, token) make the ids in the noise and outputs global."""
     row_block, split = pl.program_id(0), pl.program_id(1)
     temperature, seed = temp_ref[0], seed_ref[0]
+    row_offset, vocab_offset = offsets_ref[0], offsets_ref[1]
     rows = pl.ds(row_block * block_rows, block_rows)
-    row_ids = row_block * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)
+    row_ids = row_offset + row_block * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)
 
     def tile(t, carry):
         m, s, w, top, top_id, race, race_id, race_z = carry
@@ -155,9 +216,10 @@ def _stats_kernel(temp_ref, seed_ref, h_ref, e_ref, max_ref, sum_ref, ent_ref, t
         z = logits / temperature
         if return_logits:
             logits_ref[0][rows, tokens] = z.astype(logits_ref[0].dtype)
-        cols = v0 + jax.lax.broadcasted_iota(jnp.int32, (1, block_v), 1)
+        local_cols = v0 + jax.lax.broadcasted_iota(jnp.int32, (1, block_v), 1)
         if mask_tail:  # the zero-padded tokens past the vocabulary have probability 0
-            z = jnp.where(cols < vocab, z, FINITE_NEG)
+            z = jnp.where(local_cols < vocab, z, FINITE_NEG)
+        cols = vocab_offset + local_cols
         # Online logsumexp; w = sum exp(z - m) * (z - m), so entropy = log(s) - w / s, free of cancellation.
         tile_max = jnp.max(z, axis=1)
         m_new = jnp.maximum(m, tile_max)
@@ -167,12 +229,12 @@ def _stats_kernel(temp_ref, seed_ref, h_ref, e_ref, max_ref, sum_ref, ent_ref, t
         s_new = alpha * s + jnp.sum(p, axis=1)
         w_new = alpha * (w + (m - m_new) * s) + jnp.sum(p * shifted, axis=1)
         # Later tiles replace the running best only when strictly greater: ties keep the first index.
-        tile_top_id = jnp.min(jnp.where(z == tile_max[:, None], cols, vocab), axis=1)
+        tile_top_id = jnp.min(jnp.where(z == tile_max[:, None], cols, _NO_TOKEN), axis=1)
         better = tile_max > top
         top, top_id = jnp.where(better, tile_max, top), jnp.where(better, tile_top_id, top_id)
         perturbed = z + gumbel_noise(seed, row_ids, cols)
         tile_race = jnp.max(perturbed, axis=1)
-        tile_race_id = jnp.min(jnp.where(perturbed == tile_race[:, None], cols, vocab), axis=1)
+        tile_race_id = jnp.min(jnp.where(perturbed == tile_race[:, None], cols, _NO_TOKEN), axis=1)
         tile_race_z = jnp.sum(jnp.where(cols == tile_race_id[:, None], z, 0.0), axis=1)
         better = tile_race > race
         race = jnp.where(better, tile_race, race)
@@ -182,7 +244,7 @@ def _stats_kernel(temp_ref, seed_ref, h_ref, e_ref, max_ref, sum_ref, ent_ref, t
 
     neg = jnp.full((block_rows,), FINITE_NEG, jnp.float32)
     zero = jnp.zeros((block_rows,), jnp.float32)
-    none = jnp.full((block_rows,), vocab, jnp.int32)
+    none = jnp.full((block_rows,), _NO_TOKEN, jnp.int32)
     init = (neg, zero, zero, neg, none, neg, none, zero)
     outs = jax.lax.fori_loop(0, tiles_per_split, tile, init)
     for ref, value in zip(
