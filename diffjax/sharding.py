@@ -209,13 +209,11 @@ def experts_expert_parallel(x: Array, weights: Array, expert_ids: Array, gate_up
     `[experts, inter, hidden]` (global shapes). Runs as a `jax.shard_map` over the mesh set by `jax.set_mesh`:
     every device routes 1/devices of the tokens, sends each (token, expert) pair to the member of its expert
     group owning that expert (all-to-all), runs its own experts on what it received (grouped matmuls), sends
-    the weighted results back (all-to-all), sums the k results per token, and the tokens are all-gathered.
-    No pair is dropped: each send buffer has room for all of a device's pairs, so the exchanged volume is
-    G times the routed one (the price of exactness with a fixed-shape all-to-all).
-
-    The tokens enter replicated (XLA gathers them over `data` first) rather than split over `data`: the
-    split form gave wrong gradients inside the training step's per-example `lax.map` (jax 0.10.2), while
-    this form is exact everywhere and still does every pair's work once.
+    the weighted results back (all-to-all) and sums the k results per token. The tokens enter and leave split
+    over the whole mesh (`data` major, so a batch split over `data` needs no exchange; padded to a multiple of
+    the device count): no device ever holds all the tokens. No pair is dropped: each send buffer has room for
+    all of a device's pairs, so the exchanged volume is G times the routed one (the price of exactness with a
+    fixed-shape all-to-all).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or tuple(mesh.axis_names) != AXES:
@@ -230,7 +228,7 @@ def experts_expert_parallel(x: Array, weights: Array, expert_ids: Array, gate_up
     if mesh.size == 1:
         return experts_grouped(x, weights, expert_ids, gate_up, down)
     tokens = x.shape[0]
-    # Pad so every device routes the same number of tokens; padding has weight 0.
+    # Pad so the tokens split evenly over the devices; padding has weight 0 (and is sliced off the result).
     pad = -tokens % mesh.size
     if pad:
         x = jnp.pad(x, ((0, pad), (0, 0)))
@@ -238,28 +236,22 @@ def experts_expert_parallel(x: Array, weights: Array, expert_ids: Array, gate_up
         expert_ids = jnp.pad(expert_ids, ((0, pad), (0, 0)))
     # A group of one holds every expert: "replicated" keeps the shard_map's replication check exact.
     experts_spec = P(EXPERT_GROUP, None, None) if groups > 1 else P()
+    tokens_spec = P(AXES, None)
     dispatch = jax.shard_map(
-        functools.partial(_dispatch, groups=groups, devices=mesh.size), mesh=mesh,
-        in_specs=(P(), P(), P(), experts_spec, experts_spec), out_specs=P(),
+        functools.partial(_dispatch, groups=groups), mesh=mesh,
+        in_specs=(tokens_spec, tokens_spec, tokens_spec, experts_spec, experts_spec), out_specs=tokens_spec,
     )
     return dispatch(x, weights, expert_ids, gate_up, down)[:tokens]
 
 
 def _dispatch(
-    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, *, groups: int, devices: int
+    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, *, groups: int
 ) -> Array:
-    """One device's part of `experts_expert_parallel`: x `[tokens, hidden]` (all of them, on every device),
-    gate_up/down its `experts / groups` local experts."""
-    share = x.shape[0] // devices
-    start = jax.lax.axis_index(AXES) * share
-    xs, ws, ids = (jax.lax.dynamic_slice_in_dim(a, start, share) for a in (x, weights, expert_ids))
+    """One device's part of `experts_expert_parallel`: x `[tokens / devices, hidden]` (its share of the
+    tokens), gate_up/down its `experts / groups` local experts."""
     if groups == 1:
-        out = experts_grouped(xs, ws, ids, gate_up, down)
-    else:
-        out = _exchange(xs, ws, ids, gate_up, down, groups)
-    # "invarying": the gathered tokens are the same on every device (out_specs says so), which also makes the
-    # gradient a plain slice of the cotangent rather than a sum over devices.
-    return jax.lax.all_gather(out, AXES, axis=0, tiled=True, to="invarying")
+        return experts_grouped(x, weights, expert_ids, gate_up, down)
+    return _exchange(x, weights, expert_ids, gate_up, down, groups)
 
 
 def _exchange(xs: Array, ws: Array, ids: Array, gate_up: Array, down: Array, groups: int) -> Array:

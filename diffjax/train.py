@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -179,7 +180,14 @@ def _decoder_cache(config: Config, kv: tuple[dict, dict], mask: Array, start: Ar
     ring_pos = jnp.maximum(ring_positions(start, ring), 0)  # empty slots (-1) are masked by the cache mask
 
     def view(layer_type: str, x: Array) -> Array:
-        x = jnp.take(x, ring_pos, axis=1) if layer_type == SLIDING else x
+        if layer_type == SLIDING:
+            x = jnp.take(x, ring_pos, axis=1)
+            if not jax.sharding.get_abstract_mesh().empty:
+                # Ring slots unsplit (kv heads as propagated): with the expert-parallel MoE's tokens split over
+                # the mesh, Shardy (jax 0.10.2) otherwise splits the slots of this gather inside the training
+                # step's `lax.map` and the gradient of its scatter-add transpose comes out wrong (README
+                # "Sharded runs").
+                x = jax.lax.with_sharding_constraint(x, P(None, None, P.UNCONSTRAINED, None))
         return x[:, None]
 
     keys, values = {}, {}
