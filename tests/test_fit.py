@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ from diffjax.checkpoint import TrainCheckpointer, TrainState
 from diffjax.config import FULL, SLIDING, Config
 from diffjax.lora import LoraConfig
 from diffjax.model import init_params
+from diffjax.quantize import dequantize_experts, quantize_model
 
 CONFIG = Config.tiny(
     num_layers=2, layer_types=(SLIDING, FULL), canvas_length=8, vocab_size=128, hidden_size=32,
@@ -113,3 +115,21 @@ def _get(tree, names):
     for name in names:
         tree = tree[name]
     return tree
+
+
+def test_lora_fit_over_fp8_experts_equals_lora_over_their_dequantized_weights():
+    """QLoRA-style: a LoRA adapter trained over a base with float8_e4m3fn experts follows the same losses as
+    over the same experts dequantized (the fp8 weights are exactly representable), and the experts stay fp8."""
+    params = init_params(CONFIG, jax.random.key(0))
+    fp8_config, fp8_params = quantize_model(CONFIG, params)
+    dequantized = dequantize_experts(fp8_params, jnp.float32)
+    lora_config = LoraConfig(rank=2, alpha=4.0)
+    runs = [train.fit(base, config, batches, 3, key=jax.random.key(1), optimizer=OPTIMIZER, lora=lora_config,
+                      progress=False)
+            for base, config in ((fp8_params, fp8_config), (dequantized, CONFIG))]
+    np.testing.assert_allclose(runs[0].losses, runs[1].losses, rtol=1e-5)
+    assert runs[0].losses[-1] < runs[0].losses[0]
+    experts = runs[0].params["blocks"]["layer_0"]["experts"]
+    assert experts["gate_up_proj"].dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(np.asarray(experts["gate_up_proj"], np.float32),
+                                  np.asarray(fp8_params["blocks"]["layer_0"]["experts"]["gate_up_proj"], np.float32))
