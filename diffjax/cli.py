@@ -97,6 +97,28 @@ def checkpoint_kind(path: pathlib.Path) -> str:
     )
 
 
+def load_weights(
+    checkpoint: pathlib.Path, dtype: str | None, experts_fp8: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[Any, Any]:
+    """`(config, params)` of a diffjax or transformers folder, cast to `dtype`. `experts_fp8`: the experts are
+    quantized to float8_e4m3fn on the way from the host to the device (`diffjax.quantize.quantize_model`), so
+    the unquantized experts never sit on the device all at once."""
+    import convert
+    from convert.tree import unflatten
+    from diffjax.quantize import quantize_model
+
+    kind = checkpoint_kind(checkpoint)
+    if not experts_fp8:
+        return convert.load(checkpoint, dtype) if kind == "diffjax" else convert.load_hf(checkpoint, dtype, progress)
+    if kind == "diffjax":
+        config, host = convert.load(checkpoint, dtype, as_numpy=True)
+    else:
+        config, flat = convert.load_hf_numpy(checkpoint, dtype, progress)
+        host = unflatten(flat)
+    return quantize_model(config, host)
+
+
 def load_model(
     checkpoint: pathlib.Path, dtype: str | None, tokenizer_dir: pathlib.Path | None,
     progress: Callable[[str, int, int], None] | None = None, experts_fp8: bool = False,
@@ -104,11 +126,8 @@ def load_model(
     """Weights from a diffjax or transformers folder, its generation_config.json, and a tokenizer folder
     (or, for a folder trained on a task, the task.json naming it: the task's tokenizer).
 
-    `experts_fp8`: experts quantized to float8_e4m3fn on the way from the host to the device
-    (`diffjax.quantize.quantize_model`)."""
+    `experts_fp8`: see `load_weights`."""
     import convert
-    from convert.tree import unflatten
-    from diffjax.quantize import quantize_model
     from diffjax.tasks import read_task_file
     from diffjax.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -122,17 +141,7 @@ def load_model(
             hint = " (diffjax checkpoints do not carry one: pass --tokenizer HF_FOLDER)" if kind == "diffjax" else ""
             raise CliError(f"no {TOKENIZER_FILE} in {tokenizer_dir}{hint}")
         tokenizer = Tokenizer.from_dir(tokenizer_dir)  # before the weights: fail fast on a bad folder
-    if experts_fp8:
-        if kind == "diffjax":
-            config, host = convert.load(checkpoint, dtype, as_numpy=True)
-        else:
-            config, flat = convert.load_hf_numpy(checkpoint, dtype, progress)
-            host = unflatten(flat)
-        config, params = quantize_model(config, host)
-    elif kind == "diffjax":
-        config, params = convert.load(checkpoint, dtype)
-    else:
-        config, params = convert.load_hf(checkpoint, dtype, progress)
+    config, params = load_weights(checkpoint, dtype, experts_fp8, progress)
     if task is not None and config.vocab_size < tokenizer.vocab_size:
         raise CliError(f"{checkpoint}: model vocabulary {config.vocab_size} < task {task.name!r}'s {tokenizer.vocab_size}")
     return LoadedModel(
@@ -299,7 +308,7 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "task": args.task, "preset": None if args.init else args.preset, "init": str(args.init) if args.init else None,
         "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
-        "warmup_steps": args.warmup_steps, "moe": args.moe,
+        "warmup_steps": args.warmup_steps, "moe": args.moe, "dtype": args.dtype, "experts_fp8": args.experts_fp8,
     }
 
 
@@ -310,13 +319,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     import convert
     from diffjax.config import Config
     from diffjax.lora import DEFAULT_TARGETS, LoraConfig
-    from diffjax.model import init_params
+    from diffjax.model import init_params, param_dtype
+    from diffjax.quantize import dequantize_experts, quantize_model
     from diffjax.tasks import get_task, write_task_file
     from diffjax.train import fit, make_optimizer
 
     err = Console(stderr=True)
     if args.lora_rank is None and (args.lora_alpha is not None or args.lora_targets is not None):
         raise CliError("--lora-alpha and --lora-targets need --lora-rank")
+    if args.experts_fp8 and args.lora_rank is None:
+        raise CliError("--experts-fp8 needs --lora-rank: fp8 experts are a frozen storage format (train an adapter "
+                       "over them)")
+    if args.dtype is not None and args.init is None:
+        raise CliError("--dtype needs --init (a model trained from scratch is float32)")
     if args.out.exists() and not args.out.is_dir():
         raise CliError(f"--out {args.out} exists and is not a directory")
     state_dir = args.out / TRAIN_STATE_DIR
@@ -338,10 +353,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     init_key, train_key = jax.random.split(jax.random.key(args.seed))
     if args.init is not None:
-        kind = checkpoint_kind(args.init)
         with err.status(f"loading {args.init}"):
-            config, params = convert.load(args.init, "float32") if kind == "diffjax" else convert.load_hf(
-                args.init, "float32")
+            config, params = load_weights(args.init, args.dtype or "float32", args.experts_fp8)
         if config.vocab_size < task.tokenizer.vocab_size or config.canvas_length != task.canvas_length:
             raise CliError(f"--init {args.init}: vocabulary {config.vocab_size} / canvas {config.canvas_length} "
                            f"do not fit task {task.name} (needs >= {task.tokenizer.vocab_size} / {task.canvas_length})")
@@ -350,6 +363,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         preset = Config.demo() if args.preset == "demo" else Config.tiny()
         config = task.model_config(preset).replace(moe_implementation=args.moe)
         params = init_params(config, init_key)
+        if args.experts_fp8:
+            config, params = quantize_model(config, params)
 
     settings = _train_settings(args)
     result = fit(
@@ -364,7 +379,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     # folder first (convert.save is atomic), then moved in file by file, the weights last.
     staging = args.out / ".export"
     generation = {"max_new_tokens": task.num_canvases(config) * config.canvas_length}
-    convert.save(result.params, config, staging, generation, overwrite=True)
+    trained, export_config = result.params, config
+    if config.expert_quantization != "none":  # checkpoints hold unquantized weights: the fp8 values, widened
+        trained = dequantize_experts(trained, param_dtype(trained))
+        export_config = config.replace(expert_quantization="none")
+    convert.save(trained, export_config, staging, generation, overwrite=True)
     write_task_file(staging, task)
     for name in [*sorted(p.name for p in staging.iterdir() if p.name != convert.PARAMS_FILE), convert.PARAMS_FILE]:
         (staging / name).replace(args.out / name)
@@ -593,6 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "attention q/k/v/o and the dense MLP gate/up/down)")
     t.add_argument("--checkpoint-every", type=_positive_int, default=100, help="save every K steps (default 100)")
     t.add_argument("--keep", type=_positive_int, default=3, help="training checkpoints kept (default 3)")
+    t.add_argument("--dtype", choices=dtypes, help="--init: cast the weights (default float32; bfloat16 halves the "
+                   "memory of a large base)")
+    t.add_argument("--experts-fp8", action="store_true",
+                   help="with --lora-rank: float8_e4m3fn experts under the adapter (QLoRA-style; about half the "
+                        "memory); the exported model has them widened back")
     t.add_argument("--moe", choices=("grouped", "dense"), default="dense",
                    help="expert computation during training (default dense: every expert, vmapped per example)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -96,8 +96,32 @@ def test_train_bad_arguments(trained, tmp_path, capsys):
         (["train", "--task", "sort", "--preset", "tiny", "--init", trained, "--steps", "2", *out], "not allowed with"),
         ([*TINY_RUN[:-1], "--out", trained, "--resume", "--batch-size", "3"],
          "other settings: batch_size (checkpoint 2, now 3)"),
+        ([*TINY_RUN, *out, "--experts-fp8"], "--experts-fp8 needs --lora-rank"),
+        ([*TINY_RUN, *out, "--dtype", "bfloat16"], "--dtype needs --init"),
     ]
     for argv, message in cases:
         code, _, err = run(capsys, *argv)
         assert_clean_error(code, err, message)
     assert not (tmp_path / "new" / "params.safetensors").exists()
+
+
+def test_lora_over_fp8_experts_of_a_bf16_base(trained, tmp_path, capsys):
+    """QLoRA-style from the command line: a bf16 base with fp8 experts under a LoRA adapter; the exported model
+    is a plain bf16 checkpoint whose experts are the fp8 values widened (what was trained against)."""
+    from diffjax.quantize import dequantize_experts, quantize_experts
+
+    out = tmp_path / "qlora"
+    code, _, err = run(capsys, "train", "--task", "sort", "--init", trained, "--dtype", "bfloat16", "--experts-fp8",
+                       "--lora-rank", "2", "--steps", "2", "--batch-size", "2", "--no-progress", "--out", out)
+    assert code == 0, err
+    config, params = convert.load(out)
+    _, base = convert.load(trained, "bfloat16")
+    assert config.expert_quantization == "none" and params["embedder"]["embedding"].dtype == jnp.bfloat16
+    widened = dequantize_experts(quantize_experts(base), jnp.bfloat16)
+    for layer in params["blocks"]:
+        for name in ("gate_up_proj", "down_proj"):
+            exported = np.asarray(params["blocks"][layer]["experts"][name], np.float32)
+            np.testing.assert_array_equal(exported, np.asarray(widened["blocks"][layer]["experts"][name], np.float32))
+            assert not np.array_equal(exported, np.asarray(base["blocks"][layer]["experts"][name], np.float32))
+    code, generated, err = run(capsys, "generate", "52817", "--checkpoint", out, "--no-live", "--steps", "2")
+    assert code == 0 and generated.strip(), err
