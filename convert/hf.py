@@ -195,12 +195,7 @@ def read_config(path: str | os.PathLike[str]) -> Config:
         raise CheckpointError(f"{path}: not a checkpoint directory")
     if not file.is_file():
         raise CheckpointError(f"missing config.json: {file} does not exist")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file}: bad JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{file}: bad JSON (not an object)")
+    raw = _read_json_object(file)
     try:
         return Config.from_hf(raw)
     except ValueError as exc:
@@ -455,17 +450,23 @@ def normalise_generation_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_generation_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Sampler settings of `path/generation_config.json` ({} when absent); see `GENERATION_KEYS`."""
-    file = pathlib.Path(path) / GENERATION_CONFIG_FILE
-    if not file.is_file():
-        return {}
+def _read_json_object(file: pathlib.Path) -> dict[str, Any]:
+    """The JSON object in `file`; a `CheckpointError` naming the file if it is not one."""
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{file}: bad JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file}: bad JSON (not an object)")
+    return raw
+
+
+def load_generation_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Sampler settings of `path/generation_config.json` ({} when absent); see `GENERATION_KEYS`."""
+    file = pathlib.Path(path) / GENERATION_CONFIG_FILE
+    if not file.is_file():
+        return {}
+    raw = _read_json_object(file)
     return normalise_generation_config(raw)
 
 
