@@ -57,8 +57,8 @@ SECTIONS = ("moe", "vocab", "attention", "sliding")
 MOE_TILES = (
     {"gate_up_block_k": 128}, {"num_stages": 4}, {"num_stages": 5, "gate_up_block_k": 128}, {"num_warps": 8},
     {"gate_up_block_n": 32, "down_block_n": 64}, {"down_block_n": 256, "num_warps": 8}, {"block_rows": 64},
-    # Batch 1 has ~16 rows per expert: a 32-row tile reads a busy expert's weights once instead of twice.
-    {"block_rows": 32}, {"block_rows": 32, "gate_up_block_k": 128, "num_stages": 4},
+    # The row tile before `row_tile` sized it for busy experts (at batch 1: 16 rows, now 32), side by side.
+    {"block_rows": 16}, {"gate_up_block_k": 128, "num_stages": 4},
 )
 VOCAB_TILES = (
     {"block_rows": 128, "num_warps": 8}, {"block_v": 256, "num_warps": 8},

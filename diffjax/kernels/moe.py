@@ -37,10 +37,17 @@ Array = jax.Array
 
 
 def row_tile(num_assignments: int, num_experts: int) -> int:
-    """Row tile for a given load: about the mean group size (less padding), 16..128 rows, a power of two."""
-    mean_rows = max(1, num_assignments // num_experts)
+    """Row tile for a given load: a power of two (16..128) that holds a busy expert's group whole.
+
+    Group sizes are about Poisson(mean). Every row tile of an expert streams that expert's weights, so a group
+    spilling into a second tile reads them twice: at batch 1 (mean 16) a mean-sized tile would do so for ~40%
+    of the experts, i.e. ~1.4x the weight bytes of a memory-bound step. mean + 3 sqrt(mean) rows cover all but
+    a few experts; the padding rows cost compute only, which is cheap where the step is memory-bound, and the
+    128-row cap bounds it where it is not (batch >= 4: mean >= 64)."""
+    mean_rows = num_assignments / num_experts
+    busy_rows = mean_rows + 3.0 * mean_rows**0.5
     tile = MIN_BLOCK
-    while tile < 128 and tile < mean_rows:
+    while tile < 128 and tile < busy_rows:
         tile *= 2
     return tile
 
