@@ -455,6 +455,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
     from diffjax.config import FULL, Config
     from diffjax.model import count_params, param_shapes
 
@@ -475,9 +477,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     # A token runs top_k of num_experts experts; every other weight it touches in full.
     active = total - experts + experts * config.top_k_experts // config.num_experts
+    # `--experts-fp8`: e4m3 expert weights plus their float32 per-column scales, the rest bf16.
+    fp8_experts = config.replace(expert_quantization="fp8")
+    fp8_bytes = sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+                    for _, leaf in _leaves(param_shapes(fp8_experts, jnp.bfloat16)))
     if args.json:
         print(json.dumps({"source": source, "config": _config_dict(config), "params": total,
-                          "active_params_per_token": active, "bf16_bytes": 2 * total}, indent=2))
+                          "active_params_per_token": active, "bf16_bytes": 2 * total,
+                          "bf16_fp8_experts_bytes": fp8_bytes}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -490,6 +497,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     table.add_row("parameters", f"{total:,} ({total / 1e9:.2f} B)")
     table.add_row("active per token", f"{active:,} ({active / 1e9:.2f} B)")
     table.add_row("bf16 size", f"{2 * total / 2**30:.2f} GiB")
+    table.add_row("with fp8 experts", f"{fp8_bytes / 2**30:.2f} GiB (--experts-fp8)")
     Console().print(table)
     return 0
 

@@ -147,6 +147,8 @@ def test_info_released_model(capsys):
     assert info["params"] == 25_250_986_782
     assert 3.5e9 < info["active_params_per_token"] < 4.2e9  # "~3.8B active"
     assert info["config"]["num_experts"] == 128
+    # fp8 experts: 1 byte per expert weight + float32 scales, 2 bytes for the rest (27.7 GB, README).
+    assert 27.6e9 < info["bf16_fp8_experts_bytes"] < 27.8e9
     code, out, _ = run(capsys, "info")
     assert code == 0 and "25,250,986,782" in out
 
