@@ -145,7 +145,8 @@ def _local_stats(
     padded_width = -(-width // MIN_BLOCK) * MIN_BLOCK
     # A vocabulary that needs padding anyway is padded to whole tiles of block_v (not 16-wide ones).
     padded_vocab = vocab if vocab % MIN_BLOCK == 0 else -(-vocab // tiles.block_v) * tiles.block_v
-    embedding = jnp.pad(embedding, ((0, padded_vocab - vocab), (0, padded_width - width)))
+    if (padded_vocab, padded_width) != (vocab, width):  # never at the released shapes: no 1.5 GB copy
+        embedding = jnp.pad(embedding, ((0, padded_vocab - vocab), (0, padded_width - width)))
     block_rows = min(tiles.block_rows, max(MIN_BLOCK, pl.next_power_of_2(rows)))
     block_v = largest_power_of_two_divisor(padded_vocab, tiles.block_v)
     block_k = largest_power_of_two_divisor(padded_width, tiles.block_k)
