@@ -321,6 +321,9 @@ class FullSizeSettings:
     statistics: tuple[str, ...] = ("logits",)
     # float8_e4m3fn experts with float32 per-column scales (`Config.expert_quantization="fp8"`).
     experts_fp8: bool = False
+    # `Config.global_attention_implementation` and `Config.sliding_attention_implementation` of every point.
+    global_attention: str = "xla"
+    sliding_attention: str = "xla"
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
@@ -452,6 +455,8 @@ def run_full_size(
     config = config or full_size_config(s.layers)
     if s.experts_fp8:
         config = config.replace(expert_quantization="fp8")
+    config = config.replace(global_attention_implementation=s.global_attention,
+                            sliding_attention_implementation=s.sliding_attention)
     experts = "fp8 experts" if config.expert_quantization == "fp8" else "bf16 experts"
     log(f"making random bf16 weights ({experts}) on {device} ({config.num_layers} layers)")
     start = time.perf_counter()

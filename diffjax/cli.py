@@ -27,7 +27,11 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from diffjax.config import MOE_IMPLEMENTATIONS
+from diffjax.config import (
+    GLOBAL_ATTENTION_IMPLEMENTATIONS,
+    MOE_IMPLEMENTATIONS,
+    SLIDING_ATTENTION_IMPLEMENTATIONS,
+)
 from diffjax.generate import STATISTICS
 
 EXIT_USAGE = 2
@@ -426,11 +430,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 force=args.force, generate=not args.no_generate, transformers=args.with_transformers,
                 transformers_compile=not args.no_compile, moe_implementations=tuple(args.moe or ("grouped",)),
                 statistics=tuple(args.statistics or ("logits",)),
-                experts_fp8=args.experts_fp8,
+                experts_fp8=args.experts_fp8, global_attention=args.global_attention or "xla",
+                sliding_attention=args.sliding_attention or "xla",
             ), log)
         else:
             if args.experts_fp8:
                 raise CliError("--experts-fp8 needs --full-size (the comparison runs identical weights on both sides)")
+            for flag in ("global_attention", "sliding_attention"):
+                if getattr(args, flag):
+                    raise CliError(f"--{flag.replace('_', '-')} needs --full-size (a GPU run)")
             defaults = bench.BenchSettings()
             for name in ("batch", "prompt", "moe", "statistics"):
                 if len(getattr(args, name) or ()) > 1:
@@ -664,6 +672,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--experts-fp8", action="store_true",
                    help="--full-size: experts in float8_e4m3fn with float32 per-column scales (the floor counts "
                         "their bytes)")
+    b.add_argument("--global-attention", choices=GLOBAL_ATTENTION_IMPLEMENTATIONS,
+                   help="--full-size: the decoder's global layers through XLA (default) or the split-K Pallas kernel")
+    b.add_argument("--sliding-attention", choices=SLIDING_ATTENTION_IMPLEMENTATIONS,
+                   help="--full-size: the decoder's sliding layers through XLA (default) or cuDNN fused attention")
     b.add_argument("--force", action="store_true", help="--full-size on a CPU backend anyway")
     b.add_argument("--json", type=pathlib.Path, help="also write the results as JSON")
     b.set_defaults(func=cmd_bench)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax.config import FULL, AttentionConfig, Config
+from diffjax.config import FULL, SLIDING, AttentionConfig, Config
 from diffjax.quantize import FP8, SCALE_LEAVES, dequantize
 
 Array = jax.Array
@@ -114,6 +114,27 @@ def attend(query: Array, keys: Array, values: Array, mask: Array) -> Array:
     return out.reshape(batch, q_len, num_heads * head_dim).astype(values.dtype)
 
 
+def attend_cudnn(query: Array, keys: Array, values: Array, mask: Array) -> Array:
+    """`attend` through cuDNN's fused attention (NVIDIA GPUs, bf16/fp16, head_dim <= 256).
+
+    Same shapes and maths as `attend` for masks where every query row sees at least one key (cuDNN leaves a
+    fully masked row unspecified); softmax and the weighted sum accumulate in float32 inside the kernel.
+    """
+    if jax.default_backend() != "gpu":
+        raise ValueError(
+            f"sliding_attention_implementation='cudnn' needs an NVIDIA GPU backend, this one is "
+            f"{jax.default_backend()!r}: use 'xla'"
+        )
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"sliding_attention_implementation='cudnn' needs bf16 or fp16 activations, got {query.dtype}")
+    batch, q_len, num_heads, head_dim = query.shape
+    out = jax.nn.dot_product_attention(
+        query, keys.astype(query.dtype), values.astype(query.dtype), mask=mask[:, None], scale=1.0,
+        implementation="cudnn",
+    )
+    return out.reshape(batch, q_len, num_heads * head_dim)
+
+
 class Attention(nn.Module):
     """Gemma 4 attention: q/k/v RMSNorms, RoPE after the norms, scale 1.0, GQA.
 
@@ -141,7 +162,7 @@ class Attention(nn.Module):
         k_raw = Linear(att.num_kv_heads * att.head_dim, name="k_proj")(x).reshape(
             batch, n, att.num_kv_heads, att.head_dim
         )
-        if self.layer_type == "sliding_attention":
+        if self.layer_type == SLIDING:
             v = Linear(att.num_kv_heads * att.head_dim, name="v_proj")(x).reshape(k_raw.shape)
         else:
             v = k_raw
@@ -155,6 +176,9 @@ class Attention(nn.Module):
             from diffjax.kernels.attention import global_attention_pallas  # the kernels import this module
 
             out = global_attention_pallas(q, keys, values, mask[:, 0, :])
+        elif (self.layer_type == SLIDING and self.padding_only_mask
+              and cfg.sliding_attention_implementation == "cudnn"):
+            out = attend_cudnn(q, keys, values, mask)
         else:
             out = attend(q, keys, values, mask)
         return Linear(cfg.hidden_size, name="o_proj")(out), (k, v)

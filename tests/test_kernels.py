@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax.config import Config
+from diffjax.config import AttentionConfig, Config
 from diffjax.generate import generate
 from diffjax.kernels import bench as kernel_bench
 from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
@@ -220,6 +220,55 @@ def test_fp8_moe_kernel_lowers_for_cuda_at_released_shapes():
         x, w, i, up, down, layer, gate_up_scale=s_up, down_scale=s_down, interpret=False), *args)
     assert text.count("__gpu$xla.gpu.triton") == 2
     assert "dynamic_slice" not in text and f"{experts}x{hidden}x{2 * inter}xbf16>" not in text
+
+
+def released_fp8_offset_widths(monkeypatch, offsets_fn) -> dict[tuple[int, ...], set[str]]:
+    """Lower the fp8 expert kernels at the released stack shapes for CUDA with `offsets_fn` as the Triton
+    lowering's offset computation; returns the offset element types seen per ref shape."""
+    from jax._src.pallas.triton import lowering
+
+    seen: dict[tuple[int, ...], set[str]] = {}
+
+    def spy(block_info, nd_indexer):
+        offsets = offsets_fn(block_info, nd_indexer)
+        seen.setdefault(tuple(block_info.full_shape_dtype.shape), set()).add(str(offsets.type))
+        return offsets
+
+    monkeypatch.setattr(lowering, "_compute_offsets_from_indices", spy)
+    cfg = Config.diffusiongemma_26b_a4b()
+    tokens, k, experts, layers = cfg.canvas_length, cfg.top_k_experts, cfg.num_experts, 5
+    hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    args = (
+        jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16), jax.ShapeDtypeStruct((tokens, k), jnp.float32),
+        jax.ShapeDtypeStruct((tokens, k), jnp.int32),
+        jax.ShapeDtypeStruct((layers, experts, hidden, 2 * inter), FP8),
+        jax.ShapeDtypeStruct((layers, experts, inter, hidden), FP8), jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((layers, experts, 2 * inter), jnp.float32),
+        jax.ShapeDtypeStruct((layers, experts, hidden), jnp.float32),
+    )
+    lower_for_cuda(lambda x, w, i, up, down, layer, s_up, s_down: experts_pallas(
+        x, w, i, up, down, layer, gate_up_scale=s_up, down_scale=s_down, interpret=False), *args)
+    return seen
+
+
+def test_fp8_stack_over_2_31_weights_gets_64bit_offsets(monkeypatch):
+    """The released fp8 gate/up stack (2.54e9 one-byte weights, under 2**32 bytes) must be indexed with 64-bit
+    offsets: JAX's own choice (32-bit below 2**32 bytes) wraps past 2**31 and faulted on an H100."""
+    from diffjax.kernels import WIDE_OFFSETS
+
+    assert WIDE_OFFSETS
+    cfg = Config.diffusiongemma_26b_a4b()
+    gate_up = (5, cfg.num_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size)
+    down = (5, cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size)
+    from jax._src.pallas.triton import lowering
+
+    wrapper = lowering._compute_offsets_from_indices
+    widths = released_fp8_offset_widths(monkeypatch, wrapper)
+    assert all("i64" in t and "i32" not in t for t in widths[gate_up]), widths[gate_up]
+    assert all("i32" in t for t in widths[down]), widths[down]  # 1.27e9 weights: 32-bit offsets suffice
+    # Without the wrapper the lowering would pick 32-bit offsets for the gate/up stack: the check can fail.
+    unwrapped = released_fp8_offset_widths(monkeypatch, wrapper.wrapped)
+    assert all("i32" in t for t in unwrapped[gate_up]), unwrapped[gate_up]
 
 
 def test_moe_kernel_rejects_bad_shapes():
@@ -472,6 +521,28 @@ def test_decoder_global_layers_select_the_kernel():
     _close(logits["pallas"], logits["xla"], jnp.float32, scale=5)
     with pytest.raises(ValueError, match="global_attention_implementation"):
         config.replace(global_attention_implementation="cudnn")
+
+
+def test_decoder_sliding_layers_through_cudnn():
+    """`sliding_attention_implementation="cudnn"` touches only the decoder's sliding layers (the encoder keeps
+    `attend`): equal logits in bf16 on a GPU; elsewhere a clear error instead of an XLA failure."""
+    config = Config.tiny(sliding=AttentionConfig(head_dim=64, num_kv_heads=2, rope_theta=10_000.0))
+    params = init_params(config, jax.random.key(1), jnp.bfloat16)
+    prompt = jax.random.randint(jax.random.key(2), (3, 20), 3, config.vocab_size)  # longer than the window
+    attention_mask = jnp.ones((3, 20), bool).at[1, :5].set(False).at[2, :17].set(False)
+    cudnn = config.replace(sliding_attention_implementation="cudnn")
+    cache = encode(params, cudnn, prompt, attention_mask, capacity=20 + config.canvas_length)
+    reference_cache = encode(params, config, prompt, attention_mask, capacity=20 + config.canvas_length)
+    assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(reference_cache), strict=True))
+    canvas = jax.random.randint(jax.random.key(3), (3, config.canvas_length), 3, config.vocab_size)
+    if jax.default_backend() == "gpu":
+        _close(denoise_logits(params, cudnn, cache, canvas), denoise_logits(params, config, cache, canvas),
+               jnp.bfloat16, scale=5)
+    else:
+        with pytest.raises(ValueError, match="needs an NVIDIA GPU backend"):
+            denoise_logits(params, cudnn, cache, canvas)
+    with pytest.raises(ValueError, match="sliding_attention_implementation"):
+        config.replace(sliding_attention_implementation="pallas")
 
 
 def test_kernel_bench_sweep_lists_tile_variants_and_picks_the_fastest():

@@ -14,7 +14,11 @@ means "interpret iff the default backend is not a GPU", since Triton kernels onl
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
+import jax.numpy as jnp
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -41,3 +45,43 @@ def largest_power_of_two_divisor(n: int, cap: int) -> int:
     while block * 2 <= cap and n % (block * 2) == 0:
         block *= 2
     return block
+
+
+# Elements from which a ref's offsets overflow a signed 32-bit integer.
+INT32_OFFSET_LIMIT = 2**31
+
+
+def _use_64bit_offsets_for_large_narrow_refs() -> bool:
+    """Make Pallas's Triton lowering index every ref of >= 2**31 elements with 64-bit offsets.
+
+    Why: jax 0.10-0.11 choose 32-bit offsets for any ref of at most 2**32 bytes, but Triton adds offsets to
+    pointers as signed integers, so a 1-byte ref (float8) of 2**31..2**32 elements wraps past 2**31 and reads
+    out of bounds. The released model's fp8 gate/up stack, read in place by `moe.experts_pallas`, is such a ref
+    (5 blocks x 128 experts x 2816 x 1408 = 2.54e9 e4m3 weights): on an H100 the decoder step faulted with
+    CUDA_ERROR_ILLEGAL_ADDRESS. The wrapper shows such refs to the offset computation with a 2-byte dtype, which
+    only widens the offsets (their values do not depend on the dtype). Returns whether the wrapper is in place;
+    `experts_pallas` refuses fp8 stacks that need it when it is not (a JAX whose internals moved).
+    """
+    try:
+        from jax._src.pallas.triton import lowering
+    except ImportError:
+        return False
+    original = getattr(lowering, "_compute_offsets_from_indices", None)
+    if original is None or not dataclasses.is_dataclass(getattr(lowering, "BlockInfo", None)):
+        return False
+    if getattr(original, "diffjax_wide_offsets", False):
+        return True
+
+    def compute_offsets(block_info, nd_indexer):
+        full = block_info.full_shape_dtype
+        if math.prod(full.shape) >= INT32_OFFSET_LIMIT and jnp.dtype(full.dtype).itemsize < 2:
+            block_info = dataclasses.replace(block_info, full_shape_dtype=full.update(dtype=jnp.int16))
+        return original(block_info, nd_indexer)
+
+    compute_offsets.diffjax_wide_offsets = True
+    compute_offsets.wrapped = original
+    lowering._compute_offsets_from_indices = compute_offsets
+    return True
+
+
+WIDE_OFFSETS = _use_64bit_offsets_for_large_narrow_refs()

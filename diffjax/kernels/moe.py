@@ -29,7 +29,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from diffjax.kernels import MIN_BLOCK, largest_power_of_two_divisor, require_block, resolve_interpret
+from diffjax.kernels import (
+    INT32_OFFSET_LIMIT,
+    MIN_BLOCK,
+    WIDE_OFFSETS,
+    largest_power_of_two_divisor,
+    require_block,
+    resolve_interpret,
+)
 from diffjax.layers import gelu_tanh
 from diffjax.quantize import FP8
 
@@ -122,6 +129,14 @@ def experts_pallas(
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     block_rows = tiles.block_rows or row_tile(tokens * top_k, num_experts)
     interpret = resolve_interpret(interpret)
+    if quantized and not interpret and not WIDE_OFFSETS:
+        for name, stack in (("gate_up", gate_up), ("down", down)):
+            if stack.size >= INT32_OFFSET_LIMIT:
+                raise ValueError(
+                    f"the fp8 {name} stack {stack.shape} has >= 2**31 weights, which this JAX's Triton lowering "
+                    "indexes with wrapping 32-bit offsets (see diffjax.kernels.WIDE_OFFSETS); pass fewer layers "
+                    "per stack or use moe_implementation='grouped'"
+                )
 
     layout = _padded_layout(expert_ids, num_experts, block_rows)
     token_of = layout.order // top_k
