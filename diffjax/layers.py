@@ -125,14 +125,14 @@ def attend_cudnn(query: Array, keys: Array, values: Array, mask: Array) -> Array
             f"sliding_attention_implementation='cudnn' needs an NVIDIA GPU backend, this one is "
             f"{jax.default_backend()!r}: use 'xla'"
         )
-    if query.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"sliding_attention_implementation='cudnn' needs bf16 or fp16 activations, got {query.dtype}")
+    # cuDNN takes bf16/fp16 only; RoPE leaves float32 queries and keys even in a bf16 model.
+    dtype = jnp.float16 if query.dtype == jnp.float16 else jnp.bfloat16
     batch, q_len, num_heads, head_dim = query.shape
     out = jax.nn.dot_product_attention(
-        query, keys.astype(query.dtype), values.astype(query.dtype), mask=mask[:, None], scale=1.0,
+        query.astype(dtype), keys.astype(dtype), values.astype(dtype), mask=mask[:, None], scale=1.0,
         implementation="cudnn",
     )
-    return out.reshape(batch, q_len, num_heads * head_dim)
+    return out.reshape(batch, q_len, num_heads * head_dim).astype(values.dtype)
 
 
 class Attention(nn.Module):
