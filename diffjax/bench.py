@@ -455,15 +455,14 @@ def run_full_size(
     config = config or full_size_config(s.layers)
     if s.experts_fp8:
         config = config.replace(expert_quantization="fp8")
+    config = config.replace(global_attention_implementation=s.global_attention,
+                            sliding_attention_implementation=s.sliding_attention)
     experts = "fp8 experts" if config.expert_quantization == "fp8" else "bf16 experts"
     log(f"making random bf16 weights ({experts}) on {device} ({config.num_layers} layers)")
     start = time.perf_counter()
     params = init_params(config, jax.random.key(s.seed), jnp.bfloat16)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - start
-    # After the init: its trace runs the model on a few dummy tokens, under the kernels' minimum sizes.
-    config = config.replace(global_attention_implementation=s.global_attention,
-                            sliding_attention_implementation=s.sliding_attention)
     log("measuring device copy bandwidth")
     bandwidth = copy_bandwidth(s.bandwidth_bytes or ((256 << 20) if device.platform == "cpu" else (4 << 30)))
     weight_bytes = decoder_bytes_per_step(params)

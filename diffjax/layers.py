@@ -125,14 +125,17 @@ def attend_cudnn(query: Array, keys: Array, values: Array, mask: Array) -> Array
             f"sliding_attention_implementation='cudnn' needs an NVIDIA GPU backend, this one is "
             f"{jax.default_backend()!r}: use 'xla'"
         )
-    # cuDNN takes bf16/fp16 only; RoPE leaves float32 queries and keys even in a bf16 model.
-    dtype = jnp.float16 if query.dtype == jnp.float16 else jnp.bfloat16
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"sliding_attention_implementation='cudnn' needs bf16 or fp16 activations (cuDNN has no float32 "
+            f"attention), got {query.dtype}: use bf16 params or 'xla'"
+        )
     batch, q_len, num_heads, head_dim = query.shape
     out = jax.nn.dot_product_attention(
-        query.astype(dtype), keys.astype(dtype), values.astype(dtype), mask=mask[:, None], scale=1.0,
+        query, keys.astype(query.dtype), values.astype(query.dtype), mask=mask[:, None], scale=1.0,
         implementation="cudnn",
     )
-    return out.reshape(batch, q_len, num_heads * head_dim).astype(values.dtype)
+    return out.reshape(batch, q_len, num_heads * head_dim)
 
 
 class Attention(nn.Module):
@@ -172,12 +175,13 @@ class Attention(nn.Module):
         v = rms_norm(v, None, cfg.rms_norm_eps)
         keys = jnp.concatenate([context_keys.astype(k.dtype), k], axis=1)
         values = jnp.concatenate([context_values.astype(v.dtype), v], axis=1)
-        if self.layer_type == FULL and self.padding_only_mask and cfg.global_attention_implementation == "pallas":
+        # Flax's init traces the model in float32 on a few dummy tokens, under the kernels' minimum sizes.
+        fused = self.padding_only_mask and not self.is_initializing()
+        if self.layer_type == FULL and fused and cfg.global_attention_implementation == "pallas":
             from diffjax.kernels.attention import global_attention_pallas  # the kernels import this module
 
             out = global_attention_pallas(q, keys, values, mask[:, 0, :])
-        elif (self.layer_type == SLIDING and self.padding_only_mask
-              and cfg.sliding_attention_implementation == "cudnn"):
+        elif self.layer_type == SLIDING and fused and cfg.sliding_attention_implementation == "cudnn":
             out = attend_cudnn(q, keys, values, mask)
         else:
             out = attend(q, keys, values, mask)

@@ -527,10 +527,11 @@ def test_decoder_sliding_layers_through_cudnn():
     """`sliding_attention_implementation="cudnn"` touches only the decoder's sliding layers (the encoder keeps
     `attend`): equal logits in bf16 on a GPU; elsewhere a clear error instead of an XLA failure."""
     config = Config.tiny(sliding=AttentionConfig(head_dim=64, num_kv_heads=2, rope_theta=10_000.0))
-    params = init_params(config, jax.random.key(1), jnp.bfloat16)
+    cudnn = config.replace(sliding_attention_implementation="cudnn")
+    # The init trace (float32, a few dummy tokens) keeps `attend` whatever the implementation fields say.
+    params = init_params(cudnn.replace(global_attention_implementation="pallas"), jax.random.key(1), jnp.bfloat16)
     prompt = jax.random.randint(jax.random.key(2), (3, 20), 3, config.vocab_size)  # longer than the window
     attention_mask = jnp.ones((3, 20), bool).at[1, :5].set(False).at[2, :17].set(False)
-    cudnn = config.replace(sliding_attention_implementation="cudnn")
     cache = encode(params, cudnn, prompt, attention_mask, capacity=20 + config.canvas_length)
     reference_cache = encode(params, config, prompt, attention_mask, capacity=20 + config.canvas_length)
     assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(reference_cache), strict=True))
