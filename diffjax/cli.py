@@ -249,6 +249,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         with err.status(f"loading {args.checkpoint}"):
             model = load_model(args.checkpoint, args.dtype, args.tokenizer, experts_fp8=args.experts_fp8)
+    chosen = {field: value for field, value in (
+        ("moe_implementation", args.moe), ("global_attention_implementation", args.global_attention),
+        ("sliding_attention_implementation", args.sliding_attention)) if value is not None}
+    if chosen:
+        model.config = model.config.replace(**chosen)
     if model.banner:
         err.print(f"[bold white on red] {model.banner} [/]", soft_wrap=True)
     ids = _prompt_ids(args, model)
@@ -586,6 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--statistics", choices=STATISTICS,
                    help="logits (default): float32 logits per step; pallas: LM head, entropy and draw fused in one "
                         "vocabulary pass (GPU kernel; interpreted, slowly, on a CPU); xla: its plain-JAX twin")
+    g.add_argument("--moe", choices=MOE_IMPLEMENTATIONS,
+                   help="expert computation (default: the checkpoint's, grouped): on a GPU, pallas")
+    g.add_argument("--global-attention", choices=GLOBAL_ATTENTION_IMPLEMENTATIONS,
+                   help="the decoder's global layers: xla (default) or the split-K Pallas kernel (GPU)")
+    g.add_argument("--sliding-attention", choices=SLIDING_ATTENTION_IMPLEMENTATIONS,
+                   help="the decoder's sliding layers: xla (default) or cuDNN fused attention (GPU, bf16)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-live", action="store_true", help="no per-step view (also skips the host callback)")
     mode = g.add_mutually_exclusive_group()

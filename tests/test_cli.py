@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import diffjax
@@ -46,6 +47,18 @@ def test_generate_default_model_sorts(capsys):
     assert "[canvas" not in err  # --no-live: no per-step output
     # Same seed: the same answer, byte for byte.
     assert run(capsys, "generate", "--no-live", "--seed", "3", "9402751")[1] == out
+
+
+def test_generate_implementation_flags_pick_the_computation(capsys):
+    """--moe / --global-attention / --sliding-attention reach the config: same answer through another expert
+    path; an implementation this machine cannot run is one clear error line."""
+    reference = run(capsys, "generate", "--no-live", "--seed", "3", "9402751")[1]
+    code, out, err = run(capsys, "generate", "--no-live", "--seed", "3", "--moe", "dense", "9402751")
+    assert code == 0, err
+    assert out == reference
+    if jax.default_backend() != "gpu":
+        code, _, err = run(capsys, "generate", "--no-live", "--sliding-attention", "cudnn", "31")
+        assert_clean_error(code, err, "needs an NVIDIA GPU")
 
 
 def test_generate_compact_steps_when_not_a_tty(capsys):
@@ -282,6 +295,22 @@ def test_full_size_with_fp8_experts_counts_their_bytes(capsys, monkeypatch):
     assert "error" not in result["points"][0]
     code, _, err = run(capsys, "bench", "--experts-fp8")
     assert_clean_error(code, err, "--experts-fp8 needs --full-size")
+
+
+def test_full_size_attention_choices_reach_the_config(capsys, monkeypatch):
+    from diffjax import bench
+
+    timed = []
+    monkeypatch.setattr(bench, "time_steps", lambda p, config, *_: timed.append(config) or {
+        "cache_bytes": 0, "decoder_ms": 1.0})
+    settings = bench.FullSizeSettings(batches=(1,), prompts=(4,), steps=1, repeats=1, force=True,
+                                      bandwidth_bytes=1 << 20, generate=False, global_attention="pallas",
+                                      sliding_attention="cudnn")
+    result = bench.run_full_size(settings, config=Config.tiny(canvas_length=8))
+    assert "error" not in result["points"][0]
+    assert (timed[0].global_attention_implementation, timed[0].sliding_attention_implementation) == ("pallas", "cudnn")
+    code, _, err = run(capsys, "bench", "--sliding-attention", "cudnn")
+    assert_clean_error(code, err, "--sliding-attention needs --full-size")
 
 
 def bench_count(params) -> int:
