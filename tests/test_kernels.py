@@ -201,10 +201,10 @@ def test_moe_kernel_lowers_for_cuda_at_released_shapes():
     assert slice_type in lower_for_cuda(lambda *a: scanned(*a, sliced=True), *args[:3], *stacks)
 
 
-def test_fp8_moe_kernel_lowers_for_cuda_at_released_shapes():
-    """e4m3 weight stacks and their scales go to the Triton kernels as they are (no converted copy)."""
+def lower_released_fp8_moe_for_cuda(tokens: int) -> str:
+    """The fp8 expert kernels lowered for CUDA on `tokens` tokens and the released [5 blocks, ...] stacks."""
     cfg = Config.diffusiongemma_26b_a4b()
-    tokens, k, experts, layers = 2 * cfg.canvas_length, cfg.top_k_experts, cfg.num_experts, 5
+    k, experts, layers = cfg.top_k_experts, cfg.num_experts, 5
     hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
     args = (
         jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16),
@@ -216,10 +216,17 @@ def test_fp8_moe_kernel_lowers_for_cuda_at_released_shapes():
         jax.ShapeDtypeStruct((layers, experts, 2 * inter), jnp.float32),
         jax.ShapeDtypeStruct((layers, experts, hidden), jnp.float32),
     )
-    text = lower_for_cuda(lambda x, w, i, up, down, layer, s_up, s_down: experts_pallas(
+    return lower_for_cuda(lambda x, w, i, up, down, layer, s_up, s_down: experts_pallas(
         x, w, i, up, down, layer, gate_up_scale=s_up, down_scale=s_down, interpret=False), *args)
+
+
+def test_fp8_moe_kernel_lowers_for_cuda_at_released_shapes():
+    """e4m3 weight stacks and their scales go to the Triton kernels as they are (no converted copy)."""
+    cfg = Config.diffusiongemma_26b_a4b()
+    text = lower_released_fp8_moe_for_cuda(2 * cfg.canvas_length)
     assert text.count("__gpu$xla.gpu.triton") == 2
-    assert "dynamic_slice" not in text and f"{experts}x{hidden}x{2 * inter}xbf16>" not in text
+    assert "dynamic_slice" not in text
+    assert f"{cfg.num_experts}x{cfg.hidden_size}x{2 * cfg.moe_intermediate_size}xbf16>" not in text
 
 
 def released_fp8_offset_widths(monkeypatch, offsets_fn) -> dict[tuple[int, ...], set[str]]:
@@ -235,19 +242,7 @@ def released_fp8_offset_widths(monkeypatch, offsets_fn) -> dict[tuple[int, ...],
         return offsets
 
     monkeypatch.setattr(lowering, "_compute_offsets_from_indices", spy)
-    cfg = Config.diffusiongemma_26b_a4b()
-    tokens, k, experts, layers = cfg.canvas_length, cfg.top_k_experts, cfg.num_experts, 5
-    hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
-    args = (
-        jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16), jax.ShapeDtypeStruct((tokens, k), jnp.float32),
-        jax.ShapeDtypeStruct((tokens, k), jnp.int32),
-        jax.ShapeDtypeStruct((layers, experts, hidden, 2 * inter), FP8),
-        jax.ShapeDtypeStruct((layers, experts, inter, hidden), FP8), jax.ShapeDtypeStruct((), jnp.int32),
-        jax.ShapeDtypeStruct((layers, experts, 2 * inter), jnp.float32),
-        jax.ShapeDtypeStruct((layers, experts, hidden), jnp.float32),
-    )
-    lower_for_cuda(lambda x, w, i, up, down, layer, s_up, s_down: experts_pallas(
-        x, w, i, up, down, layer, gate_up_scale=s_up, down_scale=s_down, interpret=False), *args)
+    lower_released_fp8_moe_for_cuda(Config.diffusiongemma_26b_a4b().canvas_length)
     return seen
 
 
