@@ -102,8 +102,8 @@ class Config:
     # all-to-all (`diffjax.sharding.experts_expert_parallel`; needs `jax.set_mesh`).
     moe_implementation: Literal["grouped", "dense", "pallas", "expert_parallel"] = "grouped"
     # How the decoder's global layers attend (the canvas over the whole cache, padding-only mask). "xla":
-    # `layers.attend`. "pallas": the split-K kernel of `diffjax.kernels.attention`. The encoder (causal) and
-    # the sliding layers always use `attend`.
+    # `layers.attend`. "pallas": the split-K kernel of `diffjax.kernels.attention`. The encoder (causal)
+    # always uses `attend`.
     global_attention_implementation: Literal["xla", "pallas"] = "xla"
     # How the decoder's sliding layers attend (the canvas over the ring of the last window - 1 positions and
     # itself, padding-only mask). "xla": `layers.attend`. "cudnn": cuDNN's fused attention through

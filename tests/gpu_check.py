@@ -1,0 +1,107 @@
+"""Correctness of the GPU-only paths at the released sizes, on a GPU; prints one JSON line per check.
+
+    PYTHONPATH=. python tests/gpu_check.py          # on the GPU machine (about 1 minute, ~30 GB of memory)
+    PYTHONPATH=. python tests/gpu_check.py --small  # the same checks at toy sizes (CPU: kernels interpreted)
+
+CPU tests cover the maths of every kernel in interpret mode and their CUDA lowering; what only a GPU shows:
+1. `experts_pallas` reading block `b` in place from a released-size `[5, 128, 2816, 1408]` stack, bf16 and
+   fp8 (2.54e9 one-byte weights: the stack whose 32-bit offsets wrapped, see `diffjax.kernels.WIDE_OFFSETS`),
+   against `experts_grouped` on that block's (dequantized) weights, for the first and the last block.
+2. The decoder's sliding layers through cuDNN (`sliding_attention_implementation="cudnn"`): at kernel level
+   against `attend` on the released sliding shapes, then the whole decoder in bf16, cuDNN and XLA each against
+   the same decoder in float32 (the reference the bf16 error of either path is measured from).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax.config import AttentionConfig, Config
+from diffjax.kernels.moe import experts_pallas
+from diffjax.layers import attend, attend_cudnn, experts_grouped
+from diffjax.model import _denoise_logits, init_cache, init_params, prefill
+from diffjax.quantize import dequantize, quantize
+
+
+def relative_l2(ours: jax.Array, reference: jax.Array) -> float:
+    ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
+    return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
+
+
+def report(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def check_expert_stacks(small: bool) -> None:
+    cfg = Config.diffusiongemma_26b_a4b()
+    blocks, experts, hidden, inter, tokens, k = 5, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, 256, 8
+    if small:
+        blocks, experts, hidden, inter, tokens, k = 3, 8, 64, 32, 32, 2
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (tokens, hidden), jnp.bfloat16)
+    weights, ids = jax.lax.top_k(jax.nn.softmax(jax.random.normal(keys[1], (tokens, experts))), k)
+    gate_up = 0.05 * jax.random.normal(keys[2], (blocks, experts, hidden, 2 * inter), jnp.bfloat16)
+    down = 0.05 * jax.random.normal(keys[3], (blocks, experts, inter, hidden), jnp.bfloat16)
+    for block in (0, blocks - 1):
+        ours = experts_pallas(x, weights, ids.astype(jnp.int32), gate_up, down, jnp.int32(block))
+        twin = experts_grouped(x, weights, ids, gate_up[block], down[block])
+        report(check="experts_pallas bf16 stack, block in place", block=block, relative_l2=relative_l2(ours, twin))
+    quantize_stack = jax.jit(quantize)  # one fused pass: eager float32 temporaries of a 2.5e9 stack add up
+    q_gate_up, s_gate_up = quantize_stack(gate_up)
+    del gate_up
+    q_down, s_down = quantize_stack(down)
+    del down
+    for block in (0, blocks - 1):
+        ours = experts_pallas(x, weights, ids.astype(jnp.int32), q_gate_up, q_down, jnp.int32(block),
+                              gate_up_scale=s_gate_up, down_scale=s_down)
+        twin = experts_grouped(x, weights, ids, dequantize(q_gate_up[block], s_gate_up[block], jnp.bfloat16),
+                               dequantize(q_down[block], s_down[block], jnp.bfloat16))
+        report(check="experts_pallas fp8 stack, block in place", block=block, weights=int(q_gate_up.size),
+               relative_l2=relative_l2(ours, twin), finite=bool(jnp.isfinite(ours).all()))
+
+
+def check_cudnn_sliding_attention() -> None:
+    cfg = Config.diffusiongemma_26b_a4b()
+    batch, canvas, context = 2, cfg.canvas_length, cfg.sliding_window - 1 + cfg.canvas_length
+    heads, kv_heads, head_dim = cfg.num_heads, cfg.sliding.num_kv_heads, cfg.sliding.head_dim
+    keys = jax.random.split(jax.random.key(1), 3)
+    query = jax.random.normal(keys[0], (batch, canvas, heads, head_dim), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (batch, context, kv_heads, head_dim), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (batch, context, kv_heads, head_dim), jnp.bfloat16)
+    row = jnp.arange(context)[None, :] >= jnp.array([[0], [300]])  # row 1: 300 padded ring slots
+    mask = jnp.broadcast_to(row[:, None, :], (batch, canvas, context))
+    report(check="cudnn sliding attention vs attend, released shapes", relative_l2=relative_l2(
+        attend_cudnn(query, k, v, mask), attend(query, k, v, mask)))
+
+    tiny = Config.tiny(sliding=AttentionConfig(head_dim=64, num_kv_heads=2, rope_theta=10_000.0))
+    params32 = init_params(tiny, jax.random.key(2))
+    prompt = jax.random.randint(jax.random.key(3), (3, 40), 0, tiny.vocab_size)  # 40 > the 8-token window
+    prompt_mask = jnp.arange(40)[None, :] >= jnp.array([[0], [5], [33]])
+    canvas_ids = jax.random.randint(jax.random.key(4), (3, tiny.canvas_length), 0, tiny.vocab_size)
+
+    def decoder_logits(params: object, config: Config, dtype: object) -> jax.Array:
+        cache = init_cache(config, 3, 40 + config.canvas_length, dtype)
+        cache = prefill(params, config, prompt, prompt_mask, cache, chunk_size=16)
+        return _denoise_logits(params, config, cache, canvas_ids, None, None)
+
+    reference = decoder_logits(params32, tiny, jnp.float32)
+    params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params32)
+    for impl in ("xla", "cudnn"):
+        logits = decoder_logits(params16, tiny.replace(sliding_attention_implementation=impl), jnp.bfloat16)
+        report(check="tiny decoder in bf16 vs float32", sliding_attention=impl,
+               relative_l2=relative_l2(logits, reference),
+               argmax_agreement=float(jnp.mean(logits.argmax(-1) == reference.argmax(-1))))
+
+
+if __name__ == "__main__":
+    small = "--small" in sys.argv[1:]
+    check_expert_stacks(small)
+    if jax.default_backend() == "gpu":
+        check_cudnn_sliding_attention()
+    else:
+        report(check="cudnn sliding attention", skipped="no GPU backend")
