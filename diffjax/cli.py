@@ -563,6 +563,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_attention_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """`--global-attention` and `--sliding-attention`: `Config`'s attention implementation fields."""
+    parser.add_argument("--global-attention", choices=GLOBAL_ATTENTION_IMPLEMENTATIONS,
+                        help=f"{prefix}the decoder's global layers: xla (default) or the split-K Pallas kernel (GPU)")
+    parser.add_argument("--sliding-attention", choices=SLIDING_ATTENTION_IMPLEMENTATIONS,
+                        help=f"{prefix}the decoder's sliding layers: xla (default) or cuDNN fused attention (GPU, "
+                             "bf16)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffjax", description="DiffusionGemma in JAX: generate, train, convert, bench, info.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -593,10 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "vocabulary pass (GPU kernel; interpreted, slowly, on a CPU); xla: its plain-JAX twin")
     g.add_argument("--moe", choices=MOE_IMPLEMENTATIONS,
                    help="expert computation (default: the checkpoint's, grouped): on a GPU, pallas")
-    g.add_argument("--global-attention", choices=GLOBAL_ATTENTION_IMPLEMENTATIONS,
-                   help="the decoder's global layers: xla (default) or the split-K Pallas kernel (GPU)")
-    g.add_argument("--sliding-attention", choices=SLIDING_ATTENTION_IMPLEMENTATIONS,
-                   help="the decoder's sliding layers: xla (default) or cuDNN fused attention (GPU, bf16)")
+    _add_attention_flags(g)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-live", action="store_true", help="no per-step view (also skips the host callback)")
     mode = g.add_mutually_exclusive_group()
@@ -683,10 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--experts-fp8", action="store_true",
                    help="--full-size: experts in float8_e4m3fn with float32 per-column scales (the floor counts "
                         "their bytes)")
-    b.add_argument("--global-attention", choices=GLOBAL_ATTENTION_IMPLEMENTATIONS,
-                   help="--full-size: the decoder's global layers through XLA (default) or the split-K Pallas kernel")
-    b.add_argument("--sliding-attention", choices=SLIDING_ATTENTION_IMPLEMENTATIONS,
-                   help="--full-size: the decoder's sliding layers through XLA (default) or cuDNN fused attention")
+    _add_attention_flags(b, "--full-size: ")
     b.add_argument("--force", action="store_true", help="--full-size on a CPU backend anyway")
     b.add_argument("--json", type=pathlib.Path, help="also write the results as JSON")
     b.set_defaults(func=cmd_bench)
