@@ -4,6 +4,8 @@
     PYTHONPATH=. python tests/gpu_check.py --small  # the same checks at toy sizes (CPU: kernels interpreted)
 
 CPU tests cover the maths of every kernel in interpret mode and their CUDA lowering; what only a GPU shows:
+0. The minimal form of the JAX offset bug (a 1-byte ref of more than 2**31 elements read past 2**31), with
+   diffjax's wrapper (correct) and, in a child process, without it (expected: wrong bytes or a fault).
 1. `experts_pallas` reading block `b` in place from a released-size `[5, 128, 2816, 1408]` stack, bf16 and
    fp8 (2.54e9 one-byte weights: the stack whose 32-bit offsets wrapped, see `diffjax.kernels.WIDE_OFFSETS`),
    against `experts_grouped` on that block's (dequantized) weights, for the first and the last block.
@@ -98,8 +100,48 @@ def check_cudnn_sliding_attention() -> None:
                argmax_agreement=float(jnp.mean(logits.argmax(-1) == reference.argmax(-1))))
 
 
+def read_past_2_31(start: int) -> bool:
+    """Whether a Pallas kernel reads 128 bytes at `start` of a 2**31 + 4096-byte uint8 array correctly: the
+    minimal form of the wrapped-offset bug (`diffjax.kernels.WIDE_OFFSETS`), for an upstream report."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    size = 2**31 + 4096
+    data = (jnp.arange(size, dtype=jnp.uint32) % 251).astype(jnp.uint8)
+
+    def kernel(start_ref, data_ref, out_ref):
+        out_ref[...] = data_ref[pl.ds(start_ref[0], 128)]
+
+    out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((128,), jnp.uint8),
+                         in_specs=[pl.no_block_spec] * 2,
+                         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),  # Triton
+                         )(jnp.array([start], jnp.int32), data)
+    expected = (np.arange(start, start + 128, dtype=np.uint64) % 251).astype(np.uint8)
+    return bool(np.array_equal(np.asarray(out), expected))
+
+
+def check_wide_offsets() -> None:
+    """With the wrapper, here; without it, in a child process (a faulting kernel poisons its CUDA context)."""
+    import subprocess
+
+    start = 2**31 + 1024
+    report(check="uint8 ref past 2**31, diffjax's 64-bit offsets", correct=read_past_2_31(start))
+    child = subprocess.run([sys.executable, __file__, "--jax-offsets-only"], capture_output=True, text=True,
+                           timeout=300)
+    report(check="uint8 ref past 2**31, JAX's own offsets", returncode=child.returncode,
+           output=(child.stdout.strip() or child.stderr.strip()[-300:]))
+
+
 if __name__ == "__main__":
+    if "--jax-offsets-only" in sys.argv[1:]:
+        from jax._src.pallas.triton import lowering
+
+        lowering._compute_offsets_from_indices = lowering._compute_offsets_from_indices.wrapped
+        print(json.dumps({"correct": read_past_2_31(2**31 + 1024)}))
+        sys.exit(0)
     small = "--small" in sys.argv[1:]
+    if jax.default_backend() == "gpu":
+        check_wide_offsets()
     check_expert_stacks(small)
     if jax.default_backend() == "gpu":
         check_cudnn_sliding_attention()
