@@ -67,9 +67,10 @@ def moe_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, dty
         (50, 16, 4, 48, 80, 32, jnp.bfloat16),  # dims that are multiples of 16 but not powers of two
     ],
 )
-def test_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, block_rows, dtype):
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, block_rows, dtype, swap_ab):
     args = moe_case(tokens, experts, top_k, hidden, inter, dtype, seed=tokens)
-    ours = experts_pallas(*args, tiles=MoeTiles(block_rows=block_rows), interpret=True)
+    ours = experts_pallas(*args, tiles=MoeTiles(block_rows=block_rows, swap_ab=swap_ab), interpret=True)
     assert ours.shape == args[0].shape and ours.dtype == dtype
     _close(ours, experts_dense(*as_f32(*args)), dtype)
     _close(experts_grouped(*args), experts_dense(*as_f32(*args)), dtype)  # the twin meets the same bar
@@ -93,14 +94,16 @@ def test_moe_kernel_reads_a_layer_of_a_stack_in_place():
         (50, 16, 4, 48, 80, 32, jnp.bfloat16),
     ],
 )
-def test_moe_kernel_fp8_matches_dequantized_twins(tokens, experts, top_k, hidden, inter, block_rows, dtype):
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_moe_kernel_fp8_matches_dequantized_twins(tokens, experts, top_k, hidden, inter, block_rows, dtype, swap_ab):
     """fp8 stacks of two layers read in place at a traced layer index, half the experts without tokens."""
     x, weights, ids, gate_up, down = moe_case(tokens, experts, top_k, hidden, inter, dtype, seed=tokens + 1)
     # Layer 1 differs from layer 0 in weights and, by the factor, in its scales.
     (q_up, s_up), (q_down, s_down) = (quantize(jnp.stack([w, 0.5 * w[::-1]])) for w in (gate_up, down))
     layer = jnp.int32(1)
     ours = jax.jit(lambda i: experts_pallas(x, weights, ids, q_up, q_down, i, gate_up_scale=s_up, down_scale=s_down,
-                                            tiles=MoeTiles(block_rows=block_rows), interpret=True))(layer)
+                                            tiles=MoeTiles(block_rows=block_rows, swap_ab=swap_ab),
+                                            interpret=True))(layer)
     assert ours.shape == x.shape and ours.dtype == dtype
     oracle = experts_dense(x.astype(jnp.float32), weights, ids, dequantize(q_up[1], s_up[1], jnp.float32),
                            dequantize(q_down[1], s_down[1], jnp.float32))
@@ -182,6 +185,8 @@ def test_moe_kernel_lowers_for_cuda_at_released_shapes():
     )
     text = lower_for_cuda(lambda *a: experts_pallas(*a, interpret=False), *args)
     assert text.count("__gpu$xla.gpu.triton") == 2  # gate/up and down kernels
+    swapped = lower_for_cuda(lambda *a: experts_pallas(*a, tiles=MoeTiles(swap_ab=True), interpret=False), *args)
+    assert swapped.count("__gpu$xla.gpu.triton") == 2 and swapped != text  # the option reaches the kernels
 
     # A scan over a stack of layers hands the kernels the whole stack: no per-layer slice (a copy) of it.
     layers = 2

@@ -63,6 +63,10 @@ MOE_TILES = (
     # many bytes), and the batch-8 winners (256-wide down tiles, 64-row tiles) together.
     {"gate_up_block_n": 128, "num_warps": 8}, {"gate_up_block_n": 128, "down_block_n": 256, "num_warps": 8},
     {"block_rows": 64, "down_block_n": 256, "num_warps": 8},
+    # Transposed products (`MoeTiles.swap_ab`): weight columns on the MMA's M side, where Hopper's wgmma
+    # wants >= 64, instead of the expert's 16-32 rows.
+    {"swap_ab": True}, {"swap_ab": True, "block_rows": 16}, {"swap_ab": True, "gate_up_block_n": 128, "num_warps": 8},
+    {"swap_ab": True, "block_rows": 64, "down_block_n": 256, "num_warps": 8},
 )
 VOCAB_TILES = (
     {"block_rows": 128, "num_warps": 8}, {"block_v": 256, "num_warps": 8},

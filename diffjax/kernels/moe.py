@@ -71,6 +71,10 @@ class MoeTiles:
     down_block_n: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    # Accumulate the transposed products (weight tile^T @ rows^T): the weight columns become the MMA's M side
+    # and the few rows of an expert its N side. Hopper's wgmma needs M >= 64 per warpgroup, which a 16-32-row
+    # tile (batch 1) cannot give the plain product; the swap is the usual small-batch MoE remedy. Same maths.
+    swap_ab: bool = False
 
     def validate(self) -> None:
         for name in ("gate_up_block_k", "gate_up_block_n", "down_block_k", "down_block_n"):
@@ -216,7 +220,14 @@ def _check_shapes(x: Array, weights: Array, expert_ids: Array, gate_up: Array, d
             raise ValueError(f"experts_pallas needs {name} to be a multiple of {MIN_BLOCK}, got {size}")
 
 
-def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantized):
+def _tile_product(acc: Array, rows: Array, weights: Array, swap_ab: bool) -> Array:
+    """`acc + rows @ weights` in float32, or with `swap_ab` the transposed `acc + weights^T @ rows^T`."""
+    if swap_ab:
+        return acc + jax.lax.dot_general(weights, rows, (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return acc + jnp.dot(rows, weights, preferred_element_type=jnp.float32)
+
+
+def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantized, swap_ab):
     """refs: layer, tile_expert, x, w, (scale if quantized), then the output h."""
     layer_ref, tile_expert_ref, x_ref, w_ref = refs[:4]
     h_ref = refs[-1]
@@ -235,12 +246,12 @@ def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantize
             xk = x_ref[rows, ks]
             w_gate = w_ref[layer, expert, ks, gate_cols].astype(xk.dtype)
             w_up = w_ref[layer, expert, ks, up_cols].astype(xk.dtype)
-            acc_gate += jnp.dot(xk, w_gate, preferred_element_type=jnp.float32)
-            acc_up += jnp.dot(xk, w_up, preferred_element_type=jnp.float32)
-            return acc_gate, acc_up
+            return _tile_product(acc_gate, xk, w_gate, swap_ab), _tile_product(acc_up, xk, w_up, swap_ab)
 
-        zeros = jnp.zeros((block_rows, block_n), jnp.float32)
+        zeros = jnp.zeros((block_n, block_rows) if swap_ab else (block_rows, block_n), jnp.float32)
         acc_gate, acc_up = jax.lax.fori_loop(0, hidden // block_k, step, (zeros, zeros))
+        if swap_ab:
+            acc_gate, acc_up = acc_gate.T, acc_up.T
         if quantized:
             scale_ref = refs[4]
             acc_gate *= scale_ref[layer, expert, gate_cols][None, :]
@@ -257,14 +268,14 @@ def _gate_up_call(
     block_n = largest_power_of_two_divisor(inter, tiles.gate_up_block_n)
     kernel = functools.partial(
         _gate_up_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, hidden=hidden, inter=inter,
-        quantized=scale is not None,
+        quantized=scale is not None, swap_ab=tiles.swap_ab,
     )
     inputs = (layer, tile_expert, xs, gate_up) + ((scale,) if scale is not None else ())
     return _row_tiled_call(kernel, inputs, (padded_rows, inter), xs.dtype, block_rows, block_n, tiles, interpret,
                            "moe_gate_up")
 
 
-def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized):
+def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab):
     """refs: layer, tile_expert, h, row_weight, w, (scale if quantized), then the output y."""
     layer_ref, tile_expert_ref, h_ref, row_weight_ref, w_ref = refs[:5]
     y_ref = refs[-1]
@@ -279,10 +290,12 @@ def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized):
         def step(k, acc):
             ks = pl.ds(k * block_k, block_k)
             hk = h_ref[rows, ks]
-            w = w_ref[layer, expert, ks, cols].astype(hk.dtype)
-            return acc + jnp.dot(hk, w, preferred_element_type=jnp.float32)
+            return _tile_product(acc, hk, w_ref[layer, expert, ks, cols].astype(hk.dtype), swap_ab)
 
-        acc = jax.lax.fori_loop(0, inter // block_k, step, jnp.zeros((block_rows, block_n), jnp.float32))
+        zeros = jnp.zeros((block_n, block_rows) if swap_ab else (block_rows, block_n), jnp.float32)
+        acc = jax.lax.fori_loop(0, inter // block_k, step, zeros)
+        if swap_ab:
+            acc = acc.T
         if quantized:
             acc *= refs[5][layer, expert, cols][None, :]
         y_ref[...] = (acc * row_weight_ref[rows][:, None]).astype(y_ref.dtype)
@@ -298,7 +311,7 @@ def _down_call(
     block_n = largest_power_of_two_divisor(hidden, tiles.down_block_n)
     kernel = functools.partial(
         _down_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, inter=inter,
-        quantized=scale is not None,
+        quantized=scale is not None, swap_ab=tiles.swap_ab,
     )
     inputs = (layer, tile_expert, h, row_weights, down) + ((scale,) if scale is not None else ())
     return _row_tiled_call(kernel, inputs, (padded_rows, hidden), h.dtype, block_rows, block_n, tiles, interpret,
