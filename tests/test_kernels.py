@@ -60,6 +60,10 @@ def moe_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, dty
     return x, weights, ids.astype(jnp.int32), gate_up, down
 
 
+# The default launch (column tiles first, plain products), transposed products, and row tiles first.
+LAUNCH_VARIANTS = [{}, {"swap_ab": True}, {"column_tiles_first": False}]
+
+
 @pytest.mark.parametrize(
     ("tokens", "experts", "top_k", "hidden", "inter", "block_rows", "dtype"),
     [
@@ -67,10 +71,10 @@ def moe_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, dty
         (50, 16, 4, 48, 80, 32, jnp.bfloat16),  # dims that are multiples of 16 but not powers of two
     ],
 )
-@pytest.mark.parametrize("swap_ab", [False, True])
-def test_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, block_rows, dtype, swap_ab):
+@pytest.mark.parametrize("launch", LAUNCH_VARIANTS)
+def test_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, block_rows, dtype, launch):
     args = moe_case(tokens, experts, top_k, hidden, inter, dtype, seed=tokens)
-    ours = experts_pallas(*args, tiles=MoeTiles(block_rows=block_rows, swap_ab=swap_ab), interpret=True)
+    ours = experts_pallas(*args, tiles=MoeTiles(block_rows=block_rows, **launch), interpret=True)
     assert ours.shape == args[0].shape and ours.dtype == dtype
     _close(ours, experts_dense(*as_f32(*args)), dtype)
     _close(experts_grouped(*args), experts_dense(*as_f32(*args)), dtype)  # the twin meets the same bar
@@ -94,15 +98,15 @@ def test_moe_kernel_reads_a_layer_of_a_stack_in_place():
         (50, 16, 4, 48, 80, 32, jnp.bfloat16),
     ],
 )
-@pytest.mark.parametrize("swap_ab", [False, True])
-def test_moe_kernel_fp8_matches_dequantized_twins(tokens, experts, top_k, hidden, inter, block_rows, dtype, swap_ab):
+@pytest.mark.parametrize("launch", LAUNCH_VARIANTS)
+def test_moe_kernel_fp8_matches_dequantized_twins(tokens, experts, top_k, hidden, inter, block_rows, dtype, launch):
     """fp8 stacks of two layers read in place at a traced layer index, half the experts without tokens."""
     x, weights, ids, gate_up, down = moe_case(tokens, experts, top_k, hidden, inter, dtype, seed=tokens + 1)
     # Layer 1 differs from layer 0 in weights and, by the factor, in its scales.
     (q_up, s_up), (q_down, s_down) = (quantize(jnp.stack([w, 0.5 * w[::-1]])) for w in (gate_up, down))
     layer = jnp.int32(1)
     ours = jax.jit(lambda i: experts_pallas(x, weights, ids, q_up, q_down, i, gate_up_scale=s_up, down_scale=s_down,
-                                            tiles=MoeTiles(block_rows=block_rows, swap_ab=swap_ab),
+                                            tiles=MoeTiles(block_rows=block_rows, **launch),
                                             interpret=True))(layer)
     assert ours.shape == x.shape and ours.dtype == dtype
     oracle = experts_dense(x.astype(jnp.float32), weights, ids, dequantize(q_up[1], s_up[1], jnp.float32),

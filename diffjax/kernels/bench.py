@@ -55,18 +55,17 @@ MOE_IMPLS = ("pallas", "pallas_fp8", "ragged_dot", "ragged_dot_fusion", "dense")
 SECTIONS = ("moe", "vocab", "attention", "sliding")
 # `--sweep`: tile settings tried beside each kernel's defaults (keyword arguments of its *Tiles class).
 MOE_TILES = (
+    # The launch order and warps before `column_tiles_first` and `warps_for` (4 warps spill at 128-row tiles).
+    {"column_tiles_first": False}, {"num_warps": 4}, {"column_tiles_first": False, "num_warps": 4},
     {"gate_up_block_k": 128}, {"num_stages": 4}, {"num_warps": 8},
-    {"gate_up_block_n": 32, "down_block_n": 64}, {"down_block_n": 256, "num_warps": 8}, {"block_rows": 64},
-    # The row tile before `row_tile` sized it for busy experts (at batch 1: 16 rows, now 32), side by side.
-    {"block_rows": 16},
-    # Wider weight rows per load (on an H100 narrower gate/up tiles were 23-32% slower; fp8 rows are half as
-    # many bytes), and the batch-8 winners (256-wide down tiles, 64-row tiles) together.
-    {"gate_up_block_n": 128, "num_warps": 8}, {"gate_up_block_n": 128, "down_block_n": 256, "num_warps": 8},
-    {"block_rows": 64, "down_block_n": 256, "num_warps": 8},
+    # Gate/up column tiles cannot be wider than 64: inter 704 = 11 x 64 (blocks are powers of two dividing it).
+    {"gate_up_block_n": 32, "down_block_n": 64}, {"down_block_n": 64}, {"down_block_n": 256},
+    # The row tile before `row_tile` sized it for busy experts (at batch 1: 16 rows, now 32), and 64 rows
+    # (an H100's batch-8 sweep favoured it, with 256-wide down tiles, over the spilling 4-warp defaults).
+    {"block_rows": 16}, {"block_rows": 64}, {"block_rows": 64, "down_block_n": 256},
     # Transposed products (`MoeTiles.swap_ab`): weight columns on the MMA's M side, where Hopper's wgmma
     # wants >= 64, instead of the expert's 16-32 rows.
-    {"swap_ab": True}, {"swap_ab": True, "block_rows": 16}, {"swap_ab": True, "gate_up_block_n": 128, "num_warps": 8},
-    {"swap_ab": True, "block_rows": 64, "down_block_n": 256, "num_warps": 8},
+    {"swap_ab": True}, {"swap_ab": True, "block_rows": 16}, {"swap_ab": True, "block_rows": 64, "down_block_n": 256},
 )
 VOCAB_TILES = (
     {"block_rows": 128, "num_warps": 8}, {"block_v": 256, "num_warps": 8},
@@ -74,6 +73,8 @@ VOCAB_TILES = (
     {"block_rows": 128, "block_k": 32, "num_stages": 4},
     # One row block per canvas at batch 1: the embedding is streamed once instead of once per 64 rows.
     {"block_rows": 256, "block_v": 64, "num_warps": 8}, {"block_rows": 256, "block_v": 32, "num_warps": 8},
+    # The defaults use all 255 registers and spill (`python -m diffjax.kernels.codegen`); these do not.
+    {"num_warps": 8}, {"block_v": 64}, {"block_v": 64, "num_warps": 8},
 )
 ATTENTION_TILES = (
     {"block_k": 16, "num_warps": 4}, {"num_warps": 4, "num_stages": 1}, {"block_q": 32, "num_warps": 4},

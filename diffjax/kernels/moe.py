@@ -69,8 +69,17 @@ class MoeTiles:
     gate_up_block_n: int = 64
     down_block_k: int = 64
     down_block_n: int = 128
-    num_warps: int = 4
+    # None: per kernel, the fewest warps (4 or 8) that hold its float32 accumulators in <= 64 registers per
+    # thread (`warps_for`). Compiled for sm_90a, 4 warps with 128-row tiles (batch >= 8) use all 255 registers
+    # and spill (`python -m diffjax.kernels.codegen`); the batch-8 sweep's fastest settings on an H100 were
+    # the spill-free ones.
+    num_warps: int | None = None
     num_stages: int = 3
+    # Launch all the column tiles of a row tile together (the grid's fastest axis): the programs that read one
+    # expert's weight rows run side by side, so they stream whole rows of it, and its activation rows are read
+    # from DRAM once and then from L2. Row tiles first re-read every activation row once per column tile, which
+    # at batch 8 (~100 MB of expert-sorted rows, twice the H100's L2) means from DRAM.
+    column_tiles_first: bool = True
     # Accumulate the transposed products (weight tile^T @ rows^T): the weight columns become the MMA's M side
     # and the few rows of an expert its N side. Hopper's wgmma needs M >= 64 per warpgroup, which a 16-32-row
     # tile (batch 1) cannot give the plain product; the swap is the usual small-batch MoE remedy. Same maths.
@@ -81,6 +90,17 @@ class MoeTiles:
             require_block(f"MoeTiles.{name}", getattr(self, name))
         if self.block_rows is not None:
             require_block("MoeTiles.block_rows", self.block_rows)
+        if self.num_warps not in (None, 1, 2, 4, 8, 16):
+            raise ValueError(f"MoeTiles.num_warps must be None or a power of two <= 16, got {self.num_warps}")
+
+
+# Float32 accumulator elements per thread above which `warps_for` doubles the warps.
+ACCUMULATORS_PER_THREAD = 64
+
+
+def warps_for(accumulator_elements: int) -> int:
+    """Warps (4 or 8) for a kernel whose program holds `accumulator_elements` float32 accumulators."""
+    return 4 if accumulator_elements <= ACCUMULATORS_PER_THREAD * 4 * 32 else 8
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
@@ -227,11 +247,18 @@ def _tile_product(acc: Array, rows: Array, weights: Array, swap_ab: bool) -> Arr
     return acc + jnp.dot(rows, weights, preferred_element_type=jnp.float32)
 
 
-def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantized, swap_ab):
+def _tile_indices(column_tiles_first: bool) -> tuple[Array, Array]:
+    """(row tile, column tile) of this program under the launch order of `_row_tiled_call`."""
+    if column_tiles_first:
+        return pl.program_id(1), pl.program_id(0)
+    return pl.program_id(0), pl.program_id(1)
+
+
+def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantized, swap_ab, column_tiles_first):
     """refs: layer, tile_expert, x, w, (scale if quantized), then the output h."""
     layer_ref, tile_expert_ref, x_ref, w_ref = refs[:4]
     h_ref = refs[-1]
-    row_tile_index, col_tile = pl.program_id(0), pl.program_id(1)
+    row_tile_index, col_tile = _tile_indices(column_tiles_first)
     layer, expert = layer_ref[0], tile_expert_ref[row_tile_index]
 
     @pl.when(expert >= 0)
@@ -268,18 +295,19 @@ def _gate_up_call(
     block_n = largest_power_of_two_divisor(inter, tiles.gate_up_block_n)
     kernel = functools.partial(
         _gate_up_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, hidden=hidden, inter=inter,
-        quantized=scale is not None, swap_ab=tiles.swap_ab,
+        quantized=scale is not None, swap_ab=tiles.swap_ab, column_tiles_first=tiles.column_tiles_first,
     )
     inputs = (layer, tile_expert, xs, gate_up) + ((scale,) if scale is not None else ())
-    return _row_tiled_call(kernel, inputs, (padded_rows, inter), xs.dtype, block_rows, block_n, tiles, interpret,
-                           "moe_gate_up")
+    warps = tiles.num_warps or warps_for(2 * block_rows * block_n)  # gate and up accumulators
+    return _row_tiled_call(kernel, inputs, (padded_rows, inter), xs.dtype, block_rows, block_n, warps, tiles,
+                           interpret, "moe_gate_up")
 
 
-def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab):
+def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab, column_tiles_first):
     """refs: layer, tile_expert, h, row_weight, w, (scale if quantized), then the output y."""
     layer_ref, tile_expert_ref, h_ref, row_weight_ref, w_ref = refs[:5]
     y_ref = refs[-1]
-    row_tile_index, col_tile = pl.program_id(0), pl.program_id(1)
+    row_tile_index, col_tile = _tile_indices(column_tiles_first)
     layer, expert = layer_ref[0], tile_expert_ref[row_tile_index]
 
     @pl.when(expert >= 0)
@@ -311,27 +339,33 @@ def _down_call(
     block_n = largest_power_of_two_divisor(hidden, tiles.down_block_n)
     kernel = functools.partial(
         _down_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, inter=inter,
-        quantized=scale is not None, swap_ab=tiles.swap_ab,
+        quantized=scale is not None, swap_ab=tiles.swap_ab, column_tiles_first=tiles.column_tiles_first,
     )
     inputs = (layer, tile_expert, h, row_weights, down) + ((scale,) if scale is not None else ())
-    return _row_tiled_call(kernel, inputs, (padded_rows, hidden), h.dtype, block_rows, block_n, tiles, interpret,
-                           "moe_down")
+    warps = tiles.num_warps or warps_for(block_rows * block_n)
+    return _row_tiled_call(kernel, inputs, (padded_rows, hidden), h.dtype, block_rows, block_n, warps, tiles,
+                           interpret, "moe_down")
 
 
 def _row_tiled_call(
     kernel: Any, inputs: tuple[Array, ...], out_shape: tuple[int, int], dtype: Any, block_rows: int, block_n: int,
-    tiles: MoeTiles, interpret: bool, name: str,
+    num_warps: int, tiles: MoeTiles, interpret: bool, name: str,
 ) -> Array:
-    """Launch `kernel` over a (row tile, output column tile) grid: inputs whole (each program picks its expert's
-    weights itself), each program writing one `[block_rows, block_n]` block of the output."""
+    """Launch `kernel` over the (row tile, output column tile) blocks, column tiles first or row tiles first
+    (`MoeTiles.column_tiles_first`): inputs whole (each program picks its expert's weights itself), each
+    program writing one `[block_rows, block_n]` block of the output."""
     rows, cols = out_shape
+    if tiles.column_tiles_first:
+        grid, block_index = (cols // block_n, rows // block_rows), lambda j, i: (i, j)
+    else:
+        grid, block_index = (rows // block_rows, cols // block_n), lambda i, j: (i, j)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(out_shape, dtype),
-        grid=(rows // block_rows, cols // block_n),
+        grid=grid,
         in_specs=[pl.no_block_spec] * len(inputs),
-        out_specs=pl.BlockSpec((block_rows, block_n), lambda i, j: (i, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        out_specs=pl.BlockSpec((block_rows, block_n), block_index),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name=name,
     )(*inputs)

@@ -1,0 +1,319 @@
+"""What the GPU compiler makes of the Pallas kernels, found on a CPU: an offline Hopper code-generation report.
+
+    python -m diffjax.kernels.codegen --rows 1 8                 # default tiles, released shapes
+    python -m diffjax.kernels.codegen --rows 1 8 --sweep         # every tile candidate of the GPU sweep
+
+Why: GPU time is scarce (some sessions get none), and several questions about a kernel's speed are answered by
+its machine code, not by timing it: does its dot run on Hopper's wgmma or on the older mma.sync, are its loads
+pipelined (cp.async / TMA), how many registers does it take, does it spill, how much shared memory, how many of
+its programs fit on one SM. This module lowers each kernel at the released shapes for CUDA (as CI's lowering
+tests do), takes the Triton IR out of the lowered module and compiles it for sm_90a with Triton's own compiler
+(`pip install triton==3.9.0`, in the test extra; it compiles without a GPU), then reads the PTX and the cubin's
+resource usage.
+
+Caveat: on the GPU, XLA compiles the same Triton IR with the Triton it bundles (jaxlib's), whose pass pipeline
+is close to but not the same as the pip release's; the report is a guide for choosing tiles and the GPU
+timing stays the judge. Observed with both: the plain batch-1 expert product (32-row tiles) runs on mma.sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+TRITON_VERSION = "3.9.0"
+TRITON_CALL_TARGET = "__gpu$xla.gpu.triton"
+# Hopper (sm_90) per-SM limits: 64K 32-bit registers (allocated per warp in units of 256), 228 KiB of shared
+# memory (of which 1 KiB is reserved per resident program), 64 warps, 32 programs.
+SM90_REGISTERS = 65536
+SM90_REGISTER_UNIT = 256
+SM90_SHARED_BYTES = 228 * 1024
+SM90_RESERVED_SHARED_PER_PROGRAM = 1024
+SM90_WARPS = 64
+SM90_PROGRAMS = 32
+SECTIONS = ("moe", "moe_fp8", "vocab", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonKernel:
+    """One Pallas kernel as XLA receives it: Triton IR and launch parameters."""
+
+    name: str
+    ttir: str
+    num_warps: int
+    num_stages: int
+    grid: tuple[int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelReport:
+    """The machine code of one kernel compiled for sm_90a."""
+
+    name: str
+    grid: tuple[int, int, int]
+    num_warps: int
+    num_stages: int
+    mma: str  # "wgmma" (Hopper warpgroup MMA), "mma.sync" (Ampere-style) or "none"
+    async_loads: bool  # cp.async or TMA copies: the k-loop's loads are pipelined
+    registers: int  # per thread
+    stack_bytes: int  # per thread; > 0 means registers spilled to local memory
+    shared_bytes: int  # dynamic shared memory per program
+    programs_per_sm: int
+    occupancy_limit: str  # what bounds programs_per_sm: "registers", "shared", "warps" or "programs"
+
+    @property
+    def spills(self) -> bool:
+        return self.stack_bytes > 0
+
+
+def triton_kernels(lowered: jax.stages.Lowered) -> list[TritonKernel]:
+    """The Triton kernels of a function lowered for CUDA (`jax.jit(f).trace(...).lower(lowering_platforms=
+    ("cuda",))`), in the order XLA would run them."""
+    from jax._src.lib.mlir import ir
+
+    module = lowered.compiler_ir("stablehlo")
+    kernels = []
+
+    def visit(op: Any) -> None:
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    child = child.operation
+                    if (child.name == "stablehlo.custom_call"
+                            and ir.StringAttr(child.attributes["call_target_name"]).value == TRITON_CALL_TARGET):
+                        kernels.append(_kernel_from_config(ir.DictAttr(_backend_config(child))))
+                    visit(child)
+
+    visit(module.operation)
+    return kernels
+
+
+def _backend_config(op: Any) -> Any:
+    # jaxlib <= 0.10.2 keeps the dictionary under "mhlo.backend_config" (typed FFI custom calls), later ones
+    # under "backend_config".
+    return op.attributes["mhlo.backend_config" if "mhlo.backend_config" in list(op.attributes) else "backend_config"]
+
+
+def _kernel_from_config(config: Any) -> TritonKernel:
+    from jax._src.lib.mlir import ir
+
+    def integer(key: str) -> int:
+        return ir.IntegerAttr(config[key]).value
+
+    # The IR travels as MLIR bytecode; Triton's parser wants text. jaxlib registers the `tt` dialect only in
+    # the contexts Pallas makes, so parse in one of those.
+    with _triton_context():
+        text = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes).operation.get_asm()
+    return TritonKernel(
+        name=ir.StringAttr(config["name"]).value, ttir=text, num_warps=integer("num_warps"),
+        num_stages=integer("num_stages"), grid=(integer("grid_x"), integer("grid_y"), integer("grid_z")),
+    )
+
+
+def _triton_context() -> Any:
+    try:
+        from jax._src.pallas.triton.lowering import _new_ir_context
+    except ImportError as exc:  # pragma: no cover - a JAX that moved its Pallas Triton lowering
+        raise RuntimeError(f"this JAX ({jax.__version__}) has no Pallas Triton lowering context: {exc}") from exc
+    return _new_ir_context()
+
+
+def _triton() -> Any:
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+    except ImportError as exc:
+        raise RuntimeError(
+            f"the code-generation report compiles with Triton's own compiler: pip install triton=={TRITON_VERSION} "
+            f"(part of diffjax's test extra; it needs no GPU) ({exc})"
+        ) from exc
+    return triton, GPUTarget
+
+
+def compile_for_hopper(kernel: TritonKernel) -> KernelReport:
+    """Compile `kernel` for sm_90a with Triton (no GPU needed) and read its machine code."""
+    triton, gpu_target = _triton()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{kernel.name}.ttir"
+        path.write_text(kernel.ttir, encoding="utf-8")
+        compiled = triton.compile(
+            str(path), target=gpu_target("cuda", 90, 32),
+            # XLA fuses multiply-adds in Triton kernels; saying so also silences Triton 3.9's default warning.
+            options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages, "enable_fp_fusion": True},
+        )
+        cubin = Path(tmp) / f"{kernel.name}.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", str(cubin)],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    ptx = compiled.asm["ptx"]
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage for {kernel.name}: {usage[:500]}")
+    registers, stack = int(found[1]), int(found[2])
+    shared = int(compiled.metadata.shared)
+    programs, limit = occupancy(registers, shared, kernel.num_warps)
+    return KernelReport(
+        name=kernel.name, grid=kernel.grid, num_warps=kernel.num_warps, num_stages=kernel.num_stages,
+        mma="wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none",
+        async_loads="cp.async" in ptx, registers=registers, stack_bytes=stack, shared_bytes=shared,
+        programs_per_sm=programs, occupancy_limit=limit,
+    )
+
+
+def occupancy(registers: int, shared_bytes: int, num_warps: int) -> tuple[int, str]:
+    """Programs of a kernel resident on one Hopper SM, and which resource bounds them."""
+    per_warp = -(-registers * 32 // SM90_REGISTER_UNIT) * SM90_REGISTER_UNIT
+    bounds = {
+        "registers": SM90_REGISTERS // (per_warp * num_warps),
+        "shared": SM90_SHARED_BYTES // (shared_bytes + SM90_RESERVED_SHARED_PER_PROGRAM),
+        "warps": SM90_WARPS // num_warps,
+        "programs": SM90_PROGRAMS,
+    }
+    limit = min(bounds, key=bounds.__getitem__)
+    return bounds[limit], limit
+
+
+def kernel_reports(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[KernelReport]:
+    """Reports of every Pallas Triton kernel `fn(*args, **kwargs)` runs (args may be `jax.ShapeDtypeStruct`s)."""
+    lowered = jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",))
+    return [compile_for_hopper(k) for k in triton_kernels(lowered)]
+
+
+# ------------------------------------------------------------------ the released problems
+
+
+def _spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@functools.cache
+def _released() -> Any:
+    from diffjax.config import Config
+
+    return Config.diffusiongemma_26b_a4b()
+
+
+def moe_problem(rows: int, tiles: Any = None, fp8: bool = False) -> tuple[Callable[..., Any], tuple, dict]:
+    """One decoder layer's experts for `rows` canvases, reading a released-size block stack in place, as the
+    model runs them."""
+    from diffjax.kernels.moe import MoeTiles, experts_pallas
+    from diffjax.quantize import FP8
+
+    c = _released()
+    tokens, weight_dtype = rows * c.canvas_length, FP8 if fp8 else jnp.bfloat16
+    stack = (c.num_blocks, c.num_experts)
+    args = (
+        _spec((tokens, c.hidden_size), jnp.bfloat16), _spec((tokens, c.top_k_experts), jnp.float32),
+        _spec((tokens, c.top_k_experts), jnp.int32),
+        _spec((*stack, c.hidden_size, 2 * c.moe_intermediate_size), weight_dtype),
+        _spec((*stack, c.moe_intermediate_size, c.hidden_size), weight_dtype), _spec((), jnp.int32),
+    )
+    scales = {}
+    if fp8:
+        scales = {"gate_up_scale": _spec((*stack, 2 * c.moe_intermediate_size), jnp.float32),
+                  "down_scale": _spec((*stack, c.hidden_size), jnp.float32)}
+    return functools.partial(experts_pallas, tiles=tiles or MoeTiles(), interpret=False), args, scales
+
+
+def vocab_problem(rows: int, tiles: Any = None) -> tuple[Callable[..., Any], tuple, dict]:
+    """The vocabulary statistics pass with the bf16 logits, as `generate(statistics="pallas")` runs it."""
+    from diffjax.kernels.vocab import VocabTiles, vocab_stats_pallas
+
+    c = _released()
+    fn = functools.partial(vocab_stats_pallas, seed=7, softcap=c.final_logit_softcapping, return_logits=True,
+                           tiles=tiles or VocabTiles(), interpret=False)
+    args = (_spec((rows * c.canvas_length, c.hidden_size), jnp.bfloat16),
+            _spec((c.vocab_size, c.hidden_size), jnp.bfloat16), _spec((), jnp.float32))
+    return fn, args, {}
+
+
+def attention_problem(rows: int, tiles: Any = None, prompt: int = 1024) -> tuple[Callable[..., Any], tuple, dict]:
+    """One global layer's attention of the canvas over `prompt` cached tokens plus the canvas."""
+    from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
+
+    c = _released()
+    length = prompt + c.canvas_length
+    kv = (rows, length, c.full.num_kv_heads, c.full.head_dim)
+    args = (_spec((rows, c.canvas_length, c.num_heads, c.full.head_dim), jnp.bfloat16),
+            _spec(kv, jnp.bfloat16), _spec(kv, jnp.bfloat16), _spec((rows, length), jnp.bool_))
+    return functools.partial(global_attention_pallas, tiles=tiles or AttentionTiles(), interpret=False), args, {}
+
+
+def _section(name: str) -> tuple[Callable[..., tuple], type, Sequence[dict]]:
+    from diffjax.kernels.attention import AttentionTiles
+    from diffjax.kernels.bench import ATTENTION_TILES, MOE_TILES, VOCAB_TILES
+    from diffjax.kernels.moe import MoeTiles
+    from diffjax.kernels.vocab import VocabTiles
+
+    return {
+        "moe": (moe_problem, MoeTiles, MOE_TILES),
+        "moe_fp8": (functools.partial(moe_problem, fp8=True), MoeTiles, MOE_TILES),
+        "vocab": (vocab_problem, VocabTiles, VOCAB_TILES),
+        "attention": (attention_problem, AttentionTiles, ATTENTION_TILES),
+    }[name]
+
+
+def report_rows(sections: Sequence[str], rows: Sequence[int], sweep: bool = False,
+                log: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
+    """One record per (section, batch rows, tile setting, kernel): the tiles and the kernel's report."""
+    records = []
+    for section in sections:
+        make_problem, tiles_class, candidates = _section(section)
+        settings = [{}, *candidates] if sweep else [{}]
+        for n in rows:
+            for overrides in settings:
+                log(f"{section} rows={n} {overrides or 'defaults'}")
+                fn, args, kwargs = make_problem(n, tiles_class(**overrides))
+                for report in kernel_reports(fn, *args, **kwargs):
+                    records.append({"section": section, "rows": n, "tiles": overrides,
+                                    **dataclasses.asdict(report)})
+    return records
+
+
+def render(records: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table, one kernel per line."""
+    lines = [f"{'section':<9} {'rows':>4} {'kernel':<22} {'warps':>5} {'mma':<8} {'async':<5} {'regs':>4} "
+             f"{'spill':>5} {'smem KiB':>8} {'per SM':>6} {'bound':<9} tiles"]
+    for r in records:
+        tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items()) or "defaults"
+        lines.append(
+            f"{r['section']:<9} {r['rows']:>4} {r['name']:<22} {r['num_warps']:>5} {r['mma']:<8} "
+            f"{'yes' if r['async_loads'] else 'no':<5} {r['registers']:>4} {r['stack_bytes']:>5} "
+            f"{r['shared_bytes'] / 1024:>8.1f} {r['programs_per_sm']:>6} {r['occupancy_limit']:<9} {tiles}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m diffjax.kernels.codegen", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="decoder batch rows (default 1 8)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--sweep", action="store_true", help="also every tile candidate of `kernels.bench --sweep`")
+    p.add_argument("--out", type=Path, help="write the records as JSON here")
+    args = p.parse_args(argv)
+    if any(n <= 0 for n in args.rows):
+        p.error("--rows must be positive")
+    records = report_rows(args.sections, args.rows, args.sweep, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(render(records))
+    if args.out:
+        import json
+
+        args.out.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

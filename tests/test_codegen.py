@@ -1,0 +1,68 @@
+"""The offline Hopper code-generation report (`diffjax.kernels.codegen`): Triton's compiler, no GPU.
+
+What these pin down is Triton 3.9's code for sm_90a; XLA compiles the same IR with the Triton jaxlib bundles,
+so a GPU session may still see other numbers (the module's docstring says so).
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from diffjax.kernels import codegen
+from diffjax.kernels.moe import MoeTiles, warps_for
+
+
+def moe_reports(rows: int, fp8: bool = False, **tiles) -> dict[str, codegen.KernelReport]:
+    fn, args, kwargs = codegen.moe_problem(rows, MoeTiles(**tiles), fp8=fp8)
+    return {r.name: r for r in codegen.kernel_reports(fn, *args, **kwargs)}
+
+
+def test_occupancy_follows_the_hopper_limits():
+    assert codegen.occupancy(128, 40 * 1024, 4) == (4, "registers")  # 4 warps x 32 x 128 registers = 16K
+    assert codegen.occupancy(130, 40 * 1024, 4) == (3, "registers")  # 136 per thread after rounding
+    assert codegen.occupancy(64, 72 * 1024, 4) == (3, "shared")  # 228 KiB / (72 + 1) KiB
+    assert codegen.occupancy(16, 0, 1) == (32, "programs")
+
+
+def test_report_reads_the_batch_1_expert_kernels():
+    reports = moe_reports(1)
+    assert sorted(reports) == ["moe_down", "moe_gate_up"]
+    gate_up = reports["moe_gate_up"]
+    # 2048 assignments in 32-row tiles: at most 2048 + 128 * 31 padded rows = 188 row tiles; inter 704 = 11
+    # column tiles of 64, launched first.
+    assert gate_up.grid == (11, 188, 1)
+    assert (gate_up.num_warps, gate_up.num_stages) == (4, 3)
+    # 32 rows are under the 64 a Hopper warpgroup MMA needs; the k-loop's loads are pipelined; no spills.
+    assert gate_up.mma == "mma.sync" and gate_up.async_loads and not gate_up.spills
+    assert 0 < gate_up.registers <= 255 and gate_up.shared_bytes > 0 and gate_up.programs_per_sm >= 1
+    swapped = moe_reports(1, swap_ab=True, column_tiles_first=False)
+    assert {r.mma for r in swapped.values()} == {"wgmma"}  # weight columns on the MMA's M side
+    assert swapped["moe_gate_up"].grid == (188, 11, 1)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_default_expert_tiles_do_not_spill_at_batch_8(fp8):
+    reports = moe_reports(8, fp8=fp8)
+    assert {r.num_warps for r in reports.values()} == {8}
+    assert not any(r.spills for r in reports.values()), reports
+    assert {r.mma for r in reports.values()} == {"wgmma"}
+    # What `warps_for` avoids: 4 warps holding two 128 x 64 float32 accumulators spill.
+    assert moe_reports(8, fp8=fp8, num_warps=4)["moe_gate_up"].spills
+
+
+def test_warps_for_holds_accumulators_in_64_registers_per_thread():
+    assert warps_for(2 * 32 * 64) == 4 and warps_for(64 * 128) == 4
+    assert warps_for(2 * 128 * 64) == 8 and warps_for(128 * 128) == 8
+    with pytest.raises(ValueError, match="num_warps"):
+        MoeTiles(num_warps=6).validate()
+
+
+def test_a_function_without_pallas_kernels_has_no_report():
+    assert codegen.kernel_reports(lambda x: jnp.sin(x) @ x, jax.ShapeDtypeStruct((16, 16), jnp.float32)) == []
+
+
+def test_cli_prints_one_line_per_kernel(capsys):
+    assert codegen.main(["--rows", "1", "--sections", "vocab"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["section", "rows", "kernel"]
+    assert len(lines) == 2 and lines[1].split()[:3] == ["vocab", "1", "vocab_stats"]
