@@ -568,8 +568,8 @@ def _add_attention_flags(parser: argparse.ArgumentParser, prefix: str = "") -> N
     parser.add_argument("--global-attention", choices=GLOBAL_ATTENTION_IMPLEMENTATIONS,
                         help=f"{prefix}the decoder's global layers: xla (default) or the split-K Pallas kernel (GPU)")
     parser.add_argument("--sliding-attention", choices=SLIDING_ATTENTION_IMPLEMENTATIONS,
-                        help=f"{prefix}the decoder's sliding layers: xla (default) or cuDNN fused attention (GPU, "
-                             "bf16)")
+                        help=f"{prefix}the decoder's sliding layers: xla (default), cuDNN fused attention (GPU, "
+                             "bf16) or the split-K Pallas kernel (GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ MOE_IMPLEMENTATIONS = ("grouped", "dense", "pallas")
 # MoE forms that need a device mesh (`jax.set_mesh`): not offered where no mesh is set up (bench, CLI).
 MESH_MOE_IMPLEMENTATIONS = ("expert_parallel",)
 GLOBAL_ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
-SLIDING_ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+SLIDING_ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 # Config fields that pick an implementation (same maths): not written to config.json.
 IMPLEMENTATION_FIELDS = ("moe_implementation", "global_attention_implementation", "sliding_attention_implementation")
 # How the expert weights are stored (`diffjax.quantize`). Not an implementation field: fp8 changes the maths
@@ -108,9 +108,10 @@ class Config:
     # How the decoder's sliding layers attend (the canvas over the ring of the last window - 1 positions and
     # itself, padding-only mask). "xla": `layers.attend`. "cudnn": cuDNN's fused attention through
     # `jax.nn.dot_product_attention` (NVIDIA GPUs, bf16/fp16 only; on an H100 at batch 8 0.23 ms per layer
-    # against 0.92 ms for "xla"). The encoder keeps `attend`: its left-padded rows see no key at all, where
-    # `attend` returns zeros and cuDNN's result is not specified.
-    sliding_attention_implementation: Literal["xla", "cudnn"] = "xla"
+    # against 0.92 ms for "xla"). "pallas": the global layers' split-K kernel (any GPU it compiles for;
+    # float32 too), which needs no more than a padding-only mask either. The encoder keeps `attend`: its
+    # left-padded rows see no key at all, where `attend` returns zeros and cuDNN's result is not specified.
+    sliding_attention_implementation: Literal["xla", "cudnn", "pallas"] = "xla"
     # How the experts' weights are stored. "none": in the parameter dtype. "fp8": float8_e4m3fn with a float32
     # scale per output channel (`diffjax.quantize`: half the bytes of bf16; the tree gains
     # `experts/{gate_up,down}_proj_scale` leaves). Every `moe_implementation` runs either; the plain-JAX ones

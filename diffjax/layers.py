@@ -146,8 +146,8 @@ class Attention(nn.Module):
 
     config: Config
     layer_type: str
-    # True when every query row of `mask` is the same (the decoder: padding only), which lets global layers
-    # use the split-K kernel when `config.global_attention_implementation` is "pallas".
+    # True when every query row of `mask` is the same (the decoder: padding only), which lets the layer use
+    # the kernel its `config.*_attention_implementation` field names (split-K Pallas or cuDNN).
     padding_only_mask: bool = False
 
     @nn.compact
@@ -175,16 +175,17 @@ class Attention(nn.Module):
         v = rms_norm(v, None, cfg.rms_norm_eps)
         keys = jnp.concatenate([context_keys.astype(k.dtype), k], axis=1)
         values = jnp.concatenate([context_values.astype(v.dtype), v], axis=1)
+        implementation = (cfg.global_attention_implementation if self.layer_type == FULL
+                          else cfg.sliding_attention_implementation)
         # Flax's init traces the model in float32 on a few dummy tokens, under the kernels' minimum sizes.
-        fused = self.padding_only_mask and not self.is_initializing()
-        if self.layer_type == FULL and fused and cfg.global_attention_implementation == "pallas":
+        if not self.padding_only_mask or self.is_initializing() or implementation == "xla":
+            out = attend(q, keys, values, mask)
+        elif implementation == "pallas":
             from diffjax.kernels.attention import global_attention_pallas  # the kernels import this module
 
             out = global_attention_pallas(q, keys, values, mask[:, 0, :])
-        elif self.layer_type == SLIDING and fused and cfg.sliding_attention_implementation == "cudnn":
-            out = attend_cudnn(q, keys, values, mask)
         else:
-            out = attend(q, keys, values, mask)
+            out = attend_cudnn(q, keys, values, mask)
         return Linear(cfg.hidden_size, name="o_proj")(out), (k, v)
 
 

@@ -547,7 +547,24 @@ def test_decoder_sliding_layers_through_cudnn():
         with pytest.raises(ValueError, match="needs an NVIDIA GPU backend"):
             denoise_logits(params, cudnn, cache, canvas)
     with pytest.raises(ValueError, match="sliding_attention_implementation"):
-        config.replace(sliding_attention_implementation="pallas")
+        config.replace(sliding_attention_implementation="flash")
+
+
+def test_decoder_sliding_layers_through_the_split_k_kernel():
+    """`sliding_attention_implementation="pallas"`: the sliding layers' canvas over the ring (prompt longer
+    than the window, left padding, batch 3) through the split-K kernel, same logits as `attend` (float32)."""
+    config = Config.tiny(num_layers=2, layer_types=("sliding_attention", "sliding_attention"))
+    split_k = config.replace(sliding_attention_implementation="pallas")
+    params = init_params(split_k, jax.random.key(5))
+    prompt = jax.random.randint(jax.random.key(6), (3, 21), 3, config.vocab_size)
+    assert prompt.shape[1] > config.sliding_window
+    attention_mask = jnp.ones((3, 21), bool).at[1, :4].set(False).at[2, :18].set(False)
+    cache = encode(params, split_k, prompt, attention_mask, capacity=21 + config.canvas_length)
+    canvas = jax.random.randint(jax.random.key(7), (3, config.canvas_length), 3, config.vocab_size)
+    ours = denoise_logits(params, split_k, cache, canvas)
+    reference = denoise_logits(params, config, cache, canvas)
+    assert float(jnp.std(reference)) > 0.1
+    _close(ours, reference, jnp.float32, scale=5)
 
 
 def test_kernel_bench_sweep_lists_tile_variants_and_picks_the_fastest():

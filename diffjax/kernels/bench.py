@@ -15,8 +15,8 @@ For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--re
 * `attention`: one global layer's attention (16 query heads, 2 kv heads, head_dim 512) of the canvas over a
   prompt cache of 1K and 32K tokens plus the canvas (`pallas` split-K against `attend`);
 * `sliding`: one sliding layer's attention (16 query heads, 8 kv heads, head_dim 256) of the canvas over a
-  full ring of 1023 slots plus the canvas: `attend` (ours, XLA) against `jax.nn.dot_product_attention` with
-  XLA (`sdpa_xla`) and cuDNN (`sdpa_cudnn`).
+  full ring of 1023 slots plus the canvas: `attend` (ours, XLA) and the split-K kernel (`pallas`) against
+  `jax.nn.dot_product_attention` with XLA (`sdpa_xla`) and cuDNN (`sdpa_cudnn`).
 
 `--sweep` instead times each Pallas kernel under the tile settings of `MOE_TILES`, `VOCAB_TILES` and
 `ATTENTION_TILES` beside its defaults, and lists the fastest per problem (`best_tiles` in the JSON).
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -339,7 +340,7 @@ def bench_attention(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> 
 
 def bench_sliding(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """The decoder's sliding layers: the canvas over a full ring (window - 1 slots) plus itself, no mask (the
-    ring is full once the context reaches the window). Ours (`attend`, XLA) against
+    ring is full once the context reaches the window). Ours (`attend`, XLA; the split-K kernel) against
     `jax.nn.dot_product_attention` with XLA and with cuDNN (GPU only; recorded as an error elsewhere)."""
 
     def sdpa(implementation: str) -> Callable[..., jax.Array]:
@@ -349,8 +350,11 @@ def bench_sliding(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> li
             return out.reshape(*out.shape[:2], -1)
         return run
 
+    from diffjax.kernels.attention import global_attention_pallas
+
     functions = {"attend": (jax.jit(_attend_visible), {})}
     functions |= {f"sdpa_{impl}": (jax.jit(sdpa(impl)), {}) for impl in ("xla", "cudnn")}
+    functions["pallas"] = (jax.jit(functools.partial(global_attention_pallas, interpret=s.tiny)), {})
     length = shapes.sliding_window - 1 + shapes.canvas
     out = []
     for batch in s.rows:

@@ -42,7 +42,7 @@ SM90_SHARED_BYTES = 228 * 1024
 SM90_RESERVED_SHARED_PER_PROGRAM = 1024
 SM90_WARPS = 64
 SM90_PROGRAMS = 32
-SECTIONS = ("moe", "moe_fp8", "vocab", "attention")
+SECTIONS = ("moe", "moe_fp8", "vocab", "attention", "sliding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +252,18 @@ def attention_problem(rows: int, tiles: Any = None, prompt: int = 1024) -> tuple
     return functools.partial(global_attention_pallas, tiles=tiles or AttentionTiles(), interpret=False), args, {}
 
 
+def sliding_problem(rows: int, tiles: Any = None) -> tuple[Callable[..., Any], tuple, dict]:
+    """One sliding layer's attention through the split-K kernel: the canvas over a full ring plus itself."""
+    from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
+
+    c = _released()
+    length = c.sliding_window - 1 + c.canvas_length
+    kv = (rows, length, c.sliding.num_kv_heads, c.sliding.head_dim)
+    args = (_spec((rows, c.canvas_length, c.num_heads, c.sliding.head_dim), jnp.bfloat16),
+            _spec(kv, jnp.bfloat16), _spec(kv, jnp.bfloat16), _spec((rows, length), jnp.bool_))
+    return functools.partial(global_attention_pallas, tiles=tiles or AttentionTiles(), interpret=False), args, {}
+
+
 def _section(name: str) -> tuple[Callable[..., tuple], type, Sequence[dict]]:
     from diffjax.kernels.attention import AttentionTiles
     from diffjax.kernels.bench import ATTENTION_TILES, MOE_TILES, VOCAB_TILES
@@ -263,6 +275,7 @@ def _section(name: str) -> tuple[Callable[..., tuple], type, Sequence[dict]]:
         "moe_fp8": (functools.partial(moe_problem, fp8=True), MoeTiles, MOE_TILES),
         "vocab": (vocab_problem, VocabTiles, VOCAB_TILES),
         "attention": (attention_problem, AttentionTiles, ATTENTION_TILES),
+        "sliding": (sliding_problem, AttentionTiles, ATTENTION_TILES),
     }[name]
 
 
