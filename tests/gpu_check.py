@@ -9,9 +9,10 @@ CPU tests cover the maths of every kernel in interpret mode and their CUDA lower
 1. `experts_pallas` reading block `b` in place from a released-size `[5, 128, 2816, 1408]` stack, bf16 and
    fp8 (2.54e9 one-byte weights: the stack whose 32-bit offsets wrapped, see `diffjax.kernels.WIDE_OFFSETS`),
    against `experts_grouped` on that block's (dequantized) weights, for the first and the last block.
-2. The decoder's sliding layers through cuDNN (`sliding_attention_implementation="cudnn"`): at kernel level
-   against `attend` on the released sliding shapes, then the whole decoder in bf16, cuDNN and XLA each against
-   the same decoder in float32 (the reference the bf16 error of either path is measured from).
+2. The decoder's sliding layers through cuDNN and the split-K kernel (`sliding_attention_implementation=
+   "cudnn"` / "pallas"): at kernel level against `attend` on the released sliding shapes, then the whole
+   decoder in bf16, each path against the same decoder in float32 (the reference the bf16 error of every
+   path is measured from).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.config import AttentionConfig, Config
+from diffjax.kernels.attention import global_attention_pallas
 from diffjax.kernels.moe import experts_pallas
 from diffjax.layers import attend, attend_cudnn, experts_grouped
 from diffjax.model import _denoise_logits, init_cache, init_params, prefill
@@ -67,7 +69,7 @@ def check_expert_stacks(small: bool) -> None:
                relative_l2=relative_l2(ours, twin), finite=bool(jnp.isfinite(ours).all()))
 
 
-def check_cudnn_sliding_attention() -> None:
+def check_sliding_attention() -> None:
     cfg = Config.diffusiongemma_26b_a4b()
     batch, canvas, context = 2, cfg.canvas_length, cfg.sliding_window - 1 + cfg.canvas_length
     heads, kv_heads, head_dim = cfg.num_heads, cfg.sliding.num_kv_heads, cfg.sliding.head_dim
@@ -77,8 +79,11 @@ def check_cudnn_sliding_attention() -> None:
     v = jax.random.normal(keys[2], (batch, context, kv_heads, head_dim), jnp.bfloat16)
     row = jnp.arange(context)[None, :] >= jnp.array([[0], [300]])  # row 1: 300 padded ring slots
     mask = jnp.broadcast_to(row[:, None, :], (batch, canvas, context))
+    reference = attend(query, k, v, mask)
     report(check="cudnn sliding attention vs attend, released shapes", relative_l2=relative_l2(
-        attend_cudnn(query, k, v, mask), attend(query, k, v, mask)))
+        attend_cudnn(query, k, v, mask), reference))
+    report(check="split-K (pallas) sliding attention vs attend, released shapes", relative_l2=relative_l2(
+        global_attention_pallas(query, k, v, row), reference))
 
     tiny = Config.tiny(sliding=AttentionConfig(head_dim=64, num_kv_heads=2, rope_theta=10_000.0))
     params32 = init_params(tiny, jax.random.key(2))
@@ -93,7 +98,7 @@ def check_cudnn_sliding_attention() -> None:
 
     reference = decoder_logits(params32, tiny, jnp.float32)
     params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params32)
-    for impl in ("xla", "cudnn"):
+    for impl in ("xla", "cudnn", "pallas"):
         logits = decoder_logits(params16, tiny.replace(sliding_attention_implementation=impl), jnp.bfloat16)
         report(check="tiny decoder in bf16 vs float32", sliding_attention=impl,
                relative_l2=relative_l2(logits, reference),
@@ -144,6 +149,6 @@ if __name__ == "__main__":
         check_wide_offsets()
     check_expert_stacks(small)
     if jax.default_backend() == "gpu":
-        check_cudnn_sliding_attention()
+        check_sliding_attention()
     else:
-        report(check="cudnn sliding attention", skipped="no GPU backend")
+        report(check="sliding attention (cudnn, pallas)", skipped="no GPU backend")
