@@ -242,24 +242,22 @@ def vocab_problem(rows: int, tiles: Any = None) -> tuple[Callable[..., Any], tup
 
 def attention_problem(rows: int, tiles: Any = None, prompt: int = 1024) -> tuple[Callable[..., Any], tuple, dict]:
     """One global layer's attention of the canvas over `prompt` cached tokens plus the canvas."""
-    from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
-
     c = _released()
-    length = prompt + c.canvas_length
-    kv = (rows, length, c.full.num_kv_heads, c.full.head_dim)
-    args = (_spec((rows, c.canvas_length, c.num_heads, c.full.head_dim), jnp.bfloat16),
-            _spec(kv, jnp.bfloat16), _spec(kv, jnp.bfloat16), _spec((rows, length), jnp.bool_))
-    return functools.partial(global_attention_pallas, tiles=tiles or AttentionTiles(), interpret=False), args, {}
+    return _split_k_problem(rows, tiles, prompt + c.canvas_length, c.full)
 
 
 def sliding_problem(rows: int, tiles: Any = None) -> tuple[Callable[..., Any], tuple, dict]:
     """One sliding layer's attention through the split-K kernel: the canvas over a full ring plus itself."""
+    c = _released()
+    return _split_k_problem(rows, tiles, c.sliding_window - 1 + c.canvas_length, c.sliding)
+
+
+def _split_k_problem(rows: int, tiles: Any, length: int, attention: Any) -> tuple[Callable[..., Any], tuple, dict]:
     from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
 
     c = _released()
-    length = c.sliding_window - 1 + c.canvas_length
-    kv = (rows, length, c.sliding.num_kv_heads, c.sliding.head_dim)
-    args = (_spec((rows, c.canvas_length, c.num_heads, c.sliding.head_dim), jnp.bfloat16),
+    kv = (rows, length, attention.num_kv_heads, attention.head_dim)
+    args = (_spec((rows, c.canvas_length, c.num_heads, attention.head_dim), jnp.bfloat16),
             _spec(kv, jnp.bfloat16), _spec(kv, jnp.bfloat16), _spec((rows, length), jnp.bool_))
     return functools.partial(global_attention_pallas, tiles=tiles or AttentionTiles(), interpret=False), args, {}
 
@@ -298,12 +296,12 @@ def report_rows(sections: Sequence[str], rows: Sequence[int], sweep: bool = Fals
 
 def render(records: Sequence[dict[str, Any]]) -> str:
     """A plain-text table, one kernel per line."""
-    lines = [f"{'section':<9} {'rows':>4} {'kernel':<22} {'warps':>5} {'mma':<8} {'async':<5} {'regs':>4} "
+    lines = [f"{'section':<9} {'rows':>4} {'kernel':<25} {'warps':>5} {'mma':<8} {'async':<5} {'regs':>4} "
              f"{'spill':>5} {'smem KiB':>8} {'per SM':>6} {'bound':<9} tiles"]
     for r in records:
         tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items()) or "defaults"
         lines.append(
-            f"{r['section']:<9} {r['rows']:>4} {r['name']:<22} {r['num_warps']:>5} {r['mma']:<8} "
+            f"{r['section']:<9} {r['rows']:>4} {r['name']:<25} {r['num_warps']:>5} {r['mma']:<8} "
             f"{'yes' if r['async_loads'] else 'no':<5} {r['registers']:>4} {r['stack_bytes']:>5} "
             f"{r['shared_bytes'] / 1024:>8.1f} {r['programs_per_sm']:>6} {r['occupancy_limit']:<9} {tiles}"
         )
