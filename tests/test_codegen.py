@@ -12,8 +12,8 @@ from diffjax.kernels import codegen
 from diffjax.kernels.moe import MoeTiles, warps_for
 
 
-def moe_reports(rows: int, fp8: bool = False, **tiles) -> dict[str, codegen.KernelReport]:
-    fn, args, kwargs = codegen.moe_problem(rows, MoeTiles(**tiles), fp8=fp8)
+def moe_reports(rows: int, fp8: bool = False, pretiled: bool = False, **tiles) -> dict[str, codegen.KernelReport]:
+    fn, args, kwargs = codegen.moe_problem(rows, MoeTiles(**tiles), fp8=fp8, pretiled=pretiled)
     return {r.name: r for r in codegen.kernel_reports(fn, *args, **kwargs)}
 
 
@@ -48,6 +48,14 @@ def test_default_expert_tiles_do_not_spill_at_batch_8(fp8):
     assert {r.mma for r in reports.values()} == {"wgmma"}
     # What `warps_for` avoids: 4 warps holding two 128 x 64 float32 accumulators spill.
     assert moe_reports(8, fp8=fp8, num_warps=4)["moe_gate_up"].spills
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_pretiled_expert_kernels_compile_for_hopper_at_released_shapes(fp8):
+    for rows in (1, 8):
+        reports = moe_reports(rows, fp8=fp8, pretiled=True)
+        assert sorted(reports) == ["moe_down", "moe_gate_up"]
+        assert all(r.async_loads and not r.spills for r in reports.values()), reports
 
 
 def test_warps_for_holds_accumulators_in_64_registers_per_thread():

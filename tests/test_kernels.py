@@ -20,7 +20,7 @@ from diffjax.config import AttentionConfig, Config
 from diffjax.generate import generate
 from diffjax.kernels import bench as kernel_bench
 from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
-from diffjax.kernels.moe import MoeTiles, experts_pallas
+from diffjax.kernels.moe import MoeTiles, experts_pallas, pretile_experts
 from diffjax.kernels.vocab import VocabTiles, vocab_stats_pallas, vocab_stats_reference
 from diffjax.layers import Experts, attend, experts_dense, experts_grouped
 from diffjax.model import denoise_logits, encode, init_cache, init_params, param_shapes, tied_logits
@@ -78,6 +78,47 @@ def test_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, block_r
     assert ours.shape == args[0].shape and ours.dtype == dtype
     _close(ours, experts_dense(*as_f32(*args)), dtype)
     _close(experts_grouped(*args), experts_dense(*as_f32(*args)), dtype)  # the twin meets the same bar
+
+
+@pytest.mark.parametrize(("dtype", "fp8"), [(jnp.float32, False), (jnp.bfloat16, False), (jnp.bfloat16, True)])
+@pytest.mark.parametrize("launch", [{}, {"swap_ab": True, "column_tiles_first": False}])
+def test_moe_kernel_reads_pretiled_stacks(dtype, fp8, launch):
+    """`pretile_experts` + `pretiled=True`: the same outputs as the plain layout, from a two-layer stack read
+    in place, with column tiles narrower than the sizes (several tiles of gate, of up and of down)."""
+    x, weights, ids, gate_up, down = moe_case(41, 8, 2, 64, 48, dtype, seed=9)
+    gate_up, down = jnp.stack([gate_up, 0.5 * gate_up[::-1]]), jnp.stack([down, 0.5 * down[::-1]])
+    scales = {}
+    if fp8:
+        (gate_up, up_scale), (down, down_scale) = quantize(gate_up), quantize(down)
+        scales = {"gate_up_scale": up_scale, "down_scale": down_scale}
+    tiles = MoeTiles(block_rows=16, gate_up_block_n=16, down_block_n=32, **launch)
+    tiled_gate_up, tiled_down = pretile_experts(gate_up, down, tiles)
+    assert tiled_gate_up.shape == (2, 8, 6, 64, 16) and tiled_down.shape == (2, 8, 2, 48, 32)
+    assert tiled_gate_up.dtype == gate_up.dtype
+    layer = jnp.int32(1)
+    plain = experts_pallas(x, weights, ids, gate_up, down, layer, tiles=tiles, interpret=True, **scales)
+    ours = experts_pallas(x, weights, ids, tiled_gate_up, tiled_down, layer, tiles=tiles, pretiled=True,
+                          interpret=True, **scales)
+    assert float(jnp.std(plain.astype(jnp.float32))) > 0.1
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(plain, np.float32))
+    if not fp8:
+        _close(ours, experts_dense(*as_f32(x, weights, ids, gate_up[1], down[1])), dtype)
+
+
+def test_moe_kernel_rejects_bad_pretiled_stacks():
+    x, weights, ids, gate_up, down = moe_case(20, 8, 2, 64, 48, jnp.float32, seed=3)
+    tiled_gate_up, tiled_down = pretile_experts(gate_up, down, MoeTiles(gate_up_block_n=16))
+    with pytest.raises(ValueError, match="pretiled"):
+        experts_pallas(x, weights, ids, gate_up, down, pretiled=True, interpret=True)
+    # 32-wide tiles of 2 x 48 columns: the second would hold gate and up columns.
+    mixed_gate_up = gate_up.reshape(8, 64, 3, 32).transpose(0, 2, 1, 3)
+    with pytest.raises(ValueError, match="must divide inter"):
+        experts_pallas(x, weights, ids, mixed_gate_up, tiled_down, pretiled=True, interpret=True)
+    with pytest.raises(ValueError, match="does not match"):
+        pretile_experts(gate_up, down[:, :16])
+    ours = experts_pallas(x, weights, ids, tiled_gate_up, tiled_down, pretiled=True, interpret=True)
+    np.testing.assert_allclose(ours, experts_pallas(x, weights, ids, gate_up, down, interpret=True), rtol=1e-6,
+                               atol=1e-6)
 
 
 def test_moe_kernel_reads_a_layer_of_a_stack_in_place():
@@ -298,15 +339,17 @@ def test_kernel_bench_runs_tiny_and_records_failures(tmp_path, monkeypatch):
     out = tmp_path / "k.json"
     assert kernel_bench.main([
         "--tiny", "--rows", "1", "--repeats", "1", "--sections", "moe", "sliding", "--moe-impls", "ragged_dot",
-        "pallas_fp8", "dense", "--out", str(out),
+        "pallas_fp8", "pallas_pretiled", "dense", "--out", str(out),
     ]) == 0
     entries = json.loads(out.read_text())["entries"]
     by_impl = {e["impl"]: e for e in entries}
     assert by_impl["ragged_dot"]["ms"] > 0 and by_impl["ragged_dot"]["bytes"] > 0
     # fp8 experts read about half the bytes (the activations and scales are the rest).
     assert by_impl["pallas_fp8"]["ms"] > 0 and by_impl["pallas_fp8"]["bytes"] < 0.75 * by_impl["ragged_dot"]["bytes"]
+    # The pretiled weights are the same bytes in another order.
+    assert by_impl["pallas_pretiled"]["ms"] > 0 and by_impl["pallas_pretiled"]["bytes"] == by_impl["ragged_dot"]["bytes"]
     assert "kernel exploded" in by_impl["dense"]["error"]
-    assert by_impl["attend"]["section"] == "sliding" and by_impl["sdpa_xla"]["ms"] > 0
+    assert by_impl["attend"]["section"] == "sliding" and by_impl["sdpa_xla"]["ms"] > 0 and by_impl["pallas"]["ms"] > 0
     if jax.default_backend() == "cpu":
         assert "cuDNN" in by_impl["sdpa_cudnn"]["error"]
 

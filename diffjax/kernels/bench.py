@@ -8,7 +8,8 @@ For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--re
 * `moe`: one layer's experts (128 experts top-8, hidden 2816, inter 704) as the Pallas kernel (`pallas`),
   `jax.lax.ragged_dot` (`ragged_dot`), ragged_dot with `--xla_gpu_experimental_use_ragged_dot_fusion`
   (`ragged_dot_fusion`, in a child process because XLA flags are process-wide) and every expert on every
-  token (`dense`); `pallas_fp8` is the Pallas kernel on float8_e4m3fn experts (`diffjax.quantize`);
+  token (`dense`); `pallas_fp8` is the Pallas kernel on float8_e4m3fn experts (`diffjax.quantize`), and
+  `pallas_pretiled` / `pallas_fp8_pretiled` the same on weights laid out by `moe.pretile_experts`;
 * `vocab`: the LM-head statistics pass over the 262144-token vocabulary (`pallas`; `pallas_with_logits`
   also stores the bf16 logits, as `generate(statistics="pallas")` runs it) against float32 logits followed
   by the statistics (`logits_then_stats`);
@@ -52,7 +53,10 @@ from diffjax.config import Config
 from diffjax.layers import attend, experts_dense, experts_grouped
 
 RAGGED_DOT_FUSION_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
-MOE_IMPLS = ("pallas", "pallas_fp8", "ragged_dot", "ragged_dot_fusion", "dense")
+# The Pallas expert kernels: (fp8 weights, pretiled weights) of each.
+PALLAS_MOE_IMPLS = {"pallas": (False, False), "pallas_fp8": (True, False), "pallas_pretiled": (False, True),
+                    "pallas_fp8_pretiled": (True, True)}
+MOE_IMPLS = (*PALLAS_MOE_IMPLS, "ragged_dot", "ragged_dot_fusion", "dense")
 SECTIONS = ("moe", "vocab", "attention", "sliding")
 # `--sweep`: tile settings tried beside each kernel's defaults (keyword arguments of its *Tiles class).
 MOE_TILES = (
@@ -199,39 +203,45 @@ def _time_all(section: str, rows: int, args: tuple, nbytes: int,
 
 
 def bench_moe(s: Settings, shapes: Shapes, impls: Sequence[str], log: Callable[[str], None]) -> list[dict[str, Any]]:
-    from diffjax.kernels.moe import MoeTiles, experts_pallas
+    from diffjax.kernels.moe import MoeTiles, experts_pallas, pretile_experts
     from diffjax.quantize import quantize
 
-    functions: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
-    fp8_functions: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
+    def pallas(tiles: MoeTiles, pretiled: bool) -> Callable[..., Any]:
+        def run(x, w, ids, gate_up, down, gate_up_scale=None, down_scale=None):
+            return experts_pallas(x, w, ids, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale,
+                                  tiles=tiles, pretiled=pretiled, interpret=s.tiny)
+        return run
+
+    twins: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
+    # (fp8, pretiled) -> the Pallas variants taking such weights. Pretiled sweep variants all read weights tiled
+    # under the default tiles: the stacks' tile widths override the candidates' column blocks.
+    kernels: dict[tuple[bool, bool], dict[str, tuple[Callable[..., Any], dict[str, Any]]]] = {}
     for impl in impls:
-        if impl == "pallas":
-            functions |= _pallas_variants(
-                lambda t: lambda *a: experts_pallas(*a, tiles=t, interpret=s.tiny), MoeTiles, MOE_TILES, s.sweep)
-        elif impl == "pallas_fp8":
-            fp8_functions = _pallas_variants(
-                lambda t: lambda x, w, ids, gate_up, down, gate_up_scale, down_scale: experts_pallas(
-                    x, w, ids, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale, tiles=t,
-                    interpret=s.tiny),
-                MoeTiles, MOE_TILES, s.sweep, name="pallas_fp8")
+        if impl in PALLAS_MOE_IMPLS:
+            fp8, pretiled = PALLAS_MOE_IMPLS[impl]
+            kernels[fp8, pretiled] = _pallas_variants(
+                functools.partial(pallas, pretiled=pretiled), MoeTiles, MOE_TILES, s.sweep, name=impl)
         elif impl in ("ragged_dot", "ragged_dot_fusion"):
-            functions[impl] = (jax.jit(experts_grouped), {})
+            twins[impl] = (jax.jit(experts_grouped), {})
         elif impl == "dense":
-            functions[impl] = (jax.jit(experts_dense), {})
+            twins[impl] = (jax.jit(experts_dense), {})
         else:
             raise ValueError(f"unknown moe implementation {impl!r}; expected one of {MOE_IMPLS}")
     out = []
     for rows in s.rows:
-        tokens = rows * shapes.canvas
-        args = moe_inputs(shapes, tokens, s.seed)
-        out += _time_all("moe", rows, args, moe_bytes(*args), functions, s, log)
-        if fp8_functions:
+        args = moe_inputs(shapes, rows * shapes.canvas, s.seed)
+        for (fp8, pretiled), functions in kernels.items():
             x, weights, ids, gate_up, down = args
-            (gate_up, gate_up_scale), (down, down_scale) = quantize(gate_up), quantize(down)
-            nbytes = moe_bytes(x, weights, ids, gate_up, down) + _nbytes(gate_up_scale, down_scale)
-            fp8_args = (x, weights, ids, gate_up, down, gate_up_scale, down_scale)
-            out += _time_all("moe", rows, fp8_args, nbytes, fp8_functions, s, log)
-            del fp8_args, gate_up, down
+            scales: tuple[jax.Array, ...] = ()
+            if fp8:
+                (gate_up, gate_up_scale), (down, down_scale) = quantize(gate_up), quantize(down)
+                scales = (gate_up_scale, down_scale)
+            nbytes = moe_bytes(x, weights, ids, gate_up, down) + _nbytes(*scales)
+            if pretiled:
+                gate_up, down = pretile_experts(gate_up, down)
+            out += _time_all("moe", rows, (x, weights, ids, gate_up, down, *scales), nbytes, functions, s, log)
+            del gate_up, down, scales
+        out += _time_all("moe", rows, args, moe_bytes(*args), twins, s, log)
         del args
     return out
 

@@ -42,7 +42,7 @@ SM90_SHARED_BYTES = 228 * 1024
 SM90_RESERVED_SHARED_PER_PROGRAM = 1024
 SM90_WARPS = 64
 SM90_PROGRAMS = 32
-SECTIONS = ("moe", "moe_fp8", "vocab", "attention", "sliding")
+SECTIONS = ("moe", "moe_fp8", "moe_pretiled", "moe_fp8_pretiled", "vocab", "attention", "sliding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,26 +206,30 @@ def _released() -> Any:
     return Config.diffusiongemma_26b_a4b()
 
 
-def moe_problem(rows: int, tiles: Any = None, fp8: bool = False) -> tuple[Callable[..., Any], tuple, dict]:
+def moe_problem(rows: int, tiles: Any = None, fp8: bool = False, pretiled: bool = False
+                ) -> tuple[Callable[..., Any], tuple, dict]:
     """One decoder layer's experts for `rows` canvases, reading a released-size block stack in place, as the
-    model runs them."""
-    from diffjax.kernels.moe import MoeTiles, experts_pallas
+    model runs them; `pretiled`: the stacks laid out by `moe.pretile_experts`."""
+    from diffjax.kernels.moe import MoeTiles, experts_pallas, pretile_experts
     from diffjax.quantize import FP8
 
     c = _released()
+    tiles = tiles or MoeTiles()
     tokens, weight_dtype = rows * c.canvas_length, FP8 if fp8 else jnp.bfloat16
     stack = (c.num_blocks, c.num_experts)
+    gate_up = _spec((*stack, c.hidden_size, 2 * c.moe_intermediate_size), weight_dtype)
+    down = _spec((*stack, c.moe_intermediate_size, c.hidden_size), weight_dtype)
+    if pretiled:
+        gate_up, down = jax.eval_shape(functools.partial(pretile_experts, tiles=tiles), gate_up, down)
     args = (
         _spec((tokens, c.hidden_size), jnp.bfloat16), _spec((tokens, c.top_k_experts), jnp.float32),
-        _spec((tokens, c.top_k_experts), jnp.int32),
-        _spec((*stack, c.hidden_size, 2 * c.moe_intermediate_size), weight_dtype),
-        _spec((*stack, c.moe_intermediate_size, c.hidden_size), weight_dtype), _spec((), jnp.int32),
+        _spec((tokens, c.top_k_experts), jnp.int32), gate_up, down, _spec((), jnp.int32),
     )
     scales = {}
     if fp8:
         scales = {"gate_up_scale": _spec((*stack, 2 * c.moe_intermediate_size), jnp.float32),
                   "down_scale": _spec((*stack, c.hidden_size), jnp.float32)}
-    return functools.partial(experts_pallas, tiles=tiles or MoeTiles(), interpret=False), args, scales
+    return functools.partial(experts_pallas, tiles=tiles, pretiled=pretiled, interpret=False), args, scales
 
 
 def vocab_problem(rows: int, tiles: Any = None) -> tuple[Callable[..., Any], tuple, dict]:
@@ -271,6 +275,8 @@ def _section(name: str) -> tuple[Callable[..., tuple], type, Sequence[dict]]:
     return {
         "moe": (moe_problem, MoeTiles, MOE_TILES),
         "moe_fp8": (functools.partial(moe_problem, fp8=True), MoeTiles, MOE_TILES),
+        "moe_pretiled": (functools.partial(moe_problem, pretiled=True), MoeTiles, MOE_TILES),
+        "moe_fp8_pretiled": (functools.partial(moe_problem, fp8=True, pretiled=True), MoeTiles, MOE_TILES),
         "vocab": (vocab_problem, VocabTiles, VOCAB_TILES),
         "attention": (attention_problem, AttentionTiles, ATTENTION_TILES),
         "sliding": (sliding_problem, AttentionTiles, ATTENTION_TILES),
@@ -296,12 +302,12 @@ def report_rows(sections: Sequence[str], rows: Sequence[int], sweep: bool = Fals
 
 def render(records: Sequence[dict[str, Any]]) -> str:
     """A plain-text table, one kernel per line."""
-    lines = [f"{'section':<9} {'rows':>4} {'kernel':<25} {'warps':>5} {'mma':<8} {'async':<5} {'regs':>4} "
+    lines = [f"{'section':<16} {'rows':>4} {'kernel':<25} {'warps':>5} {'mma':<8} {'async':<5} {'regs':>4} "
              f"{'spill':>5} {'smem KiB':>8} {'per SM':>6} {'bound':<9} tiles"]
     for r in records:
         tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items()) or "defaults"
         lines.append(
-            f"{r['section']:<9} {r['rows']:>4} {r['name']:<25} {r['num_warps']:>5} {r['mma']:<8} "
+            f"{r['section']:<16} {r['rows']:>4} {r['name']:<25} {r['num_warps']:>5} {r['mma']:<8} "
             f"{'yes' if r['async_loads'] else 'no':<5} {r['registers']:>4} {r['stack_bytes']:>5} "
             f"{r['shared_bytes'] / 1024:>8.1f} {r['programs_per_sm']:>6} {r['occupancy_limit']:<9} {tiles}"
         )

@@ -103,11 +103,11 @@ def warps_for(accumulator_elements: int) -> int:
     return 4 if accumulator_elements <= ACCUMULATORS_PER_THREAD * 4 * 32 else 8
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tiles", "pretiled", "interpret"))
 def experts_pallas(
     x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None = None,
     *, gate_up_scale: Array | None = None, down_scale: Array | None = None, tiles: MoeTiles = MoeTiles(),
-    interpret: bool | None = None,
+    pretiled: bool = False, interpret: bool | None = None,
 ) -> Array:
     """Mixture of experts over the routed (token, expert) pairs only; same maths as `experts_grouped`.
 
@@ -121,27 +121,40 @@ def experts_pallas(
 
     FP8 experts: gate_up and down float8_e4m3fn with `gate_up_scale [(layers,) experts, 2 * inter]` and
     `down_scale [(layers,) experts, hidden]` (float32, `diffjax.quantize`), read in place like the weights.
+
+    `pretiled`: gate_up and down as `pretile_experts` lays them out (each column tile contiguous), the column
+    tiles' widths taken from them instead of from `tiles`.
     """
     quantized = _check_quantization(gate_up, down, gate_up_scale, down_scale)
+    stack_rank = 5 if pretiled else 4
     if layer is None:
         gate_up, down, layer = gate_up[None], down[None], 0
         if quantized:
             gate_up_scale, down_scale = gate_up_scale[None], down_scale[None]
-    elif gate_up.ndim != 4 or down.ndim != 4:
+    elif gate_up.ndim != stack_rank or down.ndim != stack_rank:
         raise ValueError(
-            f"with a layer index, gate_up and down must be [layers, experts, ...] stacks, got {gate_up.shape} "
-            f"and {down.shape}"
+            f"with a layer index, gate_up and down must be [layers, experts, ...] stacks{' of column tiles' * pretiled}"
+            f", got {gate_up.shape} and {down.shape}"
         )
+    if gate_up.ndim != stack_rank or down.ndim != stack_rank:
+        raise ValueError(
+            f"gate_up and down must be {stack_rank - 1}-d{' (pretiled)' * pretiled}, got {gate_up.shape[1:]} and "
+            f"{down.shape[1:]}"
+        )
+    gate_up_shape, down_shape = _untiled_shape(gate_up.shape, pretiled), _untiled_shape(down.shape, pretiled)
     tokens, hidden = x.shape
-    _, num_experts, _, two_inter = gate_up.shape
+    _, num_experts, _, two_inter = gate_up_shape
     inter = two_inter // 2
     top_k = expert_ids.shape[1]
-    _check_shapes(x, weights, expert_ids, gate_up[0], down[0])
+    _check_shapes(x, weights, expert_ids, gate_up_shape[1:], down_shape[1:])
+    if pretiled:
+        _check_pretiled(gate_up.shape, down.shape, inter)
     if down.shape[0] != gate_up.shape[0]:
         raise ValueError(f"gate_up has {gate_up.shape[0]} layers but down has {down.shape[0]}")
     if quantized:
-        for name, scale, weight in (("gate_up_scale", gate_up_scale, gate_up), ("down_scale", down_scale, down)):
-            expected = (*weight.shape[:2], weight.shape[3])
+        for name, scale, shape in (("gate_up_scale", gate_up_scale, gate_up_shape), ("down_scale", down_scale,
+                                                                                    down_shape)):
+            expected = (*shape[:2], shape[3])
             if scale.shape != expected:
                 raise ValueError(f"{name} must be [(layers,) experts, outputs] = {list(expected)}, got {list(scale.shape)}")
         # Full-precision scales: they multiply the float32 accumulators.
@@ -168,12 +181,56 @@ def experts_pallas(
     row_weights = jnp.zeros((layout.padded_rows,), jnp.float32).at[layout.dest].set(
         weights.reshape(-1)[layout.order].astype(jnp.float32)
     )
-    h = _gate_up_call(xs, layer, layout.tile_expert, gate_up, gate_up_scale, inter, block_rows, tiles, interpret)
-    ys = _down_call(h, row_weights, layer, layout.tile_expert, down, down_scale, block_rows, tiles, interpret)
+    h = _gate_up_call(xs, layer, layout.tile_expert, gate_up, gate_up_scale, inter, block_rows, tiles, pretiled,
+                      interpret)
+    ys = _down_call(h, row_weights, layer, layout.tile_expert, down, down_scale, hidden, block_rows, tiles,
+                    pretiled, interpret)
     # Assignment a = token * top_k + j sits at padded row dest_of[a]: gather and sum each token's k rows.
     dest_of = jnp.zeros_like(layout.dest).at[layout.order].set(layout.dest)
     per_assignment = ys[dest_of].reshape(tokens, top_k, hidden)
     return jnp.sum(per_assignment.astype(jnp.float32), axis=1).astype(x.dtype)
+
+
+def pretile_experts(gate_up: Array, down: Array, tiles: MoeTiles = MoeTiles()) -> tuple[Array, Array]:
+    """Lay the expert weights out column tile by column tile, for `experts_pallas(..., pretiled=True)`.
+
+    gate_up `[..., hidden, 2 * inter]` -> `[..., 2 * inter / n, hidden, n]` and down `[..., inter, hidden]` ->
+    `[..., hidden / m, inter, m]`, with n, m the kernels' column tile widths under `tiles`; leading axes
+    (layers, experts) and the dtype (fp8 too; the scales keep their layout) are kept. Why: a program of the
+    kernels streams one column tile of one expert down the contraction axis. In the plain layout each of its
+    k-steps reads 64 pieces of n * itemsize bytes (128 for bf16, 64 for fp8), a whole weight row apart; here it
+    reads one contiguous block. A one-time copy: do it when loading the weights, not per call.
+    """
+    tiles.validate()
+    hidden, two_inter = gate_up.shape[-2:]
+    inter = down.shape[-2]
+    if two_inter != 2 * inter or down.shape[-1] != hidden:
+        raise ValueError(f"gate_up [..., hidden, 2 * inter] {gate_up.shape} does not match down [..., inter, "
+                         f"hidden] {down.shape}")
+    return (_tile_columns(gate_up, largest_power_of_two_divisor(inter, tiles.gate_up_block_n)),
+            _tile_columns(down, largest_power_of_two_divisor(hidden, tiles.down_block_n)))
+
+
+def _tile_columns(w: Array, width: int) -> Array:
+    """`[..., rows, cols]` -> `[..., cols / width, rows, width]`."""
+    *lead, rows, cols = w.shape
+    return jnp.moveaxis(w.reshape(*lead, rows, cols // width, width), -2, -3)
+
+
+def _untiled_shape(shape: tuple[int, ...], pretiled: bool) -> tuple[int, ...]:
+    """The plain-layout shape of a weight stack: `[..., tiles, rows, width]` -> `[..., rows, tiles * width]`."""
+    if not pretiled:
+        return shape
+    *lead, num_tiles, rows, width = shape
+    return (*lead, rows, num_tiles * width)
+
+
+def _check_pretiled(gate_up_shape: tuple[int, ...], down_shape: tuple[int, ...], inter: int) -> None:
+    for name, width in (("gate_up", gate_up_shape[-1]), ("down", down_shape[-1])):
+        require_block(f"the column tile width of the pretiled {name}", width)
+    if inter % gate_up_shape[-1]:
+        raise ValueError(f"the pretiled gate_up's column tiles ({gate_up_shape[-1]} wide) must divide inter "
+                         f"({inter}): a tile may not hold both gate and up columns")
 
 
 class _Layout(NamedTuple):
@@ -222,19 +279,19 @@ def _check_quantization(
     return fp8 == {True}
 
 
-def _check_shapes(x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array) -> None:
+def _check_shapes(x: Array, weights: Array, expert_ids: Array, gate_up: tuple[int, ...], down: tuple[int, ...]
+                  ) -> None:
+    """Checks one layer's (plain-layout) weight shapes against x and the routing."""
     tokens, hidden = x.shape
-    num_experts, gate_up_in, two_inter = gate_up.shape
+    num_experts, gate_up_in, two_inter = gate_up
     if weights.shape != expert_ids.shape or expert_ids.shape[0] != tokens:
         raise ValueError(
             f"weights {weights.shape} and expert_ids {expert_ids.shape} must both be [tokens={tokens}, k]"
         )
     if gate_up_in != hidden or two_inter % 2:
-        raise ValueError(f"gate_up must be [experts, hidden={hidden}, 2 * inter], got {gate_up.shape}")
-    if down.shape != (num_experts, two_inter // 2, hidden):
-        raise ValueError(
-            f"down must be [experts={num_experts}, inter={two_inter // 2}, hidden={hidden}], got {down.shape}"
-        )
+        raise ValueError(f"gate_up must be [experts, hidden={hidden}, 2 * inter], got {gate_up}")
+    if down != (num_experts, two_inter // 2, hidden):
+        raise ValueError(f"down must be [experts={num_experts}, inter={two_inter // 2}, hidden={hidden}], got {down}")
     for name, size in (("hidden", hidden), ("inter", two_inter // 2)):
         if size % MIN_BLOCK:
             raise ValueError(f"experts_pallas needs {name} to be a multiple of {MIN_BLOCK}, got {size}")
@@ -254,7 +311,16 @@ def _tile_indices(column_tiles_first: bool) -> tuple[Array, Array]:
     return pl.program_id(0), pl.program_id(1)
 
 
-def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantized, swap_ab, column_tiles_first):
+def _weight_tile(w_ref: Any, layer: Array, expert: Array, ks: Any, col_tile: Array, block_n: int, pretiled: bool
+                 ) -> Array:
+    """Column tile `col_tile` (`block_n` wide), rows `ks`, of one expert's weights, in either layout."""
+    if pretiled:
+        return w_ref[layer, expert, col_tile, ks, :]
+    return w_ref[layer, expert, ks, pl.ds(col_tile * block_n, block_n)]
+
+
+def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantized, swap_ab, column_tiles_first,
+                    pretiled):
     """refs: layer, tile_expert, x, w, (scale if quantized), then the output h."""
     layer_ref, tile_expert_ref, x_ref, w_ref = refs[:4]
     h_ref = refs[-1]
@@ -266,13 +332,14 @@ def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantize
         rows = pl.ds(row_tile_index * block_rows, block_rows)
         gate_cols = pl.ds(col_tile * block_n, block_n)
         up_cols = pl.ds(inter + col_tile * block_n, block_n)
+        up_tile = inter // block_n + col_tile  # up's columns of gate's column tile
 
         def step(k, acc):
             acc_gate, acc_up = acc
             ks = pl.ds(k * block_k, block_k)
             xk = x_ref[rows, ks]
-            w_gate = w_ref[layer, expert, ks, gate_cols].astype(xk.dtype)
-            w_up = w_ref[layer, expert, ks, up_cols].astype(xk.dtype)
+            w_gate = _weight_tile(w_ref, layer, expert, ks, col_tile, block_n, pretiled).astype(xk.dtype)
+            w_up = _weight_tile(w_ref, layer, expert, ks, up_tile, block_n, pretiled).astype(xk.dtype)
             return _tile_product(acc_gate, xk, w_gate, swap_ab), _tile_product(acc_up, xk, w_up, swap_ab)
 
         zeros = jnp.zeros((block_n, block_rows) if swap_ab else (block_rows, block_n), jnp.float32)
@@ -288,14 +355,15 @@ def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantize
 
 def _gate_up_call(
     xs: Array, layer: Array, tile_expert: Array, gate_up: Array, scale: Array | None, inter: int, block_rows: int,
-    tiles: MoeTiles, interpret: bool,
+    tiles: MoeTiles, pretiled: bool, interpret: bool,
 ) -> Array:
     padded_rows, hidden = xs.shape
     block_k = largest_power_of_two_divisor(hidden, tiles.gate_up_block_k)
-    block_n = largest_power_of_two_divisor(inter, tiles.gate_up_block_n)
+    block_n = gate_up.shape[-1] if pretiled else largest_power_of_two_divisor(inter, tiles.gate_up_block_n)
     kernel = functools.partial(
         _gate_up_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, hidden=hidden, inter=inter,
         quantized=scale is not None, swap_ab=tiles.swap_ab, column_tiles_first=tiles.column_tiles_first,
+        pretiled=pretiled,
     )
     inputs = (layer, tile_expert, xs, gate_up) + ((scale,) if scale is not None else ())
     warps = tiles.num_warps or warps_for(2 * block_rows * block_n)  # gate and up accumulators
@@ -303,7 +371,7 @@ def _gate_up_call(
                            interpret, "moe_gate_up")
 
 
-def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab, column_tiles_first):
+def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab, column_tiles_first, pretiled):
     """refs: layer, tile_expert, h, row_weight, w, (scale if quantized), then the output y."""
     layer_ref, tile_expert_ref, h_ref, row_weight_ref, w_ref = refs[:5]
     y_ref = refs[-1]
@@ -318,7 +386,8 @@ def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab,
         def step(k, acc):
             ks = pl.ds(k * block_k, block_k)
             hk = h_ref[rows, ks]
-            return _tile_product(acc, hk, w_ref[layer, expert, ks, cols].astype(hk.dtype), swap_ab)
+            w = _weight_tile(w_ref, layer, expert, ks, col_tile, block_n, pretiled)
+            return _tile_product(acc, hk, w.astype(hk.dtype), swap_ab)
 
         zeros = jnp.zeros((block_n, block_rows) if swap_ab else (block_rows, block_n), jnp.float32)
         acc = jax.lax.fori_loop(0, inter // block_k, step, zeros)
@@ -330,16 +399,16 @@ def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab,
 
 
 def _down_call(
-    h: Array, row_weights: Array, layer: Array, tile_expert: Array, down: Array, scale: Array | None,
-    block_rows: int, tiles: MoeTiles, interpret: bool,
+    h: Array, row_weights: Array, layer: Array, tile_expert: Array, down: Array, scale: Array | None, hidden: int,
+    block_rows: int, tiles: MoeTiles, pretiled: bool, interpret: bool,
 ) -> Array:
     padded_rows, inter = h.shape
-    hidden = down.shape[3]
     block_k = largest_power_of_two_divisor(inter, tiles.down_block_k)
-    block_n = largest_power_of_two_divisor(hidden, tiles.down_block_n)
+    block_n = down.shape[-1] if pretiled else largest_power_of_two_divisor(hidden, tiles.down_block_n)
     kernel = functools.partial(
         _down_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, inter=inter,
         quantized=scale is not None, swap_ab=tiles.swap_ab, column_tiles_first=tiles.column_tiles_first,
+        pretiled=pretiled,
     )
     inputs = (layer, tile_expert, h, row_weights, down) + ((scale,) if scale is not None else ())
     warps = tiles.num_warps or warps_for(block_rows * block_n)
