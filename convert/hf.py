@@ -48,7 +48,7 @@ from convert.tree import (
     check_tree,
     expected_shapes,
     flatten,
-    refuse_quantized,
+    refuse_load_time_formats,
     resolve_dtype,
     to_jax,
     unflatten,
@@ -516,7 +516,7 @@ def save_hf(
     not written: transformers 5.23.0 then initialises it randomly with a MISSING note, it does not fail (the
     text model is unaffected). Written atomically (see `convert.atomic`).
     """
-    refuse_quantized(config)
+    refuse_load_time_formats(config)
     flat = flatten(params)
     check_tree(flat, config, "params")
     slots, _ = hf_slots(config)

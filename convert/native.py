@@ -40,7 +40,14 @@ from convert.hf import (
     write_progress,
 )
 from convert.safetensors_io import MappedFile, read_header, write_safetensors
-from convert.tree import check_tree, expected_shapes, flatten, refuse_quantized, resolve_dtype, unflatten
+from convert.tree import (
+    check_tree,
+    expected_shapes,
+    flatten,
+    refuse_load_time_formats,
+    resolve_dtype,
+    unflatten,
+)
 from diffjax.config import Config
 
 PARAMS_FILE = "params.safetensors"
@@ -64,7 +71,7 @@ def save(
     write. Refuses an existing `dst` (FileExistsError) unless `overwrite=True`; the old directory is
     replaced only once the new one is complete, and survives any failure.
     """
-    refuse_quantized(config)
+    refuse_load_time_formats(config)
     flat = flatten(params)
     check_tree(flat, config, "params")
     hf_config = config.to_hf()

@@ -102,13 +102,20 @@ def check_tree(flat: Mapping[Path, Any], config: Config, what: str, dtype: np.dt
         raise CheckpointError(f"{what} does not match the parameter tree of this config: " + "; ".join(problems))
 
 
-def refuse_quantized(config: Config) -> None:
-    """Checkpoints hold unquantized weights: fp8 experts (`diffjax.quantize`) are made at load time."""
+def refuse_load_time_formats(config: Config) -> None:
+    """Checkpoints hold unquantized, plain-layout weights: fp8 experts (`diffjax.quantize`) and pretiled ones
+    (`diffjax.kernels.moe`) are made at load time."""
     if config.expert_quantization != "none":
         raise CheckpointError(
             f"cannot save expert_quantization={config.expert_quantization!r} params: checkpoints hold unquantized "
             "weights. Save the unquantized ones (or diffjax.quantize.dequantize_experts) and quantize at load: "
             "diffjax.load(path, experts_fp8=True)"
+        )
+    if config.expert_layout != "plain":
+        raise CheckpointError(
+            f"cannot save expert_layout={config.expert_layout!r} params: checkpoints hold the plain layout. Save "
+            "diffjax.kernels.moe.untile_model(config, params) and pretile at load: diffjax.load(path, "
+            "experts_pretiled=True)"
         )
 
 

@@ -24,20 +24,28 @@ from diffjax.tokenizer import chat
 
 
 def load(
-    path: str | os.PathLike[str], dtype: Any = None, *, experts_fp8: bool = False
+    path: str | os.PathLike[str], dtype: Any = None, *, experts_fp8: bool = False, experts_pretiled: bool = False
 ) -> tuple[Config, dict[str, Any]]:
     """`(config, params)` of a checkpoint written by `diffjax convert` or `diffjax train`: `convert.load`,
     bit-identical to what was saved (`dtype` casts every leaf).
 
     `experts_fp8`: store the experts' weights in float8_e4m3fn with float32 per-column scales
     (`diffjax.quantize`; about half the memory of a bf16 model, and of what a decoder step reads). They are
-    quantized on the way from the file to the device, one weight stack at a time."""
+    quantized on the way from the file to the device, one weight stack at a time.
+    `experts_pretiled`: lay the experts' weights out for the Pallas expert kernels
+    (`diffjax.kernels.moe.pretile_model`; use with `moe_implementation="pallas"`)."""
     # Imported here: `convert` imports diffjax's submodules, so a module-level import would be circular.
     from convert import load as load_checkpoint
 
-    if not experts_fp8:
-        return load_checkpoint(path, dtype)
-    return quantize_model(*load_checkpoint(path, dtype, as_numpy=True))
+    if experts_fp8:
+        config, params = quantize_model(*load_checkpoint(path, dtype, as_numpy=True))
+    else:
+        config, params = load_checkpoint(path, dtype)
+    if experts_pretiled:
+        from diffjax.kernels.moe import pretile_model
+
+        config, params = pretile_model(config, params)
+    return config, params
 
 __all__ = [
     "AttentionConfig",

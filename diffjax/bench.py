@@ -289,6 +289,7 @@ def _config_summary(config: Config) -> dict[str, Any]:
         "layer_types": "".join("F" if t == FULL else "S" for t in config.layer_types),
         "num_experts": config.num_experts, "top_k_experts": config.top_k_experts,
         "canvas_length": config.canvas_length, "expert_quantization": config.expert_quantization,
+        "expert_layout": config.expert_layout,
     }
 
 
@@ -321,6 +322,8 @@ class FullSizeSettings:
     statistics: tuple[str, ...] = ("logits",)
     # float8_e4m3fn experts with float32 per-column scales (`Config.expert_quantization="fp8"`).
     experts_fp8: bool = False
+    # Experts laid out for the Pallas kernels (`Config.expert_layout="pretiled"`): "pallas" experts only.
+    experts_pretiled: bool = False
     # `Config.global_attention_implementation` and `Config.sliding_attention_implementation` of every point.
     global_attention: str = "xla"
     sliding_attention: str = "xla"
@@ -340,6 +343,8 @@ class FullSizeSettings:
         unknown = set(self.moe_implementations) - set(MOE_IMPLEMENTATIONS)
         if not self.moe_implementations or unknown:
             raise ValueError(f"--moe takes values of {MOE_IMPLEMENTATIONS}, got {self.moe_implementations!r}")
+        if self.experts_pretiled and set(self.moe_implementations) != {"pallas"}:
+            raise ValueError("--experts-pretiled is the layout of the Pallas expert kernels: pass --moe pallas only")
         if not self.statistics or set(self.statistics) - set(STATISTICS):
             raise ValueError(f"--statistics takes values of {STATISTICS}, got {self.statistics!r}")
         if self.layers is not None and not 0 < self.layers <= 30:
@@ -455,9 +460,12 @@ def run_full_size(
     config = config or full_size_config(s.layers)
     if s.experts_fp8:
         config = config.replace(expert_quantization="fp8")
+    if s.experts_pretiled:  # random weights: made in the pretiled layout directly
+        config = config.replace(expert_layout="pretiled", moe_implementation="pallas")
     config = config.replace(global_attention_implementation=s.global_attention,
                             sliding_attention_implementation=s.sliding_attention)
-    experts = "fp8 experts" if config.expert_quantization == "fp8" else "bf16 experts"
+    experts = ("fp8 experts" if config.expert_quantization == "fp8" else "bf16 experts") + (
+        ", pretiled" if s.experts_pretiled else "")
     log(f"making random bf16 weights ({experts}) on {device} ({config.num_layers} layers)")
     start = time.perf_counter()
     params = init_params(config, jax.random.key(s.seed), jnp.bfloat16)
@@ -540,7 +548,8 @@ def _title(cfg: dict[str, Any]) -> str:
     return (f"hidden {cfg['hidden_size']}, {cfg['num_layers']} layers ({cfg['layer_types']}), "
             f"{cfg['num_experts']} experts top-{cfg['top_k_experts']}, vocab {cfg['vocab_size']}, "
             f"canvas {cfg['canvas_length']}"
-            + (f", {cfg['expert_quantization']} experts" if cfg.get("expert_quantization", "none") != "none" else ""))
+            + (f", {cfg['expert_quantization']} experts" if cfg.get("expert_quantization", "none") != "none" else "")
+            + (", pretiled experts" if cfg.get("expert_layout", "plain") != "plain" else ""))
 
 
 def render(result: dict[str, Any], console: Any) -> None:

@@ -254,6 +254,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ("sliding_attention_implementation", args.sliding_attention)) if value is not None}
     if chosen:
         model.config = model.config.replace(**chosen)
+    if args.experts_pretiled:
+        from diffjax.kernels.moe import pretile_model
+
+        if model.config.moe_implementation != "pallas":
+            raise CliError("--experts-pretiled is the layout of the Pallas expert kernels: pass --moe pallas")
+        model.config, model.params = pretile_model(model.config, model.params)
     if model.banner:
         err.print(f"[bold white on red] {model.banner} [/]", soft_wrap=True)
     ids = _prompt_ids(args, model)
@@ -435,12 +441,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 force=args.force, generate=not args.no_generate, transformers=args.with_transformers,
                 transformers_compile=not args.no_compile, moe_implementations=tuple(args.moe or ("grouped",)),
                 statistics=tuple(args.statistics or ("logits",)),
-                experts_fp8=args.experts_fp8, global_attention=args.global_attention or "xla",
+                experts_fp8=args.experts_fp8, experts_pretiled=args.experts_pretiled,
+                global_attention=args.global_attention or "xla",
                 sliding_attention=args.sliding_attention or "xla",
             ), log)
         else:
-            if args.experts_fp8:
-                raise CliError("--experts-fp8 needs --full-size (the comparison runs identical weights on both sides)")
+            for flag in ("experts_fp8", "experts_pretiled"):
+                if getattr(args, flag):
+                    raise CliError(f"--{flag.replace('_', '-')} needs --full-size (the comparison runs identical "
+                                   "weights on both sides)")
             for flag in ("global_attention", "sliding_attention"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (a GPU run)")
@@ -588,6 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--experts-fp8", action="store_true",
                    help="quantize the experts to float8_e4m3fn (per-column scales) when loading: about half the "
                         "memory of bf16")
+    g.add_argument("--experts-pretiled", action="store_true",
+                   help="with --moe pallas: lay the experts out tile by tile for the Pallas kernels when loading")
     g.add_argument("--max-new-tokens", type=_positive_int, help="rounded up to whole canvases")
     g.add_argument("--steps", type=_positive_int, help="max denoising steps per canvas (default 48)")
     g.add_argument("--t-min", type=float, help="final temperature (default 0.4)")
@@ -689,6 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--experts-fp8", action="store_true",
                    help="--full-size: experts in float8_e4m3fn with float32 per-column scales (the floor counts "
                         "their bytes)")
+    b.add_argument("--experts-pretiled", action="store_true",
+                   help="--full-size with --moe pallas only: the experts laid out tile by tile for the kernels")
     _add_attention_flags(b, "--full-size: ")
     b.add_argument("--force", action="store_true", help="--full-size on a CPU backend anyway")
     b.add_argument("--json", type=pathlib.Path, help="also write the results as JSON")

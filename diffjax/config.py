@@ -24,6 +24,9 @@ IMPLEMENTATION_FIELDS = ("moe_implementation", "global_attention_implementation"
 # How the expert weights are stored (`diffjax.quantize`). Not an implementation field: fp8 changes the maths
 # (slightly) and the parameter tree, and no checkpoint stores it (quantized trees are made at load time).
 EXPERT_QUANTIZATIONS = ("none", "fp8")
+# How the expert weights are laid out (`diffjax.kernels.moe.pretile_model`): like the quantization, a storage
+# format made at load time, which no checkpoint stores.
+EXPERT_LAYOUTS = ("plain", "pretiled")
 
 RopeType = Literal["default", "proportional"]
 
@@ -117,6 +120,12 @@ class Config:
     # `experts/{gate_up,down}_proj_scale` leaves). Every `moe_implementation` runs either; the plain-JAX ones
     # dequantize to the activation dtype, the Pallas kernel converts weight tiles in-kernel.
     expert_quantization: Literal["none", "fp8"] = "none"
+    # How the experts' weights are laid out. "plain": gate_up `[experts, hidden, 2 * inter]`, down `[experts,
+    # inter, hidden]`. "pretiled": column tile by column tile, `[experts, tiles, rows, tile width]`
+    # (`diffjax.kernels.moe.pretile_model`), so that every k-step of a Pallas expert kernel's program reads one
+    # contiguous block instead of a piece of each of 64 rows. Meant for moe_implementation="pallas", which
+    # reads it in place; "grouped" and "dense" untile a copy of each layer's experts per call (the oracle).
+    expert_layout: Literal["plain", "pretiled"] = "plain"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -163,6 +172,13 @@ class Config:
         if self.expert_quantization not in EXPERT_QUANTIZATIONS:
             raise ValueError(
                 f"expert_quantization must be one of {EXPERT_QUANTIZATIONS}, got {self.expert_quantization!r}"
+            )
+        if self.expert_layout not in EXPERT_LAYOUTS:
+            raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {self.expert_layout!r}")
+        if self.expert_layout == "pretiled" and self.moe_implementation in MESH_MOE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"expert_layout='pretiled' is read by the single-device MoE forms {MOE_IMPLEMENTATIONS}, not by "
+                f"{self.moe_implementation!r}"
             )
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")

@@ -274,10 +274,15 @@ class Experts(nn.Module):
         cfg = self.config
         # fp8: flax's own init (tracing the model for `param_shapes`) must see e4m3 weights too.
         init = _init if cfg.expert_quantization == "none" else _init_fp8
-        gate_up = self.param(
-            "gate_up_proj", init, (cfg.num_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size)
-        )
-        down = self.param("down_proj", init, (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size))
+        gate_up_shape = (cfg.num_experts, cfg.hidden_size, 2 * cfg.moe_intermediate_size)
+        down_shape = (cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size)
+        pretiled = cfg.expert_layout == "pretiled"
+        if pretiled:
+            from diffjax.kernels.moe import pretiled_shapes  # the kernels import this module
+
+            gate_up_shape, down_shape = pretiled_shapes(gate_up_shape, down_shape)
+        gate_up = self.param("gate_up_proj", init, gate_up_shape)
+        down = self.param("down_proj", init, down_shape)
         leaves = {"gate_up_proj": gate_up, "down_proj": down}
         if cfg.expert_quantization == "fp8":
             self._check_fp8(gate_up, down)
@@ -298,7 +303,12 @@ class Experts(nn.Module):
             return experts_pallas(
                 x, weights, expert_ids, stacks["gate_up_proj"], stacks["down_proj"], layer,
                 gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"),
+                pretiled=pretiled,
             )
+        if pretiled:
+            from diffjax.kernels.moe import untile_experts
+
+            gate_up, down = untile_experts(gate_up, down)
         if cfg.expert_quantization == "fp8":
             # The plain-JAX forms (the kernel's oracles) run on weights dequantized to the activation dtype.
             gate_up = dequantize(gate_up, leaves["gate_up_proj_scale"], x.dtype)

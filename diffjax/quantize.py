@@ -66,7 +66,7 @@ def dequantize(q: Array, scale: Array, dtype: Any) -> Array:
     return (q.astype(jnp.float32) * scale[..., None, :]).astype(dtype)
 
 
-def _map_experts(params: Mapping[str, Any], fn: Any) -> dict[str, Any]:
+def map_experts(params: Mapping[str, Any], fn: Any) -> dict[str, Any]:
     """`params` with every `experts` node replaced by `fn(node)`; other leaves are kept (not copied)."""
     found = False
 
@@ -116,7 +116,7 @@ def quantize_experts(params: Mapping[str, Any]) -> dict[str, Any]:
             out[weight], out[scale_name(weight)] = quantize(experts[weight])
         return out
 
-    return _map_experts(params, quantize_node)
+    return map_experts(params, quantize_node)
 
 
 def dequantize_experts(params: Mapping[str, Any], dtype: Any = jnp.bfloat16) -> dict[str, Any]:
@@ -131,7 +131,7 @@ def dequantize_experts(params: Mapping[str, Any], dtype: Any = jnp.bfloat16) -> 
             out[weight] = _dequantize_jit(experts[weight], experts[scale_name(weight)], jnp.dtype(dtype))
         return out
 
-    return _map_experts(params, dequantize_node)
+    return map_experts(params, dequantize_node)
 
 
 _dequantize_jit = jax.jit(dequantize, static_argnums=2)
@@ -143,6 +143,9 @@ def quantize_model(config: Config, params: Mapping[str, Any]) -> tuple[Config, d
     experts never sit on the device all at once."""
     if config.expert_quantization != "none":
         raise ValueError(f"config.expert_quantization is already {config.expert_quantization!r}")
+    if config.expert_layout != "plain":
+        # The per-column scales are taken over the contraction axis of the plain layout.
+        raise ValueError("quantize the plain-layout experts, then pretile them (diffjax.kernels.moe.pretile_model)")
     quantized = jax.tree.map(jnp.asarray, quantize_experts(params))
     return config.replace(expert_quantization="fp8"), quantized
 
@@ -160,5 +163,5 @@ def storage_dtype(config: Config, path: tuple[str, ...], dtype: Any) -> Any:
 
 __all__ = [
     "EXPERT_WEIGHTS", "FP8", "FP8_MAX", "SCALE_LEAVES", "dequantize", "dequantize_experts", "is_quantized",
-    "quantize", "quantize_experts", "quantize_model", "scale_name", "storage_dtype",
+    "map_experts", "quantize", "quantize_experts", "quantize_model", "scale_name", "storage_dtype",
 ]

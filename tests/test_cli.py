@@ -313,6 +313,42 @@ def test_full_size_attention_choices_reach_the_config(capsys, monkeypatch):
     assert_clean_error(code, err, "--sliding-attention needs --full-size")
 
 
+def test_full_size_with_pretiled_experts_makes_them_so(capsys, monkeypatch):
+    import jax
+
+    from diffjax import bench
+
+    tiny = Config.tiny(canvas_length=8)
+    timed = []
+    monkeypatch.setattr(bench, "time_steps", lambda p, config, *_: timed.append((p, config)) or {
+        "cache_bytes": 0, "decoder_ms": 1.0})
+    settings = bench.FullSizeSettings(batches=(1,), prompts=(4,), steps=1, repeats=1, force=True,
+                                      bandwidth_bytes=1 << 20, generate=False, experts_pretiled=True,
+                                      moe_implementations=("pallas",))
+    result = bench.run_full_size(settings, config=tiny)
+    assert "error" not in result["points"][0] and result["config"]["expert_layout"] == "pretiled"
+    params, config = timed[0]
+    assert (config.expert_layout, config.moe_implementation) == ("pretiled", "pallas")
+    # Random weights made in the pretiled layout directly: [blocks, experts, tiles, rows, width], same bytes.
+    assert params["blocks"]["layer_0"]["experts"]["gate_up_proj"].ndim == 5
+    plain = diffjax.init_params(tiny, jax.random.key(0), jax.numpy.bfloat16)
+    assert result["weight_bytes"] == bench.decoder_bytes_per_step(plain)
+    with pytest.raises(ValueError, match="--moe pallas only"):
+        bench.FullSizeSettings(experts_pretiled=True, moe_implementations=("pallas", "grouped")).validate()
+    code, _, err = run(capsys, "bench", "--experts-pretiled")
+    assert_clean_error(code, err, "--experts-pretiled needs --full-size")
+
+
+def test_generate_with_pretiled_experts_gives_the_same_answer(capsys):
+    reference = run(capsys, "generate", "--no-live", "--seed", "3", "9402751")[1]
+    code, out, err = run(capsys, "generate", "--no-live", "--seed", "3", "--moe", "pallas", "--experts-pretiled",
+                         "9402751")
+    assert code == 0, err
+    assert out == reference
+    code, _, err = run(capsys, "generate", "--no-live", "--experts-pretiled", "31")
+    assert_clean_error(code, err, "pass --moe pallas")
+
+
 def bench_count(params) -> int:
     import jax
     import numpy as np

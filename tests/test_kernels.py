@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import diffjax
 from diffjax.config import AttentionConfig, Config
 from diffjax.generate import generate
 from diffjax.kernels import bench as kernel_bench
@@ -179,12 +180,13 @@ def test_experts_module_selects_the_kernel():
     _close(outputs["pallas"], outputs["grouped"], jnp.float32)
 
 
-@pytest.mark.parametrize("quantization", ["none", "fp8"])
-def test_model_hands_the_kernel_each_blocks_experts_from_the_stack(quantization):
+@pytest.mark.parametrize(("quantization", "layout"), [("none", "plain"), ("fp8", "plain"), ("none", "pretiled"),
+                                                      ("fp8", "pretiled")])
+def test_model_hands_the_kernel_each_blocks_experts_from_the_stack(quantization, layout):
     """Two scanned blocks with different experts: the kernel must read block i's weights (and fp8 scales)
-    in block i."""
+    in block i, in either layout ("grouped" untiles pretiled experts)."""
     config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"),
-                         expert_quantization=quantization)
+                         expert_quantization=quantization, expert_layout=layout)
     params = init_params(config, jax.random.key(1))
     experts = params["blocks"]["layer_0"]["experts"]  # [blocks, ...] stacks
     # fp8: the weights stay e4m3 and block 0's scales carry the factor.
@@ -200,22 +202,62 @@ def test_model_hands_the_kernel_each_blocks_experts_from_the_stack(quantization)
     _close(logits["pallas"], logits["grouped"], jnp.float32, scale=5)
 
 
-@pytest.mark.parametrize(("quantization", "weight_type"), [("none", "bf16"), ("fp8", "f8E4M3FN")])
-def test_decoder_lowered_for_cuda_slices_no_expert_weights(monkeypatch, quantization, weight_type):
+@pytest.mark.parametrize(("quantization", "layout"), [("none", "plain"), ("fp8", "plain"), ("fp8", "pretiled")])
+def test_decoder_lowered_for_cuda_slices_no_expert_weights(monkeypatch, quantization, layout):
     """In the scanned model the kernels take the whole expert stacks: no per-block slice (copy) of them,
     nor of the fp8 scales."""
     monkeypatch.setattr("diffjax.kernels.moe.resolve_interpret", lambda _: False)  # Triton, even on a CPU host
     config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"), moe_implementation="pallas",
-                         expert_quantization=quantization)
+                         expert_quantization=quantization, expert_layout=layout)
     params = param_shapes(config, jnp.bfloat16)
     cache = jax.eval_shape(lambda: init_cache(config, 2, 8, jnp.bfloat16))
     canvas = jax.ShapeDtypeStruct((2, config.canvas_length), jnp.int32)
     text = lower_for_cuda(lambda p, c, ids: denoise_logits(p, config, c, ids), params, cache, canvas)
     assert text.count("__gpu$xla.gpu.triton") == 2
-    e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
-    for sliced in (f"{e}x{h}x{2 * i}x{weight_type}>", f"{e}x{2 * i}xf32>", f"{e}x{h}xf32>"):
-        assert not re.search(r"dynamic_slice[^\n]*-> tensor<1x" + sliced, text)
-    assert (f"{e}x{h}x{2 * i}xf8E4M3FN>" in text) == (quantization == "fp8")
+    ir_type = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float32): "f32", jnp.dtype(FP8): "f8E4M3FN"}
+    experts = params["blocks"]["layer_0"]["experts"]
+    assert len(experts) == (4 if quantization == "fp8" else 2)
+    for leaf in experts.values():  # [blocks, ...]: one block's slice would be a tensor<1x...>
+        one_block = "x".join(map(str, leaf.shape[1:])) + "x" + ir_type[jnp.dtype(leaf.dtype)] + ">"
+        assert "x".join(map(str, leaf.shape)) in text  # the whole stack reaches the kernel
+        assert not re.search(r"dynamic_slice[^\n]*-> tensor<1x" + one_block, text)
+    assert experts["gate_up_proj"].ndim == (5 if layout == "pretiled" else 4)
+
+
+def test_pretiled_model_round_trips_and_refuses_what_it_cannot_do(tmp_path):
+    import convert
+    from convert.errors import CheckpointError
+    from diffjax.kernels.moe import pretile_model, untile_model
+    from diffjax.quantize import quantize_model
+
+    config = Config.tiny()
+    params = init_params(config, jax.random.key(4))
+    tiled_config, tiled = pretile_model(config, params)
+    assert tiled_config == config.replace(expert_layout="pretiled")
+    # The tree has the shapes the pretiled config declares, and untiling gives the weights back exactly.
+    assert jax.tree.map(lambda a: a.shape, tiled) == jax.tree.map(lambda a: a.shape, param_shapes(tiled_config))
+    back_config, back = untile_model(tiled_config, tiled)
+    assert back_config == config
+    assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True))
+    with pytest.raises(ValueError, match="already 'pretiled'"):
+        pretile_model(tiled_config, tiled)
+    with pytest.raises(ValueError, match="quantize the plain-layout experts"):
+        quantize_model(tiled_config, tiled)
+    with pytest.raises(CheckpointError, match="expert_layout='pretiled'"):
+        convert.save(tiled, tiled_config, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    # Checkpoints hold the plain layout; loading can pretile (after quantizing, for fp8).
+    convert.save(params, config, tmp_path / "plain")
+    loaded_config, loaded = diffjax.load(tmp_path / "plain", experts_pretiled=True)
+    assert loaded_config == tiled_config
+    assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(tiled), strict=True))
+    fp8_config, fp8 = diffjax.load(tmp_path / "plain", experts_fp8=True, experts_pretiled=True)
+    assert (fp8_config.expert_quantization, fp8_config.expert_layout) == ("fp8", "pretiled")
+    assert fp8["blocks"]["layer_0"]["experts"]["gate_up_proj"].dtype == FP8
+    with pytest.raises(ValueError, match="expert_layout must be one of"):
+        config.replace(expert_layout="tiled")
+    with pytest.raises(ValueError, match="not by 'expert_parallel'"):
+        tiled_config.replace(moe_implementation="expert_parallel")
 
 
 def test_moe_kernel_lowers_for_cuda_at_released_shapes():

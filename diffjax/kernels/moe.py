@@ -201,20 +201,82 @@ def pretile_experts(gate_up: Array, down: Array, tiles: MoeTiles = MoeTiles()) -
     k-steps reads 64 pieces of n * itemsize bytes (128 for bf16, 64 for fp8), a whole weight row apart; here it
     reads one contiguous block. A one-time copy: do it when loading the weights, not per call.
     """
+    gate_up_width, down_width = _tile_widths(gate_up.shape, down.shape, tiles)
+    return _tile_columns(gate_up, gate_up_width), _tile_columns(down, down_width)
+
+
+def untile_experts(gate_up: Array, down: Array) -> tuple[Array, Array]:
+    """The inverse of `pretile_experts`: the plain layout back (a copy)."""
+    return _untile_columns(gate_up), _untile_columns(down)
+
+
+def pretiled_shapes(gate_up_shape: tuple[int, ...], down_shape: tuple[int, ...], tiles: MoeTiles = MoeTiles()
+                    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes `pretile_experts` gives weights of these (plain) shapes."""
+    gate_up, down = jax.eval_shape(
+        functools.partial(pretile_experts, tiles=tiles), *(jax.ShapeDtypeStruct(s, jnp.float32)
+                                                           for s in (gate_up_shape, down_shape)))
+    return gate_up.shape, down.shape
+
+
+def pretile_model(config: Any, params: Any) -> tuple[Any, Any]:
+    """`(config, params)` with every MoE layer's experts pretiled (`pretile_experts` under the default
+    tiles) and `config.expert_layout="pretiled"`; fp8 experts too (quantize first: the scales are per plain
+    column and keep their layout). One stack at a time, each a device copy."""
+    from diffjax.quantize import map_experts
+
+    if config.expert_layout != "plain":
+        raise ValueError(f"config.expert_layout is already {config.expert_layout!r}")
+
+    def pretile_node(experts: Any) -> dict[str, Any]:
+        out = dict(experts)
+        out["gate_up_proj"], out["down_proj"] = _pretile_jit(experts["gate_up_proj"], experts["down_proj"])
+        return out
+
+    return config.replace(expert_layout="pretiled"), map_experts(params, pretile_node)
+
+
+def untile_model(config: Any, params: Any) -> tuple[Any, Any]:
+    """The inverse of `pretile_model`: plain-layout experts and `config.expert_layout="plain"`."""
+    from diffjax.quantize import map_experts
+
+    if config.expert_layout != "pretiled":
+        raise ValueError(f"config.expert_layout is {config.expert_layout!r}: nothing to untile")
+
+    def untile_node(experts: Any) -> dict[str, Any]:
+        out = dict(experts)
+        out["gate_up_proj"], out["down_proj"] = _untile_jit(experts["gate_up_proj"], experts["down_proj"])
+        return out
+
+    return config.replace(expert_layout="plain"), map_experts(params, untile_node)
+
+
+_pretile_jit = jax.jit(pretile_experts)
+_untile_jit = jax.jit(untile_experts)
+
+
+def _tile_widths(gate_up_shape: tuple[int, ...], down_shape: tuple[int, ...], tiles: MoeTiles) -> tuple[int, int]:
+    """Column tile widths of gate/up and down: the kernels' column blocks for these sizes."""
     tiles.validate()
-    hidden, two_inter = gate_up.shape[-2:]
-    inter = down.shape[-2]
-    if two_inter != 2 * inter or down.shape[-1] != hidden:
-        raise ValueError(f"gate_up [..., hidden, 2 * inter] {gate_up.shape} does not match down [..., inter, "
-                         f"hidden] {down.shape}")
-    return (_tile_columns(gate_up, largest_power_of_two_divisor(inter, tiles.gate_up_block_n)),
-            _tile_columns(down, largest_power_of_two_divisor(hidden, tiles.down_block_n)))
+    hidden, two_inter = gate_up_shape[-2:]
+    inter = down_shape[-2]
+    if two_inter != 2 * inter or down_shape[-1] != hidden:
+        raise ValueError(f"gate_up [..., hidden, 2 * inter] {tuple(gate_up_shape)} does not match down [..., "
+                         f"inter, hidden] {tuple(down_shape)}")
+    return (largest_power_of_two_divisor(inter, tiles.gate_up_block_n),
+            largest_power_of_two_divisor(hidden, tiles.down_block_n))
 
 
 def _tile_columns(w: Array, width: int) -> Array:
     """`[..., rows, cols]` -> `[..., cols / width, rows, width]`."""
     *lead, rows, cols = w.shape
     return jnp.moveaxis(w.reshape(*lead, rows, cols // width, width), -2, -3)
+
+
+def _untile_columns(w: Array) -> Array:
+    """`[..., tiles, rows, width]` -> `[..., rows, tiles * width]`."""
+    *lead, num_tiles, rows, width = w.shape
+    return jnp.moveaxis(w, -3, -2).reshape(*lead, rows, num_tiles * width)
 
 
 def _untiled_shape(shape: tuple[int, ...], pretiled: bool) -> tuple[int, ...]:
