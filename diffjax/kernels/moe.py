@@ -223,32 +223,26 @@ def pretile_model(config: Any, params: Any) -> tuple[Any, Any]:
     """`(config, params)` with every MoE layer's experts pretiled (`pretile_experts` under the default
     tiles) and `config.expert_layout="pretiled"`; fp8 experts too (quantize first: the scales are per plain
     column and keep their layout). One stack at a time, each a device copy."""
-    from diffjax.quantize import map_experts
-
-    if config.expert_layout != "plain":
-        raise ValueError(f"config.expert_layout is already {config.expert_layout!r}")
-
-    def pretile_node(experts: Any) -> dict[str, Any]:
-        out = dict(experts)
-        out["gate_up_proj"], out["down_proj"] = _pretile_jit(experts["gate_up_proj"], experts["down_proj"])
-        return out
-
-    return config.replace(expert_layout="pretiled"), map_experts(params, pretile_node)
+    return _relayout_experts(config, params, "pretiled", _pretile_jit)
 
 
 def untile_model(config: Any, params: Any) -> tuple[Any, Any]:
     """The inverse of `pretile_model`: plain-layout experts and `config.expert_layout="plain"`."""
+    return _relayout_experts(config, params, "plain", _untile_jit)
+
+
+def _relayout_experts(config: Any, params: Any, layout: str, relayout: Any) -> tuple[Any, Any]:
     from diffjax.quantize import map_experts
 
-    if config.expert_layout != "pretiled":
-        raise ValueError(f"config.expert_layout is {config.expert_layout!r}: nothing to untile")
+    if config.expert_layout == layout:
+        raise ValueError(f"config.expert_layout is already {layout!r}")
 
-    def untile_node(experts: Any) -> dict[str, Any]:
+    def relayout_node(experts: Any) -> dict[str, Any]:
         out = dict(experts)
-        out["gate_up_proj"], out["down_proj"] = _untile_jit(experts["gate_up_proj"], experts["down_proj"])
+        out["gate_up_proj"], out["down_proj"] = relayout(experts["gate_up_proj"], experts["down_proj"])
         return out
 
-    return config.replace(expert_layout="plain"), map_experts(params, untile_node)
+    return config.replace(expert_layout=layout), map_experts(params, relayout_node)
 
 
 _pretile_jit = jax.jit(pretile_experts)
