@@ -13,7 +13,7 @@ resource usage.
 
 Caveat: on the GPU, XLA compiles the same Triton IR with the Triton it bundles (jaxlib's), whose pass pipeline
 is close to but not the same as the pip release's; the report is a guide for choosing tiles and the GPU
-timing stays the judge. Observed with both: the plain batch-1 expert product (32-row tiles) runs on mma.sync.
+timing stays the judge.
 """
 
 from __future__ import annotations
