@@ -46,8 +46,9 @@ def test_default_expert_tiles_do_not_spill_at_batch_8(fp8):
     assert {r.num_warps for r in reports.values()} == {8}
     assert not any(r.spills for r in reports.values()), reports
     assert {r.mma for r in reports.values()} == {"wgmma"}
-    # What `warps_for` avoids: 4 warps holding two 128 x 64 float32 accumulators spill.
-    assert moe_reports(8, fp8=fp8, num_warps=4)["moe_gate_up"].spills
+    # What `warps_for` avoids: 4 warps holding two 128 x 64 float32 accumulators spill, inside the k-loop.
+    four_warps = moe_reports(8, fp8=fp8, num_warps=4)["moe_gate_up"]
+    assert four_warps.spills and four_warps.hot_spill_instructions > 0
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -63,6 +64,19 @@ def test_warps_for_holds_accumulators_in_64_registers_per_thread():
     assert warps_for(2 * 128 * 64) == 8 and warps_for(128 * 128) == 8
     with pytest.raises(ValueError, match="num_warps"):
         MoeTiles(num_warps=6).validate()
+
+
+def test_hot_spills_are_the_local_memory_instructions_between_the_matrix_instructions():
+    sass = "\n".join([
+        "/*0010*/ STL [R1], R2 ;",  # before the loop: cheap
+        "/*0020*/ HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;",
+        "/*0030*/ LDL.LU R3, [R1] ;",
+        "/*0040*/ STL [R1+0x4], R5 ;",
+        "/*0050*/ HMMA.16816.F32.BF16 R8, R12, R16, R8 ;",
+        "/*0060*/ LDL R7, [R1+0x4] ;",  # after the last matrix instruction
+    ])
+    assert codegen.hot_spill_instructions(sass) == 2
+    assert codegen.hot_spill_instructions("/*0010*/ STL [R1], R2 ;") == 0
 
 
 def test_a_function_without_pallas_kernels_has_no_report():

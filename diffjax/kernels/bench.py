@@ -83,7 +83,10 @@ VOCAB_TILES = (
 )
 ATTENTION_TILES = (
     {"block_k": 16, "num_warps": 4}, {"num_warps": 4, "num_stages": 1}, {"block_q": 32, "num_warps": 4},
-    {"block_q": 128, "block_k": 16}, {"block_k": 64, "num_stages": 1}, {"block_q": 128, "num_stages": 1},
+    {"block_k": 64, "num_stages": 1},
+    # At head_dim 512 the defaults spill inside the key loop (`python -m diffjax.kernels.codegen`); these do
+    # not (mma.sync instead of wgmma: 32-row blocks).
+    {"block_q": 32, "num_warps": 8}, {"block_q": 32, "block_k": 16, "num_warps": 4}, {"block_q": 16, "num_warps": 4},
 )
 
 

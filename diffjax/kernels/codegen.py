@@ -68,6 +68,7 @@ class KernelReport:
     async_loads: bool  # cp.async or TMA copies: the k-loop's loads are pipelined
     registers: int  # per thread
     stack_bytes: int  # per thread; > 0 means registers spilled to local memory
+    hot_spill_instructions: int  # of those spills, the loads/stores inside the main loop (`hot_spill_instructions`)
     shared_bytes: int  # dynamic shared memory per program
     programs_per_sm: int
     occupancy_limit: str  # what bounds programs_per_sm: "registers", "shared", "warps" or "programs"
@@ -154,10 +155,9 @@ def compile_for_hopper(kernel: TritonKernel) -> KernelReport:
         )
         cubin = Path(tmp) / f"{kernel.name}.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run(
-            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", str(cubin)],
-            capture_output=True, text=True, check=True,
-        ).stdout
+        usage, sass = (subprocess.run([triton.knobs.nvidia.cuobjdump.path, flag, str(cubin)], capture_output=True,
+                                      text=True, check=True).stdout
+                       for flag in ("--dump-resource-usage", "--dump-sass"))
     ptx = compiled.asm["ptx"]
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     if found is None:
@@ -168,9 +168,20 @@ def compile_for_hopper(kernel: TritonKernel) -> KernelReport:
     return KernelReport(
         name=kernel.name, grid=kernel.grid, num_warps=kernel.num_warps, num_stages=kernel.num_stages,
         mma="wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none",
-        async_loads="cp.async" in ptx, registers=registers, stack_bytes=stack, shared_bytes=shared,
-        programs_per_sm=programs, occupancy_limit=limit,
+        async_loads="cp.async" in ptx, registers=registers, stack_bytes=stack,
+        hot_spill_instructions=hot_spill_instructions(sass), shared_bytes=shared, programs_per_sm=programs,
+        occupancy_limit=limit,
     )
+
+
+def hot_spill_instructions(sass: str) -> int:
+    """Local-memory loads and stores (spills) between a kernel's first and last matrix instruction in its SASS:
+    those inside its main loop, where they cost on every k-step (spills around it are cheap)."""
+    lines = sass.splitlines()
+    mma = [i for i, line in enumerate(lines) if re.search(r"\b(HGMMA|HMMA)\.", line)]
+    if not mma:
+        return 0
+    return sum(bool(re.search(r"\b(STL|LDL)\b", line)) for line in lines[mma[0]:mma[-1]])
 
 
 def occupancy(registers: int, shared_bytes: int, num_warps: int) -> tuple[int, str]:
@@ -303,12 +314,13 @@ def report_rows(sections: Sequence[str], rows: Sequence[int], sweep: bool = Fals
 def render(records: Sequence[dict[str, Any]]) -> str:
     """A plain-text table, one kernel per line."""
     lines = [f"{'section':<16} {'rows':>4} {'kernel':<25} {'warps':>5} {'mma':<8} {'async':<5} {'regs':>4} "
-             f"{'spill':>5} {'smem KiB':>8} {'per SM':>6} {'bound':<9} tiles"]
+             f"{'spill':>5} {'in loop':>7} {'smem KiB':>8} {'per SM':>6} {'bound':<9} tiles"]
     for r in records:
         tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items()) or "defaults"
         lines.append(
             f"{r['section']:<16} {r['rows']:>4} {r['name']:<25} {r['num_warps']:>5} {r['mma']:<8} "
             f"{'yes' if r['async_loads'] else 'no':<5} {r['registers']:>4} {r['stack_bytes']:>5} "
+            f"{r['hot_spill_instructions']:>7} "
             f"{r['shared_bytes'] / 1024:>8.1f} {r['programs_per_sm']:>6} {r['occupancy_limit']:<9} {tiles}"
         )
     return "\n".join(lines)
