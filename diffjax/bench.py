@@ -38,6 +38,7 @@ import numpy as np
 from diffjax.config import FULL, MOE_IMPLEMENTATIONS, SLIDING, AttentionConfig, Config
 from diffjax.generate import STATISTICS
 from diffjax.model import init_params
+from diffjax.profile import kernel_times, render_kernel_times
 
 RESULT_KEYS = ("first_call_s", "compile_s", "warm_call_s", "decoder_passes", "ms_per_step", "tokens_per_s")
 
@@ -330,6 +331,9 @@ class FullSizeSettings:
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
+    # A folder: one more decoder step per point under the profiler (`diffjax.profile`), its trace kept there
+    # and its kernels summed by name in the point (`decoder_kernels`) and the log.
+    profile_dir: str | None = None
 
     def validate(self) -> None:
         for name in ("new_tokens", "steps", "repeats", "prefill_chunk"):
@@ -411,6 +415,10 @@ def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
     return first, best
 
 
+# Kernel names kept per profiled decoder step (the largest; the trace on disk has them all).
+PROFILED_KERNELS = 40
+
+
 def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSizeSettings) -> dict[str, Any]:
     """One decoder step and one encoder canvas on a cache prefilled with `prompt` random tokens."""
     from diffjax.model import _denoise_logits, _encode, init_cache, param_dtype, prefill
@@ -427,10 +435,20 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
     canvas = jax.random.randint(jax.random.key(s.seed), (batch, config.canvas_length), 0, config.vocab_size)
     sc_logits = jnp.zeros((batch, config.canvas_length, config.vocab_size), param_dtype(params))
     sc_mask = jnp.ones((batch,), bool)
-    decoder_first, decoder_s = best_time(
-        lambda: _denoise_logits(params, config, cache, canvas, sc_logits, sc_mask), s.repeats)
+    def decoder_step() -> Any:
+        return _denoise_logits(params, config, cache, canvas, sc_logits, sc_mask)
+
+    decoder_first, decoder_s = best_time(decoder_step, s.repeats)
     canvas_mask = jnp.ones_like(canvas, bool)
     encoder_first, encoder_s = best_time(lambda: _encode(params, config, canvas, canvas_mask, cache)[0], s.repeats)
+    profiled = {}
+    if s.profile_dir is not None:
+        trace_dir = pathlib.Path(s.profile_dir) / f"decoder_prompt{prompt}_batch{batch}_{config.moe_implementation}"
+        try:
+            breakdown = kernel_times(decoder_step, trace_dir)
+            profiled["decoder_kernels"] = {**breakdown, "kernels": breakdown["kernels"][:PROFILED_KERNELS]}
+        except Exception as exc:  # a profiler that cannot trace here must not lose the timings
+            profiled["decoder_kernels_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     return {
         "prefill_s": prefill_s, "prefill_compile_s": max(prefill_first - prefill_s, 0.0),
         "decoder_ms": 1e3 * decoder_s, "decoder_compile_s": max(decoder_first - decoder_s, 0.0),
@@ -438,6 +456,7 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
         "cache_bytes": cache_bytes(cache),
         # A canvas costs `steps` decoder passes plus one encoder pass that appends it to the context.
         "tokens_per_s_at_steps": batch * config.canvas_length / (s.steps * decoder_s + encoder_s),
+        **profiled,
     }
 
 
@@ -492,6 +511,8 @@ def run_full_size(
                     log(f"{name}: decoder step and encoder canvas")
                     steps[batch, moe] = time_steps(params, config, batch, prompt, s)
                 point.update(steps[batch, moe])
+                if "decoder_kernels" in point:
+                    log(f"{name}: decoder step kernels\n{render_kernel_times(point['decoder_kernels'])}")
                 step_bytes = weight_bytes + point["cache_bytes"]
                 point["floor_ms"] = 1e3 * step_bytes / bandwidth
                 point["ratio_to_floor"] = point["decoder_ms"] / point["floor_ms"]

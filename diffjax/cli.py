@@ -442,11 +442,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 transformers_compile=not args.no_compile, moe_implementations=tuple(args.moe or ("grouped",)),
                 statistics=tuple(args.statistics or ("logits",)),
                 experts_fp8=args.experts_fp8, experts_pretiled=args.experts_pretiled,
+                profile_dir=None if args.profile is None else str(args.profile),
                 global_attention=args.global_attention or "xla",
                 sliding_attention=args.sliding_attention or "xla",
             ), log)
         else:
-            for flag in ("experts_fp8", "experts_pretiled"):
+            for flag in ("experts_fp8", "experts_pretiled", "profile"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (the comparison runs identical "
                                    "weights on both sides)")
@@ -702,6 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "their bytes)")
     b.add_argument("--experts-pretiled", action="store_true",
                    help="--full-size with --moe pallas only: the experts laid out tile by tile for the kernels")
+    b.add_argument("--profile", type=pathlib.Path, metavar="DIR",
+                   help="--full-size: profile one more decoder step per point (kernels summed by name; traces in DIR)")
     _add_attention_flags(b, "--full-size: ")
     b.add_argument("--force", action="store_true", help="--full-size on a CPU backend anyway")
     b.add_argument("--json", type=pathlib.Path, help="also write the results as JSON")

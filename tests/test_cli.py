@@ -256,6 +256,23 @@ def test_full_size_path_on_a_tiny_model(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["points"][3]["statistics"] == "xla"
 
 
+def test_full_size_profiles_a_decoder_step_per_point(tmp_path, capsys):
+    from diffjax import bench
+
+    logged = []
+    settings = bench.FullSizeSettings(batches=(1,), prompts=(8,), steps=1, repeats=1, force=True,
+                                      bandwidth_bytes=1 << 20, generate=False, profile_dir=str(tmp_path))
+    result = bench.run_full_size(settings, logged.append, config=Config.tiny(canvas_length=8))
+    point = result["points"][0]
+    assert "error" not in point, point
+    kernels = point["decoder_kernels"]["kernels"]
+    assert 0 < len(kernels) <= bench.PROFILED_KERNELS and kernels[0]["total_us"] > 0
+    assert list(tmp_path.glob("decoder_prompt8_batch1_grouped/**/*.xplane.pb"))
+    assert any("decoder step kernels" in line and kernels[0]["name"][:40] in line for line in logged)
+    code, _, err = run(capsys, "bench", "--profile", str(tmp_path))
+    assert_clean_error(code, err, "--profile needs --full-size")
+
+
 def test_full_size_records_a_failing_point_and_goes_on():
     from diffjax import bench
 
