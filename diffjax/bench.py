@@ -435,6 +435,7 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
     canvas = jax.random.randint(jax.random.key(s.seed), (batch, config.canvas_length), 0, config.vocab_size)
     sc_logits = jnp.zeros((batch, config.canvas_length, config.vocab_size), param_dtype(params))
     sc_mask = jnp.ones((batch,), bool)
+
     def decoder_step() -> Any:
         return _denoise_logits(params, config, cache, canvas, sc_logits, sc_mask)
 

@@ -447,11 +447,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 sliding_attention=args.sliding_attention or "xla",
             ), log)
         else:
-            for flag in ("experts_fp8", "experts_pretiled", "profile"):
+            for flag in ("experts_fp8", "experts_pretiled"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (the comparison runs identical "
                                    "weights on both sides)")
-            for flag in ("global_attention", "sliding_attention"):
+            for flag in ("global_attention", "sliding_attention", "profile"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (a GPU run)")
             defaults = bench.BenchSettings()
