@@ -88,3 +88,15 @@ def test_cli_prints_one_line_per_kernel(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["section", "rows", "kernel"]
     assert len(lines) == 2 and lines[1].split()[:3] == ["vocab", "1", "vocab_stats"]
+
+
+def test_cli_takes_tile_settings_and_refuses_unknown_fields(capsys):
+    assert codegen.main(["--rows", "8", "--sections", "moe", "--tiles", "num_warps=4", "swap_ab=false"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == 2 and all(line.split()[3] == "4" and "num_warps=4" in line for line in lines)
+    with pytest.raises(SystemExit):
+        codegen.main(["--sections", "moe", "vocab", "--tiles", "swap_ab=true"])  # VocabTiles has no swap_ab
+    assert "VocabTiles (vocab) has no field 'swap_ab'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        codegen.main(["--sections", "moe", "--tiles", "num_warps"])
+    assert "FIELD=VALUE" in capsys.readouterr().err

@@ -295,12 +295,15 @@ def _section(name: str) -> tuple[Callable[..., tuple], type, Sequence[dict]]:
 
 
 def report_rows(sections: Sequence[str], rows: Sequence[int], sweep: bool = False,
-                log: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
-    """One record per (section, batch rows, tile setting, kernel): the tiles and the kernel's report."""
+                log: Callable[[str], None] = lambda _: None, tiles: dict[str, Any] | None = None,
+                ) -> list[dict[str, Any]]:
+    """One record per (section, batch rows, tile setting, kernel): the tiles and the kernel's report. The
+    settings: the defaults, or `tiles` (keyword arguments of each section's *Tiles class); with `sweep` also
+    every candidate of the GPU sweep."""
     records = []
     for section in sections:
         make_problem, tiles_class, candidates = _section(section)
-        settings = [{}, *candidates] if sweep else [{}]
+        settings = [tiles or {}, *candidates] if sweep else [tiles or {}]
         for n in rows:
             for overrides in settings:
                 log(f"{section} rows={n} {overrides or 'defaults'}")
@@ -326,16 +329,43 @@ def render(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _parse_tiles(items: Sequence[str], sections: Sequence[str]) -> dict[str, Any]:
+    """`["num_warps=4", "swap_ab=true"]` -> `{"num_warps": 4, "swap_ab": True}`, checked against the fields of
+    every chosen section's tiles class."""
+    tiles: dict[str, Any] = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--tiles takes FIELD=VALUE, got {item!r}")
+        for section in sections:
+            tiles_class = _section(section)[1]
+            fields = {f.name for f in dataclasses.fields(tiles_class)}
+            if field not in fields:
+                raise ValueError(f"{tiles_class.__name__} ({section}) has no field {field!r}; it has {sorted(fields)}")
+        lowered = value.lower()
+        tiles[field] = (None if lowered == "none" else lowered == "true" if lowered in ("true", "false")
+                        else int(value))
+    return tiles
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffjax.kernels.codegen", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="decoder batch rows (default 1 8)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--sweep", action="store_true", help="also every tile candidate of `kernels.bench --sweep`")
+    p.add_argument("--tiles", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="tile settings instead of the defaults, e.g. num_warps=4 swap_ab=true (fields of the "
+                        "sections' MoeTiles / VocabTiles / AttentionTiles)")
     p.add_argument("--out", type=Path, help="write the records as JSON here")
     args = p.parse_args(argv)
     if any(n <= 0 for n in args.rows):
         p.error("--rows must be positive")
-    records = report_rows(args.sections, args.rows, args.sweep, log=lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        tiles = _parse_tiles(args.tiles, args.sections)
+    except ValueError as exc:
+        p.error(str(exc))
+    records = report_rows(args.sections, args.rows, args.sweep, log=lambda m: print(m, file=sys.stderr, flush=True),
+                          tiles=tiles)
     print(render(records))
     if args.out:
         import json
