@@ -126,21 +126,15 @@ def experts_pallas(
     tiles' widths taken from them instead of from `tiles`.
     """
     quantized = _check_quantization(gate_up, down, gate_up_scale, down_scale)
-    stack_rank = 5 if pretiled else 4
+    rank = (5 if pretiled else 4) - (layer is None)  # [layers,] experts, (column tiles,) rows, columns
+    if gate_up.ndim != rank or down.ndim != rank:
+        expected = "[layers, experts, ...] stacks (with a layer index)" if layer is not None else f"{rank}-d"
+        raise ValueError(f"gate_up and down must be {expected}{' of column tiles (pretiled)' * pretiled}, got "
+                         f"{gate_up.shape} and {down.shape}")
     if layer is None:
         gate_up, down, layer = gate_up[None], down[None], 0
         if quantized:
             gate_up_scale, down_scale = gate_up_scale[None], down_scale[None]
-    elif gate_up.ndim != stack_rank or down.ndim != stack_rank:
-        raise ValueError(
-            f"with a layer index, gate_up and down must be [layers, experts, ...] stacks{' of column tiles' * pretiled}"
-            f", got {gate_up.shape} and {down.shape}"
-        )
-    if gate_up.ndim != stack_rank or down.ndim != stack_rank:
-        raise ValueError(
-            f"gate_up and down must be {stack_rank - 1}-d{' (pretiled)' * pretiled}, got {gate_up.shape[1:]} and "
-            f"{down.shape[1:]}"
-        )
     gate_up_shape, down_shape = _untiled_shape(gate_up.shape, pretiled), _untiled_shape(down.shape, pretiled)
     tokens, hidden = x.shape
     _, num_experts, _, two_inter = gate_up_shape
@@ -269,8 +263,7 @@ def _tile_columns(w: Array, width: int) -> Array:
 
 def _untile_columns(w: Array) -> Array:
     """`[..., tiles, rows, width]` -> `[..., rows, tiles * width]`."""
-    *lead, num_tiles, rows, width = w.shape
-    return jnp.moveaxis(w, -3, -2).reshape(*lead, rows, num_tiles * width)
+    return jnp.moveaxis(w, -3, -2).reshape(_untiled_shape(w.shape, pretiled=True))
 
 
 def _untiled_shape(shape: tuple[int, ...], pretiled: bool) -> tuple[int, ...]:
