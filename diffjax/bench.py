@@ -13,7 +13,9 @@ Two modes (`diffjax bench --help`):
   the device by one jitted init (nothing crosses from the host), timed against the memory floor of a step:
   parameter bytes a decoder step reads / measured device copy bandwidth. GPU only unless `--force`. With
   `--experts-fp8` the experts are float8_e4m3fn with float32 per-column scales (`diffjax.quantize`), and the
-  floor counts those bytes (about half of bf16's).
+  floor counts those bytes (about half of bf16's). Beside it the compute floor: the step's necessary FLOPs
+  (`decoder_flops_per_step`) / measured bf16 matmul throughput, the bound from batch ~8 on; "x roofline" is
+  the step against the larger of the two.
 
 torch and transformers are optional (the `test` extra): imported only when the transformers side runs.
 """
@@ -37,7 +39,7 @@ import numpy as np
 
 from diffjax.config import FULL, MOE_IMPLEMENTATIONS, SLIDING, AttentionConfig, Config
 from diffjax.generate import STATISTICS
-from diffjax.model import init_params
+from diffjax.model import init_params, param_shapes
 from diffjax.profile import kernel_times, render_kernel_times
 
 RESULT_KEYS = ("first_call_s", "compile_s", "warm_call_s", "decoder_passes", "ms_per_step", "tokens_per_s")
@@ -331,6 +333,9 @@ class FullSizeSettings:
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
+    # Side of the square bf16 matmul timed for the compute side of the roofline: 8192 on an accelerator (~1.1
+    # TFLOP, ~1.5 ms on an H100), 1024 on a CPU.
+    matmul_size: int | None = None
     # A folder: one more decoder step per point under the profiler (`diffjax.profile`), its trace kept there
     # and its kernels summed by name in the point (`decoder_kernels`) and the log.
     profile_dir: str | None = None
@@ -378,6 +383,32 @@ def decoder_bytes_per_step(params: Any) -> int:
     return total
 
 
+def decoder_flops_per_step(config: Config, batch: int, prompt: int) -> int:
+    """Floating-point operations of one decoder step (multiply and add counted apart) that no implementation
+    can skip: every dense weight once per canvas token, each token's top-k experts (not all of them), the tied
+    embedding twice (the logits and the self-conditioning product `softmax(z) @ E`), and attention over the keys
+    a canvas row sees (the canvas, plus the prompt on full layers or its last `window - 1` positions on sliding
+    ones). Norms, softmaxes and other elementwise work are left out (~1% at the released shapes)."""
+    tokens = batch * config.canvas_length
+    plain = config.replace(expert_layout="plain", expert_quantization="none")
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(plain))[0]:
+        keys = [getattr(p, "key", None) for p in path]
+        size = math.prod(leaf.shape)
+        if keys[-1] == "kernel":
+            total += 2 * tokens * size
+        elif "experts" in keys:
+            total += 2 * tokens * size * config.top_k_experts // config.num_experts
+        elif keys[-1] == "embedding":
+            total += 2 * 2 * tokens * size
+    for layer_type in config.layer_types:
+        context = min(prompt, config.sliding_window - 1) if layer_type == SLIDING else prompt
+        # scores and the weighted sum of values: two products of [heads, head_dim] by the keys, per token
+        total += 2 * 2 * tokens * config.num_heads * config.attention(layer_type).head_dim * (
+            config.canvas_length + context)
+    return total
+
+
 def cache_bytes(cache: Any) -> int:
     """Bytes of the cached keys and values: a decoder step reads all of them once."""
     return sum(x.nbytes for x in jax.tree_util.tree_leaves((cache.keys, cache.values)))
@@ -395,6 +426,15 @@ def copy_bandwidth(nbytes: int, repeats: int = 10) -> float:
         jax.block_until_ready(copy(x))
         best = min(best, time.perf_counter() - start)
     return 2 * n * 4 / best
+
+
+def matmul_throughput(size: int, repeats: int = 10) -> float:
+    """Device bf16 matmul throughput in FLOP/s (float32 accumulation): `[size, size] @ [size, size]`, best of
+    `repeats`. What a well-tuned large product reaches here, the compute side of the roofline."""
+    a, b = jax.random.normal(jax.random.key(0), (2, size, size), jnp.bfloat16)
+    product = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    _, seconds = best_time(lambda: product(a, b), repeats)
+    return 2 * size**3 / seconds
 
 
 def peak_memory_bytes() -> int | None:
@@ -493,6 +533,8 @@ def run_full_size(
     init_s = time.perf_counter() - start
     log("measuring device copy bandwidth")
     bandwidth = copy_bandwidth(s.bandwidth_bytes or ((256 << 20) if device.platform == "cpu" else (4 << 30)))
+    log("measuring device matmul throughput")
+    throughput = matmul_throughput(s.matmul_size or (1024 if device.platform == "cpu" else 8192))
     weight_bytes = decoder_bytes_per_step(params)
     model, theirs = None, {}
     if s.transformers:
@@ -517,6 +559,12 @@ def run_full_size(
                 step_bytes = weight_bytes + point["cache_bytes"]
                 point["floor_ms"] = 1e3 * step_bytes / bandwidth
                 point["ratio_to_floor"] = point["decoder_ms"] / point["floor_ms"]
+                # From batch ~8 a step does more arithmetic than the matmul throughput covers in the time its
+                # bytes take: there the compute floor is the bound that counts.
+                point["flops"] = decoder_flops_per_step(config, batch, prompt)
+                point["compute_floor_ms"] = 1e3 * point["flops"] / throughput
+                point["roofline_ms"] = max(point["floor_ms"], point["compute_floor_ms"])
+                point["ratio_to_roofline"] = point["decoder_ms"] / point["roofline_ms"]
                 ids = prompt_ids(config, batch, prompt, s.seed)
                 if s.generate:
                     log(f"{name}: whole generate loop ({s.steps} steps per canvas)")
@@ -545,7 +593,8 @@ def run_full_size(
             log(f"point {json.dumps(point)}")
     return {
         "settings": dataclasses.asdict(s), "device": str(device), "config": _config_summary(config),
-        "init_s": init_s, "weight_bytes": weight_bytes, "bandwidth_bytes_per_s": bandwidth, "points": points,
+        "init_s": init_s, "weight_bytes": weight_bytes, "bandwidth_bytes_per_s": bandwidth,
+        "matmul_flops_per_s": throughput, "points": points,
     }
 
 
@@ -612,11 +661,13 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
 
     settings = result["settings"]
     caption = (f"{result['device']}; weights {_gib(result['weight_bytes'])} made in {result['init_s']:.1f} s; "
-               f"copy bandwidth {result['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; floor = (weights + cache) / "
-               f"bandwidth; tokens/s at {settings['steps']} steps per canvas = canvas x batch / (steps x decoder + "
+               f"copy bandwidth {result['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+               f"{result['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; floor = (weights + cache) / bandwidth; compute "
+               f"floor = step FLOPs / matmul rate; x roofline = against the larger; tokens/s at {settings['steps']} steps per canvas = canvas x batch / (steps x decoder + "
                f"encoder); generate = whole loop, ms per decoder pass")
     table = Table(title=_title(result["config"]), caption=caption)
-    columns = ["prompt", "batch", "moe", "statistics", "decoder ms", "floor ms", "x floor", "encoder canvas ms",
+    columns = ["prompt", "batch", "moe", "statistics", "decoder ms", "floor ms", "x floor", "compute floor ms",
+               "x roofline", "encoder canvas ms",
                "tokens/s", "generate ms/step", "transformers ms/step", "ours/theirs", "peak mem"]
     for name in columns:
         table.add_column(name, justify="right")
@@ -629,7 +680,8 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
         table.add_row(
             str(point["prompt"]), str(point["batch"]), point["moe"], point["statistics"], _fmt(point["decoder_ms"]),
             _fmt(point["floor_ms"]),
-            _fmt(point["ratio_to_floor"]), _fmt(point["encoder_canvas_ms"]), _fmt(point["tokens_per_s_at_steps"]),
+            _fmt(point["ratio_to_floor"]), _fmt(point["compute_floor_ms"]), _fmt(point["ratio_to_roofline"]),
+            _fmt(point["encoder_canvas_ms"]), _fmt(point["tokens_per_s_at_steps"]),
             _fmt(ours.get("ms_per_step")), _fmt(theirs.get("ms_per_step")), _fmt(point.get("ratio")),
             _gib(point["peak_memory_bytes"]),
         )
@@ -656,6 +708,8 @@ __all__ = [
     "bench_config",
     "copy_bandwidth",
     "decoder_bytes_per_step",
+    "decoder_flops_per_step",
+    "matmul_throughput",
     "random_hf_model",
     "render",
     "run_comparison",

@@ -222,6 +222,37 @@ def test_full_size_helpers():
     assert bench.copy_bandwidth(1 << 20, repeats=2) > 0
 
 
+@pytest.mark.parametrize("batch,prompt", [(2, 24), (1, 40)])
+def test_decoder_flops_match_xla_cost_analysis(batch, prompt):
+    """The counted FLOPs of a decoder step against what XLA counts in the compiled step, on a model whose
+    dense expert form is exactly the routed work (as many experts as each token picks), with prompts past the
+    sliding window (the XLA path attends over the whole ring, the count over the keys a row sees)."""
+    import jax.numpy as jnp
+
+    from diffjax import bench
+    from diffjax.model import _denoise_logits, init_cache, prefill
+
+    config = Config.tiny(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, vocab_size=2048,
+                         num_experts=2, top_k_experts=2, moe_implementation="dense", canvas_length=16)
+    params = diffjax.init_params(config, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (batch, prompt), 0, config.vocab_size)
+    cache = prefill(params, config, ids, jnp.ones_like(ids, bool),
+                    init_cache(config, batch, prompt + config.canvas_length), 64)
+    canvas = ids[:, :config.canvas_length]
+    sc_logits = jax.random.normal(jax.random.key(2), (batch, config.canvas_length, config.vocab_size))
+    compiled = jax.jit(_denoise_logits, static_argnums=1).lower(
+        params, config, cache, canvas, sc_logits, jnp.ones((batch,), bool)).compile()
+    cost = compiled.cost_analysis()
+    xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    counted = bench.decoder_flops_per_step(config, batch, prompt)
+    assert counted <= xla_flops <= 1.03 * counted, (counted, xla_flops)
+    # Routed work: each token's top-k experts, whatever the pool; a larger pool only widens the router.
+    tokens = batch * config.canvas_length
+    router = 2 * tokens * config.hidden_size * (8 - 2) * config.num_layers
+    assert bench.decoder_flops_per_step(config.replace(num_experts=8), batch, prompt) == counted + router
+    assert bench.decoder_flops_per_step(config.replace(top_k_experts=1), batch, prompt) < counted
+
+
 def test_full_size_path_on_a_tiny_model(tmp_path):
     """The whole --full-size sweep (device init, bandwidth, chunked prefill, step timings, generate, floor,
     table, JSON) on Config.tiny(), with the transformers side eager on the CPU."""
@@ -249,9 +280,14 @@ def test_full_size_path_on_a_tiny_model(tmp_path):
         assert point["diffjax"]["decoder_passes"] == 4 and point["transformers"]["decoder_passes"] == 4
         assert point["decoder_ms"] > 0 and point["encoder_canvas_ms"] > 0 and point["floor_ms"] > 0
         assert point["cache_bytes"] > 0 and point["ratio"] > 0
+        assert point["compute_floor_ms"] > 0 and point["flops"] == bench.decoder_flops_per_step(
+            Config.tiny(canvas_length=8), 2, 20)
+        assert point["ratio_to_roofline"] == point["decoder_ms"] / max(point["floor_ms"], point["compute_floor_ms"])
+    assert result["matmul_flops_per_s"] > 0
     console = Console(record=True, width=250)
     bench.render(result, console)
-    assert "x floor" in console.export_text()
+    table = console.export_text()
+    assert "x floor" in table and "x roofline" in table
     bench.write_json(result, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["points"][3]["statistics"] == "xla"
 
