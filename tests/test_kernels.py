@@ -391,9 +391,30 @@ def test_kernel_bench_runs_tiny_and_records_failures(tmp_path, monkeypatch):
     # The pretiled weights are the same bytes in another order.
     assert by_impl["pallas_pretiled"]["ms"] > 0 and by_impl["pallas_pretiled"]["bytes"] == by_impl["ragged_dot"]["bytes"]
     assert "kernel exploded" in by_impl["dense"]["error"]
+    assert by_impl["ragged_dot"]["tflop_per_s"] == by_impl["ragged_dot"]["flops"] / by_impl["ragged_dot"]["ms"] / 1e9
     assert by_impl["attend"]["section"] == "sliding" and by_impl["sdpa_xla"]["ms"] > 0 and by_impl["pallas"]["ms"] > 0
     if jax.default_backend() == "cpu":
         assert "cuDNN" in by_impl["sdpa_cudnn"]["error"]
+
+
+def _xla_flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_kernel_bench_flops_match_xla_cost_analysis():
+    """The bench's FLOP counts against XLA's count of the twins: the dense experts on a pool as large as each
+    token's pick (dense = routed work), and attention over a ring of keys."""
+    shapes = dataclasses.replace(kernel_bench.Shapes.tiny(), hidden=512, moe_inter=256, experts=2, top_k=2,
+                                 head_dim=128)
+    tokens = 3 * shapes.canvas
+    args = kernel_bench.moe_inputs(shapes, tokens, seed=0)
+    counted = kernel_bench.moe_flops(shapes, tokens)
+    assert counted <= _xla_flops(experts_dense, *args) <= 1.03 * counted
+    batch, length = 2, 40
+    args = kernel_bench.attention_inputs(shapes, batch, length, shapes.kv_heads, shapes.head_dim, seed=0)
+    counted = kernel_bench.attention_flops(shapes, batch, length, shapes.head_dim)
+    assert counted <= _xla_flops(kernel_bench._attend_visible, *args) <= 1.05 * counted
 
 
 # ------------------------------------------------------------------------------------------- vocab

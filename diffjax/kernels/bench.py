@@ -23,8 +23,10 @@ For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--re
 `ATTENTION_TILES` beside its defaults, and lists the fastest per problem (`best_tiles` in the JSON).
 
 Each entry records ms, the bytes it must read at least (weights touched + inputs + outputs) and those bytes
-over the time (GB/s, to set against the device copy bandwidth also recorded). A failing entry records its
-error and the others still run.
+over the time (GB/s, to set against the device copy bandwidth also recorded), and the multiply-adds its
+problem needs (x2 FLOPs: routed tokens only for the experts) over the time (TFLOP/s: the batch-8 experts and
+long-prompt attention are bound by these, not by bytes). A failing entry records its error and the others
+still run.
 """
 
 from __future__ import annotations
@@ -140,13 +142,14 @@ def _nbytes(*arrays: Any) -> int:
     return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays)
 
 
-def _entry(section: str, impl: str, rows: int, timed: Callable[[], tuple[float, float, int]], **extra: Any
-           ) -> dict[str, Any]:
-    """Run one timing; a failure is recorded, not raised."""
+def _entry(section: str, impl: str, rows: int, timed: Callable[[], tuple[float, float]], nbytes: int, flops: int,
+           **extra: Any) -> dict[str, Any]:
+    """Run one timing (first call s, best ms); a failure is recorded, not raised."""
     record: dict[str, Any] = {"section": section, "impl": impl, "rows": rows, **extra}
     try:
-        first_s, ms, nbytes = timed()
-        record.update(first_call_s=first_s, ms=ms, bytes=nbytes, gb_per_s=nbytes / ms / 1e6)
+        first_s, ms = timed()
+        record.update(first_call_s=first_s, ms=ms, bytes=nbytes, gb_per_s=nbytes / ms / 1e6, flops=flops,
+                      tflop_per_s=flops / ms / 1e9)
     except Exception as exc:  # one broken kernel must not lose the other figures
         record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         record["traceback"] = traceback.format_exc(limit=8)[-4000:]
@@ -174,6 +177,16 @@ def moe_inputs(shapes: Shapes, tokens: int, seed: int) -> tuple[jax.Array, ...]:
     return make()
 
 
+def moe_flops(shapes: Shapes, tokens: int) -> int:
+    """Each token through its top-k experts: gate/up `[hidden, 2 * inter]` and down `[inter, hidden]`."""
+    return 2 * tokens * shapes.top_k * 3 * shapes.hidden * shapes.moe_inter
+
+
+def attention_flops(shapes: Shapes, batch: int, length: int, head_dim: int) -> int:
+    """Scores and the weighted sum of values, every canvas query over `length` keys."""
+    return 2 * 2 * batch * shapes.canvas * shapes.heads * head_dim * length
+
+
 def moe_bytes(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array) -> int:
     """Weights of the experts hit, the activations in and the output."""
     hit = len(np.unique(np.asarray(ids)))
@@ -190,18 +203,18 @@ def _pallas_variants(make: Callable[[Any], Callable[..., Any]], tiles_class: typ
     return {f"{name}[{i}]": (jax.jit(make(t)), {"tiles": dataclasses.asdict(t)}) for i, t in enumerate(variants)}
 
 
-def _time_all(section: str, rows: int, args: tuple, nbytes: int,
+def _time_all(section: str, rows: int, args: tuple, nbytes: int, flops: int,
               impls: dict[str, tuple[Callable[..., Any], dict[str, Any]]], s: Settings,
               log: Callable[[str], None], **problem: Any) -> list[dict[str, Any]]:
     out = []
     for impl, (fn, extra) in impls.items():
         log(" ".join([section, impl, f"rows={rows}", *(f"{k}={v}" for k, v in problem.items())]))
 
-        def timed(fn: Callable[..., Any] = fn) -> tuple[float, float, int]:
+        def timed(fn: Callable[..., Any] = fn) -> tuple[float, float]:
             first_s, best_s = best_time(lambda: fn(*args), s.repeats)
-            return first_s, 1e3 * best_s, nbytes
+            return first_s, 1e3 * best_s
 
-        out.append(_entry(section, impl, rows, timed, **problem, **extra))
+        out.append(_entry(section, impl, rows, timed, nbytes, flops, **problem, **extra))
     return out
 
 
@@ -233,6 +246,7 @@ def bench_moe(s: Settings, shapes: Shapes, impls: Sequence[str], log: Callable[[
     out = []
     for rows in s.rows:
         args = moe_inputs(shapes, rows * shapes.canvas, s.seed)
+        flops = moe_flops(shapes, rows * shapes.canvas)
         for (fp8, pretiled), functions in kernels.items():
             x, weights, ids, gate_up, down = args
             scales: tuple[jax.Array, ...] = ()
@@ -242,9 +256,10 @@ def bench_moe(s: Settings, shapes: Shapes, impls: Sequence[str], log: Callable[[
             nbytes = moe_bytes(x, weights, ids, gate_up, down) + _nbytes(*scales)
             if pretiled:
                 gate_up, down = pretile_experts(gate_up, down)
-            out += _time_all("moe", rows, (x, weights, ids, gate_up, down, *scales), nbytes, functions, s, log)
+            out += _time_all("moe", rows, (x, weights, ids, gate_up, down, *scales), nbytes, flops, functions, s,
+                             log)
             del gate_up, down, scales
-        out += _time_all("moe", rows, args, moe_bytes(*args), twins, s, log)
+        out += _time_all("moe", rows, args, moe_bytes(*args), flops, twins, s, log)
         del args
     return out
 
@@ -300,7 +315,8 @@ def bench_vocab(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list
     for batch in s.rows:
         hidden, embedding = vocab_inputs(shapes, batch * shapes.canvas, s.seed)
         args = (hidden, embedding, jnp.float32(0.8))
-        out += _time_all("vocab", batch, args, _nbytes(hidden, embedding), functions, s, log)
+        flops = 2 * batch * shapes.canvas * shapes.vocab * shapes.hidden
+        out += _time_all("vocab", batch, args, _nbytes(hidden, embedding), flops, functions, s, log)
         del hidden, embedding, args
     return out
 
@@ -346,7 +362,8 @@ def bench_attention(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> 
         for batch in s.rows:
             args = attention_inputs(shapes, batch, prompt + shapes.canvas, shapes.kv_heads, shapes.head_dim, s.seed)
             nbytes = _nbytes(*args) + _nbytes(args[0])  # + the output, the size of the queries
-            out += _time_all("attention", batch, args, nbytes, functions, s, log, prompt=prompt)
+            flops = attention_flops(shapes, batch, prompt + shapes.canvas, shapes.head_dim)
+            out += _time_all("attention", batch, args, nbytes, flops, functions, s, log, prompt=prompt)
             del args
     return out
 
@@ -373,7 +390,8 @@ def bench_sliding(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> li
     for batch in s.rows:
         args = attention_inputs(shapes, batch, length, shapes.sliding_kv_heads, shapes.sliding_head_dim, s.seed)
         nbytes = _nbytes(*args) + _nbytes(args[0])
-        out += _time_all("sliding", batch, args, nbytes, functions, s, log, prompt=length - shapes.canvas)
+        flops = attention_flops(shapes, batch, length, shapes.sliding_head_dim)
+        out += _time_all("sliding", batch, args, nbytes, flops, functions, s, log, prompt=length - shapes.canvas)
         del args
     return out
 
@@ -432,16 +450,17 @@ def render(result: dict[str, Any]) -> str:
     lines = [f"{result['device_kind']} ({result['device']}), jax {result['jax']}, {result['date_utc']} UTC"]
     if "copy_bandwidth_gb_per_s" in result:
         lines.append(f"device copy bandwidth: {result['copy_bandwidth_gb_per_s']:.0f} GB/s")
-    lines.append(f"{'section':<10} {'impl':<18} {'rows':>4} {'prompt':>6} {'ms':>9} {'GB/s':>8}  note")
+    lines.append(f"{'section':<10} {'impl':<18} {'rows':>4} {'prompt':>6} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8}  note")
     for e in result["entries"]:
         ms = f"{e['ms']:9.3f}" if "ms" in e else f"{'-':>9}"
         gbs = f"{e['gb_per_s']:8.0f}" if "gb_per_s" in e else f"{'-':>8}"
+        tflops = f"{e['tflop_per_s']:8.1f}" if "tflop_per_s" in e else f"{'-':>8}"
         if "error" in e:
             note = e["error"].splitlines()[0][:100]
         else:
             note = " ".join(f"{k}={v}" for k, v in e.get("tiles", {}).items() if v is not None)
         lines.append(f"{e['section']:<10} {e.get('impl', '-'):<18} {e.get('rows', '-'):>4} "
-                     f"{e.get('prompt', ''):>6} {ms} {gbs}  {note}")
+                     f"{e.get('prompt', ''):>6} {ms} {gbs} {tflops}  {note}")
     return "\n".join(lines)
 
 
