@@ -543,34 +543,25 @@ def _config_dict(config: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- parsing
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number_type(convert: Callable[[str], Any], kind: str, accept: Callable[[Any], bool], bound: str
+                 ) -> Callable[[str], Any]:
+    """An argparse `type` that converts with `convert` and refuses what `accept` rejects, naming `bound`."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {value}")
+        return value
+
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
+_positive_int = _number_type(int, "an integer", lambda v: v > 0, "> 0")
+_nonnegative_int = _number_type(int, "an integer", lambda v: v >= 0, ">= 0")
+_positive_float = _number_type(float, "a number", lambda v: v > 0, "> 0")
 
 
 def _add_attention_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:

@@ -90,7 +90,7 @@ def test_train_bad_arguments(trained, tmp_path, capsys):
         ([*TINY_RUN, *out, "--warmup-steps", "2"], "--warmup-steps (2) must be below --steps (2)"),
         ([*TINY_RUN, *out, "--lora-rank", "2", "--lora-targets", "self_attn/qkv"], "match no linear layer"),
         ([*TINY_RUN, *out, "--task", "chess"], "argument --task: invalid choice: 'chess'"),
-        ([*TINY_RUN, *out, "--steps", "0"], "expected a positive integer, got 0"),
+        ([*TINY_RUN, *out, "--steps", "0"], "expected an integer > 0, got 0"),
         (["train", "--task", "sudoku4", "--init", trained, "--steps", "2", *out], "do not fit task sudoku4"),
         (["train", "--task", "sort", "--init", tmp_path, "--steps", "2", *out], "is neither a diffjax checkpoint"),
         (["train", "--task", "sort", "--preset", "tiny", "--init", trained, "--steps", "2", *out], "not allowed with"),
