@@ -46,9 +46,11 @@ def test_default_expert_tiles_do_not_spill_at_batch_8(fp8):
     assert {r.num_warps for r in reports.values()} == {8}
     assert not any(r.spills for r in reports.values()), reports
     assert {r.mma for r in reports.values()} == {"wgmma"}
-    # What `warps_for` avoids: 4 warps holding two 128 x 64 float32 accumulators spill, inside the k-loop.
+    # What `warps_for` avoids: 4 warps holding two 128 x 64 float32 accumulators take every register there is
+    # (254-255) and, before the kernel gathered its own rows of x, spilled inside the k-loop.
     four_warps = moe_reports(8, fp8=fp8, num_warps=4)["moe_gate_up"]
-    assert four_warps.spills and four_warps.hot_spill_instructions > 0
+    assert four_warps.registers >= 250 or four_warps.hot_spill_instructions > 0
+    assert max(r.registers for r in reports.values()) < 200
 
 
 @pytest.mark.parametrize("fp8", [False, True])

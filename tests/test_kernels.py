@@ -272,6 +272,11 @@ def test_moe_kernel_lowers_for_cuda_at_released_shapes():
     )
     text = lower_for_cuda(lambda *a: experts_pallas(*a, interpret=False), *args)
     assert text.count("__gpu$xla.gpu.triton") == 2  # gate/up and down kernels
+    # The kernels gather their rows of x and scatter their output rows: the only [rows, hidden] arrays are x
+    # and the result (tokens), the per-assignment output (+ a spare row for padding) and its view without the
+    # spare row, never an expert-sorted copy padded to row tiles.
+    row_counts = {int(n) for n in re.findall(rf"tensor<(\d+)x{cfg.hidden_size}xbf16>", text)}
+    assert row_counts == {tokens, tokens * k, tokens * k + 1}, row_counts
     swapped = lower_for_cuda(lambda *a: experts_pallas(*a, tiles=MoeTiles(swap_ab=True), interpret=False), *args)
     assert swapped.count("__gpu$xla.gpu.triton") == 2 and swapped != text  # the option reaches the kernels
 

@@ -1,15 +1,18 @@
 """Mixture-of-experts as a block-sparse grouped matmul (Pallas, Triton lowering).
 
 The tokens * top_k (token, expert) assignments are sorted by expert and each expert's group is padded to a
-multiple of the row tile, so every row tile belongs to exactly one expert. A small int32 array maps each row
-tile to its expert (-1 for the unused tail tiles, which do nothing); a program of the grid
-(row tile, output column tile) reads only its expert's weight columns. Two kernels:
+multiple of the row tile, so every row tile belongs to exactly one expert. Small int32 arrays map each row
+tile to its expert (-1 for the unused tail tiles, which do nothing) and each padded row to its assignment; a
+program of the grid (row tile, output column tile) reads only its expert's weight columns. Two kernels:
 
 1. gate/up: `h = gelu_tanh(x @ W_gate[e]) * (x @ W_up[e])`, both halves accumulated in float32 in the same
-   k-loop (one pass over x), the activation fused before the single store of `h [padded_rows, inter]`.
-2. down: `y = weight * (h @ W_down[e])`, the routing weight of each row fused into the store.
+   k-loop (one pass over x), the activation fused before the single store of `h [padded_rows, inter]`. Its
+   rows of x are gathered straight from x in token order.
+2. down: `y = weight * (h @ W_down[e])`, the routing weight of each row fused into the store, which scatters
+   each row to its assignment's row of `y [tokens * top_k (+1 spare for padding rows), hidden]`.
 
-The padded rows are then gathered back per token and summed over its top_k experts.
+Each token's top_k rows of y are then summed. Neither x nor y is ever copied in expert order and padded: at
+batch 8 those copies (zero-filled, scattered, gathered back) moved ~0.5 GB per layer.
 
 FP8 experts (`diffjax.quantize`: float8_e4m3fn weights, a float32 scale per output column): the kernels load
 e4m3 weight tiles (half the bytes), convert them to the activation dtype in registers (exact), accumulate in
@@ -170,18 +173,19 @@ def experts_pallas(
                 )
 
     layout = _padded_layout(expert_ids, num_experts, block_rows)
-    token_of = layout.order // top_k
-    xs = jnp.zeros((layout.padded_rows, hidden), x.dtype).at[layout.dest].set(x[token_of])
-    row_weights = jnp.zeros((layout.padded_rows,), jnp.float32).at[layout.dest].set(
-        weights.reshape(-1)[layout.order].astype(jnp.float32)
-    )
-    h = _gate_up_call(xs, layer, layout.tile_expert, gate_up, gate_up_scale, inter, block_rows, tiles, pretiled,
-                      interpret)
-    ys = _down_call(h, row_weights, layer, layout.tile_expert, down, down_scale, hidden, block_rows, tiles,
-                    pretiled, interpret)
-    # Assignment a = token * top_k + j sits at padded row dest_of[a]: gather and sum each token's k rows.
-    dest_of = jnp.zeros_like(layout.dest).at[layout.order].set(layout.dest)
-    per_assignment = ys[dest_of].reshape(tokens, top_k, hidden)
+    # The kernels gather their rows of x and scatter their output rows themselves, by these row maps: no
+    # expert-sorted, padded copy of the activations or of the output is ever written (at batch 8 those were
+    # ~180 MB each per layer, zero-filled first, against an 11 MB x that stays in L2).
+    assignments = tokens * top_k  # assignment a = token * top_k + j
+    # Padded row -> its assignment; padding rows get `assignments`, a spare output row for discarded results.
+    row_assignment = jnp.full((layout.padded_rows,), assignments, jnp.int32).at[layout.dest].set(layout.order)
+    row_token = jnp.where(row_assignment < assignments, row_assignment // top_k, 0)  # padding reads token 0
+    row_weights = jnp.append(weights.reshape(-1).astype(jnp.float32), 0.0)[row_assignment]
+    h = _gate_up_call(x, row_token, layer, layout.tile_expert, gate_up, gate_up_scale, inter, block_rows, tiles,
+                      pretiled, interpret)
+    ys = _down_call(h, row_weights, row_assignment, assignments + 1, layer, layout.tile_expert, down, down_scale,
+                    hidden, block_rows, tiles, pretiled, interpret)
+    per_assignment = ys[:assignments].reshape(tokens, top_k, hidden)
     return jnp.sum(per_assignment.astype(jnp.float32), axis=1).astype(x.dtype)
 
 
@@ -370,15 +374,15 @@ def _weight_tile(w_ref: Any, layer: Array, expert: Array, ks: Any, col_tile: Arr
 
 def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantized, swap_ab, column_tiles_first,
                     pretiled):
-    """refs: layer, tile_expert, x, w, (scale if quantized), then the output h."""
-    layer_ref, tile_expert_ref, x_ref, w_ref = refs[:4]
+    """refs: layer, tile_expert, x (token order), row_token, w, (scale if quantized), then the output h."""
+    layer_ref, tile_expert_ref, x_ref, row_token_ref, w_ref = refs[:5]
     h_ref = refs[-1]
     row_tile_index, col_tile = _tile_indices(column_tiles_first)
     layer, expert = layer_ref[0], tile_expert_ref[row_tile_index]
 
     @pl.when(expert >= 0)
     def _():
-        rows = pl.ds(row_tile_index * block_rows, block_rows)
+        tokens = row_token_ref[pl.ds(row_tile_index * block_rows, block_rows)]
         gate_cols = pl.ds(col_tile * block_n, block_n)
         up_cols = pl.ds(inter + col_tile * block_n, block_n)
         up_tile = inter // block_n + col_tile  # up's columns of gate's column tile
@@ -386,7 +390,7 @@ def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantize
         def step(k, acc):
             acc_gate, acc_up = acc
             ks = pl.ds(k * block_k, block_k)
-            xk = x_ref[rows, ks]
+            xk = x_ref[tokens, ks]
             w_gate = _weight_tile(w_ref, layer, expert, ks, col_tile, block_n, pretiled).astype(xk.dtype)
             w_up = _weight_tile(w_ref, layer, expert, ks, up_tile, block_n, pretiled).astype(xk.dtype)
             return _tile_product(acc_gate, xk, w_gate, swap_ab), _tile_product(acc_up, xk, w_up, swap_ab)
@@ -396,17 +400,17 @@ def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantize
         if swap_ab:
             acc_gate, acc_up = acc_gate.T, acc_up.T
         if quantized:
-            scale_ref = refs[4]
+            scale_ref = refs[5]
             acc_gate *= scale_ref[layer, expert, gate_cols][None, :]
             acc_up *= scale_ref[layer, expert, up_cols][None, :]
         h_ref[...] = (gelu_tanh(acc_gate) * acc_up).astype(h_ref.dtype)
 
 
 def _gate_up_call(
-    xs: Array, layer: Array, tile_expert: Array, gate_up: Array, scale: Array | None, inter: int, block_rows: int,
-    tiles: MoeTiles, pretiled: bool, interpret: bool,
+    x: Array, row_token: Array, layer: Array, tile_expert: Array, gate_up: Array, scale: Array | None, inter: int,
+    block_rows: int, tiles: MoeTiles, pretiled: bool, interpret: bool,
 ) -> Array:
-    padded_rows, hidden = xs.shape
+    (padded_rows,), hidden = row_token.shape, x.shape[1]
     block_k = largest_power_of_two_divisor(hidden, tiles.gate_up_block_k)
     block_n = gate_up.shape[-1] if pretiled else largest_power_of_two_divisor(inter, tiles.gate_up_block_n)
     kernel = functools.partial(
@@ -414,15 +418,16 @@ def _gate_up_call(
         quantized=scale is not None, swap_ab=tiles.swap_ab, column_tiles_first=tiles.column_tiles_first,
         pretiled=pretiled,
     )
-    inputs = (layer, tile_expert, xs, gate_up) + ((scale,) if scale is not None else ())
+    inputs = (layer, tile_expert, x, row_token, gate_up) + ((scale,) if scale is not None else ())
     warps = tiles.num_warps or warps_for(2 * block_rows * block_n)  # gate and up accumulators
-    return _row_tiled_call(kernel, inputs, (padded_rows, inter), xs.dtype, block_rows, block_n, warps, tiles,
+    return _row_tiled_call(kernel, inputs, (padded_rows, inter), x.dtype, block_rows, block_n, warps, tiles,
                            interpret, "moe_gate_up")
 
 
 def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab, column_tiles_first, pretiled):
-    """refs: layer, tile_expert, h, row_weight, w, (scale if quantized), then the output y."""
-    layer_ref, tile_expert_ref, h_ref, row_weight_ref, w_ref = refs[:5]
+    """refs: layer, tile_expert, h, row_weight, row_assignment, w, (scale if quantized), then the output y (one
+    row per assignment, and a spare row the padding rows write to)."""
+    layer_ref, tile_expert_ref, h_ref, row_weight_ref, row_assignment_ref, w_ref = refs[:6]
     y_ref = refs[-1]
     row_tile_index, col_tile = _tile_indices(column_tiles_first)
     layer, expert = layer_ref[0], tile_expert_ref[row_tile_index]
@@ -443,13 +448,14 @@ def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab,
         if swap_ab:
             acc = acc.T
         if quantized:
-            acc *= refs[5][layer, expert, cols][None, :]
-        y_ref[...] = (acc * row_weight_ref[rows][:, None]).astype(y_ref.dtype)
+            acc *= refs[6][layer, expert, cols][None, :]
+        y_ref[row_assignment_ref[rows], cols] = (acc * row_weight_ref[rows][:, None]).astype(y_ref.dtype)
 
 
 def _down_call(
-    h: Array, row_weights: Array, layer: Array, tile_expert: Array, down: Array, scale: Array | None, hidden: int,
-    block_rows: int, tiles: MoeTiles, pretiled: bool, interpret: bool,
+    h: Array, row_weights: Array, row_assignment: Array, out_rows: int, layer: Array, tile_expert: Array,
+    down: Array, scale: Array | None, hidden: int, block_rows: int, tiles: MoeTiles, pretiled: bool,
+    interpret: bool,
 ) -> Array:
     padded_rows, inter = h.shape
     block_k = largest_power_of_two_divisor(inter, tiles.down_block_k)
@@ -459,30 +465,35 @@ def _down_call(
         quantized=scale is not None, swap_ab=tiles.swap_ab, column_tiles_first=tiles.column_tiles_first,
         pretiled=pretiled,
     )
-    inputs = (layer, tile_expert, h, row_weights, down) + ((scale,) if scale is not None else ())
+    inputs = (layer, tile_expert, h, row_weights, row_assignment, down) + ((scale,) if scale is not None else ())
     warps = tiles.num_warps or warps_for(block_rows * block_n)
     return _row_tiled_call(kernel, inputs, (padded_rows, hidden), h.dtype, block_rows, block_n, warps, tiles,
-                           interpret, "moe_down")
+                           interpret, "moe_down", scatter_rows=out_rows)
 
 
 def _row_tiled_call(
     kernel: Any, inputs: tuple[Array, ...], out_shape: tuple[int, int], dtype: Any, block_rows: int, block_n: int,
-    num_warps: int, tiles: MoeTiles, interpret: bool, name: str,
+    num_warps: int, tiles: MoeTiles, interpret: bool, name: str, scatter_rows: int | None = None,
 ) -> Array:
-    """Launch `kernel` over the (row tile, output column tile) blocks, column tiles first or row tiles first
-    (`MoeTiles.column_tiles_first`): inputs whole (each program picks its expert's weights itself), each
-    program writing one `[block_rows, block_n]` block of the output."""
+    """Launch `kernel` over the (row tile, output column tile) blocks of `out_shape`, column tiles first or row
+    tiles first (`MoeTiles.column_tiles_first`): inputs whole (each program picks its expert's weights itself),
+    each program writing one `[block_rows, block_n]` block of the output, or with `scatter_rows` an output of
+    that many rows, whole, that the kernel writes its rows into itself."""
     rows, cols = out_shape
     if tiles.column_tiles_first:
         grid, block_index = (cols // block_n, rows // block_rows), lambda j, i: (i, j)
     else:
         grid, block_index = (rows // block_rows, cols // block_n), lambda i, j: (i, j)
+    if scatter_rows is None:
+        out_spec = pl.BlockSpec((block_rows, block_n), block_index)
+    else:
+        out_shape, out_spec = (scatter_rows, cols), pl.no_block_spec
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(out_shape, dtype),
         grid=grid,
         in_specs=[pl.no_block_spec] * len(inputs),
-        out_specs=pl.BlockSpec((block_rows, block_n), block_index),
+        out_specs=out_spec,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name=name,
