@@ -62,13 +62,13 @@ MOE_IMPLS = (*PALLAS_MOE_IMPLS, "ragged_dot", "ragged_dot_fusion", "dense")
 SECTIONS = ("moe", "vocab", "attention", "sliding")
 # `--sweep`: tile settings tried beside each kernel's defaults (keyword arguments of its *Tiles class).
 MOE_TILES = (
-    # The launch order and warps before `column_tiles_first` and `warps_for` (4 warps spill at 128-row tiles).
+    # The launch order and warps before `column_tiles_first` and `warps_for`.
     {"column_tiles_first": False}, {"num_warps": 4}, {"column_tiles_first": False, "num_warps": 4},
     {"gate_up_block_k": 128}, {"num_stages": 4}, {"num_warps": 8},
     # Gate/up column tiles cannot be wider than 64: inter 704 = 11 x 64 (blocks are powers of two dividing it).
     {"gate_up_block_n": 32, "down_block_n": 64}, {"down_block_n": 64}, {"down_block_n": 256},
     # The row tile before `row_tile` sized it for busy experts (at batch 1: 16 rows, now 32), and 64 rows
-    # (an H100's batch-8 sweep favoured it, with 256-wide down tiles, over the spilling 4-warp defaults).
+    # (an H100's batch-8 sweep favoured it, with 256-wide down tiles, over the then 4-warp defaults by ~8%).
     {"block_rows": 16}, {"block_rows": 64}, {"block_rows": 64, "down_block_n": 256},
     # Transposed products (`MoeTiles.swap_ab`): weight columns on the MMA's M side, where Hopper's wgmma
     # wants >= 64, instead of the expert's 16-32 rows.
@@ -80,14 +80,15 @@ VOCAB_TILES = (
     {"block_rows": 128, "block_k": 32, "num_stages": 4},
     # One row block per canvas at batch 1: the embedding is streamed once instead of once per 64 rows.
     {"block_rows": 256, "block_v": 64, "num_warps": 8}, {"block_rows": 256, "block_v": 32, "num_warps": 8},
-    # The defaults use all 255 registers and spill (`python -m diffjax.kernels.codegen`); these do not.
+    # The defaults use all 255 registers and spill 32 bytes outside the k-loop (`python -m
+    # diffjax.kernels.codegen`); these do not.
     {"num_warps": 8}, {"block_v": 64}, {"block_v": 64, "num_warps": 8},
 )
 ATTENTION_TILES = (
     {"block_k": 16, "num_warps": 4}, {"num_warps": 4, "num_stages": 1}, {"block_q": 32, "num_warps": 4},
     {"block_k": 64, "num_stages": 1},
-    # At head_dim 512 the defaults spill inside the key loop (`python -m diffjax.kernels.codegen`); these do
-    # not (mma.sync instead of wgmma: 32-row blocks).
+    # At head_dim 512 the defaults take 192 KiB of shared memory, one program per SM (`python -m
+    # diffjax.kernels.codegen`); 32- and 16-row query blocks take half (mma.sync instead of wgmma).
     {"block_q": 32, "num_warps": 8}, {"block_q": 32, "block_k": 16, "num_warps": 4}, {"block_q": 16, "num_warps": 4},
 )
 

@@ -9,7 +9,9 @@ pipelined (cp.async / TMA), how many registers does it take, does it spill, how 
 its programs fit on one SM. This module lowers each kernel at the released shapes for CUDA (as CI's lowering
 tests do), takes the Triton IR out of the lowered module and compiles it for sm_90a with Triton's own compiler
 (`pip install triton==3.9.0`, in the test extra; it compiles without a GPU), then reads the PTX and the cubin's
-resource usage.
+resource usage. It runs every stage XLA runs, the Triton-IR clean-up (`make_ttir`) included: Triton skips
+that stage for an IR file, and without it `acc + dot(x, w)` stays a dot into zeros plus an add, which keeps
+Hopper's MMAs synchronous and costs registers.
 
 Caveat: on the GPU, XLA compiles the same Triton IR with the Triton it bundles (jaxlib's), whose pass pipeline
 is close to but not the same as the pip release's; the report is a guide for choosing tiles and the GPU
@@ -66,6 +68,10 @@ class KernelReport:
     num_stages: int
     mma: str  # "wgmma" (Hopper warpgroup MMA), "mma.sync" (Ampere-style) or "none"
     async_loads: bool  # cp.async or TMA copies: the k-loop's loads are pipelined
+    # wgmma left in flight across k-steps (a `wgmma.wait_group N` with N >= 1): the loop issues the next
+    # step's MMAs before the last ones finish. False for mma.sync and for loops that wait on every MMA (an
+    # attention kernel's scores feed its softmax at once).
+    mma_pipelined: bool
     registers: int  # per thread
     stack_bytes: int  # per thread; > 0 means registers spilled to local memory
     hot_spill_instructions: int  # of those spills, the loads/stores inside the main loop (`hot_spill_instructions`)
@@ -142,17 +148,35 @@ def _triton() -> Any:
     return triton, GPUTarget
 
 
+def _make_ttir(ttir: str, target: Any, options: dict[str, Any]) -> str:
+    """The Triton-IR stage of the pipeline (canonicalise, combine `acc + dot` into the dot's accumulator, CSE,
+    ...) run on `ttir`, as XLA runs it before the GPU stages; `triton.compile` of an IR file starts after it."""
+    from triton._C.libtriton import ir
+    from triton.compiler.compiler import make_backend
+
+    backend = make_backend(target)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ttir"
+        path.write_text(ttir, encoding="utf-8")
+        module = ir.parse_mlir_module(str(path), context)
+    module.context = context
+    backend.make_ttir(module, {}, backend.parse_options(options), target.arch)
+    return str(module)
+
+
 def compile_for_hopper(kernel: TritonKernel) -> KernelReport:
     """Compile `kernel` for sm_90a with Triton (no GPU needed) and read its machine code."""
     triton, gpu_target = _triton()
+    target = gpu_target("cuda", 90, 32)
+    # XLA fuses multiply-adds in Triton kernels; saying so also silences Triton 3.9's default warning.
+    options = {"num_warps": kernel.num_warps, "num_stages": kernel.num_stages, "enable_fp_fusion": True}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{kernel.name}.ttir"
-        path.write_text(kernel.ttir, encoding="utf-8")
-        compiled = triton.compile(
-            str(path), target=gpu_target("cuda", 90, 32),
-            # XLA fuses multiply-adds in Triton kernels; saying so also silences Triton 3.9's default warning.
-            options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages, "enable_fp_fusion": True},
-        )
+        path.write_text(_make_ttir(kernel.ttir, target, options), encoding="utf-8")
+        compiled = triton.compile(str(path), target=target, options=options)
         cubin = Path(tmp) / f"{kernel.name}.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         usage, sass = (subprocess.run([triton.knobs.nvidia.cuobjdump.path, flag, str(cubin)], capture_output=True,
@@ -168,7 +192,9 @@ def compile_for_hopper(kernel: TritonKernel) -> KernelReport:
     return KernelReport(
         name=kernel.name, grid=kernel.grid, num_warps=kernel.num_warps, num_stages=kernel.num_stages,
         mma="wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none",
-        async_loads="cp.async" in ptx, registers=registers, stack_bytes=stack,
+        async_loads="cp.async" in ptx,
+        mma_pipelined=any(int(n) > 0 for n in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)),
+        registers=registers, stack_bytes=stack,
         hot_spill_instructions=hot_spill_instructions(sass), shared_bytes=shared, programs_per_sm=programs,
         occupancy_limit=limit,
     )
@@ -316,13 +342,15 @@ def report_rows(sections: Sequence[str], rows: Sequence[int], sweep: bool = Fals
 
 def render(records: Sequence[dict[str, Any]]) -> str:
     """A plain-text table, one kernel per line."""
-    lines = [f"{'section':<16} {'rows':>4} {'kernel':<25} {'warps':>5} {'mma':<8} {'async':<5} {'regs':>4} "
+    lines = [f"{'section':<16} {'rows':>4} {'kernel':<25} {'warps':>5} {'mma':<8} {'async':<5} {'mma in flight':<13} "
+             f"{'regs':>4} "
              f"{'spill':>5} {'in loop':>7} {'smem KiB':>8} {'per SM':>6} {'bound':<9} tiles"]
     for r in records:
         tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items()) or "defaults"
         lines.append(
             f"{r['section']:<16} {r['rows']:>4} {r['name']:<25} {r['num_warps']:>5} {r['mma']:<8} "
-            f"{'yes' if r['async_loads'] else 'no':<5} {r['registers']:>4} {r['stack_bytes']:>5} "
+            f"{'yes' if r['async_loads'] else 'no':<5} {'yes' if r['mma_pipelined'] else 'no':<13} "
+            f"{r['registers']:>4} {r['stack_bytes']:>5} "
             f"{r['hot_spill_instructions']:>7} "
             f"{r['shared_bytes'] / 1024:>8.1f} {r['programs_per_sm']:>6} {r['occupancy_limit']:<9} {tiles}"
         )
