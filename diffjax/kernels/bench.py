@@ -71,8 +71,10 @@ MOE_TILES = (
     # (an H100's batch-8 sweep favoured it, with 256-wide down tiles, over the then 4-warp defaults by ~8%).
     {"block_rows": 16}, {"block_rows": 64}, {"block_rows": 64, "down_block_n": 256},
     # Transposed products (`MoeTiles.swap_ab`): weight columns on the MMA's M side, where Hopper's wgmma
-    # wants >= 64, instead of the expert's 16-32 rows.
+    # wants >= 64, instead of the expert's 16-32 rows. The weight tile is then the MMA's A operand, which may
+    # come from registers: fp8 tiles widened there no longer make the loop wait on every MMA (batch 8).
     {"swap_ab": True}, {"swap_ab": True, "block_rows": 16}, {"swap_ab": True, "block_rows": 64, "down_block_n": 256},
+    {"swap_ab": True, "num_warps": 4}, {"swap_ab": True, "block_rows": 64},
 )
 VOCAB_TILES = (
     {"block_rows": 128, "num_warps": 8}, {"block_v": 256, "num_warps": 8},
