@@ -678,6 +678,17 @@ def test_decoder_sliding_layers_through_the_split_k_kernel():
     _close(ours, reference, jnp.float32, scale=5)
 
 
+def test_kernel_bench_sweeps_the_split_k_kernel_on_sliding_layers_too(tmp_path):
+    out = tmp_path / "sweep.json"
+    assert kernel_bench.main(["--tiny", "--sweep", "--rows", "1", "--repeats", "1", "--sections", "sliding",
+                              "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    impls = [e["impl"] for e in result["entries"]]
+    assert impls == [f"pallas[{i}]" for i in range(1 + len(kernel_bench.ATTENTION_TILES))]  # no twins
+    assert all("ms" in e for e in result["entries"]), result["entries"]
+    assert [b["section"] for b in result["best_tiles"]] == ["sliding"]
+
+
 def test_kernel_bench_sweep_lists_tile_variants_and_picks_the_fastest():
     variants = kernel_bench._pallas_variants(lambda t: lambda: t, VocabTiles, ({"block_k": 32},), sweep=True)
     assert list(variants) == ["pallas[0]", "pallas[1]"]

@@ -351,13 +351,18 @@ def _attend_visible(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) 
     return attend(q, k, v, jnp.broadcast_to(valid[:, None, :], (q.shape[0], q.shape[1], valid.shape[1])))
 
 
-def bench_attention(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def _split_k_variants(s: Settings) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
+    """The split-K attention kernel under its default tiles, or with `sweep` under each of `ATTENTION_TILES`."""
     from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
 
-    functions = _pallas_variants(
+    return _pallas_variants(
         lambda t: lambda q, k, v, valid: global_attention_pallas(q, k, v, valid, tiles=t, interpret=s.tiny),
         AttentionTiles, ATTENTION_TILES, s.sweep,
     )
+
+
+def bench_attention(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    functions = _split_k_variants(s)
     if not s.sweep:
         functions["attend"] = (jax.jit(_attend_visible), {})
     out = []
@@ -374,7 +379,8 @@ def bench_attention(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> 
 def bench_sliding(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """The decoder's sliding layers: the canvas over a full ring (window - 1 slots) plus itself, no mask (the
     ring is full once the context reaches the window). Ours (`attend`, XLA; the split-K kernel) against
-    `jax.nn.dot_product_attention` with XLA and with cuDNN (GPU only; recorded as an error elsewhere)."""
+    `jax.nn.dot_product_attention` with XLA and with cuDNN (GPU only; recorded as an error elsewhere); with
+    `sweep` the split-K kernel alone, under each tile setting (head_dim 256 here, 512 on the global layers)."""
 
     def sdpa(implementation: str) -> Callable[..., jax.Array]:
         def run(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
@@ -383,11 +389,10 @@ def bench_sliding(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> li
             return out.reshape(*out.shape[:2], -1)
         return run
 
-    from diffjax.kernels.attention import global_attention_pallas
-
-    functions = {"attend": (jax.jit(_attend_visible), {})}
-    functions |= {f"sdpa_{impl}": (jax.jit(sdpa(impl)), {}) for impl in ("xla", "cudnn")}
-    functions["pallas"] = (jax.jit(functools.partial(global_attention_pallas, interpret=s.tiny)), {})
+    functions = _split_k_variants(s)
+    if not s.sweep:
+        functions["attend"] = (jax.jit(_attend_visible), {})
+        functions |= {f"sdpa_{impl}": (jax.jit(sdpa(impl)), {}) for impl in ("xla", "cudnn")}
     length = shapes.sliding_window - 1 + shapes.canvas
     out = []
     for batch in s.rows:
