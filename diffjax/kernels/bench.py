@@ -211,13 +211,16 @@ def _time_all(section: str, rows: int, args: tuple, nbytes: int, flops: int,
               log: Callable[[str], None], **problem: Any) -> list[dict[str, Any]]:
     out = []
     for impl, (fn, extra) in impls.items():
-        log(" ".join([section, impl, f"rows={rows}", *(f"{k}={v}" for k, v in problem.items())]))
+        name = " ".join([section, impl, f"rows={rows}", *(f"{k}={v}" for k, v in problem.items())])
+        log(name)
 
         def timed(fn: Callable[..., Any] = fn) -> tuple[float, float]:
             first_s, best_s = best_time(lambda: fn(*args), s.repeats)
             return first_s, 1e3 * best_s
 
         out.append(_entry(section, impl, rows, timed, nbytes, flops, **problem, **extra))
+        # Each result as it comes: a run cut short by a time limit keeps what it measured in its log.
+        log(f"{name}: " + (f"{out[-1]['ms']:.3f} ms" if "ms" in out[-1] else out[-1]["error"].splitlines()[0][:200]))
     return out
 
 
