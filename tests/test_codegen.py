@@ -65,6 +65,11 @@ def test_pretiled_expert_kernels_compile_for_hopper_at_released_shapes(fp8):
         assert all(r.async_loads and not r.spills for r in reports.values()), reports
 
 
+def test_skewed_k_loops_stay_pipelined():
+    reports = moe_reports(1, skew_k=True)
+    assert all(r.async_loads and not r.spills and r.programs_per_sm >= 4 for r in reports.values()), reports
+
+
 def test_warps_for_holds_accumulators_in_64_registers_per_thread():
     assert warps_for(2 * 32 * 64) == 4 and warps_for(64 * 128) == 4
     assert warps_for(2 * 128 * 64) == 8 and warps_for(128 * 128) == 8

@@ -61,8 +61,9 @@ def moe_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, dty
     return x, weights, ids.astype(jnp.int32), gate_up, down
 
 
-# The default launch (column tiles first, plain products), transposed products, and row tiles first.
-LAUNCH_VARIANTS = [{}, {"swap_ab": True}, {"column_tiles_first": False}]
+# The default launch (column tiles first, plain products), transposed products, row tiles first, and k-loops
+# starting at a k-step of their own.
+LAUNCH_VARIANTS = [{}, {"swap_ab": True}, {"column_tiles_first": False}, {"skew_k": True}]
 
 
 @pytest.mark.parametrize(
@@ -82,7 +83,8 @@ def test_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, block_r
 
 
 @pytest.mark.parametrize(("dtype", "fp8"), [(jnp.float32, False), (jnp.bfloat16, False), (jnp.bfloat16, True)])
-@pytest.mark.parametrize("launch", [{}, {"swap_ab": True, "column_tiles_first": False}])
+@pytest.mark.parametrize("launch", [{}, {"swap_ab": True, "column_tiles_first": False},
+                                    {"skew_k": True, "gate_up_block_k": 16, "down_block_k": 16}])
 def test_moe_kernel_reads_pretiled_stacks(dtype, fp8, launch):
     """`pretile_experts` + `pretiled=True`: the same outputs as the plain layout, from a two-layer stack read
     in place, with column tiles narrower than the sizes (several tiles of gate, of up and of down)."""
@@ -120,6 +122,17 @@ def test_moe_kernel_rejects_bad_pretiled_stacks():
     ours = experts_pallas(x, weights, ids, tiled_gate_up, tiled_down, pretiled=True, interpret=True)
     np.testing.assert_allclose(ours, experts_pallas(x, weights, ids, gate_up, down, interpret=True), rtol=1e-6,
                                atol=1e-6)
+
+
+def test_moe_kernel_skewed_k_loops_sum_the_same_terms_in_another_order():
+    """`skew_k`: every program still visits each k-step once (same result to float32 rounding), starting
+    elsewhere (so not bit for bit the unskewed sums)."""
+    args = moe_case(50, 16, 4, 48, 80, jnp.float32, seed=3)
+    tiles = MoeTiles(block_rows=16, gate_up_block_k=16, down_block_k=16)
+    plain = experts_pallas(*args, tiles=tiles, interpret=True)
+    skewed = experts_pallas(*args, tiles=dataclasses.replace(tiles, skew_k=True), interpret=True)
+    np.testing.assert_allclose(np.asarray(skewed), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(np.asarray(skewed), np.asarray(plain))
 
 
 def test_moe_kernel_reads_a_layer_of_a_stack_in_place():

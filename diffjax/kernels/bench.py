@@ -75,6 +75,8 @@ MOE_TILES = (
     # come from registers: fp8 tiles widened there no longer make the loop wait on every MMA (batch 8).
     {"swap_ab": True}, {"swap_ab": True, "block_rows": 16}, {"swap_ab": True, "block_rows": 64, "down_block_n": 256},
     {"swap_ab": True, "num_warps": 4}, {"swap_ab": True, "block_rows": 64},
+    # Each program's k-loop starting at its own k-step (`MoeTiles.skew_k`): DRAM channel camping or not.
+    {"skew_k": True},
 )
 VOCAB_TILES = (
     {"block_rows": 128, "num_warps": 8}, {"block_v": 256, "num_warps": 8},

@@ -86,6 +86,11 @@ class MoeTiles:
     # and the few rows of an expert its N side. Hopper's wgmma needs M >= 64 per warpgroup, which a 16-32-row
     # tile (batch 1) cannot give the plain product; the swap is the usual small-batch MoE remedy. Same maths.
     swap_ab: bool = False
+    # Start each program's k-loop at its own k-step (from its grid indices, mod the steps; wrapping around): the
+    # programs running side by side then read different parts of their experts' weights instead of the same
+    # offset in each (the expert stride is a multiple of 64 KiB, which could put them all on the same DRAM
+    # channels). A sweep option testing that hypothesis; same maths, float32 sums in another order.
+    skew_k: bool = False
 
     def validate(self) -> None:
         for name in ("gate_up_block_k", "gate_up_block_n", "down_block_k", "down_block_n"):
@@ -363,6 +368,14 @@ def _tile_indices(column_tiles_first: bool) -> tuple[Array, Array]:
     return pl.program_id(0), pl.program_id(1)
 
 
+def _k_skew(skew_k: bool, num_k: int) -> Array | int:
+    """The k-step this program starts at (`MoeTiles.skew_k`): 7 x its first grid index + 3 x its second, mod
+    `num_k`, so neighbours in either launch order start apart."""
+    if not skew_k:
+        return 0
+    return jax.lax.rem(pl.program_id(0) * 7 + pl.program_id(1) * 3, num_k)  # non-negative: rem is mod
+
+
 def _weight_tile(w_ref: Any, layer: Array, expert: Array, ks: Any, col_tile: Array, block_n: int, pretiled: bool
                  ) -> Array:
     """Column tile `col_tile` (`block_n` wide), rows `ks`, of one expert's weights, in either layout."""
@@ -372,12 +385,14 @@ def _weight_tile(w_ref: Any, layer: Array, expert: Array, ks: Any, col_tile: Arr
 
 
 def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantized, swap_ab, column_tiles_first,
-                    pretiled):
+                    pretiled, skew_k):
     """refs: layer, tile_expert, x (token order), row_token, w, (scale if quantized), then the output h."""
     layer_ref, tile_expert_ref, x_ref, row_token_ref, w_ref = refs[:5]
     h_ref = refs[-1]
     row_tile_index, col_tile = _tile_indices(column_tiles_first)
     layer, expert = layer_ref[0], tile_expert_ref[row_tile_index]
+    num_k = hidden // block_k
+    skew = _k_skew(skew_k, num_k)
 
     @pl.when(expert >= 0)
     def _():
@@ -388,14 +403,14 @@ def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantize
 
         def step(k, acc):
             acc_gate, acc_up = acc
-            ks = pl.ds(k * block_k, block_k)
+            ks = pl.ds(jax.lax.rem(k + skew, num_k) * block_k, block_k)
             xk = x_ref[tokens, ks]
             w_gate = _weight_tile(w_ref, layer, expert, ks, col_tile, block_n, pretiled).astype(xk.dtype)
             w_up = _weight_tile(w_ref, layer, expert, ks, up_tile, block_n, pretiled).astype(xk.dtype)
             return _tile_product(acc_gate, xk, w_gate, swap_ab), _tile_product(acc_up, xk, w_up, swap_ab)
 
         zeros = jnp.zeros((block_n, block_rows) if swap_ab else (block_rows, block_n), jnp.float32)
-        acc_gate, acc_up = jax.lax.fori_loop(0, hidden // block_k, step, (zeros, zeros))
+        acc_gate, acc_up = jax.lax.fori_loop(0, num_k, step, (zeros, zeros))
         if swap_ab:
             acc_gate, acc_up = acc_gate.T, acc_up.T
         if quantized:
@@ -415,7 +430,7 @@ def _gate_up_call(
     kernel = functools.partial(
         _gate_up_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, hidden=hidden, inter=inter,
         quantized=scale is not None, swap_ab=tiles.swap_ab, column_tiles_first=tiles.column_tiles_first,
-        pretiled=pretiled,
+        pretiled=pretiled, skew_k=tiles.skew_k,
     )
     inputs = (layer, tile_expert, x, row_token, gate_up) + ((scale,) if scale is not None else ())
     warps = tiles.num_warps or warps_for(2 * block_rows * block_n)  # gate and up accumulators
@@ -423,13 +438,16 @@ def _gate_up_call(
                            interpret, "moe_gate_up")
 
 
-def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab, column_tiles_first, pretiled):
+def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab, column_tiles_first, pretiled,
+                 skew_k):
     """refs: layer, tile_expert, h, row_weight, row_assignment, w, (scale if quantized), then the output y (one
     row per assignment, and a spare row the padding rows write to)."""
     layer_ref, tile_expert_ref, h_ref, row_weight_ref, row_assignment_ref, w_ref = refs[:6]
     y_ref = refs[-1]
     row_tile_index, col_tile = _tile_indices(column_tiles_first)
     layer, expert = layer_ref[0], tile_expert_ref[row_tile_index]
+    num_k = inter // block_k
+    skew = _k_skew(skew_k, num_k)
 
     @pl.when(expert >= 0)
     def _():
@@ -437,13 +455,13 @@ def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab,
         cols = pl.ds(col_tile * block_n, block_n)
 
         def step(k, acc):
-            ks = pl.ds(k * block_k, block_k)
+            ks = pl.ds(jax.lax.rem(k + skew, num_k) * block_k, block_k)
             hk = h_ref[rows, ks]
             w = _weight_tile(w_ref, layer, expert, ks, col_tile, block_n, pretiled)
             return _tile_product(acc, hk, w.astype(hk.dtype), swap_ab)
 
         zeros = jnp.zeros((block_n, block_rows) if swap_ab else (block_rows, block_n), jnp.float32)
-        acc = jax.lax.fori_loop(0, inter // block_k, step, zeros)
+        acc = jax.lax.fori_loop(0, num_k, step, zeros)
         if swap_ab:
             acc = acc.T
         if quantized:
@@ -462,7 +480,7 @@ def _down_call(
     kernel = functools.partial(
         _down_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, inter=inter,
         quantized=scale is not None, swap_ab=tiles.swap_ab, column_tiles_first=tiles.column_tiles_first,
-        pretiled=pretiled,
+        pretiled=pretiled, skew_k=tiles.skew_k,
     )
     inputs = (layer, tile_expert, h, row_weights, row_assignment, down) + ((scale,) if scale is not None else ())
     warps = tiles.num_warps or warps_for(block_rows * block_n)
