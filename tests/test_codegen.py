@@ -96,13 +96,25 @@ def test_the_triton_ir_stage_folds_the_accumulation_into_the_dot():
     fn, args, kwargs = codegen.moe_problem(8)
     down = next(k for k in codegen.triton_kernels(
         jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",))) if k.name == "moe_down")
-    target = codegen._triton()[1]("cuda", 90, 32)
-    folded = codegen._make_ttir(down.ttir, target, {"num_warps": down.num_warps, "num_stages": down.num_stages})
+    folded = codegen.make_ttir(down)
     dot = r"tt\.dot %\w+, %\w+, (%[\w#]+)"
     raw_accumulators, folded_accumulators = re.findall(dot, down.ttir), re.findall(dot, folded)
     assert raw_accumulators and not any(acc.startswith("%arg") for acc in raw_accumulators)  # a splat of zeros
     assert folded_accumulators and all(acc.startswith("%arg") for acc in folded_accumulators)  # the loop's carry
-    assert codegen.compile_for_hopper(down).mma_pipelined
+    assert codegen.compile_for_hopper([down])[0].mma_pipelined
+
+
+def test_triton_runs_in_a_child_process_and_its_absence_is_named(monkeypatch, tmp_path):
+    import sys
+
+    moe_reports(1)
+    assert "triton" not in sys.modules  # its LLVM/MLIR never share this process with jaxlib's
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho '{\"error\": \"No module named triton\"}'\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    with pytest.raises(RuntimeError, match=r"pip install triton==3\.9\.0 .*No module named triton"):
+        moe_reports(1)
 
 
 def test_a_function_without_pallas_kernels_has_no_report():

@@ -11,7 +11,8 @@ tests do), takes the Triton IR out of the lowered module and compiles it for sm_
 (`pip install triton==3.9.0`, in the test extra; it compiles without a GPU), then reads the PTX and the cubin's
 resource usage. It runs every stage XLA runs, the Triton-IR clean-up (`make_ttir`) included: Triton skips
 that stage for an IR file, and without it `acc + dot(x, w)` stays a dot into zeros plus an add, which keeps
-Hopper's MMAs synchronous and costs registers.
+Hopper's MMAs synchronous and costs registers. Triton runs in a child process (`triton_child.py`): its
+native LLVM/MLIR never share a process with jaxlib's.
 
 Caveat: on the GPU, XLA compiles the same Triton IR with the Triton it bundles (jaxlib's), whose pass pipeline
 is close to but not the same as the pip release's; the report is a guide for choosing tiles and the GPU
@@ -23,10 +24,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import re
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -136,67 +137,51 @@ def _triton_context() -> Any:
     return _new_ir_context()
 
 
-def _triton() -> Any:
-    try:
-        import triton
-        from triton.backends.compiler import GPUTarget
-    except ImportError as exc:
+def _run_triton(mode: str, kernels: Sequence[TritonKernel]) -> list[dict[str, Any]]:
+    """Triton's compiler on `kernels`, in a child process (`triton_child.py`: Triton's native LLVM/MLIR stay
+    out of this process, which compiles with XLA)."""
+    request = {"mode": mode, "kernels": [
+        {"name": k.name, "ttir": k.ttir, "num_warps": k.num_warps, "num_stages": k.num_stages} for k in kernels]}
+    child = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_child.py"))],
+                           input=json.dumps(request), capture_output=True, text=True, check=False)
+    if child.returncode != 0:
+        raise RuntimeError(f"Triton's compiler failed (exit {child.returncode}): {child.stderr[-3000:]}")
+    reply = json.loads(child.stdout)
+    if isinstance(reply, dict):
         raise RuntimeError(
             f"the code-generation report compiles with Triton's own compiler: pip install triton=={TRITON_VERSION} "
-            f"(part of diffjax's test extra; it needs no GPU) ({exc})"
-        ) from exc
-    return triton, GPUTarget
+            f"(part of diffjax's test extra; it needs no GPU) ({reply['error']})"
+        )
+    return reply
 
 
-def _make_ttir(ttir: str, target: Any, options: dict[str, Any]) -> str:
-    """The Triton-IR stage of the pipeline (canonicalise, combine `acc + dot` into the dot's accumulator, CSE,
-    ...) run on `ttir`, as XLA runs it before the GPU stages; `triton.compile` of an IR file starts after it."""
-    from triton._C.libtriton import ir
-    from triton.compiler.compiler import make_backend
-
-    backend = make_backend(target)
-    context = ir.context()
-    ir.load_dialects(context)
-    backend.load_dialects(context)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.ttir"
-        path.write_text(ttir, encoding="utf-8")
-        module = ir.parse_mlir_module(str(path), context)
-    module.context = context
-    backend.make_ttir(module, {}, backend.parse_options(options), target.arch)
-    return str(module)
+def make_ttir(kernel: TritonKernel) -> str:
+    """`kernel`'s IR after Triton's IR stage (canonicalise, combine `acc + dot` into the dot's accumulator,
+    CSE, ...), which XLA runs before the GPU stages and `triton.compile` of an IR file skips."""
+    return _run_triton("make_ttir", [kernel])[0]["ttir"]
 
 
-def compile_for_hopper(kernel: TritonKernel) -> KernelReport:
-    """Compile `kernel` for sm_90a with Triton (no GPU needed) and read its machine code."""
-    triton, gpu_target = _triton()
-    target = gpu_target("cuda", 90, 32)
-    # XLA fuses multiply-adds in Triton kernels; saying so also silences Triton 3.9's default warning.
-    options = {"num_warps": kernel.num_warps, "num_stages": kernel.num_stages, "enable_fp_fusion": True}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{kernel.name}.ttir"
-        path.write_text(_make_ttir(kernel.ttir, target, options), encoding="utf-8")
-        compiled = triton.compile(str(path), target=target, options=options)
-        cubin = Path(tmp) / f"{kernel.name}.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        usage, sass = (subprocess.run([triton.knobs.nvidia.cuobjdump.path, flag, str(cubin)], capture_output=True,
-                                      text=True, check=True).stdout
-                       for flag in ("--dump-resource-usage", "--dump-sass"))
-    ptx = compiled.asm["ptx"]
-    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+def compile_for_hopper(kernels: Sequence[TritonKernel]) -> list[KernelReport]:
+    """Compile `kernels` for sm_90a with Triton (no GPU needed; all stages XLA runs) and read their machine
+    code."""
+    return [_report(k, compiled) for k, compiled in zip(kernels, _run_triton("compile", kernels), strict=True)]
+
+
+def _report(kernel: TritonKernel, compiled: dict[str, Any]) -> KernelReport:
+    ptx = compiled["ptx"]
+    found = re.search(r"REG:(\d+) STACK:(\d+)", compiled["usage"])
     if found is None:
-        raise RuntimeError(f"cuobjdump printed no resource usage for {kernel.name}: {usage[:500]}")
+        raise RuntimeError(f"cuobjdump printed no resource usage for {kernel.name}: {compiled['usage'][:500]}")
     registers, stack = int(found[1]), int(found[2])
-    shared = int(compiled.metadata.shared)
-    programs, limit = occupancy(registers, shared, kernel.num_warps)
+    programs, limit = occupancy(registers, compiled["shared"], kernel.num_warps)
     return KernelReport(
         name=kernel.name, grid=kernel.grid, num_warps=kernel.num_warps, num_stages=kernel.num_stages,
         mma="wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none",
         async_loads="cp.async" in ptx,
         mma_pipelined=any(int(n) > 0 for n in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)),
         registers=registers, stack_bytes=stack,
-        hot_spill_instructions=hot_spill_instructions(sass), shared_bytes=shared, programs_per_sm=programs,
-        occupancy_limit=limit,
+        hot_spill_instructions=hot_spill_instructions(compiled["sass"]), shared_bytes=compiled["shared"],
+        programs_per_sm=programs, occupancy_limit=limit,
     )
 
 
@@ -226,7 +211,8 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int) -> tuple[int, s
 def kernel_reports(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[KernelReport]:
     """Reports of every Pallas Triton kernel `fn(*args, **kwargs)` runs (args may be `jax.ShapeDtypeStruct`s)."""
     lowered = jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",))
-    return [compile_for_hopper(k) for k in triton_kernels(lowered)]
+    kernels = triton_kernels(lowered)
+    return compile_for_hopper(kernels) if kernels else []
 
 
 # ------------------------------------------------------------------ the released problems
