@@ -354,11 +354,27 @@ def _check_shapes(x: Array, weights: Array, expert_ids: Array, gate_up: tuple[in
             raise ValueError(f"experts_pallas needs {name} to be a multiple of {MIN_BLOCK}, got {size}")
 
 
-def _tile_product(acc: Array, rows: Array, weights: Array, swap_ab: bool) -> Array:
-    """`acc + rows @ weights` in float32, or with `swap_ab` the transposed `acc + weights^T @ rows^T`."""
-    if swap_ab:
-        return acc + jax.lax.dot_general(weights, rows, (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return acc + jnp.dot(rows, weights, preferred_element_type=jnp.float32)
+def _accumulate(products: Any, accumulators: int, num_k: int, block_k: int, skew: Array | None,
+                shape: tuple[int, int], swap_ab: bool) -> list[Array]:
+    """A kernel's k-loop: for each k-block `ks` (from step `skew` on, wrapping around; None: from 0, with no
+    modulo in the loop), `products(ks)` loads
+    `accumulators` `(rows, weights)` tile pairs and each pair's `rows @ weights` adds into its own float32
+    accumulator of `shape` `[rows, cols]`. With `swap_ab` the products are accumulated transposed
+    (`weights^T @ rows^T`) and turned back at the end."""
+    def product(acc: Array, rows: Array, weights: Array) -> Array:
+        if swap_ab:
+            return acc + jax.lax.dot_general(weights, rows, (((0,), (1,)), ((), ())),
+                                             preferred_element_type=jnp.float32)
+        return acc + jnp.dot(rows, weights, preferred_element_type=jnp.float32)
+
+    def step(k: Array, accs: tuple[Array, ...]) -> tuple[Array, ...]:
+        k_step = k if skew is None else jax.lax.rem(k + skew, num_k)
+        pairs = products(pl.ds(k_step * block_k, block_k))
+        return tuple(product(acc, rows, weights) for acc, (rows, weights) in zip(accs, pairs, strict=True))
+
+    zeros = jnp.zeros(shape[::-1] if swap_ab else shape, jnp.float32)
+    accs = jax.lax.fori_loop(0, num_k, step, (zeros,) * accumulators)
+    return [acc.T for acc in accs] if swap_ab else list(accs)
 
 
 def _tile_indices(column_tiles_first: bool) -> tuple[Array, Array]:
@@ -368,11 +384,12 @@ def _tile_indices(column_tiles_first: bool) -> tuple[Array, Array]:
     return pl.program_id(0), pl.program_id(1)
 
 
-def _k_skew(skew_k: bool, num_k: int) -> Array | int:
+def _k_skew(skew_k: bool, num_k: int) -> Array | None:
     """The k-step this program starts at (`MoeTiles.skew_k`): 7 x its first grid index + 3 x its second, mod
-    `num_k`, so neighbours in either launch order start apart."""
+    `num_k`, so neighbours in either launch order start apart. None without `skew_k`: the loop then carries no
+    modulo (it cost the batch-1 kernels 13-15 registers per thread and the down kernel a program per SM)."""
     if not skew_k:
-        return 0
+        return None
     return jax.lax.rem(pl.program_id(0) * 7 + pl.program_id(1) * 3, num_k)  # non-negative: rem is mod
 
 
@@ -401,18 +418,12 @@ def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantize
         up_cols = pl.ds(inter + col_tile * block_n, block_n)
         up_tile = inter // block_n + col_tile  # up's columns of gate's column tile
 
-        def step(k, acc):
-            acc_gate, acc_up = acc
-            ks = pl.ds(jax.lax.rem(k + skew, num_k) * block_k, block_k)
+        def products(ks: Any) -> list[tuple[Array, Array]]:
             xk = x_ref[tokens, ks]
-            w_gate = _weight_tile(w_ref, layer, expert, ks, col_tile, block_n, pretiled).astype(xk.dtype)
-            w_up = _weight_tile(w_ref, layer, expert, ks, up_tile, block_n, pretiled).astype(xk.dtype)
-            return _tile_product(acc_gate, xk, w_gate, swap_ab), _tile_product(acc_up, xk, w_up, swap_ab)
+            return [(xk, _weight_tile(w_ref, layer, expert, ks, tile, block_n, pretiled).astype(xk.dtype))
+                    for tile in (col_tile, up_tile)]
 
-        zeros = jnp.zeros((block_n, block_rows) if swap_ab else (block_rows, block_n), jnp.float32)
-        acc_gate, acc_up = jax.lax.fori_loop(0, num_k, step, (zeros, zeros))
-        if swap_ab:
-            acc_gate, acc_up = acc_gate.T, acc_up.T
+        acc_gate, acc_up = _accumulate(products, 2, num_k, block_k, skew, (block_rows, block_n), swap_ab)
         if quantized:
             scale_ref = refs[5]
             acc_gate *= scale_ref[layer, expert, gate_cols][None, :]
@@ -454,16 +465,11 @@ def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab,
         rows = pl.ds(row_tile_index * block_rows, block_rows)
         cols = pl.ds(col_tile * block_n, block_n)
 
-        def step(k, acc):
-            ks = pl.ds(jax.lax.rem(k + skew, num_k) * block_k, block_k)
+        def products(ks: Any) -> list[tuple[Array, Array]]:
             hk = h_ref[rows, ks]
-            w = _weight_tile(w_ref, layer, expert, ks, col_tile, block_n, pretiled)
-            return _tile_product(acc, hk, w.astype(hk.dtype), swap_ab)
+            return [(hk, _weight_tile(w_ref, layer, expert, ks, col_tile, block_n, pretiled).astype(hk.dtype))]
 
-        zeros = jnp.zeros((block_n, block_rows) if swap_ab else (block_rows, block_n), jnp.float32)
-        acc = jax.lax.fori_loop(0, num_k, step, zeros)
-        if swap_ab:
-            acc = acc.T
+        (acc,) = _accumulate(products, 1, num_k, block_k, skew, (block_rows, block_n), swap_ab)
         if quantized:
             acc *= refs[6][layer, expert, cols][None, :]
         y_ref[row_assignment_ref[rows], cols] = (acc * row_weight_ref[rows][:, None]).astype(y_ref.dtype)
