@@ -415,7 +415,7 @@ def bench_sliding(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> li
 def run(s: Settings, log: Callable[[str], None] = lambda _: None, child: bool = False) -> dict[str, Any]:
     shapes = Shapes.tiny() if s.tiny else Shapes.released()
     if s.sweep:  # tile variants of the Pallas kernels only; the twins have no tiles
-        s = dataclasses.replace(s, moe_impls=tuple(i for i in s.moe_impls if i.startswith("pallas")) or ("pallas",))
+        s = dataclasses.replace(s, moe_impls=tuple(i for i in s.moe_impls if i in PALLAS_MOE_IMPLS) or ("pallas",))
     # The child runs first, while this process has not yet claimed (preallocated) the GPU's memory.
     fusion = (bench_moe_fusion_child(s, log) if "moe" in s.sections and "ragged_dot_fusion" in s.moe_impls
               and not child else [])

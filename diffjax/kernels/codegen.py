@@ -164,6 +164,8 @@ def make_ttir(kernel: TritonKernel) -> str:
 def compile_for_hopper(kernels: Sequence[TritonKernel]) -> list[KernelReport]:
     """Compile `kernels` for sm_90a with Triton (no GPU needed; all stages XLA runs) and read their machine
     code."""
+    if not kernels:  # no child process for nothing
+        return []
     return [_report(k, compiled) for k, compiled in zip(kernels, _run_triton("compile", kernels), strict=True)]
 
 
@@ -211,8 +213,7 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int) -> tuple[int, s
 def kernel_reports(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[KernelReport]:
     """Reports of every Pallas Triton kernel `fn(*args, **kwargs)` runs (args may be `jax.ShapeDtypeStruct`s)."""
     lowered = jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",))
-    kernels = triton_kernels(lowered)
-    return compile_for_hopper(kernels) if kernels else []
+    return compile_for_hopper(triton_kernels(lowered))
 
 
 # ------------------------------------------------------------------ the released problems
@@ -382,8 +383,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                           tiles=tiles)
     print(render(records))
     if args.out:
-        import json
-
         args.out.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
     return 0
 
