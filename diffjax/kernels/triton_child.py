@@ -1,8 +1,9 @@
 """Triton's compiler for `diffjax.kernels.codegen`, run as a child process: `python triton_child.py < request`.
 
 Why a separate process: Triton's compiler is a native library with its own LLVM and MLIR, and jaxlib carries
-another; running Triton's passes inside a process that goes on to compile with XLA put both in one address
-space (a test worker crashed in XLA's CPU compiler after it). This file imports nothing from jax or diffjax,
+another; the child keeps Triton's passes and their global state out of the process that compiles with XLA.
+(It was first written for a test-worker crash in XLA's CPU compiler, which turned out to be something else:
+the worker running out of memory maps, `tests/conftest.py`.) This file imports nothing from jax or diffjax,
 so the child loads Triton alone, and it is run by path, not as a package module.
 
 Request (JSON on stdin): {"mode": "compile" | "make_ttir", "kernels": [{"name", "ttir", "num_warps",
