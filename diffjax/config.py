@@ -14,7 +14,9 @@ from typing import Any, Literal
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
-MOE_IMPLEMENTATIONS = ("grouped", "dense", "pallas")
+MOE_IMPLEMENTATIONS = ("grouped", "dense", "pallas", "pallas_mgpu")
+# MoE kernels that read each block's experts from the whole stack of blocks in place (no per-block copy).
+STACK_READING_MOE_IMPLEMENTATIONS = ("pallas", "pallas_mgpu")
 # MoE forms that need a device mesh (`jax.set_mesh`): not offered where no mesh is set up (bench, CLI).
 MESH_MOE_IMPLEMENTATIONS = ("expert_parallel",)
 GLOBAL_ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
@@ -100,10 +102,12 @@ class Config:
     # How the experts are computed; same maths, different speed. "grouped": only routed (token, expert)
     # pairs, sorted by expert, through `jax.lax.ragged_dot`. "dense": every expert on every token with the
     # unrouted pairs weighted 0 (faster on CPU for few experts, and the oracle for "grouped"). "pallas": the
-    # block-sparse grouped-matmul kernel of `diffjax.kernels.moe` (GPU; interpreted elsewhere, slowly).
+    # block-sparse grouped-matmul kernel of `diffjax.kernels.moe` (Pallas' Triton lowering; GPU, interpreted
+    # elsewhere, slowly). "pallas_mgpu": the TMA + wgmma kernels of `diffjax.kernels.moe_mgpu` (Pallas' Mosaic
+    # GPU lowering; Hopper, bf16/fp16 activations, unquantized plain-layout experts; interpreted elsewhere).
     # "expert_parallel": experts split over a device mesh, tokens sent to their experts' devices with
     # all-to-all (`diffjax.sharding.experts_expert_parallel`; needs `jax.set_mesh`).
-    moe_implementation: Literal["grouped", "dense", "pallas", "expert_parallel"] = "grouped"
+    moe_implementation: Literal["grouped", "dense", "pallas", "pallas_mgpu", "expert_parallel"] = "grouped"
     # How the decoder's global layers attend (the canvas over the whole cache, padding-only mask). "xla":
     # `layers.attend`. "pallas": the split-K kernel of `diffjax.kernels.attention`. The encoder (causal)
     # always uses `attend`.
@@ -117,8 +121,8 @@ class Config:
     sliding_attention_implementation: Literal["xla", "cudnn", "pallas"] = "xla"
     # How the experts' weights are stored. "none": in the parameter dtype. "fp8": float8_e4m3fn with a float32
     # scale per output channel (`diffjax.quantize`: half the bytes of bf16; the tree gains
-    # `experts/{gate_up,down}_proj_scale` leaves). Every `moe_implementation` runs either; the plain-JAX ones
-    # dequantize to the activation dtype, the Pallas kernel converts weight tiles in-kernel.
+    # `experts/{gate_up,down}_proj_scale` leaves). Every `moe_implementation` but "pallas_mgpu" runs either;
+    # the plain-JAX ones dequantize to the activation dtype, the Pallas kernel converts weight tiles in-kernel.
     expert_quantization: Literal["none", "fp8"] = "none"
     # How the experts' weights are laid out. "plain": gate_up `[experts, hidden, 2 * inter]`, down `[experts,
     # inter, hidden]`. "pretiled": column tile by column tile, `[experts, tiles, rows, tile width]`
@@ -179,6 +183,13 @@ class Config:
             raise ValueError(
                 f"expert_layout='pretiled' is read by the single-device MoE forms {MOE_IMPLEMENTATIONS}, not by "
                 f"{self.moe_implementation!r}"
+            )
+        if self.moe_implementation == "pallas_mgpu" and (self.expert_quantization, self.expert_layout) != (
+                "none", "plain"):
+            raise ValueError(
+                "moe_implementation='pallas_mgpu' runs unquantized plain-layout experts only, got expert_quantization="
+                f"{self.expert_quantization!r} and expert_layout={self.expert_layout!r}: fp8 or pretiled experts run "
+                "with moe_implementation='pallas'"
             )
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")

@@ -268,9 +268,9 @@ class Experts(nn.Module):
         self, x: Array, weights: Array, expert_ids: Array,
         stacked: tuple[Mapping[str, Array], Array] | None = None,
     ) -> Array:
-        """`stacked` (the "pallas" implementation only): this layer position's expert leaves as `[blocks, ...]`
-        stacks by name, and the block index; the kernel reads them in place instead of this module's (sliced)
-        params."""
+        """`stacked` (the kernels of `STACK_READING_MOE_IMPLEMENTATIONS` only): this layer position's expert
+        leaves as `[blocks, ...]` stacks by name, and the block index; the kernel reads them in place instead of
+        this module's (sliced) params."""
         cfg = self.config
         # fp8: flax's own init (tracing the model for `param_shapes`) must see e4m3 weights too.
         init = _init if cfg.expert_quantization == "none" else _init_fp8
@@ -305,6 +305,11 @@ class Experts(nn.Module):
                 gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"),
                 pretiled=pretiled,
             )
+        if cfg.moe_implementation == "pallas_mgpu":
+            from diffjax.kernels.moe_mgpu import experts_mgpu  # the kernels import this module
+
+            stacks, layer = stacked if stacked is not None else (leaves, None)
+            return experts_mgpu(x, weights, expert_ids, stacks["gate_up_proj"], stacks["down_proj"], layer)
         if pretiled:
             from diffjax.kernels.moe import untile_experts
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.config import FULL, SLIDING, Config
+from diffjax.config import FULL, SLIDING, STACK_READING_MOE_IMPLEMENTATIONS, Config
 from diffjax.layers import MLP, Attention, Experts, RMSNorm, Router, rms_norm
 from diffjax.quantize import FP8, SCALE_LEAVES, storage_dtype
 
@@ -225,7 +225,7 @@ class DiffusionGemma(nn.Module):
             masks = _decoder_masks(cfg, cache, n)
 
         expert_stacks = None
-        if cfg.moe_implementation == "pallas" and not self.is_initializing():
+        if cfg.moe_implementation in STACK_READING_MOE_IMPLEMENTATIONS and not self.is_initializing():
             # The Pallas experts read each block's weights from the whole stack: the scan's per-block slice
             # of a stack feeding a custom call would be a 1.5 GB copy per layer and step at full size. The
             # fp8 scales ride along (same reason, smaller copies).

@@ -147,7 +147,7 @@ def experts_pallas(
     _, num_experts, _, two_inter = gate_up_shape
     inter = two_inter // 2
     top_k = expert_ids.shape[1]
-    _check_shapes(x, weights, expert_ids, gate_up_shape[1:], down_shape[1:])
+    check_expert_shapes(x, weights, expert_ids, gate_up_shape[1:], down_shape[1:])
     if pretiled:
         _check_pretiled(gate_up.shape, down.shape, inter)
     if down.shape[0] != gate_up.shape[0]:
@@ -336,7 +336,7 @@ def _check_quantization(
     return fp8 == {True}
 
 
-def _check_shapes(x: Array, weights: Array, expert_ids: Array, gate_up: tuple[int, ...], down: tuple[int, ...]
+def check_expert_shapes(x: Array, weights: Array, expert_ids: Array, gate_up: tuple[int, ...], down: tuple[int, ...]
                   ) -> None:
     """Checks one layer's (plain-layout) weight shapes against x and the routing."""
     tokens, hidden = x.shape
@@ -351,7 +351,7 @@ def _check_shapes(x: Array, weights: Array, expert_ids: Array, gate_up: tuple[in
         raise ValueError(f"down must be [experts={num_experts}, inter={two_inter // 2}, hidden={hidden}], got {down}")
     for name, size in (("hidden", hidden), ("inter", two_inter // 2)):
         if size % MIN_BLOCK:
-            raise ValueError(f"experts_pallas needs {name} to be a multiple of {MIN_BLOCK}, got {size}")
+            raise ValueError(f"the expert kernels need {name} to be a multiple of {MIN_BLOCK}, got {size}")
 
 
 def _accumulate(products: Any, accumulators: int, num_k: int, block_k: int, skew: Array | None,

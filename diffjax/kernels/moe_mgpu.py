@@ -1,0 +1,267 @@
+"""Mixture-of-experts on Hopper through Pallas' Mosaic GPU lowering: TMA copies and warpgroup MMAs.
+
+Beside `diffjax.kernels.moe` (Triton lowering), same maths, for two reasons. JAX 0.11 deprecated Pallas'
+Triton backend; Mosaic GPU is the NVIDIA lowering it keeps. And it exposes what Hopper needs to stream
+weights at bandwidth and multiply at the tensor-core rate, explicitly: TMA bulk copies of whole tiles into a
+ring of shared-memory slots (`plgpu.emit_pipeline`), and asynchronous `wgmma`s reading both operands from
+shared memory while the next tiles land. The Triton kernels reached ~90 TFLOP/s at batch 8 on an H100 (stop
+10), where the batch-8 target needs several hundred.
+
+TMA copies whole boxes of contiguous rows, so the assignments are sorted by expert without padding (the
+gate/up kernel reads a sorted copy of x). A row block of the sorted order can hold the tail of one expert's
+group and the head of the next: each (expert, row block) pair sharing rows is one *tile* of the grid. A tile
+multiplies its whole block by its expert's weights and stores only its expert's rows, through a ladder of
+power-of-two TMA stores (a TMA box has a static size; any row count is a sum of powers of two). There are at
+most cdiv(assignments, block_rows) + experts - 1 tiles; the unused tail of the grid returns at once.
+
+1. gate/up: `h = gelu_tanh(x @ W_gate[e]) * (x @ W_up[e])`, both halves in float32 accumulators fed by the
+   same x tile in the same k-step, the activation applied once before the store of `h [rows, inter]`.
+2. down: `y = h @ W_down[e]` into `y [rows, hidden]` (sorted order).
+
+Each token's top_k rows of y are then weighted and summed by XLA (one fused gather).
+
+Hopper only (sm_90a: TMA and wgmma), bf16 or fp16, plain-layout unquantized experts. On a CPU the kernels
+run in Mosaic GPU's interpreter, which simulates shared memory, TMA and barriers; its out-of-bounds reads
+(the last row block past the sorted rows, which TMA fills with zeros on a GPU) return NaN there, so a test
+also shows that no row outside its tile's expert is ever stored. Twin: `diffjax.layers.experts_grouped`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from diffjax.kernels import largest_power_of_two_divisor, require_block, resolve_interpret
+from diffjax.kernels.moe import check_expert_shapes
+from diffjax.layers import gelu_tanh
+from diffjax.quantize import FP8
+
+Array = jax.Array
+
+# wgmma multiplies 64 rows per warpgroup.
+WGMMA_ROWS = 64
+# TMA boxes of global arrays are tiled by 8 rows: the sorted rows are padded to a multiple of it.
+ROW_ALIGN = 8
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuMoeTiles:
+    """Block sizes of the two Mosaic GPU expert kernels (the k and n blocks are caps, lowered to powers of
+    two dividing the model's sizes) and the depth of their shared-memory rings."""
+
+    block_rows: int = 64  # a multiple of 64 (wgmma's rows per warpgroup)
+    block_k: int = 64  # 64 bf16 = 128 bytes: one 128-byte-swizzled row of a tile
+    gate_up_block_n: int = 64  # gate and up accumulators of this width each
+    down_block_n: int = 128
+    # Slots of the copy ring: k-steps in flight. One is held back while its MMAs still read it.
+    max_concurrent_steps: int = 4
+
+    def validate(self) -> None:
+        if self.block_rows <= 0 or self.block_rows % WGMMA_ROWS:
+            raise ValueError(f"MgpuMoeTiles.block_rows must be a positive multiple of {WGMMA_ROWS}, got "
+                             f"{self.block_rows}")
+        for name in ("block_k", "gate_up_block_n", "down_block_n"):
+            require_block(f"MgpuMoeTiles.{name}", getattr(self, name))
+        if self.max_concurrent_steps < 2:
+            raise ValueError(f"MgpuMoeTiles.max_concurrent_steps must be >= 2 (one slot is held while its MMAs "
+                             f"run), got {self.max_concurrent_steps}")
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+def experts_mgpu(
+    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None = None,
+    *, tiles: MgpuMoeTiles = MgpuMoeTiles(), interpret: bool | None = None,
+) -> Array:
+    """Mixture of experts over the routed (token, expert) pairs only; same maths as `experts_grouped`.
+
+    x `[tokens, hidden]` (bf16 or fp16), weights/expert_ids `[tokens, k]`, gate_up `[experts, hidden, 2 *
+    inter]` (gate first half, up second), down `[experts, inter, hidden]`; hidden and inter multiples of 16.
+    Returns `[tokens, hidden]` in x's dtype. With `layer` (an int32 scalar, traced is fine) gate_up/down are
+    `[layers, experts, ...]` stacks read in place, as in `experts_pallas`.
+    """
+    if jnp.dtype(x.dtype) not in DTYPES:
+        raise ValueError(f"experts_mgpu multiplies in bf16 or fp16 (wgmma), got x {x.dtype}: cast the activations "
+                         "or use moe_implementation='pallas'")
+    if FP8 in (jnp.dtype(gate_up.dtype), jnp.dtype(down.dtype)):
+        raise ValueError("experts_mgpu runs unquantized experts only: fp8 experts run with "
+                         "moe_implementation='pallas'")
+    rank = 4 - (layer is None)
+    if gate_up.ndim != rank or down.ndim != rank:
+        expected = "[layers, experts, ...] stacks (with a layer index)" if layer is not None else "3-d"
+        raise ValueError(f"gate_up and down must be {expected}, got {gate_up.shape} and {down.shape}")
+    if layer is None:
+        gate_up, down, layer = gate_up[None], down[None], 0
+    if down.shape[0] != gate_up.shape[0]:
+        raise ValueError(f"gate_up has {gate_up.shape[0]} layers but down has {down.shape[0]}")
+    check_expert_shapes(x, weights, expert_ids, gate_up.shape[1:], down.shape[1:])
+    tiles.validate()
+    # Stacks in another dtype are cast outside (a copy): wgmma takes one operand dtype.
+    gate_up, down = gate_up.astype(x.dtype), down.astype(x.dtype)
+    tokens, hidden = x.shape
+    num_experts = gate_up.shape[1]
+    top_k = expert_ids.shape[1]
+    assignments = tokens * top_k
+    rows = -(-assignments // ROW_ALIGN) * ROW_ALIGN
+
+    flat = expert_ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # sorted row -> assignment (token * top_k + j)
+    sorted_tokens = jnp.zeros((rows,), jnp.int32).at[:assignments].set(order // top_k)  # alignment rows: token 0
+    table = tile_table(flat, num_experts, tiles.block_rows)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    params = _interpret_params(resolve_interpret(interpret))
+    h = _gate_up_call(layer, table, x[sorted_tokens], gate_up, tiles, params)
+    ys = _down_call(layer, table, h, down, tiles, params)
+    position = jnp.zeros((assignments,), jnp.int32).at[order].set(jnp.arange(assignments, dtype=jnp.int32))
+    per_assignment = ys[position].reshape(tokens, top_k, hidden).astype(jnp.float32)
+    return jnp.einsum("tkh,tk->th", per_assignment, weights.astype(jnp.float32)).astype(x.dtype)
+
+
+def tile_table(expert_of_assignment: Array, num_experts: int, block_rows: int) -> Array:
+    """The grid's tiles, `[cdiv(A, block_rows) + experts - 1, 4]` int32 rows of (expert, row block, first row
+    of the expert in the block, its row count) over the A assignments sorted by expert; unused tiles have 0
+    rows. An expert's tiles are consecutive, in block order."""
+    (num_assignments,) = expert_of_assignment.shape
+    sizes = jnp.bincount(expert_of_assignment, length=num_experts).astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    first_block, last_block = starts // block_rows, (ends - 1) // block_rows
+    tiles_per_expert = jnp.where(sizes > 0, last_block - first_block + 1, 0)
+    tile_ends = jnp.cumsum(tiles_per_expert)
+    num_tiles = -(-num_assignments // block_rows) + num_experts - 1
+    tile = jnp.arange(num_tiles, dtype=jnp.int32)
+    expert = jnp.minimum(jnp.searchsorted(tile_ends, tile, side="right"), num_experts - 1).astype(jnp.int32)
+    block = first_block[expert] + tile - (tile_ends - tiles_per_expert)[expert]
+    block_start = block * block_rows
+    first = jnp.maximum(starts[expert], block_start) - block_start
+    count = jnp.minimum(ends[expert], block_start + block_rows) - block_start - first
+    count = jnp.where(tile < tile_ends[-1], count, 0)
+    return jnp.stack([expert, block, first, count], axis=1)
+
+
+def _interpret_params(interpret: bool) -> Any:
+    """Mosaic GPU's interpreter settings, or None to compile. Out-of-bounds reads give NaN (see the module
+    docstring): the interpreter would otherwise raise where TMA reads zeros."""
+    if not interpret:
+        return None
+    try:
+        from jax.experimental.pallas.mosaic_gpu import InterpretGPUParams
+    except ImportError:  # jax 0.10 keeps it private
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams(out_of_bounds_reads="uninitialized")
+
+
+def _store_rows(o_smem: Any, o_gmem: Any, row0: Array, first: Array, count: Array, cols: Any, max_rows: int
+                ) -> None:
+    """Store rows `first .. first + count` of the shared tile `o_smem` to rows `row0 + first ..` of `o_gmem`
+    (columns `cols`): one TMA store per set bit of `count`, largest first."""
+    start, size = first, 1 << (max_rows.bit_length() - 1)
+    while size:
+        @pl.when((count & size) != 0)
+        def _(start=start, size=size):
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(start, size)], o_gmem.at[pl.ds(row0 + start, size), cols])
+
+        start = start + (count & size)
+        size //= 2
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _tile_kernel(
+    inputs: tuple[int, ...], multiply: Any, epilogue: Any, *, num_k: int, block_rows: int, block_k: int,
+    block_n: int, accumulators: int, stages: int, max_rows: int,
+) -> Any:
+    """The kernel body shared by both: refs (layer, tile table, rows `[R, K]`, weight stack, output `[R, N]`).
+    `inputs(layer, expert)` picks the weight refs (`[K, n]` views) the k-loop streams beside the rows;
+    `multiply(accs, rows_smem, *weight_smems)` issues the step's MMAs, `epilogue(*accs)` the stored tile."""
+    def body(layer_ref: Any, table_ref: Any, rows_ref: Any, w_ref: Any, out_ref: Any) -> None:
+        col_tile, tile = jax.lax.axis_index("col_tile"), jax.lax.axis_index("tile")
+        expert, block = table_ref[tile, 0], table_ref[tile, 1]
+        first, count = table_ref[tile, 2], table_ref[tile, 3]
+        weight_views = inputs(w_ref.at[layer_ref[0], expert])
+
+        @pl.when(count > 0)
+        def _() -> None:
+            def k_loop(*accs: Any) -> tuple[Array, ...]:
+                def step(_: Any, rows_smem: Any, *weight_smems: Any) -> None:
+                    multiply(accs, rows_smem, *weight_smems)
+                    # The step's MMAs stay in flight; the previous step's are done, so its slot can refill.
+                    plgpu.wgmma_wait(len(accs))
+
+                specs = [plgpu.BlockSpec((block_rows, block_k), lambda k: (block, k), delay_release=1)]
+                specs += [plgpu.BlockSpec((block_k, block_n), lambda k: (k, col_tile), delay_release=1)
+                          for _ in weight_views]
+                plgpu.emit_pipeline(step, grid=(num_k,), in_specs=specs, max_concurrent_steps=stages)(
+                    rows_ref, *weight_views)
+                return tuple(acc[...] for acc in accs)
+
+            results = pl.run_scoped(k_loop, *[plgpu.ACC((block_rows, block_n))] * accumulators)
+            tile_out = epilogue(*results).astype(out_ref.dtype)
+
+            @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((block_rows, block_n), out_ref.dtype))
+            def _(out_smem: Any) -> None:
+                out_smem[...] = tile_out
+                plgpu.commit_smem()
+                _store_rows(out_smem, out_ref, block * block_rows, first, count,
+                            pl.ds(col_tile * block_n, block_n), max_rows)
+
+    return body
+
+
+def _launch(body: Any, out_shape: tuple[int, int], dtype: Any, num_col_tiles: int, num_tiles: int, params: Any,
+            name: str, *operands: Array) -> Array:
+    """Run `body` on a (column tile, tile) grid; column tiles are the fastest axis, so the programs sharing
+    one row block (and one expert's weight rows) run side by side. `name` names the kernel in profiles."""
+    body.__name__ = name
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct(out_shape, dtype),
+        grid=(num_col_tiles, num_tiles),
+        grid_names=("col_tile", "tile"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=params,
+    )(*operands)
+
+
+def _gate_up_call(layer: Array, table: Array, xs: Array, gate_up: Array, tiles: MgpuMoeTiles, params: Any
+                  ) -> Array:
+    rows, hidden = xs.shape
+    inter = gate_up.shape[-1] // 2
+    block_k = largest_power_of_two_divisor(hidden, tiles.block_k)
+    block_n = largest_power_of_two_divisor(inter, tiles.gate_up_block_n)
+
+    def multiply(accs: tuple[Any, Any], x_smem: Any, gate_smem: Any, up_smem: Any) -> None:
+        plgpu.wgmma(accs[0], x_smem, gate_smem)
+        plgpu.wgmma(accs[1], x_smem, up_smem)
+
+    body = _tile_kernel(
+        lambda w: (w.at[:, pl.ds(0, inter)], w.at[:, pl.ds(inter, inter)]), multiply,
+        lambda gate, up: gelu_tanh(gate) * up, num_k=hidden // block_k, block_rows=tiles.block_rows,
+        block_k=block_k, block_n=block_n, accumulators=2, stages=tiles.max_concurrent_steps,
+        max_rows=min(tiles.block_rows, rows),
+    )
+    return _launch(body, (rows, inter), xs.dtype, inter // block_n, table.shape[0], params, "moe_mgpu_gate_up",
+                   layer, table, xs, gate_up)
+
+
+def _down_call(layer: Array, table: Array, h: Array, down: Array, tiles: MgpuMoeTiles, params: Any) -> Array:
+    rows, inter = h.shape
+    hidden = down.shape[-1]
+    block_k = largest_power_of_two_divisor(inter, tiles.block_k)
+    block_n = largest_power_of_two_divisor(hidden, tiles.down_block_n)
+
+    def multiply(accs: tuple[Any], h_smem: Any, w_smem: Any) -> None:
+        plgpu.wgmma(accs[0], h_smem, w_smem)
+
+    body = _tile_kernel(
+        lambda w: (w,), multiply, lambda y: y, num_k=inter // block_k, block_rows=tiles.block_rows,
+        block_k=block_k, block_n=block_n, accumulators=1, stages=tiles.max_concurrent_steps,
+        max_rows=min(tiles.block_rows, rows),
+    )
+    return _launch(body, (rows, hidden), h.dtype, hidden // block_n, table.shape[0], params, "moe_mgpu_down",
+                   layer, table, h, down)
