@@ -305,7 +305,8 @@ class Experts(nn.Module):
                 gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"),
                 pretiled=pretiled,
             )
-        if cfg.moe_implementation == "pallas_mgpu":
+        # Flax's init traces the model in float32, which wgmma does not take; init only needs the shapes.
+        if cfg.moe_implementation == "pallas_mgpu" and not self.is_initializing():
             from diffjax.kernels.moe_mgpu import experts_mgpu  # the kernels import this module
 
             stacks, layer = stacked if stacked is not None else (leaves, None)
@@ -322,7 +323,7 @@ class Experts(nn.Module):
             from diffjax.sharding import experts_expert_parallel  # sharding imports the model
 
             return experts_expert_parallel(x, weights, expert_ids, gate_up, down)
-        compute = experts_grouped if cfg.moe_implementation == "grouped" else experts_dense
+        compute = experts_dense if cfg.moe_implementation == "dense" else experts_grouped
         return compute(x, weights, expert_ids, gate_up, down)
 
     def _check_fp8(self, gate_up: Array, down: Array) -> None:

@@ -49,6 +49,8 @@ WGMMA_ROWS = 64
 # TMA boxes of global arrays are tiled by 8 rows: the sorted rows are padded to a multiple of it.
 ROW_ALIGN = 8
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# Shared memory one H100/H200 block may hold (227 KiB), less a little for the pipeline's barriers.
+SHARED_MEMORY_BYTES = 227 * 1024 - 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +181,16 @@ def _tile_kernel(
     """The kernel body shared by both: refs (layer, tile table, rows `[R, K]`, weight stack, output `[R, N]`).
     `inputs(layer, expert)` picks the weight refs (`[K, n]` views) the k-loop streams beside the rows;
     `multiply(accs, rows_smem, *weight_smems)` issues the step's MMAs, `epilogue(*accs)` the stored tile."""
+    # The ring is freed before the output tile is allocated; 2-byte elements (DTYPES).
+    slots = min(stages, num_k)  # emit_pipeline allocates no more slots than steps
+    smem = 2 * max(slots * (block_rows * block_k + accumulators * block_k * block_n), block_rows * block_n)
+    if smem > SHARED_MEMORY_BYTES:
+        raise ValueError(
+            f"MgpuMoeTiles too large for shared memory: {slots} slots of a {block_rows}x{block_k} row tile and "
+            f"{accumulators} {block_k}x{block_n} weight tile(s) take {smem} bytes of the {SHARED_MEMORY_BYTES} a "
+            "block may use: lower max_concurrent_steps or a block size"
+        )
+
     def body(layer_ref: Any, table_ref: Any, rows_ref: Any, w_ref: Any, out_ref: Any) -> None:
         col_tile, tile = jax.lax.axis_index("col_tile"), jax.lax.axis_index("tile")
         expert, block = table_ref[tile, 0], table_ref[tile, 1]

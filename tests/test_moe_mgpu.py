@@ -1,0 +1,161 @@
+"""The Mosaic GPU expert kernels (`diffjax.kernels.moe_mgpu`) against their plain-JAX twins.
+
+On a CPU they run in Mosaic GPU's interpreter (shared memory, TMA copies, barriers and the wgmma ring
+simulated; out-of-bounds TMA reads give NaN where the GPU gives zeros), and are lowered for CUDA from here:
+Mosaic GPU's Python passes (layout inference, shared-memory allocation) run at lowering, so a kernel they
+reject fails here without a GPU.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax.config import Config
+from diffjax.kernels.moe_mgpu import MgpuMoeTiles, experts_mgpu, tile_table
+from diffjax.layers import Experts, experts_dense, experts_grouped
+from diffjax.model import denoise_logits, encode, init_cache, init_params, param_shapes
+from diffjax.quantize import quantize
+from tests.test_kernels import _close, as_f32, lower_for_cuda, moe_case
+
+MGPU_CALL = "mosaic_gpu_v2"
+
+
+@pytest.mark.parametrize("block_rows", [64, 128])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tile_table_covers_every_sorted_row_once_under_its_expert(block_rows, seed):
+    """Brute force over ragged routings with empty experts and groups spanning several blocks."""
+    num_experts = 16
+    key_size, key_ids = jax.random.split(jax.random.key(seed))
+    assignments = int(jax.random.randint(key_size, (), 1, 700))
+    # Skewed routing: low experts busy, high ones mostly empty.
+    ids = jnp.minimum(jax.random.geometric(key_ids, 0.25, (assignments,)) - 1, num_experts - 1).astype(jnp.int32)
+    table = np.asarray(tile_table(ids, num_experts, block_rows))
+    assert table.shape == (-(-assignments // block_rows) + num_experts - 1, 4)
+    sorted_experts = np.sort(np.asarray(ids))
+    covered = np.zeros(assignments, int)
+    for expert, block, first, count in table:
+        if count == 0:
+            continue
+        assert count > 0 and first >= 0 and first + count <= block_rows
+        rows = np.arange(block * block_rows + first, block * block_rows + first + count)
+        assert (sorted_experts[rows] == expert).all()
+        covered[rows] += 1
+    assert (covered == 1).all()
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "hidden", "inter", "dtype", "tiles"),
+    [
+        (37, 8, 2, 64, 32, jnp.bfloat16, MgpuMoeTiles()),  # 74 rows: not a multiple of the 8-row TMA tiling
+        (50, 16, 4, 48, 80, jnp.bfloat16, MgpuMoeTiles(max_concurrent_steps=2)),  # 16-wide blocks (48, 80)
+        (5, 8, 2, 64, 32, jnp.float16, MgpuMoeTiles()),  # fewer rows than one block
+        (300, 16, 4, 64, 48, jnp.bfloat16, MgpuMoeTiles(block_rows=128, block_k=16)),  # 4 k-steps, 1200 rows
+    ],
+)
+def test_mgpu_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, dtype, tiles):
+    """Half the experts get no token; the interpreter's NaN for reads past the sorted rows would reach the
+    result if a tile stored a row that is not its expert's."""
+    args = moe_case(tokens, experts, top_k, hidden, inter, dtype, seed=tokens)
+    ours = experts_mgpu(*args, tiles=tiles, interpret=True)
+    assert ours.shape == args[0].shape and ours.dtype == dtype
+    assert np.isfinite(np.asarray(ours, np.float32)).all()
+    _close(ours, experts_dense(*as_f32(*args)), dtype)
+    _close(experts_grouped(*args), experts_dense(*as_f32(*args)), dtype)  # the twin meets the same bar
+
+
+def test_mgpu_moe_kernel_reads_a_layer_of_a_stack_in_place():
+    x, weights, ids, gate_up, down = moe_case(20, 8, 2, 32, 16, jnp.bfloat16, seed=4)
+    stack_up = jnp.stack([gate_up, -0.5 * gate_up, gate_up[::-1]])
+    stack_down = jnp.stack([down, down[::-1], 2.0 * down])
+    run = jax.jit(lambda layer: experts_mgpu(x, weights, ids, stack_up, stack_down, layer, interpret=True))
+    for layer in (1, 2):  # one compile, the layer traced
+        oracle = experts_dense(*as_f32(x, weights, ids, stack_up[layer], stack_down[layer]))
+        _close(run(jnp.int32(layer)), oracle, jnp.bfloat16)
+
+
+def test_mgpu_moe_kernel_rejects_what_it_cannot_run():
+    x, weights, ids, gate_up, down = moe_case(20, 8, 2, 64, 32, jnp.bfloat16, seed=5)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        experts_mgpu(x.astype(jnp.float32), weights, ids, gate_up, down, interpret=True)
+    (q_up, _), (q_down, _) = quantize(gate_up), quantize(down)
+    with pytest.raises(ValueError, match="unquantized"):
+        experts_mgpu(x, weights, ids, q_up, q_down, interpret=True)
+    with pytest.raises(ValueError, match="stacks"):
+        experts_mgpu(x, weights, ids, gate_up, down, 0, interpret=True)
+    with pytest.raises(ValueError, match="inter"):
+        experts_mgpu(x, weights, ids, gate_up, down[:, :16], interpret=True)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        experts_mgpu(x, weights, ids, gate_up, down, tiles=MgpuMoeTiles(block_rows=32), interpret=True)
+    with pytest.raises(ValueError, match="max_concurrent_steps must be >= 2"):
+        experts_mgpu(x, weights, ids, gate_up, down, tiles=MgpuMoeTiles(max_concurrent_steps=1), interpret=True)
+    for bad in ({"expert_quantization": "fp8"}, {"expert_layout": "pretiled"}):
+        with pytest.raises(ValueError, match="pallas_mgpu"):
+            Config.tiny(moe_implementation="pallas_mgpu", **bad)
+
+
+def test_experts_module_and_model_select_the_mgpu_kernel():
+    """Through the `Experts` module, and through a two-block bf16 model whose blocks' experts differ (the
+    kernel must read block i's weights in block i from the stack)."""
+    x, weights, ids, gate_up, down = moe_case(3, 8, 2, 64, 32, jnp.bfloat16, seed=3)
+    variables = {"params": {"gate_up_proj": gate_up, "down_proj": down}}
+    outputs = {impl: Experts(Config.tiny(moe_implementation=impl)).apply(variables, x, weights, ids)
+               for impl in ("grouped", "pallas_mgpu")}
+    _close(outputs["pallas_mgpu"], experts_dense(*as_f32(x, weights, ids, gate_up, down)), jnp.bfloat16)
+
+    config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"))
+    params = init_params(config, jax.random.key(1), jnp.bfloat16)
+    experts = params["blocks"]["layer_0"]["experts"]
+    for name in ("gate_up_proj", "down_proj"):
+        experts[name] = experts[name].at[0].multiply(30.0)
+    prompt = jax.random.randint(jax.random.key(2), (2, 8), 3, config.vocab_size)
+    cache = encode(params, config, prompt, capacity=8)
+    canvas = jax.random.randint(jax.random.key(3), (2, config.canvas_length), 3, config.vocab_size)
+    logits = {impl: denoise_logits(params, config.replace(moe_implementation=impl), cache, canvas).astype(jnp.float32)
+              for impl in ("grouped", "pallas_mgpu")}
+    assert np.isfinite(np.asarray(logits["pallas_mgpu"])).all()
+    # bf16 through two blocks: a few bf16 roundings of the logits' scale apart, not a different block's weights.
+    _close(logits["pallas_mgpu"], logits["grouped"], jnp.bfloat16, scale=4)
+
+
+def test_mgpu_moe_kernel_lowers_for_cuda_at_released_shapes():
+    """Batch 1 and 8 canvases on the released [5 blocks, ...] stacks read in place; a tile set too large for
+    shared memory is refused by name before Mosaic GPU sees it."""
+    cfg = Config.diffusiongemma_26b_a4b()
+    k, experts, layers = cfg.top_k_experts, cfg.num_experts, 5
+    hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    stacks = (jax.ShapeDtypeStruct((layers, experts, hidden, 2 * inter), jnp.bfloat16),
+              jax.ShapeDtypeStruct((layers, experts, inter, hidden), jnp.bfloat16))
+    for tokens in (cfg.canvas_length, 8 * cfg.canvas_length):
+        routing = (jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16), jax.ShapeDtypeStruct((tokens, k), jnp.float32),
+                   jax.ShapeDtypeStruct((tokens, k), jnp.int32))
+        for tiles in (MgpuMoeTiles(), MgpuMoeTiles(block_rows=128, gate_up_block_n=128, max_concurrent_steps=3)):
+            text = lower_for_cuda(lambda x, w, i, up, down, tiles=tiles: experts_mgpu(
+                x, w, i, up, down, jnp.int32(2), tiles=tiles, interpret=False), *routing, *stacks)
+            assert text.count(f"@{MGPU_CALL}(") == 2  # gate/up and down
+            # The stacks reach the kernels whole: no per-layer slice (a 0.5 GB copy) of them.
+            assert not re.search(rf"-> tensor<1x{experts}x{hidden}x{2 * inter}xbf16>", text)
+        with pytest.raises(ValueError, match="too large for shared memory"):
+            lower_for_cuda(lambda x, w, i, up, down: experts_mgpu(
+                x, w, i, up, down, jnp.int32(0), tiles=MgpuMoeTiles(down_block_n=256, max_concurrent_steps=6),
+                interpret=False), *routing, *stacks)
+
+
+def test_decoder_with_mgpu_experts_lowers_for_cuda(monkeypatch):
+    """The tiny decoder in bf16 with `moe_implementation="pallas_mgpu"`: both kernels, each block's experts
+    from the stack."""
+    monkeypatch.setattr("diffjax.kernels.moe_mgpu.resolve_interpret", lambda _: False)
+    config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"),
+                         moe_implementation="pallas_mgpu")
+    params = param_shapes(config, jnp.bfloat16)
+    # Batch 3: no shape the interpreted model test above traced (jit would reuse that trace, interpreter and all).
+    cache = jax.eval_shape(lambda: init_cache(config, 3, 8, jnp.bfloat16))
+    canvas = jax.ShapeDtypeStruct((3, config.canvas_length), jnp.int32)
+    text = lower_for_cuda(lambda p, c, ids: denoise_logits(p, config, c, ids), params, cache, canvas)
+    assert text.count(f"@{MGPU_CALL}(") == 2
+    stack = params["blocks"]["layer_0"]["experts"]["gate_up_proj"]
+    assert "x".join(map(str, stack.shape)) in text
