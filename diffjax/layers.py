@@ -6,7 +6,7 @@ softmaxes and the router in float32, as transformers does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -226,13 +226,15 @@ class Router(nn.Module):
 
 
 def experts_grouped(
-    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array
+    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array,
+    ragged_dot: Callable[[Array, Array, Array], Array] = jax.lax.ragged_dot,
 ) -> Array:
     """Mixture of experts computing only the routed (token, expert) pairs.
 
     x `[tokens, hidden]`, weights/expert_ids `[tokens, k]`, gate_up `[experts, hidden, 2 * inter]` (gate first
     half, up second), down `[experts, inter, hidden]`. The tokens * k assignments are sorted by expert and
-    run through two grouped matmuls (`jax.lax.ragged_dot`), then scattered back weighted.
+    run through two grouped matmuls (`ragged_dot(rows, weights, group_sizes)`, by default
+    `jax.lax.ragged_dot`), then scattered back weighted.
     """
     top_k = expert_ids.shape[1]
     num_experts = gate_up.shape[0]
@@ -241,8 +243,8 @@ def experts_grouped(
     token_of = order // top_k
     group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
     xs = x[token_of]
-    gate, up = jnp.split(jax.lax.ragged_dot(xs, gate_up.astype(x.dtype), group_sizes), 2, axis=-1)
-    ys = jax.lax.ragged_dot(gelu_tanh(gate) * up, down.astype(x.dtype), group_sizes)
+    gate, up = jnp.split(ragged_dot(xs, gate_up.astype(x.dtype), group_sizes), 2, axis=-1)
+    ys = ragged_dot(gelu_tanh(gate) * up, down.astype(x.dtype), group_sizes)
     ys = ys * weights.reshape(-1)[order][:, None].astype(ys.dtype)
     return jnp.zeros_like(x).at[token_of].add(ys)
 

@@ -399,7 +399,7 @@ def test_kernel_bench_runs_tiny_and_records_failures(tmp_path, monkeypatch):
     out = tmp_path / "k.json"
     assert kernel_bench.main([
         "--tiny", "--rows", "1", "--repeats", "1", "--sections", "moe", "sliding", "--moe-impls", "ragged_dot",
-        "pallas_fp8", "pallas_pretiled", "dense", "--out", str(out),
+        "pallas_fp8", "pallas_pretiled", "pallas_mgpu", "ragged_dot_mgpu", "dense", "--out", str(out),
     ]) == 0
     entries = json.loads(out.read_text())["entries"]
     by_impl = {e["impl"]: e for e in entries}
@@ -411,8 +411,11 @@ def test_kernel_bench_runs_tiny_and_records_failures(tmp_path, monkeypatch):
     assert "kernel exploded" in by_impl["dense"]["error"]
     assert by_impl["ragged_dot"]["tflop_per_s"] == by_impl["ragged_dot"]["flops"] / by_impl["ragged_dot"]["ms"] / 1e9
     assert by_impl["attend"]["section"] == "sliding" and by_impl["sdpa_xla"]["ms"] > 0 and by_impl["pallas"]["ms"] > 0
+    # The Mosaic GPU kernels: ours interpreted, JAX's example refused off a GPU.
+    assert by_impl["pallas_mgpu"]["ms"] > 0 and by_impl["pallas_mgpu"]["bytes"] == by_impl["ragged_dot"]["bytes"]
     if jax.default_backend() == "cpu":
         assert "cuDNN" in by_impl["sdpa_cudnn"]["error"]
+        assert "interpret" in by_impl["ragged_dot_mgpu"]["error"]
 
 
 def _xla_flops(fn, *args) -> float:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from diffjax.config import Config
+from diffjax.kernels.bench import MGPU_MOE_TILES, jax_ragged_dot_mgpu
 from diffjax.kernels.moe_mgpu import MgpuMoeTiles, experts_mgpu, tile_table
 from diffjax.layers import Experts, experts_dense, experts_grouped
 from diffjax.model import denoise_logits, encode, init_cache, init_params, param_shapes
@@ -133,7 +134,8 @@ def test_mgpu_moe_kernel_lowers_for_cuda_at_released_shapes():
     for tokens in (cfg.canvas_length, 8 * cfg.canvas_length):
         routing = (jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16), jax.ShapeDtypeStruct((tokens, k), jnp.float32),
                    jax.ShapeDtypeStruct((tokens, k), jnp.int32))
-        for tiles in (MgpuMoeTiles(), MgpuMoeTiles(block_rows=128, gate_up_block_n=128, max_concurrent_steps=3)):
+        # The defaults and every setting the kernel bench sweeps.
+        for tiles in (MgpuMoeTiles(), *(MgpuMoeTiles(**c) for c in MGPU_MOE_TILES)):
             text = lower_for_cuda(lambda x, w, i, up, down, tiles=tiles: experts_mgpu(
                 x, w, i, up, down, jnp.int32(2), tiles=tiles, interpret=False), *routing, *stacks)
             assert text.count(f"@{MGPU_CALL}(") == 2  # gate/up and down
@@ -159,3 +161,16 @@ def test_decoder_with_mgpu_experts_lowers_for_cuda(monkeypatch):
     assert text.count(f"@{MGPU_CALL}(") == 2
     stack = params["blocks"]["layer_0"]["experts"]["gate_up_proj"]
     assert "x".join(map(str, stack.shape)) in text
+
+
+def test_grouped_experts_through_jax_mosaic_ragged_dot_lower_for_cuda():
+    """The kernel bench's `ragged_dot_mgpu` reference point (JAX's example kernel in `experts_grouped`) at
+    batch 8: a JAX whose example changed its signature or tiling fails here, not in a GPU session."""
+    cfg = Config.diffusiongemma_26b_a4b()
+    tokens, k, hidden, inter = 8 * cfg.canvas_length, cfg.top_k_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    args = (jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16), jax.ShapeDtypeStruct((tokens, k), jnp.float32),
+            jax.ShapeDtypeStruct((tokens, k), jnp.int32),
+            jax.ShapeDtypeStruct((cfg.num_experts, hidden, 2 * inter), jnp.bfloat16),
+            jax.ShapeDtypeStruct((cfg.num_experts, inter, hidden), jnp.bfloat16))
+    text = lower_for_cuda(lambda *a: experts_grouped(*a, ragged_dot=jax_ragged_dot_mgpu), *args)
+    assert text.count(f"@{MGPU_CALL}(") == 2

@@ -10,6 +10,8 @@ For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--re
   (`ragged_dot_fusion`, in a child process because XLA flags are process-wide) and every expert on every
   token (`dense`); `pallas_fp8` is the Pallas kernel on float8_e4m3fn experts (`diffjax.quantize`), and
   `pallas_pretiled` / `pallas_fp8_pretiled` the same on weights laid out by `moe.pretile_experts`;
+  `pallas_mgpu` is the Mosaic GPU kernel pair of `moe_mgpu` (TMA + wgmma), `ragged_dot_mgpu` the grouped
+  form through JAX's own Mosaic GPU ragged-dot example kernel (Hopper only);
 * `vocab`: the LM-head statistics pass over the 262144-token vocabulary (`pallas`; `pallas_with_logits`
   also stores the bf16 logits, as `generate(statistics="pallas")` runs it) against float32 logits followed
   by the statistics (`logits_then_stats`);
@@ -19,8 +21,8 @@ For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--re
   full ring of 1023 slots plus the canvas: `attend` (ours, XLA) and the split-K kernel (`pallas`) against
   `jax.nn.dot_product_attention` with XLA (`sdpa_xla`) and cuDNN (`sdpa_cudnn`).
 
-`--sweep` instead times each Pallas kernel under the tile settings of `MOE_TILES`, `VOCAB_TILES` and
-`ATTENTION_TILES` beside its defaults, and lists the fastest per problem (`best_tiles` in the JSON).
+`--sweep` instead times each Pallas kernel under the tile settings of `MOE_TILES` (`MGPU_MOE_TILES` for
+`pallas_mgpu`), `VOCAB_TILES` and `ATTENTION_TILES` beside its defaults, and lists the fastest per problem (`best_tiles` in the JSON).
 
 Each entry records ms, the bytes it must read at least (weights touched + inputs + outputs) and those bytes
 over the time (GB/s, to set against the device copy bandwidth also recorded), and the multiply-adds its
@@ -52,13 +54,16 @@ import numpy as np
 
 from diffjax.bench import best_time, copy_bandwidth
 from diffjax.config import Config
+from diffjax.kernels import largest_power_of_two_divisor
 from diffjax.layers import attend, experts_dense, experts_grouped
 
 RAGGED_DOT_FUSION_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
 # The Pallas expert kernels: (fp8 weights, pretiled weights) of each.
 PALLAS_MOE_IMPLS = {"pallas": (False, False), "pallas_fp8": (True, False), "pallas_pretiled": (False, True),
                     "pallas_fp8_pretiled": (True, True)}
-MOE_IMPLS = (*PALLAS_MOE_IMPLS, "ragged_dot", "ragged_dot_fusion", "dense")
+# Kernels with tile settings (`--sweep`): the Triton ones and the Mosaic GPU one.
+TILED_MOE_IMPLS = (*PALLAS_MOE_IMPLS, "pallas_mgpu")
+MOE_IMPLS = (*TILED_MOE_IMPLS, "ragged_dot", "ragged_dot_fusion", "ragged_dot_mgpu", "dense")
 SECTIONS = ("moe", "vocab", "attention", "sliding")
 # `--sweep`: tile settings tried beside each kernel's defaults (keyword arguments of its *Tiles class).
 MOE_TILES = (
@@ -87,6 +92,15 @@ VOCAB_TILES = (
     # The defaults use all 255 registers and spill 32 bytes outside the k-loop (`python -m
     # diffjax.kernels.codegen`); these do not.
     {"num_warps": 8}, {"block_v": 64}, {"block_v": 64, "num_warps": 8},
+)
+MGPU_MOE_TILES = (
+    # 128-row blocks: each expert's weights streamed by half as many tiles at batch >= 8 (mean 128 rows).
+    {"block_rows": 128}, {"block_rows": 128, "max_concurrent_steps": 3},
+    # Ring depth: more bytes in flight per SM (batch 1 is bound by DRAM latency x bandwidth) or more blocks.
+    {"max_concurrent_steps": 3}, {"max_concurrent_steps": 6}, {"block_k": 128, "max_concurrent_steps": 3},
+    # Wider down tiles: fewer programs re-reading each h block; narrower: more programs for batch 1.
+    {"down_block_n": 256, "max_concurrent_steps": 3}, {"down_block_n": 64},
+    {"block_rows": 128, "down_block_n": 256, "max_concurrent_steps": 2},
 )
 ATTENTION_TILES = (
     {"block_k": 16, "num_warps": 4}, {"num_warps": 4, "num_stages": 1}, {"block_q": 32, "num_warps": 4},
@@ -228,6 +242,7 @@ def _time_all(section: str, rows: int, args: tuple, nbytes: int, flops: int,
 
 def bench_moe(s: Settings, shapes: Shapes, impls: Sequence[str], log: Callable[[str], None]) -> list[dict[str, Any]]:
     from diffjax.kernels.moe import MoeTiles, experts_pallas, pretile_experts
+    from diffjax.kernels.moe_mgpu import MgpuMoeTiles, experts_mgpu
     from diffjax.quantize import quantize
 
     def pallas(tiles: MoeTiles, pretiled: bool) -> Callable[..., Any]:
@@ -236,17 +251,24 @@ def bench_moe(s: Settings, shapes: Shapes, impls: Sequence[str], log: Callable[[
                                   tiles=tiles, pretiled=pretiled, interpret=s.tiny)
         return run
 
+    def mgpu(tiles: MgpuMoeTiles) -> Callable[..., Any]:
+        return functools.partial(experts_mgpu, tiles=tiles, interpret=s.tiny)
+
     twins: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
     # (fp8, pretiled) -> the Pallas variants taking such weights. Pretiled sweep variants all read weights tiled
     # under the default tiles: the stacks' tile widths override the candidates' column blocks.
-    kernels: dict[tuple[bool, bool], dict[str, tuple[Callable[..., Any], dict[str, Any]]]] = {}
+    kernels: dict[tuple[bool, bool], dict[str, tuple[Callable[..., Any], dict[str, Any]]]] = {(False, False): {}}
     for impl in impls:
         if impl in PALLAS_MOE_IMPLS:
             fp8, pretiled = PALLAS_MOE_IMPLS[impl]
-            kernels[fp8, pretiled] = _pallas_variants(
-                functools.partial(pallas, pretiled=pretiled), MoeTiles, MOE_TILES, s.sweep, name=impl)
+            kernels.setdefault((fp8, pretiled), {}).update(_pallas_variants(
+                functools.partial(pallas, pretiled=pretiled), MoeTiles, MOE_TILES, s.sweep, name=impl))
+        elif impl == "pallas_mgpu":
+            kernels[False, False] |= _pallas_variants(mgpu, MgpuMoeTiles, MGPU_MOE_TILES, s.sweep, name=impl)
         elif impl in ("ragged_dot", "ragged_dot_fusion"):
             twins[impl] = (jax.jit(experts_grouped), {})
+        elif impl == "ragged_dot_mgpu":
+            twins[impl] = (jax.jit(functools.partial(experts_grouped, ragged_dot=jax_ragged_dot_mgpu)), {})
         elif impl == "dense":
             twins[impl] = (jax.jit(experts_dense), {})
         else:
@@ -270,6 +292,18 @@ def bench_moe(s: Settings, shapes: Shapes, impls: Sequence[str], log: Callable[[
         out += _time_all("moe", rows, args, moe_bytes(*args), flops, twins, s, log)
         del args
     return out
+
+
+def jax_ragged_dot_mgpu(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """`jax.lax.ragged_dot` through the Hopper ragged-dot kernel JAX ships as an example
+    (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`, Mosaic GPU), at the block sizes of its own tuning
+    range: the reference point for `pallas_mgpu` (JAX's unfused kernel, XLA's activation between). Hopper
+    GPUs only (elsewhere JAX refuses it)."""
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    return ragged_dot_mgpu.ragged_dot(
+        rows, weights, group_sizes=group_sizes, block_m=64, block_n=largest_power_of_two_divisor(weights.shape[-1], 128),
+        block_k=largest_power_of_two_divisor(rows.shape[1], 64), max_concurrent_steps=4, grid_block_n=1)
 
 
 def bench_moe_fusion_child(s: Settings, log: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -415,7 +449,7 @@ def bench_sliding(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> li
 def run(s: Settings, log: Callable[[str], None] = lambda _: None, child: bool = False) -> dict[str, Any]:
     shapes = Shapes.tiny() if s.tiny else Shapes.released()
     if s.sweep:  # tile variants of the Pallas kernels only; the twins have no tiles
-        s = dataclasses.replace(s, moe_impls=tuple(i for i in s.moe_impls if i in PALLAS_MOE_IMPLS) or ("pallas",))
+        s = dataclasses.replace(s, moe_impls=tuple(i for i in s.moe_impls if i in TILED_MOE_IMPLS) or ("pallas",))
     # The child runs first, while this process has not yet claimed (preallocated) the GPU's memory.
     fusion = (bench_moe_fusion_child(s, log) if "moe" in s.sections and "ragged_dot_fusion" in s.moe_impls
               and not child else [])
@@ -455,7 +489,7 @@ def best_tiles(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (e["section"], e.get("rows"), e.get("prompt"))
         if "ms" in e and (key not in best or e["ms"] < best[key]["ms"]):
             best[key] = e
-    return [{k: e[k] for k in ("section", "rows", "prompt", "ms", "tiles") if k in e} for e in best.values()]
+    return [{k: e[k] for k in ("section", "impl", "rows", "prompt", "ms", "tiles") if k in e} for e in best.values()]
 
 
 def render(result: dict[str, Any]) -> str:
