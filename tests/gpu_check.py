@@ -6,8 +6,8 @@
 CPU tests cover the maths of every kernel in interpret mode and their CUDA lowering; what only a GPU shows:
 0. The minimal form of the JAX offset bug (a 1-byte ref of more than 2**31 elements read past 2**31), with
    diffjax's wrapper (correct) and, in a child process, without it (expected: wrong bytes or a fault).
-1. `experts_pallas` reading block `b` in place from a released-size `[5, 128, 2816, 1408]` stack, bf16 and
-   fp8 (2.54e9 one-byte weights: the stack whose 32-bit offsets wrapped, see `diffjax.kernels.WIDE_OFFSETS`),
+1. `experts_pallas` (and `experts_mgpu`, bf16, also on 8 canvases) reading block `b` in place from a
+   released-size `[5, 128, 2816, 1408]` stack, bf16 and fp8 (2.54e9 one-byte weights: the stack whose 32-bit offsets wrapped, see `diffjax.kernels.WIDE_OFFSETS`),
    against `experts_grouped` on that block's (dequantized) weights, for the first and the last block.
 2. The decoder's sliding layers through cuDNN and the split-K kernel (`sliding_attention_implementation=
    "cudnn"` / "pallas"): at kernel level against `attend` on the released sliding shapes, then the whole
@@ -27,6 +27,7 @@ import numpy as np
 from diffjax.config import AttentionConfig, Config
 from diffjax.kernels.attention import global_attention_pallas
 from diffjax.kernels.moe import experts_pallas
+from diffjax.kernels.moe_mgpu import experts_mgpu
 from diffjax.layers import attend, attend_cudnn, experts_grouped
 from diffjax.model import _denoise_logits, init_cache, init_params, prefill
 from diffjax.quantize import dequantize, quantize
@@ -52,9 +53,18 @@ def check_expert_stacks(small: bool) -> None:
     gate_up = 0.05 * jax.random.normal(keys[2], (blocks, experts, hidden, 2 * inter), jnp.bfloat16)
     down = 0.05 * jax.random.normal(keys[3], (blocks, experts, inter, hidden), jnp.bfloat16)
     for block in (0, blocks - 1):
-        ours = experts_pallas(x, weights, ids.astype(jnp.int32), gate_up, down, jnp.int32(block))
         twin = experts_grouped(x, weights, ids, gate_up[block], down[block])
-        report(check="experts_pallas bf16 stack, block in place", block=block, relative_l2=relative_l2(ours, twin))
+        for name, kernel in (("experts_pallas", experts_pallas), ("experts_mgpu", experts_mgpu)):
+            ours = kernel(x, weights, ids.astype(jnp.int32), gate_up, down, jnp.int32(block))
+            report(check=f"{name} bf16 stack, block in place", block=block, relative_l2=relative_l2(ours, twin),
+                   finite=bool(jnp.isfinite(ours).all()))
+    # Batch 8's canvases: ~128 rows per expert, groups spanning row blocks (the Mosaic kernels' ladder stores).
+    x8 = jax.random.normal(keys[0], (8 * tokens, hidden), jnp.bfloat16)
+    weights8, ids8 = jax.lax.top_k(jax.nn.softmax(jax.random.normal(keys[1], (8 * tokens, experts))), k)
+    ours = experts_mgpu(x8, weights8, ids8.astype(jnp.int32), gate_up, down, jnp.int32(blocks - 1))
+    twin = experts_grouped(x8, weights8, ids8, gate_up[blocks - 1], down[blocks - 1])
+    report(check="experts_mgpu bf16 stack, 8 canvases", relative_l2=relative_l2(ours, twin),
+           finite=bool(jnp.isfinite(ours).all()))
     quantize_stack = jax.jit(quantize)  # one fused pass: eager float32 temporaries of a 2.5e9 stack add up
     q_gate_up, s_gate_up = quantize_stack(gate_up)
     del gate_up

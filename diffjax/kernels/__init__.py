@@ -1,7 +1,8 @@
-"""Pallas kernels (Triton lowering, NVIDIA GPUs) for the denoising step, each beside its plain-JAX twin.
+"""Pallas kernels (NVIDIA GPUs) for the denoising step, each beside its plain-JAX twin.
 
 - `moe.experts_pallas`: grouped gate/up + GELU + down matmuls over expert-sorted tokens (twin:
-  `diffjax.layers.experts_grouped` / `experts_dense`).
+  `diffjax.layers.experts_grouped` / `experts_dense`); Triton lowering, bf16/fp32/fp8 experts.
+- `moe_mgpu.experts_mgpu`: the same maths through Mosaic GPU (TMA + wgmma; Hopper, bf16/fp16).
 - `vocab.vocab_stats_pallas`: LM head, softcap, temperature, logsumexp, entropy, argmax and a Gumbel-max
   sample in one pass over the vocabulary, without float32 logits (twin: `vocab.vocab_stats_reference`).
 - `attention.global_attention_pallas`: split-K (flash-decoding) attention of the canvas over a long cache
@@ -9,7 +10,8 @@
 
 Which path runs is always chosen by the caller (a `Config` field or an argument). Every kernel takes
 `interpret`: True runs the same kernel body through the Pallas interpreter (CPU tests); the default `None`
-means "interpret iff the default backend is not a GPU", since Triton kernels only compile for GPUs.
+means "interpret iff the default backend is not a GPU", since these kernels only compile for GPUs (the
+Mosaic GPU ones run in Mosaic GPU's own interpreter, which simulates shared memory, TMA and barriers).
 """
 
 from __future__ import annotations
