@@ -56,6 +56,8 @@ def test_tile_table_covers_every_sorted_row_once_under_its_expert(block_rows, se
         (50, 16, 4, 48, 80, jnp.bfloat16, MgpuMoeTiles(max_concurrent_steps=2)),  # 16-wide blocks (48, 80)
         (5, 8, 2, 64, 32, jnp.float16, MgpuMoeTiles()),  # fewer rows than one block
         (300, 16, 4, 64, 48, jnp.bfloat16, MgpuMoeTiles(block_rows=128, block_k=16)),  # 4 k-steps, 1200 rows
+        # Warp-specialised: each compute warpgroup stores its own 64 rows of a 128-row block (~30 s here).
+        (45, 8, 2, 64, 32, jnp.bfloat16, MgpuMoeTiles(block_rows=128, block_k=32, compute_warpgroups=2)),
     ],
 )
 def test_mgpu_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, dtype, tiles):
@@ -92,6 +94,8 @@ def test_mgpu_moe_kernel_rejects_what_it_cannot_run():
         experts_mgpu(x, weights, ids, gate_up, down[:, :16], interpret=True)
     with pytest.raises(ValueError, match="multiple of 64"):
         experts_mgpu(x, weights, ids, gate_up, down, tiles=MgpuMoeTiles(block_rows=32), interpret=True)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        experts_mgpu(x, weights, ids, gate_up, down, tiles=MgpuMoeTiles(compute_warpgroups=2), interpret=True)
     with pytest.raises(ValueError, match="max_concurrent_steps must be >= 2"):
         experts_mgpu(x, weights, ids, gate_up, down, tiles=MgpuMoeTiles(max_concurrent_steps=1), interpret=True)
     for bad in ({"expert_quantization": "fp8"}, {"expert_layout": "pretiled"}):

@@ -101,6 +101,9 @@ MGPU_MOE_TILES = (
     # Wider down tiles: fewer programs re-reading each h block; narrower: more programs for batch 1.
     {"down_block_n": 256, "max_concurrent_steps": 3}, {"down_block_n": 64},
     {"block_rows": 128, "down_block_n": 256, "max_concurrent_steps": 2},
+    # Warp-specialised: a copy warpgroup and two compute warpgroups of 64 rows each.
+    {"block_rows": 128, "compute_warpgroups": 2},
+    {"block_rows": 128, "compute_warpgroups": 2, "down_block_n": 256, "max_concurrent_steps": 3},
 )
 ATTENTION_TILES = (
     {"block_k": 16, "num_warps": 4}, {"num_warps": 4, "num_stages": 1}, {"block_q": 32, "num_warps": 4},

@@ -64,11 +64,18 @@ class MgpuMoeTiles:
     down_block_n: int = 128
     # Slots of the copy ring: k-steps in flight. One is held back while its MMAs still read it.
     max_concurrent_steps: int = 4
+    # 1: one warpgroup per block issues the copies and the MMAs. 2: warp-specialised, as JAX's Hopper matmul
+    # example: a copy warpgroup feeds the ring and two compute warpgroups each multiply 64 of the block's
+    # rows (block_rows 128), for the compute-bound batches.
+    compute_warpgroups: int = 1
 
     def validate(self) -> None:
-        if self.block_rows <= 0 or self.block_rows % WGMMA_ROWS:
-            raise ValueError(f"MgpuMoeTiles.block_rows must be a positive multiple of {WGMMA_ROWS}, got "
-                             f"{self.block_rows}")
+        if self.compute_warpgroups not in (1, 2):
+            raise ValueError(f"MgpuMoeTiles.compute_warpgroups must be 1 or 2, got {self.compute_warpgroups}")
+        rows = WGMMA_ROWS * self.compute_warpgroups
+        if self.block_rows <= 0 or self.block_rows % rows:
+            raise ValueError(f"MgpuMoeTiles.block_rows must be a positive multiple of {rows} (64 rows per compute "
+                             f"warpgroup), got {self.block_rows}")
         for name in ("block_k", "gate_up_block_n", "down_block_n"):
             require_block(f"MgpuMoeTiles.{name}", getattr(self, name))
         if self.max_concurrent_steps < 2:
@@ -175,61 +182,104 @@ def _store_rows(o_smem: Any, o_gmem: Any, row0: Array, first: Array, count: Arra
 
 
 def _tile_kernel(
-    inputs: tuple[int, ...], multiply: Any, epilogue: Any, *, num_k: int, block_rows: int, block_k: int,
-    block_n: int, accumulators: int, stages: int, max_rows: int,
+    inputs: Any, multiply: Any, epilogue: Any, *, num_k: int, block_rows: int, block_k: int, block_n: int,
+    accumulators: int, stages: int, max_rows: int, compute_warpgroups: int,
 ) -> Any:
     """The kernel body shared by both: refs (layer, tile table, rows `[R, K]`, weight stack, output `[R, N]`).
-    `inputs(layer, expert)` picks the weight refs (`[K, n]` views) the k-loop streams beside the rows;
-    `multiply(accs, rows_smem, *weight_smems)` issues the step's MMAs, `epilogue(*accs)` the stored tile."""
-    # The ring is freed before the output tile is allocated; 2-byte elements (DTYPES).
-    slots = min(stages, num_k)  # emit_pipeline allocates no more slots than steps
-    smem = 2 * max(slots * (block_rows * block_k + accumulators * block_k * block_n), block_rows * block_n)
+    `inputs(expert_weights)` picks the weight views (`[K, n]`) the k-loop streams beside the rows;
+    `multiply(accs, rows_smem, *weight_smems)` issues a step's MMAs into the float32 accumulators,
+    `epilogue(*accumulated)` makes the stored tile. With `compute_warpgroups` > 1 the block is warp-specialised:
+    one more warpgroup only issues the TMA copies, and each compute warpgroup multiplies its own 64-row slice
+    of the row tile and stores its own rows."""
+    rows_per_warpgroup = block_rows // compute_warpgroups
+    # Single warpgroup: the ring is freed before the output tile is allocated; specialised: the output tiles
+    # are allocated first, for all warpgroups together. 2-byte elements (DTYPES).
+    slots = min(stages, num_k)  # the pipelines allocate no more slots than steps
+    ring = slots * (block_rows * block_k + accumulators * block_k * block_n)
+    out_tile = block_rows * block_n
+    smem = 2 * (max(ring, out_tile) if compute_warpgroups == 1 else ring + out_tile)
     if smem > SHARED_MEMORY_BYTES:
         raise ValueError(
             f"MgpuMoeTiles too large for shared memory: {slots} slots of a {block_rows}x{block_k} row tile and "
             f"{accumulators} {block_k}x{block_n} weight tile(s) take {smem} bytes of the {SHARED_MEMORY_BYTES} a "
             "block may use: lower max_concurrent_steps or a block size"
         )
+    store_rows = min(rows_per_warpgroup, max_rows)
 
     def body(layer_ref: Any, table_ref: Any, rows_ref: Any, w_ref: Any, out_ref: Any) -> None:
         col_tile, tile = jax.lax.axis_index("col_tile"), jax.lax.axis_index("tile")
         expert, block = table_ref[tile, 0], table_ref[tile, 1]
         first, count = table_ref[tile, 2], table_ref[tile, 3]
         weight_views = inputs(w_ref.at[layer_ref[0], expert])
+        specs = [plgpu.BlockSpec((block_rows, block_k), lambda k: (block, k), delay_release=1)]
+        specs += [plgpu.BlockSpec((block_k, block_n), lambda k: (k, col_tile), delay_release=1) for _ in weight_views]
 
-        @pl.when(count > 0)
-        def _() -> None:
-            def k_loop(*accs: Any) -> tuple[Array, ...]:
-                def step(_: Any, rows_smem: Any, *weight_smems: Any) -> None:
-                    multiply(accs, rows_smem, *weight_smems)
-                    # The step's MMAs stay in flight; the previous step's are done, so its slot can refill.
-                    plgpu.wgmma_wait(len(accs))
+        def multiply_step(accs: tuple[Any, ...], rows_smem: Any, weight_smems: tuple[Any, ...]) -> None:
+            multiply(accs, rows_smem, *weight_smems)
+            # The step's MMAs stay in flight; the previous step's are done, so its slot can refill.
+            plgpu.wgmma_wait(len(accs))
 
-                specs = [plgpu.BlockSpec((block_rows, block_k), lambda k: (block, k), delay_release=1)]
-                specs += [plgpu.BlockSpec((block_k, block_n), lambda k: (k, col_tile), delay_release=1)
-                          for _ in weight_views]
-                plgpu.emit_pipeline(step, grid=(num_k,), in_specs=specs, max_concurrent_steps=stages)(
-                    rows_ref, *weight_views)
-                return tuple(acc[...] for acc in accs)
+        def store(accs: tuple[Any, ...], out_smem: Any, warpgroup: Array | int) -> None:
+            """This warpgroup's slice of the tile: epilogue, then its rows of the tile's expert to HBM."""
+            out_smem[...] = epilogue(*(acc[...] for acc in accs)).astype(out_ref.dtype)
+            plgpu.commit_smem()
+            low = warpgroup * rows_per_warpgroup
+            mine = jnp.clip(first - low, 0, rows_per_warpgroup)
+            end = jnp.clip(first + count - low, 0, rows_per_warpgroup)
+            _store_rows(out_smem, out_ref, block * block_rows + low, mine, end - mine,
+                        pl.ds(col_tile * block_n, block_n), store_rows)
 
-            results = pl.run_scoped(k_loop, *[plgpu.ACC((block_rows, block_n))] * accumulators)
-            tile_out = epilogue(*results).astype(out_ref.dtype)
+        if compute_warpgroups == 1:
+            @pl.when(count > 0)
+            def _() -> None:
+                def k_loop(*accs: Any) -> None:
+                    plgpu.emit_pipeline(
+                        lambda _, rows_smem, *weight_smems: multiply_step(accs, rows_smem, weight_smems),
+                        grid=(num_k,), in_specs=specs, max_concurrent_steps=stages,
+                    )(rows_ref, *weight_views)
+                    pl.run_scoped(lambda out_smem: store(accs, out_smem, 0),
+                                  plgpu.SMEM((block_rows, block_n), out_ref.dtype))
 
-            @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((block_rows, block_n), out_ref.dtype))
-            def _(out_smem: Any) -> None:
-                out_smem[...] = tile_out
-                plgpu.commit_smem()
-                _store_rows(out_smem, out_ref, block * block_rows, first, count,
-                            pl.ds(col_tile * block_n, block_n), max_rows)
+                pl.run_scoped(k_loop, *[plgpu.ACC((block_rows, block_n))] * accumulators)
+            return
+
+        warpgroup = jax.lax.axis_index("warpgroup")
+
+        def specialised(out_smem: Any) -> None:
+            @pl.when(count > 0)
+            def _() -> None:
+                def compute_context(run_pipeline: Any) -> None:
+                    def with_accumulators(*accs: Any) -> None:
+                        run_pipeline(accs)
+                        store(accs, out_smem.at[warpgroup], warpgroup)
+
+                    pl.run_scoped(with_accumulators, *[plgpu.ACC((rows_per_warpgroup, block_n))] * accumulators)
+
+                def step(_: Any, rows_smem: Any, *refs: Any) -> tuple[Any, ...]:
+                    *weight_smems, accs = refs
+                    own_rows = rows_smem.at[pl.ds(warpgroup * rows_per_warpgroup, rows_per_warpgroup)]
+                    multiply_step(accs, own_rows, tuple(weight_smems))
+                    return accs
+
+                plgpu.emit_pipeline_warp_specialized(
+                    step, grid=(num_k,), memory_registers=40, in_specs=specs, wg_axis="warpgroup",
+                    num_compute_wgs=compute_warpgroups, max_concurrent_steps=stages, compute_context=compute_context,
+                )(rows_ref, *weight_views)
+
+        # Allocated by every warpgroup together (the copy warpgroup included), as the pipeline's ring is.
+        pl.run_scoped(specialised, plgpu.SMEM((compute_warpgroups, rows_per_warpgroup, block_n), out_ref.dtype),
+                      collective_axes="warpgroup")
 
     return body
 
 
-def _launch(body: Any, out_shape: tuple[int, int], dtype: Any, num_col_tiles: int, num_tiles: int, params: Any,
-            name: str, *operands: Array) -> Array:
+def _launch(body: Any, out_shape: tuple[int, int], dtype: Any, num_col_tiles: int, num_tiles: int,
+            compute_warpgroups: int, params: Any, name: str, *operands: Array) -> Array:
     """Run `body` on a (column tile, tile) grid; column tiles are the fastest axis, so the programs sharing
     one row block (and one expert's weight rows) run side by side. `name` names the kernel in profiles."""
     body.__name__ = name
+    specialised = {} if compute_warpgroups == 1 else {"num_threads": compute_warpgroups + 1,
+                                                       "thread_name": "warpgroup"}
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(out_shape, dtype),
@@ -237,6 +287,7 @@ def _launch(body: Any, out_shape: tuple[int, int], dtype: Any, num_col_tiles: in
         grid_names=("col_tile", "tile"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=params,
+        **specialised,
     )(*operands)
 
 
@@ -255,10 +306,10 @@ def _gate_up_call(layer: Array, table: Array, xs: Array, gate_up: Array, tiles: 
         lambda w: (w.at[:, pl.ds(0, inter)], w.at[:, pl.ds(inter, inter)]), multiply,
         lambda gate, up: gelu_tanh(gate) * up, num_k=hidden // block_k, block_rows=tiles.block_rows,
         block_k=block_k, block_n=block_n, accumulators=2, stages=tiles.max_concurrent_steps,
-        max_rows=min(tiles.block_rows, rows),
+        max_rows=min(tiles.block_rows, rows), compute_warpgroups=tiles.compute_warpgroups,
     )
-    return _launch(body, (rows, inter), xs.dtype, inter // block_n, table.shape[0], params, "moe_mgpu_gate_up",
-                   layer, table, xs, gate_up)
+    return _launch(body, (rows, inter), xs.dtype, inter // block_n, table.shape[0], tiles.compute_warpgroups,
+                   params, "moe_mgpu_gate_up", layer, table, xs, gate_up)
 
 
 def _down_call(layer: Array, table: Array, h: Array, down: Array, tiles: MgpuMoeTiles, params: Any) -> Array:
@@ -273,7 +324,7 @@ def _down_call(layer: Array, table: Array, h: Array, down: Array, tiles: MgpuMoe
     body = _tile_kernel(
         lambda w: (w,), multiply, lambda y: y, num_k=inter // block_k, block_rows=tiles.block_rows,
         block_k=block_k, block_n=block_n, accumulators=1, stages=tiles.max_concurrent_steps,
-        max_rows=min(tiles.block_rows, rows),
+        max_rows=min(tiles.block_rows, rows), compute_warpgroups=tiles.compute_warpgroups,
     )
-    return _launch(body, (rows, hidden), h.dtype, hidden // block_n, table.shape[0], params, "moe_mgpu_down",
-                   layer, table, h, down)
+    return _launch(body, (rows, hidden), h.dtype, hidden // block_n, table.shape[0], tiles.compute_warpgroups,
+                   params, "moe_mgpu_down", layer, table, h, down)
