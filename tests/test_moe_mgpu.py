@@ -17,7 +17,7 @@ import pytest
 
 from diffjax.config import Config
 from diffjax.kernels.bench import MGPU_MOE_TILES, jax_ragged_dot_mgpu
-from diffjax.kernels.moe_mgpu import MgpuMoeTiles, experts_mgpu, tile_table
+from diffjax.kernels.moe_mgpu import MgpuMoeTiles, experts_mgpu, sorted_layout
 from diffjax.layers import Experts, experts_dense, experts_grouped
 from diffjax.model import denoise_logits, encode, init_cache, init_params, param_shapes
 from diffjax.quantize import quantize
@@ -28,25 +28,32 @@ MGPU_CALL = "mosaic_gpu_v2"
 
 @pytest.mark.parametrize("block_rows", [64, 128])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_tile_table_covers_every_sorted_row_once_under_its_expert(block_rows, seed):
-    """Brute force over ragged routings with empty experts and groups spanning several blocks."""
+def test_sorted_layout_cuts_each_group_into_whole_tiles_of_its_own(block_rows, seed):
+    """Brute force over ragged routings with empty experts and groups longer than a tile."""
     num_experts = 16
     key_size, key_ids = jax.random.split(jax.random.key(seed))
     assignments = int(jax.random.randint(key_size, (), 1, 700))
     # Skewed routing: low experts busy, high ones mostly empty.
-    ids = jnp.minimum(jax.random.geometric(key_ids, 0.25, (assignments,)) - 1, num_experts - 1).astype(jnp.int32)
-    table = np.asarray(tile_table(ids, num_experts, block_rows))
-    assert table.shape == (-(-assignments // block_rows) + num_experts - 1, 4)
-    sorted_experts = np.sort(np.asarray(ids))
-    covered = np.zeros(assignments, int)
-    for expert, block, first, count in table:
-        if count == 0:
-            continue
-        assert count > 0 and first >= 0 and first + count <= block_rows
-        rows = np.arange(block * block_rows + first, block * block_rows + first + count)
-        assert (sorted_experts[rows] == expert).all()
-        covered[rows] += 1
-    assert (covered == 1).all()
+    ids = np.asarray(jnp.minimum(jax.random.geometric(key_ids, 0.25, (assignments,)) - 1, num_experts - 1),
+                     np.int32)
+    layout = sorted_layout(jnp.asarray(ids), num_experts, block_rows)
+    row, table = np.asarray(layout.row), np.asarray(layout.tiles)
+    assert table.shape == (-(-assignments // block_rows) + num_experts - 1, 3)
+    # Each assignment its own row, in bounds, in expert order (stable within an expert).
+    assert len(set(row)) == assignments and row.max() < layout.rows and layout.rows >= block_rows
+    assert (np.argsort(row, kind="stable") == np.argsort(ids, kind="stable")).all()
+    expert_of_row = np.full(layout.rows, -1)
+    expert_of_row[row] = ids
+    covered = np.zeros(layout.rows, int)
+    for expert, first, count in table[table[:, 2] > 0]:
+        assert first % 8 == 0 and count <= block_rows
+        assert (expert_of_row[first:first + count] == expert).all()
+        covered[first:first + count] += 1
+    assert (covered[row] == 1).all() and covered.sum() == assignments
+    sizes = np.bincount(ids, minlength=num_experts)
+    used = table[table[:, 2] > 0]
+    assert len(used) == (-(-sizes // block_rows)).sum()  # ceil(group / tile) tiles per expert, no more
+    assert (used[:, 2] < block_rows).sum() <= (sizes > 0).sum()  # one partial tile per expert at most
 
 
 @pytest.mark.parametrize(
@@ -61,8 +68,8 @@ def test_tile_table_covers_every_sorted_row_once_under_its_expert(block_rows, se
     ],
 )
 def test_mgpu_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, dtype, tiles):
-    """Half the experts get no token; the interpreter's NaN for reads past the sorted rows would reach the
-    result if a tile stored a row that is not its expert's."""
+    """Half the experts get no token; the interpreter's NaN for reads of rows no kernel wrote (past the sorted
+    rows, the alignment rows between groups) would reach the result if a tile stored a row not its expert's."""
     args = moe_case(tokens, experts, top_k, hidden, inter, dtype, seed=tokens)
     ours = experts_mgpu(*args, tiles=tiles, interpret=True)
     assert ours.shape == args[0].shape and ours.dtype == dtype

@@ -7,12 +7,15 @@ ring of shared-memory slots (`plgpu.emit_pipeline`), and asynchronous `wgmma`s r
 shared memory while the next tiles land. The Triton kernels reached ~90 TFLOP/s at batch 8 on an H100 (stop
 10), where the batch-8 target needs several hundred.
 
-TMA copies whole boxes of contiguous rows, so the assignments are sorted by expert without padding (the
-gate/up kernel reads a sorted copy of x). A row block of the sorted order can hold the tail of one expert's
-group and the head of the next: each (expert, row block) pair sharing rows is one *tile* of the grid. A tile
-multiplies its whole block by its expert's weights and stores only its expert's rows, through a ladder of
-power-of-two TMA stores (a TMA box has a static size; any row count is a sum of powers of two). There are at
-most cdiv(assignments, block_rows) + experts - 1 tiles; the unused tail of the grid returns at once.
+TMA copies whole boxes of contiguous rows, so the assignments are sorted by expert (the gate/up kernel
+reads a sorted copy of x), each expert's group starting on a multiple of 8 rows (Mosaic GPU lays out a
+tiled copy only from a tile row; < 8 alignment rows per expert). Each group is cut into ceil(group /
+block_rows) *tiles* starting at its own first row: a tile multiplies block_rows rows from there by its
+expert's weights and stores only its expert's rows, through a ladder of power-of-two TMA stores (a TMA box
+has a static size; any row count is a sum of powers of two). So no tile is shared between experts, each
+tile streams its expert's weights once (at batch 1 each expert is one tile), and the rows multiplied are a
+group padded to whole tiles without a padded copy of anything. There are at most cdiv(assignments,
+block_rows) + experts - 1 tiles; the unused tail of the grid returns at once.
 
 1. gate/up: `h = gelu_tanh(x @ W_gate[e]) * (x @ W_up[e])`, both halves in float32 accumulators fed by the
    same x tile in the same k-step, the activation applied once before the store of `h [rows, inter]`.
@@ -21,16 +24,17 @@ most cdiv(assignments, block_rows) + experts - 1 tiles; the unused tail of the g
 Each token's top_k rows of y are then weighted and summed by XLA (one fused gather).
 
 Hopper only (sm_90a: TMA and wgmma), bf16 or fp16, plain-layout unquantized experts. On a CPU the kernels
-run in Mosaic GPU's interpreter, which simulates shared memory, TMA and barriers; its out-of-bounds reads
-(the last row block past the sorted rows, which TMA fills with zeros on a GPU) return NaN there, so a test
-also shows that no row outside its tile's expert is ever stored. Twin: `diffjax.layers.experts_grouped`.
+run in Mosaic GPU's interpreter, which simulates shared memory, TMA and barriers. There, reads past the
+sorted rows (zeros from TMA on a GPU) and reads of rows no kernel wrote (the alignment rows) give NaN, so a
+finite result also shows that no row outside its tile's expert is ever stored. Twin:
+`diffjax.layers.experts_grouped`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +50,7 @@ Array = jax.Array
 
 # wgmma multiplies 64 rows per warpgroup.
 WGMMA_ROWS = 64
-# TMA boxes of global arrays are tiled by 8 rows: the sorted rows are padded to a multiple of it.
+# Tiled TMA copies start on a multiple of 8 rows: each expert's group of sorted rows starts on one.
 ROW_ALIGN = 8
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Shared memory one H100/H200 block may hold (227 KiB), less a little for the pipeline's barriers.
@@ -117,41 +121,50 @@ def experts_mgpu(
     num_experts = gate_up.shape[1]
     top_k = expert_ids.shape[1]
     assignments = tokens * top_k
-    rows = -(-assignments // ROW_ALIGN) * ROW_ALIGN
 
-    flat = expert_ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # sorted row -> assignment (token * top_k + j)
-    sorted_tokens = jnp.zeros((rows,), jnp.int32).at[:assignments].set(order // top_k)  # alignment rows: token 0
-    table = tile_table(flat, num_experts, tiles.block_rows)
+    layout = sorted_layout(expert_ids.reshape(-1), num_experts, tiles.block_rows)
+    sorted_tokens = jnp.zeros((layout.rows,), jnp.int32).at[layout.row].set(  # alignment rows: token 0
+        jnp.arange(assignments, dtype=jnp.int32) // top_k)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     params = _interpret_params(resolve_interpret(interpret))
-    h = _gate_up_call(layer, table, x[sorted_tokens], gate_up, tiles, params)
-    ys = _down_call(layer, table, h, down, tiles, params)
-    position = jnp.zeros((assignments,), jnp.int32).at[order].set(jnp.arange(assignments, dtype=jnp.int32))
-    per_assignment = ys[position].reshape(tokens, top_k, hidden).astype(jnp.float32)
+    h = _gate_up_call(layer, layout.tiles, x[sorted_tokens], gate_up, tiles, params)
+    ys = _down_call(layer, layout.tiles, h, down, tiles, params)
+    per_assignment = ys[layout.row].reshape(tokens, top_k, hidden).astype(jnp.float32)
     return jnp.einsum("tkh,tk->th", per_assignment, weights.astype(jnp.float32)).astype(x.dtype)
 
 
-def tile_table(expert_of_assignment: Array, num_experts: int, block_rows: int) -> Array:
-    """The grid's tiles, `[cdiv(A, block_rows) + experts - 1, 4]` int32 rows of (expert, row block, first row
-    of the expert in the block, its row count) over the A assignments sorted by expert; unused tiles have 0
-    rows. An expert's tiles are consecutive, in block order."""
+class SortedLayout(NamedTuple):
+    """Where the assignments go in the expert-sorted rows the kernels read and write."""
+
+    row: Array  # [A] the sorted row of each assignment (token * top_k + j)
+    tiles: Array  # [cdiv(A, block_rows) + experts - 1, 3] (expert, first row, row count); unused: 0 rows
+    rows: int  # static row count of the sorted arrays
+
+
+def sorted_layout(expert_of_assignment: Array, num_experts: int, block_rows: int) -> SortedLayout:
+    """The A assignments sorted by expert, each expert's group starting at a multiple of `ROW_ALIGN` rows
+    (Mosaic GPU lays out a tiled TMA copy only from a tile row), and the grid's tiles: each group cut into
+    ceil(group / block_rows) tiles from its own first row, so no tile holds two experts' rows.
+    Bound: sum ceil(n_e / b) <= cdiv(A, b) + experts - 1."""
     (num_assignments,) = expert_of_assignment.shape
     sizes = jnp.bincount(expert_of_assignment, length=num_experts).astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
-    first_block, last_block = starts // block_rows, (ends - 1) // block_rows
-    tiles_per_expert = jnp.where(sizes > 0, last_block - first_block + 1, 0)
+    aligned_sizes = -(-sizes // ROW_ALIGN) * ROW_ALIGN
+    starts = jnp.cumsum(aligned_sizes) - aligned_sizes
+    order = jnp.argsort(expert_of_assignment, stable=True)
+    sorted_experts = expert_of_assignment[order]
+    rank = jnp.arange(num_assignments, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[sorted_experts]
+    row = jnp.zeros((num_assignments,), jnp.int32).at[order].set(starts[sorted_experts] + rank)
+
+    tiles_per_expert = -(-sizes // block_rows)
     tile_ends = jnp.cumsum(tiles_per_expert)
-    num_tiles = -(-num_assignments // block_rows) + num_experts - 1
-    tile = jnp.arange(num_tiles, dtype=jnp.int32)
+    tile = jnp.arange(-(-num_assignments // block_rows) + num_experts - 1, dtype=jnp.int32)
     expert = jnp.minimum(jnp.searchsorted(tile_ends, tile, side="right"), num_experts - 1).astype(jnp.int32)
-    block = first_block[expert] + tile - (tile_ends - tiles_per_expert)[expert]
-    block_start = block * block_rows
-    first = jnp.maximum(starts[expert], block_start) - block_start
-    count = jnp.minimum(ends[expert], block_start + block_rows) - block_start - first
-    count = jnp.where(tile < tile_ends[-1], count, 0)
-    return jnp.stack([expert, block, first, count], axis=1)
+    offset = (tile - (tile_ends - tiles_per_expert)[expert]) * block_rows
+    count = jnp.where(tile < tile_ends[-1], jnp.minimum(sizes[expert] - offset, block_rows), 0)
+    # Static: each group padded by < ROW_ALIGN rows, and each tile views block_rows rows from its first.
+    rows = max(num_assignments + min(num_experts, num_assignments) * (ROW_ALIGN - 1), block_rows)
+    rows = -(-rows // ROW_ALIGN) * ROW_ALIGN
+    return SortedLayout(row, jnp.stack([expert, starts[expert] + offset, count], axis=1), rows)
 
 
 def _interpret_params(interpret: bool) -> Any:
@@ -166,11 +179,10 @@ def _interpret_params(interpret: bool) -> Any:
     return InterpretGPUParams(out_of_bounds_reads="uninitialized")
 
 
-def _store_rows(o_smem: Any, o_gmem: Any, row0: Array, first: Array, count: Array, cols: Any, max_rows: int
-                ) -> None:
-    """Store rows `first .. first + count` of the shared tile `o_smem` to rows `row0 + first ..` of `o_gmem`
-    (columns `cols`): one TMA store per set bit of `count`, largest first."""
-    start, size = first, 1 << (max_rows.bit_length() - 1)
+def _store_rows(o_smem: Any, o_gmem: Any, row0: Array, count: Array, cols: Any, max_rows: int) -> None:
+    """Store the first `count` rows of the shared tile `o_smem` to rows `row0 ..` of `o_gmem` (columns
+    `cols`): one TMA store per set bit of `count`, largest first."""
+    start, size = 0, 1 << (max_rows.bit_length() - 1)
     while size:
         @pl.when((count & size) != 0)
         def _(start=start, size=size):
@@ -208,10 +220,12 @@ def _tile_kernel(
 
     def body(layer_ref: Any, table_ref: Any, rows_ref: Any, w_ref: Any, out_ref: Any) -> None:
         col_tile, tile = jax.lax.axis_index("col_tile"), jax.lax.axis_index("tile")
-        expert, block = table_ref[tile, 0], table_ref[tile, 1]
-        first, count = table_ref[tile, 2], table_ref[tile, 3]
+        expert, first, count = table_ref[tile, 0], table_ref[tile, 1], table_ref[tile, 2]
         weight_views = inputs(w_ref.at[layer_ref[0], expert])
-        specs = [plgpu.BlockSpec((block_rows, block_k), lambda k: (block, k), delay_release=1)]
+        # The tile's rows start at its expert's own row, not at a block boundary; the rows past its count
+        # (the next expert's, or past the end: zeros on the GPU) are multiplied and never stored.
+        specs = [plgpu.BlockSpec((pl.Element(block_rows), block_k), lambda k: (pl.multiple_of(first, ROW_ALIGN), k),
+                                 delay_release=1)]
         specs += [plgpu.BlockSpec((block_k, block_n), lambda k: (k, col_tile), delay_release=1) for _ in weight_views]
 
         def multiply_step(accs: tuple[Any, ...], rows_smem: Any, weight_smems: tuple[Any, ...]) -> None:
@@ -224,9 +238,7 @@ def _tile_kernel(
             out_smem[...] = epilogue(*(acc[...] for acc in accs)).astype(out_ref.dtype)
             plgpu.commit_smem()
             low = warpgroup * rows_per_warpgroup
-            mine = jnp.clip(first - low, 0, rows_per_warpgroup)
-            end = jnp.clip(first + count - low, 0, rows_per_warpgroup)
-            _store_rows(out_smem, out_ref, block * block_rows + low, mine, end - mine,
+            _store_rows(out_smem, out_ref, first + low, jnp.clip(count - low, 0, rows_per_warpgroup),
                         pl.ds(col_tile * block_n, block_n), store_rows)
 
         if compute_warpgroups == 1:
