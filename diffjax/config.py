@@ -104,7 +104,7 @@ class Config:
     # unrouted pairs weighted 0 (faster on CPU for few experts, and the oracle for "grouped"). "pallas": the
     # block-sparse grouped-matmul kernel of `diffjax.kernels.moe` (Pallas' Triton lowering; GPU, interpreted
     # elsewhere, slowly). "pallas_mgpu": the TMA + wgmma kernels of `diffjax.kernels.moe_mgpu` (Pallas' Mosaic
-    # GPU lowering; Hopper, bf16/fp16 activations, unquantized plain-layout experts; interpreted elsewhere).
+    # GPU lowering; Hopper, bf16/fp16 activations, plain-layout experts; interpreted elsewhere).
     # "expert_parallel": experts split over a device mesh, tokens sent to their experts' devices with
     # all-to-all (`diffjax.sharding.experts_expert_parallel`; needs `jax.set_mesh`).
     moe_implementation: Literal["grouped", "dense", "pallas", "pallas_mgpu", "expert_parallel"] = "grouped"
@@ -121,8 +121,8 @@ class Config:
     sliding_attention_implementation: Literal["xla", "cudnn", "pallas"] = "xla"
     # How the experts' weights are stored. "none": in the parameter dtype. "fp8": float8_e4m3fn with a float32
     # scale per output channel (`diffjax.quantize`: half the bytes of bf16; the tree gains
-    # `experts/{gate_up,down}_proj_scale` leaves). Every `moe_implementation` but "pallas_mgpu" runs either;
-    # the plain-JAX ones dequantize to the activation dtype, the Pallas kernel converts weight tiles in-kernel.
+    # `experts/{gate_up,down}_proj_scale` leaves). Every `moe_implementation` runs either; the plain-JAX ones
+    # dequantize to the activation dtype, the Pallas kernels convert weight tiles in-kernel.
     expert_quantization: Literal["none", "fp8"] = "none"
     # How the experts' weights are laid out. "plain": gate_up `[experts, hidden, 2 * inter]`, down `[experts,
     # inter, hidden]`. "pretiled": column tile by column tile, `[experts, tiles, rows, tile width]`
@@ -184,12 +184,10 @@ class Config:
                 f"expert_layout='pretiled' is read by the single-device MoE forms {MOE_IMPLEMENTATIONS}, not by "
                 f"{self.moe_implementation!r}"
             )
-        if self.moe_implementation == "pallas_mgpu" and (self.expert_quantization, self.expert_layout) != (
-                "none", "plain"):
+        if self.moe_implementation == "pallas_mgpu" and self.expert_layout != "plain":
             raise ValueError(
-                "moe_implementation='pallas_mgpu' runs unquantized plain-layout experts only, got expert_quantization="
-                f"{self.expert_quantization!r} and expert_layout={self.expert_layout!r}: fp8 or pretiled experts run "
-                "with moe_implementation='pallas'"
+                "moe_implementation='pallas_mgpu' reads plain-layout experts (TMA copies any tile of them), got "
+                f"expert_layout={self.expert_layout!r}: pretiled experts run with moe_implementation='pallas'"
             )
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")

@@ -312,7 +312,8 @@ class Experts(nn.Module):
             from diffjax.kernels.moe_mgpu import experts_mgpu  # the kernels import this module
 
             stacks, layer = stacked if stacked is not None else (leaves, None)
-            return experts_mgpu(x, weights, expert_ids, stacks["gate_up_proj"], stacks["down_proj"], layer)
+            return experts_mgpu(x, weights, expert_ids, stacks["gate_up_proj"], stacks["down_proj"], layer,
+                                gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"))
         if pretiled:
             from diffjax.kernels.moe import untile_experts
 

@@ -6,7 +6,7 @@
 CPU tests cover the maths of every kernel in interpret mode and their CUDA lowering; what only a GPU shows:
 0. The minimal form of the JAX offset bug (a 1-byte ref of more than 2**31 elements read past 2**31), with
    diffjax's wrapper (correct) and, in a child process, without it (expected: wrong bytes or a fault).
-1. `experts_pallas` (and `experts_mgpu`, bf16, also on 8 canvases) reading block `b` in place from a
+1. `experts_pallas` and `experts_mgpu` (bf16 also on 8 canvases) reading block `b` in place from a
    released-size `[5, 128, 2816, 1408]` stack, bf16 and fp8 (2.54e9 one-byte weights: the stack whose 32-bit offsets wrapped, see `diffjax.kernels.WIDE_OFFSETS`),
    against `experts_grouped` on that block's (dequantized) weights, for the first and the last block.
 2. The decoder's sliding layers through cuDNN and the split-K kernel (`sliding_attention_implementation=
@@ -71,12 +71,13 @@ def check_expert_stacks(small: bool) -> None:
     q_down, s_down = quantize_stack(down)
     del down
     for block in (0, blocks - 1):
-        ours = experts_pallas(x, weights, ids.astype(jnp.int32), q_gate_up, q_down, jnp.int32(block),
-                              gate_up_scale=s_gate_up, down_scale=s_down)
         twin = experts_grouped(x, weights, ids, dequantize(q_gate_up[block], s_gate_up[block], jnp.bfloat16),
                                dequantize(q_down[block], s_down[block], jnp.bfloat16))
-        report(check="experts_pallas fp8 stack, block in place", block=block, weights=int(q_gate_up.size),
-               relative_l2=relative_l2(ours, twin), finite=bool(jnp.isfinite(ours).all()))
+        for name, kernel in (("experts_pallas", experts_pallas), ("experts_mgpu", experts_mgpu)):
+            ours = kernel(x, weights, ids.astype(jnp.int32), q_gate_up, q_down, jnp.int32(block),
+                          gate_up_scale=s_gate_up, down_scale=s_down)
+            report(check=f"{name} fp8 stack, block in place", block=block, weights=int(q_gate_up.size),
+                   relative_l2=relative_l2(ours, twin), finite=bool(jnp.isfinite(ours).all()))
 
 
 def check_sliding_attention() -> None:

@@ -20,7 +20,7 @@ from diffjax.kernels.bench import MGPU_MOE_TILES, jax_ragged_dot_mgpu
 from diffjax.kernels.moe_mgpu import MgpuMoeTiles, experts_mgpu, sorted_layout
 from diffjax.layers import Experts, experts_dense, experts_grouped
 from diffjax.model import denoise_logits, encode, init_cache, init_params, param_shapes
-from diffjax.quantize import quantize
+from diffjax.quantize import FP8, dequantize, quantize
 from tests.test_kernels import _close, as_f32, lower_for_cuda, moe_case
 
 MGPU_CALL = "mosaic_gpu_v2"
@@ -78,6 +78,26 @@ def test_mgpu_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, dt
     _close(experts_grouped(*args), experts_dense(*as_f32(*args)), dtype)  # the twin meets the same bar
 
 
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "hidden", "inter", "dtype", "tiles"),
+    [
+        (37, 8, 2, 64, 32, jnp.bfloat16, MgpuMoeTiles()),
+        (50, 16, 4, 48, 80, jnp.float16, MgpuMoeTiles(block_k=16)),  # e4m3 -> f16 in one conversion
+    ],
+)
+def test_mgpu_moe_kernel_fp8_matches_dequantized_twins(tokens, experts, top_k, hidden, inter, dtype, tiles):
+    """fp8 stacks of two layers read in place at a traced layer; layer 1 differs from layer 0 in weights and,
+    by the factor, in its scales (which multiply gate and up before the activation, down after)."""
+    x, weights, ids, gate_up, down = moe_case(tokens, experts, top_k, hidden, inter, dtype, seed=tokens + 1)
+    (q_up, s_up), (q_down, s_down) = (quantize(jnp.stack([w, 0.5 * w[::-1]])) for w in (gate_up, down))
+    ours = jax.jit(lambda i: experts_mgpu(x, weights, ids, q_up, q_down, i, gate_up_scale=s_up, down_scale=s_down,
+                                          tiles=tiles, interpret=True))(jnp.int32(1))
+    assert ours.dtype == dtype and np.isfinite(np.asarray(ours, np.float32)).all()
+    oracle = experts_dense(x.astype(jnp.float32), weights, ids, dequantize(q_up[1], s_up[1], jnp.float32),
+                           dequantize(q_down[1], s_down[1], jnp.float32))
+    _close(ours, oracle, dtype)
+
+
 def test_mgpu_moe_kernel_reads_a_layer_of_a_stack_in_place():
     x, weights, ids, gate_up, down = moe_case(20, 8, 2, 32, 16, jnp.bfloat16, seed=4)
     stack_up = jnp.stack([gate_up, -0.5 * gate_up, gate_up[::-1]])
@@ -92,9 +112,14 @@ def test_mgpu_moe_kernel_rejects_what_it_cannot_run():
     x, weights, ids, gate_up, down = moe_case(20, 8, 2, 64, 32, jnp.bfloat16, seed=5)
     with pytest.raises(ValueError, match="bf16 or fp16"):
         experts_mgpu(x.astype(jnp.float32), weights, ids, gate_up, down, interpret=True)
-    (q_up, _), (q_down, _) = quantize(gate_up), quantize(down)
-    with pytest.raises(ValueError, match="unquantized"):
+    (q_up, s_up), (q_down, s_down) = quantize(gate_up), quantize(down)
+    with pytest.raises(ValueError, match="both scales"):
         experts_mgpu(x, weights, ids, q_up, q_down, interpret=True)
+    with pytest.raises(ValueError, match="down_scale must be"):
+        experts_mgpu(x, weights, ids, q_up, q_down, gate_up_scale=s_up, down_scale=s_down[:, :8], interpret=True)
+    with pytest.raises(ValueError, match="compute_warpgroups=1"):
+        experts_mgpu(x, weights, ids, q_up, q_down, gate_up_scale=s_up, down_scale=s_down, interpret=True,
+                     tiles=MgpuMoeTiles(block_rows=128, compute_warpgroups=2))
     with pytest.raises(ValueError, match="stacks"):
         experts_mgpu(x, weights, ids, gate_up, down, 0, interpret=True)
     with pytest.raises(ValueError, match="inter"):
@@ -105,24 +130,25 @@ def test_mgpu_moe_kernel_rejects_what_it_cannot_run():
         experts_mgpu(x, weights, ids, gate_up, down, tiles=MgpuMoeTiles(compute_warpgroups=2), interpret=True)
     with pytest.raises(ValueError, match="max_concurrent_steps must be >= 2"):
         experts_mgpu(x, weights, ids, gate_up, down, tiles=MgpuMoeTiles(max_concurrent_steps=1), interpret=True)
-    for bad in ({"expert_quantization": "fp8"}, {"expert_layout": "pretiled"}):
-        with pytest.raises(ValueError, match="pallas_mgpu"):
-            Config.tiny(moe_implementation="pallas_mgpu", **bad)
+    with pytest.raises(ValueError, match="pallas_mgpu"):
+        Config.tiny(moe_implementation="pallas_mgpu", expert_layout="pretiled")
 
 
-def test_experts_module_and_model_select_the_mgpu_kernel():
-    """Through the `Experts` module, and through a two-block bf16 model whose blocks' experts differ (the
-    kernel must read block i's weights in block i from the stack)."""
+@pytest.mark.parametrize("quantization", ["none", "fp8"])
+def test_experts_module_and_model_select_the_mgpu_kernel(quantization):
+    """Through the `Experts` module, and through a two-block bf16 model whose blocks' experts (or fp8 scales)
+    differ: the kernel must read block i's weights in block i from the stack."""
     x, weights, ids, gate_up, down = moe_case(3, 8, 2, 64, 32, jnp.bfloat16, seed=3)
     variables = {"params": {"gate_up_proj": gate_up, "down_proj": down}}
     outputs = {impl: Experts(Config.tiny(moe_implementation=impl)).apply(variables, x, weights, ids)
                for impl in ("grouped", "pallas_mgpu")}
     _close(outputs["pallas_mgpu"], experts_dense(*as_f32(x, weights, ids, gate_up, down)), jnp.bfloat16)
 
-    config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"))
+    config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"),
+                         expert_quantization=quantization)
     params = init_params(config, jax.random.key(1), jnp.bfloat16)
     experts = params["blocks"]["layer_0"]["experts"]
-    for name in ("gate_up_proj", "down_proj"):
+    for name in ("gate_up_proj_scale", "down_proj_scale") if quantization == "fp8" else ("gate_up_proj", "down_proj"):
         experts[name] = experts[name].at[0].multiply(30.0)
     prompt = jax.random.randint(jax.random.key(2), (2, 8), 3, config.vocab_size)
     cache = encode(params, config, prompt, capacity=8)
@@ -152,7 +178,16 @@ def test_mgpu_moe_kernel_lowers_for_cuda_at_released_shapes():
             assert text.count(f"@{MGPU_CALL}(") == 2  # gate/up and down
             # The stacks reach the kernels whole: no per-layer slice (a 0.5 GB copy) of them.
             assert not re.search(rf"-> tensor<1x{experts}x{hidden}x{2 * inter}xbf16>", text)
-        with pytest.raises(ValueError, match="too large for shared memory"):
+            # fp8 stacks and their scales go to the kernels as they are (no widened copy of a stack).
+        fp8_stacks = [jax.ShapeDtypeStruct(a.shape, FP8) for a in stacks]
+        scales = [jax.ShapeDtypeStruct((layers, experts, n), jnp.float32) for n in (2 * inter, hidden)]
+        for tiles in (MgpuMoeTiles(), *(MgpuMoeTiles(**c) for c in MGPU_MOE_TILES if "compute_warpgroups" not in c)):
+            text = lower_for_cuda(lambda x, w, i, up, down, s_up, s_down, tiles=tiles: experts_mgpu(
+                x, w, i, up, down, jnp.int32(4), gate_up_scale=s_up, down_scale=s_down, tiles=tiles,
+                interpret=False), *routing, *fp8_stacks, *scales)
+            assert text.count(f"@{MGPU_CALL}(") == 2
+            assert not re.search(rf"tensor<{layers}x{experts}x{hidden}x{2 * inter}xbf16>", text)
+    with pytest.raises(ValueError, match="too large for shared memory"):
             lower_for_cuda(lambda x, w, i, up, down: experts_mgpu(
                 x, w, i, up, down, jnp.int32(0), tiles=MgpuMoeTiles(down_block_n=256, max_concurrent_steps=6),
                 interpret=False), *routing, *stacks)

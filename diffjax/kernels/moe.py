@@ -132,7 +132,7 @@ def experts_pallas(
     `pretiled`: gate_up and down as `pretile_experts` lays them out (each column tile contiguous), the column
     tiles' widths taken from them instead of from `tiles`.
     """
-    quantized = _check_quantization(gate_up, down, gate_up_scale, down_scale)
+    quantized = check_quantization(gate_up, down, gate_up_scale, down_scale)
     rank = (5 if pretiled else 4) - (layer is None)  # [layers,] experts, (column tiles,) rows, columns
     if gate_up.ndim != rank or down.ndim != rank:
         expected = "[layers, experts, ...] stacks (with a layer index)" if layer is not None else f"{rank}-d"
@@ -320,7 +320,7 @@ def _padded_layout(expert_ids: Array, num_experts: int, block_rows: int) -> _Lay
     return _Layout(order, dest, tile_expert, num_tiles * block_rows)
 
 
-def _check_quantization(
+def check_quantization(
     gate_up: Array, down: Array, gate_up_scale: Array | None, down_scale: Array | None
 ) -> bool:
     """Whether the experts are fp8; raises unless the weights are fp8 exactly when both scales are given."""

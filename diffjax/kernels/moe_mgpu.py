@@ -23,7 +23,9 @@ block_rows) + experts - 1 tiles; the unused tail of the grid returns at once.
 
 Each token's top_k rows of y are then weighted and summed by XLA (one fused gather).
 
-Hopper only (sm_90a: TMA and wgmma), bf16 or fp16, plain-layout unquantized experts. On a CPU the kernels
+Hopper only (sm_90a: TMA and wgmma), bf16 or fp16 activations, plain-layout experts in the activation dtype
+or float8_e4m3fn (`diffjax.quantize`: each k-step widens the e4m3 tiles in shared memory for the MMAs, and
+the float32 accumulators are scaled per column after the loop; not warp-specialised). On a CPU the kernels
 run in Mosaic GPU's interpreter, which simulates shared memory, TMA and barriers. There, reads past the
 sorted rows (zeros from TMA on a GPU) and reads of rows no kernel wrote (the alignment rows) give NaN, so a
 finite result also shows that no row outside its tile's expert is ever stored. Twin:
@@ -42,9 +44,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from diffjax.kernels import largest_power_of_two_divisor, require_block, resolve_interpret
-from diffjax.kernels.moe import check_expert_shapes
+from diffjax.kernels.moe import check_expert_shapes, check_quantization
 from diffjax.layers import gelu_tanh
-from diffjax.quantize import FP8
 
 Array = jax.Array
 
@@ -90,45 +91,59 @@ class MgpuMoeTiles:
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def experts_mgpu(
     x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None = None,
-    *, tiles: MgpuMoeTiles = MgpuMoeTiles(), interpret: bool | None = None,
+    *, gate_up_scale: Array | None = None, down_scale: Array | None = None, tiles: MgpuMoeTiles = MgpuMoeTiles(),
+    interpret: bool | None = None,
 ) -> Array:
     """Mixture of experts over the routed (token, expert) pairs only; same maths as `experts_grouped`.
 
     x `[tokens, hidden]` (bf16 or fp16), weights/expert_ids `[tokens, k]`, gate_up `[experts, hidden, 2 *
     inter]` (gate first half, up second), down `[experts, inter, hidden]`; hidden and inter multiples of 16.
     Returns `[tokens, hidden]` in x's dtype. With `layer` (an int32 scalar, traced is fine) gate_up/down are
-    `[layers, experts, ...]` stacks read in place, as in `experts_pallas`.
+    `[layers, experts, ...]` stacks read in place, as in `experts_pallas`. FP8 experts as `experts_pallas`
+    takes them: float8_e4m3fn stacks with `gate_up_scale [(layers,) experts, 2 * inter]` and `down_scale
+    [(layers,) experts, hidden]` (float32, `diffjax.quantize`).
     """
     if jnp.dtype(x.dtype) not in DTYPES:
         raise ValueError(f"experts_mgpu multiplies in bf16 or fp16 (wgmma), got x {x.dtype}: cast the activations "
                          "or use moe_implementation='pallas'")
-    if FP8 in (jnp.dtype(gate_up.dtype), jnp.dtype(down.dtype)):
-        raise ValueError("experts_mgpu runs unquantized experts only: fp8 experts run with "
-                         "moe_implementation='pallas'")
+    quantized = check_quantization(gate_up, down, gate_up_scale, down_scale)
     rank = 4 - (layer is None)
     if gate_up.ndim != rank or down.ndim != rank:
         expected = "[layers, experts, ...] stacks (with a layer index)" if layer is not None else "3-d"
         raise ValueError(f"gate_up and down must be {expected}, got {gate_up.shape} and {down.shape}")
     if layer is None:
         gate_up, down, layer = gate_up[None], down[None], 0
+        if quantized:
+            gate_up_scale, down_scale = gate_up_scale[None], down_scale[None]
     if down.shape[0] != gate_up.shape[0]:
         raise ValueError(f"gate_up has {gate_up.shape[0]} layers but down has {down.shape[0]}")
     check_expert_shapes(x, weights, expert_ids, gate_up.shape[1:], down.shape[1:])
     tiles.validate()
-    # Stacks in another dtype are cast outside (a copy): wgmma takes one operand dtype.
-    gate_up, down = gate_up.astype(x.dtype), down.astype(x.dtype)
+    if quantized:
+        if tiles.compute_warpgroups != 1:
+            raise ValueError("experts_mgpu runs fp8 experts with MgpuMoeTiles(compute_warpgroups=1)")
+        for name, scale, stack in (("gate_up_scale", gate_up_scale, gate_up), ("down_scale", down_scale, down)):
+            if scale.shape != (*stack.shape[:2], stack.shape[3]):
+                raise ValueError(f"{name} must be [(layers,) experts, outputs] = {[*stack.shape[:2], stack.shape[3]]}, "
+                                 f"got {list(scale.shape)}")
+        gate_up_scale, down_scale = gate_up_scale.astype(jnp.float32), down_scale.astype(jnp.float32)
+    else:
+        # Stacks in another dtype are cast outside (a copy): wgmma takes one operand dtype.
+        gate_up, down = gate_up.astype(x.dtype), down.astype(x.dtype)
     tokens, hidden = x.shape
-    num_experts = gate_up.shape[1]
+    num_experts, inter = gate_up.shape[1], down.shape[2]
     top_k = expert_ids.shape[1]
     assignments = tokens * top_k
 
     layout = sorted_layout(expert_ids.reshape(-1), num_experts, tiles.block_rows)
     sorted_tokens = jnp.zeros((layout.rows,), jnp.int32).at[layout.row].set(  # alignment rows: token 0
         jnp.arange(assignments, dtype=jnp.int32) // top_k)
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    params = _interpret_params(resolve_interpret(interpret))
-    h = _gate_up_call(layer, layout.tiles, x[sorted_tokens], gate_up, tiles, params)
-    ys = _down_call(layer, layout.tiles, h, down, tiles, params)
+    run = functools.partial(_call, layer=jnp.asarray(layer, jnp.int32).reshape(1), table=layout.tiles,
+                            tiles=tiles, interpret=resolve_interpret(interpret))
+    h = run(x[sorted_tokens], w=gate_up, scale=gate_up_scale, epilogue=lambda gate, up: gelu_tanh(gate) * up,
+            column_offsets=(0, inter), block_n_cap=tiles.gate_up_block_n, name="moe_mgpu_gate_up")
+    ys = run(h, w=down, scale=down_scale, epilogue=lambda y: y, column_offsets=(0,),
+             block_n_cap=tiles.down_block_n, name="moe_mgpu_down")
     per_assignment = ys[layout.row].reshape(tokens, top_k, hidden).astype(jnp.float32)
     return jnp.einsum("tkh,tk->th", per_assignment, weights.astype(jnp.float32)).astype(x.dtype)
 
@@ -193,23 +208,35 @@ def _store_rows(o_smem: Any, o_gmem: Any, row0: Array, count: Array, cols: Any, 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def _widen(tile: Array, dtype: Any) -> Array:
+    """e4m3 weights to the activation dtype (exact). Hopper converts e4m3 only to f16 in one step; bf16 goes
+    through float32."""
+    if jnp.dtype(dtype) == jnp.dtype(jnp.float16):
+        return tile.astype(dtype)
+    return tile.astype(jnp.float32).astype(dtype)
+
+
 def _tile_kernel(
-    inputs: Any, multiply: Any, epilogue: Any, *, num_k: int, block_rows: int, block_k: int, block_n: int,
-    accumulators: int, stages: int, max_rows: int, compute_warpgroups: int,
+    epilogue: Any, *, column_offsets: tuple[int, ...], quantized: bool, dtype: Any, num_k: int, block_rows: int,
+    block_k: int, block_n: int, stages: int, max_rows: int, compute_warpgroups: int, interpret: bool,
 ) -> Any:
-    """The kernel body shared by both: refs (layer, tile table, rows `[R, K]`, weight stack, output `[R, N]`).
-    `inputs(expert_weights)` picks the weight views (`[K, n]`) the k-loop streams beside the rows;
-    `multiply(accs, rows_smem, *weight_smems)` issues a step's MMAs into the float32 accumulators,
-    `epilogue(*accumulated)` makes the stored tile. With `compute_warpgroups` > 1 the block is warp-specialised:
-    one more warpgroup only issues the TMA copies, and each compute warpgroup multiplies its own 64-row slice
-    of the row tile and stores its own rows."""
+    """The kernel body of both: refs (layer, tile table, rows `[R, K]`, weight stack `[..., K, N]`, (scales
+    `[..., N]` if quantized), output `[R, n]`). Accumulator i multiplies the tile's rows by the weight columns
+    `column_offsets[i] + col_tile * block_n ..` of the tile's expert (gate/up: two, at 0 and inter; down: one);
+    `epilogue(*accumulated)` makes the stored tile. fp8 weights: each k-step widens its e4m3 tiles into
+    shared buffers the MMAs read, and the accumulators are scaled per column after the loop. With
+    `compute_warpgroups` > 1 the block is warp-specialised: one more warpgroup only issues the TMA copies, and
+    each compute warpgroup multiplies its own 64-row slice of the row tile and stores its own rows."""
+    accumulators = len(column_offsets)
     rows_per_warpgroup = block_rows // compute_warpgroups
+    weight_bytes = 1 if quantized else 2
     # Single warpgroup: the ring is freed before the output tile is allocated; specialised: the output tiles
-    # are allocated first, for all warpgroups together. 2-byte elements (DTYPES).
+    # are allocated first, for all warpgroups together. The fp8 buffers live throughout. 2-byte activations.
     slots = min(stages, num_k)  # the pipelines allocate no more slots than steps
-    ring = slots * (block_rows * block_k + accumulators * block_k * block_n)
-    out_tile = block_rows * block_n
-    smem = 2 * (max(ring, out_tile) if compute_warpgroups == 1 else ring + out_tile)
+    ring = slots * (2 * block_rows * block_k + weight_bytes * accumulators * block_k * block_n)
+    out_tile = 2 * block_rows * block_n
+    fp8_buffers = accumulators * (2 * block_k * block_n + 4 * block_n) if quantized else 0
+    smem = (max(ring, out_tile) if compute_warpgroups == 1 else ring + out_tile) + fp8_buffers
     if smem > SHARED_MEMORY_BYTES:
         raise ValueError(
             f"MgpuMoeTiles too large for shared memory: {slots} slots of a {block_rows}x{block_k} row tile and "
@@ -218,41 +245,85 @@ def _tile_kernel(
         )
     store_rows = min(rows_per_warpgroup, max_rows)
 
-    def body(layer_ref: Any, table_ref: Any, rows_ref: Any, w_ref: Any, out_ref: Any) -> None:
+    def body(layer_ref: Any, table_ref: Any, rows_ref: Any, w_ref: Any, *refs: Any) -> None:
+        *scale_ref, out_ref = refs
         col_tile, tile = jax.lax.axis_index("col_tile"), jax.lax.axis_index("tile")
         expert, first, count = table_ref[tile, 0], table_ref[tile, 1], table_ref[tile, 2]
-        weight_views = inputs(w_ref.at[layer_ref[0], expert])
+        layer = layer_ref[0]
+        width = w_ref.shape[-1] // accumulators
+        weight_views = [w_ref.at[layer, expert, :, pl.ds(offset, width)] for offset in column_offsets]
+        cols = pl.ds(col_tile * block_n, block_n)
         # The tile's rows start at its expert's own row, not at a block boundary; the rows past its count
         # (the next expert's, or past the end: zeros on the GPU) are multiplied and never stored.
         specs = [plgpu.BlockSpec((pl.Element(block_rows), block_k), lambda k: (pl.multiple_of(first, ROW_ALIGN), k),
                                  delay_release=1)]
         specs += [plgpu.BlockSpec((block_k, block_n), lambda k: (k, col_tile), delay_release=1) for _ in weight_views]
 
-        def multiply_step(accs: tuple[Any, ...], rows_smem: Any, weight_smems: tuple[Any, ...]) -> None:
-            multiply(accs, rows_smem, *weight_smems)
+        def multiply_step(accs: tuple[Any, ...], rows_smem: Any, weight_smems: tuple[Any, ...],
+                          widened: Any) -> None:
+            if quantized:
+                plgpu.wgmma_wait(0)  # the previous step's MMAs read the widened buffers
+                for i, w_smem in enumerate(weight_smems):
+                    widened[i] = _widen(w_smem[...], dtype)
+                plgpu.commit_smem()
+                weight_smems = tuple(widened.at[i] for i in range(accumulators))
+            for acc, w_smem in zip(accs, weight_smems, strict=True):
+                plgpu.wgmma(acc, rows_smem, w_smem)
             # The step's MMAs stay in flight; the previous step's are done, so its slot can refill.
-            plgpu.wgmma_wait(len(accs))
+            plgpu.wgmma_wait(accumulators)
 
-        def store(accs: tuple[Any, ...], out_smem: Any, warpgroup: Array | int) -> None:
+        def start_scale_copies(scales_smem: Any, barriers: Any) -> None:
+            for i, offset in enumerate(column_offsets):
+                plgpu.copy_gmem_to_smem(scale_ref[0].at[layer, expert, pl.ds(offset + col_tile * block_n, block_n)],
+                                        scales_smem.at[i], barriers.at[i])
+
+        def scaled(accs: tuple[Any, ...], rows: int, scales_smem: Any, barriers: Any) -> list[Array]:
+            values = [acc[...] for acc in accs]
+            if not quantized:
+                return values
+            out = []
+            for i, value in enumerate(values):
+                plgpu.barrier_wait(barriers.at[i])
+                scale = scales_smem[i]
+                if not interpret:  # a layout hint the interpreter does not take
+                    scale = plgpu.layout_cast(scale, plgpu.Layout.WGMMA.reduce(0))
+                out.append(value * jax.lax.broadcast_in_dim(scale, (rows, block_n), [1]))
+            return out
+
+        def store(values: list[Array], out_smem: Any, warpgroup: Array | int) -> None:
             """This warpgroup's slice of the tile: epilogue, then its rows of the tile's expert to HBM."""
-            out_smem[...] = epilogue(*(acc[...] for acc in accs)).astype(out_ref.dtype)
+            out_smem[...] = epilogue(*values).astype(out_ref.dtype)
             plgpu.commit_smem()
             low = warpgroup * rows_per_warpgroup
-            _store_rows(out_smem, out_ref, first + low, jnp.clip(count - low, 0, rows_per_warpgroup),
-                        pl.ds(col_tile * block_n, block_n), store_rows)
+            _store_rows(out_smem, out_ref, first + low, jnp.clip(count - low, 0, rows_per_warpgroup), cols,
+                        store_rows)
+
+        def with_fp8_buffers(run: Any) -> None:
+            """`run(widened, scales_smem, barriers)`, with shared buffers for fp8 weights (None otherwise)."""
+            if not quantized:
+                return run(None, None, None)
+            pl.run_scoped(run, plgpu.SMEM((accumulators, block_k, block_n), dtype),
+                          plgpu.SMEM((accumulators, block_n), jnp.float32), plgpu.Barrier(num_barriers=accumulators))
 
         if compute_warpgroups == 1:
             @pl.when(count > 0)
             def _() -> None:
-                def k_loop(*accs: Any) -> None:
-                    plgpu.emit_pipeline(
-                        lambda _, rows_smem, *weight_smems: multiply_step(accs, rows_smem, weight_smems),
-                        grid=(num_k,), in_specs=specs, max_concurrent_steps=stages,
-                    )(rows_ref, *weight_views)
-                    pl.run_scoped(lambda out_smem: store(accs, out_smem, 0),
-                                  plgpu.SMEM((block_rows, block_n), out_ref.dtype))
+                def run(widened: Any, scales_smem: Any, barriers: Any) -> None:
+                    if quantized:
+                        start_scale_copies(scales_smem, barriers)
 
-                pl.run_scoped(k_loop, *[plgpu.ACC((block_rows, block_n))] * accumulators)
+                    def k_loop(*accs: Any) -> None:
+                        plgpu.emit_pipeline(
+                            lambda _, rows_smem, *weight_smems: multiply_step(accs, rows_smem, weight_smems, widened),
+                            grid=(num_k,), in_specs=specs, max_concurrent_steps=stages,
+                        )(rows_ref, *weight_views)
+                        values = scaled(accs, block_rows, scales_smem, barriers)
+                        pl.run_scoped(lambda out_smem: store(values, out_smem, 0),
+                                      plgpu.SMEM((block_rows, block_n), out_ref.dtype))
+
+                    pl.run_scoped(k_loop, *[plgpu.ACC((block_rows, block_n))] * accumulators)
+
+                with_fp8_buffers(run)
             return
 
         warpgroup = jax.lax.axis_index("warpgroup")
@@ -263,14 +334,14 @@ def _tile_kernel(
                 def compute_context(run_pipeline: Any) -> None:
                     def with_accumulators(*accs: Any) -> None:
                         run_pipeline(accs)
-                        store(accs, out_smem.at[warpgroup], warpgroup)
+                        store(scaled(accs, rows_per_warpgroup, None, None), out_smem.at[warpgroup], warpgroup)
 
                     pl.run_scoped(with_accumulators, *[plgpu.ACC((rows_per_warpgroup, block_n))] * accumulators)
 
                 def step(_: Any, rows_smem: Any, *refs: Any) -> tuple[Any, ...]:
                     *weight_smems, accs = refs
                     own_rows = rows_smem.at[pl.ds(warpgroup * rows_per_warpgroup, rows_per_warpgroup)]
-                    multiply_step(accs, own_rows, tuple(weight_smems))
+                    multiply_step(accs, own_rows, tuple(weight_smems), None)
                     return accs
 
                 plgpu.emit_pipeline_warp_specialized(
@@ -285,58 +356,33 @@ def _tile_kernel(
     return body
 
 
-def _launch(body: Any, out_shape: tuple[int, int], dtype: Any, num_col_tiles: int, num_tiles: int,
-            compute_warpgroups: int, params: Any, name: str, *operands: Array) -> Array:
-    """Run `body` on a (column tile, tile) grid; column tiles are the fastest axis, so the programs sharing
-    one row block (and one expert's weight rows) run side by side. `name` names the kernel in profiles."""
-    body.__name__ = name
-    specialised = {} if compute_warpgroups == 1 else {"num_threads": compute_warpgroups + 1,
-                                                       "thread_name": "warpgroup"}
+def _call(
+    rows_in: Array, layer: Array, table: Array, w: Array, scale: Array | None, epilogue: Any, *,
+    column_offsets: tuple[int, ...], block_n_cap: int, tiles: MgpuMoeTiles, interpret: bool, name: str,
+) -> Array:
+    """One of the two kernels over the tiles of `table`: `rows_in [R, K]` times each tile's expert's
+    weights (`w [layers, experts, K, len(column_offsets) * n]`) -> `[R, n]`."""
+    rows, k = rows_in.shape
+    width = w.shape[-1] // len(column_offsets)
+    block_k = largest_power_of_two_divisor(k, tiles.block_k)
+    block_n = largest_power_of_two_divisor(width, block_n_cap)
+    body = _tile_kernel(
+        epilogue, column_offsets=column_offsets, quantized=scale is not None, dtype=rows_in.dtype,
+        num_k=k // block_k, block_rows=tiles.block_rows, block_k=block_k, block_n=block_n,
+        stages=tiles.max_concurrent_steps, max_rows=min(tiles.block_rows, rows),
+        compute_warpgroups=tiles.compute_warpgroups, interpret=interpret,
+    )
+    body.__name__ = name  # the kernel's name in profiles
+    specialised = ({} if tiles.compute_warpgroups == 1 else
+                   {"num_threads": tiles.compute_warpgroups + 1, "thread_name": "warpgroup"})
+    # Column tiles are the grid's fastest axis: the programs sharing a tile's rows (and its expert's weight
+    # rows) run side by side.
     return plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct(out_shape, dtype),
-        grid=(num_col_tiles, num_tiles),
+        out_type=jax.ShapeDtypeStruct((rows, width), rows_in.dtype),
+        grid=(width // block_n, table.shape[0]),
         grid_names=("col_tile", "tile"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=params,
+        interpret=_interpret_params(interpret),
         **specialised,
-    )(*operands)
-
-
-def _gate_up_call(layer: Array, table: Array, xs: Array, gate_up: Array, tiles: MgpuMoeTiles, params: Any
-                  ) -> Array:
-    rows, hidden = xs.shape
-    inter = gate_up.shape[-1] // 2
-    block_k = largest_power_of_two_divisor(hidden, tiles.block_k)
-    block_n = largest_power_of_two_divisor(inter, tiles.gate_up_block_n)
-
-    def multiply(accs: tuple[Any, Any], x_smem: Any, gate_smem: Any, up_smem: Any) -> None:
-        plgpu.wgmma(accs[0], x_smem, gate_smem)
-        plgpu.wgmma(accs[1], x_smem, up_smem)
-
-    body = _tile_kernel(
-        lambda w: (w.at[:, pl.ds(0, inter)], w.at[:, pl.ds(inter, inter)]), multiply,
-        lambda gate, up: gelu_tanh(gate) * up, num_k=hidden // block_k, block_rows=tiles.block_rows,
-        block_k=block_k, block_n=block_n, accumulators=2, stages=tiles.max_concurrent_steps,
-        max_rows=min(tiles.block_rows, rows), compute_warpgroups=tiles.compute_warpgroups,
-    )
-    return _launch(body, (rows, inter), xs.dtype, inter // block_n, table.shape[0], tiles.compute_warpgroups,
-                   params, "moe_mgpu_gate_up", layer, table, xs, gate_up)
-
-
-def _down_call(layer: Array, table: Array, h: Array, down: Array, tiles: MgpuMoeTiles, params: Any) -> Array:
-    rows, inter = h.shape
-    hidden = down.shape[-1]
-    block_k = largest_power_of_two_divisor(inter, tiles.block_k)
-    block_n = largest_power_of_two_divisor(hidden, tiles.down_block_n)
-
-    def multiply(accs: tuple[Any], h_smem: Any, w_smem: Any) -> None:
-        plgpu.wgmma(accs[0], h_smem, w_smem)
-
-    body = _tile_kernel(
-        lambda w: (w,), multiply, lambda y: y, num_k=inter // block_k, block_rows=tiles.block_rows,
-        block_k=block_k, block_n=block_n, accumulators=1, stages=tiles.max_concurrent_steps,
-        max_rows=min(tiles.block_rows, rows), compute_warpgroups=tiles.compute_warpgroups,
-    )
-    return _launch(body, (rows, hidden), h.dtype, hidden // block_n, table.shape[0], tiles.compute_warpgroups,
-                   params, "moe_mgpu_down", layer, table, h, down)
+    )(layer, table, rows_in, w, *(() if scale is None else (scale,)))
