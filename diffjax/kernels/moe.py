@@ -132,39 +132,17 @@ def experts_pallas(
     `pretiled`: gate_up and down as `pretile_experts` lays them out (each column tile contiguous), the column
     tiles' widths taken from them instead of from `tiles`.
     """
-    quantized = check_quantization(gate_up, down, gate_up_scale, down_scale)
-    rank = (5 if pretiled else 4) - (layer is None)  # [layers,] experts, (column tiles,) rows, columns
-    if gate_up.ndim != rank or down.ndim != rank:
-        expected = "[layers, experts, ...] stacks (with a layer index)" if layer is not None else f"{rank}-d"
-        raise ValueError(f"gate_up and down must be {expected}{' of column tiles (pretiled)' * pretiled}, got "
-                         f"{gate_up.shape} and {down.shape}")
-    if layer is None:
-        gate_up, down, layer = gate_up[None], down[None], 0
-        if quantized:
-            gate_up_scale, down_scale = gate_up_scale[None], down_scale[None]
-    gate_up_shape, down_shape = _untiled_shape(gate_up.shape, pretiled), _untiled_shape(down.shape, pretiled)
+    stacks = expert_stacks(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale, pretiled)
+    gate_up, down, gate_up_scale, down_scale, layer = stacks
+    quantized = gate_up_scale is not None
+    gate_up_shape = _untiled_shape(gate_up.shape, pretiled)
     tokens, hidden = x.shape
     _, num_experts, _, two_inter = gate_up_shape
     inter = two_inter // 2
     top_k = expert_ids.shape[1]
-    check_expert_shapes(x, weights, expert_ids, gate_up_shape[1:], down_shape[1:])
     if pretiled:
         _check_pretiled(gate_up.shape, down.shape, inter)
-    if down.shape[0] != gate_up.shape[0]:
-        raise ValueError(f"gate_up has {gate_up.shape[0]} layers but down has {down.shape[0]}")
-    if quantized:
-        for name, scale, shape in (("gate_up_scale", gate_up_scale, gate_up_shape), ("down_scale", down_scale,
-                                                                                    down_shape)):
-            expected = (*shape[:2], shape[3])
-            if scale.shape != expected:
-                raise ValueError(f"{name} must be [(layers,) experts, outputs] = {list(expected)}, got {list(scale.shape)}")
-        # Full-precision scales: they multiply the float32 accumulators.
-        gate_up_scale, down_scale = gate_up_scale.astype(jnp.float32), down_scale.astype(jnp.float32)
-    else:
-        # Unquantized stacks in another dtype are cast outside (a copy); fp8 ones are converted per tile.
-        gate_up, down = gate_up.astype(x.dtype), down.astype(x.dtype)
     tiles.validate()
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
     block_rows = tiles.block_rows or row_tile(tokens * top_k, num_experts)
     interpret = resolve_interpret(interpret)
     if quantized and not interpret and not WIDE_OFFSETS:
@@ -318,6 +296,51 @@ def _padded_layout(expert_ids: Array, num_experts: int, block_rows: int) -> _Lay
     tile_expert = jnp.searchsorted(padded_ends, tile_starts, side="right").astype(jnp.int32)
     tile_expert = jnp.where(tile_starts < padded_ends[-1], tile_expert, -1)
     return _Layout(order, dest, tile_expert, num_tiles * block_rows)
+
+
+class ExpertStacks(NamedTuple):
+    """The expert kernels' weights as `[layers, experts, ...]` stacks, their fp8 scales (float32; None if
+    unquantized) and the layer index as an int32 `[1]` array."""
+
+    gate_up: Array
+    down: Array
+    gate_up_scale: Array | None
+    down_scale: Array | None
+    layer: Array
+
+
+def expert_stacks(
+    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None,
+    gate_up_scale: Array | None, down_scale: Array | None, pretiled: bool = False,
+) -> ExpertStacks:
+    """Check the arguments the expert kernels share (`experts_pallas`, `moe_mgpu.experts_mgpu`) and give the
+    weights as stacks: one layer's `[experts, ...]` weights (no `layer`) gain a layers axis of 1; unquantized
+    weights are cast to x's dtype (a copy if they differ), fp8 ones kept as they are, their scales in
+    float32 (they multiply float32 accumulators)."""
+    quantized = check_quantization(gate_up, down, gate_up_scale, down_scale)
+    rank = (5 if pretiled else 4) - (layer is None)  # [layers,] experts, (column tiles,) rows, columns
+    if gate_up.ndim != rank or down.ndim != rank:
+        expected = "[layers, experts, ...] stacks (with a layer index)" if layer is not None else f"{rank}-d"
+        raise ValueError(f"gate_up and down must be {expected}{' of column tiles (pretiled)' * pretiled}, got "
+                         f"{gate_up.shape} and {down.shape}")
+    if layer is None:
+        gate_up, down, layer = gate_up[None], down[None], 0
+        if quantized:
+            gate_up_scale, down_scale = gate_up_scale[None], down_scale[None]
+    gate_up_shape, down_shape = _untiled_shape(gate_up.shape, pretiled), _untiled_shape(down.shape, pretiled)
+    check_expert_shapes(x, weights, expert_ids, gate_up_shape[1:], down_shape[1:])
+    if down.shape[0] != gate_up.shape[0]:
+        raise ValueError(f"gate_up has {gate_up.shape[0]} layers but down has {down.shape[0]}")
+    if quantized:
+        for name, scale, shape in (("gate_up_scale", gate_up_scale, gate_up_shape), ("down_scale", down_scale,
+                                                                                    down_shape)):
+            expected = (*shape[:2], shape[3])
+            if scale.shape != expected:
+                raise ValueError(f"{name} must be [(layers,) experts, outputs] = {list(expected)}, got {list(scale.shape)}")
+        gate_up_scale, down_scale = gate_up_scale.astype(jnp.float32), down_scale.astype(jnp.float32)
+    else:
+        gate_up, down = gate_up.astype(x.dtype), down.astype(x.dtype)
+    return ExpertStacks(gate_up, down, gate_up_scale, down_scale, jnp.asarray(layer, jnp.int32).reshape(1))
 
 
 def check_quantization(

@@ -4,8 +4,8 @@ Beside `diffjax.kernels.moe` (Triton lowering), same maths, for two reasons. JAX
 Triton backend; Mosaic GPU is the NVIDIA lowering it keeps. And it exposes what Hopper needs to stream
 weights at bandwidth and multiply at the tensor-core rate, explicitly: TMA bulk copies of whole tiles into a
 ring of shared-memory slots (`plgpu.emit_pipeline`), and asynchronous `wgmma`s reading both operands from
-shared memory while the next tiles land. The Triton kernels reached ~90 TFLOP/s at batch 8 on an H100 (stop
-10), where the batch-8 target needs several hundred.
+shared memory while the next tiles land. The Triton kernels reached ~90 TFLOP/s at batch 8 on an H100
+(2026-11-26), where the batch-8 target needs several hundred.
 
 TMA copies whole boxes of contiguous rows, so the assignments are sorted by expert (the gate/up kernel
 reads a sorted copy of x), each expert's group starting on a multiple of 8 rows (Mosaic GPU lays out a
@@ -13,7 +13,7 @@ tiled copy only from a tile row; < 8 alignment rows per expert). Each group is c
 block_rows) *tiles* starting at its own first row: a tile multiplies block_rows rows from there by its
 expert's weights and stores only its expert's rows, through a ladder of power-of-two TMA stores (a TMA box
 has a static size; any row count is a sum of powers of two). So no tile is shared between experts, each
-tile streams its expert's weights once (at batch 1 each expert is one tile), and the rows multiplied are a
+tile streams its expert's weights once (at batch 1, ~16-row groups, each expert is one tile), and the rows multiplied are a
 group padded to whole tiles without a padded copy of anything. There are at most cdiv(assignments,
 block_rows) + experts - 1 tiles; the unused tail of the grid returns at once.
 
@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from diffjax.kernels import largest_power_of_two_divisor, require_block, resolve_interpret
-from diffjax.kernels.moe import check_expert_shapes, check_quantization
+from diffjax.kernels.moe import expert_stacks
 from diffjax.layers import gelu_tanh
 
 Array = jax.Array
@@ -106,30 +106,11 @@ def experts_mgpu(
     if jnp.dtype(x.dtype) not in DTYPES:
         raise ValueError(f"experts_mgpu multiplies in bf16 or fp16 (wgmma), got x {x.dtype}: cast the activations "
                          "or use moe_implementation='pallas'")
-    quantized = check_quantization(gate_up, down, gate_up_scale, down_scale)
-    rank = 4 - (layer is None)
-    if gate_up.ndim != rank or down.ndim != rank:
-        expected = "[layers, experts, ...] stacks (with a layer index)" if layer is not None else "3-d"
-        raise ValueError(f"gate_up and down must be {expected}, got {gate_up.shape} and {down.shape}")
-    if layer is None:
-        gate_up, down, layer = gate_up[None], down[None], 0
-        if quantized:
-            gate_up_scale, down_scale = gate_up_scale[None], down_scale[None]
-    if down.shape[0] != gate_up.shape[0]:
-        raise ValueError(f"gate_up has {gate_up.shape[0]} layers but down has {down.shape[0]}")
-    check_expert_shapes(x, weights, expert_ids, gate_up.shape[1:], down.shape[1:])
+    gate_up, down, gate_up_scale, down_scale, layer = expert_stacks(
+        x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale)
     tiles.validate()
-    if quantized:
-        if tiles.compute_warpgroups != 1:
-            raise ValueError("experts_mgpu runs fp8 experts with MgpuMoeTiles(compute_warpgroups=1)")
-        for name, scale, stack in (("gate_up_scale", gate_up_scale, gate_up), ("down_scale", down_scale, down)):
-            if scale.shape != (*stack.shape[:2], stack.shape[3]):
-                raise ValueError(f"{name} must be [(layers,) experts, outputs] = {[*stack.shape[:2], stack.shape[3]]}, "
-                                 f"got {list(scale.shape)}")
-        gate_up_scale, down_scale = gate_up_scale.astype(jnp.float32), down_scale.astype(jnp.float32)
-    else:
-        # Stacks in another dtype are cast outside (a copy): wgmma takes one operand dtype.
-        gate_up, down = gate_up.astype(x.dtype), down.astype(x.dtype)
+    if gate_up_scale is not None and tiles.compute_warpgroups != 1:
+        raise ValueError("experts_mgpu runs fp8 experts with MgpuMoeTiles(compute_warpgroups=1)")
     tokens, hidden = x.shape
     num_experts, inter = gate_up.shape[1], down.shape[2]
     top_k = expert_ids.shape[1]
@@ -138,7 +119,7 @@ def experts_mgpu(
     layout = sorted_layout(expert_ids.reshape(-1), num_experts, tiles.block_rows)
     sorted_tokens = jnp.zeros((layout.rows,), jnp.int32).at[layout.row].set(  # alignment rows: token 0
         jnp.arange(assignments, dtype=jnp.int32) // top_k)
-    run = functools.partial(_call, layer=jnp.asarray(layer, jnp.int32).reshape(1), table=layout.tiles,
+    run = functools.partial(_call, layer=layer, table=layout.tiles,
                             tiles=tiles, interpret=resolve_interpret(interpret))
     h = run(x[sorted_tokens], w=gate_up, scale=gate_up_scale, epilogue=lambda gate, up: gelu_tanh(gate) * up,
             column_offsets=(0, inter), block_n_cap=tiles.gate_up_block_n, name="moe_mgpu_gate_up")
