@@ -13,9 +13,9 @@ tiled copy only from a tile row; < 8 alignment rows per expert). Each group is c
 block_rows) *tiles* starting at its own first row: a tile multiplies block_rows rows from there by its
 expert's weights and stores only its expert's rows, through a ladder of power-of-two TMA stores (a TMA box
 has a static size; any row count is a sum of powers of two). So no tile is shared between experts, each
-tile streams its expert's weights once (at batch 1, ~16-row groups, each expert is one tile), and the rows multiplied are a
-group padded to whole tiles without a padded copy of anything. There are at most cdiv(assignments,
-block_rows) + experts - 1 tiles; the unused tail of the grid returns at once.
+tile streams its expert's weights once (at batch 1, ~16-row groups, each expert is one tile), and the rows
+multiplied are a group padded to whole tiles without a padded copy of anything. There are at most
+cdiv(assignments, block_rows) + experts - 1 tiles; the unused tail of the grid returns at once.
 
 1. gate/up: `h = gelu_tanh(x @ W_gate[e]) * (x @ W_up[e])`, both halves in float32 accumulators fed by the
    same x tile in the same k-step, the activation applied once before the store of `h [rows, inter]`.
