@@ -22,6 +22,7 @@ from diffjax.generate import generate
 from diffjax.kernels import bench as kernel_bench
 from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
 from diffjax.kernels.moe import MoeTiles, experts_pallas, pretile_experts
+from diffjax.kernels.moe_mgpu import experts_mgpu
 from diffjax.kernels.vocab import VocabTiles, vocab_stats_pallas, vocab_stats_reference
 from diffjax.layers import Experts, attend, experts_dense, experts_grouped
 from diffjax.model import denoise_logits, encode, init_cache, init_params, param_shapes, tied_logits
@@ -135,15 +136,18 @@ def test_moe_kernel_skewed_k_loops_sum_the_same_terms_in_another_order():
     assert not np.array_equal(np.asarray(skewed), np.asarray(plain))
 
 
-def test_moe_kernel_reads_a_layer_of_a_stack_in_place():
-    x, weights, ids, gate_up, down = moe_case(20, 8, 2, 32, 16, jnp.float32, seed=4)
+@pytest.mark.parametrize(("kernel", "dtype"), [(experts_pallas, jnp.float32), (experts_mgpu, jnp.bfloat16)])
+def test_moe_kernels_read_a_layer_of_a_stack_in_place(kernel, dtype):
+    """The Triton and the Mosaic GPU expert kernels."""
+    x, weights, ids, gate_up, down = moe_case(20, 8, 2, 32, 16, dtype, seed=4)
     stack_up = jnp.stack([gate_up, -0.5 * gate_up, gate_up[::-1]])
     stack_down = jnp.stack([down, down[::-1], 2.0 * down])
-    run = jax.jit(lambda layer: experts_pallas(x, weights, ids, stack_up, stack_down, layer, interpret=True))
+    run = jax.jit(lambda layer: kernel(x, weights, ids, stack_up, stack_down, layer, interpret=True))
     for layer in (1, 2):  # one compile, the layer traced
-        _close(run(jnp.int32(layer)), experts_dense(x, weights, ids, stack_up[layer], stack_down[layer]), jnp.float32)
+        _close(run(jnp.int32(layer)), experts_dense(*as_f32(x, weights, ids, stack_up[layer], stack_down[layer])),
+               dtype)
     with pytest.raises(ValueError, match="stacks"):
-        experts_pallas(x, weights, ids, gate_up, down, 0)
+        kernel(x, weights, ids, gate_up, down, 0)
 
 
 @pytest.mark.parametrize(
