@@ -37,7 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.config import FULL, MOE_IMPLEMENTATIONS, SLIDING, AttentionConfig, Config
+from diffjax.config import (
+    FULL,
+    MOE_IMPLEMENTATIONS,
+    SLIDING,
+    STACK_READING_MOE_IMPLEMENTATIONS,
+    AttentionConfig,
+    Config,
+)
 from diffjax.generate import STATISTICS
 from diffjax.model import init_params, param_shapes
 from diffjax.profile import kernel_times, render_kernel_times
@@ -325,7 +332,7 @@ class FullSizeSettings:
     statistics: tuple[str, ...] = ("logits",)
     # float8_e4m3fn experts with float32 per-column scales (`Config.expert_quantization="fp8"`).
     experts_fp8: bool = False
-    # Experts laid out for the Pallas kernels (`Config.expert_layout="pretiled"`): "pallas" experts only.
+    # Experts laid out for the Pallas kernels (`Config.expert_layout="pretiled"`): "pallas" / "pallas_mgpu" only.
     experts_pretiled: bool = False
     # `Config.global_attention_implementation` and `Config.sliding_attention_implementation` of every point.
     global_attention: str = "xla"
@@ -352,8 +359,9 @@ class FullSizeSettings:
         unknown = set(self.moe_implementations) - set(MOE_IMPLEMENTATIONS)
         if not self.moe_implementations or unknown:
             raise ValueError(f"--moe takes values of {MOE_IMPLEMENTATIONS}, got {self.moe_implementations!r}")
-        if self.experts_pretiled and set(self.moe_implementations) != {"pallas"}:
-            raise ValueError("--experts-pretiled is the layout of the Pallas expert kernels: pass --moe pallas only")
+        if self.experts_pretiled and not set(self.moe_implementations) <= set(STACK_READING_MOE_IMPLEMENTATIONS):
+            raise ValueError("--experts-pretiled is the layout of the Pallas expert kernels: pass --moe "
+                             f"{' / '.join(STACK_READING_MOE_IMPLEMENTATIONS)} only")
         if not self.statistics or set(self.statistics) - set(STATISTICS):
             raise ValueError(f"--statistics takes values of {STATISTICS}, got {self.statistics!r}")
         if self.layers is not None and not 0 < self.layers <= 30:
@@ -521,7 +529,7 @@ def run_full_size(
     if s.experts_fp8:
         config = config.replace(expert_quantization="fp8")
     if s.experts_pretiled:  # random weights: made in the pretiled layout directly
-        config = config.replace(expert_layout="pretiled", moe_implementation="pallas")
+        config = config.replace(expert_layout="pretiled", moe_implementation=s.moe_implementations[0])
     config = config.replace(global_attention_implementation=s.global_attention,
                             sliding_attention_implementation=s.sliding_attention)
     experts = ("fp8 experts" if config.expert_quantization == "fp8" else "bf16 experts") + (

@@ -31,6 +31,7 @@ from diffjax.config import (
     GLOBAL_ATTENTION_IMPLEMENTATIONS,
     MOE_IMPLEMENTATIONS,
     SLIDING_ATTENTION_IMPLEMENTATIONS,
+    STACK_READING_MOE_IMPLEMENTATIONS,
 )
 from diffjax.generate import STATISTICS
 
@@ -257,8 +258,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.experts_pretiled:
         from diffjax.kernels.moe import pretile_model
 
-        if model.config.moe_implementation != "pallas":
-            raise CliError("--experts-pretiled is the layout of the Pallas expert kernels: pass --moe pallas")
+        if model.config.moe_implementation not in STACK_READING_MOE_IMPLEMENTATIONS:
+            raise CliError("--experts-pretiled is the layout of the Pallas expert kernels: pass --moe "
+                           f"{' or '.join(STACK_READING_MOE_IMPLEMENTATIONS)}")
         model.config, model.params = pretile_model(model.config, model.params)
     if model.banner:
         err.print(f"[bold white on red] {model.banner} [/]", soft_wrap=True)
@@ -590,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the experts to float8_e4m3fn (per-column scales) when loading: about half the "
                         "memory of bf16")
     g.add_argument("--experts-pretiled", action="store_true",
-                   help="with --moe pallas: lay the experts out tile by tile for the Pallas kernels when loading")
+                   help="with --moe pallas or pallas_mgpu: lay the experts out tile by tile for the Pallas kernels "
+                        "when loading")
     g.add_argument("--max-new-tokens", type=_positive_int, help="rounded up to whole canvases")
     g.add_argument("--steps", type=_positive_int, help="max denoising steps per canvas (default 48)")
     g.add_argument("--t-min", type=float, help="final temperature (default 0.4)")
@@ -693,7 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--full-size: experts in float8_e4m3fn with float32 per-column scales (the floor counts "
                         "their bytes)")
     b.add_argument("--experts-pretiled", action="store_true",
-                   help="--full-size with --moe pallas only: the experts laid out tile by tile for the kernels")
+                   help="--full-size with --moe pallas / pallas_mgpu only: the experts laid out tile by tile for the "
+                        "kernels")
     b.add_argument("--profile", type=pathlib.Path, metavar="DIR",
                    help="--full-size: profile one more decoder step per point (kernels summed by name; traces in DIR)")
     _add_attention_flags(b, "--full-size: ")

@@ -104,7 +104,7 @@ class Config:
     # unrouted pairs weighted 0 (faster on CPU for few experts, and the oracle for "grouped"). "pallas": the
     # block-sparse grouped-matmul kernel of `diffjax.kernels.moe` (Pallas' Triton lowering; GPU, interpreted
     # elsewhere, slowly). "pallas_mgpu": the TMA + wgmma kernels of `diffjax.kernels.moe_mgpu` (Pallas' Mosaic
-    # GPU lowering; Hopper, bf16/fp16 activations, plain-layout experts; interpreted elsewhere).
+    # GPU lowering; Hopper, bf16/fp16 activations; interpreted elsewhere).
     # "expert_parallel": experts split over a device mesh, tokens sent to their experts' devices with
     # all-to-all (`diffjax.sharding.experts_expert_parallel`; needs `jax.set_mesh`).
     moe_implementation: Literal["grouped", "dense", "pallas", "pallas_mgpu", "expert_parallel"] = "grouped"
@@ -127,8 +127,9 @@ class Config:
     # How the experts' weights are laid out. "plain": gate_up `[experts, hidden, 2 * inter]`, down `[experts,
     # inter, hidden]`. "pretiled": column tile by column tile, `[experts, tiles, rows, tile width]`
     # (`diffjax.kernels.moe.pretile_model`), so that every k-step of a Pallas expert kernel's program reads one
-    # contiguous block instead of a piece of each of 64 rows. Meant for moe_implementation="pallas", which
-    # reads it in place; "grouped" and "dense" untile a copy of each layer's experts per call (the oracle).
+    # contiguous block instead of a piece of each of 64 rows. Meant for the Pallas kernels ("pallas",
+    # "pallas_mgpu"), which read it in place; "grouped" and "dense" untile a copy of each layer's experts per
+    # call (the oracle).
     expert_layout: Literal["plain", "pretiled"] = "plain"
 
     def __post_init__(self) -> None:
@@ -183,11 +184,6 @@ class Config:
             raise ValueError(
                 f"expert_layout='pretiled' is read by the single-device MoE forms {MOE_IMPLEMENTATIONS}, not by "
                 f"{self.moe_implementation!r}"
-            )
-        if self.moe_implementation == "pallas_mgpu" and self.expert_layout != "plain":
-            raise ValueError(
-                "moe_implementation='pallas_mgpu' reads plain-layout experts (TMA copies any tile of them), got "
-                f"expert_layout={self.expert_layout!r}: pretiled experts run with moe_implementation='pallas'"
             )
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")

@@ -313,7 +313,8 @@ class Experts(nn.Module):
 
             stacks, layer = stacked if stacked is not None else (leaves, None)
             return experts_mgpu(x, weights, expert_ids, stacks["gate_up_proj"], stacks["down_proj"], layer,
-                                gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"))
+                                gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"),
+                                pretiled=pretiled)
         if pretiled:
             from diffjax.kernels.moe import untile_experts
 

@@ -403,7 +403,8 @@ def test_kernel_bench_runs_tiny_and_records_failures(tmp_path, monkeypatch):
     out = tmp_path / "k.json"
     assert kernel_bench.main([
         "--tiny", "--rows", "1", "--repeats", "1", "--sections", "moe", "sliding", "--moe-impls", "ragged_dot",
-        "pallas_fp8", "pallas_pretiled", "pallas_mgpu", "pallas_mgpu_fp8", "ragged_dot_mgpu", "dense", "--out", str(out),
+        "pallas_fp8", "pallas_pretiled", "pallas_mgpu", "pallas_mgpu_fp8", "pallas_mgpu_pretiled", "ragged_dot_mgpu",
+        "dense", "--out", str(out),
     ]) == 0
     entries = json.loads(out.read_text())["entries"]
     by_impl = {e["impl"]: e for e in entries}
@@ -418,6 +419,7 @@ def test_kernel_bench_runs_tiny_and_records_failures(tmp_path, monkeypatch):
     # The Mosaic GPU kernels: ours interpreted, JAX's example refused off a GPU.
     assert by_impl["pallas_mgpu"]["ms"] > 0 and by_impl["pallas_mgpu"]["bytes"] == by_impl["ragged_dot"]["bytes"]
     assert by_impl["pallas_mgpu_fp8"]["ms"] > 0 and by_impl["pallas_mgpu_fp8"]["bytes"] == by_impl["pallas_fp8"]["bytes"]
+    assert by_impl["pallas_mgpu_pretiled"]["ms"] > 0
     if jax.default_backend() == "cpu":
         assert "cuDNN" in by_impl["sdpa_cudnn"]["error"]
         assert "interpret" in by_impl["ragged_dot_mgpu"]["error"]

@@ -17,6 +17,7 @@ import pytest
 
 from diffjax.config import Config
 from diffjax.kernels.bench import MGPU_MOE_TILES, jax_ragged_dot_mgpu
+from diffjax.kernels.moe import MoeTiles, pretile_experts, pretiled_shapes
 from diffjax.kernels.moe_mgpu import MgpuMoeTiles, experts_mgpu, sorted_layout
 from diffjax.layers import Experts, experts_dense, experts_grouped
 from diffjax.model import denoise_logits, encode, init_cache, init_params, param_shapes
@@ -98,6 +99,29 @@ def test_mgpu_moe_kernel_fp8_matches_dequantized_twins(tokens, experts, top_k, h
     _close(ours, oracle, dtype)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_mgpu_moe_kernel_reads_pretiled_stacks(fp8):
+    """`pretile_experts` + `pretiled=True`: each weight tile one contiguous TMA box; the same outputs bit for
+    bit as the plain layout (same column blocks), from a two-layer stack read in place, several tiles of gate,
+    of up and of down."""
+    x, weights, ids, gate_up, down = moe_case(41, 8, 2, 64, 48, jnp.bfloat16, seed=9)
+    gate_up, down = jnp.stack([gate_up, 0.5 * gate_up[::-1]]), jnp.stack([down, 0.5 * down[::-1]])
+    scales = {}
+    if fp8:
+        (gate_up, up_scale), (down, down_scale) = quantize(gate_up), quantize(down)
+        scales = {"gate_up_scale": up_scale, "down_scale": down_scale}
+    tiled_gate_up, tiled_down = pretile_experts(gate_up, down, MoeTiles(gate_up_block_n=16, down_block_n=32))
+    assert tiled_gate_up.shape == (2, 8, 6, 64, 16) and tiled_down.shape == (2, 8, 2, 48, 32)
+    tiles = MgpuMoeTiles(gate_up_block_n=16, down_block_n=32, block_k=32)
+    plain = experts_mgpu(x, weights, ids, gate_up, down, jnp.int32(1), tiles=tiles, interpret=True, **scales)
+    ours = experts_mgpu(x, weights, ids, tiled_gate_up, tiled_down, jnp.int32(1), tiles=tiles, pretiled=True,
+                        interpret=True, **scales)
+    assert float(jnp.std(plain.astype(jnp.float32))) > 0.1
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(plain, np.float32))
+    if not fp8:
+        _close(ours, experts_dense(*as_f32(x, weights, ids, gate_up[1], down[1])), jnp.bfloat16)
+
+
 def test_mgpu_moe_kernel_rejects_what_it_cannot_run():
     x, weights, ids, gate_up, down = moe_case(20, 8, 2, 64, 32, jnp.bfloat16, seed=5)
     with pytest.raises(ValueError, match="bf16 or fp16"):
@@ -118,14 +142,12 @@ def test_mgpu_moe_kernel_rejects_what_it_cannot_run():
         experts_mgpu(x, weights, ids, gate_up, down, tiles=MgpuMoeTiles(compute_warpgroups=2), interpret=True)
     with pytest.raises(ValueError, match="max_concurrent_steps must be >= 2"):
         experts_mgpu(x, weights, ids, gate_up, down, tiles=MgpuMoeTiles(max_concurrent_steps=1), interpret=True)
-    with pytest.raises(ValueError, match="pallas_mgpu"):
-        Config.tiny(moe_implementation="pallas_mgpu", expert_layout="pretiled")
 
 
-@pytest.mark.parametrize("quantization", ["none", "fp8"])
-def test_experts_module_and_model_select_the_mgpu_kernel(quantization):
+@pytest.mark.parametrize(("quantization", "layout"), [("none", "plain"), ("fp8", "plain"), ("fp8", "pretiled")])
+def test_experts_module_and_model_select_the_mgpu_kernel(quantization, layout):
     """Through the `Experts` module, and through a two-block bf16 model whose blocks' experts (or fp8 scales)
-    differ: the kernel must read block i's weights in block i from the stack."""
+    differ: the kernel must read block i's weights in block i from the stack, in either layout."""
     x, weights, ids, gate_up, down = moe_case(3, 8, 2, 64, 32, jnp.bfloat16, seed=3)
     variables = {"params": {"gate_up_proj": gate_up, "down_proj": down}}
     outputs = {impl: Experts(Config.tiny(moe_implementation=impl)).apply(variables, x, weights, ids)
@@ -133,7 +155,7 @@ def test_experts_module_and_model_select_the_mgpu_kernel(quantization):
     _close(outputs["pallas_mgpu"], experts_dense(*as_f32(x, weights, ids, gate_up, down)), jnp.bfloat16)
 
     config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"),
-                         expert_quantization=quantization)
+                         expert_quantization=quantization, expert_layout=layout)
     params = init_params(config, jax.random.key(1), jnp.bfloat16)
     experts = params["blocks"]["layer_0"]["experts"]
     for name in ("gate_up_proj_scale", "down_proj_scale") if quantization == "fp8" else ("gate_up_proj", "down_proj"):
@@ -175,6 +197,11 @@ def test_mgpu_moe_kernel_lowers_for_cuda_at_released_shapes():
                 interpret=False), *routing, *fp8_stacks, *scales)
             assert text.count(f"@{MGPU_CALL}(") == 2
             assert not re.search(rf"tensor<{layers}x{experts}x{hidden}x{2 * inter}xbf16>", text)
+    # Pretiled stacks: each weight tile one contiguous block.
+    tiled = [jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in pretiled_shapes(*(a.shape for a in stacks))]
+    text = lower_for_cuda(lambda x, w, i, up, down: experts_mgpu(x, w, i, up, down, jnp.int32(2), pretiled=True,
+                                                                  interpret=False), *routing, *tiled)
+    assert text.count(f"@{MGPU_CALL}(") == 2
     with pytest.raises(ValueError, match="too large for shared memory"):
             lower_for_cuda(lambda x, w, i, up, down: experts_mgpu(
                 x, w, i, up, down, jnp.int32(0), tiles=MgpuMoeTiles(down_block_n=256, max_concurrent_steps=6),

@@ -10,8 +10,8 @@ For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--re
   (`ragged_dot_fusion`, in a child process because XLA flags are process-wide) and every expert on every
   token (`dense`); `pallas_fp8` is the Pallas kernel on float8_e4m3fn experts (`diffjax.quantize`), and
   `pallas_pretiled` / `pallas_fp8_pretiled` the same on weights laid out by `moe.pretile_experts`;
-  `pallas_mgpu` / `pallas_mgpu_fp8` the Mosaic GPU kernel pair of `moe_mgpu` (TMA + wgmma) on bf16 / fp8
-  experts, `ragged_dot_mgpu` the grouped
+  `pallas_mgpu` / `pallas_mgpu_fp8` / `pallas_mgpu_pretiled` the Mosaic GPU kernel pair of `moe_mgpu`
+  (TMA + wgmma) on bf16 / fp8 / pretiled bf16 experts, `ragged_dot_mgpu` the grouped
   form through JAX's own Mosaic GPU ragged-dot example kernel (Hopper only);
 * `vocab`: the LM-head statistics pass over the 262144-token vocabulary (`pallas`; `pallas_with_logits`
   also stores the bf16 logits, as `generate(statistics="pallas")` runs it) against float32 logits followed
@@ -62,8 +62,9 @@ RAGGED_DOT_FUSION_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
 # The Pallas expert kernels: (fp8 weights, pretiled weights) of each.
 PALLAS_MOE_IMPLS = {"pallas": (False, False), "pallas_fp8": (True, False), "pallas_pretiled": (False, True),
                     "pallas_fp8_pretiled": (True, True)}
-# The Mosaic GPU expert kernels: fp8 weights of each.
-MGPU_MOE_IMPLS = {"pallas_mgpu": False, "pallas_mgpu_fp8": True}
+# The Mosaic GPU expert kernels: (fp8 weights, pretiled weights) of each.
+MGPU_MOE_IMPLS = {"pallas_mgpu": (False, False), "pallas_mgpu_fp8": (True, False),
+                  "pallas_mgpu_pretiled": (False, True)}
 # Kernels with tile settings (`--sweep`): the Triton ones and the Mosaic GPU ones.
 TILED_MOE_IMPLS = (*PALLAS_MOE_IMPLS, *MGPU_MOE_IMPLS)
 MOE_IMPLS = (*TILED_MOE_IMPLS, "ragged_dot", "ragged_dot_fusion", "ragged_dot_mgpu", "dense")
@@ -257,10 +258,10 @@ def bench_moe(s: Settings, shapes: Shapes, impls: Sequence[str], log: Callable[[
                                   tiles=tiles, pretiled=pretiled, interpret=s.tiny)
         return run
 
-    def mgpu(tiles: MgpuMoeTiles) -> Callable[..., Any]:
+    def mgpu(tiles: MgpuMoeTiles, pretiled: bool) -> Callable[..., Any]:
         def run(x, w, ids, gate_up, down, gate_up_scale=None, down_scale=None):
             return experts_mgpu(x, w, ids, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale,
-                                tiles=tiles, interpret=s.tiny)
+                                tiles=tiles, pretiled=pretiled, interpret=s.tiny)
         return run
 
     twins: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
@@ -273,11 +274,11 @@ def bench_moe(s: Settings, shapes: Shapes, impls: Sequence[str], log: Callable[[
             kernels.setdefault((fp8, pretiled), {}).update(_pallas_variants(
                 functools.partial(pallas, pretiled=pretiled), MoeTiles, MOE_TILES, s.sweep, name=impl))
         elif impl in MGPU_MOE_IMPLS:
-            fp8 = MGPU_MOE_IMPLS[impl]
+            fp8, pretiled = MGPU_MOE_IMPLS[impl]
             # fp8 weights are widened by the compute warpgroup itself: no warp-specialised variant.
             candidates = [c for c in MGPU_MOE_TILES if not (fp8 and c.get("compute_warpgroups", 1) > 1)]
-            kernels.setdefault((fp8, False), {}).update(
-                _pallas_variants(mgpu, MgpuMoeTiles, candidates, s.sweep, name=impl))
+            kernels.setdefault((fp8, pretiled), {}).update(_pallas_variants(
+                functools.partial(mgpu, pretiled=pretiled), MgpuMoeTiles, candidates, s.sweep, name=impl))
         elif impl in ("ragged_dot", "ragged_dot_fusion"):
             twins[impl] = (jax.jit(experts_grouped), {})
         elif impl == "ragged_dot_mgpu":

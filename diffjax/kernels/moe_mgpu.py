@@ -88,11 +88,11 @@ class MgpuMoeTiles:
                              f"run), got {self.max_concurrent_steps}")
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tiles", "pretiled", "interpret"))
 def experts_mgpu(
     x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None = None,
     *, gate_up_scale: Array | None = None, down_scale: Array | None = None, tiles: MgpuMoeTiles = MgpuMoeTiles(),
-    interpret: bool | None = None,
+    pretiled: bool = False, interpret: bool | None = None,
 ) -> Array:
     """Mixture of experts over the routed (token, expert) pairs only; same maths as `experts_grouped`.
 
@@ -101,30 +101,32 @@ def experts_mgpu(
     Returns `[tokens, hidden]` in x's dtype. With `layer` (an int32 scalar, traced is fine) gate_up/down are
     `[layers, experts, ...]` stacks read in place, as in `experts_pallas`. FP8 experts as `experts_pallas`
     takes them: float8_e4m3fn stacks with `gate_up_scale [(layers,) experts, 2 * inter]` and `down_scale
-    [(layers,) experts, hidden]` (float32, `diffjax.quantize`).
+    [(layers,) experts, hidden]` (float32, `diffjax.quantize`). `pretiled`: weights as
+    `moe.pretile_experts` lays them out, each TMA box of a weight tile then one contiguous block; the
+    column blocks are the stacks' tile widths instead of `tiles`'.
     """
     if jnp.dtype(x.dtype) not in DTYPES:
         raise ValueError(f"experts_mgpu multiplies in bf16 or fp16 (wgmma), got x {x.dtype}: cast the activations "
                          "or use moe_implementation='pallas'")
     gate_up, down, gate_up_scale, down_scale, layer = expert_stacks(
-        x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale)
+        x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale, pretiled)
     tiles.validate()
     if gate_up_scale is not None and tiles.compute_warpgroups != 1:
         raise ValueError("experts_mgpu runs fp8 experts with MgpuMoeTiles(compute_warpgroups=1)")
     tokens, hidden = x.shape
-    num_experts, inter = gate_up.shape[1], down.shape[2]
+    num_experts = gate_up.shape[1]
     top_k = expert_ids.shape[1]
     assignments = tokens * top_k
 
     layout = sorted_layout(expert_ids.reshape(-1), num_experts, tiles.block_rows)
     sorted_tokens = jnp.zeros((layout.rows,), jnp.int32).at[layout.row].set(  # alignment rows: token 0
         jnp.arange(assignments, dtype=jnp.int32) // top_k)
-    run = functools.partial(_call, layer=layer, table=layout.tiles,
-                            tiles=tiles, interpret=resolve_interpret(interpret))
+    run = functools.partial(_call, layer=layer, table=layout.tiles, tiles=tiles, pretiled=pretiled,
+                            interpret=resolve_interpret(interpret))
     h = run(x[sorted_tokens], w=gate_up, scale=gate_up_scale, epilogue=lambda gate, up: gelu_tanh(gate) * up,
-            column_offsets=(0, inter), block_n_cap=tiles.gate_up_block_n, name="moe_mgpu_gate_up")
-    ys = run(h, w=down, scale=down_scale, epilogue=lambda y: y, column_offsets=(0,),
-             block_n_cap=tiles.down_block_n, name="moe_mgpu_down")
+            accumulators=2, block_n_cap=tiles.gate_up_block_n, name="moe_mgpu_gate_up")
+    ys = run(h, w=down, scale=down_scale, epilogue=lambda y: y, accumulators=1, block_n_cap=tiles.down_block_n,
+             name="moe_mgpu_down")
     per_assignment = ys[layout.row].reshape(tokens, top_k, hidden).astype(jnp.float32)
     return jnp.einsum("tkh,tk->th", per_assignment, weights.astype(jnp.float32)).astype(x.dtype)
 
@@ -198,17 +200,18 @@ def _widen(tile: Array, dtype: Any) -> Array:
 
 
 def _tile_kernel(
-    epilogue: Any, *, column_offsets: tuple[int, ...], quantized: bool, dtype: Any, num_k: int, block_rows: int,
-    block_k: int, block_n: int, stages: int, max_rows: int, compute_warpgroups: int, interpret: bool,
+    epilogue: Any, *, accumulators: int, pretiled: bool, quantized: bool, dtype: Any, num_k: int,
+    block_rows: int, block_k: int, block_n: int, stages: int, max_rows: int, compute_warpgroups: int,
+    interpret: bool,
 ) -> Any:
-    """The kernel body of both: refs (layer, tile table, rows `[R, K]`, weight stack `[..., K, N]`, (scales
-    `[..., N]` if quantized), output `[R, n]`). Accumulator i multiplies the tile's rows by the weight columns
-    `column_offsets[i] + col_tile * block_n ..` of the tile's expert (gate/up: two, at 0 and inter; down: one);
-    `epilogue(*accumulated)` makes the stored tile. fp8 weights: each k-step widens its e4m3 tiles into
+    """The kernel body of both: refs (layer, tile table, rows `[R, K]`, weight stack `[..., K, N]` or pretiled
+    `[..., N / block_n, K, block_n]`, (scales `[..., N]` if quantized), output `[R, N / accumulators]`).
+    Accumulator i multiplies the tile's rows by the weight columns `i * N / accumulators + col_tile * block_n
+    ..` of the tile's expert (gate/up: two, gate and up; down: one); `epilogue(*accumulated)` makes the
+    stored tile. fp8 weights: each k-step widens its e4m3 tiles into
     shared buffers the MMAs read, and the accumulators are scaled per column after the loop. With
     `compute_warpgroups` > 1 the block is warp-specialised: one more warpgroup only issues the TMA copies, and
     each compute warpgroup multiplies its own 64-row slice of the row tile and stores its own rows."""
-    accumulators = len(column_offsets)
     rows_per_warpgroup = block_rows // compute_warpgroups
     weight_bytes = 1 if quantized else 2
     # Single warpgroup: the ring is freed before the output tile is allocated; specialised: the output tiles
@@ -231,14 +234,20 @@ def _tile_kernel(
         col_tile, tile = jax.lax.axis_index("col_tile"), jax.lax.axis_index("tile")
         expert, first, count = table_ref[tile, 0], table_ref[tile, 1], table_ref[tile, 2]
         layer = layer_ref[0]
-        width = w_ref.shape[-1] // accumulators
-        weight_views = [w_ref.at[layer, expert, :, pl.ds(offset, width)] for offset in column_offsets]
+        expert_weights = w_ref.at[layer, expert]
+        if pretiled:  # [column tiles, K, block_n]: this column tile of each accumulator's part, [K, block_n]
+            part_tiles = expert_weights.shape[0] // accumulators
+            weight_views = [expert_weights.at[i * part_tiles + col_tile] for i in range(accumulators)]
+        else:  # [K, N]: each accumulator's part [K, N / accumulators], tiled by the pipeline
+            width = expert_weights.shape[-1] // accumulators
+            weight_views = [expert_weights.at[:, pl.ds(i * width, width)] for i in range(accumulators)]
         cols = pl.ds(col_tile * block_n, block_n)
         # The tile's rows start at its expert's own row, not at a block boundary; the rows past its count
         # (the next expert's, or past the end: zeros on the GPU) are multiplied and never stored.
         specs = [plgpu.BlockSpec((pl.Element(block_rows), block_k), lambda k: (pl.multiple_of(first, ROW_ALIGN), k),
                                  delay_release=1)]
-        specs += [plgpu.BlockSpec((block_k, block_n), lambda k: (k, col_tile), delay_release=1) for _ in weight_views]
+        weight_tile = plgpu.BlockSpec((block_k, block_n), lambda k: (k, 0 if pretiled else col_tile), delay_release=1)
+        specs += [weight_tile] * accumulators
 
         def multiply_step(accs: tuple[Any, ...], rows_smem: Any, weight_smems: tuple[Any, ...],
                           widened: Any) -> None:
@@ -254,8 +263,9 @@ def _tile_kernel(
             plgpu.wgmma_wait(accumulators)
 
         def start_scale_copies(scales_smem: Any, barriers: Any) -> None:
-            for i, offset in enumerate(column_offsets):
-                plgpu.copy_gmem_to_smem(scale_ref[0].at[layer, expert, pl.ds(offset + col_tile * block_n, block_n)],
+            part = scale_ref[0].shape[-1] // accumulators  # the scales keep the plain column order
+            for i in range(accumulators):
+                plgpu.copy_gmem_to_smem(scale_ref[0].at[layer, expert, pl.ds(i * part + col_tile * block_n, block_n)],
                                         scales_smem.at[i], barriers.at[i])
 
         def scaled(accs: tuple[Any, ...], rows: int, scales_smem: Any, barriers: Any) -> list[Array]:
@@ -338,17 +348,21 @@ def _tile_kernel(
 
 
 def _call(
-    rows_in: Array, layer: Array, table: Array, w: Array, scale: Array | None, epilogue: Any, *,
-    column_offsets: tuple[int, ...], block_n_cap: int, tiles: MgpuMoeTiles, interpret: bool, name: str,
+    rows_in: Array, layer: Array, table: Array, w: Array, scale: Array | None, epilogue: Any, *, accumulators: int,
+    block_n_cap: int, tiles: MgpuMoeTiles, pretiled: bool, interpret: bool, name: str,
 ) -> Array:
     """One of the two kernels over the tiles of `table`: `rows_in [R, K]` times each tile's expert's
-    weights (`w [layers, experts, K, len(column_offsets) * n]`) -> `[R, n]`."""
+    weights (`w [layers, experts, K, accumulators * n]`, or pretiled) -> `[R, n]`."""
     rows, k = rows_in.shape
-    width = w.shape[-1] // len(column_offsets)
+    if pretiled:
+        block_n = w.shape[-1]
+        width = w.shape[2] * block_n // accumulators
+    else:
+        width = w.shape[-1] // accumulators
+        block_n = largest_power_of_two_divisor(width, block_n_cap)
     block_k = largest_power_of_two_divisor(k, tiles.block_k)
-    block_n = largest_power_of_two_divisor(width, block_n_cap)
     body = _tile_kernel(
-        epilogue, column_offsets=column_offsets, quantized=scale is not None, dtype=rows_in.dtype,
+        epilogue, accumulators=accumulators, pretiled=pretiled, quantized=scale is not None, dtype=rows_in.dtype,
         num_k=k // block_k, block_rows=tiles.block_rows, block_k=block_k, block_n=block_n,
         stages=tiles.max_concurrent_steps, max_rows=min(tiles.block_rows, rows),
         compute_warpgroups=tiles.compute_warpgroups, interpret=interpret,
