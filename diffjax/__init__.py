@@ -33,7 +33,7 @@ def load(
     (`diffjax.quantize`; about half the memory of a bf16 model, and of what a decoder step reads). They are
     quantized on the way from the file to the device, one weight stack at a time.
     `experts_pretiled`: lay the experts' weights out for the Pallas expert kernels
-    (`diffjax.kernels.moe.pretile_model`; use with `moe_implementation="pallas"`)."""
+    (`diffjax.kernels.moe.pretile_model`; use with `moe_implementation="pallas"` or `"pallas_mgpu"`)."""
     # Imported here: `convert` imports diffjax's submodules, so a module-level import would be circular.
     from convert import load as load_checkpoint
 
