@@ -18,7 +18,7 @@ import pytest
 from diffjax.config import Config
 from diffjax.kernels.bench import MGPU_MOE_TILES, jax_ragged_dot_mgpu
 from diffjax.kernels.moe import MoeTiles, pretile_experts, pretiled_shapes
-from diffjax.kernels.moe_mgpu import MgpuMoeTiles, experts_mgpu, sorted_layout
+from diffjax.kernels.moe_mgpu import MgpuMoeTiles, check_hopper, experts_mgpu, sorted_layout
 from diffjax.layers import Experts, experts_dense, experts_grouped
 from diffjax.model import denoise_logits, encode, init_cache, init_params, param_shapes
 from diffjax.quantize import FP8, dequantize, quantize
@@ -120,6 +120,19 @@ def test_mgpu_moe_kernel_reads_pretiled_stacks(fp8):
     np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(plain, np.float32))
     if not fp8:
         _close(ours, experts_dense(*as_f32(x, weights, ids, gate_up[1], down[1])), jnp.bfloat16)
+
+
+def test_mgpu_moe_kernel_refuses_a_gpu_without_wgmma(monkeypatch):
+    class Ampere:
+        device_kind, compute_capability = "NVIDIA A100-SXM4-80GB", "8.0"
+
+    args = moe_case(8, 8, 2, 64, 32, jnp.bfloat16, seed=1)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *_: [Ampere()])
+    with pytest.raises(ValueError, match=r"Hopper GPU.*A100"):
+        experts_mgpu(*args, interpret=False)
+    Ampere.compute_capability = "9.0"
+    check_hopper()
 
 
 def test_mgpu_moe_kernel_rejects_what_it_cannot_run():

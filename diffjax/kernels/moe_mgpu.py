@@ -108,6 +108,9 @@ def experts_mgpu(
     if jnp.dtype(x.dtype) not in DTYPES:
         raise ValueError(f"experts_mgpu multiplies in bf16 or fp16 (wgmma), got x {x.dtype}: cast the activations "
                          "or use moe_implementation='pallas'")
+    interpret = resolve_interpret(interpret)
+    if not interpret:
+        check_hopper()
     gate_up, down, gate_up_scale, down_scale, layer = expert_stacks(
         x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale, pretiled)
     tiles.validate()
@@ -122,13 +125,25 @@ def experts_mgpu(
     sorted_tokens = jnp.zeros((layout.rows,), jnp.int32).at[layout.row].set(  # alignment rows: token 0
         jnp.arange(assignments, dtype=jnp.int32) // top_k)
     run = functools.partial(_call, layer=layer, table=layout.tiles, tiles=tiles, pretiled=pretiled,
-                            interpret=resolve_interpret(interpret))
+                            interpret=interpret)
     h = run(x[sorted_tokens], w=gate_up, scale=gate_up_scale, epilogue=lambda gate, up: gelu_tanh(gate) * up,
             accumulators=2, block_n_cap=tiles.gate_up_block_n, name="moe_mgpu_gate_up")
     ys = run(h, w=down, scale=down_scale, epilogue=lambda y: y, accumulators=1, block_n_cap=tiles.down_block_n,
              name="moe_mgpu_down")
     per_assignment = ys[layout.row].reshape(tokens, top_k, hidden).astype(jnp.float32)
     return jnp.einsum("tkh,tk->th", per_assignment, weights.astype(jnp.float32)).astype(x.dtype)
+
+
+def check_hopper() -> None:
+    """Raise `ValueError` unless JAX's GPU (if it runs on one) is a Hopper: wgmma exists on sm_90 only
+    (Blackwell has other matrix instructions). Lowering for CUDA from a CPU host is fine."""
+    if jax.default_backend() != "gpu":
+        return
+    device = jax.devices()[0]
+    capability = str(getattr(device, "compute_capability", ""))
+    if capability and not capability.startswith("9"):
+        raise ValueError(f"the Mosaic GPU expert kernels need a Hopper GPU (TMA and wgmma, compute capability 9.x); "
+                         f"this is a {device.device_kind} ({capability}): use moe_implementation='pallas'")
 
 
 class SortedLayout(NamedTuple):
