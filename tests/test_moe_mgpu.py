@@ -215,6 +215,11 @@ def test_mgpu_moe_kernel_lowers_for_cuda_at_released_shapes():
     text = lower_for_cuda(lambda x, w, i, up, down: experts_mgpu(x, w, i, up, down, jnp.int32(2), pretiled=True,
                                                                   interpret=False), *routing, *tiled)
     assert text.count(f"@{MGPU_CALL}(") == 2
+    many = 8 * 65536  # tokens: 4.2M assignments, 65,663 row tiles of 64
+    with pytest.raises(ValueError, match="fewer tokens per call"):
+        jax.eval_shape(lambda x, w, i: experts_mgpu(x, w, i, *stacks, jnp.int32(0), interpret=False),
+                       jax.ShapeDtypeStruct((many, hidden), jnp.bfloat16), jax.ShapeDtypeStruct((many, k), jnp.float32),
+                       jax.ShapeDtypeStruct((many, k), jnp.int32))
     with pytest.raises(ValueError, match="too large for shared memory"):
             lower_for_cuda(lambda x, w, i, up, down: experts_mgpu(
                 x, w, i, up, down, jnp.int32(0), tiles=MgpuMoeTiles(down_block_n=256, max_concurrent_steps=6),

@@ -54,6 +54,8 @@ WGMMA_ROWS = 64
 # Tiled TMA copies start on a multiple of 8 rows: each expert's group of sorted rows starts on one.
 ROW_ALIGN = 8
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# The row tiles are the grid's second axis, which CUDA caps at 65535 blocks.
+MAX_GRID_Y = 65535
 # Shared memory one H100/H200 block may hold (227 KiB), less a little for the pipeline's barriers.
 SHARED_MEMORY_BYTES = 227 * 1024 - 256
 
@@ -122,6 +124,10 @@ def experts_mgpu(
     assignments = tokens * top_k
 
     layout = sorted_layout(expert_ids.reshape(-1), num_experts, tiles.block_rows)
+    if layout.tiles.shape[0] > MAX_GRID_Y:
+        raise ValueError(f"{assignments} (token, expert) assignments make {layout.tiles.shape[0]} row tiles of "
+                         f"{tiles.block_rows}, over the {MAX_GRID_Y} a CUDA grid's second axis holds: pass fewer "
+                         "tokens per call (e.g. a smaller prefill chunk) or larger block_rows")
     sorted_tokens = jnp.zeros((layout.rows,), jnp.int32).at[layout.row].set(  # alignment rows: token 0
         jnp.arange(assignments, dtype=jnp.int32) // top_k)
     run = functools.partial(_call, layer=layer, table=layout.tiles, tiles=tiles, pretiled=pretiled,
