@@ -511,7 +511,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [f"{result['device_kind']} ({result['device']}), jax {result['jax']}, {result['date_utc']} UTC"]
     if "copy_bandwidth_gb_per_s" in result:
         lines.append(f"device copy bandwidth: {result['copy_bandwidth_gb_per_s']:.0f} GB/s")
-    lines.append(f"{'section':<10} {'impl':<18} {'rows':>4} {'prompt':>6} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8}  note")
+    lines.append(f"{'section':<10} {'impl':<22} {'rows':>4} {'prompt':>6} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8}  note")
     for e in result["entries"]:
         ms = f"{e['ms']:9.3f}" if "ms" in e else f"{'-':>9}"
         gbs = f"{e['gb_per_s']:8.0f}" if "gb_per_s" in e else f"{'-':>8}"
@@ -520,7 +520,7 @@ def render(result: dict[str, Any]) -> str:
             note = e["error"].splitlines()[0][:100]
         else:
             note = " ".join(f"{k}={v}" for k, v in e.get("tiles", {}).items() if v is not None)
-        lines.append(f"{e['section']:<10} {e.get('impl', '-'):<18} {e.get('rows', '-'):>4} "
+        lines.append(f"{e['section']:<10} {e.get('impl', '-'):<22} {e.get('rows', '-'):>4} "
                      f"{e.get('prompt', ''):>6} {ms} {gbs} {tflops}  {note}")
     return "\n".join(lines)
 
