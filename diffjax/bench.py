@@ -383,12 +383,25 @@ def decoder_bytes_per_step(params: Any) -> int:
     read; the embedding is counted once (a fused `softmax(h E^T) E` streams it once for logits and
     self-conditioning together), so this is a floor, not what today's implementation reads. Each leaf counts
     in its own dtype: fp8 experts are one byte per weight plus their float32 scales."""
-    total = 0
+    return sum(decoder_bytes_by_part(params).values())
+
+
+# The parts of a decoder step's weights, by the first of these names in a leaf's path (else "other": norms,
+# the router, layer scalars).
+WEIGHT_PARTS = {"experts": "experts", "self_attn": "attention", "mlp": "dense mlp", "embedding": "embedding"}
+
+
+def decoder_bytes_by_part(params: Any) -> dict[str, int]:
+    """`decoder_bytes_per_step` split into `WEIGHT_PARTS`: the floor of each part of the step, to set against
+    the profile's kernels."""
+    parts = dict.fromkeys([*WEIGHT_PARTS.values(), "other"], 0)
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if getattr(path[-1], "key", None) == "encoder_layer_scalar":
+        keys = [getattr(p, "key", None) for p in path]
+        if keys[-1] == "encoder_layer_scalar":
             continue
-        total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
-    return total
+        part = next((WEIGHT_PARTS[k] for k in keys if k in WEIGHT_PARTS), "other")
+        parts[part] += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    return parts
 
 
 def decoder_flops_per_step(config: Config, batch: int, prompt: int) -> int:
@@ -543,7 +556,10 @@ def run_full_size(
     bandwidth = copy_bandwidth(s.bandwidth_bytes or ((256 << 20) if device.platform == "cpu" else (4 << 30)))
     log("measuring device matmul throughput")
     throughput = matmul_throughput(s.matmul_size or (1024 if device.platform == "cpu" else 8192))
-    weight_bytes = decoder_bytes_per_step(params)
+    weight_parts = decoder_bytes_by_part(params)
+    weight_bytes = sum(weight_parts.values())
+    log("weights a decoder step reads, at the measured bandwidth: " + ", ".join(
+        f"{part} {n / 1e9:.2f} GB ({1e3 * n / bandwidth:.2f} ms)" for part, n in weight_parts.items()))
     model, theirs = None, {}
     if s.transformers:
         torch, _ = _import_torch()
@@ -601,7 +617,8 @@ def run_full_size(
             log(f"point {json.dumps(point)}")
     return {
         "settings": dataclasses.asdict(s), "device": str(device), "config": _config_summary(config),
-        "init_s": init_s, "weight_bytes": weight_bytes, "bandwidth_bytes_per_s": bandwidth,
+        "init_s": init_s, "weight_bytes": weight_bytes, "weight_bytes_by_part": weight_parts,
+        "bandwidth_bytes_per_s": bandwidth,
         "matmul_flops_per_s": throughput, "points": points,
     }
 

@@ -219,6 +219,11 @@ def test_full_size_helpers():
     assert all(leaf.dtype == jax.numpy.bfloat16 for leaf in leaves)
     assert float(params["final_norm"]["scale"][0]) == 1.0
     assert bench.decoder_bytes_per_step(params) == 2 * (bench_count(params) - tiny.num_layers)
+    parts = bench.decoder_bytes_by_part(params)
+    blocks = params["blocks"]
+    assert parts["experts"] == 2 * sum(bench_count(layer["experts"]) for layer in blocks.values())
+    assert parts["attention"] == 2 * sum(bench_count(layer["self_attn"]) for layer in blocks.values())
+    assert parts["embedding"] == 2 * tiny.vocab_size * tiny.hidden_size and min(parts.values()) > 0
     assert bench.copy_bandwidth(1 << 20, repeats=2) > 0
 
 
