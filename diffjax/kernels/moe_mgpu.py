@@ -229,10 +229,10 @@ def _tile_kernel(
     `[..., N / block_n, K, block_n]`, (scales `[..., N]` if quantized), output `[R, N / accumulators]`).
     Accumulator i multiplies the tile's rows by the weight columns `i * N / accumulators + col_tile * block_n
     ..` of the tile's expert (gate/up: two, gate and up; down: one); `epilogue(*accumulated)` makes the
-    stored tile. fp8 weights: each k-step widens its e4m3 tiles into
-    shared buffers the MMAs read, and the accumulators are scaled per column after the loop. With
-    `compute_warpgroups` > 1 the block is warp-specialised: one more warpgroup only issues the TMA copies, and
-    each compute warpgroup multiplies its own 64-row slice of the row tile and stores its own rows."""
+    stored tile. fp8 weights: each k-step widens its e4m3 tiles into shared buffers the MMAs read, and the
+    accumulators are scaled per column after the loop. With `compute_warpgroups` > 1 the block is
+    warp-specialised: one more warpgroup only issues the TMA copies, and each compute warpgroup multiplies
+    its own 64-row slice of the row tile and stores its own rows."""
     rows_per_warpgroup = block_rows // compute_warpgroups
     weight_bytes = 1 if quantized else 2
     # Single warpgroup: the ring is freed before the output tile is allocated; specialised: the output tiles
