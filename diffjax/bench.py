@@ -41,9 +41,9 @@ from diffjax.config import (
     FULL,
     MOE_IMPLEMENTATIONS,
     SLIDING,
-    STACK_READING_MOE_IMPLEMENTATIONS,
     AttentionConfig,
     Config,
+    require_pretiled_readers,
 )
 from diffjax.generate import STATISTICS
 from diffjax.model import init_params, param_shapes
@@ -359,9 +359,8 @@ class FullSizeSettings:
         unknown = set(self.moe_implementations) - set(MOE_IMPLEMENTATIONS)
         if not self.moe_implementations or unknown:
             raise ValueError(f"--moe takes values of {MOE_IMPLEMENTATIONS}, got {self.moe_implementations!r}")
-        if self.experts_pretiled and not set(self.moe_implementations) <= set(STACK_READING_MOE_IMPLEMENTATIONS):
-            raise ValueError("--experts-pretiled is the layout of the Pallas expert kernels: pass --moe "
-                             f"{' / '.join(STACK_READING_MOE_IMPLEMENTATIONS)} only")
+        if self.experts_pretiled:
+            require_pretiled_readers(self.moe_implementations)
         if not self.statistics or set(self.statistics) - set(STATISTICS):
             raise ValueError(f"--statistics takes values of {STATISTICS}, got {self.statistics!r}")
         if self.layers is not None and not 0 < self.layers <= 30:

@@ -31,7 +31,7 @@ from diffjax.config import (
     GLOBAL_ATTENTION_IMPLEMENTATIONS,
     MOE_IMPLEMENTATIONS,
     SLIDING_ATTENTION_IMPLEMENTATIONS,
-    STACK_READING_MOE_IMPLEMENTATIONS,
+    require_pretiled_readers,
 )
 from diffjax.generate import STATISTICS
 
@@ -258,9 +258,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.experts_pretiled:
         from diffjax.kernels.moe import pretile_model
 
-        if model.config.moe_implementation not in STACK_READING_MOE_IMPLEMENTATIONS:
-            raise CliError("--experts-pretiled is the layout of the Pallas expert kernels: pass --moe "
-                           f"{' or '.join(STACK_READING_MOE_IMPLEMENTATIONS)}")
+        require_pretiled_readers((model.config.moe_implementation,))
         model.config, model.params = pretile_model(model.config, model.params)
     if model.banner:
         err.print(f"[bold white on red] {model.banner} [/]", soft_wrap=True)

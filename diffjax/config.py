@@ -21,6 +21,7 @@ STACK_READING_MOE_IMPLEMENTATIONS = ("pallas", "pallas_mgpu")
 MESH_MOE_IMPLEMENTATIONS = ("expert_parallel",)
 GLOBAL_ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
 SLIDING_ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+
 # Config fields that pick an implementation (same maths): not written to config.json.
 IMPLEMENTATION_FIELDS = ("moe_implementation", "global_attention_implementation", "sliding_attention_implementation")
 # How the expert weights are stored (`diffjax.quantize`). Not an implementation field: fp8 changes the maths
@@ -426,6 +427,16 @@ _HF_IGNORED_KEYS = frozenset({
     "vocab_size_per_layer_input", "hidden_size_per_layer_input", "_name_or_path", "chunk_size_feed_forward",
     "is_encoder_decoder", "tokenizer_class", "problem_type", "id2label", "label2id",
 })
+
+
+def require_pretiled_readers(moe_implementations: tuple[str, ...]) -> None:
+    """Raise `ValueError` unless every MoE implementation asked for reads pretiled experts in place: the
+    `--experts-pretiled` flags lay the experts out for those kernels only (the others would untile a copy of
+    each layer's experts per call)."""
+    others = [m for m in moe_implementations if m not in STACK_READING_MOE_IMPLEMENTATIONS]
+    if others:
+        raise ValueError("--experts-pretiled is the layout of the Pallas expert kernels: pass --moe "
+                         f"{' or '.join(STACK_READING_MOE_IMPLEMENTATIONS)} only, not {', '.join(others)}")
 
 
 def _positive(name: str, value: Any) -> None:

@@ -391,7 +391,7 @@ def test_full_size_with_pretiled_experts_makes_them_so(capsys, monkeypatch):
     assert params["blocks"]["layer_0"]["experts"]["gate_up_proj"].ndim == 5
     plain = diffjax.init_params(tiny, jax.random.key(0), jax.numpy.bfloat16)
     assert result["weight_bytes"] == bench.decoder_bytes_per_step(plain)
-    with pytest.raises(ValueError, match="--moe pallas / pallas_mgpu only"):
+    with pytest.raises(ValueError, match="pass --moe pallas or pallas_mgpu only, not grouped"):
         bench.FullSizeSettings(experts_pretiled=True, moe_implementations=("pallas", "grouped")).validate()
     code, _, err = run(capsys, "bench", "--experts-pretiled")
     assert_clean_error(code, err, "--experts-pretiled needs --full-size")
