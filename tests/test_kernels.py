@@ -603,20 +603,22 @@ def test_generate_with_fused_statistics_lowers_for_cuda(monkeypatch):
     assert lm_head_f32.search(texts["logits"]) and not lm_head_f32.search(texts["pallas"])
 
 
-@pytest.mark.parametrize("quantization", ["none", "fp8"])
-def test_released_generate_with_every_kernel_lowers_for_cuda(monkeypatch, quantization):
-    """The whole released-shape generation loop as the GPU runs it (Pallas experts, bf16 or fp8, and the fused
-    vocabulary pass) lowers for CUDA: a kernel or shape that Triton rejects fails here, not on the GPU."""
-    for module in ("moe", "vocab"):
+@pytest.mark.parametrize(("moe", "quantization"), [("pallas", "none"), ("pallas", "fp8"), ("pallas_mgpu", "fp8")])
+def test_released_generate_with_every_kernel_lowers_for_cuda(monkeypatch, moe, quantization):
+    """The whole released-shape generation loop as the GPU runs it (Pallas experts, Triton or Mosaic GPU, bf16
+    or fp8, and the fused vocabulary pass) lowers for CUDA: a kernel or shape that Triton or Mosaic GPU
+    rejects fails here, not on the GPU."""
+    for module in ("moe", "moe_mgpu", "vocab"):
         monkeypatch.setattr(f"diffjax.kernels.{module}.resolve_interpret", lambda _: False)
-    config = Config.diffusiongemma_26b_a4b().replace(moe_implementation="pallas", expert_quantization=quantization)
+    config = Config.diffusiongemma_26b_a4b().replace(moe_implementation=moe, expert_quantization=quantization)
     ids = np.arange(3, 1027)[None].repeat(2, 0)
     text = lower_for_cuda(
         lambda p: generate(p, config, ids, key=jax.random.key(0), statistics="pallas"),
         param_shapes(config, jnp.bfloat16),
     )
     # Experts gate/up + down in the encoder and in the decoder (one scan body each), and the vocabulary pass.
-    assert text.count("__gpu$xla.gpu.triton") == 5
+    mosaic, triton = text.count("@mosaic_gpu_v2("), text.count("__gpu$xla.gpu.triton")
+    assert (mosaic, triton) == ((4, 1) if moe == "pallas_mgpu" else (0, 5))
 
 
 def test_attention_kernel_lowers_for_cuda_at_released_shapes():
