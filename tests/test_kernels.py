@@ -8,6 +8,7 @@ NVIDIA GPU fails here even without one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 
@@ -21,7 +22,7 @@ from diffjax.config import AttentionConfig, Config
 from diffjax.generate import generate
 from diffjax.kernels import bench as kernel_bench
 from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
-from diffjax.kernels.moe import MoeTiles, experts_pallas, pretile_experts
+from diffjax.kernels.moe import MoeTiles, experts_pallas, pretile_experts, untile_experts
 from diffjax.kernels.moe_mgpu import experts_mgpu
 from diffjax.kernels.vocab import VocabTiles, vocab_stats_pallas, vocab_stats_reference
 from diffjax.layers import Experts, attend, experts_dense, experts_grouped
@@ -173,6 +174,54 @@ def test_moe_kernel_fp8_matches_dequantized_twins(tokens, experts, top_k, hidden
     _close(ours, oracle, dtype)
     twin = experts_grouped(x, weights, ids, dequantize(q_up[1], s_up[1], dtype), dequantize(q_down[1], s_down[1], dtype))
     _close(twin, oracle, dtype)  # the twin (weights dequantized to the activation dtype) meets the same bar
+
+
+@pytest.mark.parametrize(("kernel", "dtype", "fp8", "pretiled"), [
+    (experts_pallas, jnp.float32, False, False), (experts_pallas, jnp.float32, True, True),
+    (experts_mgpu, jnp.bfloat16, False, False), (experts_mgpu, jnp.bfloat16, True, False),
+])
+def test_moe_kernels_differentiate_through_their_twin(kernel, dtype, fp8, pretiled):
+    """`jax.grad` through either kernel family (forward: the kernel; backward: `moe.experts_reference`): the
+    same gradients as differentiating the plain-JAX twin, for x, the routing weights and either a traced layer
+    of the weight stacks (zero in the other layer) or, fp8, the scales."""
+    x, weights, ids, gate_up, down = moe_case(24, 8, 2, 64, 32, dtype, seed=5)
+    stacks = [jnp.stack([w, 0.5 * w[::-1]]) for w in (gate_up, down)]
+    scales = []
+    if fp8:
+        (q_up, s_up), (q_down, s_down) = quantize(stacks[0]), quantize(stacks[1])
+        stacks, scales = [q_up, q_down], [s_up, s_down]
+    if pretiled:
+        stacks = list(pretile_experts(*stacks, MoeTiles(gate_up_block_n=16, down_block_n=32)))
+    layer = jnp.int32(1)
+
+    def loss(forward, x, weights, a, b):
+        """Sum of squares of the experts' output; (a, b) are the scales (fp8) or the weight stacks."""
+        args = (*stacks, layer, a, b) if fp8 else (a, b, layer)
+        return jnp.sum(forward(x, weights, ids, *args).astype(jnp.float32) ** 2)
+
+    def ours(x, weights, ids, gate_up, down, layer, gate_up_scale=None, down_scale=None):
+        return kernel(x, weights, ids, gate_up, down, layer, gate_up_scale=gate_up_scale, down_scale=down_scale,
+                      pretiled=pretiled, interpret=True)
+
+    def twin(x, weights, ids, gate_up, down, layer, gate_up_scale=None, down_scale=None):
+        """Written out here rather than `experts_reference` (the backward under test)."""
+        if pretiled:
+            gate_up, down = untile_experts(gate_up, down)
+        gate_up, down = gate_up[layer], down[layer]
+        if fp8:
+            gate_up = dequantize(gate_up, gate_up_scale[layer], dtype)
+            down = dequantize(down, down_scale[layer], dtype)
+        return experts_grouped(x, weights, ids, gate_up, down)
+
+    differentiated = scales if fp8 else stacks
+    mine = jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2, 3))(x, weights, *differentiated)
+    want = jax.grad(functools.partial(loss, twin), argnums=(0, 1, 2, 3))(x, weights, *differentiated)
+    if not fp8:
+        assert float(jnp.abs(mine[2][0].astype(jnp.float32)).max()) == 0  # layer 0's weights: no gradient
+    for got, expected in zip(mine, want, strict=True):
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        # The cotangent is the kernel's output, not the twin's: float32 agrees tightly, bf16 to its roundings.
+        _close(got, expected, dtype, scale=1 if dtype == jnp.float32 else 4)
 
 
 def test_moe_kernel_rejects_inconsistent_fp8_inputs():

@@ -40,8 +40,8 @@ from diffjax.kernels import (
     require_block,
     resolve_interpret,
 )
-from diffjax.layers import gelu_tanh
-from diffjax.quantize import FP8
+from diffjax.layers import experts_grouped, gelu_tanh
+from diffjax.quantize import FP8, dequantize
 
 Array = jax.Array
 
@@ -131,7 +131,19 @@ def experts_pallas(
 
     `pretiled`: gate_up and down as `pretile_experts` lays them out (each column tile contiguous), the column
     tiles' widths taken from them instead of from `tiles`.
+
+    Differentiable: gradients come from the plain-JAX twin (`with_twin_gradients`).
     """
+    kernel = functools.partial(_experts_pallas, tiles=tiles, pretiled=pretiled, interpret=interpret)
+    return with_twin_gradients(kernel, pretiled)(x, weights, expert_ids, gate_up, down, layer, gate_up_scale,
+                                                 down_scale)
+
+
+def _experts_pallas(
+    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None,
+    gate_up_scale: Array | None, down_scale: Array | None, *, tiles: MoeTiles, pretiled: bool,
+    interpret: bool | None,
+) -> Array:
     stacks = expert_stacks(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale, pretiled)
     gate_up, down, gate_up_scale, down_scale, layer = stacks
     quantized = gate_up_scale is not None
@@ -296,6 +308,60 @@ def _padded_layout(expert_ids: Array, num_experts: int, block_rows: int) -> _Lay
     tile_expert = jnp.searchsorted(padded_ends, tile_starts, side="right").astype(jnp.int32)
     tile_expert = jnp.where(tile_starts < padded_ends[-1], tile_expert, -1)
     return _Layout(order, dest, tile_expert, num_tiles * block_rows)
+
+
+def experts_reference(
+    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None = None,
+    gate_up_scale: Array | None = None, down_scale: Array | None = None, pretiled: bool = False,
+) -> Array:
+    """The expert kernels' maths in plain JAX, with their calling convention (a layer of a stack, fp8
+    scales, pretiled layout): layer `layer`'s experts, untiled and dequantized to x's dtype, through
+    `experts_grouped`."""
+    if pretiled:
+        gate_up, down = untile_experts(gate_up, down)
+    if layer is not None:
+        gate_up, down = gate_up[layer], down[layer]
+        if gate_up_scale is not None:
+            gate_up_scale, down_scale = gate_up_scale[layer], down_scale[layer]
+    if gate_up_scale is not None:
+        gate_up, down = dequantize(gate_up, gate_up_scale, x.dtype), dequantize(down, down_scale, x.dtype)
+    return experts_grouped(x, weights, expert_ids, gate_up, down)
+
+
+def with_twin_gradients(kernel: Any, pretiled: bool) -> Any:
+    """`kernel(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale)` differentiated through
+    `experts_reference` (same maths): the kernels have no derivative rules of their own, and a `jax.grad`
+    through them would otherwise stop at an assertion deep in Pallas. The forward stays the kernel's; the
+    backward recomputes the routed experts in plain JAX (ragged_dot), which fine-tuning on a GPU can afford.
+    fp8 weights get no gradient (their scales do)."""
+    @jax.custom_vjp
+    def run(*args: Any) -> Array:
+        return kernel(*args)
+
+    def forward(*args: Any) -> tuple[Array, tuple[Any, ...]]:
+        return kernel(*args), args
+
+    def backward(args: tuple[Any, ...], cotangent: Array) -> tuple[Any, ...]:
+        x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale = args
+        quantized = gate_up_scale is not None
+        if quantized:
+            def twin(x, weights, gate_up_scale, down_scale):
+                return experts_reference(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale,
+                                         pretiled)
+
+            _, vjp = jax.vjp(twin, x, weights, gate_up_scale, down_scale)
+            dx, dweights, dgate_up_scale, ddown_scale = vjp(cotangent)
+            return dx, dweights, None, None, None, None, dgate_up_scale, ddown_scale
+
+        def twin(x, weights, gate_up, down):
+            return experts_reference(x, weights, expert_ids, gate_up, down, layer, pretiled=pretiled)
+
+        _, vjp = jax.vjp(twin, x, weights, gate_up, down)
+        dx, dweights, dgate_up, ddown = vjp(cotangent)
+        return dx, dweights, None, dgate_up, ddown, None, None, None
+
+    run.defvjp(forward, backward)
+    return run
 
 
 class ExpertStacks(NamedTuple):

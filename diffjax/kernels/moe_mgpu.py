@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from diffjax.kernels import largest_power_of_two_divisor, require_block, resolve_interpret
-from diffjax.kernels.moe import expert_stacks
+from diffjax.kernels.moe import expert_stacks, with_twin_gradients
 from diffjax.layers import gelu_tanh
 
 Array = jax.Array
@@ -105,8 +105,19 @@ def experts_mgpu(
     takes them: float8_e4m3fn stacks with `gate_up_scale [(layers,) experts, 2 * inter]` and `down_scale
     [(layers,) experts, hidden]` (float32, `diffjax.quantize`). `pretiled`: weights as
     `moe.pretile_experts` lays them out, each TMA box of a weight tile then one contiguous block; the
-    column blocks are the stacks' tile widths instead of `tiles`'.
+    column blocks are the stacks' tile widths instead of `tiles`'. Differentiable: gradients come from the
+    plain-JAX twin (`moe.with_twin_gradients`).
     """
+    kernel = functools.partial(_experts_mgpu, tiles=tiles, pretiled=pretiled, interpret=interpret)
+    return with_twin_gradients(kernel, pretiled)(x, weights, expert_ids, gate_up, down, layer, gate_up_scale,
+                                                 down_scale)
+
+
+def _experts_mgpu(
+    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None,
+    gate_up_scale: Array | None, down_scale: Array | None, *, tiles: MgpuMoeTiles, pretiled: bool,
+    interpret: bool | None,
+) -> Array:
     if jnp.dtype(x.dtype) not in DTYPES:
         raise ValueError(f"experts_mgpu multiplies in bf16 or fp16 (wgmma), got x {x.dtype}: cast the activations "
                          "or use moe_implementation='pallas'")
