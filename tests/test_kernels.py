@@ -624,6 +624,22 @@ def test_attention_kernel_matches_attend(batch, q_len, heads, kv_heads, head_dim
     _close(ours, attend_padding_only(*as_f32(query, k, v), valid), dtype)
 
 
+def test_attention_kernel_differentiates_through_attend():
+    """`jax.grad` through the split-K kernel (its backward is `attend`'s): the gradients of `attend` with the
+    padding mask, a fully padded row included."""
+    query, keys, values = attention_case(3, 8, 4, 2, 32, 40, jnp.float32, seed=7)
+    valid = (jnp.arange(40)[None, :] >= jnp.array([[0], [9], [40]]))  # row 2: all padding
+
+    def loss(forward, q, k, v):
+        return jnp.sum(forward(q, k, v, valid) ** 2)
+
+    kernel = functools.partial(global_attention_pallas, tiles=AttentionTiles(16, 16, 2), interpret=True)
+    ours = jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2))(query, keys, values)
+    twin = jax.grad(functools.partial(loss, attend_padding_only), argnums=(0, 1, 2))(query, keys, values)
+    for got, want in zip(ours, twin, strict=True):
+        _close(got, want, jnp.float32, scale=5)
+
+
 def test_attention_kernel_gives_zeros_for_all_padding_rows():
     query, k, v = attention_case(2, 16, 4, 2, 32, 40, jnp.float32, seed=1)
     valid = jnp.zeros((2, 40), bool).at[0, 5:].set(True)

@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from diffjax.kernels import FINITE_NEG, MIN_BLOCK, require_block, resolve_interpret
+from diffjax.layers import attend
 
 Array = jax.Array
 
@@ -46,8 +47,31 @@ def global_attention_pallas(
 
     query `[batch, q, heads, head_dim]`, keys/values `[batch, k, kv_heads, head_dim]`, valid `[batch, k]`
     bool (True = a real key). Returns `[batch, q, heads * head_dim]` in values' dtype; a row whose keys are
-    all padding gives zeros, as `attend` does. head_dim a multiple of 16, k >= 16.
+    all padding gives zeros, as `attend` does. head_dim a multiple of 16, k >= 16. Differentiable: the
+    backward is `attend`'s (the kernel has no derivative rule of its own).
     """
+    kernel = functools.partial(_global_attention_pallas, tiles=tiles, interpret=interpret)
+
+    @jax.custom_vjp
+    def run(query: Array, keys: Array, values: Array, valid: Array) -> Array:
+        return kernel(query, keys, values, valid)
+
+    def forward(*args: Array) -> tuple[Array, tuple[Array, ...]]:
+        return kernel(*args), args
+
+    def backward(args: tuple[Array, ...], cotangent: Array) -> tuple[Array | None, ...]:
+        query, keys, values, valid = args
+        mask = jnp.broadcast_to(valid[:, None, :], (query.shape[0], query.shape[1], valid.shape[1]))
+        _, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask), query, keys, values)
+        return (*vjp(cotangent), None)
+
+    run.defvjp(forward, backward)
+    return run(query, keys, values, valid)
+
+
+def _global_attention_pallas(
+    query: Array, keys: Array, values: Array, valid: Array, *, tiles: AttentionTiles, interpret: bool | None,
+) -> Array:
     batch, q_len, heads, head_dim = query.shape
     _, length, kv_heads, _ = keys.shape
     _check(query, keys, values, valid)
