@@ -8,7 +8,8 @@
 - `attention.global_attention_pallas`: split-K (flash-decoding) attention of the canvas over a long cache
   (twin: `diffjax.layers.attend`).
 
-Which path runs is always chosen by the caller (a `Config` field or an argument). Every kernel takes
+Which path runs is always chosen by the caller (a `Config` field or an argument). The expert and attention
+kernels are differentiable: their backward is their twin's (`moe.with_twin_gradients`). Every kernel takes
 `interpret`: True runs the same kernel body through the Pallas interpreter (CPU tests); the default `None`
 means "interpret iff the default backend is not a GPU", since these kernels only compile for GPUs (the
 Mosaic GPU ones run in Mosaic GPU's own interpreter, which simulates shared memory, TMA and barriers).
