@@ -9,7 +9,7 @@
   (twin: `diffjax.layers.attend`).
 
 Which path runs is always chosen by the caller (a `Config` field or an argument). The expert and attention
-kernels are differentiable: their backward is their twin's (`moe.with_twin_gradients`). Every kernel takes
+kernels are differentiable: their backward is their twin's (`with_twin_backward`). Every kernel takes
 `interpret`: True runs the same kernel body through the Pallas interpreter (CPU tests); the default `None`
 means "interpret iff the default backend is not a GPU", since these kernels only compile for GPUs (the
 Mosaic GPU ones run in Mosaic GPU's own interpreter, which simulates shared memory, TMA and barriers).
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,36 @@ import jax.numpy as jnp
 def resolve_interpret(interpret: bool | None) -> bool:
     """`interpret` as given, or (None) True exactly when JAX's default backend is not a GPU."""
     return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+
+
+def with_twin_backward(kernel: Callable[..., jax.Array], twin: Callable[..., jax.Array],
+                       differentiable: Callable[[tuple[Any, ...]], Sequence[int]]) -> Callable[..., jax.Array]:
+    """`kernel(*args)` forward, with the backward of `twin(*args)` (the same maths in plain JAX). Pallas
+    kernels have no derivative rules: without this a `jax.grad` through one stops at an assertion deep in
+    Pallas. `differentiable(args)` names the positions that get gradients; the others (ids, indices, masks,
+    fp8 weights) get none. The backward recomputes the twin's forward, which training can afford."""
+    @jax.custom_vjp
+    def run(*args: Any) -> jax.Array:
+        return kernel(*args)
+
+    def forward(*args: Any) -> tuple[jax.Array, tuple[Any, ...]]:
+        return kernel(*args), args
+
+    def backward(args: tuple[Any, ...], cotangent: jax.Array) -> tuple[Any, ...]:
+        wrt = tuple(differentiable(args))
+
+        def twin_of(*chosen: Any) -> jax.Array:
+            full = list(args)
+            for position, value in zip(wrt, chosen, strict=True):
+                full[position] = value
+            return twin(*full)
+
+        _, vjp = jax.vjp(twin_of, *(args[i] for i in wrt))
+        gradients = dict(zip(wrt, vjp(cotangent), strict=True))
+        return tuple(gradients.get(i) for i in range(len(args)))
+
+    run.defvjp(forward, backward)
+    return run
 
 
 # Triton's tensor-core dot needs every block dimension >= 16.

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from diffjax.kernels import FINITE_NEG, MIN_BLOCK, require_block, resolve_interpret
+from diffjax.kernels import FINITE_NEG, MIN_BLOCK, require_block, resolve_interpret, with_twin_backward
 from diffjax.layers import attend
 
 Array = jax.Array
@@ -51,22 +51,14 @@ def global_attention_pallas(
     backward is `attend`'s (the kernel has no derivative rule of its own).
     """
     kernel = functools.partial(_global_attention_pallas, tiles=tiles, interpret=interpret)
+    return with_twin_backward(kernel, attend_padding_only, lambda _: (0, 1, 2))(query, keys, values, valid)
 
-    @jax.custom_vjp
-    def run(query: Array, keys: Array, values: Array, valid: Array) -> Array:
-        return kernel(query, keys, values, valid)
 
-    def forward(*args: Array) -> tuple[Array, tuple[Array, ...]]:
-        return kernel(*args), args
-
-    def backward(args: tuple[Array, ...], cotangent: Array) -> tuple[Array | None, ...]:
-        query, keys, values, valid = args
-        mask = jnp.broadcast_to(valid[:, None, :], (query.shape[0], query.shape[1], valid.shape[1]))
-        _, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask), query, keys, values)
-        return (*vjp(cotangent), None)
-
-    run.defvjp(forward, backward)
-    return run(query, keys, values, valid)
+def attend_padding_only(query: Array, keys: Array, values: Array, valid: Array) -> Array:
+    """`attend` with every query row seeing the `valid` keys (the decoder's padding-only mask): the kernel's
+    twin, in its calling convention."""
+    mask = jnp.broadcast_to(valid[:, None, :], (query.shape[0], query.shape[1], valid.shape[1]))
+    return attend(query, keys, values, mask)
 
 
 def _global_attention_pallas(

@@ -56,7 +56,7 @@ import numpy as np
 from diffjax.bench import best_time, copy_bandwidth
 from diffjax.config import Config
 from diffjax.kernels import largest_power_of_two_divisor
-from diffjax.layers import attend, experts_dense, experts_grouped
+from diffjax.layers import experts_dense, experts_grouped
 
 RAGGED_DOT_FUSION_FLAG = "--xla_gpu_experimental_use_ragged_dot_fusion=true"
 # The Pallas expert kernels: (fp8 weights, pretiled weights) of each.
@@ -399,11 +399,6 @@ def attention_inputs(shapes: Shapes, batch: int, length: int, kv_heads: int, hea
     return make()
 
 
-def _attend_visible(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
-    """Our XLA attention with every query row seeing the `valid` keys (the decoder's padding-only mask)."""
-    return attend(q, k, v, jnp.broadcast_to(valid[:, None, :], (q.shape[0], q.shape[1], valid.shape[1])))
-
-
 def _split_k_variants(s: Settings) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
     """The split-K attention kernel under its default tiles, or with `sweep` under each of `ATTENTION_TILES`."""
     from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
@@ -415,9 +410,11 @@ def _split_k_variants(s: Settings) -> dict[str, tuple[Callable[..., Any], dict[s
 
 
 def bench_attention(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    from diffjax.kernels.attention import attend_padding_only
+
     functions = _split_k_variants(s)
     if not s.sweep:
-        functions["attend"] = (jax.jit(_attend_visible), {})
+        functions["attend"] = (jax.jit(attend_padding_only), {})
     out = []
     for prompt in s.prompts:
         for batch in s.rows:
@@ -434,6 +431,7 @@ def bench_sliding(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> li
     ring is full once the context reaches the window). Ours (`attend`, XLA; the split-K kernel) against
     `jax.nn.dot_product_attention` with XLA and with cuDNN (GPU only; recorded as an error elsewhere); with
     `sweep` the split-K kernel alone, under each tile setting (head_dim 256 here, 512 on the global layers)."""
+    from diffjax.kernels.attention import attend_padding_only
 
     def sdpa(implementation: str) -> Callable[..., jax.Array]:
         def run(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
@@ -444,7 +442,7 @@ def bench_sliding(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> li
 
     functions = _split_k_variants(s)
     if not s.sweep:
-        functions["attend"] = (jax.jit(_attend_visible), {})
+        functions["attend"] = (jax.jit(attend_padding_only), {})
         functions |= {f"sdpa_{impl}": (jax.jit(sdpa(impl)), {}) for impl in ("xla", "cudnn")}
     length = shapes.sliding_window - 1 + shapes.canvas
     out = []

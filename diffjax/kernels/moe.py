@@ -39,6 +39,7 @@ from diffjax.kernels import (
     largest_power_of_two_divisor,
     require_block,
     resolve_interpret,
+    with_twin_backward,
 )
 from diffjax.layers import experts_grouped, gelu_tanh
 from diffjax.quantize import FP8, dequantize
@@ -329,39 +330,13 @@ def experts_reference(
 
 
 def with_twin_gradients(kernel: Any, pretiled: bool) -> Any:
-    """`kernel(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale)` differentiated through
-    `experts_reference` (same maths): the kernels have no derivative rules of their own, and a `jax.grad`
-    through them would otherwise stop at an assertion deep in Pallas. The forward stays the kernel's; the
-    backward recomputes the routed experts in plain JAX (ragged_dot), which fine-tuning on a GPU can afford.
-    fp8 weights get no gradient (their scales do)."""
-    @jax.custom_vjp
-    def run(*args: Any) -> Array:
-        return kernel(*args)
+    """An expert kernel `kernel(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale)`
+    differentiated through `experts_reference` (`diffjax.kernels.with_twin_backward`): gradients for x, the
+    routing weights and the weight stacks, or for fp8 experts their scales (not the e4m3 weights)."""
+    def differentiable(args: tuple[Any, ...]) -> tuple[int, ...]:
+        return (0, 1, 6, 7) if args[6] is not None else (0, 1, 3, 4)
 
-    def forward(*args: Any) -> tuple[Array, tuple[Any, ...]]:
-        return kernel(*args), args
-
-    def backward(args: tuple[Any, ...], cotangent: Array) -> tuple[Any, ...]:
-        x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale = args
-        quantized = gate_up_scale is not None
-        if quantized:
-            def twin(x, weights, gate_up_scale, down_scale):
-                return experts_reference(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale,
-                                         pretiled)
-
-            _, vjp = jax.vjp(twin, x, weights, gate_up_scale, down_scale)
-            dx, dweights, dgate_up_scale, ddown_scale = vjp(cotangent)
-            return dx, dweights, None, None, None, None, dgate_up_scale, ddown_scale
-
-        def twin(x, weights, gate_up, down):
-            return experts_reference(x, weights, expert_ids, gate_up, down, layer, pretiled=pretiled)
-
-        _, vjp = jax.vjp(twin, x, weights, gate_up, down)
-        dx, dweights, dgate_up, ddown = vjp(cotangent)
-        return dx, dweights, None, dgate_up, ddown, None, None, None
-
-    run.defvjp(forward, backward)
-    return run
+    return with_twin_backward(kernel, functools.partial(experts_reference, pretiled=pretiled), differentiable)
 
 
 class ExpertStacks(NamedTuple):
