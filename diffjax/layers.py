@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax.config import FULL, SLIDING, AttentionConfig, Config
+from diffjax.config import FULL, SLIDING, STACK_READING_MOE_IMPLEMENTATIONS, AttentionConfig, Config
 from diffjax.quantize import FP8, SCALE_LEAVES, dequantize
 
 Array = jax.Array
@@ -298,23 +298,18 @@ class Experts(nn.Module):
                 "the expert weights are float8_e4m3fn but config.expert_quantization is 'none': use "
                 "config.replace(expert_quantization='fp8') with params from diffjax.quantize.quantize_experts"
             )
-        if cfg.moe_implementation == "pallas":
-            from diffjax.kernels.moe import experts_pallas  # the kernels import this module
+        # Flax's init (float32, shapes only) takes the twin below: wgmma does not take float32.
+        if cfg.moe_implementation in STACK_READING_MOE_IMPLEMENTATIONS and not self.is_initializing():
+            # The kernels import this module.
+            if cfg.moe_implementation == "pallas_mgpu":
+                from diffjax.kernels.moe_mgpu import experts_mgpu as kernel
+            else:
+                from diffjax.kernels.moe import experts_pallas as kernel
 
             stacks, layer = stacked if stacked is not None else (leaves, None)
-            return experts_pallas(
-                x, weights, expert_ids, stacks["gate_up_proj"], stacks["down_proj"], layer,
-                gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"),
-                pretiled=pretiled,
-            )
-        # Flax's init traces the model in float32, which wgmma does not take; init only needs the shapes.
-        if cfg.moe_implementation == "pallas_mgpu" and not self.is_initializing():
-            from diffjax.kernels.moe_mgpu import experts_mgpu  # the kernels import this module
-
-            stacks, layer = stacked if stacked is not None else (leaves, None)
-            return experts_mgpu(x, weights, expert_ids, stacks["gate_up_proj"], stacks["down_proj"], layer,
-                                gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"),
-                                pretiled=pretiled)
+            return kernel(x, weights, expert_ids, stacks["gate_up_proj"], stacks["down_proj"], layer,
+                          gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"),
+                          pretiled=pretiled)
         if pretiled:
             from diffjax.kernels.moe import untile_experts
 

@@ -252,33 +252,27 @@ def bench_moe(s: Settings, shapes: Shapes, impls: Sequence[str], log: Callable[[
     from diffjax.kernels.moe_mgpu import MgpuMoeTiles, experts_mgpu
     from diffjax.quantize import quantize
 
-    def pallas(tiles: MoeTiles, pretiled: bool) -> Callable[..., Any]:
+    def expert_kernel(kernel: Callable[..., Any], tiles: Any, pretiled: bool) -> Callable[..., Any]:
         def run(x, w, ids, gate_up, down, gate_up_scale=None, down_scale=None):
-            return experts_pallas(x, w, ids, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale,
-                                  tiles=tiles, pretiled=pretiled, interpret=s.tiny)
-        return run
-
-    def mgpu(tiles: MgpuMoeTiles, pretiled: bool) -> Callable[..., Any]:
-        def run(x, w, ids, gate_up, down, gate_up_scale=None, down_scale=None):
-            return experts_mgpu(x, w, ids, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale,
-                                tiles=tiles, pretiled=pretiled, interpret=s.tiny)
+            return kernel(x, w, ids, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale,
+                          tiles=tiles, pretiled=pretiled, interpret=s.tiny)
         return run
 
     twins: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
     # (fp8, pretiled) -> the Pallas variants taking such weights. Pretiled sweep variants all read weights tiled
     # under the default tiles: the stacks' tile widths override the candidates' column blocks.
-    kernels: dict[tuple[bool, bool], dict[str, tuple[Callable[..., Any], dict[str, Any]]]] = {(False, False): {}}
+    kernels: dict[tuple[bool, bool], dict[str, tuple[Callable[..., Any], dict[str, Any]]]] = {}
     for impl in impls:
-        if impl in PALLAS_MOE_IMPLS:
-            fp8, pretiled = PALLAS_MOE_IMPLS[impl]
+        if impl in TILED_MOE_IMPLS:
+            mgpu = impl in MGPU_MOE_IMPLS
+            fp8, pretiled = (MGPU_MOE_IMPLS if mgpu else PALLAS_MOE_IMPLS)[impl]
+            kernel, tiles_class = (experts_mgpu, MgpuMoeTiles) if mgpu else (experts_pallas, MoeTiles)
+            # fp8 weights are widened by the Mosaic compute warpgroup itself: no warp-specialised variant.
+            candidates = [c for c in (MGPU_MOE_TILES if mgpu else MOE_TILES)
+                          if not (fp8 and c.get("compute_warpgroups", 1) > 1)]
             kernels.setdefault((fp8, pretiled), {}).update(_pallas_variants(
-                functools.partial(pallas, pretiled=pretiled), MoeTiles, MOE_TILES, s.sweep, name=impl))
-        elif impl in MGPU_MOE_IMPLS:
-            fp8, pretiled = MGPU_MOE_IMPLS[impl]
-            # fp8 weights are widened by the compute warpgroup itself: no warp-specialised variant.
-            candidates = [c for c in MGPU_MOE_TILES if not (fp8 and c.get("compute_warpgroups", 1) > 1)]
-            kernels.setdefault((fp8, pretiled), {}).update(_pallas_variants(
-                functools.partial(mgpu, pretiled=pretiled), MgpuMoeTiles, candidates, s.sweep, name=impl))
+                functools.partial(expert_kernel, kernel, pretiled=pretiled), tiles_class, candidates, s.sweep,
+                name=impl))
         elif impl in ("ragged_dot", "ragged_dot_fusion"):
             twins[impl] = (jax.jit(experts_grouped), {})
         elif impl == "ragged_dot_mgpu":
