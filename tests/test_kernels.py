@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -442,6 +443,27 @@ def test_moe_kernel_rejects_bad_shapes():
 
 
 # ------------------------------------------------------------------------------------------- bench
+
+
+def test_best_time_queues_calls_and_reports_the_time_per_call():
+    """A sample is `calls` calls waited for once; the figure is per call (a per-sample figure would be 5x)."""
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.002)
+        return jnp.zeros(())
+
+    _, best = kernel_bench.best_time(fn, repeats=2, calls=5)
+    assert len(calls) == 1 + 2 * 5
+    assert 0.002 <= best < 0.008
+
+
+def test_kernel_bench_refuses_non_positive_counts(capsys):
+    for flag in ("--calls", "--repeats"):
+        with pytest.raises(SystemExit):
+            kernel_bench.main(["--tiny", flag, "0"])
+        assert "must be positive" in capsys.readouterr().err
 
 
 def test_kernel_bench_runs_tiny_and_records_failures(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
     python -m diffjax.kernels.bench --out kernels.json          # on the GPU, bf16, < 3 minutes on an H100
     python -m diffjax.kernels.bench --tiny --out tiny.json      # CPU smoke run: tiny shapes, interpret mode
 
-For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--repeats` warm calls:
+For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--repeats` warm samples of
+`--calls` calls queued back to back (the device's time per call, not one call's dispatch and wait):
 
 * `moe`: one layer's experts (128 experts top-8, hidden 2816, inter 704) as the Pallas kernel (`pallas`),
   `jax.lax.ragged_dot` (`ragged_dot`), ragged_dot with `--xla_gpu_experimental_use_ragged_dot_fusion`
@@ -159,6 +160,9 @@ class Settings:
     sections: tuple[str, ...] = SECTIONS
     moe_impls: tuple[str, ...] = MOE_IMPLS
     repeats: int = 5
+    # Calls per timed sample, queued without waiting: a sliding layer's attention takes ~0.1 ms, the scale of
+    # the host's dispatch and wait around a single call.
+    calls: int = 10
     tiny: bool = False
     sweep: bool = False  # time the Pallas kernels under several tile settings instead of against the twins
     seed: int = 0
@@ -238,7 +242,7 @@ def _time_all(section: str, rows: int, args: tuple, nbytes: int, flops: int,
         log(name)
 
         def timed(fn: Callable[..., Any] = fn) -> tuple[float, float]:
-            first_s, best_s = best_time(lambda: fn(*args), s.repeats)
+            first_s, best_s = best_time(lambda: fn(*args), s.repeats, s.calls)
             return first_s, 1e3 * best_s
 
         out.append(_entry(section, impl, rows, timed, nbytes, flops, **problem, **extra))
@@ -319,7 +323,8 @@ def bench_moe_fusion_child(s: Settings, log: Callable[[str], None]) -> list[dict
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "fusion.json"
         cmd = [sys.executable, "-m", "diffjax.kernels.bench", "--sections", "moe", "--moe-impls", "ragged_dot_fusion",
-               "--child", "--repeats", str(s.repeats), "--rows", *map(str, s.rows), "--out", str(out)]
+               "--child", "--repeats", str(s.repeats), "--calls", str(s.calls), "--rows", *map(str, s.rows),
+               "--out", str(out)]
         if s.tiny:
             cmd.append("--tiny")
         env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {RAGGED_DOT_FUSION_FLAG}".strip())
@@ -525,18 +530,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, nargs="+", help="attention prompt lengths (default 1024 32768)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--moe-impls", nargs="+", choices=MOE_IMPLS, default=list(MOE_IMPLS))
-    p.add_argument("--repeats", type=int, default=5, help="warm calls per entry, the best is kept (default 5)")
+    p.add_argument("--repeats", type=int, default=5, help="warm samples per entry, the best is kept (default 5)")
+    p.add_argument("--calls", type=int, help="calls queued back to back per sample (default 10; tiny: 1)")
     p.add_argument("--sweep", action="store_true",
                    help="time each Pallas kernel under several tile settings (no twins); report the fastest")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if any(n <= 0 for n in (args.rows or []) + (args.prompts or []) + [args.repeats]):
-        p.error("--rows, --prompts and --repeats must be positive")
+    counts = [*(args.rows or []), *(args.prompts or []), args.repeats, *([] if args.calls is None else [args.calls])]
+    if any(n <= 0 for n in counts):
+        p.error("--rows, --prompts, --repeats and --calls must be positive")
     settings = Settings(
         rows=tuple(args.rows or ((1, 2) if args.tiny else (1, 4, 8, 16))),
         prompts=tuple(args.prompts or ((32,) if args.tiny else (1024, 32768))),
-        sections=tuple(args.sections), moe_impls=tuple(args.moe_impls), repeats=args.repeats, tiny=args.tiny,
-        sweep=args.sweep,
+        sections=tuple(args.sections), moe_impls=tuple(args.moe_impls), repeats=args.repeats,
+        calls=args.calls or (1 if args.tiny else 10), tiny=args.tiny, sweep=args.sweep,
     )
     start = time.perf_counter()
     result = run(settings, log=lambda m: print(f"[{time.perf_counter() - start:6.1f}s] {m}", file=sys.stderr,
