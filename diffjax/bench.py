@@ -22,6 +22,7 @@ torch and transformers are optional (the `test` extra): imported only when the t
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import json
@@ -715,7 +716,30 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
     console.print(table)
 
 
-def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
+def check_output_file(path: str | os.PathLike[str]) -> None:
+    """Raise `ValueError` if results could not be written to `path`; call it before a long run."""
+    path = pathlib.Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: name a file to write the results to")
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {path}: folder {folder} is not writable")
+
+
+def output_file(text: str) -> pathlib.Path:
+    """argparse `type` of a results file: a bad path is refused when the arguments are parsed."""
+    try:
+        check_output_file(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return pathlib.Path(text)
+
+
+def write_json(result: Any, path: str | os.PathLike[str]) -> None:
+    """`result` as JSON (NaN as null), through a temporary sibling renamed onto `path`: an interrupted write
+    leaves the previous file whole."""
     def clean(x: Any) -> Any:
         if isinstance(x, float) and math.isnan(x):
             return None
@@ -725,7 +749,13 @@ def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
             return [clean(v) for v in x]
         return x
 
-    pathlib.Path(path).write_text(json.dumps(clean(result), indent=2) + "\n", encoding="utf-8")
+    path = pathlib.Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_text(json.dumps(clean(result), indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 __all__ = [

@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -34,6 +35,10 @@ from diffjax.config import (
     require_pretiled_readers,
 )
 from diffjax.generate import STATISTICS
+
+if TYPE_CHECKING:
+    from diffjax.config import Config
+    from diffjax.tasks import Task
 
 EXIT_USAGE = 2
 # The embedded default model: a DiffusionGemma-architecture model that diffjax trained on a task.
@@ -147,11 +152,19 @@ def load_model(
             raise CliError(f"no {TOKENIZER_FILE} in {tokenizer_dir}{hint}")
         tokenizer = Tokenizer.from_dir(tokenizer_dir)  # before the weights: fail fast on a bad folder
     config, params = load_weights(checkpoint, dtype, experts_fp8, progress)
-    if task is not None and config.vocab_size < tokenizer.vocab_size:
-        raise CliError(f"{checkpoint}: model vocabulary {config.vocab_size} < task {task.name!r}'s {tokenizer.vocab_size}")
+    if task is not None:
+        check_fits_task(config, task, str(checkpoint))
     return LoadedModel(
         config, params, tokenizer, convert.load_generation_config(checkpoint), str(checkpoint), task=task
     )
+
+
+def check_fits_task(config: Config, task: Task, what: str) -> None:
+    """A model for `task` reads its tokenizer's ids and was trained on its canvas length (the weights would
+    run on another canvas, as a model never trained on it)."""
+    if config.vocab_size < task.tokenizer.vocab_size or config.canvas_length != task.canvas_length:
+        raise CliError(f"{what}: vocabulary {config.vocab_size} / canvas {config.canvas_length} do not fit task "
+                       f"{task.name} (needs >= {task.tokenizer.vocab_size} / {task.canvas_length})")
 
 
 # -------------------------------------------------------------------------------------- live canvas
@@ -370,9 +383,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.init is not None:
         with err.status(f"loading {args.init}"):
             config, params = load_weights(args.init, args.dtype or "float32", args.experts_fp8)
-        if config.vocab_size < task.tokenizer.vocab_size or config.canvas_length != task.canvas_length:
-            raise CliError(f"--init {args.init}: vocabulary {config.vocab_size} / canvas {config.canvas_length} "
-                           f"do not fit task {task.name} (needs >= {task.tokenizer.vocab_size} / {task.canvas_length})")
+        check_fits_task(config, task, f"--init {args.init}")
         config = config.replace(moe_implementation=args.moe)
     else:
         preset = Config.demo() if args.preset == "demo" else Config.tiny()
@@ -429,6 +440,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from diffjax import bench
 
     out, err = Console(), Console(stderr=True)
+    if args.json:  # before the run, not after it: a bad path would lose its results
+        bench.check_output_file(args.json)
 
     def log(message: str) -> None:
         err.print(f"[dim]{message}[/]")
@@ -561,7 +574,10 @@ def _number_type(convert: Callable[[str], Any], kind: str, accept: Callable[[Any
 
 _positive_int = _number_type(int, "an integer", lambda v: v > 0, "> 0")
 _nonnegative_int = _number_type(int, "an integer", lambda v: v >= 0, ">= 0")
-_positive_float = _number_type(float, "a number", lambda v: v > 0, "> 0")
+_positive_float = _number_type(float, "a finite number", lambda v: math.isfinite(v) and v > 0, "> 0")
+_nonnegative_float = _number_type(float, "a finite number", lambda v: math.isfinite(v) and v >= 0, ">= 0")
+# jax.random.key takes a signed 64-bit seed.
+_seed = _number_type(int, "an integer", lambda v: 0 <= v < 2**63, "in [0, 2**63)")
 
 
 def _add_attention_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -594,8 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "when loading")
     g.add_argument("--max-new-tokens", type=_positive_int, help="rounded up to whole canvases")
     g.add_argument("--steps", type=_positive_int, help="max denoising steps per canvas (default 48)")
-    g.add_argument("--t-min", type=float, help="final temperature (default 0.4)")
-    g.add_argument("--t-max", type=float, help="initial temperature (default 0.8)")
+    g.add_argument("--t-min", type=_nonnegative_float, help="final temperature (default 0.4)")
+    g.add_argument("--t-max", type=_positive_float, help="initial temperature (default 0.8)")
     g.add_argument("--entropy-bound", type=_positive_float, help="entropy-bound sampler budget (default 0.1)")
     g.add_argument("--stability-threshold", type=_nonnegative_int, help="adaptive stop: stable steps (default 1)")
     g.add_argument("--confidence-threshold", type=_positive_float,
@@ -607,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe", choices=MOE_IMPLEMENTATIONS,
                    help="expert computation (default: the checkpoint's, grouped): on a GPU, pallas")
     _add_attention_flags(g)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--no-live", action="store_true", help="no per-step view (also skips the host callback)")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="raw", action="store_false", help="wrap the prompt in the chat template (default)")
@@ -642,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
     t.add_argument("--warmup-steps", type=_nonnegative_int, help="linear warmup (default steps/10), then cosine")
-    t.add_argument("--seed", type=int, default=0, help="init, data and noise seed (default 0)")
+    t.add_argument("--seed", type=_seed, default=0, help="init, data and noise seed (default 0)")
     t.add_argument("--lora-rank", type=_positive_int, help="train a LoRA adapter of this rank instead of all weights")
     t.add_argument("--lora-alpha", type=_positive_float, help="LoRA scale alpha (default 2 * rank)")
     t.add_argument("--lora-targets", help="comma-separated modules, e.g. self_attn/q_proj,mlp/up_proj (default: "
@@ -673,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens (default 32; --full-size: one or more, default 1024)")
     b.add_argument("--new-tokens", type=_positive_int, help="generated tokens (default 128; full size 256)")
     b.add_argument("--repeats", type=_positive_int, default=3, help="timed warm calls, the best is reported (default 3)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=_seed, default=0)
     b.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
     b.add_argument("--moe", choices=MOE_IMPLEMENTATIONS, nargs="+",
                    help="our expert computation (default grouped): routed pairs via ragged_dot, every expert on "
@@ -720,8 +736,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (CliError, CheckpointError, TokenizerError, FileExistsError, ValueError) as exc:
-        # ValueError: generate()'s and Config's own validation (prompt too long, bad temperature, ...).
+    except (CliError, CheckpointError, TokenizerError, OSError, ValueError) as exc:
+        # ValueError: generate()'s and Config's own validation (prompt too long, bad temperature, ...);
+        # OSError: a file or folder that cannot be read or written (its message names the path).
         print(f"diffjax: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

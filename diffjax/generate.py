@@ -39,11 +39,12 @@ from diffjax.model import (
     Params,
     _denoise_logits,
     _encode,
-    check_token_ids,
+    check_context,
     init_cache,
     param_dtype,
     prefill,
 )
+from diffjax.validation import padding_mask, prng_key, require_int, token_ids
 
 Array = jax.Array
 # How a step turns the decoder's output into the sampler's input: "logits" (float32 [batch, canvas, vocab],
@@ -78,14 +79,14 @@ class GenerationSettings:
     statistics: str = "logits"
 
     def validate(self, config: Config) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps <= 0:
-            raise ValueError(f"max_denoising_steps must be a positive integer, got {self.max_denoising_steps!r}")
+        require_int("max_new_tokens", self.max_new_tokens, 1)
+        require_int("max_denoising_steps", self.max_denoising_steps, 1)
+        require_int("prefill_chunk_size", self.prefill_chunk_size, 1)
         if self.statistics not in STATISTICS:
             raise ValueError(f"statistics must be one of {STATISTICS}, got {self.statistics!r}")
         for token in (self.pad_token_id, *(self.eos_token_id or ())):
-            if not 0 <= token < config.vocab_size:
+            require_int("pad_token_id / eos_token_id", token, 0)
+            if token >= config.vocab_size:
                 raise ValueError(f"special token id {token} outside the vocabulary [0, {config.vocab_size})")
 
     def num_canvases(self, config: Config) -> int:
@@ -134,7 +135,7 @@ def generate(
     follow the same distribution as "logits" but not the same random stream; "xla" is its plain-JAX twin.
     Same `key`, same inputs -> bitwise the same tokens.
     """
-    input_ids = jnp.asarray(input_ids)
+    input_ids = token_ids("input_ids", input_ids, config.vocab_size)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, prompt], got shape {input_ids.shape}")
     batch, prompt = input_ids.shape
@@ -142,31 +143,25 @@ def generate(
         raise ValueError("input_ids has zero rows: batch size must be at least 1")
     if prompt == 0:
         raise ValueError("input_ids has zero tokens: give at least one prompt token (e.g. <bos>)")
-    check_token_ids("input_ids", input_ids, config.vocab_size)
-    attention_mask = jnp.ones((batch, prompt), bool) if attention_mask is None else jnp.asarray(attention_mask)
-    if attention_mask.shape != (batch, prompt):
-        raise ValueError(f"attention_mask shape {attention_mask.shape} does not match input_ids {input_ids.shape}")
+    attention_mask = (jnp.ones((batch, prompt), bool) if attention_mask is None
+                      else padding_mask("attention_mask", attention_mask, (batch, prompt), every_row_real=True))
+    key = prng_key("key", key)
+    # Validated (as integers, not bools) by settings.validate.
     eos = None if eos_token_id is None else (
-        (int(eos_token_id),) if isinstance(eos_token_id, int | np.integer) else tuple(int(e) for e in eos_token_id)
+        (eos_token_id,) if isinstance(eos_token_id, int | np.integer) else tuple(eos_token_id)
     )
     settings = GenerationSettings(
         max_new_tokens, max_denoising_steps, eos, pad_token_id, prefill_chunk_size, statistics
     )
     settings.validate(config)
-    total = prompt + settings.num_canvases(config) * config.canvas_length
-    if total > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt ({prompt}) + generated tokens ({total - prompt}) exceed the model's context "
-            f"({config.max_position_embeddings} positions)"
-        )
+    generated = settings.num_canvases(config) * config.canvas_length
+    check_context(config, prompt + generated, f"prompt ({prompt}) + generated tokens ({generated})")
     if initial_canvas is not None:
-        initial_canvas = jnp.asarray(initial_canvas)
+        initial_canvas = token_ids("initial_canvas", initial_canvas, config.vocab_size)
         if initial_canvas.shape != (batch, config.canvas_length):
             raise ValueError(
                 f"initial_canvas must be [batch={batch}, canvas={config.canvas_length}], got {initial_canvas.shape}"
             )
-        check_token_ids("initial_canvas", initial_canvas, config.vocab_size)
-        initial_canvas = initial_canvas.astype(jnp.int32)
 
     components = Components(
         sampler=sampler if sampler is not None else sampling.EntropyBoundSampler(entropy_bound=entropy_bound),
@@ -185,7 +180,7 @@ def generate(
     if statistics != "logits":
         _check_statistics_components(components, statistics)
     return _generate(
-        params, config, settings, input_ids.astype(jnp.int32), attention_mask.astype(bool), key,
+        params, config, settings, input_ids, attention_mask, key,
         initial_canvas, components, on_step,
     )
 

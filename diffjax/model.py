@@ -23,6 +23,7 @@ import numpy as np
 from diffjax.config import FULL, SLIDING, STACK_READING_MOE_IMPLEMENTATIONS, Config
 from diffjax.layers import MLP, Attention, Experts, RMSNorm, Router, rms_norm
 from diffjax.quantize import FP8, SCALE_LEAVES, storage_dtype
+from diffjax.validation import padding_mask, require_int, token_ids
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -64,8 +65,8 @@ def ring_size(config: Config, capacity: int) -> int:
 
 def init_cache(config: Config, batch_size: int, capacity: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty cache for `capacity` positions."""
-    if capacity <= 0:
-        raise ValueError(f"cache capacity must be positive, got {capacity}")
+    require_int("batch_size", batch_size, 1)
+    require_int("capacity", capacity, 1)
     keys = {}
     for j, layer_type in enumerate(config.block_layer_types):
         att = config.attention(layer_type)
@@ -422,30 +423,27 @@ def encode_with_hidden(
     cache: KVCache | None = None, *, capacity: int | None = None,
 ) -> tuple[KVCache, Array]:
     """`encode` that also returns the encoder's final-normed hidden states `[batch, seq, hidden]`."""
-    input_ids = jnp.asarray(input_ids)
+    input_ids = token_ids("input_ids", input_ids, config.vocab_size)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
     batch, n = input_ids.shape
     if batch == 0 or n == 0:
         raise ValueError(f"input_ids must have at least one row and one token, got shape {input_ids.shape}")
-    check_token_ids("input_ids", input_ids, config.vocab_size)
-    if attention_mask is None:
-        attention_mask = jnp.ones((batch, n), bool)
-    attention_mask = jnp.asarray(attention_mask)
-    if attention_mask.shape != (batch, n):
-        raise ValueError(f"attention_mask shape {attention_mask.shape} does not match input_ids {input_ids.shape}")
+    attention_mask = (jnp.ones((batch, n), bool) if attention_mask is None
+                      else padding_mask("attention_mask", attention_mask, (batch, n)))
     if cache is None:
-        cache = init_cache(config, batch, capacity or n, param_dtype(params))
+        cache = init_cache(config, batch, n if capacity is None else capacity, param_dtype(params))
     elif capacity is not None and capacity != cache.capacity:
         raise ValueError(f"capacity={capacity} given with a cache of capacity {cache.capacity}")
     if cache.batch_size != batch:
         raise ValueError(f"cache holds {cache.batch_size} rows but input_ids has {batch}")
-    if not isinstance(cache.length, jax.core.Tracer) and int(cache.length) + n > cache.capacity:
-        raise ValueError(
-            f"prompt too long: {int(cache.length)} cached + {n} new tokens exceed the cache capacity "
-            f"{cache.capacity}"
-        )
-    return _encode(params, config, input_ids.astype(jnp.int32), attention_mask.astype(bool), cache)
+    if not isinstance(cache.length, jax.core.Tracer):
+        cached = int(cache.length)
+        if cached + n > cache.capacity:
+            raise ValueError(f"prompt too long: {cached} cached + {n} new tokens exceed the cache capacity "
+                             f"{cache.capacity}")
+        check_context(config, cached + n, f"{cached} cached + {n} new tokens")
+    return _encode(params, config, input_ids, attention_mask, cache)
 
 
 def encode(
@@ -471,12 +469,15 @@ def denoise_logits(
     first step: a zero signal); `self_conditioning_mask [batch]` zeroes the signal per row (training).
     Returns float32 logits `[batch, canvas, vocab]`, softcapped.
     """
-    canvas_ids = jnp.asarray(canvas_ids)
+    canvas_ids = token_ids("canvas_ids", canvas_ids, config.vocab_size)
     if canvas_ids.ndim != 2 or canvas_ids.shape[0] != cache.batch_size:
         raise ValueError(
             f"canvas_ids must be [batch={cache.batch_size}, canvas], got shape {canvas_ids.shape}"
         )
-    check_token_ids("canvas_ids", canvas_ids, config.vocab_size)
+    if not isinstance(cache.length, jax.core.Tracer):
+        cached = int(cache.length)
+        check_context(config, cached + canvas_ids.shape[1], f"{cached} cached tokens + a canvas of "
+                      f"{canvas_ids.shape[1]}")
     expected = (*canvas_ids.shape, config.vocab_size)
     if self_conditioning_logits is not None and tuple(self_conditioning_logits.shape) != expected:
         raise ValueError(
@@ -484,16 +485,11 @@ def denoise_logits(
         )
     if self_conditioning_mask is not None and tuple(self_conditioning_mask.shape) != (canvas_ids.shape[0],):
         raise ValueError(f"self_conditioning_mask must be [batch], got {tuple(self_conditioning_mask.shape)}")
-    return _denoise_logits(
-        params, config, cache, canvas_ids.astype(jnp.int32), self_conditioning_logits, self_conditioning_mask
-    )
+    return _denoise_logits(params, config, cache, canvas_ids, self_conditioning_logits, self_conditioning_mask)
 
 
-def check_token_ids(name: str, ids: Array, vocab_size: int) -> None:
-    """Raise if concrete `ids` fall outside `[0, vocab_size)` (a gather would silently clamp them)."""
-    if isinstance(ids, jax.core.Tracer) or ids.size == 0:
-        return
-    low, high = int(jnp.min(ids)), int(jnp.max(ids))
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"{name} contains token id {bad} outside the vocabulary [0, {vocab_size})")
+def check_context(config: Config, positions: int, what: str) -> None:
+    """Raise unless `positions` fit the model's context (RoPE was trained up to it; past it the cache's ring
+    and positions would still run and give a plausible-looking wrong answer)."""
+    if positions > config.max_position_embeddings:
+        raise ValueError(f"{what} exceed the model's context ({config.max_position_embeddings} positions)")

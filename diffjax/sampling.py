@@ -48,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from diffjax.validation import require_int
+
 __all__ = [
     "MASK_VALUE",
     "BlockRefinementSampler",
@@ -174,23 +176,22 @@ class StoppingRule(Protocol):
 
 def _concrete(value: Any) -> bool:
     # Pytree unflattening re-runs __post_init__ with tracers (under jit) or placeholder objects (inside
-    # tree utilities); only real Python / NumPy numbers can and should be checked.
+    # tree utilities); only real numbers (Python, NumPy, or a JAX scalar outside a trace) can be checked.
+    if isinstance(value, jax.Array):
+        return not isinstance(value, jax.core.Tracer) and value.shape == () and value.dtype != bool
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def _require(name: str, value: Any, ok: Callable[[float], bool], requirement: str) -> None:
-    if _concrete(value) and not ok(float(value)):
-        raise ValueError(f"`{name}` must be {requirement} (got {value!r})")
-
-
-def _require_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum} (got {value!r})")
+    # Infinity passes most range checks and then reads as a wrong answer, not an error (t_max=inf samples
+    # uniformly; a large finite value says the same on purpose).
+    if _concrete(value) and not (math.isfinite(float(value)) and ok(float(value))):
+        raise ValueError(f"`{name}` must be finite and {requirement} (got {value!r})")
 
 
 def _require_optional_vocab(value: Any) -> None:
     if value is not None:
-        _require_int("vocab_size", value, 1)
+        require_int("vocab_size", value, 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -538,7 +539,7 @@ class TopKFilter:
     k: int = struct.field(pytree_node=False, default=50)
 
     def __post_init__(self) -> None:
-        _require_int("k", self.k, 1)
+        require_int("k", self.k, 1)
 
     def __call__(self, logits: jax.Array) -> jax.Array:
         if self.k >= logits.shape[-1]:
@@ -1058,8 +1059,8 @@ class DDIMSampler:
 
     def __post_init__(self) -> None:
         _require("num_steps", self.num_steps, lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1")
-        _require_int("corrector_steps", self.corrector_steps, 0)
-        _require_int("corrector_k", self.corrector_k, 1)
+        require_int("corrector_steps", self.corrector_steps, 0)
+        require_int("corrector_k", self.corrector_k, 1)
         if self.corrector_selection not in _CORRECTOR_SELECTIONS:
             raise ValueError(
                 f"`corrector_selection` must be one of {_CORRECTOR_SELECTIONS} "
@@ -1169,7 +1170,7 @@ class StableAndConfidentStopping:
     confidence_threshold: float = 0.005
 
     def __post_init__(self) -> None:
-        _require_int("stability_threshold", self.stability_threshold, 0)
+        require_int("stability_threshold", self.stability_threshold, 0)
         _require("confidence_threshold", self.confidence_threshold, lambda v: v > 0.0, "> 0")
 
     def init(self, canvas_ids: jax.Array) -> StopState:

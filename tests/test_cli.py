@@ -127,6 +127,40 @@ def test_convert_and_generate_from_checkpoints(capsys, hf_folder, tmp_path):
     assert out3 == out
 
 
+def test_flags_and_paths_refused_before_any_work(capsys, tmp_path):
+    for argv, fragment in [
+        (("generate", "--seed", str(10**23), "123"), "--seed"),
+        (("generate", "--t-max", "inf", "123"), "--t-max"),
+        (("generate", "--t-min", "nan", "123"), "--t-min"),
+        (("generate", "--entropy-bound", "inf", "123"), "--entropy-bound"),
+        (("bench", "--json", str(tmp_path / "missing" / "out.json")), "folder"),
+        (("bench", "--json", str(tmp_path)), "is a folder"),
+    ]:
+        code, _, err = run(capsys, *argv)
+        assert_clean_error(code, err, fragment)
+
+
+def test_a_checkpoint_that_does_not_fit_its_task_is_refused(capsys, tmp_path):
+    """The embedded model with another canvas length in its config.json would run, as a model never trained
+    on that canvas: refused, naming both lengths."""
+    model = tmp_path / "model"
+    shutil.copytree(cli.DEFAULT_MODEL_DIR, model)
+    config = json.loads((model / "config.json").read_text())
+    config["canvas_length"] //= 2
+    (model / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "generate", "--checkpoint", str(model), "123")
+    assert_clean_error(code, err, f"canvas {config['canvas_length']}", f"/ {2 * config['canvas_length']})")
+
+
+def test_os_errors_are_one_line(capsys, tmp_path, monkeypatch):
+    def unwritable(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run"))
+
+    monkeypatch.setattr(cli, "cmd_info", unwritable)
+    code, _, err = run(capsys, "info")
+    assert_clean_error(code, err, "Permission denied", str(tmp_path / "run"))
+
+
 def test_convert_errors(capsys, hf_folder, tmp_path):
     dst = tmp_path / "exists"
     dst.mkdir()

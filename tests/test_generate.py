@@ -195,11 +195,62 @@ def test_streaming_callback_sees_every_step():
         (dict(max_new_tokens=10**6), "exceed the model's context"),
         (dict(initial_canvas=np.zeros((1, 3), np.int32)), "initial_canvas"),
         (dict(eos_token_id=10**6), "special token id"),
+        # Ids a conversion or a gather would silently turn into other tokens.
+        (dict(input_ids=np.array([[3, 2**32 + 5]])), "token id 4294967301 outside the vocabulary"),
+        (dict(input_ids=np.array([[3.0, 5.9]])), "integer token ids, got dtype float64"),
+        (dict(input_ids=np.array([[True, False]])), "integer token ids, got dtype bool"),
+        (dict(initial_canvas=np.full((1, 16), 3.7)), "initial_canvas must hold integer"),
+        (dict(attention_mask=np.array([[1, 0.5, 1]])), "attention_mask must be booleans or integers"),
+        (dict(attention_mask=np.array([[1, 2, 1]])), r"only 0 \(padding\) and 1"),
+        (dict(attention_mask=np.array([[0, 0, 0]])), "row 0 has no real token"),
+        (dict(attention_mask=np.ones((1, 4), bool)), "does not match"),
+        (dict(key=0), "key must be one PRNG key"),
+        (dict(key=jax.random.split(jax.random.key(0))), "key must be one PRNG key"),
+        (dict(eos_token_id=True), "eos_token_id"),
+        (dict(max_new_tokens=True), "max_new_tokens"),
+        (dict(max_new_tokens=2.5), "max_new_tokens"),
+        (dict(t_max=float("inf")), "t_max` must be finite"),
+        (dict(t_min=jax.numpy.float32(-1.0)), "t_min"),
     ],
 )
 def test_bad_parameters_name_themselves(kwargs, match):
     config = Config.tiny(max_position_embeddings=4096)
     params = diffjax.param_shapes(config, np.float32)  # validation happens before any tracing
     input_ids = kwargs.pop("input_ids", np.array([[3, 4, 5]]))
+    kwargs.setdefault("key", jax.random.key(0))
     with pytest.raises(ValueError, match=match):
-        generate(params, config, input_ids, key=jax.random.key(0), **kwargs)
+        generate(params, config, input_ids, **kwargs)
+
+
+def test_numpy_integers_are_integers():
+    """np.int64 settings and int64 id arrays within range are what a numpy-built batch holds: accepted."""
+    config = MICRO
+    params = diffjax.init_params(config, jax.random.key(1))
+    out = generate(params, config, np.array([[3, 4, 5]], np.int64), key=jax.random.key(0),
+                   max_new_tokens=np.int64(config.canvas_length), max_denoising_steps=np.int64(2),
+                   eos_token_id=np.int64(1), attention_mask=np.array([[0, 1, 1]], np.int8))
+    assert out.sequences.shape == (1, 3 + config.canvas_length)
+
+
+def test_encode_and_denoise_refuse_what_the_model_cannot_read():
+    config = Config.tiny(num_layers=2, layer_types=(SLIDING, FULL), max_position_embeddings=64)
+    params = diffjax.init_params(config, jax.random.key(1))
+    with pytest.raises(ValueError, match="token id 4294967301 outside"):
+        diffjax.encode(params, config, np.array([[3, 2**32 + 5]]))
+    with pytest.raises(ValueError, match="integer token ids, got dtype float32"):
+        diffjax.encode(params, config, np.array([[3.0, 4.0]], np.float32))
+    with pytest.raises(ValueError, match=r"0 cached \+ 65 new tokens exceed the model's context \(64"):
+        diffjax.encode(params, config, np.full((1, 65), 3), capacity=80)
+    with pytest.raises(ValueError, match="capacity"):
+        diffjax.encode(params, config, np.full((1, 4), 3), capacity=0)
+    with pytest.raises(ValueError, match="capacity"):
+        diffjax.init_cache(config, 1, 10.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        diffjax.init_cache(config, -1, 10)
+    # A padding-only row may be encoded (generate refuses it as a prompt, a cache may hold one).
+    cache = diffjax.encode(params, config, np.full((2, 56), 3), np.array([[1] * 56, [0] * 56]), capacity=64)
+    canvas = np.full((2, config.canvas_length), 3)
+    with pytest.raises(ValueError, match="56 cached tokens \\+ a canvas of 16 exceed the model's context"):
+        diffjax.denoise_logits(params, config, cache, canvas)
+    with pytest.raises(ValueError, match="canvas_ids must hold integer token ids"):
+        diffjax.denoise_logits(params, config, cache, canvas[:, :8].astype(np.float32))

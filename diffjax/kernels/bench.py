@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.bench import best_time, copy_bandwidth
+from diffjax.bench import best_time, copy_bandwidth, output_file, write_json
 from diffjax.config import Config
 from diffjax.kernels import largest_power_of_two_divisor
 from diffjax.layers import experts_dense, experts_grouped
@@ -524,7 +524,7 @@ def render(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffjax.kernels.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=pathlib.Path, help="write the result as JSON here")
+    p.add_argument("--out", type=output_file, help="write the result as JSON here")
     p.add_argument("--tiny", action="store_true", help="tiny shapes in Pallas interpret mode (CPU smoke run)")
     p.add_argument("--rows", type=int, nargs="+", help="decoder batch rows (default 1 4 8 16; tiny: 1 2)")
     p.add_argument("--prompts", type=int, nargs="+", help="attention prompt lengths (default 1024 32768)")
@@ -539,6 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = [*(args.rows or []), *(args.prompts or []), args.repeats, *([] if args.calls is None else [args.calls])]
     if any(n <= 0 for n in counts):
         p.error("--rows, --prompts, --repeats and --calls must be positive")
+
     settings = Settings(
         rows=tuple(args.rows or ((1, 2) if args.tiny else (1, 4, 8, 16))),
         prompts=tuple(args.prompts or ((32,) if args.tiny else (1024, 32768))),
@@ -552,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.child:
         print(render(result))
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(result, args.out)
     return 0
 
 

@@ -35,6 +35,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from diffjax.bench import output_file, write_json
+
 TRITON_VERSION = "3.9.0"
 TRITON_CALL_TARGET = "__gpu$xla.gpu.triton"
 # Hopper (sm_90) per-SM limits: 64K 32-bit registers (allocated per warp in units of 256), 228 KiB of shared
@@ -371,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tiles", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="tile settings instead of the defaults, e.g. num_warps=4 swap_ab=true (fields of the "
                         "sections' MoeTiles / VocabTiles / AttentionTiles)")
-    p.add_argument("--out", type=Path, help="write the records as JSON here")
+    p.add_argument("--out", type=output_file, help="write the records as JSON here")
     args = p.parse_args(argv)
     if any(n <= 0 for n in args.rows):
         p.error("--rows must be positive")
@@ -383,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           tiles=tiles)
     print(render(records))
     if args.out:
-        args.out.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+        write_json(records, args.out)
     return 0
 
 
