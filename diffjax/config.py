@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 SLIDING = "sliding_attention"
@@ -277,83 +278,22 @@ class Config:
     # ---------------------------------------------------------- Hugging Face IO
     @classmethod
     def from_hf(cls, hf_config: Mapping[str, Any]) -> Config:
-        """Read a Hugging Face `config.json` dict (`model_type: diffusion_gemma`, or its `text_config`)."""
+        """Read a Hugging Face `config.json` dict (`model_type: diffusion_gemma`, or its `text_config`).
+
+        Every problem (a wrong type, an unknown key, an unsupported value) raises `ValueError` naming the key's
+        path in the file, e.g. `text_config.hidden_size`.
+        """
         model_type = hf_config.get("model_type")
         if model_type == "diffusion_gemma":
-            text = dict(hf_config.get("text_config") or {})
-            canvas_length = hf_config.get("canvas_length", 256)
-        elif model_type == "diffusion_gemma_text":
-            text, canvas_length = dict(hf_config), 256
-        else:
-            raise ValueError(
-                f"unknown model_type {model_type!r}: expected 'diffusion_gemma' (or 'diffusion_gemma_text')"
-            )
-        unknown = sorted(set(text) - _HF_TEXT_KEYS - _HF_IGNORED_KEYS)
-        if unknown:
-            raise ValueError(f"unknown text_config key(s) in config.json: {', '.join(unknown)}")
-        if text.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-            raise ValueError(f"hidden_activation {text['hidden_activation']!r} is not supported (gelu_pytorch_tanh)")
-        if text.get("attention_bias", False):
-            raise ValueError("attention_bias=True is not supported: DiffusionGemma has no attention biases")
-        if text.get("use_bidirectional_attention") == "all":
-            raise ValueError("use_bidirectional_attention='all' is not supported (the released model uses 'vision')")
-        if text.get("tie_word_embeddings", True) is False:
-            raise ValueError("tie_word_embeddings=False is not supported: the LM head is the embedding")
-
-        num_layers = int(text.get("num_hidden_layers", 30))
-        layer_types = list(text.get("layer_types") or [
-            FULL if (i + 1) % 6 == 0 else SLIDING for i in range(num_layers)
-        ])
-        if layer_types and layer_types[-1] != FULL:
-            layer_types[-1] = FULL  # as transformers does: the last layer is always global
-        rope = text.get("rope_parameters") or {}
-        per_layer = {int(k): v for k, v in (text.get("per_layer_config") or {}).items()}
-        sliding_head_dim = int(text.get("head_dim", 256))
-        sliding_kv = int(text.get("num_key_value_heads", 4))
-
-        def attention_of(layer_type: str, default_rope: dict[str, Any]) -> AttentionConfig:
-            overrides = [per_layer.get(i, {}) for i, t in enumerate(layer_types) if t == layer_type]
-            distinct = {tuple(sorted(o.items())) for o in overrides}
-            if len(distinct) > 1:
-                raise ValueError(f"per_layer_config differs between {layer_type} layers: not supported")
-            override = overrides[0] if overrides else {}
-            if layer_type == FULL and not per_layer:
-                override = {"head_dim": int(text.get("global_head_dim", 512))}
-                if text.get("num_global_key_value_heads") is not None:
-                    override["num_key_value_heads"] = int(text["num_global_key_value_heads"])
-            params = rope.get(layer_type) or default_rope
-            return AttentionConfig(
-                head_dim=int(override.get("head_dim", sliding_head_dim)),
-                num_kv_heads=int(override.get("num_key_value_heads", sliding_kv)),
-                rope_theta=float(params["rope_theta"]),
-                rope_type=params.get("rope_type", "default"),
-                partial_rotary_factor=float(params.get("partial_rotary_factor", 1.0)),
-                rope_factor=float(params.get("factor", 1.0)),
-            )
-
-        eos = text.get("eos_token_id", 1)
-        return cls(
-            vocab_size=int(text.get("vocab_size", 262_144)),
-            hidden_size=int(text.get("hidden_size", 2304)),
-            num_layers=num_layers,
-            layer_types=tuple(layer_types),
-            num_heads=int(text.get("num_attention_heads", 8)),
-            sliding=attention_of(SLIDING, {"rope_type": "default", "rope_theta": 10_000.0}),
-            full=attention_of(
-                FULL, {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}
-            ),
-            sliding_window=int(text.get("sliding_window", 512)),
-            intermediate_size=int(text.get("intermediate_size", 9216)),
-            num_experts=int(_required(text, "num_experts")),
-            top_k_experts=int(_required(text, "top_k_experts")),
-            moe_intermediate_size=int(_required(text, "moe_intermediate_size")),
-            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-            final_logit_softcapping=text.get("final_logit_softcapping", 30.0),
-            canvas_length=int(canvas_length),
-            max_position_embeddings=int(text.get("max_position_embeddings", 131_072)),
-            pad_token_id=int(text.get("pad_token_id") if text.get("pad_token_id") is not None else 0),
-            eos_token_id=(eos,) if isinstance(eos, int) else tuple(eos or (1,)),
-            bos_token_id=int(text.get("bos_token_id") if text.get("bos_token_id") is not None else 2),
+            _reject_unknown(hf_config, _HF_TOP_KEYS | _HF_TOP_IGNORED_KEYS, "")
+            # transformers unties every shared weight when the top-level flag is False, not only the LM head.
+            _require_tied(hf_config, "")
+            text = _mapping(hf_config, "text_config", "", {}, nullable=True)
+            return cls(**_text_fields(text, "text_config"), canvas_length=_int(hf_config, "canvas_length", "", 256))
+        if model_type == "diffusion_gemma_text":
+            return cls(**_text_fields(hf_config, ""))
+        raise ValueError(
+            f"unknown model_type {model_type!r}: expected 'diffusion_gemma' (or 'diffusion_gemma_text')"
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -410,23 +350,46 @@ class Config:
         }
 
 
+# Keys transformers' `PreTrainedConfig` (5.23.0) writes at every level of a config.json (`to_dict`), or reads
+# back from one for backward compatibility (`torch_dtype`, `_commit_hash`, ...): bookkeeping, no maths.
+_HF_BOOKKEEPING_KEYS = frozenset({
+    "model_type", "transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype",
+    "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
+    "id2label", "label2id", "problem_type", "initializer_range", "tokenizer_class", "auto_map", "_commit_hash",
+    "attn_implementation", "experts_implementation", "use_cache",
+})
+# Top-level keys of a `diffusion_gemma` config.json that we read.
+_HF_TOP_KEYS = frozenset({"model_type", "text_config", "canvas_length", "tie_word_embeddings"})
+# Top-level keys that leave the text model alone: the vision tower and its token ids (`DiffusionGemmaConfig`),
+# and the ids the released config.json repeats at the top level (generation takes its ids from
+# generation_config.json, the model from text_config).
+_HF_TOP_IGNORED_KEYS = _HF_BOOKKEEPING_KEYS | {
+    "vision_config", "boi_token_id", "eoi_token_id", "image_token_id", "vision_soft_tokens_per_image",
+    "eos_token_id", "pad_token_id", "bos_token_id",
+}
 # Keys of a transformers text_config that we read.
 _HF_TEXT_KEYS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads", "layer_types",
-    "per_layer_config", "rope_parameters", "sliding_window", "num_experts", "top_k_experts",
+    "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads", "attention_k_eq_v",
+    "layer_types", "per_layer_config", "rope_parameters", "sliding_window", "num_experts", "top_k_experts",
     "moe_intermediate_size", "rms_norm_eps", "final_logit_softcapping", "max_position_embeddings",
     "pad_token_id", "eos_token_id", "bos_token_id", "hidden_activation", "attention_bias",
     "use_bidirectional_attention", "tie_word_embeddings",
 })
-# Keys that do not change inference maths (bookkeeping, training-only, or fixed for this architecture).
-_HF_IGNORED_KEYS = frozenset({
-    "model_type", "dtype", "torch_dtype", "initializer_range", "attention_dropout", "use_cache",
-    "transformers_version", "architectures", "output_attentions", "output_hidden_states", "return_dict",
-    "enable_moe_block", "attention_k_eq_v", "use_double_wide_mlp", "num_kv_shared_layers",
-    "vocab_size_per_layer_input", "hidden_size_per_layer_input", "_name_or_path", "chunk_size_feed_forward",
-    "is_encoder_decoder", "tokenizer_class", "problem_type", "id2label", "label2id",
-})
+# text_config keys that do not change inference maths (training-only, or Gemma 4 keys fixed for this architecture).
+_HF_IGNORED_KEYS = _HF_BOOKKEEPING_KEYS | {
+    "attention_dropout", "enable_moe_block", "use_double_wide_mlp", "num_kv_shared_layers",
+    "vocab_size_per_layer_input", "hidden_size_per_layer_input",
+}
+# The per-layer overrides we model. transformers takes any field there (a per-layer sliding_window, say), which
+# would otherwise be dropped without a word.
+_HF_PER_LAYER_KEYS = frozenset({"head_dim", "num_key_value_heads"})
+_HF_ROPE_KEYS = frozenset({"rope_type", "rope_theta", "partial_rotary_factor", "factor"})
+# transformers' RoPE of a layer type that `rope_parameters` leaves out.
+_HF_DEFAULT_ROPE: dict[str, dict[str, Any]] = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
 
 
 def require_pretiled_readers(moe_implementations: tuple[str, ...]) -> None:
@@ -449,7 +412,231 @@ def _token_id(name: str, value: Any, vocab_size: int) -> None:
         raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value!r}")
 
 
-def _required(text: Mapping[str, Any], key: str) -> Any:
-    if text.get(key) is None:
-        raise ValueError(f"text_config.{key} is missing: DiffusionGemma is a mixture-of-experts model")
-    return text[key]
+# ----------------------------------------------------------------- reading config.json
+def _text_fields(text: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The `Config` fields (all but `canvas_length`) of a transformers text config found at path `where`."""
+    _refuse_unsupported(text, where)
+    _reject_unknown(text, _HF_TEXT_KEYS | _HF_IGNORED_KEYS, where)
+    num_layers = _int(text, "num_hidden_layers", where, 30)
+    layer_types = _layer_types(text, where, num_layers)
+    per_layer = _per_layer_overrides(text, where, num_layers)
+    rope = _mapping(text, "rope_parameters", where, {}, nullable=True)
+    _reject_unknown(rope, frozenset(LAYER_TYPES), _path(where, "rope_parameters"))
+    return dict(
+        vocab_size=_int(text, "vocab_size", where, 262_144),
+        hidden_size=_int(text, "hidden_size", where, 2304),
+        num_layers=num_layers,
+        layer_types=layer_types,
+        num_heads=_int(text, "num_attention_heads", where, 8),
+        sliding=_attention(text, where, SLIDING, layer_types, per_layer, rope),
+        full=_attention(text, where, FULL, layer_types, per_layer, rope),
+        sliding_window=_int(text, "sliding_window", where, 512),
+        intermediate_size=_int(text, "intermediate_size", where, 9216),
+        # transformers' null here means a dense Gemma, not this mixture-of-experts model.
+        num_experts=_int(text, "num_experts", where, nullable=True),
+        top_k_experts=_int(text, "top_k_experts", where, nullable=True),
+        moe_intermediate_size=_int(text, "moe_intermediate_size", where, nullable=True),
+        rms_norm_eps=_float(text, "rms_norm_eps", where, 1e-6),
+        final_logit_softcapping=_softcap(text, where),
+        max_position_embeddings=_int(text, "max_position_embeddings", where, 131_072),
+        pad_token_id=_int(text, "pad_token_id", where, 0, nullable=True),
+        eos_token_id=_token_ids(text, "eos_token_id", where, (1,)),
+        bos_token_id=_int(text, "bos_token_id", where, 2, nullable=True),
+    )
+
+
+def _refuse_unsupported(text: Mapping[str, Any], where: str) -> None:
+    """Raise on the transformers options this implementation lacks (before the unknown-key check: a config with
+    use_bidirectional_attention='all' also carries the `is_causal` that option sets)."""
+    activation = _str(text, "hidden_activation", where, "gelu_pytorch_tanh")
+    if activation != "gelu_pytorch_tanh":
+        raise ValueError(f"{_path(where, 'hidden_activation')} {activation!r} is not supported (gelu_pytorch_tanh)")
+    if _bool(text, "attention_bias", where, False):
+        raise ValueError(f"{_path(where, 'attention_bias')}=True is not supported: DiffusionGemma has no attention "
+                         "biases")
+    bidirectional = _str(text, "use_bidirectional_attention", where, None, nullable=True)
+    if bidirectional not in (None, "vision"):
+        raise ValueError(f"{_path(where, 'use_bidirectional_attention')}={bidirectional!r} is not supported (the "
+                         "released model uses 'vision')")
+    _require_tied(text, where)
+
+
+def _require_tied(mapping: Mapping[str, Any], where: str) -> None:
+    if not _bool(mapping, "tie_word_embeddings", where, True):
+        raise ValueError(f"{_path(where, 'tie_word_embeddings')}=False is not supported: the LM head is the "
+                         "embedding")
+
+
+def _layer_types(text: Mapping[str, Any], where: str, num_layers: int) -> tuple[str, ...]:
+    """`layer_types`, or transformers' default (every 6th layer global); the last layer made global as
+    transformers does, but only after every entry is checked (a bad last entry is an error, not rewritten)."""
+    default = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(num_layers)]
+    layer_types = _list(text, "layer_types", where, default, nullable=True)
+    for i, layer_type in enumerate(layer_types):
+        if layer_type not in LAYER_TYPES:
+            raise ValueError(f"{_path(where, 'layer_types')}[{i}] must be one of {LAYER_TYPES}, got {layer_type!r}")
+    if layer_types and layer_types[-1] != FULL:
+        layer_types[-1] = FULL
+    return tuple(layer_types)
+
+
+def _per_layer_overrides(text: Mapping[str, Any], where: str, num_layers: int) -> dict[int, dict[str, int]] | None:
+    """`per_layer_config` by layer index; None where the key is absent.
+
+    Absent and empty differ: transformers derives the global layers' overrides from `global_head_dim` only when
+    the key is absent (even `{}` or null turns that off).
+    """
+    if "per_layer_config" not in text:
+        return None
+    path = _path(where, "per_layer_config")
+    raw = _mapping(text, "per_layer_config", where, {}, nullable=True)
+    overrides: dict[int, dict[str, int]] = {}
+    for key in raw:
+        index = _layer_index(key, path, num_layers)
+        if index in overrides:
+            raise ValueError(f"{path} names layer {index} twice")
+        entry = _mapping(raw, key, path)
+        _reject_unknown(entry, _HF_PER_LAYER_KEYS, _path(path, key))
+        overrides[index] = {name: _int(entry, name, _path(path, key)) for name in entry}
+    return overrides
+
+
+def _layer_index(key: object, where: str, num_layers: int) -> int:
+    # transformers writes the indices as strings zero-padded to one width ("05" when there are 30 layers).
+    index = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+    if type(index) is not int or not 0 <= index < num_layers:
+        raise ValueError(f"{where} keys must be layer indices in [0, {num_layers}), got {key!r}")
+    return index
+
+
+def _attention(
+    text: Mapping[str, Any], where: str, layer_type: str, layer_types: tuple[str, ...],
+    per_layer: dict[int, dict[str, int]] | None, rope: Mapping[str, Any],
+) -> AttentionConfig:
+    """The attention shape and RoPE of one layer type."""
+    override = _layer_override(text, where, layer_type, layer_types, per_layer)
+    return AttentionConfig(
+        head_dim=override.get("head_dim", _int(text, "head_dim", where, 256)),
+        num_kv_heads=override.get("num_key_value_heads", _int(text, "num_key_value_heads", where, 4)),
+        **_rope(rope, _path(where, "rope_parameters"), layer_type),
+    )
+
+
+def _layer_override(
+    text: Mapping[str, Any], where: str, layer_type: str, layer_types: tuple[str, ...],
+    per_layer: dict[int, dict[str, int]] | None,
+) -> dict[str, int]:
+    """The per-layer overrides shared by every layer of one type (one `AttentionConfig` serves them all)."""
+    if per_layer is None:
+        if layer_type != FULL:
+            return {}
+        override = {"head_dim": _int(text, "global_head_dim", where, 512)}
+        kv_heads = _int(text, "num_global_key_value_heads", where, None, nullable=True)
+        # transformers applies the global kv-head count only to k_eq_v attention (the default).
+        if kv_heads is not None and _bool(text, "attention_k_eq_v", where, True):
+            override["num_key_value_heads"] = kv_heads
+        return override
+    distinct = {tuple(sorted(per_layer.get(i, {}).items())) for i, t in enumerate(layer_types) if t == layer_type}
+    if len(distinct) > 1:
+        raise ValueError(f"{_path(where, 'per_layer_config')} differs between {layer_type} layers: not supported")
+    return dict(next(iter(distinct), ()))
+
+
+def _rope(rope: Mapping[str, Any], where: str, layer_type: str) -> dict[str, Any]:
+    """`AttentionConfig`'s RoPE fields from `rope_parameters[layer_type]`, found at path `where`."""
+    params = _mapping(rope, layer_type, where, _HF_DEFAULT_ROPE[layer_type], nullable=True)
+    path = _path(where, layer_type)
+    _reject_unknown(params, _HF_ROPE_KEYS, path)
+    return dict(
+        rope_theta=_float(params, "rope_theta", path),
+        rope_type=_str(params, "rope_type", path, "default"),
+        partial_rotary_factor=_float(params, "partial_rotary_factor", path, 1.0),
+        rope_factor=_float(params, "factor", path, 1.0),
+    )
+
+
+def _softcap(text: Mapping[str, Any], where: str) -> float | None:
+    # null switches the softcap off; absent is transformers' default, 30.
+    if "final_logit_softcapping" in text and text["final_logit_softcapping"] is None:
+        return None
+    return _float(text, "final_logit_softcapping", where, 30.0)
+
+
+def _token_ids(mapping: Mapping[str, Any], key: str, where: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    """One token id or a non-empty list of them (transformers' `int | list[int] | None`)."""
+    value, found = _lookup(mapping, key, where, default, nullable=True)
+    ids = [value] if type(value) is int else value
+    if found and not (isinstance(ids, list) and ids and all(type(i) is int for i in ids)):
+        raise ValueError(f"{_path(where, key)} must be a token id or a non-empty list of token ids, got {value!r}")
+    return tuple(ids)
+
+
+def _reject_unknown(mapping: Mapping[str, Any], known: frozenset[str], where: str) -> None:
+    """Raise on keys nothing reads: a misspelt key would otherwise leave its field at the default, silently."""
+    unknown = sorted(str(key) for key in set(mapping) - known)
+    if unknown:
+        named = ", ".join(_with_suggestion(key, known) for key in unknown)
+        raise ValueError(f"unknown {where or 'top-level'} key(s) in config.json: {named}")
+
+
+def _with_suggestion(key: str, known: frozenset[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"{key} (did you mean {close[0]}?)" if close else key
+
+
+# ------------------------------------------------------------- typed field readers
+_REQUIRED: Any = object()  # the default of a key that has none: its absence is an error
+
+
+def _path(where: str, key: object) -> str:
+    """A key's path in config.json, for error messages: `text_config.rope_parameters.full_attention`."""
+    return f"{where}.{key}" if where else str(key)
+
+
+def _lookup(mapping: Mapping[str, Any], key: object, where: str, default: Any, nullable: bool) -> tuple[Any, bool]:
+    """(value, True) where the key is set; (default, False) where it is absent, or null and `nullable` (fields
+    transformers types `X | None`, where null means unset)."""
+    if key in mapping and not (nullable and mapping[key] is None):
+        return mapping[key], True
+    if default is _REQUIRED:
+        raise ValueError(f"{_path(where, key)} is required" + (", got null" if key in mapping else ""))
+    return default, False
+
+
+def _checked(
+    mapping: Mapping[str, Any], key: object, where: str, default: Any, nullable: bool,
+    ok: Callable[[Any], bool], kind: str,
+) -> Any:
+    value, found = _lookup(mapping, key, where, default, nullable)
+    if found and not ok(value):
+        raise ValueError(f"{_path(where, key)} must be {kind}, got {value!r}")
+    return value
+
+
+def _int(mapping: Mapping[str, Any], key: str, where: str, default: Any = _REQUIRED, *, nullable: bool = False) -> Any:
+    """An integer, or `default`. 64.9, 64.0, "64" and true are refused, not truncated or converted."""
+    return _checked(mapping, key, where, default, nullable, lambda v: type(v) is int, "an integer")
+
+
+def _float(mapping: Mapping[str, Any], key: str, where: str, default: Any = _REQUIRED) -> float:
+    """A number (an integer will do), or `default`; "30" and true are refused."""
+    return float(_checked(mapping, key, where, default, False, lambda v: type(v) in (int, float), "a number"))
+
+
+def _bool(mapping: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
+    return _checked(mapping, key, where, default, False, lambda v: type(v) is bool, "true or false")
+
+
+def _str(mapping: Mapping[str, Any], key: str, where: str, default: Any, *, nullable: bool = False) -> Any:
+    return _checked(mapping, key, where, default, nullable, lambda v: isinstance(v, str), "a string")
+
+
+def _list(mapping: Mapping[str, Any], key: str, where: str, default: list[Any], *, nullable: bool = False) -> list[Any]:
+    """A copy of a list, or of `default`."""
+    return list(_checked(mapping, key, where, default, nullable, lambda v: isinstance(v, list), "a list"))
+
+
+def _mapping(
+    mapping: Mapping[str, Any], key: object, where: str, default: Any = _REQUIRED, *, nullable: bool = False
+) -> Mapping[str, Any]:
+    return _checked(mapping, key, where, default, nullable, lambda v: isinstance(v, Mapping), "a JSON object")

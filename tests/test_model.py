@@ -188,3 +188,152 @@ def test_chunked_prefill_equals_one_pass():
                 np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="prefill_chunk_size"):
         prefill(params, config, ids, mask, empty, 0)
+
+
+# ------------------------------------------------------------------ config.json type, key and value checks
+_DELETED = object()
+
+
+def _tiny_hf(path: str, value: object) -> dict:
+    """`Config.tiny().to_hf()` (a fresh dict each call) with the value at a dotted key path replaced, or removed
+    where `value` is `_DELETED`."""
+    hf = Config.tiny().to_hf()
+    *parents, last = path.split(".")
+    node = hf
+    for key in parents:
+        node = node[key]
+    if value is _DELETED:
+        del node[last]
+    else:
+        node[last] = value
+    return hf
+
+
+@pytest.mark.parametrize("use_diff", [True, False])
+def test_config_from_hf_reads_a_transformers_written_config(use_diff):
+    """A config.json as transformers writes it (save_pretrained's diff, or every key) loads, non-defaults intact;
+    transformers zero-pads the per_layer_config indices ("05")."""
+    import json
+
+    from transformers import DiffusionGemmaConfig
+
+    from diffjax.config import AttentionConfig
+
+    hf = DiffusionGemmaConfig(
+        text_config=dict(
+            vocab_size=300, hidden_size=48, intermediate_size=80, num_hidden_layers=12, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1, sliding_window=6,
+            num_experts=4, top_k_experts=2, moe_intermediate_size=24, rms_norm_eps=1e-5,
+            final_logit_softcapping=20.0, max_position_embeddings=512, eos_token_id=[1, 7],
+            rope_parameters={
+                SLIDING: {"rope_type": "default", "rope_theta": 5000.0},
+                FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 2e5},
+            },
+        ),
+        canvas_length=8, dtype="bfloat16",
+    )
+    written = json.loads(hf.to_json_string(use_diff=use_diff))
+    assert "05" in written["text_config"]["per_layer_config"]
+    expected = Config(
+        vocab_size=300, hidden_size=48, intermediate_size=80, num_layers=12,
+        layer_types=((SLIDING,) * 5 + (FULL,)) * 2, num_heads=4,
+        sliding=AttentionConfig(head_dim=8, num_kv_heads=2, rope_theta=5000.0),
+        full=AttentionConfig(head_dim=16, num_kv_heads=1, rope_theta=2e5, rope_type="proportional",
+                             partial_rotary_factor=0.5),
+        sliding_window=6, num_experts=4, top_k_experts=2, moe_intermediate_size=24, rms_norm_eps=1e-5,
+        final_logit_softcapping=20.0, canvas_length=8, max_position_embeddings=512, eos_token_id=(1, 7),
+    )
+    assert Config.from_hf(written) == expected
+
+
+def test_config_from_hf_reads_the_released_layout():
+    """The keys of the released config.json (written by a transformers 5.8 dev build): global_head_dim and
+    num_global_key_value_heads instead of per_layer_config, special ids repeated at the top level."""
+    released = Config.diffusiongemma_26b_a4b()
+    hf = released.to_hf()
+    text = hf["text_config"]
+    del text["per_layer_config"]
+    text.update(global_head_dim=512, num_global_key_value_heads=2, use_bidirectional_attention="vision",
+                dtype="bfloat16", initializer_range=0.02, attention_dropout=0.0, attention_bias=False,
+                final_logit_softcapping=30.0)
+    hf.update(eos_token_id=[1, 106, 50], boi_token_id=255_999, eoi_token_id=258_882, image_token_id=258_880,
+              vision_soft_tokens_per_image=280, dtype="bfloat16", transformers_version="5.8.0.dev0",
+              initializer_range=0.02)
+    assert Config.from_hf(hf) == released
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        ("text_config.hidden_size", None, r"text_config\.hidden_size must be an integer, got None"),
+        ("text_config.hidden_size", [64], r"text_config\.hidden_size must be an integer, got \[64\]"),
+        ("text_config.hidden_size", 64.9, r"text_config\.hidden_size must be an integer, got 64\.9"),
+        ("text_config.hidden_size", 64.0, r"text_config\.hidden_size must be an integer, got 64\.0"),
+        ("text_config.hidden_size", True, r"text_config\.hidden_size must be an integer, got True"),
+        ("text_config.hidden_size", "64", r"text_config\.hidden_size must be an integer, got '64'"),
+        ("canvas_length", "16", r"canvas_length must be an integer, got '16'"),
+        ("text_config.num_experts", None, r"text_config\.num_experts is required, got null"),
+        ("text_config.num_experts", _DELETED, r"text_config\.num_experts is required$"),
+        ("text_config.per_layer_config.3", 5, r"text_config\.per_layer_config\.3 must be a JSON object, got 5"),
+        ("text_config.per_layer_config.x", {"head_dim": 32}, r"per_layer_config keys must be layer indices"),
+        ("text_config.per_layer_config.4", {"head_dim": 32}, r"in \[0, 4\), got '4'"),
+        ("text_config.per_layer_config.03", {"head_dim": 32}, r"per_layer_config names layer 3 twice"),
+        ("text_config.per_layer_config.3.head_dim", "32", r"per_layer_config\.3\.head_dim must be an integer"),
+        ("text_config.rope_parameters", [1, 2], r"text_config\.rope_parameters must be a JSON object"),
+        ("text_config.rope_parameters.sliding_attention.rope_theta", _DELETED,
+         r"text_config\.rope_parameters\.sliding_attention\.rope_theta is required"),
+        ("text_config.rope_parameters.full_attention.rope_theta", "1e6",
+         r"rope_parameters\.full_attention\.rope_theta must be a number, got '1e6'"),
+        ("text_config.final_logit_softcapping", "30", r"final_logit_softcapping must be a number, got '30'"),
+        ("text_config.rms_norm_eps", True, r"text_config\.rms_norm_eps must be a number, got True"),
+        ("text_config", [1, 2], r"^text_config must be a JSON object, got \[1, 2\]"),
+        ("text_config", "abc", r"^text_config must be a JSON object, got 'abc'"),
+        ("text_config.layer_types", "sliding_attention", r"text_config\.layer_types must be a list"),
+        ("text_config.eos_token_id", ["a"], r"text_config\.eos_token_id must be a token id or a non-empty list"),
+        ("text_config.eos_token_id", True, r"text_config\.eos_token_id must be a token id"),
+        ("text_config.tie_word_embeddings", "yes", r"text_config\.tie_word_embeddings must be true or false"),
+        ("tie_word_embeddings", False, r"^tie_word_embeddings=False is not supported"),
+        ("text_config.use_bidirectional_attention", "text", r"use_bidirectional_attention='text' is not supported"),
+    ],
+)
+def test_config_from_hf_names_the_bad_value(path, value, match):
+    with pytest.raises(ValueError, match=match):
+        Config.from_hf(_tiny_hf(path, value))
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        ("canvas_lenght", 16, r"unknown top-level key\(s\) in config.json: canvas_lenght \(did you mean canvas_length\?\)"),
+        ("text_config.rope_parameters.full_atention", {"rope_theta": 1e6},
+         r"unknown text_config\.rope_parameters key\(s\).*full_atention \(did you mean full_attention\?\)"),
+        ("text_config.rope_parameters.sliding_attention.rope_thetaa", 2.0,
+         r"unknown text_config\.rope_parameters\.sliding_attention key\(s\).*rope_thetaa"),
+        ("text_config.per_layer_config.3.head_dimm", 32, r"unknown text_config\.per_layer_config\.3 key\(s\).*head_dimm"),
+        # transformers would apply a per-layer sliding_window; this implementation has no such thing.
+        ("text_config.per_layer_config.3.sliding_window", 4, r"per_layer_config\.3 key\(s\).*sliding_window"),
+    ],
+)
+def test_config_from_hf_rejects_unknown_keys(path, value, match):
+    with pytest.raises(ValueError, match=match):
+        Config.from_hf(_tiny_hf(path, value))
+
+
+def test_config_from_hf_checks_layer_types_before_forcing_the_last_global():
+    bad = [SLIDING, SLIDING, SLIDING, "bogus"]
+    with pytest.raises(ValueError, match=r"text_config\.layer_types\[3\] must be one of .*got 'bogus'"):
+        Config.from_hf(_tiny_hf("text_config.layer_types", bad))
+    # A sliding last layer is still made global, as transformers does.
+    assert Config.from_hf(_tiny_hf("text_config.layer_types", [SLIDING] * 4)).layer_types[-1] == FULL
+
+
+def test_config_from_hf_empty_per_layer_config_turns_global_head_dim_off():
+    """transformers derives the global layers' shape from global_head_dim only where per_layer_config is absent:
+    present but empty, every layer keeps head_dim and num_key_value_heads."""
+    hf = _tiny_hf("text_config.per_layer_config", {})
+    hf["text_config"].update(global_head_dim=32, num_global_key_value_heads=1)
+    config = Config.from_hf(hf)
+    assert (config.full.head_dim, config.full.num_kv_heads) == (16, 2)
+    del hf["text_config"]["per_layer_config"]
+    config = Config.from_hf(hf)
+    assert (config.full.head_dim, config.full.num_kv_heads) == (32, 1)
