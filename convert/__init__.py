@@ -15,7 +15,7 @@ import os
 import pathlib
 from typing import Any
 
-from convert.atomic import refuse_existing
+from convert.atomic import check_destination
 from convert.errors import CheckpointError
 from convert.hf import Progress, load_generation_config, load_hf, load_hf_numpy, save_hf
 from convert.native import FORMAT, PARAMS_FILE, load, save
@@ -34,9 +34,10 @@ def convert_checkpoint(
     and chat template included, so `diffjax generate --checkpoint DST` needs nothing else).
 
     Host arrays go straight from the reader to the writer (no jax device copies), one preallocated array per
-    leaf, so peak memory is about one copy of the converted weights.
+    leaf, so peak memory is about one copy of the converted weights. A `dst` that overlaps `src`, exists
+    (without `overwrite`) or cannot be created is refused before anything is read (see `check_destination`).
     """
-    refuse_existing(pathlib.Path(dst), overwrite)  # fail before reading tens of gigabytes
+    check_destination(src, dst, overwrite)  # fail before reading tens of gigabytes
     config, flat = load_hf_numpy(src, dtype, progress)
     tokenizer_files = [pathlib.Path(src) / name for name in TOKENIZER_FILES if (pathlib.Path(src) / name).is_file()]
     return save(unflatten(flat), config, dst, load_generation_config(src) or None, overwrite=overwrite,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -24,9 +23,18 @@ from rich.progress import (
 )
 
 from convert import CheckpointError, convert_checkpoint, load, load_generation_config, save_hf
-from convert.atomic import refuse_existing
+from convert.atomic import check_destination
+from convert.hf import parse_size
 
 PHASES = {"read": "reading ", "write": "writing "}
+
+
+def shard_size(text: str) -> int:
+    """`parse_size` as an argparse type: its message shown as the flag's error, not as a trace."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -41,7 +49,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("--to-hf", action="store_true",
                         help="the reverse: SRC is a diffjax checkpoint, DST becomes a transformers folder")
-    parser.add_argument("--max-shard-size", default="5GB", help="shard size for --to-hf (default 5GB)")
+    parser.add_argument("--max-shard-size", default="5GB", type=shard_size,
+                        help="shard size for --to-hf: bytes or a number with a unit, e.g. 500MB, 2GiB (default 5GB)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -65,20 +74,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             bar.update(tasks[phase], completed=done, total=total)
 
         try:
-            refuse_existing(pathlib.Path(args.dst), args.overwrite)  # before minutes of reading
             if args.to_hf:
+                check_destination(args.src, args.dst, args.overwrite)  # before minutes of reading
                 config, params = load(args.src, args.dtype, as_numpy=True)
                 save_hf(params, config, args.dst, load_generation_config(args.src) or None,
                         max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=progress)
             else:
                 convert_checkpoint(args.src, args.dst, args.dtype, overwrite=args.overwrite, progress=progress)
-        except (CheckpointError, FileExistsError) as exc:
+        except (CheckpointError, OSError) as exc:
             bar.stop()
             # Plain print: rich would wrap long paths and read shapes like [64, 32] as markup.
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_describe(exc, args.src, args.dst)}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # the atomic write has already removed its temporary directory
+            bar.stop()
+            print("error: interrupted", file=sys.stderr)
+            return 130
     console.print(f"wrote {args.dst}")
     return 0
+
+
+def _describe(exc: CheckpointError | OSError, src: str, dst: str) -> str:
+    """One line naming the path and the reason; an OS error raised without a file name (a full disk during a
+    write) gets the conversion's two paths instead."""
+    if not isinstance(exc, OSError) or exc.strerror is None:  # ours, message complete (FileExistsError too)
+        return str(exc)
+    if exc.filename is None:
+        return f"{exc.strerror} (converting {src} -> {dst})"
+    where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"  # a rename
+    return f"{where}: {exc.strerror}"
 
 
 if __name__ == "__main__":

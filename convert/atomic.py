@@ -10,6 +10,7 @@ moment between the two renames where DST does not exist, but no moment where its
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pathlib
@@ -17,6 +18,8 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from typing import Any
+
+from convert.errors import CheckpointError
 
 
 def fsync_dir(path: pathlib.Path) -> None:
@@ -45,6 +48,39 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
 def refuse_existing(dst: pathlib.Path, overwrite: bool) -> None:
     if (dst.exists() or dst.is_symlink()) and not overwrite:
         raise FileExistsError(f"{dst} already exists: pass overwrite=True (--overwrite) to replace it")
+
+
+def check_destination(src: str | os.PathLike[str], dst: str | os.PathLike[str], overwrite: bool) -> None:
+    """Refuse, before anything is read, a `dst` that a conversion of `src` could not install or would destroy.
+
+    Installing `dst` replaces the whole directory, so a `dst` that is or holds `src` would delete the source
+    (and anything beside it) once converted, and one inside `src` would change it: `CheckpointError` naming
+    both. An existing `dst`
+    without `overwrite`: `FileExistsError`. A `dst` whose parent is a file or not writable: the `OSError`
+    that creating it would raise later, after minutes of reading.
+    """
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    # Where the data really is: through symlinks and `..`. A `dst` that is itself a symlink is replaced as a
+    # link (its target survives), so only the folder holding it is resolved.
+    real_src = src.resolve()
+    real_dst = dst.parent.resolve() / dst.name if dst.is_symlink() else dst.resolve()
+    if real_src == real_dst:
+        raise CheckpointError(f"destination {dst} is the source {src}: writing it would replace the source; "
+                              "choose a destination outside it")
+    if real_dst in real_src.parents:
+        raise CheckpointError(f"destination {dst} contains the source {src}: replacing it would delete the source "
+                              "(and all else in it); choose a destination outside it")
+    if real_src in real_dst.parents:
+        raise CheckpointError(f"destination {dst} is inside the source {src}: writing it would change the source; "
+                              "choose a destination outside it")
+    refuse_existing(dst, overwrite)
+    # The temporary sibling is made in dst's parent (created if missing): its nearest existing ancestor
+    # must be a directory we may write to.
+    folder = next(p for p in dst.parents if p.exists())  # ends at "." or "/", which exist
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"not a directory (needed for {dst})", str(folder))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"not a writable folder (needed for {dst})", str(folder))
 
 
 @contextlib.contextmanager

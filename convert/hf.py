@@ -26,10 +26,12 @@ counted in the log.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import logging
 import math
+import numbers
 import os
 import pathlib
 import re
@@ -46,6 +48,7 @@ from convert.safetensors_io import LazyTensor, MappedFile, TensorInfo, read_head
 from convert.tree import (
     Path,
     check_tree,
+    dtype_mismatches,
     expected_shapes,
     flatten,
     refuse_load_time_formats,
@@ -246,15 +249,16 @@ def _listing(names: list[str], limit: int = 100) -> str:
 class _Plan:
     reads: list[tuple[Slot, TensorInfo]]
     ones: list[Slot]  # layer_scalar buffers absent from the file: transformers' init value 1.0
-    leaf_dtypes: dict[Path, np.dtype]
+    dtype: np.dtype  # of every leaf
     skipped_vision: int
 
 
 def plan_load(
     config: Config, tensors: Mapping[str, TensorInfo], dtype: np.dtype | None, where: str
 ) -> _Plan:
-    """Match checkpoint names to our leaves; raise one error listing every missing/unexpected/misshapen tensor."""
-    slots, shapes = hf_slots(config)
+    """Match checkpoint names to our leaves; raise one error listing every missing/unexpected/misshapen tensor
+    (and, unless a `dtype` to cast to is given, every one not in the checkpoint's floating dtype)."""
+    slots, _ = hf_slots(config)
     known = {name for slot in slots for name in slot.names}
     vision = [n for n in tensors if n.startswith(VISION_PREFIXES)]
     unexpected = sorted(
@@ -288,22 +292,19 @@ def plan_load(
     ]
     if mismatched:
         problems.append(f"shape mismatch: {_listing(mismatched)}")
+    if dtype is None and (mixed := dtype_mismatches(
+        [(info.name, slots[k].leaf, info.dtype) for k, info in sorted(found.items())], config
+    )):
+        problems.append(f"dtype mismatch (ask for a dtype, dtype=... or --dtype, to cast every tensor to it): {_listing(mixed)}")
     if problems:
         raise CheckpointError(f"{where}: " + "\n".join(problems))
 
-    def kept(dtypes: list[np.dtype]) -> np.dtype:
-        # float64 is kept as float32: jax without x64 cannot hold it.
-        return np.result_type(*[np.dtype(np.float32) if d == np.float64 else d for d in dtypes])
-
-    # dtype=None keeps each leaf's stored dtype; a leaf with nothing stored (defaulted layer_scalars) takes
-    # the checkpoint's.
-    overall = kept([info.dtype for info in found.values()])
-    leaf_dtypes: dict[Path, np.dtype] = {}
-    for path in shapes:
-        stored = [info.dtype for k, info in found.items() if slots[k].leaf == path]
-        leaf_dtypes[path] = dtype if dtype is not None else kept(stored) if stored else overall
+    # dtype=None keeps the stored dtype, now known to be one, except float64: read as float32, which jax
+    # without x64 can hold. Defaulted layer_scalars take it too.
+    stored = next(iter(found.values())).dtype
+    target = dtype if dtype is not None else np.dtype(np.float32) if stored == np.float64 else stored
     reads = sorted(((slots[k], info) for k, info in found.items()), key=lambda r: (str(r[1].path), r[1].begin))
-    return _Plan(reads, ones, leaf_dtypes, len(vision))
+    return _Plan(reads, ones, target, len(vision))
 
 
 def _prepare(path: str | os.PathLike[str], dtype: Any) -> tuple[Config, np.dtype | None, _Plan]:
@@ -329,7 +330,7 @@ def load_hf_numpy(
     config, target, plan = _prepare(path, dtype)
     _, shapes = hf_slots(config)
     # One preallocated array per leaf in the final dtype: the checkpoint is never held twice.
-    arrays = {p: np.empty(shape, plan.leaf_dtypes[p]) for p, shape in shapes.items()}
+    arrays = {p: np.empty(shape, plan.dtype) for p, shape in shapes.items()}
     for slot in plan.ones:
         arrays[slot.leaf][slot.block] = 1
     total = sum(info.nbytes for _, info in plan.reads)
@@ -400,7 +401,7 @@ def _load_hf_sharded(
 
     def shard(leaf: Path, index: tuple[slice, ...]) -> np.ndarray:
         shape = shapes[leaf]
-        out = np.empty([len(range(dim)[s]) for dim, s in zip(shape, index, strict=True)], plan.leaf_dtypes[leaf])
+        out = np.empty([len(range(dim)[s]) for dim, s in zip(shape, index, strict=True)], plan.dtype)
         if leaf[0] != "blocks":
             copy_into(out, sources[leaf][None], index)
         else:
@@ -431,23 +432,51 @@ GENERATION_KEYS = (
     "max_new_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
     "confidence_threshold", "eos_token_id", "pad_token_id",
 )
+_INTEGER_KEYS = frozenset({"max_new_tokens", "max_denoising_steps", "stability_threshold", "pad_token_id"})
+# Every key transformers 5.23.0's DiffusionGemmaGenerationConfig takes (its __init__ raises "Unexpected
+# kwargs" on any other, do_sample and top_p included), plus our flat layout's entropy_bound.
+KNOWN_GENERATION_FILE_KEYS = frozenset({
+    *GENERATION_KEYS, "max_length", "return_dict_in_generate", "sampler_config", "cache_implementation",
+    "cache_config", "disable_compile", "bos_token_id", "_commit_hash", "_from_model_config", "transformers_version",
+})
 
 
-def normalise_generation_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+def normalise_generation_config(raw: Mapping[str, Any], where: str = "generation config") -> dict[str, Any]:
     """Keep the sampler settings we use, from either transformers' layout or our flat one; drop nulls.
 
     transformers nests `entropy_bound` in `sampler_config` (`{"_cls_name": "EntropyBoundSamplerConfig", ...}`);
-    `eos_token_id` becomes a list of ints.
+    `eos_token_id` becomes a list of ints. A value of the wrong type (a string, a list, a bool where a number
+    belongs) is a `CheckpointError` naming `where` (the file) and the key.
     """
     flat = dict(raw)
+    shown = {key: key for key in GENERATION_KEYS}
     sampler = flat.get("sampler_config")
-    if isinstance(sampler, Mapping) and flat.get("entropy_bound") is None:
+    if sampler is not None and not isinstance(sampler, Mapping):
+        raise CheckpointError(f"{where}: sampler_config must be an object, got {sampler!r}")
+    if sampler is not None and flat.get("entropy_bound") is None:
         flat["entropy_bound"] = sampler.get("entropy_bound")
+        shown["entropy_bound"] = "sampler_config.entropy_bound"
     out = {k: flat[k] for k in GENERATION_KEYS if flat.get(k) is not None}
-    if "eos_token_id" in out:
-        eos = out["eos_token_id"]
-        out["eos_token_id"] = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    for key, value in out.items():
+        if key == "eos_token_id":
+            ids = value if isinstance(value, list | tuple) else [value]
+            if not all(map(_is_integer, ids)):
+                raise CheckpointError(f"{where}: eos_token_id must be an integer or a list of integers, got {value!r}")
+            out[key] = [int(i) for i in ids]
+        elif key in _INTEGER_KEYS and not _is_integer(value):
+            raise CheckpointError(f"{where}: {shown[key]} must be an integer, got {value!r}")
+        elif key not in _INTEGER_KEYS and not _is_number(value):
+            raise CheckpointError(f"{where}: {shown[key]} must be a number, got {value!r}")
     return out
+
+
+def _is_integer(value: Any) -> bool:
+    # bool is an int to Python, but a JSON `true` is no token id or step count.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _read_json_object(file: pathlib.Path) -> dict[str, Any]:
@@ -467,7 +496,14 @@ def load_generation_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not file.is_file():
         return {}
     raw = _read_json_object(file)
-    return normalise_generation_config(raw)
+    # Warned, not refused: transformers may accept more keys in a later version. A typo of one of ours
+    # would otherwise be dropped without a word and its default used.
+    for key in sorted(set(raw) - KNOWN_GENERATION_FILE_KEYS):
+        close = difflib.get_close_matches(key, sorted(KNOWN_GENERATION_FILE_KEYS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        log.warning("%s: ignoring unknown key %r%s; transformers' DiffusionGemmaGenerationConfig refuses it",
+                    file, key, hint)
+    return normalise_generation_config(raw, str(file))
 
 
 def hf_generation_config(generation_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -486,17 +522,24 @@ def hf_generation_config(generation_config: Mapping[str, Any]) -> dict[str, Any]
 # ------------------------------------------------------------------------------------ writing
 
 
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
 def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like "5GB", "20KB", "500MiB" (decimal units as transformers uses)."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, re.IGNORECASE)
-    if not match:
-        raise ValueError(f"bad size {size!r}: expected e.g. 5GB or 20KB")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(number * scale)
+    """Bytes (> 0) from an int or a string like "5GB", "20KB", "500MiB" (decimal units as transformers uses)."""
+    match = _SIZE.fullmatch(size) if isinstance(size, str) else None
+    if match:
+        nbytes = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()])
+    else:
+        nbytes = size if isinstance(size, int) and not isinstance(size, bool) else 0
+    if nbytes <= 0:
+        raise ValueError(
+            f"bad size {size!r}: expected a positive number of bytes, optionally with a unit B, KB, MB, GB, TB "
+            "(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 5GB or 500MiB"
+        )
+    return nbytes
 
 
 def save_hf(

@@ -42,6 +42,7 @@ from convert.hf import (
 from convert.safetensors_io import MappedFile, read_header, write_safetensors
 from convert.tree import (
     check_tree,
+    dtype_mismatches,
     expected_shapes,
     flatten,
     refuse_load_time_formats,
@@ -99,7 +100,8 @@ def load(
 ) -> tuple[Config, dict[str, Any]]:
     """Read a directory written by `save`: `(config, params)` with jax leaves (numpy with `as_numpy`).
 
-    `dtype` casts every leaf (None keeps the stored dtypes, bit for bit).
+    `dtype` casts every leaf (None keeps the stored dtype, bit for bit, and refuses a file whose floating
+    tensors are not all in one dtype: see `convert.tree.dtype_mismatches`).
     """
     src = pathlib.Path(src)
     config = read_config(src)
@@ -122,6 +124,10 @@ def load(
         for name, info in sorted(tensors.items())
         if name in expected and info.shape != shapes[expected[name]]
     ]
+    if target is None and (mixed := dtype_mismatches(
+        [(name, expected[name], info.dtype) for name, info in sorted(tensors.items()) if name in expected], config
+    )):
+        problems.append(f"dtype mismatch (ask for a dtype, dtype=... or --dtype, to cast every tensor to it): {', '.join(mixed)}")
     if problems:
         raise CheckpointError(f"{file}: " + "; ".join(problems))
     mapped = MappedFile(file)

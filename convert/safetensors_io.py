@@ -18,6 +18,7 @@ import math
 import mmap
 import os
 import pathlib
+import reprlib
 import struct
 import sys
 from collections.abc import Callable, Mapping
@@ -67,8 +68,9 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
     """Parse and validate the header of one safetensors file.
 
     Returns (tensors by name, `__metadata__`). Raises `CheckpointError` naming the file when it is
-    truncated or corrupt: header length past the end of the file, bad JSON, an unknown dtype, a shape that
-    disagrees with its byte range, or data offsets beyond the end of the file.
+    truncated or corrupt: header length past the end of the file, bad JSON, `__metadata__` that is not a
+    mapping of strings to strings, an unknown dtype, a shape that disagrees with its byte range, data offsets
+    beyond the end of the file, or tensors that do not tile the data section exactly (see `_check_layout`).
     """
     path = pathlib.Path(path)
     size = path.stat().st_size
@@ -92,7 +94,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors file: bad JSON header (not an object)")
 
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = _metadata(path, header.pop("__metadata__", None))
     data_start = 8 + header_len
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -122,7 +124,48 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
                 f"{data_start + end}, beyond the end of the file ({size} bytes)"
             )
         tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
+    _check_layout(path, tensors, data_start, size)
     return tensors, metadata
+
+
+def _metadata(path: pathlib.Path, metadata: Any) -> dict[str, str]:
+    """`__metadata__` as the format defines it: absent, null, or an object of string values."""
+    if metadata is None:
+        return {}
+    bad = metadata if not isinstance(metadata, dict) else next(
+        ({key: value} for key, value in metadata.items() if not isinstance(value, str)), None
+    )
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: corrupt safetensors file: __metadata__ must map strings to strings, got {reprlib.repr(bad)}"
+        )
+    return metadata
+
+
+def _check_layout(path: pathlib.Path, tensors: Mapping[str, TensorInfo], data_start: int, size: int) -> None:
+    """Tensors, in offset order, must cover the data section exactly: no overlap (two names reading the same
+    bytes), no gap and nothing after the last one (bytes no tensor accounts for). The safetensors library
+    refuses all three (`InvalidOffset`, `MetadataIncompleteBuffer`); so do we rather than load such a file."""
+    position, last = data_start, None
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        offsets = f"data_offsets [{info.begin - data_start}, {info.end - data_start}]"
+        if info.begin < position:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors file: tensor {info.name!r} {offsets} overlap tensor {last!r}, "
+                f"which ends at {position - data_start}"
+            )
+        if info.begin > position:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors file: gap of {info.begin - position} bytes before tensor "
+                f"{info.name!r} ({offsets}): tensors must be contiguous from offset 0"
+            )
+        position, last = info.end, info.name
+    if position != size:
+        after = "the header" if last is None else f"the last tensor {last!r}"
+        raise CheckpointError(
+            f"{path}: corrupt safetensors file: {size - position} unexpected bytes after {after} (the data "
+            "section must end where the last tensor does)"
+        )
 
 
 class MappedFile:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 from convert.errors import CheckpointError
 from diffjax.config import Config
 from diffjax.model import param_shapes
+from diffjax.quantize import storage_dtype
 
 Path = tuple[str, ...]
 
@@ -83,7 +85,8 @@ def _expected_shapes(config: Config) -> dict[Path, tuple[int, ...]]:
 
 
 def check_tree(flat: Mapping[Path, Any], config: Config, what: str, dtype: np.dtype | None = None) -> None:
-    """Raise `CheckpointError` unless `flat` has exactly the leaves and shapes of `param_shapes(config)`."""
+    """Raise `CheckpointError` unless `flat` has exactly the leaves and shapes of `param_shapes(config)`, and
+    with a `dtype` its dtypes (`dtype_mismatches`: fp8 experts and their scales keep their own)."""
     expected = expected_shapes(config)
     missing = sorted("/".join(p) for p in set(expected) - set(flat))
     unexpected = sorted("/".join(p) for p in set(flat) - set(expected))
@@ -96,10 +99,37 @@ def check_tree(flat: Mapping[Path, Any], config: Config, what: str, dtype: np.dt
         shape = tuple(flat[path].shape)
         if shape != expected[path]:
             problems.append(f"shape mismatch for {'/'.join(path)}: expected {list(expected[path])}, got {list(shape)}")
-        if dtype is not None and np.dtype(flat[path].dtype) != dtype:
-            problems.append(f"dtype of {'/'.join(path)} is {np.dtype(flat[path].dtype)}, expected {dtype}")
+    if dtype is not None:
+        stored = [("/".join(p), p, np.dtype(flat[p].dtype)) for p in sorted(set(expected) & set(flat))]
+        problems += [f"dtype of {line}" for line in dtype_mismatches(stored, config, dtype)]
     if problems:
         raise CheckpointError(f"{what} does not match the parameter tree of this config: " + "; ".join(problems))
+
+
+def dtype_mismatches(
+    stored: Iterable[tuple[str, Path, np.dtype]], config: Config, dtype: np.dtype | None = None
+) -> list[str]:
+    """`"NAME is D, expected E"` for each floating tensor (name, leaf path, dtype) not in its leaf's dtype.
+
+    That is `dtype`, or for None the checkpoint's own: the most common floating dtype among the tensors
+    whose dtype follows the model's. Leaves with a dtype of their own keep it whatever the rest hold:
+    under `expert_quantization="fp8"` the expert weights are float8_e4m3fn and their scales float32
+    (`diffjax.quantize.storage_dtype`). Without this, one float16 tensor in a float32 checkpoint would load
+    as a mixed-dtype tree that the model silently computes in whatever dtypes promotion then picks.
+    """
+    floating = [(name, path, np.dtype(d)) for name, path, d in stored if jax.numpy.issubdtype(d, jax.numpy.floating)]
+    note = ""
+    if dtype is None:
+        follows = Counter(d for _, path, d in floating if storage_dtype(config, path, None) is None)
+        if not follows:
+            return []
+        dtype, count = follows.most_common(1)[0]
+        note = f" like {count} of the other {sum(follows.values()) - 1} tensors"
+    return [
+        f"{name} is {d}, expected {want}{note if want == dtype else ''}"
+        for name, path, d in floating
+        if d != (want := np.dtype(storage_dtype(config, path, dtype)))
+    ]
 
 
 def refuse_load_time_formats(config: Config) -> None:

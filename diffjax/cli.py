@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
+from convert.__main__ import shard_size
 from diffjax.config import (
     GLOBAL_ATTENTION_IMPLEMENTATIONS,
     MOE_IMPLEMENTATIONS,
@@ -427,11 +428,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from convert.__main__ import main as convert_main
 
-    argv = [str(args.src), str(args.dst), "--max-shard-size", args.max_shard_size]
+    argv = [str(args.src), str(args.dst), "--max-shard-size", str(args.max_shard_size)]
     if args.dtype:
         argv += ["--dtype", args.dtype]
     argv += ["--overwrite"] * args.overwrite + ["--to-hf"] * args.to_hf + ["--quiet"] * args.quiet
-    return 0 if convert_main(argv) == 0 else EXIT_USAGE
+    code = convert_main(argv)
+    return code if code in (0, 130) else EXIT_USAGE  # 130: interrupted, as for every other command
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -639,7 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=dtypes, help="cast every weight (default: keep the stored dtype)")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     c.add_argument("--to-hf", action="store_true", help="SRC is a diffjax checkpoint, DST a transformers folder")
-    c.add_argument("--max-shard-size", default="5GB", help="shard size for --to-hf (default 5GB)")
+    c.add_argument("--max-shard-size", default="5GB", type=shard_size,
+                   help="shard size for --to-hf: bytes or a number with a unit, e.g. 500MB, 2GiB (default 5GB)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import struct
 import subprocess
@@ -562,3 +564,254 @@ def test_convert_checkpoint_carries_tokenizer_files(hf_dir, tmp_path, reference_
     assert (dst / "chat_template.jinja").read_text() == "{{ bos_token }}"
     assert not (dst / "special_tokens_map.json").exists()
     _assert_trees_equal(convert.load(dst)[1], reference_params)
+
+
+# ------------------------------------------------------------------------- bad input, by defect
+
+
+def _tree_bytes(folder: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("layout", ["same", "dst_contains_src", "dst_inside_src", "through_symlink"])
+def test_refuses_destination_overlapping_source(hf_dir, tmp_path, capsys, layout):
+    """`--overwrite anc/hf anc` used to delete the source (and everything beside it) once converted."""
+    top = tmp_path / "anc"
+    src = top / "hf"
+    shutil.copytree(hf_dir, src)
+    (top / "unrelated.txt").write_text("keep me")
+    (tmp_path / "link").symlink_to(top, target_is_directory=True)
+    dst = {"same": src, "dst_contains_src": top, "dst_inside_src": src / "out",
+           "through_symlink": tmp_path / "link" / "hf"}[layout]
+    before = _tree_bytes(top)
+    relation = {"same": "is the source", "through_symlink": "is the source", "dst_contains_src": "contains the source",
+                "dst_inside_src": "is inside the source"}[layout]
+    message = f"destination {dst} {relation} {src}: "
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        convert.convert_checkpoint(src, dst, overwrite=True)
+    for argv in ([str(src), str(dst), "--overwrite", "-q"], [str(src), str(dst), "--overwrite", "-q", "--to-hf"]):
+        assert cli_main(argv) == 1
+        assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert _tree_bytes(top) == before
+
+
+def test_symlink_destination_is_replaced_not_followed(hf_dir, tmp_path):
+    """Replacing a `dst` that is a symlink to the source replaces the link; the source it points to stays."""
+    src = tmp_path / "hf"
+    shutil.copytree(hf_dir, src)
+    before = _tree_bytes(src)
+    (tmp_path / "link").symlink_to(src, target_is_directory=True)
+    dst = convert.convert_checkpoint(src, tmp_path / "link", overwrite=True)
+    assert not dst.is_symlink() and (dst / "params.safetensors").is_file()
+    assert _tree_bytes(src) == before
+
+
+def _safetensors_cases() -> dict[str, tuple[dict, bytes, str]]:
+    f32 = {"dtype": "F32", "shape": [1]}
+    return {
+        "metadata_str": ({"__metadata__": "x", "a": {**f32, "data_offsets": [0, 4]}}, b"\0" * 4,
+                         r"__metadata__ must map strings to strings"),
+        "metadata_int_value": ({"__metadata__": {"format": 1}, "a": {**f32, "data_offsets": [0, 4]}}, b"\0" * 4,
+                               r"__metadata__ must map strings to strings"),
+        "overlap": ({"a": {**f32, "data_offsets": [0, 4]}, "b": {**f32, "data_offsets": [0, 4]}}, b"\0" * 4,
+                    r"tensor 'b' data_offsets \[0, 4\] overlap"),
+        "gap": ({"a": {**f32, "data_offsets": [0, 4]}, "b": {**f32, "data_offsets": [8, 12]}}, b"\0" * 12,
+                r"gap of 4 bytes before tensor 'b'"),
+        "gap_at_start": ({"a": {**f32, "data_offsets": [4, 8]}}, b"\0" * 8, r"gap of 4 bytes before tensor 'a'"),
+        "trailing_bytes": ({"a": {**f32, "data_offsets": [0, 4]}}, b"\0" * 8,
+                           r"4 unexpected bytes after the last tensor 'a'"),
+        "trailing_bytes_no_tensor": ({}, b"\0", r"1 unexpected bytes after the header"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_safetensors_cases()))
+def test_safetensors_layout_checked_like_the_reference(tmp_path, case):
+    """What the safetensors library refuses, we refuse too, naming the file and the tensor."""
+    from convert.safetensors_io import read_header
+
+    header, data, message = _safetensors_cases()[case]
+    file = tmp_path / "x.safetensors"
+    _raw_safetensors(file, header, data)
+    with pytest.raises(safetensors.SafetensorError):
+        safetensors.numpy.load_file(file)
+    with pytest.raises(CheckpointError, match=message) as info:
+        read_header(file)
+    assert str(file) in str(info.value)
+
+
+def test_safetensors_layout_accepts_what_the_reference_accepts(tmp_path):
+    from convert.safetensors_io import read_header
+
+    file = tmp_path / "x.safetensors"
+    f32 = {"dtype": "F32", "shape": [1]}
+    # Listed out of offset order, a zero-size tensor, null metadata: all valid.
+    header = {"__metadata__": None, "b": {**f32, "data_offsets": [4, 8]}, "a": {**f32, "data_offsets": [0, 4]},
+              "empty": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}}
+    _raw_safetensors(file, header, b"\0" * 8)
+    assert sorted(safetensors.numpy.load_file(file)) == ["a", "b", "empty"]
+    tensors, metadata = read_header(file)
+    assert sorted(tensors) == ["a", "b", "empty"] and metadata == {}
+
+
+def test_native_load_reports_bad_metadata(reference_params, tmp_path):
+    dst = convert.save(reference_params, CONFIG, tmp_path / "ckpt")
+    file = dst / "params.safetensors"
+    raw = file.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    header["__metadata__"] = "diffjax"
+    _raw_safetensors(file, json.dumps(header).encode().ljust(length), raw[8 + length:])
+    with pytest.raises(CheckpointError, match=r"params\.safetensors: .*__metadata__ must map strings to strings"):
+        convert.load(dst)
+
+
+def _with_leaf(params: dict, path: tuple[str, ...], value) -> dict:
+    flat = flatten(params)
+    flat[path] = value
+    from convert.tree import unflatten
+
+    return unflatten(flat)
+
+
+def test_native_load_refuses_a_tensor_of_another_dtype(reference_params, tmp_path):
+    path = ("blocks", "layer_1", "mlp", "up_proj", "kernel")
+    odd = _with_leaf(reference_params, path, np.asarray(flatten(reference_params)[path]).astype(np.float16))
+    dst = convert.save(odd, CONFIG, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"blocks/layer_1/mlp/up_proj/kernel is float16, expected float32"):
+        convert.load(dst)
+    _, cast = convert.load(dst, dtype="float32")  # asking for one dtype casts everything: fine
+    assert {np.dtype(leaf.dtype) for leaf in jax.tree.leaves(cast)} == {np.dtype(np.float32)}
+
+
+def test_hf_load_refuses_a_tensor_of_another_dtype(hf_dir, tmp_path):
+    tensors = _tensors(hf_dir)
+    name = DEC + "layers.2.self_attn.q_norm.weight"
+    tensors[name] = tensors[name].astype(np.float16)
+    folder = _variant(hf_dir, tmp_path / "f16", tensors)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)} is float16, expected float32"):
+        convert.load_hf(folder)
+    with pytest.raises(CheckpointError, match="is float16, expected float32"):
+        convert.convert_checkpoint(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    _, params = convert.load_hf(folder, dtype="bfloat16")
+    assert {np.dtype(leaf.dtype) for leaf in jax.tree.leaves(params)} == {np.dtype(ml_dtypes.bfloat16)}
+
+
+def test_dtype_check_allows_fp8_experts_and_their_scales(reference_params):
+    """fp8 experts are float8_e4m3fn with float32 scales whatever the other weights' dtype: not a mix."""
+    from convert.tree import check_tree, dtype_mismatches
+    from diffjax.quantize import quantize_model
+
+    bf16 = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16), reference_params)
+    fp8_config, quantized = quantize_model(CONFIG, bf16)
+    flat = flatten(quantized)
+    stored = [("/".join(p), p, np.dtype(leaf.dtype)) for p, leaf in flat.items()]
+    assert {d for _, _, d in stored} == {np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn),
+                                         np.dtype(np.float32)}
+    assert dtype_mismatches(stored, fp8_config) == []
+    check_tree(flat, fp8_config, "quantized", np.dtype(ml_dtypes.bfloat16))
+    path = ("final_norm", "scale")
+    odd = [(n, p, np.dtype(np.float32) if p == path else d) for n, p, d in stored]
+    (line,) = dtype_mismatches(odd, fp8_config)
+    assert line.startswith("final_norm/scale is float32, expected bfloat16 like ")
+
+
+def test_convert_checks_the_destination_folder_before_reading(tmp_path, monkeypatch, capsys):
+    """Both checks run before the (here missing) source is read: it would take minutes on a real one."""
+    missing = tmp_path / "no-such-source"
+    (tmp_path / "existing.json").write_text("{}")
+    with pytest.raises(NotADirectoryError, match=r"not a directory") as info:
+        convert.convert_checkpoint(missing, tmp_path / "existing.json" / "new")
+    assert info.value.filename == str(tmp_path / "existing.json")
+    assert cli_main([str(missing), str(tmp_path / "existing.json" / "new"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'existing.json'}: not a directory (needed for {tmp_path / 'existing.json' / 'new'})\n"
+
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: pathlib.Path(p) != readonly and real_access(p, mode, **kw))
+    for dst in (readonly / "new", readonly / "deeper" / "new"):
+        with pytest.raises(PermissionError, match="not a writable folder"):
+            convert.convert_checkpoint(missing, dst)
+        assert cli_main([str(missing), str(dst), "-q"]) == 1
+        assert capsys.readouterr().err == f"error: {readonly}: not a writable folder (needed for {dst})\n"
+    assert list(readonly.iterdir()) == []
+
+
+@pytest.mark.parametrize("failure", ["disk_full", "interrupt"])
+def test_cli_os_error_and_interrupt_keep_old_destination(hf_dir, reference_params, tmp_path, monkeypatch, capsys,
+                                                          failure):
+    dst = convert.save(reference_params, CONFIG, tmp_path / "ckpt", {"max_new_tokens": 32})
+    before = _tree_bytes(dst)
+    real = convert.native.write_safetensors
+
+    def half_then_fail(path, tensors, metadata=None, on_tensor=None):
+        real(path, dict(list(tensors.items())[:3]), metadata, on_tensor)
+        if failure == "disk_full":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert.native, "write_safetensors", half_then_fail)
+    code = cli_main([str(hf_dir), str(dst), "--overwrite", "-q"])
+    err = capsys.readouterr().err  # the log's "skipped 16 vision tensors", then the one error line
+    assert "Traceback" not in err
+    if failure == "disk_full":
+        assert code == 1
+        assert err.endswith(f"\nerror: No space left on device (converting {hf_dir} -> {dst})\n")
+    else:
+        assert code == 130
+        assert err.endswith("\nerror: interrupted\n")
+    assert _tree_bytes(dst) == before
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("size", ["abc", "-5", "0", "5XB"])
+def test_cli_rejects_bad_max_shard_size(tmp_path, capsys, size):
+    with pytest.raises(SystemExit) as info:
+        cli_main([str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--to-hf", f"--max-shard-size={size}"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --max-shard-size: bad size {size!r}" in err and "5GB" in err and "Traceback" not in err
+
+
+def test_parse_size():
+    from convert.hf import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2 MiB") == 2 * 2**20 and parse_size(7) == 7
+    for bad in ("abc", "-5", "0", "0.1B", 0, -3, True):
+        with pytest.raises(ValueError, match="bad size"):
+            parse_size(bad)
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("t_min", "abc", "a number"),
+    ("t_max", [1], "a number"),
+    ("confidence_threshold", True, "a number"),
+    ("max_new_tokens", 16.5, "an integer"),
+    ("max_denoising_steps", "8", "an integer"),
+    ("stability_threshold", [2], "an integer"),
+    ("pad_token_id", "0", "an integer"),
+    ("eos_token_id", "x", "an integer or a list of integers"),
+    ("eos_token_id", [1, "x"], "an integer or a list of integers"),
+    ("sampler_config", "entropy", "an object"),
+    ("sampler_config", {"entropy_bound": "x"}, "a number"),
+])
+def test_generation_config_value_types(tmp_path, key, value, expected):
+    file = tmp_path / "generation_config.json"
+    file.write_text(json.dumps({"max_new_tokens": 16, key: value}))
+    name = "sampler_config.entropy_bound" if isinstance(value, dict) else key
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(file))}: {re.escape(name)} must be {expected}, got"):
+        convert.load_generation_config(tmp_path)
+
+
+def test_generation_config_unknown_keys_warned_not_refused(tmp_path, caplog):
+    (tmp_path / "generation_config.json").write_text(json.dumps({
+        "max_new_tokens": 16, "max_denoising_step": 3, "transformers_version": "5.23.0", "do_sample": True,
+        "cache_implementation": "static",
+    }))
+    with caplog.at_level(logging.WARNING, logger="convert"):
+        assert convert.load_generation_config(tmp_path) == {"max_new_tokens": 16}
+    assert "'max_denoising_step' (did you mean 'max_denoising_steps'?)" in caplog.text
+    assert "'do_sample'" in caplog.text
+    assert "transformers_version" not in caplog.text and "cache_implementation" not in caplog.text
