@@ -49,7 +49,6 @@ from convert.tree import (
     Path,
     check_tree,
     dtype_mismatches,
-    expected_shapes,
     flatten,
     refuse_load_time_formats,
     resolve_dtype,
@@ -57,6 +56,7 @@ from convert.tree import (
     unflatten,
 )
 from diffjax.config import Config
+from diffjax.model import param_leaf_shapes
 
 log = logging.getLogger("convert")
 
@@ -158,7 +158,7 @@ class Slot:
 
 def hf_slots(config: Config) -> tuple[list[Slot], dict[Path, tuple[int, ...]]]:
     """Every HF tensor the config needs, and the shape of every leaf of our tree."""
-    shapes = expected_shapes(config)
+    shapes = param_leaf_shapes(config)
     slots: list[Slot] = []
     for path, shape in shapes.items():
         if path[0] != "blocks":

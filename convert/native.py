@@ -43,13 +43,13 @@ from convert.safetensors_io import MappedFile, read_header, write_safetensors
 from convert.tree import (
     check_tree,
     dtype_mismatches,
-    expected_shapes,
     flatten,
     refuse_load_time_formats,
     resolve_dtype,
     unflatten,
 )
 from diffjax.config import Config
+from diffjax.model import param_leaf_shapes
 
 PARAMS_FILE = "params.safetensors"
 FORMAT = "diffjax"
@@ -112,7 +112,7 @@ def load(
     tensors, metadata = read_header(file)
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a diffjax checkpoint (metadata format {metadata.get('format')!r})")
-    shapes = expected_shapes(config)
+    shapes = param_leaf_shapes(config)
     expected = {"/".join(p): p for p in shapes}
     problems = []
     if missing := sorted(set(expected) - set(tensors)):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -13,7 +12,7 @@ import numpy as np
 
 from convert.errors import CheckpointError
 from diffjax.config import Config
-from diffjax.model import param_shapes
+from diffjax.model import param_leaf_shapes
 from diffjax.quantize import storage_dtype
 
 Path = tuple[str, ...]
@@ -73,21 +72,10 @@ def unflatten(flat: Mapping[Path, Any]) -> dict[str, Any]:
     return tree
 
 
-def expected_shapes(config: Config) -> dict[Path, tuple[int, ...]]:
-    """Every leaf of `diffjax.param_shapes(config)` with its shape."""
-    return dict(_expected_shapes(config))
-
-
-@functools.lru_cache(maxsize=16)
-def _expected_shapes(config: Config) -> dict[Path, tuple[int, ...]]:
-    # Tracing the model's init takes about a second; a conversion asks several times per config.
-    return {path: tuple(s.shape) for path, s in flatten(param_shapes(config, np.float32)).items()}
-
-
 def check_tree(flat: Mapping[Path, Any], config: Config, what: str, dtype: np.dtype | None = None) -> None:
     """Raise `CheckpointError` unless `flat` has exactly the leaves and shapes of `param_shapes(config)`, and
     with a `dtype` its dtypes (`dtype_mismatches`: fp8 experts and their scales keep their own)."""
-    expected = expected_shapes(config)
+    expected = param_leaf_shapes(config)
     missing = sorted("/".join(p) for p in set(expected) - set(flat))
     unexpected = sorted("/".join(p) for p in set(flat) - set(expected))
     problems = []

@@ -40,6 +40,7 @@ from diffjax.model import (
     _denoise_logits,
     _encode,
     check_context,
+    check_params,
     init_cache,
     param_dtype,
     prefill,
@@ -135,6 +136,7 @@ def generate(
     follow the same distribution as "logits" but not the same random stream; "xla" is its plain-JAX twin.
     Same `key`, same inputs -> bitwise the same tokens.
     """
+    check_params(params, config)
     input_ids = token_ids("input_ids", input_ids, config.vocab_size)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, prompt], got shape {input_ids.shape}")

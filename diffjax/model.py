@@ -330,6 +330,37 @@ def _keys(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", k)) for k in path)
 
 
+def param_leaf_shapes(config: Config) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Each parameter leaf's path (`("blocks", "layer_0", ...)`) and shape."""
+    return dict(_param_leaf_shapes(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _param_leaf_shapes(config: Config) -> dict[tuple[str, ...], tuple[int, ...]]:
+    # Tracing the model's init takes about a second; checks and conversions ask once per call.
+    flat, _ = jax.tree_util.tree_flatten_with_path(param_shapes(config, jnp.float32))
+    return {_keys(path): tuple(s.shape) for path, s in flat}
+
+
+def check_params(params: Params, config: Config) -> None:
+    """Raise `ValueError` unless `params` has this config's leaves and shapes, each of a floating dtype: a
+    mismatch would otherwise fail deep inside the trace (flax scope errors, a scan carry of another type)."""
+    expected = _param_leaf_shapes(config)
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    given = {_keys(path): leaf for path, leaf in flat}
+    problems = [f"missing {'/'.join(p)}" for p in sorted(set(expected) - set(given))]
+    problems += [f"unexpected {'/'.join(p)}" for p in sorted(set(given) - set(expected))]
+    for path in sorted(set(expected) & set(given)):
+        shape, dtype = tuple(getattr(given[path], "shape", ())), getattr(given[path], "dtype", None)
+        if shape != expected[path]:
+            problems.append(f"{'/'.join(path)} has shape {list(shape)}, expected {list(expected[path])}")
+        elif dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            problems.append(f"{'/'.join(path)} is {dtype}, not a floating dtype")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"params do not match this config: {'; '.join(problems[:5])}{more}")
+
+
 _UNIT_PARAMS = ("scale", "per_expert_scale", "encoder_layer_scalar", "decoder_layer_scalar")
 
 
@@ -423,6 +454,7 @@ def encode_with_hidden(
     cache: KVCache | None = None, *, capacity: int | None = None,
 ) -> tuple[KVCache, Array]:
     """`encode` that also returns the encoder's final-normed hidden states `[batch, seq, hidden]`."""
+    check_params(params, config)
     input_ids = token_ids("input_ids", input_ids, config.vocab_size)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
@@ -469,6 +501,7 @@ def denoise_logits(
     first step: a zero signal); `self_conditioning_mask [batch]` zeroes the signal per row (training).
     Returns float32 logits `[batch, canvas, vocab]`, softcapped.
     """
+    check_params(params, config)
     canvas_ids = token_ids("canvas_ids", canvas_ids, config.vocab_size)
     if canvas_ids.ndim != 2 or canvas_ids.shape[0] != cache.batch_size:
         raise ValueError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -220,6 +222,29 @@ def test_bad_parameters_name_themselves(kwargs, match):
     kwargs.setdefault("key", jax.random.key(0))
     with pytest.raises(ValueError, match=match):
         generate(params, config, input_ids, **kwargs)
+
+
+def test_params_that_do_not_match_the_config_are_named():
+    config = Config.tiny(max_position_embeddings=4096)
+    good = diffjax.param_shapes(config, np.float32)
+    embedding = good["embedder"]["embedding"]
+    cases = [
+        ({**good, "embedder": {"embedding": jax.ShapeDtypeStruct((7, 3), np.float32)}},
+         "embedder/embedding has shape [7, 3], expected"),
+        ({**good, "embedder": {}}, "missing embedder/embedding"),
+        ({**good, "extra": {"w": embedding}}, "unexpected extra/w"),
+        ({**good, "embedder": {"embedding": jax.ShapeDtypeStruct(embedding.shape, np.int32)}},
+         "embedder/embedding is int32, not a floating dtype"),
+    ]
+    cache = diffjax.init_cache(config, 1, 8)
+    for params, match in cases:
+        match = re.escape(match)
+        with pytest.raises(ValueError, match=f"params do not match this config: .*{match}"):
+            generate(params, config, np.array([[3, 4, 5]]), key=jax.random.key(0))
+        with pytest.raises(ValueError, match=match):
+            diffjax.encode(params, config, np.array([[3, 4, 5]]))
+        with pytest.raises(ValueError, match=match):
+            diffjax.denoise_logits(params, config, cache, np.zeros((1, config.canvas_length), np.int32))
 
 
 def test_numpy_integers_are_integers():
