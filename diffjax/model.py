@@ -348,17 +348,25 @@ def check_params(params: Params, config: Config) -> None:
     expected = _param_leaf_shapes(config)
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     given = {_keys(path): leaf for path, leaf in flat}
-    problems = [f"missing {'/'.join(p)}" for p in sorted(set(expected) - set(given))]
-    problems += [f"unexpected {'/'.join(p)}" for p in sorted(set(given) - set(expected))]
+    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    problems = [f"missing {'/'.join(p)}" for p in missing] + [f"unexpected {'/'.join(p)}" for p in unexpected]
     for path in sorted(set(expected) & set(given)):
         shape, dtype = tuple(getattr(given[path], "shape", ())), getattr(given[path], "dtype", None)
+        fixed = storage_dtype(config, path, None)  # fp8 experts and their scales
         if shape != expected[path]:
             problems.append(f"{'/'.join(path)} has shape {list(shape)}, expected {list(expected[path])}")
         elif dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             problems.append(f"{'/'.join(path)} is {dtype}, not a floating dtype")
+        elif fixed is not None and dtype != fixed:
+            problems.append(f"{'/'.join(path)} is {dtype}, expected {jnp.dtype(fixed)}")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValueError(f"params do not match this config: {'; '.join(problems[:5])}{more}")
+        hint = ""
+        if config.expert_quantization == "fp8" and any(p[-1] in SCALE_LEAVES for p in missing):
+            hint = ": fp8 experts come from diffjax.quantize.quantize_model(config, params)"
+        elif config.expert_quantization != "fp8" and any(p[-1] in SCALE_LEAVES for p in unexpected):
+            hint = ": these are fp8 experts, for the config quantize_model returned (expert_quantization='fp8')"
+        raise ValueError(f"params do not match this config: {'; '.join(problems[:5])}{more}{hint}")
 
 
 _UNIT_PARAMS = ("scale", "per_expert_scale", "encoder_layer_scalar", "decoder_layer_scalar")

@@ -112,14 +112,19 @@ def test_quantized_model_logits():
     unquantized = _logits(params, CONFIG)
     assert 0 < float(jnp.linalg.norm(ours - unquantized) / jnp.linalg.norm(unquantized)) < 0.1
 
-    with pytest.raises(ValueError, match="needs float8_e4m3fn expert weights"):
+    with pytest.raises(ValueError, match=r"missing blocks/layer_0/experts/down_proj_scale.*come from "
+                                         r"diffjax.quantize.quantize_model\(config, params\)"):
         _logits(params, fp8_config)
-    with pytest.raises(ValueError, match="expert_quantization is 'none'"):
+    with pytest.raises(ValueError, match=r"unexpected blocks/layer_0/experts/down_proj_scale.*these are fp8 experts"):
         _logits(quantized, CONFIG)
     half = jax.tree.map(lambda x: x, quantized)
     del half["blocks"]["layer_2"]["experts"]["down_proj_scale"]
-    with pytest.raises(ValueError, match="down_proj_scale missing in blocks/layer_2/experts"):
+    with pytest.raises(ValueError, match="missing blocks/layer_2/experts/down_proj_scale"):
         _logits(half, fp8_config)
+    wide = jax.tree.map(lambda x: x, quantized)
+    wide["blocks"]["layer_1"]["experts"]["gate_up_proj"] = params["blocks"]["layer_1"]["experts"]["gate_up_proj"]
+    with pytest.raises(ValueError, match="blocks/layer_1/experts/gate_up_proj is float32, expected float8_e4m3fn"):
+        _logits(wide, fp8_config)
 
 
 def test_load_quantizes_on_the_way_and_checkpoints_refuse_fp8(tmp_path):
