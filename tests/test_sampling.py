@@ -631,6 +631,27 @@ def test_token_draws_sample_the_categorical():
     assert np.asarray(S.GreedySampling()(jax.random.key(0), logits)).max() == 0
 
 
+def test_counter_gumbel_noise_is_finite_at_the_extreme_hash_words():
+    """The words 0xFFFFFFFF and 0 (found by inverting the hash) are the uniform's ends: with 24 bits the top
+    one rounded to u = 1 in float32 and gave +inf noise, a few tokens per row at the released vocabulary."""
+    modulus = 1 << 32
+
+    def unmix32(y: int) -> int:  # the inverse of sampling._mix32
+        y ^= y >> 16
+        y = (y * pow(0xC2B2AE35, -1, modulus)) % modulus
+        y ^= (y >> 13) ^ (y >> 26)
+        y = (y * pow(0x85EBCA6B, -1, modulus)) % modulus
+        return y ^ (y >> 16)
+
+    seed, row = 5, 3
+    row_word = int(S._mix32(jnp.uint32(row) * jnp.uint32(0x9E3779B9) ^ jnp.uint32(seed)))
+    for word in (0xFFFFFFFF, 0):
+        col = unmix32(word) ^ row_word
+        assert int(S._mix32(jnp.uint32(row_word) ^ jnp.uint32(col))) == word
+        noise = float(S.gumbel_noise(jnp.uint32(seed), jnp.uint32(row), jnp.uint32(col)))
+        assert math.isfinite(noise) and -3.0 < noise < 17.0, (hex(word), noise)
+
+
 def test_gumbel_max_draws_equal_jax_categorical():
     """The max-then-min-index form is the same draw as `jax.random.categorical`, bit for bit."""
     for seed in range(4):
