@@ -46,6 +46,7 @@ from convert.atomic import atomic_directory, write_json
 from convert.errors import CheckpointError
 from convert.safetensors_io import LazyTensor, MappedFile, TensorInfo, read_header, write_safetensors
 from convert.tree import (
+    MIXED_DTYPES,
     Path,
     check_tree,
     dtype_mismatches,
@@ -295,7 +296,7 @@ def plan_load(
     if dtype is None and (mixed := dtype_mismatches(
         [(info.name, slots[k].leaf, info.dtype) for k, info in sorted(found.items())], config
     )):
-        problems.append(f"dtype mismatch (ask for a dtype, dtype=... or --dtype, to cast every tensor to it): {_listing(mixed)}")
+        problems.append(f"{MIXED_DTYPES}: {_listing(mixed)}")
     if problems:
         raise CheckpointError(f"{where}: " + "\n".join(problems))
 

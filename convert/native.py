@@ -41,6 +41,7 @@ from convert.hf import (
 )
 from convert.safetensors_io import MappedFile, read_header, write_safetensors
 from convert.tree import (
+    MIXED_DTYPES,
     check_tree,
     dtype_mismatches,
     flatten,
@@ -127,7 +128,7 @@ def load(
     if target is None and (mixed := dtype_mismatches(
         [(name, expected[name], info.dtype) for name, info in sorted(tensors.items()) if name in expected], config
     )):
-        problems.append(f"dtype mismatch (ask for a dtype, dtype=... or --dtype, to cast every tensor to it): {', '.join(mixed)}")
+        problems.append(f"{MIXED_DTYPES}: {', '.join(mixed)}")
     if problems:
         raise CheckpointError(f"{file}: " + "; ".join(problems))
     mapped = MappedFile(file)

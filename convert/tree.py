@@ -94,6 +94,10 @@ def check_tree(flat: Mapping[Path, Any], config: Config, what: str, dtype: np.dt
         raise CheckpointError(f"{what} does not match the parameter tree of this config: " + "; ".join(problems))
 
 
+# The loaders' heading for `dtype_mismatches` without a requested dtype.
+MIXED_DTYPES = "dtype mismatch (ask for a dtype, dtype=... or --dtype, to cast every tensor to it)"
+
+
 def dtype_mismatches(
     stored: Iterable[tuple[str, Path, np.dtype]], config: Config, dtype: np.dtype | None = None
 ) -> list[str]:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 
 from convert.__main__ import shard_size
+from diffjax.bench import output_file
 from diffjax.config import (
     GLOBAL_ATTENTION_IMPLEMENTATIONS,
     MOE_IMPLEMENTATIONS,
@@ -442,8 +443,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from diffjax import bench
 
     out, err = Console(), Console(stderr=True)
-    if args.json:  # before the run, not after it: a bad path would lose its results
-        bench.check_output_file(args.json)
 
     def log(message: str) -> None:
         err.print(f"[dim]{message}[/]")
@@ -719,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--full-size: profile one more decoder step per point (kernels summed by name; traces in DIR)")
     _add_attention_flags(b, "--full-size: ")
     b.add_argument("--force", action="store_true", help="--full-size on a CPU backend anyway")
-    b.add_argument("--json", type=pathlib.Path, help="also write the results as JSON")
+    b.add_argument("--json", type=output_file, help="also write the results as JSON")
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="config and parameter count of a preset or checkpoint")

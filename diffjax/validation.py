@@ -48,8 +48,8 @@ def padding_mask(name: str, mask: Any, shape: tuple[int, ...], every_row_real: b
         if not np.isin(values, (0, 1)).all():
             raise ValueError(f"{name} must hold only 0 (padding) and 1 (a real token), got "
                              f"{sorted(set(np.unique(values).tolist()) - {0, 1})[:5]}")
-        empty = np.flatnonzero(~values.astype(bool).any(axis=-1))
-        if every_row_real and empty.size:
+        empty = np.flatnonzero(~values.astype(bool).any(axis=-1)) if every_row_real else ()
+        if len(empty):
             raise ValueError(f"{name} row {int(empty[0])} has no real token: every row needs at least one")
     return jnp.asarray(mask).astype(bool)
 

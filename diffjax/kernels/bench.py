@@ -536,15 +536,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="time each Pallas kernel under several tile settings (no twins); report the fastest")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    counts = [*(args.rows or []), *(args.prompts or []), args.repeats, *([] if args.calls is None else [args.calls])]
-    if any(n <= 0 for n in counts):
+    calls = (1 if args.tiny else 10) if args.calls is None else args.calls
+    if any(n <= 0 for n in [*(args.rows or []), *(args.prompts or []), args.repeats, calls]):
         p.error("--rows, --prompts, --repeats and --calls must be positive")
-
     settings = Settings(
         rows=tuple(args.rows or ((1, 2) if args.tiny else (1, 4, 8, 16))),
         prompts=tuple(args.prompts or ((32,) if args.tiny else (1024, 32768))),
         sections=tuple(args.sections), moe_impls=tuple(args.moe_impls), repeats=args.repeats,
-        calls=args.calls or (1 if args.tiny else 10), tiny=args.tiny, sweep=args.sweep,
+        calls=calls, tiny=args.tiny, sweep=args.sweep,
     )
     start = time.perf_counter()
     result = run(settings, log=lambda m: print(f"[{time.perf_counter() - start:6.1f}s] {m}", file=sys.stderr,
