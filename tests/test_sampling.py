@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from transformers.generation.logits_process import TopPLogitsWarper
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     EntropyBoundSampler as HFEntropyBoundSampler,
 )
@@ -157,6 +158,28 @@ def test_entropy_bound_ties_are_taken_in_position_order():
     assert ours[:, :7].all() and not ours[:, 7:].any()
 
 
+def test_entropy_bound_accepts_an_excess_exactly_at_the_bound():
+    """transformers accepts `cumsum(H) - H <= bound`: a position whose excess equals the bound is accepted.
+    Entropies 0, log 2 and log 4 (one-hot, uniform over 2 and over 4 tokens) are bitwise the same in torch
+    and here, so the boundary is exact in both."""
+    vocab = 8
+    logits = np.full((1, 3, vocab), S.MASK_VALUE, np.float32)
+    logits[0, 0, :4] = logits[0, 1, :1] = logits[0, 2, :2] = 0.0  # entropies log 4, 0, log 2
+    entropy = np.asarray(_entropy(logits))
+    torch_entropy = torch.distributions.Categorical(logits=torch.from_numpy(logits)).entropy().numpy()
+    np.testing.assert_array_equal(entropy, torch_entropy)
+    ordered = np.sort(entropy[0])
+    excess = float((np.cumsum(ordered) - ordered)[2])  # what the highest-entropy position must stay within
+    assert excess > 0.6
+    just_below = float(np.nextafter(np.float32(excess), np.float32(0)))
+    for bound, expected in ((excess, [True, True, True]), (just_below, [False, True, True])):
+        hf = HFEntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=bound), 3, vocab, 4)
+        ids = torch.zeros((1, 3), dtype=torch.long)
+        hf.accept_canvas(ids, ids, torch.from_numpy(logits), 1)
+        assert hf.accepted_token_mask.numpy().tolist() == [expected]
+        assert np.asarray(_eb_mask(entropy, bound)).tolist() == [expected], bound
+
+
 def _stopping_sequence(num_steps: int = 6, canvas: int = 8, vocab: int = 64):
     """(argmax, logits) per step. Row 0: confident, stable throughout. Row 1: confident, stable from step 2.
     Row 2: stable but not confident. Row 3: confident, one position flips every step."""
@@ -199,12 +222,18 @@ def test_stable_and_confident_matches_transformers(stability_threshold, expected
 
 
 def test_stopping_confidence_uses_mean_entropy_strictly_below_threshold():
+    """A mean entropy exactly at the threshold is not confident (transformers: `<`); one ulp above it is."""
     logits = np.zeros((1, 4, 8), np.float32)  # uniform: entropy log(8) everywhere
     argmax = np.zeros((1, 4), np.int32)
-    rule = S.StableAndConfidentStopping(stability_threshold=0, confidence_threshold=math.log(8) * 1.001)
-    assert bool(_stop_step(rule, argmax, logits, rule.init(argmax))[0][0])
-    rule = rule.replace(confidence_threshold=math.log(8) * 0.999)
-    assert not bool(_stop_step(rule, argmax, logits, rule.init(argmax))[0][0])
+    mean_entropy = float(np.mean(np.asarray(_entropy(logits)), axis=-1)[0])
+    torch_mean = torch.distributions.Categorical(logits=torch.from_numpy(logits)).entropy().mean(-1)
+    assert float(torch_mean[0]) == mean_entropy  # the same float32 on both sides: an exact boundary
+    just_above = float(np.nextafter(np.float32(mean_entropy), np.float32(np.inf)))
+    for threshold, expected in ((mean_entropy, False), (just_above, True)):
+        hf = StableAndConfidentStoppingCriteria(stability_threshold=0, confidence_threshold=threshold)
+        assert hf(torch.from_numpy(argmax).long(), torch.from_numpy(logits)).tolist() == [expected]
+        rule = S.StableAndConfidentStopping(stability_threshold=0, confidence_threshold=threshold)
+        assert bool(_stop_step(rule, argmax, logits, rule.init(argmax))[0][0]) == expected, threshold
 
 
 # ------------------------------------------------------------------------------------------------
@@ -466,6 +495,18 @@ def test_top_p_keeps_the_smallest_nucleus(p):
     # the kept set really is a nucleus: its mass reaches p, and dropping its least likely token would not
     kept_mass = np.where(keep_sorted, probs, 0).sum(-1)
     assert np.all(kept_mass >= min(p, 1.0) - 1e-6)
+
+
+@pytest.mark.parametrize(("p", "kept"), [(0.5, [0]), (0.75, [0, 1])])
+def test_top_p_cuts_a_token_whose_mass_before_is_exactly_p(p, kept):
+    """Probabilities .5, .25, .125, .125 are exact in float32: the mass before token 1 (2) is exactly
+    p = .5 (.75), so that token is cut, as transformers' TopPLogitsWarper cuts a token once the mass
+    after it is at most 1 - p."""
+    logits = np.log(np.array([[0.5, 0.25, 0.125, 0.125]], np.float32))
+    expected = np.isin(np.arange(4), kept)[None]
+    hf = TopPLogitsWarper(top_p=p)(None, torch.from_numpy(logits)).numpy()
+    np.testing.assert_array_equal(np.isfinite(hf), expected)
+    np.testing.assert_array_equal(np.asarray(_apply(S.TopPFilter(p), logits)) != S.MASK_VALUE, expected)
 
 
 def test_identity_and_chain_filters():
