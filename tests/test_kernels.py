@@ -581,6 +581,29 @@ def test_vocab_kernel_samples_follow_softmax():
     np.testing.assert_allclose(np.exp(np.asarray(stats.sample_logprob)), probs[np.asarray(stats.sample)], rtol=1e-4)
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_vocab_kernel_argmax_ties_across_tiles_take_the_lower_id(splits):
+    """Duplicate embedding rows in different vocabulary tiles give bitwise-equal top logits: the argmax is the
+    lower token id, as jnp.argmax's. One split walks all four tiles in one program; four combine per-tile
+    partials."""
+    width, vocab = 32, 512  # four tiles of 128
+    pairs = [(5, 300), (130, 511), (200, 260)]  # (lower, higher) token id, in different tiles
+    _, embedding = vocab_case((1,), width, vocab, jnp.float32, seed=3)
+    for low, high in pairs:
+        embedding = embedding.at[low].multiply(3.0)  # long rows: each pair is its hidden state's clear top
+        embedding = embedding.at[high].set(embedding[low])
+    hidden = embedding[jnp.array([low for low, _ in pairs])]
+    twin = vocab_stats_reference(hidden, embedding, 1.0, seed=0, softcap=30.0)
+    logits = np.asarray(tied_logits(hidden, embedding, 30.0))
+    for row, (low, high) in enumerate(pairs):
+        assert logits[row, low] == logits[row, high] == logits[row].max()
+    np.testing.assert_array_equal(np.argmax(logits, axis=-1), [low for low, _ in pairs])
+    ours = vocab_stats_pallas(hidden, embedding, 1.0, seed=0, softcap=30.0,
+                              tiles=VocabTiles(block_v=128, splits=splits), interpret=True)
+    np.testing.assert_array_equal(np.asarray(ours.argmax), [low for low, _ in pairs])
+    np.testing.assert_array_equal(np.asarray(twin.argmax), [low for low, _ in pairs])
+
+
 def test_vocab_kernel_lowers_for_cuda_at_released_shapes():
     cfg = Config.diffusiongemma_26b_a4b()
     args = (
