@@ -30,6 +30,7 @@ from convert.__main__ import main as cli_main
 from convert.tree import flatten
 from diffjax import Config, param_shapes
 from diffjax.config import FULL, SLIDING
+from diffjax.sharding import make_mesh
 
 # Two blocks of (sliding, full): exercises the stacked block axis (layer i -> block i // 2, slot i % 2).
 CONFIG = Config.tiny(layer_types=(SLIDING, FULL, SLIDING, FULL))
@@ -206,12 +207,15 @@ def test_lm_head_and_vision_skipped(hf_dir, tmp_path, reference_params, caplog):
     _assert_trees_equal(params, reference_params)
 
 
+@pytest.mark.parametrize("mesh", [False, True], ids=["host", "mesh"])
 @pytest.mark.parametrize("owner", ["encoder", "decoder"])
-def test_one_layer_scalar_set_missing_defaults_to_one(hf_dir, tmp_path, reference_params, caplog, owner):
+def test_one_layer_scalar_set_missing_defaults_to_one(hf_dir, tmp_path, reference_params, caplog, owner, mesh):
+    """Also through the mesh loader, which fills defaulted scalars in its own per-shard callback (a 1-device
+    mesh runs that code; tests/test_sharding.py covers real multi-device layouts)."""
     prefix = ENC if owner == "encoder" else DEC
     tensors = {n: v for n, v in _tensors(hf_dir).items() if not (n.startswith(prefix) and n.endswith("layer_scalar"))}
     with caplog.at_level(logging.WARNING, logger="convert"):
-        _, params = convert.load_hf(_variant(hf_dir, tmp_path / owner, tensors))
+        _, params = convert.load_hf(_variant(hf_dir, tmp_path / owner, tensors), mesh=make_mesh() if mesh else None)
     assert "layer_scalar buffer(s) absent" in caplog.text
     other = "decoder" if owner == "encoder" else "encoder"
     for j in range(CONFIG.layer_period):
