@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import struct
 from reference import diffjax_params, random_hf_model
 
 import diffjax
@@ -182,6 +184,76 @@ def test_streaming_callback_sees_every_step():
     jax.effects_barrier()
     assert [(c, r) for c, r, _ in drafts] == [(0, 3), (0, 2), (0, 1)]
     np.testing.assert_array_equal(drafts[-1][2], np.asarray(out.sequences)[:, 4:])
+
+
+def test_rows_that_ended_count_no_passes_and_the_cache_holds_the_padded_sequences():
+    """A row that ended at an EOS is padded in the later canvases and counts no decoder passes there (a batch
+    of one would not have run them; transformers counts so too). The cache holds the tokens of `sequences` as
+    returned, pads included, so a next turn reads what the caller sees."""
+    config, steps, prompt = MICRO, 4, 6
+    params = diffjax.init_params(config, jax.random.key(1))
+    ids = np.arange(3, 3 + prompt)[None].repeat(3, 0) + np.arange(3)[:, None] * 7
+    eos = list(range(3, config.vocab_size, 8))
+    out = generate(params, config, ids, key=jax.random.key(0), max_new_tokens=3 * config.canvas_length,
+                   max_denoising_steps=steps, eos_token_id=eos, t_min=0.5, t_max=1.0, stability_threshold=None)
+    sequences = np.asarray(out.sequences)
+    canvases = sequences[:, prompt:].reshape(3, 3, config.canvas_length)
+    has_eos = np.isin(canvases, eos).any(axis=2)  # [row, canvas]
+    assert has_eos.any(axis=1).all()
+    ended_in = np.argmax(has_eos, axis=1)
+    assert ended_in.min() < ended_in.max(), f"rows should end in different canvases: {ended_in}"
+    # No early stopping: a row runs every step of each canvas up to the one it ended in, and no more.
+    np.testing.assert_array_equal(np.asarray(out.decoder_passes), steps * (ended_in + 1))
+
+    length = int(out.cache.length)  # canvases after every row ended are never generated nor encoded
+    assert length == prompt + (ended_in.max() + 1) * config.canvas_length
+    early = np.argmin(ended_in)
+    assert (sequences[early, length - config.canvas_length:length] == config.pad_token_id).all()
+    fresh = diffjax.encode(params, config, sequences[:, :length], capacity=sequences.shape[1])
+    np.testing.assert_array_equal(np.asarray(out.cache.mask), np.asarray(fresh.mask))
+    for name in fresh.keys:
+        for got, want in ((out.cache.keys[name], fresh.keys[name]), (out.cache.values[name], fresh.values[name])):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, err_msg=name)
+
+
+def test_stopped_rows_keep_their_draft_and_the_schedule_sees_the_remaining_steps():
+    """With a stub stopping rule (row 0 stops after its first step, row 1 after its fourth): the stopped row's
+    argmax draft never changes again while row 1's keeps moving, each row counts its own passes, and the
+    temperature schedule is asked for n = N, N-1, ... remaining steps, as transformers' processor."""
+
+    @struct.dataclass
+    class StopAfter:
+        steps: tuple = struct.field(pytree_node=False, default=(0, 3))
+
+        def init(self, canvas):
+            return jnp.zeros((), jnp.int32)
+
+        def __call__(self, argmax, processed, step):
+            return step >= jnp.asarray(self.steps), step + 1
+
+    asked = []
+
+    @struct.dataclass
+    class SpySchedule:
+        def __call__(self, remaining, total):
+            jax.debug.callback(lambda n, big_n: asked.append((int(n), int(big_n))), remaining, total, ordered=True)
+            return sampling.LinearTemperature(0.5, 1.0)(remaining, total)
+
+    config = MICRO
+    params = diffjax.init_params(config, jax.random.key(1))
+    drafts = []
+    out = generate(params, config, np.arange(3, 9)[None].repeat(2, 0), key=jax.random.key(0),
+                   max_new_tokens=config.canvas_length, max_denoising_steps=5, eos_token_id=None,
+                   stopping_rule=StopAfter(), temperature_schedule=SpySchedule(),
+                   on_step=lambda canvas, remaining, argmax: drafts.append(np.asarray(argmax)))
+    jax.effects_barrier()
+    assert asked == [(5, 5), (4, 5), (3, 5), (2, 5)]
+    assert len(drafts) == 4
+    for draft in drafts[1:]:
+        np.testing.assert_array_equal(draft[0], drafts[0][0])
+    assert any(not np.array_equal(draft[1], drafts[0][1]) for draft in drafts[1:])
+    np.testing.assert_array_equal(drafts[-1], np.asarray(out.sequences)[:, 6:])
+    np.testing.assert_array_equal(np.asarray(out.decoder_passes), [1, 4])
 
 
 @pytest.mark.parametrize(
