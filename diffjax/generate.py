@@ -309,24 +309,20 @@ def _generate(
         final = jax.lax.while_loop(keep_going, step, state)
         return final["argmax"], final["passes"]
 
-    def finalize(new_tokens, finished_rows, length_reached):
+    def finalize(new_tokens, finished_rows):
         """EOS ends a row: tokens after its first EOS, and whole canvases of ended rows, become pad."""
-        if settings.eos_token_id:
-            is_eos = jnp.isin(new_tokens, eos)
-            seen = jnp.cumsum(is_eos, axis=-1)
-            after_first_eos = (seen > 0) & ~((seen == 1) & is_eos)
-            new_tokens = jnp.where(after_first_eos, settings.pad_token_id, new_tokens)
-            ends_here = jnp.any(is_eos, axis=-1)
-        else:
-            ends_here = jnp.zeros_like(finished_rows)
-        new_tokens = jnp.where(finished_rows[:, None], settings.pad_token_id, new_tokens)
-        return new_tokens, finished_rows | ends_here | length_reached
+        if not settings.eos_token_id:  # no row ever ends
+            return new_tokens, finished_rows
+        is_eos = jnp.isin(new_tokens, eos)
+        seen = jnp.cumsum(is_eos, axis=-1)
+        after_first_eos = (seen > 0) & ~((seen == 1) & is_eos)
+        new_tokens = jnp.where(after_first_eos | finished_rows[:, None], settings.pad_token_id, new_tokens)
+        return new_tokens, finished_rows | jnp.any(is_eos, axis=-1)
 
     def canvas_loop_body(s):
         canvas_index = s["index"]
         argmax, passes = denoise_canvas(canvas_index, s["cache"], s["finished"])
-        length_reached = (canvas_index + 1) * canvas_len >= settings.max_new_tokens
-        new_tokens, finished = finalize(argmax, s["finished"], length_reached)
+        new_tokens, finished = finalize(argmax, s["finished"])
         offset = prompt + canvas_index * canvas_len
         sequences = jax.lax.dynamic_update_slice_in_dim(s["sequences"], new_tokens, offset, axis=1)
         # The finished canvas joins the context with every slot attended (its pads included), as in transformers.
