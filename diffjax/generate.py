@@ -6,7 +6,7 @@
             logits = denoise_logits(cache, canvas, self_conditioning)
             processed = filter(logits / T(n))
             canvas, accepted, state = sampler(processed, canvas, state, key)
-            stopped |= stopping(argmax(processed), processed)      # stopped rows stay frozen
+            stopped |= stopping(argmax(processed), processed)      # a stopped row's argmax stays
         append the argmax canvas; EOS ends a row (later tokens -> pad); encode it into the cache
 
 With `statistics="pallas"` (or its twin `"xla"`) the step never holds float32 logits: the decoder returns
@@ -287,10 +287,10 @@ def _generate(
             step_key = jax.random.fold_in(steps_key, s["step"])
             propose = logits_step if settings.statistics == "logits" else statistics_step
             canvas, argmax, processed, sampler_state, stopping = propose(s, first_step_mask, temperature, step_key)
-            # A row that has stopped keeps its canvas, argmax and self-conditioning frozen.
+            # A row that has stopped keeps its argmax and self-conditioning. Its canvas is left to move: rows never
+            # mix, and what the canvas feeds (the decoder's output and the sampler's step) is discarded for it.
             frozen = s["stopped"]
             argmax = jnp.where(frozen[:, None], s["argmax"], argmax)
-            canvas = jnp.where(frozen[:, None], s["canvas"], canvas)
             processed = jnp.where(frozen[:, None, None], s["sc_logits"].astype(processed.dtype), processed)
             newly_stopped, stop_state = stopping(argmax, s["stop"])
             if on_step is not None:
