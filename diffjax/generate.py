@@ -60,7 +60,8 @@ StepCallback = Callable[[int, int, np.ndarray], None]
 class GenerationOutput:
     """sequences `[batch, prompt + canvases * canvas]` (prompt included; rows that ended early and canvases
     never generated hold `pad_token_id`), tokens_per_forward `[batch]` (non-pad new tokens / counted decoder
-    passes), decoder_passes `[batch]`, and the cache holding every token of `sequences`."""
+    passes), decoder_passes `[batch]`, and the cache holding every generated token of `sequences`: canvases
+    never generated are not encoded, so `cache.length` can stop short of `sequences`' width."""
 
     sequences: Array
     tokens_per_forward: Array
