@@ -17,8 +17,9 @@ from typing import Any
 
 from convert.atomic import check_destination
 from convert.errors import CheckpointError
+from convert.files import PARAMS_FILE, TOKENIZER_FILES
 from convert.hf import Progress, load_generation_config, load_hf, load_hf_numpy, save_hf
-from convert.native import FORMAT, PARAMS_FILE, load, save
+from convert.native import FORMAT, load, save
 from convert.tree import unflatten
 
 
@@ -35,18 +36,13 @@ def convert_checkpoint(
 
     Host arrays go straight from the reader to the writer (no jax device copies), one preallocated array per
     leaf, so peak memory is about one copy of the converted weights. A `dst` that overlaps `src`, exists
-    (without `overwrite`) or cannot be created is refused before anything is read (see `check_destination`).
-    """
+    (without `overwrite`; with it, unless it is empty or a checkpoint), or cannot be created is refused before
+    anything is read (see `check_destination`). A tensor holding NaN or inf is refused (see `load_hf`)."""
     check_destination(src, dst, overwrite)  # fail before reading tens of gigabytes
     config, flat = load_hf_numpy(src, dtype, progress)
     tokenizer_files = [pathlib.Path(src) / name for name in TOKENIZER_FILES if (pathlib.Path(src) / name).is_file()]
     return save(unflatten(flat), config, dst, load_generation_config(src) or None, overwrite=overwrite,
                 progress=progress, extra_files=tokenizer_files)
-
-
-# What a transformers folder keeps beside the weights for its tokenizer and chat template.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json")
 
 
 __all__ = [

@@ -46,7 +46,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("dst", help="output directory (written atomically)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                         help="cast every weight (default: keep the stored dtype)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DST if it is an empty folder or a checkpoint (a folder with other files is "
+                             "refused)")
     parser.add_argument("--to-hf", action="store_true",
                         help="the reverse: SRC is a diffjax checkpoint, DST becomes a transformers folder")
     parser.add_argument("--max-shard-size", default="5GB", type=shard_size,
@@ -76,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.to_hf:
                 check_destination(args.src, args.dst, args.overwrite)  # before minutes of reading
-                config, params = load(args.src, args.dtype, as_numpy=True)
+                # The conversion reads every weight anyway: NaN or inf is refused in both directions.
+                config, params = load(args.src, args.dtype, as_numpy=True, check_finite=True)
                 save_hf(params, config, args.dst, load_generation_config(args.src) or None,
                         max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=progress)
             else:

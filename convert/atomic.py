@@ -1,15 +1,18 @@
 """Write a directory so that readers see either the old complete one or the new complete one.
 
 Files are written into a fresh sibling `.NAME.tmp-XXXX` (same filesystem, so `rename` is atomic), each
-fsynced, then the directory is renamed onto DST. Replacing an existing DST (`overwrite=True`) moves the old
-one aside first and deletes it only after the new one is in place; if the swap fails the old one is moved
-back. On POSIX there is no atomic exchange of two non-empty directories without renameat2, so there is a
-moment between the two renames where DST does not exist, but no moment where its data is lost.
+fsynced, then the directory is renamed onto DST. Replacing an existing DST (`overwrite=True`, allowed only for
+an empty folder or one of the converter's checkpoints: `check_replaceable`) swaps the two in one
+`renameat2(RENAME_EXCHANGE)` on Linux, so DST names a complete checkpoint at every moment, and deletes the
+old one afterwards. Where that call is missing or the filesystem refuses it, the old DST is moved aside first
+and deleted only after the new one is in place (moved back if the install fails): there is then a moment
+between the two renames where DST does not exist, but none where its data is lost (it is in `.NAME.old-XXXX`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -20,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from convert.errors import CheckpointError
+from convert.files import not_a_checkpoint
 
 
 def fsync_dir(path: pathlib.Path) -> None:
@@ -45,9 +49,18 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def refuse_existing(dst: pathlib.Path, overwrite: bool) -> None:
-    if (dst.exists() or dst.is_symlink()) and not overwrite:
+def check_replaceable(dst: pathlib.Path, overwrite: bool) -> None:
+    """Refuse an existing `dst` that the write would replace: always without `overwrite` (FileExistsError),
+    and with it unless `dst` is a symlink (only the link is replaced), an empty folder, or a folder of
+    nothing but a checkpoint's files (`convert.files.not_a_checkpoint`; CheckpointError). A typo'd
+    `--overwrite` destination such as a home folder is thus never deleted."""
+    if not (dst.exists() or dst.is_symlink()):
+        return
+    if not overwrite:
         raise FileExistsError(f"{dst} already exists: pass overwrite=True (--overwrite) to replace it")
+    if not dst.is_symlink() and (reason := not_a_checkpoint(dst)):
+        raise CheckpointError(f"destination {dst} {reason}: --overwrite replaces only an empty folder or a "
+                              "checkpoint; choose another destination or remove it yourself")
 
 
 def check_destination(src: str | os.PathLike[str], dst: str | os.PathLike[str], overwrite: bool) -> None:
@@ -55,9 +68,9 @@ def check_destination(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
 
     Installing `dst` replaces the whole directory, so a `dst` that is or holds `src` would delete the source
     (and anything beside it) once converted, and one inside `src` would change it: `CheckpointError` naming
-    both. An existing `dst`
-    without `overwrite`: `FileExistsError`. A `dst` whose parent is a file or not writable: the `OSError`
-    that creating it would raise later, after minutes of reading.
+    both. An existing `dst` without `overwrite`, or with it one that is not a checkpoint: see
+    `check_replaceable`. A `dst` whose parent is a file or not writable: the `OSError` that creating it would
+    raise later, after minutes of reading.
     """
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     # Where the data really is: through symlinks and `..`. A `dst` that is itself a symlink is replaced as a
@@ -73,7 +86,7 @@ def check_destination(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
     if real_src in real_dst.parents:
         raise CheckpointError(f"destination {dst} is inside the source {src}: writing it would change the source; "
                               "choose a destination outside it")
-    refuse_existing(dst, overwrite)
+    check_replaceable(dst, overwrite)
     # The temporary sibling is made in dst's parent (created if missing): its nearest existing ancestor
     # must be a directory we may write to.
     folder = next(p for p in dst.parents if p.exists())  # ends at "." or "/", which exist
@@ -87,10 +100,11 @@ def check_destination(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
 def atomic_directory(dst: str | os.PathLike[str], overwrite: bool = False) -> Iterator[pathlib.Path]:
     """Yield an empty temporary directory; on success it becomes `dst`, on any error it is removed.
 
-    Refuses (FileExistsError) when `dst` exists unless `overwrite`; the old `dst` survives any failure.
+    Refuses an existing `dst` without `overwrite`, and with it one that is not a checkpoint
+    (`check_replaceable`); the old `dst` survives any failure.
     """
     dst = pathlib.Path(dst)
-    refuse_existing(dst, overwrite)  # fail before spending time on a write that cannot be installed
+    check_replaceable(dst, overwrite)  # fail before spending time on a write that cannot be installed
     dst.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = dst.parent / f".{dst.name}.tmp-{tag}"
@@ -109,7 +123,11 @@ def atomic_directory(dst: str | os.PathLike[str], overwrite: bool = False) -> It
 
 
 def _install(tmp: pathlib.Path, dst: pathlib.Path, overwrite: bool, tag: str) -> None:
-    refuse_existing(dst, overwrite)  # it may have appeared while we were writing
+    check_replaceable(dst, overwrite)  # it may have appeared, or been filled, while we were writing
+    if (dst.exists() or dst.is_symlink()) and _exchange(tmp, dst):
+        fsync_dir(dst.parent)
+        _remove(tmp)  # now the old one
+        return
     old = dst.parent / f".{dst.name}.old-{tag}"
     had_old = dst.exists() or dst.is_symlink()
     if had_old:
@@ -122,7 +140,32 @@ def _install(tmp: pathlib.Path, dst: pathlib.Path, overwrite: bool, tag: str) ->
         raise
     fsync_dir(dst.parent)
     if had_old:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        _remove(old)
+
+
+def _remove(path: pathlib.Path) -> None:
+    """Delete a replaced destination: a folder with what is in it, a link without its target."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+_AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
+_RENAME_EXCHANGE = 2  # <linux/fs.h>
+_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if os.name == "posix" else None
+if _renameat2 is not None:
+    _renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    _renameat2.restype = ctypes.c_int
+
+
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+    """Swap the two existing paths in one atomic step; False where the C library or the filesystem cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # kernel or filesystem without RENAME_EXCHANGE
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))

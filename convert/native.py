@@ -31,9 +31,9 @@ import numpy as np
 
 from convert.atomic import atomic_directory, write_json
 from convert.errors import CheckpointError
+from convert.files import CONFIG_FILE, GENERATION_CONFIG_FILE, PARAMS_FILE
+from convert.finite import refuse_nonfinite
 from convert.hf import (
-    CONFIG_FILE,
-    GENERATION_CONFIG_FILE,
     Progress,
     normalise_generation_config,
     read_config,
@@ -52,7 +52,6 @@ from convert.tree import (
 from diffjax.config import Config
 from diffjax.model import param_leaf_shapes
 
-PARAMS_FILE = "params.safetensors"
 FORMAT = "diffjax"
 FORMAT_VERSION = "1"
 
@@ -97,12 +96,15 @@ def save(
 
 
 def load(
-    src: str | os.PathLike[str], dtype: Any = None, *, as_numpy: bool = False
+    src: str | os.PathLike[str], dtype: Any = None, *, as_numpy: bool = False, check_finite: bool = False
 ) -> tuple[Config, dict[str, Any]]:
     """Read a directory written by `save`: `(config, params)` with jax leaves (numpy with `as_numpy`).
 
     `dtype` casts every leaf (None keeps the stored dtype, bit for bit, and refuses a file whose floating
-    tensors are not all in one dtype: see `convert.tree.dtype_mismatches`).
+    tensors are not all in one dtype: see `convert.tree.dtype_mismatches`). `check_finite` refuses a tensor
+    holding NaN or inf, or one the cast overflows (`convert.finite`): off by default, since the converter
+    already refused them in what it wrote and the scan reads every byte once more (about a second per
+    10 GB on one core); on for a checkpoint of unknown history (`save` writes params as given: a diverged run's too).
     """
     src = pathlib.Path(src)
     config = read_config(src)
@@ -134,8 +136,14 @@ def load(
     mapped = MappedFile(file)
     flat: dict[tuple[str, ...], Any] = {}
     for name, info in sorted(tensors.items(), key=lambda kv: kv[1].begin):
-        # astype always copies, so no leaf aliases (and keeps alive) the memory map.
-        host = mapped.view(info).astype(target or info.dtype)
+        stored = mapped.view(info)
+        if check_finite:
+            with np.errstate(over="ignore"):  # an overflowing cast is reported by tensor name below
+                host = stored.astype(target or info.dtype)
+            refuse_nonfinite(host, name, str(file), stored)
+        else:
+            # astype always copies, so no leaf aliases (and keeps alive) the memory map.
+            host = stored.astype(target or info.dtype)
         mapped.release(info)
         flat[expected[name]] = host if as_numpy else jax.numpy.asarray(host)
     del mapped

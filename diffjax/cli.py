@@ -111,20 +111,23 @@ def checkpoint_kind(path: pathlib.Path) -> str:
 
 def load_weights(
     checkpoint: pathlib.Path, dtype: str | None, experts_fp8: bool = False,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None, check_finite: bool = False,
 ) -> tuple[Any, Any]:
     """`(config, params)` of a diffjax or transformers folder, cast to `dtype`. `experts_fp8`: the experts are
     quantized to float8_e4m3fn on the way from the host to the device (`diffjax.quantize.quantize_model`), so
-    the unquantized experts never sit on the device all at once."""
+    the unquantized experts never sit on the device all at once. `check_finite`: refuse NaN or inf in a
+    diffjax checkpoint's weights (`convert.load`; a transformers folder is always scanned, by `load_hf`)."""
     import convert
     from convert.tree import unflatten
     from diffjax.quantize import quantize_model
 
     kind = checkpoint_kind(checkpoint)
     if not experts_fp8:
-        return convert.load(checkpoint, dtype) if kind == "diffjax" else convert.load_hf(checkpoint, dtype, progress)
+        if kind == "diffjax":
+            return convert.load(checkpoint, dtype, check_finite=check_finite)
+        return convert.load_hf(checkpoint, dtype, progress)
     if kind == "diffjax":
-        config, host = convert.load(checkpoint, dtype, as_numpy=True)
+        config, host = convert.load(checkpoint, dtype, as_numpy=True, check_finite=check_finite)
     else:
         config, flat = convert.load_hf_numpy(checkpoint, dtype, progress)
         host = unflatten(flat)
@@ -133,12 +136,12 @@ def load_weights(
 
 def load_model(
     checkpoint: pathlib.Path, dtype: str | None, tokenizer_dir: pathlib.Path | None,
-    progress: Callable[[str, int, int], None] | None = None, experts_fp8: bool = False,
+    progress: Callable[[str, int, int], None] | None = None, experts_fp8: bool = False, check_finite: bool = False,
 ) -> LoadedModel:
     """Weights from a diffjax or transformers folder, its generation_config.json, and a tokenizer folder
     (or, for a folder trained on a task, the task.json naming it: the task's tokenizer).
 
-    `experts_fp8`: see `load_weights`."""
+    `experts_fp8`, `check_finite`: see `load_weights`."""
     import convert
     from diffjax.tasks import read_task_file
     from diffjax.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -153,7 +156,7 @@ def load_model(
             hint = " (diffjax checkpoints do not carry one: pass --tokenizer HF_FOLDER)" if kind == "diffjax" else ""
             raise CliError(f"no {TOKENIZER_FILE} in {tokenizer_dir}{hint}")
         tokenizer = Tokenizer.from_dir(tokenizer_dir)  # before the weights: fail fast on a bad folder
-    config, params = load_weights(checkpoint, dtype, experts_fp8, progress)
+    config, params = load_weights(checkpoint, dtype, experts_fp8, progress, check_finite)
     if task is not None:
         check_fits_task(config, task, str(checkpoint))
     return LoadedModel(
@@ -259,12 +262,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     out, err = Console(), Console(stderr=True)
     if args.checkpoint is None:
-        if args.tokenizer is not None or args.dtype is not None:
-            raise CliError("--tokenizer and --dtype need --checkpoint")
+        if args.tokenizer is not None or args.dtype is not None or args.check_finite:
+            raise CliError("--tokenizer, --dtype and --check-finite need --checkpoint")
         model = default_model(args.experts_fp8)
     else:
         with err.status(f"loading {args.checkpoint}"):
-            model = load_model(args.checkpoint, args.dtype, args.tokenizer, experts_fp8=args.experts_fp8)
+            model = load_model(args.checkpoint, args.dtype, args.tokenizer, experts_fp8=args.experts_fp8,
+                               check_finite=args.check_finite)
     chosen = {field: value for field, value in (
         ("moe_implementation", args.moe), ("global_attention_implementation", args.global_attention),
         ("sliding_attention_implementation", args.sliding_attention)) if value is not None}
@@ -362,6 +366,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                        "over them)")
     if args.dtype is not None and args.init is None:
         raise CliError("--dtype needs --init (a model trained from scratch is float32)")
+    if args.check_finite and args.init is None:
+        raise CliError("--check-finite needs --init (the weights it scans)")
     if args.out.exists() and not args.out.is_dir():
         raise CliError(f"--out {args.out} exists and is not a directory")
     state_dir = args.out / TRAIN_STATE_DIR
@@ -384,7 +390,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     init_key, train_key = jax.random.split(jax.random.key(args.seed))
     if args.init is not None:
         with err.status(f"loading {args.init}"):
-            config, params = load_weights(args.init, args.dtype or "float32", args.experts_fp8)
+            config, params = load_weights(args.init, args.dtype or "float32", args.experts_fp8,
+                                          check_finite=args.check_finite)
         check_fits_task(config, task, f"--init {args.init}")
         config = config.replace(moe_implementation=args.moe)
     else:
@@ -603,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", type=pathlib.Path,
                    help="folder with tokenizer.json (+ chat template) if not in the checkpoint")
     g.add_argument("--dtype", choices=dtypes, help="cast the weights (default: as stored)")
+    g.add_argument("--check-finite", action="store_true",
+                   help="refuse a diffjax checkpoint with NaN or inf weights (reads every weight once more, "
+                        "about a second per 10 GB; transformers folders are always checked)")
     g.add_argument("--experts-fp8", action="store_true",
                    help="quantize the experts to float8_e4m3fn (per-column scales) when loading: about half the "
                         "memory of bf16")
@@ -638,7 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", type=pathlib.Path)
     c.add_argument("dst", type=pathlib.Path)
     c.add_argument("--dtype", choices=dtypes, help="cast every weight (default: keep the stored dtype)")
-    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it is an empty folder or a checkpoint (a folder with other files is refused)")
     c.add_argument("--to-hf", action="store_true", help="SRC is a diffjax checkpoint, DST a transformers folder")
     c.add_argument("--max-shard-size", default="5GB", type=shard_size,
                    help="shard size for --to-hf: bytes or a number with a unit, e.g. 500MB, 2GiB (default 5GB)")
@@ -669,6 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep", type=_positive_int, default=3, help="training checkpoints kept (default 3)")
     t.add_argument("--dtype", choices=dtypes, help="--init: cast the weights (default float32; bfloat16 halves the "
                    "memory of a large base)")
+    t.add_argument("--check-finite", action="store_true",
+                   help="--init: refuse a diffjax checkpoint with NaN or inf weights (reads every weight once more, "
+                        "about a second per 10 GB; transformers folders are always checked)")
     t.add_argument("--experts-fp8", action="store_true",
                    help="with --lora-rank: float8_e4m3fn experts under the adapter (QLoRA-style; about half the "
                         "memory); the exported model has them widened back")

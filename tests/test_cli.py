@@ -170,6 +170,38 @@ def test_convert_errors(capsys, hf_folder, tmp_path):
     assert code == 2 and "Traceback" not in err and "error" in err
 
 
+def test_convert_overwrite_refuses_a_folder_that_is_not_a_checkpoint(capsys, hf_folder, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    code, _, err = run(capsys, "convert", str(hf_folder), str(notes), "--overwrite", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: destination {notes} holds files that are not part of a checkpoint (notes.txt)")
+    assert [p.name for p in notes.iterdir()] == ["notes.txt"]
+
+
+def test_check_finite_refuses_a_checkpoint_with_nan(capsys, tmp_path):
+    """A diffjax checkpoint is scanned for NaN / inf only when asked (--check-finite): named in one line."""
+    import numpy as np
+
+    import convert
+    from convert.tree import flatten, unflatten
+
+    model = tmp_path / "model"
+    shutil.copytree(cli.DEFAULT_MODEL_DIR, model)
+    config, params = convert.load(model, as_numpy=True)
+    flat = flatten(params)
+    flat[("final_norm", "scale")] = np.array(flat[("final_norm", "scale")])
+    flat[("final_norm", "scale")][3] = np.nan
+    shutil.copy(convert.save(unflatten(flat), config, tmp_path / "nan") / convert.PARAMS_FILE, model)
+    for argv in (["generate", "--checkpoint", str(model), "--check-finite", "123"],
+                 ["train", "--task", "sort", "--init", str(model), "--steps", "2", "--out", str(tmp_path / "run"),
+                  "--check-finite"]):
+        code, _, err = run(capsys, *argv)
+        assert_clean_error(code, err, "tensor 'final_norm/scale' holds NaN or inf: 1 of the", "nan at [3]")
+    assert not (tmp_path / "run").exists()
+
+
 def test_convert_round_trip_to_hf(capsys, hf_folder, tmp_path):
     ckpt, back = tmp_path / "ckpt", tmp_path / "back"
     assert run(capsys, "convert", str(hf_folder), str(ckpt), "-q")[0] == 0
@@ -460,6 +492,9 @@ def bench_count(params) -> int:
         (["generate"], "prompt"),
         (["generate", "--chat", "--raw", "hi"], "not allowed"),
         (["generate", "--dtype", "bfloat16", "hi"], "--checkpoint"),
+        (["generate", "--check-finite", "hi"], "--check-finite need --checkpoint"),
+        (["train", "--task", "sort", "--steps", "2", "--out", "/nonexistent/run", "--check-finite"],
+         "--check-finite needs --init"),
         (["generate", "--t-min", "0.9", "--t-max", "0.5", "52817"], "t_"),
         (["generate", "hi"], "digits"),
         (["generate", "--system", "be brief", "52817"], "--system"),

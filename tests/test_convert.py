@@ -23,6 +23,8 @@ from reference import random_hf_model, save_hf
 from transformers import DiffusionGemmaForBlockDiffusion
 
 import convert
+import convert.atomic
+import convert.finite
 import convert.native
 import diffjax
 from convert import CheckpointError
@@ -439,8 +441,10 @@ def test_atomic_overwrite(reference_params, tmp_path, monkeypatch):
 
 
 def test_atomic_overwrite_restores_old_when_install_fails(reference_params, tmp_path, monkeypatch):
+    """Without an atomic exchange (not Linux, or a filesystem that refuses it): two renames, undone on failure."""
     dst = convert.save(reference_params, CONFIG, tmp_path / "ckpt")
     before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    monkeypatch.setattr(convert.atomic, "_exchange", lambda a, b: False)
     real_rename = os.rename
     calls = []
 
@@ -457,6 +461,268 @@ def test_atomic_overwrite_restores_old_when_install_fails(reference_params, tmp_
     assert calls[0][0] == "ckpt" and calls[1][1] == "ckpt"
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(convert.atomic._renameat2 is None, reason="renameat2 is Linux-only")
+def test_atomic_overwrite_swaps_in_one_step(reference_params, tmp_path, monkeypatch):
+    """With renameat2(RENAME_EXCHANGE) the destination is never absent: no rename moves the old one aside,
+    and a crash after the swap (here while deleting the old one) leaves the new one complete in place."""
+    dst = convert.save(reference_params, CONFIG, tmp_path / "ckpt", {"max_new_tokens": 32})
+
+    def no_rename(*args):
+        raise AssertionError("the old destination was moved aside instead of swapped")
+
+    def crash(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", no_rename)
+    monkeypatch.setattr(convert.atomic, "_remove", crash)
+    bf16 = jax.tree.map(lambda a: a.astype(jax.numpy.bfloat16), reference_params)
+    with pytest.raises(KeyboardInterrupt):
+        convert.save(bf16, CONFIG, dst, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "params.safetensors"]
+    _assert_trees_equal(convert.load(dst)[1], bf16)
+    assert _leftovers(tmp_path) == []  # the old one was deleted on the way out
+
+
+def _not_a_checkpoint(folder: pathlib.Path, case: str) -> tuple[pathlib.Path, str]:
+    """A destination --overwrite must not delete, and the reason the refusal gives."""
+    if case == "file":
+        folder.write_text("notes")
+        return folder, "is a file, not a checkpoint folder"
+    folder.mkdir()
+    if case == "notes":
+        for k in range(7):
+            (folder / f"notes-{k}.txt").write_text("keep me")
+        return folder, "holds files that are not part of a checkpoint (notes-0.txt, notes-1.txt, notes-2.txt, " \
+                       "notes-3.txt, notes-4.txt, and 2 more)"
+    for name in ("config.json", "params.safetensors", "generation_config.json"):
+        (folder / name).write_text("{}")
+    if case == "checkpoint_and_notes":
+        (folder / "notes.txt").write_text("keep me")
+        return folder, "holds files that are not part of a checkpoint (notes.txt)"
+    if case == "training_run":  # diffjax train --out: its train_state/ is never the converter's
+        (folder / "task.json").write_text("{}")
+        (folder / "train_state").mkdir()
+        (folder / "train_state" / "1").write_text("state")
+        return folder, "holds files that are not part of a checkpoint (train_state/)"
+    assert case == "no_weights"
+    (folder / "params.safetensors").unlink()
+    return folder, "is not a checkpoint (it lacks config.json or a weights file"
+
+
+@pytest.mark.parametrize("case", ["notes", "checkpoint_and_notes", "training_run", "no_weights", "file"])
+def test_overwrite_refuses_what_is_not_a_checkpoint(reference_params, tmp_path, capsys, case):
+    """`--overwrite SRC ~/` or a typo'd path to a folder of notes used to delete it once converted: refused,
+    before the (here missing) source is read, by the library for every writer and CLI."""
+    dst, reason = _not_a_checkpoint(tmp_path / "dst", case)
+    before = _tree_bytes(tmp_path)
+    message = f"destination {dst} {reason}"
+    missing = tmp_path / "no-such-source"
+    with pytest.raises(CheckpointError, match=re.escape(message)) as info:
+        convert.convert_checkpoint(missing, dst, overwrite=True)
+    assert "choose another destination or remove it yourself" in str(info.value)
+    for write in (convert.save, convert.save_hf):
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            write(reference_params, CONFIG, dst, overwrite=True)
+    for argv in ([str(missing), str(dst), "--overwrite", "-q"], [str(missing), str(dst), "--overwrite", "-q", "--to-hf"]):
+        assert cli_main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert _tree_bytes(tmp_path) == before and _leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_empty_folders_and_checkpoints(hf_dir, sharded_dir, reference_params, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    convert.convert_checkpoint(hf_dir, dst, overwrite=True)  # empty
+    (dst / "tokenizer.json").write_text("{}")
+    (dst / "task.json").write_text("{}")  # diffjax train's export beside the weights
+    shutil.copy(hf_dir / "config.json", dst / "generation_config.json")
+    convert.save_hf(reference_params, CONFIG, dst, overwrite=True, max_shard_size="100KB")  # a diffjax checkpoint
+    assert (dst / "model.safetensors.index.json").is_file() and not (dst / "params.safetensors").exists()
+    convert.convert_checkpoint(hf_dir, dst, overwrite=True)  # a sharded transformers one
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "params.safetensors"]
+    shutil.rmtree(dst)
+    shutil.copytree(sharded_dir, dst)  # what transformers' save_pretrained wrote
+    convert.convert_checkpoint(hf_dir, dst, overwrite=True)
+    _assert_trees_equal(convert.load(dst)[1], reference_params)
+    assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_rechecks_the_destination_before_replacing_it(reference_params, tmp_path, monkeypatch):
+    """A file put into the old checkpoint while the new one was being written is not deleted with it."""
+    dst = convert.save(reference_params, CONFIG, tmp_path / "ckpt")
+    real = convert.native.write_safetensors
+
+    def write_then_meddle(*args, **kwargs):
+        real(*args, **kwargs)
+        (dst / "notes.txt").write_text("written meanwhile")
+
+    monkeypatch.setattr(convert.native, "write_safetensors", write_then_meddle)
+    with pytest.raises(CheckpointError, match=re.escape(f"destination {dst} holds files that are not part of a "
+                                                        "checkpoint (notes.txt)")):
+        convert.save(reference_params, CONFIG, dst, overwrite=True)
+    assert (dst / "notes.txt").read_text() == "written meanwhile" and (dst / "params.safetensors").is_file()
+    assert _leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------- NaN / inf
+
+
+_FLOATS = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2,
+           ml_dtypes.float8_e4m3fnuz]
+
+
+@pytest.mark.parametrize("dtype", _FLOATS, ids=lambda d: np.dtype(d).name)
+def test_count_nonfinite_agrees_with_isfinite_on_every_bit_pattern(dtype, monkeypatch):
+    """Every 8- and 16-bit pattern (random ones for the wider types): the bit test counts what np.isfinite
+    calls NaN or inf. float8_e4m3fn has no inf, only NaN (S.1111.111), and 448 is finite; the "fnuz" float8s
+    (NaN is -0's bits) take the np.isfinite path. Chunks of 1000 cross the chunk boundary mid-array."""
+    from convert.finite import count_nonfinite
+
+    monkeypatch.setattr(convert.finite, "_CHUNK", 1000)
+    dtype = np.dtype(dtype)
+    bits = np.dtype(f"u{dtype.itemsize}")
+    if dtype.itemsize <= 2:
+        patterns = np.arange(2 ** (8 * dtype.itemsize), dtype=np.uint32).astype(bits)
+    else:
+        patterns = np.random.default_rng(0).integers(0, np.iinfo(bits).max, 5000, dtype=bits, endpoint=True)
+        patterns[::7] |= bits.type(np.iinfo(bits).max >> 1) ^ bits.type(np.iinfo(bits).max >> (1 + ml_dtypes.finfo(dtype).nexp))  # exponent all ones
+    values = patterns.view(dtype).reshape(-1, 8)
+    want = int(np.count_nonzero(~np.isfinite(values)))
+    assert want > 0 and count_nonfinite(values) == want
+    finite = np.where(np.isfinite(values), values, dtype.type(0))
+    assert count_nonfinite(finite) == 0
+    assert count_nonfinite(np.array([ml_dtypes.finfo(dtype).max, -ml_dtypes.finfo(dtype).max], dtype)) == 0
+    assert count_nonfinite(np.zeros((0, 3), dtype)) == 0
+    if dtype == ml_dtypes.float8_e4m3fn:
+        assert count_nonfinite(np.array([0x7F, 0xFF, 0x7E, 0xFE], np.uint8).view(dtype)) == 2
+
+
+def test_refuse_nonfinite_in_fp8_experts_and_their_scales(reference_params):
+    """A quantized tree (float8_e4m3fn experts, float32 scales) is all finite; a NaN code in an expert weight
+    and an inf scale are each named with their first index."""
+    from convert.finite import count_nonfinite, refuse_nonfinite
+    from diffjax.quantize import quantize_model
+
+    bf16 = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16), reference_params)
+    flat = flatten(quantize_model(CONFIG, bf16)[1])
+    assert all(count_nonfinite(np.asarray(leaf)) == 0 for leaf in flat.values())
+    weight = np.array(flat[("blocks", "layer_0", "experts", "gate_up_proj")])
+    assert weight.dtype == ml_dtypes.float8_e4m3fn
+    weight.view(np.uint8)[1, 3, 5, 7] = 0xFF  # -NaN
+    with pytest.raises(CheckpointError, match=r"tensor 'gate_up_proj' holds NaN or inf: 1 of the \d+ values read, "
+                                              r"the first nan at \[1, 3, 5, 7\]"):
+        refuse_nonfinite(weight, "gate_up_proj", "quantized")
+    scale = np.array(flat[("blocks", "layer_0", "experts", "gate_up_proj_scale")])
+    assert scale.dtype == np.float32
+    scale[0, 2, 9] = np.inf
+    with pytest.raises(CheckpointError, match=r"1 of the \d+ values read, the first inf at \[0, 2, 9\]"):
+        refuse_nonfinite(scale, "gate_up_proj_scale", "quantized")
+
+
+def _nonfinite_hf(hf_dir: pathlib.Path, folder: pathlib.Path, experts: bool = False) -> pathlib.Path:
+    """A transformers folder with NaN and inf in a transposed tensor (first in the file's order: [3, 5]), or
+    -inf in a packed expert tensor, whose last two axes swap on loading."""
+    tensors = _tensors(hf_dir)
+    if experts:
+        tensors[DEC + "layers.2.experts.gate_up_proj"][1, 2, 3] = -np.inf
+    else:
+        q = tensors[DEC + "layers.1.self_attn.q_proj.weight"]
+        q[100, 1], q[3, 5] = np.inf, np.nan  # in our kernel [in, out] the inf comes first
+    return _variant(hf_dir, folder, tensors)
+
+
+@pytest.mark.parametrize("mesh", [False, True], ids=["host", "mesh"])
+def test_hf_load_refuses_nonfinite_weights(hf_dir, tmp_path, mesh):
+    """NaN or inf in a checkpoint used to load and generate garbage: refused, naming the tensor, the count and
+    the first value in the file's layout (both loaders: one scan helper)."""
+    folder = _nonfinite_hf(hf_dir, tmp_path / "nan")
+    message = (f"{folder / 'model.safetensors'}: tensor '{DEC}layers.1.self_attn.q_proj.weight' holds NaN or inf: "
+               "2 of the 8192 values read, the first nan at [3, 5]")
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        convert.load_hf(folder, mesh=make_mesh() if mesh else None)
+    folder = _nonfinite_hf(hf_dir, tmp_path / "inf", experts=True)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"tensor '{DEC}layers.2.experts.gate_up_proj' holds NaN or inf: 1 of the ")
+            + r"\d+" + re.escape(" values read, the first -inf at [1, 2, 3]")):
+        convert.load_hf(folder, dtype="bfloat16", mesh=make_mesh() if mesh else None)
+
+
+def test_convert_refuses_nonfinite_weights(hf_dir, tmp_path, capsys):
+    folder = _nonfinite_hf(hf_dir, tmp_path / "nan")
+    with pytest.raises(CheckpointError, match=r"q_proj\.weight' holds NaN or inf"):
+        convert.convert_checkpoint(folder, tmp_path / "out")
+    assert cli_main([str(folder), str(tmp_path / "out"), "-q"]) == 1
+    err = capsys.readouterr().err  # the log's "skipped 16 vision tensors", then the one error line
+    assert err.splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    assert "q_proj.weight' holds NaN or inf: 2 of" in err.splitlines()[-1]
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("mesh", [False, True], ids=["host", "mesh"])
+def test_cast_that_overflows_is_refused(hf_dir, tmp_path, recwarn, mesh):
+    """A float32 weight of 1e5 cast to float16 (largest finite 65504) used to load as inf, silently."""
+    tensors = _tensors(hf_dir)
+    tensors[DEC + "layers.0.mlp.down_proj.weight"][4, 2] = 1e5
+    folder = _variant(hf_dir, tmp_path / "big", tensors)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"tensor '{DEC}layers.0.mlp.down_proj.weight' does not fit float16: 1 of the ")
+            + r"\d+" + re.escape(" values read are not finite once cast, the first 100000.0 at [4, 2]")):
+        convert.load_hf(folder, dtype="float16", mesh=make_mesh() if mesh else None)
+    convert.load_hf(folder, dtype="bfloat16", mesh=make_mesh() if mesh else None)  # in range there
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # the error says it, once
+
+
+def test_native_load_checks_finite_on_request(reference_params, tmp_path, capsys):
+    """`save` writes params as given (a diverged run's NaN too); `load(check_finite=True)` and the converter
+    reading it (--to-hf) refuse them. Off by default: a full scan costs a pass over every byte."""
+    path = ("blocks", "layer_1", "experts", "down_proj")
+    broken = np.array(flatten(reference_params)[path])
+    broken[1, 0, 2, 3] = np.nan
+    dst = convert.save(_with_leaf(reference_params, path, broken), CONFIG, tmp_path / "ckpt")
+    convert.load(dst)
+    message = (f"{dst / 'params.safetensors'}: tensor 'blocks/layer_1/experts/down_proj' holds NaN or inf: 1 of "
+               f"the {broken.size} values read, the first nan at [1, 0, 2, 3]")
+    for kwargs in ({}, {"dtype": "bfloat16"}, {"as_numpy": True}):
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            convert.load(dst, check_finite=True, **kwargs)
+    assert cli_main([str(dst), str(tmp_path / "hf"), "--to-hf", "-q"]) == 1
+    assert capsys.readouterr().err == f"error: {message} (a corrupt or diverged checkpoint)\n"
+    assert not (tmp_path / "hf").exists()
+
+    big = np.array(flatten(reference_params)[("final_norm", "scale")])
+    big[5] = -7e4
+    dst = convert.save(_with_leaf(reference_params, ("final_norm", "scale"), big), CONFIG, tmp_path / "big")
+    with pytest.raises(CheckpointError, match=re.escape("tensor 'final_norm/scale' does not fit float16: 1 of the "
+                                                        "64 values read are not finite once cast, the first -70000.0 "
+                                                        "at [5]")):
+        convert.load(dst, "float16", check_finite=True)
+
+
+def test_mesh_loader_names_the_first_nonfinite_index_of_the_whole_tensor(hf_dir, tmp_path):
+    """Each device copies and scans only its slice, but what it reports is the whole tensor's count and first
+    value, as without a mesh (4 forced CPU devices, in a subprocess: the device count is fixed when jax
+    starts; the meshes split the kernel [in, out] along out, the file's rows, or keep it whole)."""
+    folder = _nonfinite_hf(hf_dir, tmp_path / "nan")
+    script = (
+        "import convert, sys\n"
+        "from diffjax.sharding import make_mesh\n"
+        "for shape in [(1, 1, 4), (1, 4, 1), (2, 1, 2)]:\n"
+        "    try:\n"
+        "        convert.load_hf(sys.argv[1], mesh=make_mesh(*shape))\n"
+        "    except convert.CheckpointError as exc:\n"
+        "        print(str(exc).split(': ', 1)[1])\n"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script, str(folder)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == 3 * [f"tensor '{DEC}layers.1.self_attn.q_proj.weight' holds NaN or inf: 2 of "
+                                            "the 8192 values read, the first nan at [3, 5] (a corrupt or diverged "
+                                            "checkpoint)"]
 
 
 # ------------------------------------------------------------------------- writing HF folders
