@@ -689,6 +689,10 @@ def test_native_load_checks_finite_on_request(reference_params, tmp_path, capsys
     for kwargs in ({}, {"dtype": "bfloat16"}, {"as_numpy": True}):
         with pytest.raises(CheckpointError, match=re.escape(message)):
             convert.load(dst, check_finite=True, **kwargs)
+    for kwargs in ({}, {"experts_fp8": True}):  # the library's loader passes the request on, fp8 path included
+        diffjax.load(dst, **kwargs)
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            diffjax.load(dst, check_finite=True, **kwargs)
     assert cli_main([str(dst), str(tmp_path / "hf"), "--to-hf", "-q"]) == 1
     assert capsys.readouterr().err == f"error: {message} (a corrupt or diverged checkpoint)\n"
     assert not (tmp_path / "hf").exists()
