@@ -27,6 +27,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 )
 
 from diffjax import sampling as S
+from diffjax.sampling.statistics import _mix32 as mix32
 
 # One jitted entry point per component kind, shared by the tests: eager JAX compiles every primitive
 # separately, which dominates the runtime of tiny inputs.
@@ -677,7 +678,7 @@ def test_counter_gumbel_noise_is_finite_at_the_extreme_hash_words():
     one rounded to u = 1 in float32 and gave +inf noise, a few tokens per row at the released vocabulary."""
     modulus = 1 << 32
 
-    def unmix32(y: int) -> int:  # the inverse of sampling._mix32
+    def unmix32(y: int) -> int:  # the inverse of sampling.statistics._mix32
         y ^= y >> 16
         y = (y * pow(0xC2B2AE35, -1, modulus)) % modulus
         y ^= (y >> 13) ^ (y >> 26)
@@ -685,10 +686,10 @@ def test_counter_gumbel_noise_is_finite_at_the_extreme_hash_words():
         return y ^ (y >> 16)
 
     seed, row = 5, 3
-    row_word = int(S._mix32(jnp.uint32(row) * jnp.uint32(0x9E3779B9) ^ jnp.uint32(seed)))
+    row_word = int(mix32(jnp.uint32(row) * jnp.uint32(0x9E3779B9) ^ jnp.uint32(seed)))
     for word in (0xFFFFFFFF, 0):
         col = unmix32(word) ^ row_word
-        assert int(S._mix32(jnp.uint32(row_word) ^ jnp.uint32(col))) == word
+        assert int(mix32(jnp.uint32(row_word) ^ jnp.uint32(col))) == word
         noise = float(S.gumbel_noise(jnp.uint32(seed), jnp.uint32(row), jnp.uint32(col)))
         assert math.isfinite(noise) and -3.0 < noise < 17.0, (hex(word), noise)
 
