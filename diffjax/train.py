@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -315,6 +316,10 @@ def train_step(
 # ------------------------------------------------------------------------------- fit loop
 
 
+class TrainingDiverged(ValueError):
+    """A step's loss or gradient norm was NaN or inf: every later update would be NaN too."""
+
+
 @dataclasses.dataclass
 class FitResult:
     """What `fit` returns. params: the trained model (the LoRA update merged in); lora: the LoRA tree (None for
@@ -349,7 +354,9 @@ def fit(
     steps and at the end, keeping the last `keep`; `resume=True` continues from its latest checkpoint (the
     losses then equal those of an uninterrupted run), and a directory that already has checkpoints is refused
     without it. `metadata` (JSON) is stored with each checkpoint and must match on resume. `progress` shows a
-    rich progress bar (loss, tokens/s) on `console`.
+    rich progress bar (loss, tokens/s) on `console`. A step whose loss or gradient norm is not finite stops
+    the run with `TrainingDiverged` before anything after it is saved (the checkpoints on disk keep the
+    weights from before it).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -386,36 +393,54 @@ def fit(
     tokens, timed_from = 0, None
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        task = bar.add_task("train", total=steps, completed=state.step, loss="-", rate="-")
-        while state.step < steps:
-            batch = batches(state.data_position)
-            next_key, step_key = jax.random.split(state.key)
-            noise = draw_noise(step_key, batch, config)
-            trainable, opt_state, metrics = train_step(
-                state.trainable, state.opt_state, config, optimizer, batch, noise, base, lora)
-            for name, value in metrics.items():
-                history[name].append(float(value))  # also waits for the step, so the timing below is real
-            state = TrainState(trainable, opt_state, state.step + 1, state.data_position + 1, next_key)
-            if timed_from is None:
-                timed_from = time.perf_counter()
-            else:
-                tokens += int(batch.prompt_ids.size + batch.response_ids.size)
-            rate = tokens / (time.perf_counter() - timed_from) if tokens else None
-            bar.update(task, completed=state.step, loss=f"{history['loss'][-1]:.4f}",
-                       rate="-" if rate is None else f"{rate:,.0f}")
-            if checkpointer is not None and (state.step % checkpoint_every == 0 or state.step == steps):
-                checkpointer.save(state, metadata)
-    if checkpointer is not None:
-        if checkpointer.latest_step() != state.step:  # a run resumed at its end: keep its last state on disk
-            checkpointer.save(state, metadata)
-        checkpointer.close()
+    try:
+        with Progress(*columns, console=console, disable=not progress) as bar:
+            task = bar.add_task("train", total=steps, completed=state.step, loss="-", rate="-")
+            while state.step < steps:
+                batch = batches(state.data_position)
+                next_key, step_key = jax.random.split(state.key)
+                noise = draw_noise(step_key, batch, config)
+                trainable, opt_state, metrics = train_step(
+                    state.trainable, state.opt_state, config, optimizer, batch, noise, base, lora)
+                for name, value in metrics.items():
+                    history[name].append(float(value))  # also waits for the step, so the timing below is real
+                _check_finite_step(state.step + 1, history, checkpointer)
+                state = TrainState(trainable, opt_state, state.step + 1, state.data_position + 1, next_key)
+                if timed_from is None:
+                    timed_from = time.perf_counter()
+                else:
+                    tokens += int(batch.prompt_ids.size + batch.response_ids.size)
+                rate = tokens / (time.perf_counter() - timed_from) if tokens else None
+                bar.update(task, completed=state.step, loss=f"{history['loss'][-1]:.4f}",
+                           rate="-" if rate is None else f"{rate:,.0f}")
+                if checkpointer is not None and (state.step % checkpoint_every == 0 or state.step == steps):
+                    checkpointer.save(state, metadata)
+        if checkpointer is not None and checkpointer.latest_step() != state.step:
+            checkpointer.save(state, metadata)  # a run resumed at its end: keep its last state on disk
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
     merged = state.trainable if lora is None else merge_lora(params, state.trainable, lora)
     return FitResult(merged, None if lora is None else state.trainable, state.opt_state, state.step, history,
                      rate if tokens else None)
 
 
+def _check_finite_step(step: int, history: Mapping[str, list[float]], checkpointer: TrainCheckpointer | None) -> None:
+    """Stop at the first non-finite step: its update has already made the weights NaN."""
+    values = {name: values[-1] for name, values in history.items()}
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    saved = None if checkpointer is None else checkpointer.latest_step()
+    where = ("nothing was saved" if checkpointer is None else
+             f"no checkpoint was written in {checkpointer.directory}" if saved is None else
+             f"the latest checkpoint, step {saved} in {checkpointer.directory}, holds the weights before it")
+    raise TrainingDiverged(
+        f"training diverged at step {step}: " + ", ".join(f"{n} {v:.4g}" for n, v in values.items())
+        + f"; {where}. A lower learning rate or a longer warmup usually helps."
+    )
+
+
 __all__ = [
-    "Batch", "FitResult", "NoiseDraws", "diffusion_loss", "draw_noise", "fit", "loss_terms", "make_batch",
-    "make_optimizer", "noisy_canvas", "train_step", "trained_loss_terms",
+    "Batch", "FitResult", "NoiseDraws", "TrainingDiverged", "diffusion_loss", "draw_noise", "fit", "loss_terms",
+    "make_batch", "make_optimizer", "noisy_canvas", "train_step", "trained_loss_terms",
 ]
