@@ -37,8 +37,6 @@ def _initial_state(canvas_ids: jax.Array) -> SamplerState:
     return SamplerState(step=jnp.zeros((), jnp.int32), committed=jnp.zeros(canvas_ids.shape, jnp.bool_))
 
 
-
-
 def entropy_bound_mask(entropy: jax.Array, entropy_bound: jax.Array | float) -> jax.Array:
     """Entropy-bound acceptance mask (transformers' ``EntropyBoundSampler.accept_canvas``).
 
@@ -170,8 +168,6 @@ class _ConfidenceSampler:
         return self._update(canvas_ids, sampled, confidence, noise, state)
 
 
-
-
 def block_refinement_update(
     canvas_ids: jax.Array,
     sampled_ids: jax.Array,
@@ -272,8 +268,6 @@ class BlockRefinementSampler(_ConfidenceSampler):
             self.editing_threshold if self.allow_reediting else None,
         )
         return new_canvas, changed, SamplerState(step=state.step + 1, committed=committed)
-
-
 
 
 def confidence_threshold_update(
