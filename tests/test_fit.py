@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from diffjax import train
@@ -109,6 +112,40 @@ def test_lora_fit_trains_only_the_adapter(tmp_path):
         TrainState(result.lora, result.opt_state, 0, 0, jax.random.key(0)))
     _assert_trees_equal(restored.trainable, result.lora)
     assert restored.step == restored.data_position == 3
+    # Resuming the finished run: its stored settings (the LoraConfig, whose targets are a tuple that JSON gives
+    # back as a list) must compare equal to this run's, and nothing more is trained.
+    again = train.fit(params, CONFIG, batches, 3, key=jax.random.key(1), optimizer=OPTIMIZER, lora=lora_config,
+                      checkpoint_dir=tmp_path / "lora", checkpoint_every=3, resume=True, progress=False)
+    assert again.step == 3 and again.losses == []
+    _assert_trees_equal(again.lora, result.lora)
+
+
+def test_tokens_per_second_counts_prompt_and_response_tokens(monkeypatch):
+    """Encoder tokens (prompt + response of every row) per second, timed from the end of the first
+    (compiling) step: on a clock that ticks one second per reading, the tokens of one batch."""
+    clock = iter(range(1, 1000))
+    monkeypatch.setattr(train, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock))}))
+    params = init_params(CONFIG, jax.random.key(0))
+    result = train.fit(params, CONFIG, batches, 3, key=jax.random.key(1), optimizer=OPTIMIZER, progress=False)
+    per_batch = batches(0).prompt_ids.size + batches(0).response_ids.size
+    assert per_batch == 2 * (7 + 2 * CONFIG.canvas_length)
+    assert result.tokens_per_second == per_batch
+
+
+def test_checkpointer_restores_step_and_data_position_apart(tmp_path):
+    """`fit` keeps the two equal, but a TrainState may hold any pair (a loop that skips batches): each comes back
+    as saved, with the arrays, the key and the metadata check."""
+    state = TrainState({"w": jnp.arange(6.0).reshape(2, 3)}, {"m": jnp.full((2, 3), 0.5)}, 5, 7, jax.random.key(3))
+    checkpointer = TrainCheckpointer(tmp_path / "ckpt")
+    checkpointer.save(state, {"run": "a"})
+    like = TrainState({"w": jnp.zeros((2, 3))}, {"m": jnp.zeros((2, 3))}, 0, 0, jax.random.key(0))
+    restored = checkpointer.restore(like, {"run": "a"})
+    assert (restored.step, restored.data_position) == (5, 7)
+    _assert_trees_equal((restored.trainable, restored.opt_state), (state.trainable, state.opt_state))
+    np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(state.key))
+    with pytest.raises(ValueError, match="other settings"):
+        checkpointer.restore(like, {"run": "b"})
+    checkpointer.close()
 
 
 def _get(tree, names):
@@ -133,3 +170,25 @@ def test_lora_fit_over_fp8_experts_equals_lora_over_their_dequantized_weights():
     assert experts["gate_up_proj"].dtype == jnp.float8_e4m3fn
     np.testing.assert_array_equal(np.asarray(experts["gate_up_proj"], np.float32),
                                   np.asarray(fp8_params["blocks"]["layer_0"]["experts"]["gate_up_proj"], np.float32))
+
+
+def test_a_diverged_run_stops_before_saving_nan_weights(tmp_path):
+    """NaN weights after step 3 (an update scaled by NaN, as an overflowing optimiser would make) give a NaN
+    loss at step 4: the run stops there, the checkpoint of step 2 stays the latest, and it is finite."""
+    params = init_params(CONFIG, jax.random.key(0))
+    breaking = optax.chain(OPTIMIZER, optax.scale_by_schedule(lambda count: jnp.where(count == 2, jnp.nan, 1.0)))
+    with pytest.raises(train.TrainingDiverged, match=(
+            r"training diverged at step 4: loss nan, diffusion nan, ar nan, grad_norm nan; the latest checkpoint, "
+            rf"step 2 in {re.escape(str(tmp_path / 'run'))}, holds the weights before it")):
+        train.fit(params, CONFIG, batches, STEPS, key=jax.random.key(1), optimizer=breaking,
+                  checkpoint_dir=tmp_path / "run", checkpoint_every=2, progress=False)
+    checkpointer = TrainCheckpointer(tmp_path / "run")
+    assert checkpointer.all_steps() == [2]
+    like = TrainState(params, breaking.init(params), 0, 0, jax.random.key(1))
+    restored = checkpointer.restore(like)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.trainable))
+    # A NaN loss from the first step: the gradient is NaN in the same step, so nothing is saved after it.
+    nan_params = jax.tree.map(lambda x: x, params)
+    nan_params["final_norm"]["scale"] = nan_params["final_norm"]["scale"].at[0].set(jnp.inf)
+    with pytest.raises(train.TrainingDiverged, match=r"training diverged at step 1: .*; nothing was saved"):
+        train.fit(nan_params, CONFIG, batches, STEPS, key=jax.random.key(1), optimizer=OPTIMIZER, progress=False)

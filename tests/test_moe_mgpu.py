@@ -57,6 +57,21 @@ def test_sorted_layout_cuts_each_group_into_whole_tiles_of_its_own(block_rows, s
     assert (used[:, 2] < block_rows).sum() <= (sizes > 0).sum()  # one partial tile per expert at most
 
 
+def test_sorted_layout_holds_the_worst_case_alignment_padding():
+    """Every expert a group of one assignment: each padded by ROW_ALIGN - 1 rows, the most the static row count
+    must hold; and the kernel on that routing (16 tokens, each to its own expert)."""
+    for experts in (16, 128):
+        layout = sorted_layout(jnp.arange(experts, dtype=jnp.int32), experts, 64)
+        row = np.asarray(layout.row)
+        np.testing.assert_array_equal(row, 8 * np.arange(experts))
+        assert row.max() < layout.rows
+    x, weights, ids, gate_up, down = moe_case(16, 16, 1, 64, 32, jnp.bfloat16, seed=2)
+    ids = jnp.arange(16, dtype=jnp.int32)[:, None]
+    ours = experts_mgpu(x, weights, ids, gate_up, down, interpret=True)
+    assert np.isfinite(np.asarray(ours, np.float32)).all()
+    _close(ours, experts_dense(*as_f32(x, weights, ids, gate_up, down)), jnp.bfloat16)
+
+
 @pytest.mark.parametrize(
     ("tokens", "experts", "top_k", "hidden", "inter", "dtype", "tiles"),
     [
@@ -64,8 +79,9 @@ def test_sorted_layout_cuts_each_group_into_whole_tiles_of_its_own(block_rows, s
         (50, 16, 4, 48, 80, jnp.bfloat16, MgpuMoeTiles(max_concurrent_steps=2)),  # 16-wide blocks (48, 80)
         (5, 8, 2, 64, 32, jnp.float16, MgpuMoeTiles()),  # fewer rows than one block
         (300, 16, 4, 64, 48, jnp.bfloat16, MgpuMoeTiles(block_rows=128, block_k=16)),  # 4 k-steps, 1200 rows
-        # Warp-specialised: each compute warpgroup stores its own 64 rows of a 128-row block (~30 s here).
-        (45, 8, 2, 64, 32, jnp.bfloat16, MgpuMoeTiles(block_rows=128, block_k=32, compute_warpgroups=2)),
+        # Warp-specialised: each compute warpgroup stores its own 64 rows of a 128-row block (~30 s here); groups
+        # of 72-79 rows, so the second warpgroup has rows to store (under 64, it would store none).
+        (150, 8, 2, 64, 32, jnp.bfloat16, MgpuMoeTiles(block_rows=128, block_k=32, compute_warpgroups=2)),
     ],
 )
 def test_mgpu_moe_kernel_matches_twins(tokens, experts, top_k, hidden, inter, dtype, tiles):

@@ -1,7 +1,10 @@
 """`diffjax.profile`: one call under the profiler, its work summed by name (on CPU: the host XLA thread)."""
 
+import types
+
 import jax
 import jax.numpy as jnp
+import pytest
 
 from diffjax.profile import kernel_times, render_kernel_times
 
@@ -23,3 +26,56 @@ def test_kernel_times_sums_a_calls_work_by_name(tmp_path):
     text = render_kernel_times(breakdown, top=1)
     assert kernels[0]["name"][:40] in text.splitlines()[2]
     assert f"({len(kernels) - 1} more names)" in text.splitlines()[-1] or len(kernels) == 1
+
+
+def _trace(*planes):
+    """A stand-in for `jax.profiler.ProfileData`: planes of (name, lines of (name, [(event, ns), ...]))."""
+    def event(name, ns):
+        return types.SimpleNamespace(name=name, duration_ns=ns)
+
+    return types.SimpleNamespace(planes=[
+        types.SimpleNamespace(name=plane, lines=[types.SimpleNamespace(name=line, events=[event(*e) for e in events])
+                                                 for line, events in lines])
+        for plane, lines in planes])
+
+
+def _breakdown_of(monkeypatch, tmp_path, trace):
+    monkeypatch.setattr(jax.profiler, "ProfileData", types.SimpleNamespace(from_file=lambda _: trace))
+    return kernel_times(lambda: jnp.ones(3) + 1, tmp_path)
+
+
+def test_kernel_times_sums_the_device_stream_lines(monkeypatch, tmp_path):
+    """A GPU trace: the stream lines' kernels by name (in microseconds), not the derived XLA lines beside them
+    nor the host's."""
+    breakdown = _breakdown_of(monkeypatch, tmp_path, _trace(
+        ("/host:CPU", [("XLA Ops", [("host_op", 9_000_000)])]),
+        ("/device:GPU:0", [
+            ("Stream #13(Compute)", [("moe_gate_up", 3000), ("moe_down", 1500), ("moe_gate_up", 1000)]),
+            ("Stream #14(MemcpyD2D)", [("copy", 500)]),
+            ("XLA Modules", [("jit_step", 6000)]),
+            ("XLA Ops", [("moe_gate_up", 4000)]),
+        ]),
+    ))
+    assert breakdown["source"] == "/device:GPU:0: 2 stream line(s)"
+    assert breakdown["total_us"] == pytest.approx(6.0)
+    assert [(k["name"], k["count"], k["total_us"]) for k in breakdown["kernels"]] == [
+        ("moe_gate_up", 2, pytest.approx(4.0)), ("moe_down", 1, pytest.approx(1.5)), ("copy", 1, pytest.approx(0.5))]
+    assert [k["share"] for k in breakdown["kernels"]] == pytest.approx([4 / 6, 1.5 / 6, 0.5 / 6])
+
+
+def test_kernel_times_on_a_host_trace_takes_the_busiest_xla_thread(monkeypatch, tmp_path):
+    breakdown = _breakdown_of(monkeypatch, tmp_path, _trace(
+        ("/host:CPU", [
+            ("XLA thread 1", [("dot.1", 2000), ("ThreadpoolListener::Record", 90_000), ("end: dot.1", 50_000)]),
+            ("XLA thread 2", [("dot.2", 7000), ("sine", 1000), ("dot.2", 2000)]),
+            ("python", [("big", 10**9)]),
+        ]),
+    ))
+    assert breakdown["source"] == "host line XLA thread 2"
+    assert [(k["name"], k["count"], k["total_us"]) for k in breakdown["kernels"]] == [
+        ("dot.2", 2, pytest.approx(9.0)), ("sine", 1, pytest.approx(1.0))]
+    # The profiler's own bookkeeping is not work: thread 1 is the busier only if it counted.
+    breakdown = _breakdown_of(monkeypatch, tmp_path, _trace(
+        ("/host:CPU", [("XLA thread 1", [("dot.1", 2000), ("ThreadpoolListener::Record", 90_000)])]),
+    ))
+    assert [k["name"] for k in breakdown["kernels"]] == ["dot.1"] and breakdown["total_us"] == pytest.approx(2.0)

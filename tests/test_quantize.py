@@ -49,6 +49,31 @@ def test_round_trip_is_within_one_e4m3_half_step():
     assert np.abs(back - w).max() > 0  # rounding happened: the bound was tested, not trivially met
 
 
+def test_dequantize_rounds_once_to_the_activation_dtype():
+    """q * scale is formed in float32 and rounded once: rounding the scale to bf16 first (or the product in
+    bf16) moves a good share of the weights by a bf16 step."""
+    keys = jax.random.split(jax.random.key(1), 2)
+    q, scale = quantize(jax.random.normal(keys[0], (64, 48)) * jax.random.uniform(keys[1], (1, 48), minval=0.1))
+    once = np.asarray(dequantize(q, scale, jnp.float32).astype(jnp.bfloat16), np.float32)
+    ours = dequantize(q, scale, jnp.bfloat16)
+    assert ours.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), once)
+    twice = np.asarray(q.astype(jnp.bfloat16) * scale.astype(jnp.bfloat16)[None, :], np.float32)
+    assert np.mean(twice != once) > 0.05  # the check can fail
+
+
+def test_columns_too_small_for_a_normal_scale_stay_finite():
+    """A column whose amax / 448 is below float32's normal range gets a scale of 0 (flushed): its q must
+    still be finite (clipped to +-448), or e4m3fn (no infinity) stores NaN and the dequantized weights are NaN
+    instead of ~0. Other columns are untouched."""
+    w = jnp.asarray([[1e-37, 1.0, 0.0], [-3e-38, 0.5, 0.0]], jnp.float32)
+    q, scale = quantize(w)
+    back = np.asarray(dequantize(q, scale, jnp.float32))
+    assert np.isfinite(np.asarray(q, np.float32)).all() and np.isfinite(back).all()
+    np.testing.assert_allclose(back[:, 0], 0.0, atol=1e-36)
+    np.testing.assert_array_equal(back[:, 1:], [[1.0, 0.0], [0.5, 0.0]])
+
+
 def test_quantized_tree_is_the_fp8_configs_tree():
     config = CONFIG
     params = init_params(config, jax.random.key(1))

@@ -37,6 +37,18 @@ def test_sort_checker_rejects_wrong_answers():
     for wrong in ("12587", "1257", "125788", "", "12578."):
         assert not task.check(prompt, tok.encode(wrong)), wrong
     assert not task.check(prompt, [*tok.encode("1257"), EOS_ID])  # a special token inside the answer
+    # The right digits with a special token among them: decoding alone would drop it and pass.
+    assert not task.check(prompt, [*tok.encode("125"), EOS_ID, *tok.encode("78")])
+    assert not task.check(prompt, [*tok.encode("125"), PAD_ID, *tok.encode("78")])
+
+
+def test_sort_prompts_span_every_length():
+    """The generator reaches both ends of min_len..max_len: the longest answer sizes the canvas, so it must be
+    trained on."""
+    task = get_task("sort")
+    rng = np.random.default_rng(0)
+    lengths = {len(task.sample_text(rng)[0]) for _ in range(400)}
+    assert lengths == set(range(task.min_len, task.max_len + 1))
 
 
 @pytest.mark.parametrize("box", [2, 3])
@@ -71,6 +83,11 @@ def test_sudoku_accepts_any_valid_completion():
     assert task.is_valid_grid(solution)
     assert task.check_text("." * 16, solution)  # no givens: any valid grid solves it
     assert not task.check_text("." * 16, "1234123412341234")
+    # Every row and column a permutation, but the top-left box holds 1, 2, 2, 1: not a sudoku.
+    latin = "1234214334124321"
+    grid = np.array(list(latin), int).reshape(4, 4)
+    assert all(sorted(line) == [1, 2, 3, 4] for line in (*grid, *grid.T))
+    assert not task.is_valid_grid(latin) and not task.check_text("." * 16, latin)
 
 
 def test_tokenizer_round_trip_and_errors():
@@ -94,6 +111,8 @@ def test_batch_is_deterministic_in_seed_and_index(name):
     c, d = task.batch(config, 8, index=4, seed=1), task.batch(config, 8, index=3, seed=2)
     assert np.array_equal(a.response_ids, b.response_ids) and np.array_equal(a.prompt_ids, b.prompt_ids)
     assert not np.array_equal(a.prompt_ids, c.prompt_ids) and not np.array_equal(a.prompt_ids, d.prompt_ids)
+    # Streams of other seeds never meet: (seed 1, index 4) and (seed 2, index 3) are different batches.
+    assert not np.array_equal(c.prompt_ids, d.prompt_ids)
     # Each row: the prompt's answer, then EOS to the canvas end.
     for prompt, mask, response in zip(np.asarray(a.prompt_ids), np.asarray(a.prompt_mask),
                                       np.asarray(a.response_ids), strict=True):

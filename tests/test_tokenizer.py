@@ -301,3 +301,21 @@ def test_chat_byte_tokenizer_on_steps(tiny_model):
                   on_step=lambda i, n, draft: steps.append((int(i), int(n), np.asarray(draft).shape)))
     assert isinstance(answer, str)
     assert steps == [(0, 2, (1, config.canvas_length)), (0, 1, (1, config.canvas_length))]
+
+
+def test_chat_answer_is_the_generated_tokens_decoded(tiny_model):
+    """chat() against generate() on the same rendered prompt and key: the answer is the new tokens only (none
+    of the prompt's), decoded."""
+    from diffjax.generate import generate
+
+    config, params = tiny_model
+    tok = ByteTokenizer()
+    conversation = [{"role": "user", "content": "Hi"}]
+    kwargs = dict(max_new_tokens=16, max_denoising_steps=2, eos_token_id=None)
+    answer = chat(params, config, tok, conversation, key=jax.random.key(3), **kwargs)
+    ids = tok.chat_ids(conversation)
+    out = generate(params, config, np.asarray([ids]), key=jax.random.key(3), pad_token_id=config.pad_token_id,
+                   **kwargs)
+    expected = tok.decode(np.asarray(out.sequences)[0, len(ids):])
+    assert len(expected) > 4  # enough of the random model's ids fall in the byte range to compare on
+    assert answer == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from reference import diffjax_params, random_hf_model
@@ -52,9 +53,112 @@ def test_make_batch_and_draw_noise():
     assert set(canvas[:, 0]) == {0, 1, 2} and set(canvas[:, 1]) == {0, 1}  # only valid canvases
     t = np.asarray(noise.t)
     assert np.all((t >= train.T_MIN) & (t <= train.T_MAX))
+    # Enough draws that an unclamped U(0, 1) would fall outside [T_MIN, T_MAX] (2e-4 of them) ~10 times.
+    wide = train.draw_noise(jax.random.key(2), batch.replace(canvas_valid=jnp.tile(batch.canvas_valid, (25_000, 1))),
+                            config)
+    t_wide = np.asarray(wide.t)
+    assert t_wide.min() >= train.T_MIN and t_wide.max() <= train.T_MAX and t_wide.min() < 1e-3
     frac = np.asarray(noise.replace_mask).mean(1)
     assert np.corrcoef(frac, t)[0, 1] > 0.8
     assert 0.3 < np.asarray(noise.self_condition).mean() < 0.7
+
+
+def test_make_batch_at_the_edges():
+    """A response filling its canvas exactly, one longer than every canvas, a prompt longer than its room."""
+    config = Config.tiny(canvas_length=8)
+    eos, pad = config.eos_token_id[0], config.pad_token_id
+    rng = np.random.default_rng(4)
+    exact, long, prompt = rng.integers(3, 100, 8), rng.integers(3, 100, 30), rng.integers(3, 100, 13)
+    batch = train.make_batch(config, [prompt, prompt[:3]], [exact, long], PROMPT_LEN, NUM_CANVASES)
+    resp, ar = np.asarray(batch.response_ids), np.asarray(batch.ar_mask)
+    # Exactly one canvas of text: its EOS opens the next canvas (EOS-filled); the third is PAD.
+    np.testing.assert_array_equal(batch.canvas_valid, [[True, True, False], [True, True, True]])
+    np.testing.assert_array_equal(resp[0, :8], exact)
+    np.testing.assert_array_equal(resp[0, 8:16], eos)
+    np.testing.assert_array_equal(resp[0, 16:], pad)
+    assert ar[0].sum() == 9 and ar[0, 8]
+    # Too long: cut so that the last position of the last canvas holds its EOS, which is scored.
+    np.testing.assert_array_equal(resp[1, :23], long[:23])
+    assert resp[1, 23] == eos and ar[1].sum() == 24
+    # A long prompt keeps its last tokens, the ones next to the response; a short one is left-padded.
+    np.testing.assert_array_equal(batch.prompt_ids[0], prompt[-PROMPT_LEN:])
+    np.testing.assert_array_equal(batch.prompt_mask[1], [False] * (PROMPT_LEN - 3) + [True] * 3)
+
+
+def test_noisy_canvas_replaces_exactly_the_drawn_positions():
+    config = Config.tiny(canvas_length=8)
+    batch = _batch(config)
+    replace = np.random.default_rng(2).random((2, 8)) < 0.5
+    noise = _noise(config, batch, canvas=[2, 1], coin=[True, False]).replace(replace_mask=jnp.asarray(replace))
+    clean, noisy = (np.asarray(x) for x in train.noisy_canvas(config, batch, noise))
+    canvases = np.asarray(batch.response_ids).reshape(2, NUM_CANVASES, 8)
+    np.testing.assert_array_equal(clean, [canvases[0, 2], canvases[1, 1]])
+    tokens = np.asarray(noise.tokens)
+    assert replace.any() and (~replace).any() and (tokens[replace] != clean[replace]).any()
+    np.testing.assert_array_equal(noisy[replace], tokens[replace])
+    np.testing.assert_array_equal(noisy[~replace], clean[~replace])
+
+
+def test_make_optimizer_is_clipped_adamw_on_warmup_cosine():
+    """Against optax's AdamW driven by the schedule written out (linear warmup from 0 to the peak, then a
+    half cosine down to peak x end_lr_ratio at total_steps, flat after), b1 0.95, b2 0.99, and the gradients
+    clipped to global norm 1 before it. The gradients' norms vary from 2 to 10 between steps, so the clip
+    changes Adam's result (a constant scale would not)."""
+    peak, total, warmup, ratio, decay = 1e-2, 10, 3, 0.1, 1e-4
+
+    def schedule(count):
+        cosine = peak * ratio + peak * (1 - ratio) * 0.5 * (
+            1 + jnp.cos(jnp.pi * jnp.clip((count - warmup) / (total - warmup), 0.0, 1.0)))
+        return jnp.where(count < warmup, peak * count / warmup, cosine)
+
+    reference = optax.chain(optax.clip_by_global_norm(1.0),
+                            optax.adamw(schedule, b1=0.95, b2=0.99, weight_decay=decay))
+    ours = train.make_optimizer(peak_lr=peak, total_steps=total, warmup_steps=warmup, end_lr_ratio=ratio,
+                                weight_decay=decay, clip_norm=1.0)
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32)}
+    trees = {"ours": (params, ours.init(params)), "reference": (params, reference.init(params))}
+    for step in range(total + 3):
+        direction = rng.standard_normal((4, 5))
+        grads = {"w": jnp.asarray(direction / np.linalg.norm(direction) * rng.uniform(2, 10), jnp.float32)}
+        for name, optimizer in (("ours", ours), ("reference", reference)):
+            p, state = trees[name]
+            updates, state = optimizer.update(grads, state, p)
+            trees[name] = (optax.apply_updates(p, updates), state)
+        np.testing.assert_allclose(trees["ours"][0]["w"], trees["reference"][0]["w"], rtol=1e-6, atol=1e-7,
+                                   err_msg=f"step {step}")
+    assert float(jnp.abs(trees["ours"][0]["w"] - params["w"]).max()) > 1e-2  # it moved
+
+
+def test_lora_merge_is_w_plus_alpha_over_rank_a_b():
+    """PEFT's convention: the update is (alpha / rank) A @ B, A ~ U(+-1/sqrt(fan_in)) and B = 0 at init; on
+    modules whose fan_in and fan_out differ."""
+    from diffjax.model import init_params
+
+    config = Config.tiny()
+    params = init_params(config, jax.random.key(0))
+    lora_config = LoraConfig(rank=2, alpha=6.0, targets=("self_attn/k_proj", "mlp/down_proj"))
+    lora = init_lora(params, lora_config, jax.random.key(1))
+    rng = np.random.default_rng(3)
+    for target in lora_config.targets:
+        group, name = target.split("/")
+        node = lora["blocks"]["layer_0"][group][name]
+        fan_in, fan_out = params["blocks"]["layer_0"][group][name]["kernel"].shape[1:]
+        assert fan_in != fan_out
+        bound = fan_in**-0.5
+        assert 0.9 * bound < float(jnp.abs(node["a"]).max()) <= bound
+        assert float(jnp.abs(node["b"]).max()) == 0
+        node["b"] = jnp.asarray(rng.standard_normal(node["b"].shape), jnp.float32)
+    merged = merge_lora(params, lora, lora_config)
+    for target in lora_config.targets:
+        group, name = target.split("/")
+        w = np.asarray(params["blocks"]["layer_0"][group][name]["kernel"], np.float64)
+        node = lora["blocks"]["layer_0"][group][name]
+        expected = w + 6.0 / 2 * np.einsum("nir,nro->nio", np.asarray(node["a"], np.float64),
+                                           np.asarray(node["b"], np.float64))
+        got = np.asarray(merged["blocks"]["layer_0"][group][name]["kernel"])
+        assert np.abs(expected - w).max() > 0.1
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def _softcap(config: Config, logits: np.ndarray) -> np.ndarray:
@@ -199,11 +303,16 @@ def test_train_step_overfits_one_batch():
     noise = train.draw_noise(jax.random.key(1), batch, config)
     optimizer = train.make_optimizer(peak_lr=1e-2, total_steps=100, warmup_steps=5)
     opt_state = optimizer.init(params)
+    # grad_norm is the norm of the loss's gradient before clipping, not of the clipped update.
+    grads = jax.grad(lambda p: train.diffusion_loss(p, config, batch, noise))(params)
+    grad_norm = float(np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads))))
     losses = []
     for _ in range(40):
         params, opt_state, metrics = train.train_step(params, opt_state, config, optimizer, batch, noise)
         losses.append(float(metrics["loss"]))
         assert np.isfinite(float(metrics["grad_norm"]))
+        if len(losses) == 1:
+            np.testing.assert_allclose(float(metrics["grad_norm"]), grad_norm, rtol=1e-4)
     print(f"overfit: loss {losses[0]:.3f} -> {losses[-1]:.4f} in {len(losses)} steps")
     assert losses[-1] < 0.1 * losses[0]
 
