@@ -9,13 +9,15 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
+import numpy as np
 import pytest
 
 import diffjax
 from diffjax import cli
-from diffjax.config import Config
+from diffjax.config import FULL, Config
 from diffjax.quantize import FP8
 
 
@@ -519,3 +521,104 @@ def test_console_script_error_exit_code(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("diffjax: error: ")
+
+
+# The memory floor and the figures derived from it (a second mutation audit found none of them pinned).
+
+
+def test_full_size_point_figures_from_their_measurements(monkeypatch):
+    """Each derived figure of a --full-size point from its inputs, on fixed clocks: floor = (the decoder's
+    weight bytes + the cache's K/V bytes) / copy bandwidth, x floor = step / floor, tokens/s at `steps` = canvas
+    tokens / (steps decoder steps + one encoder canvas). The cache's bytes are counted from the config: every
+    layer's keys and values, a full layer holding every position, a sliding one its ring."""
+    from diffjax import bench
+
+    samples = iter([(1.0, 0.5), (1.0, 0.002), (1.0, 0.003)])  # prefill, decoder step, encoder canvas
+    monkeypatch.setattr(bench, "best_time", lambda fn, repeats, calls=1: next(samples))
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda nbytes: 1e9)
+    monkeypatch.setattr(bench, "matmul_throughput", lambda size: 1e12)
+    config = Config.tiny(canvas_length=8)
+    batch, prompt, steps = 2, 12, 4
+    settings = bench.FullSizeSettings(batches=(batch,), prompts=(prompt,), steps=steps, repeats=1, force=True,
+                                      generate=False)
+    result = bench.run_full_size(settings, config=config)
+    point = result["points"][0]
+    assert "error" not in point, point
+    weights = bench.decoder_bytes_per_step(diffjax.init_params(config, jax.random.key(0), jax.numpy.bfloat16))
+    assert result["weight_bytes"] == weights
+    capacity = prompt + config.canvas_length
+    cache = sum(2 * batch * (capacity if kind == FULL else min(config.sliding_window - 1, capacity))
+                * config.attention(kind).num_kv_heads * config.attention(kind).head_dim * 2
+                for kind in config.layer_types)  # K and V, bf16
+    assert point["cache_bytes"] == cache
+    assert point["floor_ms"] == pytest.approx(1e3 * (weights + cache) / 1e9)
+    assert point["decoder_ms"] == pytest.approx(2.0) and point["encoder_canvas_ms"] == pytest.approx(3.0)
+    assert point["ratio_to_floor"] == pytest.approx(2.0 / point["floor_ms"])
+    assert point["compute_floor_ms"] == pytest.approx(1e3 * point["flops"] / 1e12)
+    assert point["tokens_per_s_at_steps"] == pytest.approx(batch * config.canvas_length / (steps * 0.002 + 0.003))
+
+
+def test_bandwidth_and_matmul_rate_from_their_timings(monkeypatch):
+    """A copy reads and writes its bytes; a square matmul of side n does 2 n^3 FLOPs."""
+    from diffjax import bench
+
+    ticks = iter(np.arange(0.0, 100.0, 0.25))  # each clock reading 0.25 s after the last
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    assert bench.copy_bandwidth(1 << 20, repeats=3) == pytest.approx(2 * (1 << 20) / 0.25)
+    monkeypatch.setattr(bench, "best_time", lambda fn, repeats, calls=1: (1.0, 0.5))
+    assert bench.matmul_throughput(64, repeats=1) == pytest.approx(2 * 64**3 / 0.5)
+
+
+def test_full_size_layers_follow_the_released_pattern():
+    """Five sliding layers then a global one, and the last layer global, as in the released config."""
+    from diffjax import bench
+
+    released = Config.diffusiongemma_26b_a4b().layer_types
+    assert bench.layer_types(30, 6) == released
+    for layers in (1, 5, 6, 7, 12):
+        assert bench.full_size_config(layers).layer_types == (*released[:layers - 1], FULL)
+
+
+def test_decoder_bytes_split_into_every_part():
+    """Each part of the floor holds its own leaves (bf16: 2 bytes each): the dense MLPs (every layer's and the
+    self-conditioning one) apart from the experts and the attention, the rest (norms, router, scalars but the
+    encoder's) in "other"; the parts sum to the floor's bytes."""
+    from diffjax import bench
+
+    config = Config.tiny()
+    params = diffjax.init_params(config, jax.random.key(0), jax.numpy.bfloat16)
+    counts = dict.fromkeys(["experts", "attention", "dense mlp", "embedding", "other"], 0)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = [p.key for p in path]
+        if keys[-1] == "encoder_layer_scalar":
+            continue
+        part = ("experts" if "experts" in keys else "attention" if "self_attn" in keys else
+                "dense mlp" if "mlp" in keys else "embedding" if keys[-1] == "embedding" else "other")
+        counts[part] += leaf.size
+    assert min(counts.values()) > 0
+    parts = bench.decoder_bytes_by_part(params)
+    assert parts == {part: 2 * n for part, n in counts.items()}
+    assert sum(parts.values()) == bench.decoder_bytes_per_step(params)
+
+
+def test_decoder_flops_keys_of_a_sliding_layer_stop_at_its_ring():
+    """A canvas row of a sliding layer attends to the ring (the last window - 1 prompt positions) and the
+    canvas: one more prompt token past the ring adds keys to the full layers only."""
+    from diffjax import bench
+    from diffjax.model import ring_size
+
+    config = Config.tiny(canvas_length=8)
+    batch, window = 2, config.sliding_window
+    assert ring_size(config, 10 * window) == window - 1
+    tokens = batch * config.canvas_length
+    per_key = {kind: 2 * 2 * tokens * config.num_heads * config.attention(kind).head_dim
+               for kind in set(config.layer_types)}
+    full_key = sum(per_key[kind] for kind in config.layer_types if kind == FULL)
+    for prompt in (window - 1, window, window + 5):
+        grown = bench.decoder_flops_per_step(config, batch, prompt + 1) - bench.decoder_flops_per_step(
+            config, batch, prompt)
+        assert grown == full_key, prompt
+    # Below the ring every layer gains the key.
+    grown = bench.decoder_flops_per_step(config, batch, window - 1) - bench.decoder_flops_per_step(
+        config, batch, window - 2)
+    assert grown == sum(per_key[kind] for kind in config.layer_types)
