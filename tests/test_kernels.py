@@ -23,7 +23,7 @@ from diffjax.config import AttentionConfig, Config
 from diffjax.generate import generate
 from diffjax.kernels import bench as kernel_bench
 from diffjax.kernels.attention import AttentionTiles, attend_padding_only, global_attention_pallas
-from diffjax.kernels.moe import MoeTiles, experts_pallas, pretile_experts, untile_experts
+from diffjax.kernels.moe import MoeTiles, _padded_layout, experts_pallas, pretile_experts, untile_experts
 from diffjax.kernels.moe_mgpu import experts_mgpu
 from diffjax.kernels.vocab import VocabTiles, vocab_stats_pallas, vocab_stats_reference
 from diffjax.layers import Experts, experts_dense, experts_grouped
@@ -836,3 +836,62 @@ def test_kernel_bench_sweep_lists_tile_variants_and_picks_the_fastest():
         {"section": "moe", "rows": 1, "ms": 1.0, "tiles": {"num_warps": 8}},
         {"section": "moe", "rows": 4, "ms": 3.0, "tiles": {"num_warps": 4}},
     ]
+
+
+# Found by the second mutation audit: the expert kernel's padded layout and the split-K combine's precision.
+
+
+def test_padded_layout_gives_each_expert_whole_tiles_of_its_own():
+    """Groups that fill their tiles exactly, empty experts, and the static bound's worst case (every expert
+    one assignment, each padded by block_rows - 1): each expert gets ceil(group / block_rows) tiles and no
+    more (an extra tile would stream its weights again), every used tile names an expert in range, the unused
+    tail is -1, and every assignment lands in its own row of a tile of its expert, in bounds."""
+    rng = np.random.default_rng(0)
+    cases = [
+        (np.repeat(np.arange(8), [16, 32, 0, 16, 5, 0, 16, 11]), 8, 16),
+        (np.arange(32), 32, 16),
+        (np.minimum(rng.geometric(0.25, 300) - 1, 15), 16, 32),
+    ]
+    for flat, experts, block_rows in cases:
+        layout = _padded_layout(jnp.asarray(rng.permutation(flat), jnp.int32)[:, None], experts, block_rows)
+        tile_expert, dest = np.asarray(layout.tile_expert), np.asarray(layout.dest)
+        assert tile_expert.shape == (layout.padded_rows // block_rows,)
+        assert ((tile_expert >= -1) & (tile_expert < experts)).all()
+        used = tile_expert[tile_expert >= 0]
+        sizes = np.bincount(flat, minlength=experts)
+        np.testing.assert_array_equal(np.bincount(used, minlength=experts), -(-sizes // block_rows))
+        assert (tile_expert[len(used):] == -1).all()
+        assert len(set(dest.tolist())) == len(flat) and dest.max() < layout.padded_rows
+        sorted_experts = np.sort(flat, kind="stable")
+        np.testing.assert_array_equal(tile_expert[dest // block_rows], sorted_experts)
+
+
+def test_moe_kernel_on_the_worst_case_padding():
+    """32 tokens, each routed to its own one of 32 experts: every group one row padded to a whole tile."""
+    x, weights, ids, gate_up, down = moe_case(32, 32, 1, 32, 16, jnp.float32, seed=6)
+    ids = jnp.arange(32, dtype=jnp.int32)[:, None]
+    ours = experts_pallas(x, weights, ids, gate_up, down, tiles=MoeTiles(block_rows=16), interpret=True)
+    _close(ours, experts_dense(*as_f32(x, weights, ids, gate_up, down)), jnp.float32)
+    assert bool((jnp.abs(ours).max(axis=1) > 0).all())  # a dropped assignment would leave its row zero
+
+
+def test_attention_kernel_combines_bf16_splits_from_float32_partials():
+    """bf16 inputs, keys split 2-8 ways: each split's output and logsumexp stay float32 until they are
+    combined, so splitting moves the result by float32 rounding and p's per-split bf16 rounding only (measured
+    4-6e-4 of the mean magnitude); partial outputs stored in bf16 add a bf16 rounding each (1.6-1.7e-3)."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    query = (0.3 * jax.random.normal(keys[0], (2, 16, 8, 64))).astype(jnp.bfloat16)
+    k = jax.random.normal(keys[1], (2, 256, 2, 64)).astype(jnp.bfloat16)
+    v = jax.random.normal(keys[2], (2, 256, 2, 64)).astype(jnp.bfloat16)
+    valid = jnp.ones((2, 256), bool).at[1, :37].set(False)
+
+    def run(splits):
+        out = global_attention_pallas(query, k, v, valid, tiles=AttentionTiles(16, 32, splits), interpret=True)
+        assert out.dtype == jnp.bfloat16
+        return np.asarray(out, np.float32)
+
+    whole = run(1)
+    assert np.abs(whole).mean() > 0.05
+    for splits in (2, 4, 8):
+        moved = np.abs(run(splits) - whole).mean() / np.abs(whole).mean()
+        assert moved < 1e-3, (splits, moved)
