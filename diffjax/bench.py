@@ -338,6 +338,8 @@ class FullSizeSettings:
     # `Config.global_attention_implementation` and `Config.sliding_attention_implementation` of every point.
     global_attention: str = "xla"
     sliding_attention: str = "xla"
+    # `Config.scan_unroll` of every point: 1 loops over the layer blocks, their count unrolls the loop.
+    scan_unroll: int = 1
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
@@ -547,7 +549,7 @@ def run_full_size(
     if s.experts_pretiled:  # random weights: made in the pretiled layout directly
         config = config.replace(expert_layout="pretiled", moe_implementation=s.moe_implementations[0])
     config = config.replace(global_attention_implementation=s.global_attention,
-                            sliding_attention_implementation=s.sliding_attention)
+                            sliding_attention_implementation=s.sliding_attention, scan_unroll=s.scan_unroll)
     experts = ("fp8 experts" if config.expert_quantization == "fp8" else "bf16 experts") + (
         ", pretiled" if s.experts_pretiled else "")
     log(f"making random bf16 weights ({experts}) on {device} ({config.num_layers} layers)")

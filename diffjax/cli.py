@@ -271,7 +271,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                check_finite=args.check_finite)
     chosen = {field: value for field, value in (
         ("moe_implementation", args.moe), ("global_attention_implementation", args.global_attention),
-        ("sliding_attention_implementation", args.sliding_attention)) if value is not None}
+        ("sliding_attention_implementation", args.sliding_attention), ("scan_unroll", args.scan_unroll),
+    ) if value is not None}
     if chosen:
         model.config = model.config.replace(**chosen)
     if args.experts_pretiled:
@@ -465,14 +466,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 experts_fp8=args.experts_fp8, experts_pretiled=args.experts_pretiled,
                 profile_dir=None if args.profile is None else str(args.profile),
                 global_attention=args.global_attention or "xla",
-                sliding_attention=args.sliding_attention or "xla",
+                sliding_attention=args.sliding_attention or "xla", scan_unroll=args.scan_unroll or 1,
             ), log)
         else:
             for flag in ("experts_fp8", "experts_pretiled"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (the comparison runs identical "
                                    "weights on both sides)")
-            for flag in ("global_attention", "sliding_attention", "profile"):
+            for flag in ("global_attention", "sliding_attention", "scan_unroll", "profile"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (a GPU run)")
             defaults = bench.BenchSettings()
@@ -588,13 +589,17 @@ _nonnegative_float = _number_type(float, "a finite number", lambda v: math.isfin
 _seed = _number_type(int, "an integer", lambda v: 0 <= v < 2**63, "in [0, 2**63)")
 
 
-def _add_attention_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
-    """`--global-attention` and `--sliding-attention`: `Config`'s attention implementation fields."""
+def _add_implementation_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """`--global-attention`, `--sliding-attention` and `--scan-unroll`: `Config` fields that pick how, not what,
+    the decoder computes (besides `--moe`)."""
     parser.add_argument("--global-attention", choices=GLOBAL_ATTENTION_IMPLEMENTATIONS,
                         help=f"{prefix}the decoder's global layers: xla (default) or the split-K Pallas kernel (GPU)")
     parser.add_argument("--sliding-attention", choices=SLIDING_ATTENTION_IMPLEMENTATIONS,
                         help=f"{prefix}the decoder's sliding layers: xla (default), cuDNN fused attention (GPU, "
                              "bf16) or the split-K Pallas kernel (GPU)")
+    parser.add_argument("--scan-unroll", type=_positive_int,
+                        help=f"{prefix}layer blocks per iteration of the scan over blocks (default 1; the block "
+                             "count: no loop, weights read in place, longer compile)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -633,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "vocabulary pass (GPU kernel; interpreted, slowly, on a CPU); xla: its plain-JAX twin")
     g.add_argument("--moe", choices=MOE_IMPLEMENTATIONS,
                    help="expert computation (default: the checkpoint's, grouped): on a GPU, pallas")
-    _add_attention_flags(g)
+    _add_implementation_flags(g)
     g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--no-live", action="store_true", help="no per-step view (also skips the host callback)")
     mode = g.add_mutually_exclusive_group()
@@ -730,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernels")
     b.add_argument("--profile", type=pathlib.Path, metavar="DIR",
                    help="--full-size: profile one more decoder step per point (kernels summed by name; traces in DIR)")
-    _add_attention_flags(b, "--full-size: ")
+    _add_implementation_flags(b, "--full-size: ")
     b.add_argument("--force", action="store_true", help="--full-size on a CPU backend anyway")
     b.add_argument("--json", type=output_file, help="also write the results as JSON")
     b.set_defaults(func=cmd_bench)

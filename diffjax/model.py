@@ -239,6 +239,7 @@ class DiffusionGemma(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_blocks,
+            unroll=min(cfg.scan_unroll, cfg.num_blocks),
         )(cfg, mode, name="blocks")
         x, new_kv = blocks(
             x, (cache.keys, cache.values), positions, masks, jnp.arange(cfg.num_blocks, dtype=jnp.int32),

@@ -58,6 +58,11 @@ def test_generate_implementation_flags_pick_the_computation(capsys):
     code, out, err = run(capsys, "generate", "--no-live", "--seed", "3", "--moe", "dense", "9402751")
     assert code == 0, err
     assert out == reference
+    code, out, err = run(capsys, "generate", "--no-live", "--seed", "3", "--scan-unroll", "4", "9402751")
+    assert code == 0, err
+    assert out == reference
+    code, _, err = run(capsys, "generate", "--no-live", "--scan-unroll", "0", "31")
+    assert_clean_error(code, err, "--scan-unroll")
     if jax.default_backend() != "gpu":
         code, _, err = run(capsys, "generate", "--no-live", "--sliding-attention", "cudnn", "31")
         assert_clean_error(code, err, "needs an NVIDIA GPU")
@@ -431,12 +436,14 @@ def test_full_size_attention_choices_reach_the_config(capsys, monkeypatch):
         "cache_bytes": 0, "decoder_ms": 1.0})
     settings = bench.FullSizeSettings(batches=(1,), prompts=(4,), steps=1, repeats=1, force=True,
                                       bandwidth_bytes=1 << 20, generate=False, global_attention="pallas",
-                                      sliding_attention="cudnn")
+                                      sliding_attention="cudnn", scan_unroll=5)
     result = bench.run_full_size(settings, config=Config.tiny(canvas_length=8))
     assert "error" not in result["points"][0]
     assert (timed[0].global_attention_implementation, timed[0].sliding_attention_implementation) == ("pallas", "cudnn")
-    code, _, err = run(capsys, "bench", "--sliding-attention", "cudnn")
-    assert_clean_error(code, err, "--sliding-attention needs --full-size")
+    assert timed[0].scan_unroll == 5
+    for flag, value in (("--sliding-attention", "cudnn"), ("--scan-unroll", "5")):
+        code, _, err = run(capsys, "bench", flag, value)
+        assert_clean_error(code, err, f"{flag} needs --full-size")
 
 
 def test_full_size_with_pretiled_experts_makes_them_so(capsys, monkeypatch):

@@ -89,6 +89,21 @@ def test_layers_are_scanned_not_unrolled():
     assert hlo_size(30) < 1.05 * hlo_size(6)
 
 
+def test_scan_unroll_removes_the_loop_over_blocks():
+    """Unrolled, the blocks are straight-line code; by default they are one loop."""
+    config = Config.tiny(num_layers=8, layer_types=(SLIDING, SLIDING, SLIDING, FULL) * 2)
+    params = diffjax.param_shapes(config, jnp.float32)
+    cache = diffjax.init_cache(config, 1, 8)
+
+    def lowered(scan_unroll):
+        return diffjax.model._denoise_logits.lower(
+            params, config.replace(scan_unroll=scan_unroll), cache, jnp.zeros((1, 16), jnp.int32), None, None
+        ).as_text()
+
+    assert "stablehlo.while" in lowered(1)
+    assert "stablehlo.while" not in lowered(2)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     config = Config.tiny()
@@ -140,6 +155,7 @@ def test_cache_appends_where_it_left_off(tiny):
         (dict(eos_token_id=(1, 9999)), "eos_token_id"),
         (dict(final_logit_softcapping=-1.0), "final_logit_softcapping"),
         (dict(no_such_field=1), "unknown Config field"),
+        (dict(scan_unroll=0), "scan_unroll must be a positive integer"),
     ],
 )
 def test_config_validation(changes, match):

@@ -106,6 +106,21 @@ def test_encode_then_denoise(pair, batch, length, pad):
     _assert_close(logits, ref_logits, "logits")
 
 
+@pytest.mark.parametrize("scan_unroll", [2, 7])  # 7: more than any config's blocks, i.e. no loop at all
+def test_unrolled_blocks_match_the_reference(pair, scan_unroll):
+    """`Config.scan_unroll` reads each block's weights at a fixed offset instead of a per-iteration slice."""
+    config, model, params = pair
+    if config.num_blocks < 2:
+        pytest.skip("one block: no loop to unroll")
+    unrolled = config.replace(scan_unroll=scan_unroll)
+    ids, mask = _prompt(config, 2, 13, [0, 4], seed=21)
+    canvas = np.random.default_rng(22).integers(0, config.vocab_size, (2, config.canvas_length))
+    ref_logits, ref_hidden = _reference(model, ids, mask, canvas)
+    cache, hidden = diffjax.encode_with_hidden(params, unrolled, ids, mask, capacity=13 + config.canvas_length)
+    _assert_close(np.asarray(hidden)[mask], ref_hidden[mask], "unrolled encoder hidden")
+    _assert_close(diffjax.denoise_logits(params, unrolled, cache, canvas), ref_logits, "unrolled logits")
+
+
 def test_self_conditioning(pair):
     config, model, params = pair
     ids, mask = _prompt(config, 2, 11, [3, 0], seed=5)
