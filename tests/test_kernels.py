@@ -291,6 +291,28 @@ def test_decoder_lowered_for_cuda_slices_no_expert_weights(monkeypatch, quantiza
     assert experts["gate_up_proj"].ndim == (5 if layout == "pretiled" else 4)
 
 
+@pytest.mark.parametrize("moe", ["grouped", "pallas", "pallas_mgpu"])
+def test_decoder_step_has_no_loop_inside_a_layer(monkeypatch, moe):
+    """On a GPU every iteration of a loop costs its kernels' launches again: the only loop of a decoder step is
+    the scan over layer blocks, and unrolled there is none. (`jnp.searchsorted`'s default method was a while
+    loop of log2(experts) iterations in each layer's expert layout: 240 iterations per full-size step.)"""
+    for module in ("moe", "moe_mgpu", "attention"):
+        monkeypatch.setattr(f"diffjax.kernels.{module}.resolve_interpret", lambda _: False)
+    config = Config.tiny(num_layers=8, layer_types=(("sliding_attention",) * 3 + ("full_attention",)) * 2,
+                         moe_implementation=moe, global_attention_implementation="pallas",
+                         sliding_attention_implementation="pallas")
+    params = param_shapes(config, jnp.bfloat16)
+    cache = jax.eval_shape(lambda: init_cache(config, 2, 8, jnp.bfloat16))
+    canvas = jax.ShapeDtypeStruct((2, config.canvas_length), jnp.int32)
+
+    def lowered(scan_unroll):
+        unrolled = config.replace(scan_unroll=scan_unroll)
+        return lower_for_cuda(lambda p, c, ids: denoise_logits(p, unrolled, c, ids), params, cache, canvas)
+
+    assert lowered(1).count("stablehlo.while") == 1
+    assert lowered(config.num_blocks).count("stablehlo.while") == 0
+
+
 def test_pretiled_model_round_trips_and_refuses_what_it_cannot_do(tmp_path):
     import convert
     from convert.errors import CheckpointError

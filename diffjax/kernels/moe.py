@@ -306,7 +306,9 @@ def _padded_layout(expert_ids: Array, num_experts: int, block_rows: int) -> _Lay
     max_rows = num_assignments + min(num_experts, num_assignments) * (block_rows - 1)
     num_tiles = -(-max_rows // block_rows)
     tile_starts = jnp.arange(num_tiles, dtype=jnp.int32) * block_rows
-    tile_expert = jnp.searchsorted(padded_ends, tile_starts, side="right").astype(jnp.int32)
+    # compare_all: one fused comparison. The default method is a while loop of log2(experts) iterations, which
+    # on a GPU cost 5 kernel launches each, per layer (240 iterations per full-size decoder step).
+    tile_expert = jnp.searchsorted(padded_ends, tile_starts, side="right", method="compare_all").astype(jnp.int32)
     tile_expert = jnp.where(tile_starts < padded_ends[-1], tile_expert, -1)
     return _Layout(order, dest, tile_expert, num_tiles * block_rows)
 
