@@ -173,19 +173,20 @@ class Attention(nn.Module):
         q = apply_rope(RMSNorm(cfg.rms_norm_eps, name="q_norm")(q), positions, inv_freq)
         k = apply_rope(RMSNorm(cfg.rms_norm_eps, name="k_norm")(k_raw), positions, inv_freq)
         v = rms_norm(v, None, cfg.rms_norm_eps)
-        keys = jnp.concatenate([context_keys.astype(k.dtype), k], axis=1)
-        values = jnp.concatenate([context_values.astype(v.dtype), v], axis=1)
+        context_keys, context_values = context_keys.astype(k.dtype), context_values.astype(v.dtype)
         implementation = (cfg.global_attention_implementation if self.layer_type == FULL
                           else cfg.sliding_attention_implementation)
         # Flax's init traces the model in float32 on a few dummy tokens, under the kernels' minimum sizes.
-        if not self.padding_only_mask or self.is_initializing() or implementation == "xla":
-            out = attend(q, keys, values, mask)
-        elif implementation == "pallas":
+        if self.padding_only_mask and not self.is_initializing() and implementation == "pallas":
             from diffjax.kernels.attention import global_attention_pallas  # the kernels import this module
 
-            out = global_attention_pallas(q, keys, values, mask[:, 0, :])
+            # The canvas's own keys as a second source: no concatenation with the cache is written.
+            out = global_attention_pallas(q, context_keys, context_values, mask[:, 0, :context_keys.shape[1]], k, v)
         else:
-            out = attend_cudnn(q, keys, values, mask)
+            keys = jnp.concatenate([context_keys, k], axis=1)
+            values = jnp.concatenate([context_values, v], axis=1)
+            use_cudnn = self.padding_only_mask and not self.is_initializing() and implementation == "cudnn"
+            out = (attend_cudnn if use_cudnn else attend)(q, keys, values, mask)
         return Linear(cfg.hidden_size, name="o_proj")(out), (k, v)
 
 

@@ -532,10 +532,10 @@ def test_kernel_bench_flops_match_xla_cost_analysis():
     args = kernel_bench.moe_inputs(shapes, tokens, seed=0)
     counted = kernel_bench.moe_flops(shapes, tokens)
     assert counted <= _xla_flops(experts_dense, *args) <= 1.03 * counted
-    batch, length = 2, 40
-    args = kernel_bench.attention_inputs(shapes, batch, length, shapes.kv_heads, shapes.head_dim, seed=0)
-    counted = kernel_bench.attention_flops(shapes, batch, length, shapes.head_dim)
-    assert counted <= _xla_flops(attend_padding_only, *args) <= 1.05 * counted
+    batch, context = 2, 40
+    args = kernel_bench.attention_inputs(shapes, batch, context, shapes.kv_heads, shapes.head_dim, seed=0)
+    counted = kernel_bench.attention_flops(shapes, batch, context + shapes.canvas, shapes.head_dim)
+    assert counted <= _xla_flops(kernel_bench.concatenating(attend_padding_only), *args) <= 1.05 * counted
 
 
 # ------------------------------------------------------------------------------------------- vocab
@@ -687,6 +687,51 @@ def test_attention_kernel_matches_attend(batch, q_len, heads, kv_heads, head_dim
     _close(ours, attend_padding_only(*as_f32(query, k, v), valid), dtype)
 
 
+@pytest.mark.parametrize(
+    ("length", "new", "splits", "dtype"),
+    [
+        (45, 21, 3, jnp.float32),  # partial last tiles in both sources, three splits each
+        (72, 16, None, jnp.bfloat16),  # splits chosen per source
+        (9, 24, 2, jnp.float32),  # a first source under one key tile: joined to the second
+        (40, 5, None, jnp.float32),  # a second source under one key tile: joined to the first
+    ],
+)
+def test_attention_kernel_with_new_keys_matches_attend_over_the_concatenation(length, new, splits, dtype):
+    """The canvas's own keys as a second source (every row sees them) equal `attend` over `keys ++ new`."""
+    query, k, v = attention_case(2, 16, 4, 2, 32, length, dtype, seed=length)
+    _, new_k, new_v = attention_case(2, 1, 4, 2, 32, new, dtype, seed=new + 100)
+    valid = (jnp.arange(length)[None, :] >= jnp.array([[0], [7]])) & (jnp.arange(length) < length - 2)
+    ours = global_attention_pallas(query, k, v, valid, new_k, new_v, tiles=AttentionTiles(16, 16, splits),
+                                   interpret=True)
+    assert ours.shape == (2, 16, 4 * 32) and ours.dtype == dtype
+    all_valid = jnp.concatenate([valid, jnp.ones((2, new), bool)], axis=1)
+    twin = attend_padding_only(*as_f32(query, jnp.concatenate([k, new_k], 1), jnp.concatenate([v, new_v], 1)),
+                               all_valid)
+    _close(ours, twin, dtype)
+    # The new keys count: dropping them changes the answer.
+    assert float(jnp.max(jnp.abs(ours.astype(jnp.float32) - attend_padding_only(*as_f32(query, k, v), valid)))) > 0.05
+
+
+def test_attention_kernel_with_new_keys_differentiates_through_attend():
+    query, keys, values = attention_case(2, 8, 4, 2, 32, 40, jnp.float32, seed=3)
+    _, new_k, new_v = attention_case(2, 1, 4, 2, 32, 16, jnp.float32, seed=4)
+    valid = jnp.arange(40)[None, :] >= jnp.array([[0], [40]])  # row 1: only the new keys are visible
+    kernel = functools.partial(global_attention_pallas, tiles=AttentionTiles(16, 16, 2), interpret=True)
+
+    def loss(forward, *args):
+        return jnp.sum(forward(args[0], args[1], args[2], valid, args[3], args[4]) ** 2)
+
+    def concatenated(q, k, v, valid, nk, nv):
+        all_valid = jnp.concatenate([valid, jnp.ones(nk.shape[:2], bool)], axis=1)
+        return attend_padding_only(q, jnp.concatenate([k, nk], 1), jnp.concatenate([v, nv], 1), all_valid)
+
+    args = (query, keys, values, new_k, new_v)
+    ours = jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2, 3, 4))(*args)
+    twin = jax.grad(functools.partial(loss, concatenated), argnums=(0, 1, 2, 3, 4))(*args)
+    for got, want in zip(ours, twin, strict=True):
+        _close(got, want, jnp.float32, scale=5)
+
+
 def test_attention_kernel_differentiates_through_attend():
     """`jax.grad` through the split-K kernel (its backward is `attend`'s): the gradients of `attend` with the
     padding mask, a fully padded row included."""
@@ -759,6 +804,14 @@ def test_attention_kernel_lowers_for_cuda_at_released_shapes():
     valid = jax.ShapeDtypeStruct((2, 1024 + cfg.canvas_length), jnp.bool_)
     text = lower_for_cuda(lambda *a: global_attention_pallas(*a, interpret=False), query, k, v, valid)
     assert text.count("__gpu$xla.gpu.triton") == 1
+    # The decoder's form: the cache and the canvas's keys as two sources of one launch, never concatenated.
+    cache_k = jax.ShapeDtypeStruct((2, 1024, cfg.full.num_kv_heads, cfg.full.head_dim), jnp.bfloat16)
+    canvas_k = jax.ShapeDtypeStruct((2, cfg.canvas_length, cfg.full.num_kv_heads, cfg.full.head_dim), jnp.bfloat16)
+    text = lower_for_cuda(lambda q, k, v, valid, nk, nv: global_attention_pallas(q, k, v, valid, nk, nv,
+                                                                                interpret=False),
+                          query, cache_k, cache_k, jax.ShapeDtypeStruct((2, 1024), jnp.bool_), canvas_k, canvas_k)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "tensor<2x1280x" not in text
 
 
 def test_attention_kernel_rejects_bad_shapes():
@@ -772,6 +825,12 @@ def test_attention_kernel_rejects_bad_shapes():
         global_attention_pallas(query[:, :, :3], k, v, valid)
     with pytest.raises(ValueError, match="block_k"):
         global_attention_pallas(query, k, v, valid, tiles=AttentionTiles(block_k=24))
+    with pytest.raises(ValueError, match="go together"):
+        global_attention_pallas(query, k, v, valid, k)
+    with pytest.raises(ValueError, match="new_keys must be"):
+        global_attention_pallas(query, k, v, valid, k[..., :16], v[..., :16])
+    with pytest.raises(ValueError, match="new_values"):
+        global_attention_pallas(query, k, v, valid, k, v[:, :10])
 
 
 def test_decoder_global_layers_select_the_kernel():
@@ -814,16 +873,17 @@ def test_decoder_sliding_layers_through_cudnn():
         config.replace(sliding_attention_implementation="flash")
 
 
-def test_decoder_sliding_layers_through_the_split_k_kernel():
+@pytest.mark.parametrize("window", [8, 20])  # a ring of 7 keys joins the canvas's; one of 19 is a source of its own
+def test_decoder_sliding_layers_through_the_split_k_kernel(window):
     """`sliding_attention_implementation="pallas"`: the sliding layers' canvas over the ring (prompt longer
     than the window, left padding, batch 3) through the split-K kernel, same logits as `attend` (float32)."""
-    config = Config.tiny(num_layers=2, layer_types=("sliding_attention", "sliding_attention"))
+    config = Config.tiny(num_layers=2, layer_types=("sliding_attention", "sliding_attention"), sliding_window=window)
     split_k = config.replace(sliding_attention_implementation="pallas")
     params = init_params(split_k, jax.random.key(5))
-    prompt = jax.random.randint(jax.random.key(6), (3, 21), 3, config.vocab_size)
+    prompt = jax.random.randint(jax.random.key(6), (3, 27), 3, config.vocab_size)
     assert prompt.shape[1] > config.sliding_window
-    attention_mask = jnp.ones((3, 21), bool).at[1, :4].set(False).at[2, :18].set(False)
-    cache = encode(params, split_k, prompt, attention_mask, capacity=21 + config.canvas_length)
+    attention_mask = jnp.ones((3, 27), bool).at[1, :4].set(False).at[2, :24].set(False)
+    cache = encode(params, split_k, prompt, attention_mask, capacity=27 + config.canvas_length)
     canvas = jax.random.randint(jax.random.key(7), (3, config.canvas_length), 3, config.vocab_size)
     ours = denoise_logits(params, split_k, cache, canvas)
     reference = denoise_logits(params, config, cache, canvas)

@@ -379,10 +379,13 @@ def bench_vocab(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list
 # --------------------------------------------------------------------------------------- attention
 
 
-def attention_inputs(shapes: Shapes, batch: int, length: int, kv_heads: int, head_dim: int,
+def attention_inputs(shapes: Shapes, batch: int, context: int, kv_heads: int, head_dim: int,
                      seed: int) -> tuple[jax.Array, ...]:
-    """Canvas queries `[batch, canvas, heads, head_dim]` over `length` keys/values, and an all-True `valid`."""
+    """What a decoder layer attends with: canvas queries `[batch, canvas, heads, head_dim]`, `context` cached
+    keys/values with an all-True `valid`, and the canvas's own keys/values `[batch, canvas, kv_heads,
+    head_dim]`."""
     keys = jax.random.split(jax.random.key(seed + 2), 3)
+    length = context + shapes.canvas
 
     @jax.jit
     def make() -> tuple[jax.Array, ...]:
@@ -392,10 +395,20 @@ def attention_inputs(shapes: Shapes, batch: int, length: int, kv_heads: int, hea
         # The unit-RMS q/k of Gemma's q/k norms make scale-1.0 scores of size ~sqrt(head_dim): shrink them.
         q = q * jnp.asarray(head_dim**-0.25, q.dtype)
         k = k * jnp.asarray(head_dim**-0.25, k.dtype)
-        valid = jnp.ones((batch, length), bool)
-        return q, k, v, valid
+        valid = jnp.ones((batch, context), bool)
+        return q, k[:, :context], v[:, :context], valid, k[:, context:], v[:, context:]
 
     return make()
+
+
+def concatenating(attention: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """`attention(q, keys, values, valid)` in the split-K kernel's calling convention with the canvas's keys
+    apart: it concatenates them to the cache's first, as the decoder does for every path but the kernel."""
+    def run(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, new_k: jax.Array,
+            new_v: jax.Array) -> jax.Array:
+        valid = jnp.concatenate([valid, jnp.ones(new_k.shape[:2], bool)], axis=1)
+        return attention(q, jnp.concatenate([k, new_k], 1), jnp.concatenate([v, new_v], 1), valid)
+    return run
 
 
 def _split_k_variants(s: Settings) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
@@ -403,7 +416,8 @@ def _split_k_variants(s: Settings) -> dict[str, tuple[Callable[..., Any], dict[s
     from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
 
     return _pallas_variants(
-        lambda t: lambda q, k, v, valid: global_attention_pallas(q, k, v, valid, tiles=t, interpret=s.tiny),
+        lambda t: lambda q, k, v, valid, nk, nv: global_attention_pallas(q, k, v, valid, nk, nv, tiles=t,
+                                                                         interpret=s.tiny),
         AttentionTiles, ATTENTION_TILES, s.sweep,
     )
 
@@ -413,11 +427,11 @@ def bench_attention(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> 
 
     functions = _split_k_variants(s)
     if not s.sweep:
-        functions["attend"] = (jax.jit(attend_padding_only), {})
+        functions["attend"] = (jax.jit(concatenating(attend_padding_only)), {})
     out = []
     for prompt in s.prompts:
         for batch in s.rows:
-            args = attention_inputs(shapes, batch, prompt + shapes.canvas, shapes.kv_heads, shapes.head_dim, s.seed)
+            args = attention_inputs(shapes, batch, prompt, shapes.kv_heads, shapes.head_dim, s.seed)
             nbytes = _nbytes(*args) + _nbytes(args[0])  # + the output, the size of the queries
             flops = attention_flops(shapes, batch, prompt + shapes.canvas, shapes.head_dim)
             out += _time_all("attention", batch, args, nbytes, flops, functions, s, log, prompt=prompt)
@@ -427,9 +441,11 @@ def bench_attention(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> 
 
 def bench_sliding(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """The decoder's sliding layers: the canvas over a full ring (window - 1 slots) plus itself, no mask (the
-    ring is full once the context reaches the window). Ours (`attend`, XLA; the split-K kernel) against
-    `jax.nn.dot_product_attention` with XLA and with cuDNN (GPU only; recorded as an error elsewhere); with
-    `sweep` the split-K kernel alone, under each tile setting (head_dim 256 here, 512 on the global layers)."""
+    ring is full once the context reaches the window). Ours (`attend`, XLA; the split-K kernel, which takes
+    the canvas's keys apart) against `jax.nn.dot_product_attention` with XLA and with cuDNN (GPU only; recorded
+    as an error elsewhere); every path but the kernel concatenates ring and canvas first, as the decoder does.
+    With `sweep` the split-K kernel alone, under each tile setting (head_dim 256 here, 512 on the global
+    layers)."""
     from diffjax.kernels.attention import attend_padding_only
 
     def sdpa(implementation: str) -> Callable[..., jax.Array]:
@@ -441,15 +457,15 @@ def bench_sliding(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> li
 
     functions = _split_k_variants(s)
     if not s.sweep:
-        functions["attend"] = (jax.jit(attend_padding_only), {})
-        functions |= {f"sdpa_{impl}": (jax.jit(sdpa(impl)), {}) for impl in ("xla", "cudnn")}
-    length = shapes.sliding_window - 1 + shapes.canvas
+        functions["attend"] = (jax.jit(concatenating(attend_padding_only)), {})
+        functions |= {f"sdpa_{impl}": (jax.jit(concatenating(sdpa(impl))), {}) for impl in ("xla", "cudnn")}
+    ring = shapes.sliding_window - 1
     out = []
     for batch in s.rows:
-        args = attention_inputs(shapes, batch, length, shapes.sliding_kv_heads, shapes.sliding_head_dim, s.seed)
+        args = attention_inputs(shapes, batch, ring, shapes.sliding_kv_heads, shapes.sliding_head_dim, s.seed)
         nbytes = _nbytes(*args) + _nbytes(args[0])
-        flops = attention_flops(shapes, batch, length, shapes.sliding_head_dim)
-        out += _time_all("sliding", batch, args, nbytes, flops, functions, s, log, prompt=length - shapes.canvas)
+        flops = attention_flops(shapes, batch, ring + shapes.canvas, shapes.sliding_head_dim)
+        out += _time_all("sliding", batch, args, nbytes, flops, functions, s, log, prompt=ring)
         del args
     return out
 

@@ -272,23 +272,24 @@ def vocab_problem(rows: int, tiles: Any = None) -> tuple[Callable[..., Any], tup
 
 def attention_problem(rows: int, tiles: Any = None, prompt: int = 1024) -> tuple[Callable[..., Any], tuple, dict]:
     """One global layer's attention of the canvas over `prompt` cached tokens plus the canvas."""
-    c = _released()
-    return _split_k_problem(rows, tiles, prompt + c.canvas_length, c.full)
+    return _split_k_problem(rows, tiles, prompt, _released().full)
 
 
 def sliding_problem(rows: int, tiles: Any = None) -> tuple[Callable[..., Any], tuple, dict]:
     """One sliding layer's attention through the split-K kernel: the canvas over a full ring plus itself."""
     c = _released()
-    return _split_k_problem(rows, tiles, c.sliding_window - 1 + c.canvas_length, c.sliding)
+    return _split_k_problem(rows, tiles, c.sliding_window - 1, c.sliding)
 
 
-def _split_k_problem(rows: int, tiles: Any, length: int, attention: Any) -> tuple[Callable[..., Any], tuple, dict]:
+def _split_k_problem(rows: int, tiles: Any, context: int, attention: Any) -> tuple[Callable[..., Any], tuple, dict]:
+    """As the decoder calls it: `context` cached keys, and the canvas's own keys as the second source."""
     from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
 
     c = _released()
-    kv = (rows, length, attention.num_kv_heads, attention.head_dim)
+    kv, new_kv = ((rows, n, attention.num_kv_heads, attention.head_dim) for n in (context, c.canvas_length))
     args = (_spec((rows, c.canvas_length, c.num_heads, attention.head_dim), jnp.bfloat16),
-            _spec(kv, jnp.bfloat16), _spec(kv, jnp.bfloat16), _spec((rows, length), jnp.bool_))
+            _spec(kv, jnp.bfloat16), _spec(kv, jnp.bfloat16), _spec((rows, context), jnp.bool_),
+            _spec(new_kv, jnp.bfloat16), _spec(new_kv, jnp.bfloat16))
     return functools.partial(global_attention_pallas, tiles=tiles or AttentionTiles(), interpret=False), args, {}
 
 
