@@ -712,6 +712,23 @@ def test_attention_kernel_with_new_keys_matches_attend_over_the_concatenation(le
     assert float(jnp.max(jnp.abs(ours.astype(jnp.float32) - attend_padding_only(*as_f32(query, k, v), valid)))) > 0.05
 
 
+def test_attention_splits_are_shared_out_by_key_tiles():
+    """Without explicit splits, two sources share the one-source split count by key tiles, at least one each
+    (released shapes: a 1023-slot ring and 256 canvas keys at batch 1 get 3 + 1; batch 8 fills the GPU with one
+    split per source)."""
+    from diffjax.kernels.attention import _key_ranges
+
+    def cut(lengths, programs, splits=None):
+        return [(r.splits, r.tiles_per_split) for r in _key_ranges(lengths, AttentionTiles(splits=splits), programs)]
+
+    assert cut([1279], 64) == [(4, 10)]
+    assert cut([1023, 256], 64) == [(3, 11), (1, 8)]
+    assert cut([32768, 256], 64) == [(3, 342), (1, 8)]
+    assert cut([1023, 256], 512) == [(1, 32), (1, 8)]
+    assert cut([100, 300], 66) == [(1, 4), (3, 4)]  # the larger source gets the larger share, whichever it is
+    assert cut([1023, 256], 64, splits=2) == [(2, 16), (2, 4)]  # explicit: per source
+
+
 def test_attention_kernel_with_new_keys_differentiates_through_attend():
     query, keys, values = attention_case(2, 8, 4, 2, 32, 40, jnp.float32, seed=3)
     _, new_k, new_v = attention_case(2, 1, 4, 2, 32, 16, jnp.float32, seed=4)

@@ -89,11 +89,20 @@ class _KeyRange:
     tiles_per_split: int
 
 
-def _key_range(length: int, tiles: AttentionTiles, programs_per_split: int) -> _KeyRange:
-    block_k = min(tiles.block_k, 1 << (length.bit_length() - 1))
-    num_tiles = pl.cdiv(length, block_k)
-    splits = tiles.splits or max(1, min(num_tiles, _TARGET_PROGRAMS // programs_per_split))
-    return _KeyRange(length, block_k, splits, pl.cdiv(num_tiles, splits))
+def _key_ranges(lengths: list[int], tiles: AttentionTiles, programs_per_split: int) -> list[_KeyRange]:
+    """Each source's cut. Without `tiles.splits`, enough splits in all to fill the GPU, shared out by key tiles
+    (the canvas's 256 keys beside a 1023-slot ring get one of four), at least one each: every split's partial
+    output is float32 traffic for the combine step."""
+    blocks = [min(tiles.block_k, 1 << (length.bit_length() - 1)) for length in lengths]
+    num_tiles = [pl.cdiv(length, block) for length, block in zip(lengths, blocks, strict=True)]
+    if tiles.splits:
+        splits = [tiles.splits] * len(lengths)
+    else:
+        total = max(1, min(sum(num_tiles), _TARGET_PROGRAMS // programs_per_split))
+        splits = [max(1, round(total * n / sum(num_tiles))) for n in num_tiles[1:]]
+        splits = [max(1, total - sum(splits)), *splits]
+    return [_KeyRange(length, block, n, pl.cdiv(tile_count, n))
+            for length, block, n, tile_count in zip(lengths, blocks, splits, num_tiles, strict=True)]
 
 
 def _global_attention_pallas(
@@ -116,11 +125,12 @@ def _global_attention_pallas(
     group = heads // kv_heads
     rows = q_len * group
     row_blocks = pl.cdiv(rows, block_q)
-    ranges = [_key_range(keys.shape[1], tiles, batch * kv_heads * row_blocks)]
     sources = [keys, values.astype(keys.dtype), valid.astype(jnp.int32)]
+    lengths = [keys.shape[1]]
     if new_keys is not None:
-        ranges.append(_key_range(new_keys.shape[1], tiles, batch * kv_heads * row_blocks))
         sources += [new_keys.astype(keys.dtype), new_values.astype(keys.dtype)]
+        lengths.append(new_keys.shape[1])
+    ranges = _key_ranges(lengths, tiles, batch * kv_heads * row_blocks)
     splits = sum(r.splits for r in ranges)
 
     # [batch, kv_heads, q * group, head_dim]: the query rows sharing a kv head, padded to the row block.
