@@ -35,7 +35,7 @@ class AttentionTiles:
 
     block_q: int = 64
     block_k: int = 32
-    splits: int | None = None  # key ranges per (batch, kv head, row block); None: enough to fill the GPU
+    splits: int | None = None  # key ranges per (batch, kv head, row block) and key source; None: fill the GPU
     num_warps: int = 8
     num_stages: int = 2
 
