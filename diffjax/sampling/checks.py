@@ -12,21 +12,28 @@ import numpy as np
 from diffjax.validation import require_int
 
 
-def _concrete(value: Any) -> bool:
-    # Pytree unflattening re-runs __post_init__ with tracers (under jit) or placeholder objects (inside
-    # tree utilities); only real numbers (Python, NumPy, or a JAX scalar outside a trace) can be checked.
+def is_concrete(value: Any) -> bool:
+    """Whether `value` is a real number that can be checked now.
+
+    Pytree unflattening re-runs __post_init__ with tracers (under jit) or placeholder objects (inside tree
+    utilities); only real numbers (Python, NumPy, or a JAX scalar outside a trace) can be checked.
+    """
     if isinstance(value, jax.Array):
         return not isinstance(value, jax.core.Tracer) and value.shape == () and value.dtype != bool
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def _require(name: str, value: Any, ok: Callable[[float], bool], requirement: str) -> None:
-    # Infinity passes most range checks and then reads as a wrong answer, not an error (t_max=inf samples
-    # uniformly; a large finite value says the same on purpose).
-    if _concrete(value) and not (math.isfinite(float(value)) and ok(float(value))):
+def require_finite(name: str, value: Any, ok: Callable[[float], bool], requirement: str) -> None:
+    """Raise `ValueError` naming `name` unless a concrete `value` is finite and `ok(value)`.
+
+    Infinity passes most range checks and then reads as a wrong answer, not an error (t_max=inf samples
+    uniformly; a large finite value says the same on purpose).
+    """
+    if is_concrete(value) and not (math.isfinite(float(value)) and ok(float(value))):
         raise ValueError(f"`{name}` must be finite and {requirement} (got {value!r})")
 
 
-def _require_optional_vocab(value: Any) -> None:
+def require_optional_vocab(value: Any) -> None:
+    """A component's `vocab_size`: None (the logits' width) or a positive integer."""
     if value is not None:
         require_int("vocab_size", value, 1)

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from diffjax.sampling.checks import _require, _require_optional_vocab
+from diffjax.sampling.checks import require_finite, require_optional_vocab
 from diffjax.sampling.draws import GumbelMaxSampling
 from diffjax.sampling.protocols import TokenSampling
-from diffjax.sampling.samplers import SamplerState, _initial_state
-from diffjax.sampling.statistics import _uniform_tokens, _vocab
+from diffjax.sampling.samplers import SamplerState, initial_sampler_state
+from diffjax.sampling.statistics import uniform_tokens, vocab_size_or_logits_width
 from diffjax.validation import require_int
 
 _CORRECTOR_SELECTIONS = ("lowest_log_margin", "lowest_maxprob", "lowest_current_prob", "random")
@@ -144,7 +144,7 @@ class DDIMSampler:
     sampling: TokenSampling = struct.field(default_factory=GumbelMaxSampling)
 
     def __post_init__(self) -> None:
-        _require("num_steps", self.num_steps, lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1")
+        require_finite("num_steps", self.num_steps, lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1")
         require_int("corrector_steps", self.corrector_steps, 0)
         require_int("corrector_k", self.corrector_k, 1)
         if self.corrector_selection not in _CORRECTOR_SELECTIONS:
@@ -152,8 +152,8 @@ class DDIMSampler:
                 f"`corrector_selection` must be one of {_CORRECTOR_SELECTIONS} "
                 f"(got {self.corrector_selection!r})"
             )
-        _require("corrector_selection_tau", self.corrector_selection_tau, lambda v: v > 0.0, "> 0")
-        _require_optional_vocab(self.vocab_size)
+        require_finite("corrector_selection_tau", self.corrector_selection_tau, lambda v: v > 0.0, "> 0")
+        require_optional_vocab(self.vocab_size)
 
     @property
     def num_calls(self) -> int:
@@ -161,7 +161,7 @@ class DDIMSampler:
         return int(self.num_steps) * (1 + self.corrector_steps)
 
     def init(self, canvas_ids: jax.Array) -> SamplerState:
-        return _initial_state(canvas_ids)
+        return initial_sampler_state(canvas_ids)
 
     def _predict(
         self, processed_logits: jax.Array, canvas_ids: jax.Array, index: jax.Array, key: jax.Array
@@ -169,7 +169,7 @@ class DDIMSampler:
         sample_key, route_key, noise_key = jax.random.split(key, 3)
         sampled = self.sampling(sample_key, processed_logits)
         route_uniform = jax.random.uniform(route_key, canvas_ids.shape, jnp.float32)
-        noise = _uniform_tokens(noise_key, canvas_ids.shape, _vocab(self.vocab_size, processed_logits))
+        noise = uniform_tokens(noise_key, canvas_ids.shape, vocab_size_or_logits_width(self.vocab_size, processed_logits))
         return ddim_predictor_update(
             canvas_ids, sampled, route_uniform, noise, index, self.num_steps, processed_logits.shape[-1]
         )

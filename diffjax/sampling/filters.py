@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from diffjax.sampling.checks import _require
+from diffjax.sampling.checks import require_finite
 from diffjax.sampling.statistics import MASK_VALUE
 from diffjax.validation import require_int
 
@@ -54,7 +54,7 @@ class TopPFilter:
     p: float = 0.95
 
     def __post_init__(self) -> None:
-        _require("p", self.p, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+        require_finite("p", self.p, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 
     def __call__(self, logits: jax.Array) -> jax.Array:
         sorted_logits = -jnp.sort(-logits, axis=-1)  # descending

@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from diffjax.sampling.checks import _require, _require_optional_vocab
+from diffjax.sampling.checks import require_finite, require_optional_vocab
 from diffjax.sampling.draws import GumbelMaxSampling
 from diffjax.sampling.protocols import TokenSampling
 from diffjax.sampling.statistics import (
     TokenStatistics,
-    _draw_and_noise,
-    _draw_and_noise_from_statistics,
+    draw_and_noise,
+    draw_and_noise_from_statistics,
     sampled_token_probs,
     token_entropy,
 )
@@ -33,7 +33,8 @@ class SamplerState:
     committed: jax.Array
 
 
-def _initial_state(canvas_ids: jax.Array) -> SamplerState:
+def initial_sampler_state(canvas_ids: jax.Array) -> SamplerState:
+    """Step 0, nothing committed."""
     return SamplerState(step=jnp.zeros((), jnp.int32), committed=jnp.zeros(canvas_ids.shape, jnp.bool_))
 
 
@@ -117,16 +118,16 @@ class EntropyBoundSampler:
     sampling: TokenSampling = struct.field(default_factory=GumbelMaxSampling)
 
     def __post_init__(self) -> None:
-        _require("entropy_bound", self.entropy_bound, lambda v: v > 0.0, "> 0")
-        _require_optional_vocab(self.vocab_size)
+        require_finite("entropy_bound", self.entropy_bound, lambda v: v > 0.0, "> 0")
+        require_optional_vocab(self.vocab_size)
 
     def init(self, canvas_ids: jax.Array) -> SamplerState:
-        return _initial_state(canvas_ids)
+        return initial_sampler_state(canvas_ids)
 
     def __call__(
         self, processed_logits: jax.Array, canvas_ids: jax.Array, state: SamplerState, key: jax.Array
     ) -> tuple[jax.Array, jax.Array, SamplerState]:
-        sampled, noise = _draw_and_noise(self.sampling, self.vocab_size, processed_logits, canvas_ids.shape, key)
+        sampled, noise = draw_and_noise(self.sampling, self.vocab_size, processed_logits, canvas_ids.shape, key)
         new_canvas, accepted = entropy_bound_update(
             processed_logits, canvas_ids, sampled, noise, self.entropy_bound
         )
@@ -136,7 +137,7 @@ class EntropyBoundSampler:
         self, stats: TokenStatistics, canvas_ids: jax.Array, state: SamplerState, key: jax.Array,
         vocab_size: int,
     ) -> tuple[jax.Array, jax.Array, SamplerState]:
-        sampled, _, noise = _draw_and_noise_from_statistics(
+        sampled, _, noise = draw_and_noise_from_statistics(
             self.sampling, self.vocab_size, stats, canvas_ids.shape, key, vocab_size
         )
         accepted = entropy_bound_mask(stats.entropy, self.entropy_bound)
@@ -150,19 +151,19 @@ class _ConfidenceSampler:
     `sampling` and `vocab_size`."""
 
     def init(self, canvas_ids: jax.Array) -> SamplerState:
-        return _initial_state(canvas_ids)
+        return initial_sampler_state(canvas_ids)
 
     def __call__(
         self, processed_logits: jax.Array, canvas_ids: jax.Array, state: SamplerState, key: jax.Array
     ) -> tuple[jax.Array, jax.Array, SamplerState]:
-        sampled, noise = _draw_and_noise(self.sampling, self.vocab_size, processed_logits, canvas_ids.shape, key)
+        sampled, noise = draw_and_noise(self.sampling, self.vocab_size, processed_logits, canvas_ids.shape, key)
         return self._update(canvas_ids, sampled, sampled_token_probs(processed_logits, sampled), noise, state)
 
     def from_statistics(
         self, stats: TokenStatistics, canvas_ids: jax.Array, state: SamplerState, key: jax.Array,
         vocab_size: int,
     ) -> tuple[jax.Array, jax.Array, SamplerState]:
-        sampled, confidence, noise = _draw_and_noise_from_statistics(
+        sampled, confidence, noise = draw_and_noise_from_statistics(
             self.sampling, self.vocab_size, stats, canvas_ids.shape, key, vocab_size
         )
         return self._update(canvas_ids, sampled, confidence, noise, state)
@@ -247,10 +248,10 @@ class BlockRefinementSampler(_ConfidenceSampler):
     sampling: TokenSampling = struct.field(default_factory=GumbelMaxSampling)
 
     def __post_init__(self) -> None:
-        _require("num_steps", self.num_steps, lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1")
-        _require("confidence_threshold", self.confidence_threshold, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
-        _require("editing_threshold", self.editing_threshold, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
-        _require_optional_vocab(self.vocab_size)
+        require_finite("num_steps", self.num_steps, lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1")
+        require_finite("confidence_threshold", self.confidence_threshold, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+        require_finite("editing_threshold", self.editing_threshold, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+        require_optional_vocab(self.vocab_size)
 
     def _update(
         self, canvas_ids: jax.Array, sampled: jax.Array, confidence: jax.Array, noise: jax.Array,
@@ -326,8 +327,8 @@ class ConfidenceThresholdSampler(_ConfidenceSampler):
     sampling: TokenSampling = struct.field(default_factory=GumbelMaxSampling)
 
     def __post_init__(self) -> None:
-        _require("threshold", self.threshold, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
-        _require_optional_vocab(self.vocab_size)
+        require_finite("threshold", self.threshold, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+        require_optional_vocab(self.vocab_size)
 
     def _update(
         self, canvas_ids: jax.Array, sampled: jax.Array, confidence: jax.Array, noise: jax.Array,

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from diffjax.sampling.checks import _concrete, _require
-from diffjax.sampling.statistics import _rounded
+from diffjax.sampling.checks import is_concrete, require_finite
+from diffjax.sampling.statistics import without_fma_contraction
 
 
 @struct.dataclass
@@ -31,9 +31,9 @@ class LinearTemperature:
     _span: float | None = None
 
     def __post_init__(self) -> None:
-        _require("t_min", self.t_min, lambda v: v >= 0.0, ">= 0")
-        _require("t_max", self.t_max, lambda v: v > 0.0, "> 0")
-        if _concrete(self.t_min) and _concrete(self.t_max):
+        require_finite("t_min", self.t_min, lambda v: v >= 0.0, ">= 0")
+        require_finite("t_max", self.t_max, lambda v: v > 0.0, "> 0")
+        if is_concrete(self.t_min) and is_concrete(self.t_max):
             if not float(self.t_max) > float(self.t_min):
                 raise ValueError(
                     f"`t_max` must be > `t_min` (got t_max={self.t_max!r}, t_min={self.t_min!r})"
@@ -47,7 +47,7 @@ class LinearTemperature:
         n = jnp.asarray(remaining_steps).astype(jnp.float32)
         total = jnp.asarray(num_steps).astype(jnp.float32)
         span = jnp.asarray(self._span, jnp.float32)
-        return jnp.asarray(self.t_min, jnp.float32) + _rounded(span * (n / total))
+        return jnp.asarray(self.t_min, jnp.float32) + without_fma_contraction(span * (n / total))
 
 
 @struct.dataclass
@@ -70,10 +70,10 @@ class NoiseProportionTemperature:
     exponent: float = 1.0
 
     def __post_init__(self) -> None:
-        _require("t_min", self.t_min, lambda v: v > 0.0, "> 0")
-        _require("t_max", self.t_max, lambda v: v > 0.0, "> 0")
-        _require("exponent", self.exponent, lambda v: v > 0.0, "> 0")
-        if _concrete(self.t_min) and _concrete(self.t_max) and float(self.t_max) < float(self.t_min):
+        require_finite("t_min", self.t_min, lambda v: v > 0.0, "> 0")
+        require_finite("t_max", self.t_max, lambda v: v > 0.0, "> 0")
+        require_finite("exponent", self.exponent, lambda v: v > 0.0, "> 0")
+        if is_concrete(self.t_min) and is_concrete(self.t_max) and float(self.t_max) < float(self.t_min):
             raise ValueError(f"`t_max` must be >= `t_min` (got t_max={self.t_max!r}, t_min={self.t_min!r})")
 
     def __call__(self, remaining_steps: jax.Array | int, num_steps: jax.Array | int) -> jax.Array:
@@ -90,7 +90,7 @@ class ConstantTemperature:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        _require("temperature", self.temperature, lambda v: v > 0.0, "> 0")
+        require_finite("temperature", self.temperature, lambda v: v > 0.0, "> 0")
 
     def __call__(self, remaining_steps: jax.Array | int, num_steps: jax.Array | int) -> jax.Array:
         del remaining_steps, num_steps

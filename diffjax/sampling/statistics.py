@@ -6,7 +6,7 @@ Floating point notes (why some helpers look odd):
 * XLA rewrites ``x / broadcast(t)`` into ``x * broadcast(1 / t)``, which is up to one ulp away from the
   IEEE quotient torch computes; :func:`scale_logits` divides exactly.
 * XLA (CPU at least) contracts ``a + b * c`` into a fused multiply-add, which rounds differently from
-  torch's separate multiply and add; :func:`_rounded` forces the product to be rounded first.
+  torch's separate multiply and add; :func:`without_fma_contraction` forces the product to be rounded first.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 MASK_VALUE = -1e30
 
 
-def _rounded(x: jax.Array) -> jax.Array:
+def without_fma_contraction(x: jax.Array) -> jax.Array:
     """Returns ``x`` unchanged, but stops XLA from contracting it into a following add (FMA).
 
     The select has a data-dependent predicate, so the simplifier cannot remove it and LLVM cannot fuse
@@ -156,33 +156,35 @@ def exponential_race(probs: jax.Array, exp_noise: jax.Array) -> jax.Array:
     return jnp.argmax(probs / exp_noise, axis=-1).astype(jnp.int32)
 
 
-def _uniform_tokens(key: jax.Array, shape: tuple[int, ...], vocab_size: int) -> jax.Array:
+def uniform_tokens(key: jax.Array, shape: tuple[int, ...], vocab_size: int) -> jax.Array:
+    """Renoise tokens: uniform over `[0, vocab_size)`, int32 of `shape`."""
     return jax.random.randint(key, shape, 0, vocab_size, dtype=jnp.int32)
 
 
-def _draw_and_noise(
+def draw_and_noise(
     sampling: Any, vocab_size: int | None, processed_logits: jax.Array, canvas_shape: tuple[int, ...],
     key: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     """One draw per position and a uniform renoise token per position: (sampled_ids, noise_ids)."""
     sample_key, noise_key = jax.random.split(key)
     sampled = sampling(sample_key, processed_logits)
-    return sampled, _uniform_tokens(noise_key, canvas_shape, _vocab(vocab_size, processed_logits))
+    return sampled, uniform_tokens(noise_key, canvas_shape, vocab_size_or_logits_width(vocab_size, processed_logits))
 
 
-def _vocab(vocab_size: int | None, logits: jax.Array) -> int:
+def vocab_size_or_logits_width(vocab_size: int | None, logits: jax.Array) -> int:
+    """A component's vocabulary: its own `vocab_size` if set, else the logits' last dimension."""
     return int(logits.shape[-1]) if vocab_size is None else int(vocab_size)
 
 
-def _draw_and_noise_from_statistics(
+def draw_and_noise_from_statistics(
     sampling: Any, vocab_size: int | None, stats: TokenStatistics, canvas_shape: tuple[int, ...],
     key: jax.Array, model_vocab_size: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The statistics path's `_draw_and_noise`: (sampled_ids, their probabilities, noise_ids).
+    """The statistics path's `draw_and_noise`: (sampled_ids, their probabilities, noise_ids).
 
-    The noise comes from the same key split as `_draw_and_noise`'s, so both paths renoise identically.
+    The noise comes from the same key split as `draw_and_noise`'s, so both paths renoise identically.
     """
     sampled, log_probs = sampling.from_statistics(stats)
     _, noise_key = jax.random.split(key)
-    noise = _uniform_tokens(noise_key, canvas_shape, model_vocab_size if vocab_size is None else int(vocab_size))
+    noise = uniform_tokens(noise_key, canvas_shape, model_vocab_size if vocab_size is None else int(vocab_size))
     return sampled, jnp.exp(log_probs), noise

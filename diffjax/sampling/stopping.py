@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from diffjax.sampling.checks import _require
+from diffjax.sampling.checks import require_finite
 from diffjax.sampling.statistics import TokenStatistics, token_entropy
 from diffjax.validation import require_int
 
@@ -42,7 +42,7 @@ class StableAndConfidentStopping:
 
     def __post_init__(self) -> None:
         require_int("stability_threshold", self.stability_threshold, 0)
-        _require("confidence_threshold", self.confidence_threshold, lambda v: v > 0.0, "> 0")
+        require_finite("confidence_threshold", self.confidence_threshold, lambda v: v > 0.0, "> 0")
 
     def init(self, canvas_ids: jax.Array) -> StopState:
         shape = (self.stability_threshold, *canvas_ids.shape)
