@@ -93,6 +93,28 @@ def test_matches_transformers_generate(pairs, name, batch, prompt, pad, eos, sto
         assert passes.min() < passes.max(), f"rows should stop at different steps: {passes}"
 
 
+def test_unrolled_blocks_generate_what_transformers_does(pairs):
+    """The whole loop with `scan_unroll` (no loop over the two blocks, prefill, decoder and encoder alike): one
+    canvas against transformers, two against the looped model (a later canvas starts from noise of our own)."""
+    config, model, params = pairs["two_blocks"]
+    unrolled = config.replace(scan_unroll=config.num_blocks)
+    ids, mask, canvas = _inputs(config, 2, 13, [0, 5], seed=31)
+    kwargs = dict(DETERMINISTIC, max_new_tokens=config.canvas_length, max_denoising_steps=6, eos_token_id=None,
+                  pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                             decoder_input_ids=torch.tensor(canvas), **kwargs)
+    out = generate(params, unrolled, ids, attention_mask=mask, key=jax.random.key(0), initial_canvas=canvas,
+                   **kwargs)
+    np.testing.assert_array_equal(np.asarray(out.sequences), ref.sequences.numpy())
+    two = dict(kwargs, max_new_tokens=2 * config.canvas_length)
+    looped, straight = (generate(params, c, ids, attention_mask=mask, key=jax.random.key(1), **two)
+                        for c in (config, unrolled))
+    np.testing.assert_array_equal(np.asarray(straight.sequences), np.asarray(looped.sequences))
+    np.testing.assert_allclose(np.asarray(straight.cache.keys["layer_0"]), np.asarray(looped.cache.keys["layer_0"]),
+                               atol=1e-5)
+
+
 def test_same_key_same_tokens_and_cache_covers_sequences():
     config = MICRO
     params = diffjax.init_params(config, jax.random.key(1))
