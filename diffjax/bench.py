@@ -335,11 +335,13 @@ class FullSizeSettings:
     experts_fp8: bool = False
     # Experts laid out for the Pallas kernels (`Config.expert_layout="pretiled"`): "pallas" / "pallas_mgpu" only.
     experts_pretiled: bool = False
-    # `Config.global_attention_implementation` and `Config.sliding_attention_implementation` of every point.
+    # `Config.global_attention_implementation` of every point.
     global_attention: str = "xla"
-    sliding_attention: str = "xla"
-    # `Config.scan_unroll` of every point: 1 loops over the layer blocks, their count unrolls the loop.
-    scan_unroll: int = 1
+    # `Config.sliding_attention_implementation` and `Config.scan_unroll` values to time at each point (same
+    # weights, like the expert implementations). scan_unroll 1 loops over the layer blocks, their count
+    # unrolls the loop.
+    sliding_attention: tuple[str, ...] = ("xla",)
+    scan_unroll: tuple[int, ...] = (1,)
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
@@ -510,7 +512,9 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
     encoder_first, encoder_s = best_time(lambda: _encode(params, config, canvas, canvas_mask, cache)[0], s.repeats)
     profiled = {}
     if s.profile_dir is not None:
-        trace_dir = pathlib.Path(s.profile_dir) / f"decoder_prompt{prompt}_batch{batch}_{config.moe_implementation}"
+        trace_dir = pathlib.Path(s.profile_dir) / (
+            f"decoder_prompt{prompt}_batch{batch}_{config.moe_implementation}_"
+            f"{config.sliding_attention_implementation}_unroll{config.scan_unroll}")
         try:
             breakdown = kernel_times(decoder_step, trace_dir)
             profiled["decoder_kernels"] = {**breakdown, "kernels": breakdown["kernels"][:PROFILED_KERNELS]}
@@ -548,8 +552,7 @@ def run_full_size(
         config = config.replace(expert_quantization="fp8")
     if s.experts_pretiled:  # random weights: made in the pretiled layout directly
         config = config.replace(expert_layout="pretiled", moe_implementation=s.moe_implementations[0])
-    config = config.replace(global_attention_implementation=s.global_attention,
-                            sliding_attention_implementation=s.sliding_attention, scan_unroll=s.scan_unroll)
+    config = config.replace(global_attention_implementation=s.global_attention)
     experts = ("fp8 experts" if config.expert_quantization == "fp8" else "bf16 experts") + (
         ", pretiled" if s.experts_pretiled else "")
     log(f"making random bf16 weights ({experts}) on {device} ({config.num_layers} layers)")
@@ -571,18 +574,22 @@ def run_full_size(
         torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     points = []
     for prompt in sorted(set(s.prompts)):
-        steps: dict[tuple[int, str], dict[str, Any]] = {}
-        for batch, moe, statistics in itertools.product(
-            sorted(set(s.batches)), s.moe_implementations, s.statistics
+        steps: dict[tuple[int, str, str, int], dict[str, Any]] = {}
+        for batch, moe, sliding, unroll, statistics in itertools.product(
+            sorted(set(s.batches)), s.moe_implementations, s.sliding_attention, s.scan_unroll, s.statistics
         ):
-            name = f"prompt {prompt}, batch {batch}, moe {moe}, statistics {statistics}"
-            point: dict[str, Any] = {"prompt": prompt, "batch": batch, "moe": moe, "statistics": statistics}
-            config = config.replace(moe_implementation=moe)
+            name = (f"prompt {prompt}, batch {batch}, moe {moe}, sliding {sliding}, scan_unroll {unroll}, "
+                    f"statistics {statistics}")
+            point: dict[str, Any] = {"prompt": prompt, "batch": batch, "moe": moe, "sliding_attention": sliding,
+                                     "scan_unroll": unroll, "statistics": statistics}
+            config = config.replace(moe_implementation=moe, sliding_attention_implementation=sliding,
+                                    scan_unroll=unroll)
+            variant = (batch, moe, sliding, unroll)
             try:
-                if (batch, moe) not in steps:
+                if variant not in steps:
                     log(f"{name}: decoder step and encoder canvas")
-                    steps[batch, moe] = time_steps(params, config, batch, prompt, s)
-                point.update(steps[batch, moe])
+                    steps[variant] = time_steps(params, config, batch, prompt, s)
+                point.update(steps[variant])
                 if "decoder_kernels" in point:
                     log(f"{name}: decoder step kernels\n{render_kernel_times(point['decoder_kernels'])}")
                 step_bytes = weight_bytes + point["cache_bytes"]
@@ -696,20 +703,20 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
                f"floor = step FLOPs / matmul rate; x roofline = against the larger; tokens/s at {settings['steps']} steps per canvas = canvas x batch / (steps x decoder + "
                f"encoder); generate = whole loop, ms per decoder pass")
     table = Table(title=_title(result["config"]), caption=caption)
-    columns = ["prompt", "batch", "moe", "statistics", "decoder ms", "floor ms", "x floor", "compute floor ms",
-               "x roofline", "encoder canvas ms",
+    columns = ["prompt", "batch", "moe", "sliding", "unroll", "statistics", "decoder ms", "floor ms", "x floor",
+               "compute floor ms", "x roofline", "encoder canvas ms",
                "tokens/s", "generate ms/step", "transformers ms/step", "ours/theirs", "peak mem"]
     for name in columns:
         table.add_column(name, justify="right")
     for point in result["points"]:
+        variant = (str(point["prompt"]), str(point["batch"]), point["moe"], point["sliding_attention"],
+                   str(point["scan_unroll"]), point["statistics"])
         if "error" in point:
-            table.add_row(str(point["prompt"]), str(point["batch"]), point["moe"], point["statistics"],
-                          f"[red]{point['error'][:60]}[/]", *["-"] * (len(columns) - 5))
+            table.add_row(*variant, f"[red]{point['error'][:60]}[/]", *["-"] * (len(columns) - len(variant) - 1))
             continue
         ours, theirs = point.get("diffjax") or {}, point.get("transformers") or {}
         table.add_row(
-            str(point["prompt"]), str(point["batch"]), point["moe"], point["statistics"], _fmt(point["decoder_ms"]),
-            _fmt(point["floor_ms"]),
+            *variant, _fmt(point["decoder_ms"]), _fmt(point["floor_ms"]),
             _fmt(point["ratio_to_floor"]), _fmt(point["compute_floor_ms"]), _fmt(point["ratio_to_roofline"]),
             _fmt(point["encoder_canvas_ms"]), _fmt(point["tokens_per_s_at_steps"]),
             _fmt(ours.get("ms_per_step")), _fmt(theirs.get("ms_per_step")), _fmt(point.get("ratio")),

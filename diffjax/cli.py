@@ -466,7 +466,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 experts_fp8=args.experts_fp8, experts_pretiled=args.experts_pretiled,
                 profile_dir=None if args.profile is None else str(args.profile),
                 global_attention=args.global_attention or "xla",
-                sliding_attention=args.sliding_attention or "xla", scan_unroll=args.scan_unroll or 1,
+                sliding_attention=tuple(args.sliding_attention or ("xla",)),
+                scan_unroll=tuple(args.scan_unroll or (1,)),
             ), log)
         else:
             for flag in ("experts_fp8", "experts_pretiled"):
@@ -589,17 +590,19 @@ _nonnegative_float = _number_type(float, "a finite number", lambda v: math.isfin
 _seed = _number_type(int, "an integer", lambda v: 0 <= v < 2**63, "in [0, 2**63)")
 
 
-def _add_implementation_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+def _add_implementation_flags(parser: argparse.ArgumentParser, prefix: str = "", several: bool = False) -> None:
     """`--global-attention`, `--sliding-attention` and `--scan-unroll`: `Config` fields that pick how, not what,
-    the decoder computes (besides `--moe`)."""
+    the decoder computes (besides `--moe`). `several`: the last two take one or more values (each timed)."""
+    nargs = "+" if several else None
+    each = "; one or more, each timed" if several else ""
     parser.add_argument("--global-attention", choices=GLOBAL_ATTENTION_IMPLEMENTATIONS,
                         help=f"{prefix}the decoder's global layers: xla (default) or the split-K Pallas kernel (GPU)")
-    parser.add_argument("--sliding-attention", choices=SLIDING_ATTENTION_IMPLEMENTATIONS,
+    parser.add_argument("--sliding-attention", choices=SLIDING_ATTENTION_IMPLEMENTATIONS, nargs=nargs,
                         help=f"{prefix}the decoder's sliding layers: xla (default), cuDNN fused attention (GPU, "
-                             "bf16) or the split-K Pallas kernel (GPU)")
-    parser.add_argument("--scan-unroll", type=_positive_int,
+                             f"bf16) or the split-K Pallas kernel (GPU){each}")
+    parser.add_argument("--scan-unroll", type=_positive_int, nargs=nargs,
                         help=f"{prefix}layer blocks per iteration of the scan over blocks (default 1; the block "
-                             "count: no loop, weights read in place, longer compile)")
+                             f"count: no loop, static weight slices, longer compile){each}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -735,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernels")
     b.add_argument("--profile", type=pathlib.Path, metavar="DIR",
                    help="--full-size: profile one more decoder step per point (kernels summed by name; traces in DIR)")
-    _add_implementation_flags(b, "--full-size: ")
+    _add_implementation_flags(b, "--full-size: ", several=True)
     b.add_argument("--force", action="store_true", help="--full-size on a CPU backend anyway")
     b.add_argument("--json", type=output_file, help="also write the results as JSON")
     b.set_defaults(func=cmd_bench)

@@ -381,7 +381,7 @@ def test_full_size_profiles_a_decoder_step_per_point(tmp_path, capsys):
     assert "error" not in point, point
     kernels = point["decoder_kernels"]["kernels"]
     assert 0 < len(kernels) <= bench.PROFILED_KERNELS and kernels[0]["total_us"] > 0
-    assert list(tmp_path.glob("decoder_prompt8_batch1_grouped/**/*.xplane.pb"))
+    assert list(tmp_path.glob("decoder_prompt8_batch1_grouped_xla_unroll1/**/*.xplane.pb"))
     assert any("decoder step kernels" in line and kernels[0]["name"][:40] in line for line in logged)
     code, _, err = run(capsys, "bench", "--profile", str(tmp_path))
     assert_clean_error(code, err, "--profile needs --full-size")
@@ -436,14 +436,25 @@ def test_full_size_attention_choices_reach_the_config(capsys, monkeypatch):
         "cache_bytes": 0, "decoder_ms": 1.0})
     settings = bench.FullSizeSettings(batches=(1,), prompts=(4,), steps=1, repeats=1, force=True,
                                       bandwidth_bytes=1 << 20, generate=False, global_attention="pallas",
-                                      sliding_attention="cudnn", scan_unroll=5)
+                                      sliding_attention=("cudnn", "pallas"), scan_unroll=(1, 5))
     result = bench.run_full_size(settings, config=Config.tiny(canvas_length=8))
-    assert "error" not in result["points"][0]
-    assert (timed[0].global_attention_implementation, timed[0].sliding_attention_implementation) == ("pallas", "cudnn")
-    assert timed[0].scan_unroll == 5
+    assert all("error" not in point for point in result["points"])
+    # Each sliding implementation x unroll timed once, on the same weights, and each point says which it is.
+    variants = [("cudnn", 1), ("cudnn", 5), ("pallas", 1), ("pallas", 5)]
+    assert [(c.sliding_attention_implementation, c.scan_unroll) for c in timed] == variants
+    assert [(p["sliding_attention"], p["scan_unroll"]) for p in result["points"]] == variants
+    assert {c.global_attention_implementation for c in timed} == {"pallas"}
     for flag, value in (("--sliding-attention", "cudnn"), ("--scan-unroll", "5")):
         code, _, err = run(capsys, "bench", flag, value)
         assert_clean_error(code, err, f"{flag} needs --full-size")
+    # From the command line: several values reach the settings.
+    seen = []
+    monkeypatch.setattr(bench, "run_full_size", lambda s, log: seen.append(s) or {"points": []})
+    monkeypatch.setattr(bench, "render_full_size", lambda *_: None)
+    code, _, err = run(capsys, "bench", "--full-size", "--force", "--sliding-attention", "cudnn", "pallas",
+                       "--scan-unroll", "1", "5")
+    assert code == 0, err
+    assert (seen[0].sliding_attention, seen[0].scan_unroll) == (("cudnn", "pallas"), (1, 5))
 
 
 def test_full_size_with_pretiled_experts_makes_them_so(capsys, monkeypatch):
