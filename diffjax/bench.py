@@ -42,6 +42,7 @@ from diffjax.config import (
     FULL,
     MOE_IMPLEMENTATIONS,
     SLIDING,
+    SLIDING_ATTENTION_IMPLEMENTATIONS,
     AttentionConfig,
     Config,
     require_pretiled_readers,
@@ -368,6 +369,13 @@ class FullSizeSettings:
             require_pretiled_readers(self.moe_implementations)
         if not self.statistics or set(self.statistics) - set(STATISTICS):
             raise ValueError(f"--statistics takes values of {STATISTICS}, got {self.statistics!r}")
+        if (isinstance(self.sliding_attention, str) or not self.sliding_attention
+                or set(self.sliding_attention) - set(SLIDING_ATTENTION_IMPLEMENTATIONS)):
+            raise ValueError(f"--sliding-attention takes values of {SLIDING_ATTENTION_IMPLEMENTATIONS}, got "
+                             f"{self.sliding_attention!r}")
+        if not self.scan_unroll or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0
+                                       for v in self.scan_unroll):
+            raise ValueError(f"--scan-unroll takes positive integers, got {self.scan_unroll!r}")
         if self.layers is not None and not 0 < self.layers <= 30:
             raise ValueError(f"--layers must be in [1, 30] for --full-size, got {self.layers}")
         if self.transformers and not self.generate:

@@ -447,6 +447,11 @@ def test_full_size_attention_choices_reach_the_config(capsys, monkeypatch):
     for flag, value in (("--sliding-attention", "cudnn"), ("--scan-unroll", "5")):
         code, _, err = run(capsys, "bench", flag, value)
         assert_clean_error(code, err, f"{flag} needs --full-size")
+    for bad, match in ((dict(sliding_attention="cudnn"), "--sliding-attention takes"),  # a string, not a tuple
+                       (dict(sliding_attention=()), "--sliding-attention takes"),
+                       (dict(scan_unroll=(1, 0)), "--scan-unroll takes")):
+        with pytest.raises(ValueError, match=match):
+            bench.FullSizeSettings(**bad).validate()
     # From the command line: several values reach the settings.
     seen = []
     monkeypatch.setattr(bench, "run_full_size", lambda s, log: seen.append(s) or {"points": []})
