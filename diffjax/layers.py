@@ -177,7 +177,9 @@ class Attention(nn.Module):
         implementation = (cfg.global_attention_implementation if self.layer_type == FULL
                           else cfg.sliding_attention_implementation)
         # Flax's init traces the model in float32 on a few dummy tokens, under the kernels' minimum sizes.
-        if self.padding_only_mask and not self.is_initializing() and implementation == "pallas":
+        if not self.padding_only_mask or self.is_initializing():
+            implementation = "xla"
+        if implementation == "pallas":
             from diffjax.kernels.attention import global_attention_pallas  # the kernels import this module
 
             # The canvas's own keys as a second source: no concatenation with the cache is written.
@@ -185,8 +187,7 @@ class Attention(nn.Module):
         else:
             keys = jnp.concatenate([context_keys, k], axis=1)
             values = jnp.concatenate([context_values, v], axis=1)
-            use_cudnn = self.padding_only_mask and not self.is_initializing() and implementation == "cudnn"
-            out = (attend_cudnn if use_cudnn else attend)(q, keys, values, mask)
+            out = (attend_cudnn if implementation == "cudnn" else attend)(q, keys, values, mask)
         return Linear(cfg.hidden_size, name="o_proj")(out), (k, v)
 
 

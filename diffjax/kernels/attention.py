@@ -71,12 +71,19 @@ def attend_padding_only(query: Array, keys: Array, values: Array, valid: Array) 
     return attend(query, keys, values, mask)
 
 
+def append_keys(keys: Array, values: Array, valid: Array, new_keys: Array,
+                new_values: Array) -> tuple[Array, Array, Array]:
+    """(keys ++ new_keys, values ++ new_values, valid ++ True): the one-source form of the kernel's two sources,
+    the concatenation every other attention path writes."""
+    return (jnp.concatenate([keys, new_keys.astype(keys.dtype)], axis=1),
+            jnp.concatenate([values, new_values.astype(values.dtype)], axis=1),
+            jnp.concatenate([valid, jnp.ones(new_keys.shape[:2], bool)], axis=1))
+
+
 def _attend_appended(query: Array, keys: Array, values: Array, valid: Array, new_keys: Array,
                      new_values: Array) -> Array:
     """The twin with new keys: `attend_padding_only` over `keys ++ new_keys`, every new key visible."""
-    all_valid = jnp.concatenate([valid, jnp.ones(new_keys.shape[:2], bool)], axis=1)
-    return attend_padding_only(query, jnp.concatenate([keys, new_keys.astype(keys.dtype)], axis=1),
-                               jnp.concatenate([values, new_values.astype(values.dtype)], axis=1), all_valid)
+    return attend_padding_only(query, *append_keys(keys, values, valid, new_keys, new_values))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +123,7 @@ def _global_attention_pallas(
     if new_keys is not None:
         _check_new(keys, new_keys, new_values)
         if min(keys.shape[1], new_keys.shape[1]) < MIN_BLOCK:  # too short for a key tile of its own: one source
-            valid = jnp.concatenate([valid, jnp.ones(new_keys.shape[:2], bool)], axis=1)
-            keys = jnp.concatenate([keys, new_keys.astype(keys.dtype)], axis=1)
-            values = jnp.concatenate([values, new_values.astype(values.dtype)], axis=1)
+            keys, values, valid = append_keys(keys, values, valid, new_keys, new_values)
             new_keys = new_values = None
     _check(query, keys, values, valid)
     block_q = tiles.block_q

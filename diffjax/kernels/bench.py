@@ -404,10 +404,11 @@ def attention_inputs(shapes: Shapes, batch: int, context: int, kv_heads: int, he
 def concatenating(attention: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     """`attention(q, keys, values, valid)` in the split-K kernel's calling convention with the canvas's keys
     apart: it concatenates them to the cache's first, as the decoder does for every path but the kernel."""
+    from diffjax.kernels.attention import append_keys
+
     def run(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, new_k: jax.Array,
             new_v: jax.Array) -> jax.Array:
-        valid = jnp.concatenate([valid, jnp.ones(new_k.shape[:2], bool)], axis=1)
-        return attention(q, jnp.concatenate([k, new_k], 1), jnp.concatenate([v, new_v], 1), valid)
+        return attention(q, *append_keys(k, v, valid, new_k, new_v))
     return run
 
 
