@@ -125,8 +125,8 @@ def dtype_mismatches(
 
 
 def refuse_load_time_formats(config: Config) -> None:
-    """Checkpoints hold unquantized, plain-layout weights: fp8 experts (`diffjax.quantize`) and pretiled ones
-    (`diffjax.kernels.moe`) are made at load time."""
+    """Checkpoints hold unquantized, plain-layout weights: fp8 experts (`diffjax.quantize`), pretiled ones
+    (`diffjax.kernels.moe`) and fused projections (`diffjax.layout`) are made at load time."""
     if config.expert_quantization != "none":
         raise CheckpointError(
             f"cannot save expert_quantization={config.expert_quantization!r} params: checkpoints hold unquantized "
@@ -138,6 +138,12 @@ def refuse_load_time_formats(config: Config) -> None:
             f"cannot save expert_layout={config.expert_layout!r} params: checkpoints hold the plain layout. Save "
             "diffjax.kernels.moe.untile_model(config, params) and pretile at load: diffjax.load(path, "
             "experts_pretiled=True)"
+        )
+    if config.projection_layout != "separate":
+        raise CheckpointError(
+            f"cannot save projection_layout={config.projection_layout!r} params: checkpoints hold the separate "
+            "projections. Save diffjax.layout.unfuse_projections(config, params) and fuse at load: "
+            "diffjax.load(path, projections_fused=True)"
         )
 
 

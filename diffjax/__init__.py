@@ -29,6 +29,7 @@ def load(
     *,
     experts_fp8: bool = False,
     experts_pretiled: bool = False,
+    projections_fused: bool = False,
     check_finite: bool = False,
 ) -> tuple[Config, dict[str, Any]]:
     """`(config, params)` of a checkpoint written by `diffjax convert` or `diffjax train`: `convert.load`,
@@ -39,6 +40,8 @@ def load(
     quantized on the way from the file to the device, one weight stack at a time.
     `experts_pretiled`: lay the experts' weights out for the Pallas expert kernels
     (`diffjax.kernels.moe.pretile_model`; use with `moe_implementation="pallas"` or `"pallas_mgpu"`).
+    `projections_fused`: q/k/v and gate/up as one kernel each (`diffjax.layout.fuse_projections`; same maths,
+    read in place by an unrolled GPU step, see `Config.projection_layout`).
     `check_finite`: refuse a checkpoint with a NaN or inf weight, naming the tensor (reads every weight once
     more, ~10 GB/s)."""
     # Imported here: `convert` imports diffjax's submodules, so a module-level import would be circular.
@@ -52,6 +55,10 @@ def load(
         from diffjax.kernels.moe import pretile_model
 
         config, params = pretile_model(config, params)
+    if projections_fused:
+        from diffjax.layout import fuse_projections
+
+        config, params = fuse_projections(config, params)
     return config, params
 
 __all__ = [

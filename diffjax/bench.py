@@ -41,6 +41,7 @@ import numpy as np
 from diffjax.config import (
     FULL,
     MOE_IMPLEMENTATIONS,
+    PROJECTION_LAYOUTS,
     SLIDING,
     SLIDING_ATTENTION_IMPLEMENTATIONS,
     AttentionConfig,
@@ -48,6 +49,7 @@ from diffjax.config import (
     require_pretiled_readers,
 )
 from diffjax.generate import STATISTICS
+from diffjax.layout import fuse_projections
 from diffjax.model import init_params, param_shapes
 from diffjax.profile import kernel_times, render_kernel_times
 
@@ -343,6 +345,9 @@ class FullSizeSettings:
     # unrolls the loop.
     sliding_attention: tuple[str, ...] = ("xla",)
     scan_unroll: tuple[int, ...] = (1,)
+    # `Config.projection_layout` values to time at each point: "fused" runs the same weights fused
+    # (`diffjax.layout.fuse_projections`, a second copy of the dense projections on the device).
+    projections: tuple[str, ...] = ("separate",)
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
@@ -373,6 +378,9 @@ class FullSizeSettings:
                 or set(self.sliding_attention) - set(SLIDING_ATTENTION_IMPLEMENTATIONS)):
             raise ValueError(f"--sliding-attention takes values of {SLIDING_ATTENTION_IMPLEMENTATIONS}, got "
                              f"{self.sliding_attention!r}")
+        if (isinstance(self.projections, str) or not self.projections
+                or set(self.projections) - set(PROJECTION_LAYOUTS)):
+            raise ValueError(f"--projections takes values of {PROJECTION_LAYOUTS}, got {self.projections!r}")
         if not self.scan_unroll or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0
                                        for v in self.scan_unroll):
             raise ValueError(f"--scan-unroll takes positive integers, got {self.scan_unroll!r}")
@@ -522,7 +530,7 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
     if s.profile_dir is not None:
         trace_dir = pathlib.Path(s.profile_dir) / (
             f"decoder_prompt{prompt}_batch{batch}_{config.moe_implementation}_"
-            f"{config.sliding_attention_implementation}_unroll{config.scan_unroll}")
+            f"{config.sliding_attention_implementation}_unroll{config.scan_unroll}_{config.projection_layout}")
         try:
             breakdown = kernel_times(decoder_step, trace_dir)
             profiled["decoder_kernels"] = {**breakdown, "kernels": breakdown["kernels"][:PROFILED_KERNELS]}
@@ -537,6 +545,52 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
         "tokens_per_s_at_steps": batch * config.canvas_length / (s.steps * decoder_s + encoder_s),
         **profiled,
     }
+
+
+def _base_config(s: FullSizeSettings, config: Config | None) -> Config:
+    """The released shapes (or `config`) with the expert storage and global attention of `s`; the variants of
+    a sweep replace the other implementation fields."""
+    config = config or full_size_config(s.layers)
+    if s.experts_fp8:
+        config = config.replace(expert_quantization="fp8")
+    if s.experts_pretiled:  # random weights: made in the pretiled layout directly
+        config = config.replace(expert_layout="pretiled", moe_implementation=s.moe_implementations[0])
+    return config.replace(global_attention_implementation=s.global_attention)
+
+
+def _variants(s: FullSizeSettings) -> Any:
+    """(prompt, batch, moe, sliding attention, scan_unroll, projection layout) of every decoder step to run."""
+    return itertools.product(sorted(set(s.prompts)), sorted(set(s.batches)), s.moe_implementations,
+                             s.sliding_attention, s.scan_unroll, s.projections)
+
+
+def compiled_full_size(s: FullSizeSettings, target: str, log: Callable[[str], None] = lambda _: None,
+                       config: Config | None = None) -> dict[str, Any]:
+    """Every variant's decoder step compiled on this machine for the GPU `target` names, and counted
+    (`diffjax.compiled`: launches, device copies and their bytes, loops, command buffers); nothing runs. Needs
+    JAX's CUDA plugin, not a GPU. Returns {"target", "points": [...], ...}."""
+    from diffjax.compiled import compile_decoder_step, gpu_device
+
+    s.validate()
+    config = _base_config(s, config)
+    try:
+        gpu_device(target)
+    except (RuntimeError, ValueError) as exc:  # no CUDA plugin, or an unknown target: every point would fail
+        raise BenchError(str(exc)) from None
+    points = []
+    for prompt, batch, moe, sliding, unroll, layout in _variants(s):
+        point: dict[str, Any] = {"prompt": prompt, "batch": batch, "moe": moe, "sliding_attention": sliding,
+                                 "scan_unroll": unroll, "projections": layout}
+        variant = config.replace(moe_implementation=moe, sliding_attention_implementation=sliding,
+                                 scan_unroll=unroll, projection_layout=layout)
+        log(f"compiling the decoder step for {target}: {json.dumps(point)}")
+        try:
+            point.update(dataclasses.asdict(compile_decoder_step(variant, batch, prompt, target)))
+        except Exception as exc:  # one variant failing to compile must not lose the others
+            point["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        points.append(point)
+        log(f"point {json.dumps(point)}")
+    return {"settings": dataclasses.asdict(s), "target": target, "config": _config_summary(config), "points": points}
 
 
 def run_full_size(
@@ -555,12 +609,7 @@ def run_full_size(
             "backend. Run it where a GPU is, or pass --force (with e.g. --layers 1; even one full-width layer "
             "needs well over 10 GB of host memory) to try anyway."
         )
-    config = config or full_size_config(s.layers)
-    if s.experts_fp8:
-        config = config.replace(expert_quantization="fp8")
-    if s.experts_pretiled:  # random weights: made in the pretiled layout directly
-        config = config.replace(expert_layout="pretiled", moe_implementation=s.moe_implementations[0])
-    config = config.replace(global_attention_implementation=s.global_attention)
+    config = _base_config(s, config)
     experts = ("fp8 experts" if config.expert_quantization == "fp8" else "bf16 experts") + (
         ", pretiled" if s.experts_pretiled else "")
     log(f"making random bf16 weights ({experts}) on {device} ({config.num_layers} layers)")
@@ -581,22 +630,26 @@ def run_full_size(
         torch, _ = _import_torch()
         torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     points = []
-    for prompt in sorted(set(s.prompts)):
-        steps: dict[tuple[int, str, str, int], dict[str, Any]] = {}
-        for batch, moe, sliding, unroll, statistics in itertools.product(
-            sorted(set(s.batches)), s.moe_implementations, s.sliding_attention, s.scan_unroll, s.statistics
-        ):
+    laid_out = {"separate": params}  # params by projection layout, each made once
+    steps: dict[tuple[int, int, str, str, int, str], dict[str, Any]] = {}
+    for prompt, batch, moe, sliding, unroll, layout in _variants(s):
+        for statistics in s.statistics:
             name = (f"prompt {prompt}, batch {batch}, moe {moe}, sliding {sliding}, scan_unroll {unroll}, "
-                    f"statistics {statistics}")
+                    f"projections {layout}, statistics {statistics}")
             point: dict[str, Any] = {"prompt": prompt, "batch": batch, "moe": moe, "sliding_attention": sliding,
-                                     "scan_unroll": unroll, "statistics": statistics}
+                                     "scan_unroll": unroll, "projections": layout, "statistics": statistics}
             config = config.replace(moe_implementation=moe, sliding_attention_implementation=sliding,
-                                    scan_unroll=unroll)
-            variant = (batch, moe, sliding, unroll)
+                                    scan_unroll=unroll, projection_layout="separate")
+            if layout not in laid_out:
+                log(f"fusing the dense projections ({layout})")
+                laid_out[layout] = fuse_projections(config, params)[1]
+            config = config.replace(projection_layout=layout)
+            params_here = laid_out[layout]
+            variant = (prompt, batch, moe, sliding, unroll, layout)
             try:
                 if variant not in steps:
                     log(f"{name}: decoder step and encoder canvas")
-                    steps[variant] = time_steps(params, config, batch, prompt, s)
+                    steps[variant] = time_steps(params_here, config, batch, prompt, s)
                 point.update(steps[variant])
                 if "decoder_kernels" in point:
                     log(f"{name}: decoder step kernels\n{render_kernel_times(point['decoder_kernels'])}")
@@ -613,7 +666,7 @@ def run_full_size(
                 if s.generate:
                     log(f"{name}: whole generate loop ({s.steps} steps per canvas)")
                     point["diffjax"] = time_diffjax(
-                        params, config, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats,
+                        params_here, config, ids, new_tokens=s.new_tokens, steps=s.steps, repeats=s.repeats,
                         seed=s.seed, prefill_chunk_size=s.prefill_chunk, statistics=statistics,
                     )
                     point["generate_ratio_to_floor"] = point["diffjax"]["ms_per_step"] / point["floor_ms"]
@@ -670,6 +723,9 @@ def _title(cfg: dict[str, Any]) -> str:
 
 def render(result: dict[str, Any], console: Any) -> None:
     """Print a result (comparison or full-size sweep) as rich tables."""
+    if "target" in result:
+        render_compiled(result, console)
+        return
     if "points" in result:
         render_full_size(result, console)
         return
@@ -711,14 +767,14 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
                f"floor = step FLOPs / matmul rate; x roofline = against the larger; tokens/s at {settings['steps']} steps per canvas = canvas x batch / (steps x decoder + "
                f"encoder); generate = whole loop, ms per decoder pass")
     table = Table(title=_title(result["config"]), caption=caption)
-    columns = ["prompt", "batch", "moe", "sliding", "unroll", "statistics", "decoder ms", "floor ms", "x floor",
+    columns = ["prompt", "batch", "moe", "sliding", "unroll", "projections", "statistics", "decoder ms", "floor ms", "x floor",
                "compute floor ms", "x roofline", "encoder canvas ms",
                "tokens/s", "generate ms/step", "transformers ms/step", "ours/theirs", "peak mem"]
     for name in columns:
         table.add_column(name, justify="right")
     for point in result["points"]:
         variant = (str(point["prompt"]), str(point["batch"]), point["moe"], point["sliding_attention"],
-                   str(point["scan_unroll"]), point["statistics"])
+                   str(point["scan_unroll"]), point.get("projections", "separate"), point["statistics"])
         if "error" in point:
             table.add_row(*variant, f"[red]{point['error'][:60]}[/]", *["-"] * (len(columns) - len(variant) - 1))
             continue
@@ -730,6 +786,28 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
             _fmt(ours.get("ms_per_step")), _fmt(theirs.get("ms_per_step")), _fmt(point.get("ratio")),
             _gib(point["peak_memory_bytes"]),
         )
+    console.print(table)
+
+
+def render_compiled(result: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    caption = (f"compiled here for {result['target']} (diffjax.compiled), nothing run; per decoder step: launches = "
+               "kernels + library calls + copies, loop bodies once per iteration; outside graphs = launched one "
+               "by one, the rest replay as CUDA graphs; copies = device-to-device copies and the bytes they write")
+    table = Table(title=_title(result["config"]), caption=caption)
+    columns = ["prompt", "batch", "moe", "sliding", "unroll", "projections", "launches", "outside graphs",
+               "copies", "copied GB", "loops"]
+    for name in columns:
+        table.add_column(name, justify="right")
+    for point in result["points"]:
+        variant = (str(point["prompt"]), str(point["batch"]), point["moe"], point["sliding_attention"],
+                   str(point["scan_unroll"]), point["projections"])
+        if "error" in point:
+            table.add_row(*variant, f"[red]{point['error'][:60]}[/]", *["-"] * (len(columns) - len(variant) - 1))
+            continue
+        table.add_row(*variant, str(point["launches"]), str(point["outside_command_buffers"]), str(point["copies"]),
+                      f"{point['copy_bytes'] / 1e9:.3f}", ",".join(map(str, point["loops"])) or "-")
     console.print(table)
 
 

@@ -33,6 +33,7 @@ from diffjax.bench import output_file
 from diffjax.config import (
     GLOBAL_ATTENTION_IMPLEMENTATIONS,
     MOE_IMPLEMENTATIONS,
+    PROJECTION_LAYOUTS,
     SLIDING_ATTENTION_IMPLEMENTATIONS,
     require_pretiled_readers,
 )
@@ -280,6 +281,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         require_pretiled_readers((model.config.moe_implementation,))
         model.config, model.params = pretile_model(model.config, model.params)
+    if args.fused_projections:
+        from diffjax.layout import fuse_projections
+
+        model.config, model.params = fuse_projections(model.config, model.params)
     if model.banner:
         err.print(f"[bold white on red] {model.banner} [/]", soft_wrap=True)
     ids = _prompt_ids(args, model)
@@ -457,7 +462,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     try:
         if args.full_size:
-            result = bench.run_full_size(bench.FullSizeSettings(
+            settings = bench.FullSizeSettings(
                 layers=args.layers, batches=tuple(args.batch or (1,)), prompts=tuple(args.prompt or (1024,)),
                 new_tokens=args.new_tokens or 256, steps=args.steps or 16, repeats=args.repeats, seed=args.seed,
                 force=args.force, generate=not args.no_generate, transformers=args.with_transformers,
@@ -468,13 +473,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 global_attention=args.global_attention or "xla",
                 sliding_attention=tuple(args.sliding_attention or ("xla",)),
                 scan_unroll=tuple(args.scan_unroll or (1,)),
-            ), log)
+                projections=tuple(args.projections or ("separate",)),
+            )
+            if args.compiled_for:
+                result = bench.compiled_full_size(settings, args.compiled_for, log)
+            else:
+                result = bench.run_full_size(settings, log)
         else:
             for flag in ("experts_fp8", "experts_pretiled"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (the comparison runs identical "
                                    "weights on both sides)")
-            for flag in ("global_attention", "sliding_attention", "scan_unroll", "profile"):
+            for flag in ("global_attention", "sliding_attention", "scan_unroll", "projections", "profile",
+                         "compiled_for"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (a GPU run)")
             defaults = bench.BenchSettings()
@@ -627,6 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--experts-pretiled", action="store_true",
                    help="with --moe pallas or pallas_mgpu: lay the experts out tile by tile for the Pallas kernels "
                         "when loading")
+    g.add_argument("--fused-projections", action="store_true",
+                   help="fuse q/k/v and gate/up into one kernel each when loading (same maths; with --scan-unroll "
+                        "set to the block count a GPU step reads them in place instead of copying them out of "
+                        "their stacks)")
     g.add_argument("--max-new-tokens", type=_positive_int, help="rounded up to whole canvases")
     g.add_argument("--steps", type=_positive_int, help="max denoising steps per canvas (default 48)")
     g.add_argument("--t-min", type=_nonnegative_float, help="final temperature (default 0.4)")
@@ -736,6 +751,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--experts-pretiled", action="store_true",
                    help="--full-size with --moe pallas / pallas_mgpu only: the experts laid out tile by tile for the "
                         "kernels")
+    b.add_argument("--projections", nargs="+", choices=PROJECTION_LAYOUTS,
+                   help="--full-size: dense projection layouts to time, e.g. separate fused (default separate)")
+    b.add_argument("--compiled-for", metavar="GPU",
+                   help="--full-size: compile each decoder step here for this GPU (h200, or a GpuTargetConfigProto "
+                        "file) and count its launches and copies instead of timing it; needs JAX's CUDA plugin "
+                        "(pip install \"jax[cuda13]\"), not a GPU")
     b.add_argument("--profile", type=pathlib.Path, metavar="DIR",
                    help="--full-size: profile one more decoder step per point (kernels summed by name; traces in DIR)")
     _add_implementation_flags(b, "--full-size: ", several=True)

@@ -33,6 +33,8 @@ EXPERT_QUANTIZATIONS = ("none", "fp8")
 # How the expert weights are laid out (`diffjax.kernels.moe.pretile_model`): like the quantization, a storage
 # format made at load time, which no checkpoint stores.
 EXPERT_LAYOUTS = ("plain", "pretiled")
+# How the dense projections are laid out (`diffjax.layout.fuse_projections`): a load-time storage format too.
+PROJECTION_LAYOUTS = ("separate", "fused")
 
 RopeType = Literal["default", "proportional"]
 
@@ -135,11 +137,21 @@ class Config:
     # "pallas_mgpu"), which read it in place; "grouped" and "dense" untile a copy of each layer's experts per
     # call (the oracle).
     expert_layout: Literal["plain", "pretiled"] = "plain"
+    # How the dense projections that read the same input are stored. "separate": q_proj, k_proj, v_proj and
+    # gate_proj, up_proj, as in the checkpoints. "fused": one kernel each, `self_attn/qkv_proj` `[hidden,
+    # q + k (+ v on sliding layers)]` and `mlp/gate_up_proj` `[hidden, 2 * intermediate]`
+    # (`diffjax.layout.fuse_projections`). Same maths. Why: XLA on a GPU merges the separate matmuls into one
+    # by concatenating their weights, and a concatenation of slices of the blocks' weight stacks is
+    # materialised, a copy of every block's q/k/v and gate/up weights per step (205 copies, ~2.1 GB at full
+    # size, counted in the step compiled for an H200); one kernel per block is read in place once the blocks
+    # are unrolled (`scan_unroll`).
+    projection_layout: Literal["separate", "fused"] = "separate"
     # Layer blocks per iteration of the scan over blocks (`jax.lax.scan`'s `unroll`). 1: a loop whose body is
     # one block, so compile time does not grow with depth. `num_blocks` (or more): no loop, so each block's
     # weights are a static slice of their stack, not a per-iteration dynamic slice, which XLA on a GPU copies
-    # out of the stack (~1.7 ms of traffic in a 27.3 ms batch-1 step at full size, H200). Whether XLA reads
-    # the static slices in place is not measured yet. Compile time grows with it.
+    # out of the stack (~1.7 ms of traffic in a 27.3 ms batch-1 step at full size, H200). Compiled for an
+    # H200, a static slice feeding one matmul is read in place, but q/k/v and gate/up slices are still copied
+    # (XLA merges those matmuls): use `projection_layout="fused"` with it. Compile time grows with it.
     scan_unroll: int = 1
 
     def __post_init__(self) -> None:
@@ -191,6 +203,10 @@ class Config:
             )
         if self.expert_layout not in EXPERT_LAYOUTS:
             raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {self.expert_layout!r}")
+        if self.projection_layout not in PROJECTION_LAYOUTS:
+            raise ValueError(
+                f"projection_layout must be one of {PROJECTION_LAYOUTS}, got {self.projection_layout!r}"
+            )
         if self.expert_layout == "pretiled" and self.moe_implementation in MESH_MOE_IMPLEMENTATIONS:
             raise ValueError(
                 f"expert_layout='pretiled' is read by the single-device MoE forms {MOE_IMPLEMENTATIONS}, not by "

@@ -6,6 +6,7 @@ softmaxes and the router in float32, as transformers does.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 
 import flax.linen as nn
@@ -138,10 +139,19 @@ def attend_cudnn(query: Array, keys: Array, values: Array, mask: Array) -> Array
     return out.reshape(batch, q_len, num_heads * head_dim)
 
 
+def projection_widths(config: Config, layer_type: str) -> tuple[int, ...]:
+    """Output widths of the q, k (and, on sliding layers, v) projections: the column blocks of a fused
+    `qkv_proj` kernel, in that order. Full layers have no v_proj."""
+    att = config.attention(layer_type)
+    kv = att.num_kv_heads * att.head_dim
+    return (config.num_heads * att.head_dim, kv, kv) if layer_type == SLIDING else (config.num_heads * att.head_dim, kv)
+
+
 class Attention(nn.Module):
     """Gemma 4 attention: q/k/v RMSNorms, RoPE after the norms, scale 1.0, GQA.
 
-    Global (full) layers have no v_proj: values are `v_norm(k_proj(x))`, the raw key projection.
+    Global (full) layers have no v_proj: values are `v_norm(k_proj(x))`, the raw key projection. Under
+    `config.projection_layout="fused"` q/k/v are one `qkv_proj` kernel (`projection_widths` columns each).
     """
 
     config: Config
@@ -161,14 +171,16 @@ class Attention(nn.Module):
         """
         cfg, att = self.config, self.config.attention(self.layer_type)
         batch, n, _ = x.shape
-        q = Linear(cfg.num_heads * att.head_dim, name="q_proj")(x).reshape(batch, n, cfg.num_heads, att.head_dim)
-        k_raw = Linear(att.num_kv_heads * att.head_dim, name="k_proj")(x).reshape(
-            batch, n, att.num_kv_heads, att.head_dim
-        )
-        if self.layer_type == SLIDING:
-            v = Linear(att.num_kv_heads * att.head_dim, name="v_proj")(x).reshape(k_raw.shape)
+        widths = projection_widths(cfg, self.layer_type)
+        if cfg.projection_layout == "fused":
+            fused = Linear(sum(widths), name="qkv_proj")(x)
+            q, k_raw, *v = jnp.split(fused, list(itertools.accumulate(widths[:-1])), axis=-1)
         else:
-            v = k_raw
+            names = ("q_proj", "k_proj", "v_proj")[:len(widths)]
+            q, k_raw, *v = (Linear(width, name=name)(x) for name, width in zip(names, widths, strict=True))
+        q = q.reshape(batch, n, cfg.num_heads, att.head_dim)
+        k_raw = k_raw.reshape(batch, n, att.num_kv_heads, att.head_dim)
+        v = v[0].reshape(k_raw.shape) if v else k_raw
         inv_freq = rope_inverse_frequencies(att)
         q = apply_rope(RMSNorm(cfg.rms_norm_eps, name="q_norm")(q), positions, inv_freq)
         k = apply_rope(RMSNorm(cfg.rms_norm_eps, name="k_norm")(k_raw), positions, inv_freq)
@@ -195,15 +207,20 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated GELU-tanh MLP: `down(gelu(gate(x)) * up(x))`."""
+    """Gated GELU-tanh MLP: `down(gelu(gate(x)) * up(x))`; `fused`: gate and up are one `gate_up_proj` kernel
+    `[in, 2 * intermediate]` (gate first), `Config.projection_layout="fused"`."""
 
     hidden_size: int
     intermediate_size: int
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        gate = Linear(self.intermediate_size, name="gate_proj")(x)
-        up = Linear(self.intermediate_size, name="up_proj")(x)
+        if self.fused:
+            gate, up = jnp.split(Linear(2 * self.intermediate_size, name="gate_up_proj")(x), 2, axis=-1)
+        else:
+            gate = Linear(self.intermediate_size, name="gate_proj")(x)
+            up = Linear(self.intermediate_size, name="up_proj")(x)
         return Linear(self.hidden_size, name="down_proj")(gelu_tanh(gate) * up)
 
 

@@ -135,7 +135,8 @@ class SelfConditioning(nn.Module):
         cfg = self.config
         # No logits yet (first step): pre_norm(0) = 0 and the MLP has no bias, so the signal is exactly zero.
         soft = jnp.zeros_like(embeddings) if soft_embeddings is None else soft_embeddings
-        signal = MLP(cfg.hidden_size, cfg.intermediate_size, name="mlp")(RMSNorm(cfg.rms_norm_eps, name="pre_norm")(soft))
+        mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fused=cfg.projection_layout == "fused", name="mlp")
+        signal = mlp(RMSNorm(cfg.rms_norm_eps, name="pre_norm")(soft))
         return rms_norm(embeddings + signal, None, cfg.rms_norm_eps)
 
 
@@ -159,7 +160,8 @@ class Layer(nn.Module):
         x = x + norm(name="post_attention_layernorm")(attn_out)
 
         residual = x
-        dense = MLP(cfg.hidden_size, cfg.intermediate_size, name="mlp")(norm(name="pre_feedforward_layernorm")(x))
+        mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fused=cfg.projection_layout == "fused", name="mlp")
+        dense = mlp(norm(name="pre_feedforward_layernorm")(x))
         dense = norm(name="post_feedforward_layernorm_1")(dense)
         flat = residual.reshape(-1, cfg.hidden_size)
         weights, expert_ids = Router(cfg, name="router")(flat)

@@ -488,6 +488,39 @@ def test_full_size_with_pretiled_experts_makes_them_so(capsys, monkeypatch):
     assert_clean_error(code, err, "--experts-pretiled needs --full-size")
 
 
+def test_full_size_times_each_projection_layout_on_the_same_weights(capsys, monkeypatch):
+    from diffjax import bench
+
+    tiny = Config.tiny(canvas_length=8)
+    timed = []
+    monkeypatch.setattr(bench, "time_steps", lambda p, config, *_: timed.append((p, config)) or {
+        "cache_bytes": 0, "decoder_ms": 1.0})
+    settings = bench.FullSizeSettings(batches=(1,), prompts=(4,), steps=1, repeats=1, force=True,
+                                      bandwidth_bytes=1 << 20, generate=False, projections=("separate", "fused"))
+    result = bench.run_full_size(settings, config=tiny)
+    assert [p["projections"] for p in result["points"]] == ["separate", "fused"]
+    assert not any("error" in p for p in result["points"])
+    (separate, separate_config), (fused, fused_config) = timed
+    assert (separate_config.projection_layout, fused_config.projection_layout) == ("separate", "fused")
+    attention = fused["blocks"]["layer_0"]["self_attn"]
+    assert "qkv_proj" in attention and "q_proj" not in attention
+    np.testing.assert_array_equal(attention["qkv_proj"]["kernel"][..., :tiny.num_heads * tiny.sliding.head_dim],
+                                  separate["blocks"]["layer_0"]["self_attn"]["q_proj"]["kernel"])
+    for bad in ("fused", (), ("joined",)):
+        with pytest.raises(ValueError, match="--projections takes values of"):
+            bench.FullSizeSettings(projections=bad).validate()
+    code, _, err = run(capsys, "bench", "--projections", "fused")
+    assert_clean_error(code, err, "--projections needs --full-size")
+
+
+def test_generate_with_fused_projections_gives_the_same_answer(capsys):
+    reference = run(capsys, "generate", "--no-live", "--seed", "3", "9402751")[1]
+    code, out, err = run(capsys, "generate", "--no-live", "--seed", "3", "--fused-projections", "--scan-unroll", "4",
+                         "9402751")
+    assert code == 0, err
+    assert out == reference
+
+
 def test_generate_with_pretiled_experts_gives_the_same_answer(capsys):
     reference = run(capsys, "generate", "--no-live", "--seed", "3", "9402751")[1]
     code, out, err = run(capsys, "generate", "--no-live", "--seed", "3", "--moe", "pallas", "--experts-pretiled",

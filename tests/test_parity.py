@@ -128,6 +128,25 @@ def test_unrolled_blocks_match_the_reference(multi_block_pair, scan_unroll):
     _assert_close(diffjax.denoise_logits(params, unrolled, cache, canvas), ref_logits, "unrolled logits")
 
 
+@pytest.mark.parametrize("scan_unroll", [1, 7])
+def test_fused_projections_match_the_reference(multi_block_pair, scan_unroll):
+    """`Config.projection_layout="fused"` (q/k/v and gate/up one kernel each, the self-conditioning MLP's too)
+    against transformers' separate projections: encoder, decoder and a self-conditioned decoder pass."""
+    from diffjax.layout import fuse_projections
+
+    config, model, params = multi_block_pair
+    fused_config, fused = fuse_projections(config.replace(scan_unroll=scan_unroll), params)
+    ids, mask = _prompt(config, 2, 13, [0, 4], seed=23)
+    rng = np.random.default_rng(24)
+    canvas = rng.integers(0, config.vocab_size, (2, config.canvas_length))
+    sc_logits = (3.0 * rng.standard_normal((2, config.canvas_length, config.vocab_size))).astype(np.float32)
+    ref_logits, ref_hidden = _reference(model, ids, mask, canvas, sc_logits)
+    cache, hidden = diffjax.encode_with_hidden(fused, fused_config, ids, mask, capacity=13 + config.canvas_length)
+    _assert_close(np.asarray(hidden)[mask], ref_hidden[mask], "fused encoder hidden")
+    _assert_close(diffjax.denoise_logits(fused, fused_config, cache, canvas, sc_logits), ref_logits,
+                  "fused self-conditioned logits")
+
+
 def test_self_conditioning(pair):
     config, model, params = pair
     ids, mask = _prompt(config, 2, 11, [3, 0], seed=5)

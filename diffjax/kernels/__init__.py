@@ -17,18 +17,39 @@ Mosaic GPU ones run in Mosaic GPU's own interpreter, which simulates shared memo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+_compiling_for_gpu = False
+
 
 def resolve_interpret(interpret: bool | None) -> bool:
-    """`interpret` as given, or (None) True exactly when JAX's default backend is not a GPU."""
-    return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+    """`interpret` as given, or (None) True exactly when JAX's default backend is not a GPU (and not inside
+    `compiling_for_gpu`)."""
+    if interpret is not None:
+        return bool(interpret)
+    return not _compiling_for_gpu and jax.default_backend() != "gpu"
+
+
+@contextlib.contextmanager
+def compiling_for_gpu() -> Iterator[None]:
+    """Inside: kernels left to choose (`interpret=None`) are compiled for the GPU, not interpreted, whatever
+    the backend, for lowering or compiling on a host without a GPU (`diffjax.compiled`). JAX's trace caches
+    are cleared on the way in and out, since a kernel traced before for this host would otherwise be reused."""
+    global _compiling_for_gpu
+    jax.clear_caches()
+    _compiling_for_gpu = True
+    try:
+        yield
+    finally:
+        _compiling_for_gpu = False
+        jax.clear_caches()
 
 
 def with_twin_backward(kernel: Callable[..., jax.Array], twin: Callable[..., jax.Array],

@@ -1,0 +1,130 @@
+"""`diffjax.compiled`: counting what a step compiled for a GPU launches, from XLA's dump.
+
+The fixture in tests/data/compiled/ is XLA's dump of a small function compiled here for the H200 target
+(`diffjax.compiled.gpu_device("h200")`, JAX's CUDA plugin installed, no GPU):
+
+    x = lax.scan(lambda x, w_b: (gelu(x @ w_b), None), x, w)[0]    # x bf16[64, 256], w bf16[3, 256, 256]
+    return x @ wq[1] + x @ wk[1]                                   # wq, wk bf16[2, 256, 512]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import jax
+import pytest
+
+from diffjax import bench, kernels
+from diffjax.compiled import _array_bytes, gpu_device, step_structure
+from diffjax.config import Config
+
+DATA = pathlib.Path(__file__).parent / "data" / "compiled"
+HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and any(
+    importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13))
+
+
+def _fixture_structure():
+    return step_structure(*((DATA / name).read_text() for name in (
+        "thunk_sequence.txt", "thunk_metadata.txt", "after_optimizations.txt")))
+
+
+def test_a_compiled_step_is_counted_with_its_loop_and_its_copies():
+    structure = _fixture_structure()
+    # Outside the loop: 4 copies (the loop's initial values and the two static weight slices that XLA copies
+    # to merge `x @ wq[1]` and `x @ wk[1]` into one matmul), the merged matmul and the add; each of the 3
+    # iterations: the condition, the dynamic slice's copy, the counter, the matmul and the GELU.
+    assert structure.loops == (3,)
+    assert structure.launches == 4 + 2 + 3 * 5
+    assert structure.copies == 4 + 3
+    # s32[] counter + bf16[64, 256] x + 2 x bf16[1, 256, 512] slices + 3 x bf16[1, 256, 256] dynamic slices.
+    assert structure.copy_bytes == 4 + 64 * 256 * 2 + 2 * 256 * 512 * 2 + 3 * 256 * 256 * 2
+    assert dict(structure.kernels)["copy:wrapped_slice"] == 2
+    assert dict(structure.kernels)["gemm_fusion_dot"] == 1 + 3
+    assert (structure.command_buffers, structure.outside_command_buffers) == (0, structure.launches)
+    assert "21 launches per call" in structure.summary()
+
+
+def test_launches_inside_command_buffers_and_unknown_trip_counts():
+    sequence = """\
+000: kCommandBuffer [source | next=003 (1)]
+    001: kCustomKernel [source | next=002 (1)] fusion_1 grid: [1, 1, 1]
+    002: kCopy         [prev=001 (1) | sink] kCopy
+003: kWhile [prev=000 (1) | next=000 (1)]
+condition:
+    004: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1]
+  body:
+    005: kCustomKernel [source | sink] moe_gate_up grid: [1, 1, 1]
+006: kCustomKernel [prev=003 (1) | sink] fusion_2 grid: [1, 1, 1]
+"""
+    metadata = "\n".join(f'thunk_info {{ profile_annotation: "{name}" thunk_id: {i} }}' for i, name in
+                         [(2, "copy.3"), (3, "while.7")])
+    hlo = ('  %copy.3 = f32[10,4]{1,0} copy(%p)\n'
+           '  %while.7 = (s32[], f32[4]) while(%t), condition=%c, body=%b, backend_config={"known_trip_count":{"n":"6"}}\n')
+    structure = step_structure(sequence, metadata, hlo)
+    assert (structure.launches, structure.outside_command_buffers, structure.command_buffers) == (
+        2 + 2 * 6 + 1, 2 * 6 + 1, 1)
+    assert (structure.copies, structure.copy_bytes, structure.loops) == (1, 160, (6,))
+    # Without a known trip count the body is counted once and the loop says so.
+    unknown = step_structure(sequence, metadata, hlo.replace('"n":"6"', '"m":"6"'))
+    assert (unknown.launches, unknown.loops) == (2 + 2 + 1, (None,))
+    assert "?" in unknown.summary()
+
+
+def test_array_bytes_reads_hlo_element_types():
+    assert [_array_bytes(shape) for shape in ("s32[]", "bf16[1,2816,2112]{2,1,0}", "pred[4]", "f8e4m3fn[3,2]",
+                                               "f32[0]", "(s32[], f32[2])", "token[]")] == [
+        4, 2816 * 2112 * 2, 4, 6, 0, 0, 0]
+
+
+def test_gpu_targets_are_checked_and_a_missing_plugin_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown GPU target 'h300': one of \['h200'\]"):
+        gpu_device("h300")
+    if HAS_CUDA_PLUGIN:
+        pytest.skip("JAX's CUDA plugin is installed here")
+    with pytest.raises(RuntimeError, match="needs JAX's CUDA plugin"):
+        gpu_device("h200")
+
+
+def test_kernels_compile_for_the_gpu_inside_compiling_for_gpu():
+    interpreted_here = jax.default_backend() != "gpu"
+    assert kernels.resolve_interpret(None) is interpreted_here
+    with kernels.compiling_for_gpu():
+        assert kernels.resolve_interpret(None) is False
+        assert kernels.resolve_interpret(True) is True
+    assert kernels.resolve_interpret(None) is interpreted_here
+
+
+def test_compiled_full_size_counts_every_variant_and_keeps_a_failing_one(monkeypatch):
+    import diffjax.compiled as compiled
+
+    seen = []
+
+    def fake_compile(config, batch, prompt, target):
+        seen.append((config.scan_unroll, config.projection_layout, batch, prompt, target))
+        if config.projection_layout == "fused" and config.scan_unroll == 1:
+            raise ValueError("no such kernel")
+        return _fixture_structure()
+
+    monkeypatch.setattr(compiled, "gpu_device", lambda target: None)
+    monkeypatch.setattr(compiled, "compile_decoder_step", fake_compile)
+    settings = bench.FullSizeSettings(batches=(2,), prompts=(8,), scan_unroll=(1, 3),
+                                      projections=("separate", "fused"))
+    result = bench.compiled_full_size(settings, "h200", config=Config.tiny())
+    assert seen == [(1, "separate", 2, 8, "h200"), (1, "fused", 2, 8, "h200"), (3, "separate", 2, 8, "h200"),
+                    (3, "fused", 2, 8, "h200")]
+    points = result["points"]
+    assert "no such kernel" in points[1]["error"]
+    assert [p["launches"] for p in points if "error" not in p] == [21, 21, 21]
+    assert points[0]["loops"] == (3,)
+
+
+def test_cli_compiled_for_needs_full_size_and_a_plugin(capsys):
+    from tests.test_cli import assert_clean_error, run
+
+    code, _, err = run(capsys, "bench", "--compiled-for", "h200")
+    assert_clean_error(code, err, "--compiled-for needs --full-size")
+    if HAS_CUDA_PLUGIN:
+        return
+    code, _, err = run(capsys, "bench", "--full-size", "--compiled-for", "h200")
+    assert_clean_error(code, err, "needs JAX's CUDA plugin")

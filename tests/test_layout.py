@@ -1,0 +1,100 @@
+"""`Config.projection_layout`: fusing the dense projections at load time (`diffjax.layout`) and back."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh
+
+import diffjax
+from diffjax import sharding
+from diffjax.config import FULL, SLIDING, AttentionConfig, Config
+from diffjax.layout import fuse_projections, unfuse_projections
+from diffjax.model import init_params, param_shapes
+
+# Both layer types with different head sizes, so the q/k/v column blocks differ between them.
+CONFIG = Config.tiny(
+    num_layers=4, layer_types=(SLIDING, FULL) * 2, num_heads=4,
+    sliding=AttentionConfig(head_dim=8, num_kv_heads=2, rope_theta=10_000.0),
+    full=AttentionConfig(head_dim=16, num_kv_heads=1, rope_theta=1e6, rope_type="proportional",
+                         partial_rotary_factor=0.5),
+)
+
+
+def _leaves_equal(a, b) -> bool:
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_fusing_lays_out_the_declared_tree_and_unfusing_gives_the_weights_back():
+    params = init_params(CONFIG, jax.random.key(1))
+    fused_config, fused = fuse_projections(CONFIG, params)
+    assert fused_config == CONFIG.replace(projection_layout="fused")
+    assert jax.tree.map(lambda a: a.shape, fused) == jax.tree.map(lambda a: a.shape, param_shapes(fused_config))
+    sliding, full = fused["blocks"]["layer_0"], fused["blocks"]["layer_1"]
+    assert set(sliding["self_attn"]) == {"qkv_proj", "o_proj", "q_norm", "k_norm"}
+    # [blocks, hidden, q + k + v] on a sliding layer, [blocks, hidden, q + k] on a full one (no v_proj).
+    assert sliding["self_attn"]["qkv_proj"]["kernel"].shape == (2, CONFIG.hidden_size, 4 * 8 + 2 * 8 + 2 * 8)
+    assert full["self_attn"]["qkv_proj"]["kernel"].shape == (2, CONFIG.hidden_size, 4 * 16 + 16)
+    separate = params["blocks"]["layer_0"]
+    np.testing.assert_array_equal(sliding["self_attn"]["qkv_proj"]["kernel"][..., 32:48],
+                                  separate["self_attn"]["k_proj"]["kernel"])
+    np.testing.assert_array_equal(sliding["mlp"]["gate_up_proj"]["kernel"][..., CONFIG.intermediate_size:],
+                                  separate["mlp"]["up_proj"]["kernel"])
+    assert set(fused["self_conditioning"]["mlp"]) == {"gate_up_proj", "down_proj"}
+    # The experts' own gate_up_proj (an array, not a module) is left alone.
+    assert fused["blocks"]["layer_0"]["experts"]["gate_up_proj"] is params["blocks"]["layer_0"]["experts"]["gate_up_proj"]
+    assert "q_proj" in params["blocks"]["layer_0"]["self_attn"]  # the input tree is not changed
+    back_config, back = unfuse_projections(fused_config, fused)
+    assert back_config == CONFIG
+    assert _leaves_equal(back, params)
+
+
+@pytest.mark.parametrize("batch, pad", [(1, [0]), (2, [3, 0])])
+def test_fused_model_computes_what_the_separate_one_does(batch, pad):
+    params = init_params(CONFIG, jax.random.key(2))
+    fused_config, fused = fuse_projections(CONFIG, params)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, CONFIG.vocab_size, (batch, 9))
+    mask = np.ones_like(ids, bool)
+    for row, n in enumerate(pad):
+        mask[row, :n] = False
+    canvas = rng.integers(0, CONFIG.vocab_size, (batch, CONFIG.canvas_length))
+    sc_logits = 2.0 * rng.standard_normal((batch, CONFIG.canvas_length, CONFIG.vocab_size)).astype(np.float32)
+    outputs = []
+    for config, p in ((CONFIG, params), (fused_config, fused)):
+        cache = diffjax.encode(p, config, ids, mask)
+        outputs.append((cache.keys, diffjax.denoise_logits(p, config, cache, canvas, sc_logits)))
+    (keys, logits), (fused_keys, fused_logits) = outputs
+    assert float(jnp.max(jnp.abs(logits))) > 0.3
+    np.testing.assert_allclose(fused_logits, logits, atol=2e-6, rtol=1e-5)
+    for name in keys:
+        np.testing.assert_allclose(fused_keys[name], keys[name], atol=1e-5)
+
+
+def test_fused_layout_is_refused_where_it_does_not_belong(tmp_path):
+    import convert
+    from convert.errors import CheckpointError
+
+    params = init_params(CONFIG, jax.random.key(4))
+    fused_config, fused = fuse_projections(CONFIG, params)
+    with pytest.raises(ValueError, match="already 'fused'"):
+        fuse_projections(fused_config, fused)
+    with pytest.raises(ValueError, match="is 'separate', not 'fused'"):
+        unfuse_projections(CONFIG, params)
+    with pytest.raises(CheckpointError, match=r"projection_layout='fused'.*unfuse_projections"):
+        convert.save(fused, fused_config, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(ValueError, match="separate projection layout"):
+        sharding.param_specs(fused_config, AbstractMesh((1, 1, 2), sharding.AXES))
+    # A separate tree under the fused config is named, not run.
+    cache = diffjax.init_cache(CONFIG, 1, 8)
+    with pytest.raises(ValueError, match="qkv_proj"):
+        diffjax.denoise_logits(params, fused_config, cache, np.zeros((1, CONFIG.canvas_length), np.int32))
+    # Checkpoints hold the separate layout; loading can fuse.
+    convert.save(params, CONFIG, tmp_path / "separate")
+    loaded_config, loaded = diffjax.load(tmp_path / "separate", projections_fused=True)
+    assert loaded_config == fused_config
+    assert _leaves_equal(loaded, fused)
