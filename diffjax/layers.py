@@ -162,12 +162,15 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, context_keys: Array, context_values: Array, mask: Array
+        self, x: Array, positions: Array, context_keys: Array, context_values: Array, mask: Array,
+        context_layer: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array]]:
         """Attend from `x [batch, n, hidden]` to `context ++ x`.
 
-        context_keys/values `[batch, c, kv_heads, hd]` are already normed and rotated (a cache);
-        mask `[batch, n, c + n]`. Returns the output `[batch, n, hidden]` and this call's new (keys, values).
+        context_keys/values `[batch, c, kv_heads, hd]` are already normed and rotated (a cache), or with
+        `context_layer` (an int32 scalar) `[layers, batch, c, kv_heads, hd]` stacks of which that layer's are
+        attended (read in place by the Pallas kernel, sliced for the others); mask `[batch, n, c + n]`.
+        Returns the output `[batch, n, hidden]` and this call's new (keys, values).
         """
         cfg, att = self.config, self.config.attention(self.layer_type)
         batch, n, _ = x.shape
@@ -191,11 +194,14 @@ class Attention(nn.Module):
         # Flax's init traces the model in float32 on a few dummy tokens, under the kernels' minimum sizes.
         if not self.padding_only_mask or self.is_initializing():
             implementation = "xla"
+        if context_layer is not None and implementation != "pallas":
+            context_keys, context_values, context_layer = context_keys[context_layer], context_values[context_layer], None
         if implementation == "pallas":
             from diffjax.kernels.attention import global_attention_pallas  # the kernels import this module
 
             # The canvas's own keys as a second source: no concatenation with the cache is written.
-            out = global_attention_pallas(q, context_keys, context_values, mask[:, 0, :context_keys.shape[1]], k, v)
+            out = global_attention_pallas(q, context_keys, context_values, mask[:, 0, :context_keys.shape[-3]], k, v,
+                                          context_layer)
         else:
             keys = jnp.concatenate([context_keys, k], axis=1)
             values = jnp.concatenate([context_values, v], axis=1)

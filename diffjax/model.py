@@ -150,12 +150,13 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(
         self, x: Array, positions: Array, context: tuple[Array, Array], mask: Array,
-        stacked_experts: tuple[Mapping[str, Array], Array] | None = None,
+        stacked_experts: tuple[Mapping[str, Array], Array] | None = None, context_layer: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array]]:
+        """`context_layer`: the context keys/values are every block's stacks and this is the block's index."""
         cfg = self.config
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps)
         attn_out, new_kv = Attention(cfg, self.layer_type, padding_only_mask=self.mode == DECODE, name="self_attn")(
-            norm(name="input_layernorm")(x), positions, context[0], context[1], mask
+            norm(name="input_layernorm")(x), positions, context[0], context[1], mask, context_layer
         )
         x = x + norm(name="post_attention_layernorm")(attn_out)
 
@@ -188,13 +189,17 @@ class Block(nn.Module):
     def __call__(
         self, x: Array, context: tuple[dict[str, Array], dict[str, Array]], positions: Array,
         masks: dict[str, Array], block_index: Array, expert_stacks: dict[str, Mapping[str, Array]] | None,
+        context_stacked: bool = False,
     ) -> tuple[Array, tuple[dict[str, Array], dict[str, Array]]]:
+        """`context_stacked`: `context` holds every block's keys and values (`[blocks, ...]` stacks), which
+        the layers index with `block_index`, not this block's slices."""
         new_keys, new_values = {}, {}
         for j, layer_type in enumerate(self.config.block_layer_types):
             name = f"layer_{j}"
             stacked = None if expert_stacks is None else (expert_stacks[name], block_index)
             x, (k, v) = Layer(self.config, layer_type, self.mode, name=name)(
-                x, positions, (context[0][name], context[1][name]), masks[layer_type], stacked
+                x, positions, (context[0][name], context[1][name]), masks[layer_type], stacked,
+                block_index if context_stacked else None,
             )
             new_keys[name], new_values[name] = k, v
         return x, (new_keys, new_values)
@@ -235,17 +240,23 @@ class DiffusionGemma(nn.Module):
             expert_stacks = {
                 name: dict(layer["experts"]) for name, layer in self.variables["params"]["blocks"].items()
             }
+        # The decoder's Pallas attention reads each block's cached keys from the whole stacks in place, as the
+        # Pallas experts read their weights: the scan's slice of a cache stack is a copy on a GPU (~1 GB per
+        # batch-8 step at full size), unrolled or not.
+        context_stacked = mode == DECODE and "pallas" in (
+            cfg.global_attention_implementation, cfg.sliding_attention_implementation) and not self.is_initializing()
         blocks = nn.scan(
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(nn.broadcast if context_stacked else 0, nn.broadcast, nn.broadcast, 0, nn.broadcast,
+                     nn.broadcast),
             length=cfg.num_blocks,
             unroll=min(cfg.scan_unroll, cfg.num_blocks),
         )(cfg, mode, name="blocks")
         x, new_kv = blocks(
             x, (cache.keys, cache.values), positions, masks, jnp.arange(cfg.num_blocks, dtype=jnp.int32),
-            expert_stacks,
+            expert_stacks, context_stacked,
         )
         hidden = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
         if mode == ENCODE:

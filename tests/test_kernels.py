@@ -712,6 +712,49 @@ def test_attention_kernel_with_new_keys_matches_attend_over_the_concatenation(le
     assert float(jnp.max(jnp.abs(ours.astype(jnp.float32) - attend_padding_only(*as_f32(query, k, v), valid)))) > 0.05
 
 
+@pytest.mark.parametrize(("length", "new", "dtype"), [(45, 21, jnp.float32), (40, None, jnp.bfloat16),
+                                                    (9, 24, jnp.float32)])  # 9: joined to the new keys
+def test_attention_kernel_reads_one_layer_of_a_stack_in_place(length, new, dtype):
+    """With a layer index, keys/values are `[layers, batch, k, ...]` stacks (the decoder's cache) and the
+    kernel reads that layer's: the same as attending to the slice, under jit with a traced index too."""
+    query, _, _ = attention_case(2, 16, 4, 2, 32, length, dtype, seed=length)
+    stacks = [attention_case(2, 1, 4, 2, 32, length, dtype, seed=200 + i)[1:] for i in range(3)]
+    k_stack, v_stack = (jnp.stack([s[j] for s in stacks]) for j in (0, 1))
+    new_kv = (None, None) if new is None else attention_case(2, 1, 4, 2, 32, new, dtype, seed=300)[1:]
+    valid = (jnp.arange(length)[None, :] >= jnp.array([[0], [5]]))
+    kernel = jax.jit(functools.partial(global_attention_pallas, tiles=AttentionTiles(16, 16, 2), interpret=True))
+    outputs = []
+    for layer in range(3):
+        ours = kernel(query, k_stack, v_stack, valid, *new_kv, jnp.int32(layer))
+        _close(ours, global_attention_pallas(query, k_stack[layer], v_stack[layer], valid, *new_kv,
+                                             tiles=AttentionTiles(16, 16, 2), interpret=True), dtype)
+        outputs.append(ours.astype(jnp.float32))
+    # Each layer's keys give another answer: the index is not ignored.
+    assert float(jnp.max(jnp.abs(outputs[0] - outputs[2]))) > 0.05
+    with pytest.raises(ValueError, match=r"a \[layers, batch, k, kv_heads, head_dim\] stack"):
+        global_attention_pallas(query, k_stack[0], v_stack[0], valid, layer=1)
+
+
+def test_attention_kernel_on_a_stack_differentiates_into_its_layer():
+    query, _, _ = attention_case(2, 8, 4, 2, 32, 40, jnp.float32, seed=5)
+    k_stack, v_stack = (jax.random.normal(jax.random.key(i), (3, 2, 40, 2, 32)) for i in (6, 7))
+    _, new_k, new_v = attention_case(2, 1, 4, 2, 32, 16, jnp.float32, seed=8)
+    valid = jnp.arange(40)[None, :] >= jnp.array([[0], [11]])
+    kernel = functools.partial(global_attention_pallas, tiles=AttentionTiles(16, 16, 2), interpret=True)
+
+    def loss(q, k, v, nk, nv):
+        return jnp.sum(kernel(q, k, v, valid, nk, nv, 1) ** 2)
+
+    def twin_loss(q, k, v, nk, nv):
+        return jnp.sum(kernel(q, k[1], v[1], valid, nk, nv) ** 2)
+
+    ours = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(query, k_stack, v_stack, new_k, new_v)
+    twin = jax.grad(twin_loss, argnums=(0, 1, 2, 3, 4))(query, k_stack, v_stack, new_k, new_v)
+    for got, want in zip(ours, twin, strict=True):
+        _close(got, want, jnp.float32, scale=5)
+    assert float(jnp.max(jnp.abs(ours[1][1]))) > 0 and not jnp.any(ours[1][0]) and not jnp.any(ours[2][2])
+
+
 def test_attention_splits_are_shared_out_by_key_tiles():
     """Without explicit splits, two sources share the one-source split count by key tiles, at least one each
     (released shapes: a 1023-slot ring and 256 canvas keys at batch 1 get 3 + 1; batch 8 fills the GPU with one
@@ -906,6 +949,28 @@ def test_decoder_sliding_layers_through_the_split_k_kernel(window):
     reference = denoise_logits(params, config, cache, canvas)
     assert float(jnp.std(reference)) > 0.1
     _close(ours, reference, jnp.float32, scale=5)
+
+
+@pytest.mark.parametrize("scan_unroll", [1, 3])
+def test_decoder_attention_kernels_read_each_blocks_cache_in_place(scan_unroll):
+    """Three blocks of (sliding, full) layers with both attention kernels: each layer reads its block's keys
+    from the cache's `[blocks, ...]` stacks at the block index (looped and unrolled), and the logits equal
+    `attend`'s over the sliced cache (float32; ring shorter than the prompt, left padding, batch 2)."""
+    config = Config.tiny(num_layers=6, layer_types=("sliding_attention", "full_attention") * 3, sliding_window=20,
+                         scan_unroll=scan_unroll)
+    kernels = config.replace(sliding_attention_implementation="pallas", global_attention_implementation="pallas")
+    params = init_params(config, jax.random.key(8))
+    prompt = jax.random.randint(jax.random.key(9), (2, 27), 3, config.vocab_size)
+    attention_mask = jnp.ones((2, 27), bool).at[1, :6].set(False)
+    cache = encode(params, config, prompt, attention_mask, capacity=27 + config.canvas_length)
+    assert cache.keys["layer_0"].shape[0] == 3
+    canvas = jax.random.randint(jax.random.key(10), (2, config.canvas_length), 3, config.vocab_size)
+    reference = denoise_logits(params, config, cache, canvas)
+    assert float(jnp.std(reference)) > 0.1
+    _close(denoise_logits(params, kernels, cache, canvas), reference, jnp.float32, scale=5)
+    # Every block's cache counts: changing the last block's keys changes the kernels' answer.
+    changed = cache.replace(keys={**cache.keys, "layer_1": cache.keys["layer_1"].at[2].multiply(-1.0)})
+    assert float(jnp.max(jnp.abs(denoise_logits(params, kernels, changed, canvas) - reference))) > 1e-3
 
 
 def test_kernel_bench_sweeps_the_split_k_kernel_on_sliding_layers_too(tmp_path):

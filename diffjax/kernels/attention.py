@@ -6,7 +6,8 @@ of `canvas * group` rows that shares every key and value; it is cut into row blo
 `splits` contiguous ranges, giving a grid (batch, kv head, row block, key split). Each program streams its
 key range in tiles with an online softmax (float32), and writes its normalised output and logsumexp; an
 XLA step combines the splits. The decoder's keys come from two places, the cache and the canvas itself: each
-gets splits of its own in the same launch, so their concatenation is never written. Twin:
+gets splits of its own in the same launch, so their concatenation is never written; and the cache's keys may
+be a stack of every block's, read in place at a layer index, so no block's slice is copied out either. Twin:
 `diffjax.layers.attend` with a padding-only mask.
 """
 
@@ -43,7 +44,8 @@ class AttentionTiles:
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def global_attention_pallas(
     query: Array, keys: Array, values: Array, valid: Array, new_keys: Array | None = None,
-    new_values: Array | None = None, *, tiles: AttentionTiles = AttentionTiles(), interpret: bool | None = None,
+    new_values: Array | None = None, layer: Array | int | None = None, *, tiles: AttentionTiles = AttentionTiles(),
+    interpret: bool | None = None,
 ) -> Array:
     """`attend(query, keys, values, mask)` for a mask that only hides padded keys.
 
@@ -52,16 +54,19 @@ def global_attention_pallas(
     sees (the canvas's own), attended as if appended to `keys`, without writing the concatenation (at batch 8
     the decoder's concatenations took 4 of 72 ms per step on an H200). Returns `[batch, q, heads * head_dim]`
     in values' dtype; a row whose keys are all padding gives zeros, as `attend` does. head_dim a multiple of
-    16, k (or k + n) >= 16. Differentiable: the backward is `attend`'s (the kernel has no derivative rule of
-    its own).
+    16, k (or k + n) >= 16. With `layer` (an int32 scalar, traced is fine), keys/values are stacks `[layers,
+    batch, k, kv_heads, head_dim]` (the decoder's cache holds every block's) and layer `layer`'s are read in
+    place: slicing the stack first copies the slice on a GPU (~1 GB per batch-8 step at full size).
+    Differentiable: the backward is `attend`'s (the kernel has no derivative rule of its own).
     """
     if (new_keys is None) != (new_values is None):
         raise ValueError("new_keys and new_values go together")
+    if layer is not None:
+        layer = jnp.asarray(layer, jnp.int32)
     kernel = functools.partial(_global_attention_pallas, tiles=tiles, interpret=interpret)
-    if new_keys is None:
-        return with_twin_backward(kernel, attend_padding_only, lambda _: (0, 1, 2))(query, keys, values, valid)
-    return with_twin_backward(kernel, _attend_appended, lambda _: (0, 1, 2, 4, 5))(
-        query, keys, values, valid, new_keys, new_values)
+    differentiable = (0, 1, 2) if new_keys is None else (0, 1, 2, 4, 5)
+    return with_twin_backward(kernel, _attend_appended, lambda _: differentiable)(
+        query, keys, values, valid, new_keys, new_values, layer)
 
 
 def attend_padding_only(query: Array, keys: Array, values: Array, valid: Array) -> Array:
@@ -80,10 +85,15 @@ def append_keys(keys: Array, values: Array, valid: Array, new_keys: Array,
             jnp.concatenate([valid, jnp.ones(new_keys.shape[:2], bool)], axis=1))
 
 
-def _attend_appended(query: Array, keys: Array, values: Array, valid: Array, new_keys: Array,
-                     new_values: Array) -> Array:
-    """The twin with new keys: `attend_padding_only` over `keys ++ new_keys`, every new key visible."""
-    return attend_padding_only(query, *append_keys(keys, values, valid, new_keys, new_values))
+def _attend_appended(query: Array, keys: Array, values: Array, valid: Array, new_keys: Array | None,
+                     new_values: Array | None, layer: Array | None) -> Array:
+    """The twin, in the kernel's calling convention: `attend_padding_only` over layer `layer` of the stacks
+    (if given) `++ new_keys` (if given, every new key visible)."""
+    if layer is not None:
+        keys, values = keys[layer], values[layer]
+    if new_keys is not None:
+        keys, values, valid = append_keys(keys, values, valid, new_keys, new_values)
+    return attend_padding_only(query, keys, values, valid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,25 +123,30 @@ def _key_ranges(lengths: list[int], tiles: AttentionTiles, programs_per_split: i
 
 
 def _global_attention_pallas(
-    query: Array, keys: Array, values: Array, valid: Array, new_keys: Array | None = None,
-    new_values: Array | None = None, *, tiles: AttentionTiles, interpret: bool | None,
+    query: Array, keys: Array, values: Array, valid: Array, new_keys: Array | None, new_values: Array | None,
+    layer: Array | None, *, tiles: AttentionTiles, interpret: bool | None,
 ) -> Array:
     batch, q_len, heads, head_dim = query.shape
-    _, _, kv_heads, _ = keys.shape
     for name in ("block_q", "block_k"):
         require_block(f"AttentionTiles.{name}", getattr(tiles, name))
+    if layer is None:
+        keys, values, layer = keys[None], values[None], jnp.zeros((), jnp.int32)
+    elif keys.ndim != 5 or layer.shape != ():
+        raise ValueError(f"with a layer index, keys must be a [layers, batch, k, kv_heads, head_dim] stack and the "
+                         f"index a scalar, got keys {keys.shape} and layer {layer.shape}")
+    _, _, _, kv_heads, _ = keys.shape
     if new_keys is not None:
-        _check_new(keys, new_keys, new_values)
-        if min(keys.shape[1], new_keys.shape[1]) < MIN_BLOCK:  # too short for a key tile of its own: one source
-            keys, values, valid = append_keys(keys, values, valid, new_keys, new_values)
-            new_keys = new_values = None
-    _check(query, keys, values, valid)
+        _check_new(keys[0], new_keys, new_values)
+        if min(keys.shape[2], new_keys.shape[1]) < MIN_BLOCK:  # too short for a key tile of its own: one source
+            keys, values, valid = append_keys(keys[layer], values[layer], valid, new_keys, new_values)
+            keys, values, layer, new_keys, new_values = keys[None], values[None], jnp.zeros((), jnp.int32), None, None
+    _check(query, keys[0], values[0], valid)
     block_q = tiles.block_q
     group = heads // kv_heads
     rows = q_len * group
     row_blocks = pl.cdiv(rows, block_q)
     sources = [keys, values.astype(keys.dtype), valid.astype(jnp.int32)]
-    lengths = [keys.shape[1]]
+    lengths = [keys.shape[2]]
     if new_keys is not None:
         sources += [new_keys.astype(keys.dtype), new_values.astype(keys.dtype)]
         lengths.append(new_keys.shape[1])
@@ -152,7 +167,7 @@ def _global_attention_pallas(
             jax.ShapeDtypeStruct((splits, batch, kv_heads, padded_rows), jnp.float32),
         ],
         grid=(batch, kv_heads, row_blocks, splits),
-        in_specs=[pl.no_block_spec] * (1 + len(sources)),
+        in_specs=[pl.no_block_spec] * (2 + len(sources)),
         out_specs=[
             pl.BlockSpec((None, None, None, block_q, head_dim), lambda b, h, i, s: (s, b, h, i, 0)),
             pl.BlockSpec((None, None, None, block_q), lambda b, h, i, s: (s, b, h, i)),
@@ -160,7 +175,7 @@ def _global_attention_pallas(
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=resolve_interpret(interpret),
         name="global_attention_split_k",
-    )(grouped.astype(keys.dtype), *sources)
+    )(layer.reshape(1), grouped.astype(keys.dtype), *sources)
     if splits == 1:
         out = partial_out[0]
     else:
@@ -195,14 +210,18 @@ def _check(query: Array, keys: Array, values: Array, valid: Array) -> None:
         )
 
 
-def _split_kernel(q_ref, *refs, block_q: int, ranges: tuple[_KeyRange, ...]):
+def _split_kernel(layer_ref, q_ref, *refs, block_q: int, ranges: tuple[_KeyRange, ...]):
     """One (batch, kv head, row block, split) program. Splits `[0, ranges[0].splits)` cover the first key
-    source (keys, values, valid), the rest the second (new keys and values, all visible), if any."""
+    source (layer `layer_ref[0]` of the key and value stacks, and valid), the rest the second (new keys and
+    values, all visible), if any."""
     out_ref, lse_ref = refs[-2:]
     b, h, row_block, split = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     q = q_ref[b, h, pl.ds(row_block * block_q, block_q), :]
+    layer = layer_ref[0]
 
     def attend_range(k_ref, v_ref, valid_ref, key_range: _KeyRange, local_split):
+        # The cache's keys and values are stacks `[layers, batch, k, ...]`; the new ones `[batch, n, ...]`.
+        at = (layer, b) if valid_ref is not None else (b,)
         block_k, length = key_range.block_k, key_range.length
 
         def tile(t, carry):
@@ -212,7 +231,7 @@ def _split_kernel(q_ref, *refs, block_q: int, ranges: tuple[_KeyRange, ...]):
             # and whole tiles past the end, are masked out.
             load = jnp.minimum(start, length - block_k)
             keys = pl.ds(load, block_k)
-            scores = jax.lax.dot_general(q, k_ref[b, keys, h, :], (((1,), (1,)), ((), ())),
+            scores = jax.lax.dot_general(q, k_ref[(*at, keys, h, slice(None))], (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32)
             keep = load + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1) >= start
             if valid_ref is not None:
@@ -221,7 +240,7 @@ def _split_kernel(q_ref, *refs, block_q: int, ranges: tuple[_KeyRange, ...]):
             m_new = jnp.maximum(m, jnp.max(scores, axis=1))
             p = jnp.where(keep, jnp.exp(scores - m_new[:, None]), 0.0)
             alpha = jnp.exp(m - m_new)
-            values = v_ref[b, keys, h, :]
+            values = v_ref[(*at, keys, h, slice(None))]
             acc = alpha[:, None] * acc + jnp.dot(p.astype(values.dtype), values, preferred_element_type=jnp.float32)
             return m_new, alpha * total + jnp.sum(p, axis=1), acc
 
