@@ -381,7 +381,7 @@ def test_full_size_profiles_a_decoder_step_per_point(tmp_path, capsys):
     assert "error" not in point, point
     kernels = point["decoder_kernels"]["kernels"]
     assert 0 < len(kernels) <= bench.PROFILED_KERNELS and kernels[0]["total_us"] > 0
-    assert list(tmp_path.glob("decoder_prompt8_batch1_grouped_xla_unroll1/**/*.xplane.pb"))
+    assert list(tmp_path.glob("decoder_prompt8_batch1_grouped_xla_unroll1_separate/**/*.xplane.pb"))
     assert any("decoder step kernels" in line and kernels[0]["name"][:40] in line for line in logged)
     code, _, err = run(capsys, "bench", "--profile", str(tmp_path))
     assert_clean_error(code, err, "--profile needs --full-size")
@@ -462,19 +462,26 @@ def test_full_size_attention_choices_reach_the_config(capsys, monkeypatch):
     assert (seen[0].sliding_attention, seen[0].scan_unroll) == (("cudnn", "pallas"), (1, 5))
 
 
+def _tiny_full_size(monkeypatch, **settings):
+    """`bench.run_full_size` on a tiny model with the step timing faked: (result, [(params, config) timed])."""
+    from diffjax import bench
+
+    timed = []
+    monkeypatch.setattr(bench, "time_steps", lambda p, config, *_: timed.append((p, config)) or {
+        "cache_bytes": 0, "decoder_ms": 1.0})
+    result = bench.run_full_size(bench.FullSizeSettings(
+        batches=(1,), prompts=(4,), steps=1, repeats=1, force=True, bandwidth_bytes=1 << 20, generate=False,
+        **settings), config=Config.tiny(canvas_length=8))
+    return result, timed
+
+
 def test_full_size_with_pretiled_experts_makes_them_so(capsys, monkeypatch):
     import jax
 
     from diffjax import bench
 
     tiny = Config.tiny(canvas_length=8)
-    timed = []
-    monkeypatch.setattr(bench, "time_steps", lambda p, config, *_: timed.append((p, config)) or {
-        "cache_bytes": 0, "decoder_ms": 1.0})
-    settings = bench.FullSizeSettings(batches=(1,), prompts=(4,), steps=1, repeats=1, force=True,
-                                      bandwidth_bytes=1 << 20, generate=False, experts_pretiled=True,
-                                      moe_implementations=("pallas",))
-    result = bench.run_full_size(settings, config=tiny)
+    result, timed = _tiny_full_size(monkeypatch, experts_pretiled=True, moe_implementations=("pallas",))
     assert "error" not in result["points"][0] and result["config"]["expert_layout"] == "pretiled"
     params, config = timed[0]
     assert (config.expert_layout, config.moe_implementation) == ("pretiled", "pallas")
@@ -492,12 +499,7 @@ def test_full_size_times_each_projection_layout_on_the_same_weights(capsys, monk
     from diffjax import bench
 
     tiny = Config.tiny(canvas_length=8)
-    timed = []
-    monkeypatch.setattr(bench, "time_steps", lambda p, config, *_: timed.append((p, config)) or {
-        "cache_bytes": 0, "decoder_ms": 1.0})
-    settings = bench.FullSizeSettings(batches=(1,), prompts=(4,), steps=1, repeats=1, force=True,
-                                      bandwidth_bytes=1 << 20, generate=False, projections=("separate", "fused"))
-    result = bench.run_full_size(settings, config=tiny)
+    result, timed = _tiny_full_size(monkeypatch, projections=("separate", "fused"))
     assert [p["projections"] for p in result["points"]] == ["separate", "fused"]
     assert not any("error" in p for p in result["points"])
     (separate, separate_config), (fused, fused_config) = timed
@@ -513,20 +515,16 @@ def test_full_size_times_each_projection_layout_on_the_same_weights(capsys, monk
     assert_clean_error(code, err, "--projections needs --full-size")
 
 
-def test_generate_with_fused_projections_gives_the_same_answer(capsys):
+@pytest.mark.parametrize("flags", [("--moe", "pallas", "--experts-pretiled"),
+                                   ("--fused-projections", "--scan-unroll", "4")])
+def test_generate_with_load_time_layouts_gives_the_same_answer(capsys, flags):
     reference = run(capsys, "generate", "--no-live", "--seed", "3", "9402751")[1]
-    code, out, err = run(capsys, "generate", "--no-live", "--seed", "3", "--fused-projections", "--scan-unroll", "4",
-                         "9402751")
+    code, out, err = run(capsys, "generate", "--no-live", "--seed", "3", *flags, "9402751")
     assert code == 0, err
     assert out == reference
 
 
-def test_generate_with_pretiled_experts_gives_the_same_answer(capsys):
-    reference = run(capsys, "generate", "--no-live", "--seed", "3", "9402751")[1]
-    code, out, err = run(capsys, "generate", "--no-live", "--seed", "3", "--moe", "pallas", "--experts-pretiled",
-                         "9402751")
-    assert code == 0, err
-    assert out == reference
+def test_generate_refuses_pretiled_experts_for_the_grouped_form(capsys):
     code, _, err = run(capsys, "generate", "--no-live", "--experts-pretiled", "31")
     assert_clean_error(code, err, "pass --moe pallas")
 
