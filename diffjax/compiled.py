@@ -73,8 +73,8 @@ def step_structure(thunk_sequence: str, thunk_metadata: str, optimized_hlo: str)
     launches = copies = copy_bytes = outside = command_buffers = 0
     loops: list[int | None] = []
     kernels: collections.Counter[str] = collections.Counter()
-    # Enclosing thunks of the current line: (indent, kind, iterations).
-    enclosing: list[tuple[int, str, int]] = []
+    # Enclosing thunks of the current line: (indent, kind, iterations, annotation).
+    enclosing: list[tuple[int, str, int, str]] = []
     for line in thunk_sequence.splitlines():
         match = re.match(r"^(\s*)(\d+): (k\w+)\s*\[[^\]]*\]\s*(\S*)", line)
         if not match:
@@ -82,21 +82,24 @@ def step_structure(thunk_sequence: str, thunk_metadata: str, optimized_hlo: str)
         indent, thunk_id, kind, name = len(match.group(1)), int(match.group(2)), match.group(3), match.group(4)
         while enclosing and indent <= enclosing[-1][0]:
             enclosing.pop()
-        times = math.prod(iterations for _, _, iterations in enclosing)
+        times = math.prod(iterations for _, _, iterations, _ in enclosing)
         annotation = annotations.get(thunk_id, name)
         if kind == "kWhile":
             trips = _trip_count(instructions.get(annotation))
             loops.append(trips)
-            enclosing.append((indent, kind, trips or 1))
+            enclosing.append((indent, kind, trips or 1, annotation))
             continue
         if kind in _STRUCTURAL:
             command_buffers += kind == "kCommandBuffer"
-            enclosing.append((indent, kind, 1))
+            enclosing.append((indent, kind, 1, annotation))
             continue
         launches += times
-        if all(k != "kCommandBuffer" for _, k, _ in enclosing):
+        if all(k != "kCommandBuffer" for _, k, _, _ in enclosing):
             outside += times
         if kind in _COPIES:
+            # A copy inside a dynamic-slice fusion has no annotation of its own: it writes the fusion's result.
+            if annotation not in instructions:
+                annotation = next((a for _, _, _, a in reversed(enclosing) if a in instructions), annotation)
             copies += times
             copy_bytes += times * _array_bytes(instructions.get(annotation, ("",))[0])
         label = f"copy:{annotation}" if kind in _COPIES else (name or annotation)

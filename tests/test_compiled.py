@@ -55,19 +55,26 @@ condition:
     004: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1]
   body:
     005: kCustomKernel [source | sink] moe_gate_up grid: [1, 1, 1]
+    007: kAsyncStart [source | next=000 (1)] stream=computation_stream[2], async_id=7
+        009: kDynamicSliceFusion [source | sink] params=1, results=1
+            008: kCopy [source | sink] kCopy
 006: kCustomKernel [prev=003 (1) | sink] fusion_2 grid: [1, 1, 1]
 """
+    # As XLA writes it, the copy inside a dynamic-slice fusion has no annotation of its own: it writes the
+    # fusion's result.
     metadata = "\n".join(f'thunk_info {{ profile_annotation: "{name}" thunk_id: {i} }}' for i, name in
-                         [(2, "copy.3"), (3, "while.7")])
+                         [(2, "copy.3"), (3, "while.7"), (7, "fusion-start.1"), (9, "loop_dynamic_slice_fusion.2")])
     hlo = ('  %copy.3 = f32[10,4]{1,0} copy(%p)\n'
-           '  %while.7 = (s32[], f32[4]) while(%t), condition=%c, body=%b, backend_config={"known_trip_count":{"n":"6"}}\n')
+           '  %while.7 = (s32[], f32[4]) while(%t), condition=%c, body=%b, backend_config={"known_trip_count":{"n":"6"}}\n'
+           '  %loop_dynamic_slice_fusion.2 = bf16[1,8,8]{2,1,0} fusion(%w, %i), kind=kLoop\n')
     structure = step_structure(sequence, metadata, hlo)
     assert (structure.launches, structure.outside_command_buffers, structure.command_buffers) == (
-        2 + 2 * 6 + 1, 2 * 6 + 1, 1)
-    assert (structure.copies, structure.copy_bytes, structure.loops) == (1, 160, (6,))
+        2 + 3 * 6 + 1, 3 * 6 + 1, 1)
+    assert (structure.copies, structure.copy_bytes, structure.loops) == (1 + 6, 160 + 6 * 128, (6,))
+    assert dict(structure.kernels)["copy:loop_dynamic_slice_fusion"] == 6
     # Without a known trip count the body is counted once and the loop says so.
     unknown = step_structure(sequence, metadata, hlo.replace('"n":"6"', '"m":"6"'))
-    assert (unknown.launches, unknown.loops) == (2 + 2 + 1, (None,))
+    assert (unknown.launches, unknown.loops) == (2 + 3 + 1, (None,))
     assert "?" in unknown.summary()
 
 
