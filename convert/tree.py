@@ -126,7 +126,7 @@ def dtype_mismatches(
 
 def refuse_load_time_formats(config: Config) -> None:
     """Checkpoints hold unquantized, plain-layout weights: fp8 experts (`diffjax.quantize`), pretiled ones
-    (`diffjax.kernels.moe`) and fused projections (`diffjax.layout`) are made at load time."""
+    (`diffjax.kernels.moe`), fused projections and unstacked blocks (`diffjax.layout`) are made at load time."""
     if config.expert_quantization != "none":
         raise CheckpointError(
             f"cannot save expert_quantization={config.expert_quantization!r} params: checkpoints hold unquantized "
@@ -144,6 +144,12 @@ def refuse_load_time_formats(config: Config) -> None:
             f"cannot save projection_layout={config.projection_layout!r} params: checkpoints hold the separate "
             "projections. Save diffjax.layout.unfuse_projections(config, params) and fuse at load: "
             "diffjax.load(path, projections_fused=True)"
+        )
+    if config.block_layout != "stacked":
+        raise CheckpointError(
+            f"cannot save block_layout={config.block_layout!r} params: checkpoints hold the blocks stacked. Save "
+            "diffjax.layout.stack_blocks(config, params) and unstack at load: diffjax.load(path, "
+            "blocks_unstacked=True)"
         )
 
 

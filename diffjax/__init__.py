@@ -30,6 +30,7 @@ def load(
     experts_fp8: bool = False,
     experts_pretiled: bool = False,
     projections_fused: bool = False,
+    blocks_unstacked: bool = False,
     check_finite: bool = False,
 ) -> tuple[Config, dict[str, Any]]:
     """`(config, params)` of a checkpoint written by `diffjax convert` or `diffjax train`: `convert.load`,
@@ -42,6 +43,8 @@ def load(
     (`diffjax.kernels.moe.pretile_model`; use with `moe_implementation="pallas"` or `"pallas_mgpu"`).
     `projections_fused`: q/k/v and gate/up as one kernel each (`diffjax.layout.fuse_projections`; same maths,
     read in place by an unrolled GPU step, see `Config.projection_layout`).
+    `blocks_unstacked`: each layer block's weights a tree of their own (`diffjax.layout.unstack_blocks`; same
+    maths, no scan, read in place by any matmul, see `Config.block_layout`).
     `check_finite`: refuse a checkpoint with a NaN or inf weight, naming the tensor (reads every weight once
     more, ~10 GB/s)."""
     # Imported here: `convert` imports diffjax's submodules, so a module-level import would be circular.
@@ -59,6 +62,10 @@ def load(
         from diffjax.layout import fuse_projections
 
         config, params = fuse_projections(config, params)
+    if blocks_unstacked:
+        from diffjax.layout import unstack_blocks
+
+        config, params = unstack_blocks(config, params, donate=True)
     return config, params
 
 __all__ = [

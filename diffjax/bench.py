@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.config import (
+    BLOCK_LAYOUTS,
     FULL,
     MOE_IMPLEMENTATIONS,
     PROJECTION_LAYOUTS,
@@ -49,7 +50,7 @@ from diffjax.config import (
     require_pretiled_readers,
 )
 from diffjax.generate import STATISTICS
-from diffjax.layout import fuse_projections
+from diffjax.layout import relayout
 from diffjax.model import init_params, param_shapes
 from diffjax.profile import kernel_times, render_kernel_times
 
@@ -345,9 +346,11 @@ class FullSizeSettings:
     # unrolls the loop.
     sliding_attention: tuple[str, ...] = ("xla",)
     scan_unroll: tuple[int, ...] = (1,)
-    # `Config.projection_layout` values to time at each point: "fused" runs the same weights fused
-    # (`diffjax.layout.fuse_projections`, a second copy of the dense projections on the device).
+    # `Config.projection_layout` and `Config.block_layout` values to time at each point: the random weights are
+    # made in the first of each, and laid out for the others on the device (`diffjax.layout.relayout`: a second
+    # copy of the dense projections, or of the whole model for the other block layout).
     projections: tuple[str, ...] = ("separate",)
+    blocks: tuple[str, ...] = ("stacked",)
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
@@ -378,9 +381,10 @@ class FullSizeSettings:
                 or set(self.sliding_attention) - set(SLIDING_ATTENTION_IMPLEMENTATIONS)):
             raise ValueError(f"--sliding-attention takes values of {SLIDING_ATTENTION_IMPLEMENTATIONS}, got "
                              f"{self.sliding_attention!r}")
-        if (isinstance(self.projections, str) or not self.projections
-                or set(self.projections) - set(PROJECTION_LAYOUTS)):
-            raise ValueError(f"--projections takes values of {PROJECTION_LAYOUTS}, got {self.projections!r}")
+        for flag, values, known in (("projections", self.projections, PROJECTION_LAYOUTS),
+                                    ("blocks", self.blocks, BLOCK_LAYOUTS)):
+            if isinstance(values, str) or not values or set(values) - set(known):
+                raise ValueError(f"--{flag} takes values of {known}, got {values!r}")
         if not self.scan_unroll or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0
                                        for v in self.scan_unroll):
             raise ValueError(f"--scan-unroll takes positive integers, got {self.scan_unroll!r}")
@@ -530,7 +534,8 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
     if s.profile_dir is not None:
         trace_dir = pathlib.Path(s.profile_dir) / (
             f"decoder_prompt{prompt}_batch{batch}_{config.moe_implementation}_"
-            f"{config.sliding_attention_implementation}_unroll{config.scan_unroll}_{config.projection_layout}")
+            f"{config.sliding_attention_implementation}_unroll{config.scan_unroll}_{config.projection_layout}_"
+            f"{config.block_layout}")
         try:
             breakdown = kernel_times(decoder_step, trace_dir)
             profiled["decoder_kernels"] = {**breakdown, "kernels": breakdown["kernels"][:PROFILED_KERNELS]}
@@ -558,10 +563,21 @@ def _base_config(s: FullSizeSettings, config: Config | None) -> Config:
     return config.replace(global_attention_implementation=s.global_attention)
 
 
-def _variants(s: FullSizeSettings) -> Any:
-    """(prompt, batch, moe, sliding attention, scan_unroll, projection layout) of every decoder step to run."""
-    return itertools.product(sorted(set(s.prompts)), sorted(set(s.batches)), s.moe_implementations,
-                             s.sliding_attention, s.scan_unroll, s.projections)
+# What tells the decoder steps of a sweep apart, as points name it.
+VARIANT_KEYS = ("prompt", "batch", "moe", "sliding_attention", "scan_unroll", "projections", "blocks")
+
+
+def _variants(s: FullSizeSettings) -> list[dict[str, Any]]:
+    """Every decoder step to run, as {VARIANT_KEYS: value}, in increasing (prompt, batch) order."""
+    return [dict(zip(VARIANT_KEYS, values, strict=True)) for values in itertools.product(
+        sorted(set(s.prompts)), sorted(set(s.batches)), s.moe_implementations, s.sliding_attention, s.scan_unroll,
+        s.projections, s.blocks)]
+
+
+def _variant_config(config: Config, variant: dict[str, Any]) -> Config:
+    return config.replace(
+        moe_implementation=variant["moe"], sliding_attention_implementation=variant["sliding_attention"],
+        scan_unroll=variant["scan_unroll"], projection_layout=variant["projections"], block_layout=variant["blocks"])
 
 
 def compiled_full_size(s: FullSizeSettings, target: str, log: Callable[[str], None] = lambda _: None,
@@ -578,14 +594,12 @@ def compiled_full_size(s: FullSizeSettings, target: str, log: Callable[[str], No
     except (RuntimeError, ValueError) as exc:  # no CUDA plugin, or an unknown target: every point would fail
         raise BenchError(str(exc)) from None
     points = []
-    for prompt, batch, moe, sliding, unroll, layout in _variants(s):
-        point: dict[str, Any] = {"prompt": prompt, "batch": batch, "moe": moe, "sliding_attention": sliding,
-                                 "scan_unroll": unroll, "projections": layout}
-        variant = config.replace(moe_implementation=moe, sliding_attention_implementation=sliding,
-                                 scan_unroll=unroll, projection_layout=layout)
+    for variant in _variants(s):
+        point: dict[str, Any] = dict(variant)
         log(f"compiling the decoder step for {target}: {json.dumps(point)}")
         try:
-            point.update(dataclasses.asdict(compile_decoder_step(variant, batch, prompt, target)))
+            point.update(dataclasses.asdict(compile_decoder_step(
+                _variant_config(config, variant), variant["batch"], variant["prompt"], target)))
         except Exception as exc:  # one variant failing to compile must not lose the others
             point["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         points.append(point)
@@ -609,7 +623,7 @@ def run_full_size(
             "backend. Run it where a GPU is, or pass --force (with e.g. --layers 1; even one full-width layer "
             "needs well over 10 GB of host memory) to try anyway."
         )
-    config = _base_config(s, config)
+    config = _base_config(s, config).replace(projection_layout=s.projections[0], block_layout=s.blocks[0])
     experts = ("fp8 experts" if config.expert_quantization == "fp8" else "bf16 experts") + (
         ", pretiled" if s.experts_pretiled else "")
     log(f"making random bf16 weights ({experts}) on {device} ({config.num_layers} layers)")
@@ -630,27 +644,26 @@ def run_full_size(
         torch, _ = _import_torch()
         torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     points = []
-    laid_out = {"separate": params}  # params by projection layout, each made once
-    steps: dict[tuple[int, int, str, str, int, str], dict[str, Any]] = {}
-    for prompt, batch, moe, sliding, unroll, layout in _variants(s):
+    made_in = config
+    laid_out = {(config.projection_layout, config.block_layout): params}  # params by layouts, each made once
+    steps: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for variant in _variants(s):
+        prompt, batch = variant["prompt"], variant["batch"]
+        config = _variant_config(config, variant)
+        layouts = (config.projection_layout, config.block_layout)
+        if layouts not in laid_out:
+            log(f"laying the weights out: projections {layouts[0]}, blocks {layouts[1]}")
+            laid_out[layouts] = relayout(made_in, params, *layouts)[1]
+        params_here = laid_out[layouts]
         for statistics in s.statistics:
-            name = (f"prompt {prompt}, batch {batch}, moe {moe}, sliding {sliding}, scan_unroll {unroll}, "
-                    f"projections {layout}, statistics {statistics}")
-            point: dict[str, Any] = {"prompt": prompt, "batch": batch, "moe": moe, "sliding_attention": sliding,
-                                     "scan_unroll": unroll, "projections": layout, "statistics": statistics}
-            config = config.replace(moe_implementation=moe, sliding_attention_implementation=sliding,
-                                    scan_unroll=unroll, projection_layout="separate")
-            if layout not in laid_out:
-                log(f"fusing the dense projections ({layout})")
-                laid_out[layout] = fuse_projections(config, params)[1]
-            config = config.replace(projection_layout=layout)
-            params_here = laid_out[layout]
-            variant = (prompt, batch, moe, sliding, unroll, layout)
+            name = ", ".join(f"{key} {value}" for key, value in variant.items()) + f", statistics {statistics}"
+            point: dict[str, Any] = {**variant, "statistics": statistics}
+            key = tuple(variant.values())
             try:
-                if variant not in steps:
+                if key not in steps:
                     log(f"{name}: decoder step and encoder canvas")
-                    steps[variant] = time_steps(params_here, config, batch, prompt, s)
-                point.update(steps[variant])
+                    steps[key] = time_steps(params_here, config, batch, prompt, s)
+                point.update(steps[key])
                 if "decoder_kernels" in point:
                     log(f"{name}: decoder step kernels\n{render_kernel_times(point['decoder_kernels'])}")
                 step_bytes = weight_bytes + point["cache_bytes"]
@@ -767,14 +780,16 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
                f"floor = step FLOPs / matmul rate; x roofline = against the larger; tokens/s at {settings['steps']} steps per canvas = canvas x batch / (steps x decoder + "
                f"encoder); generate = whole loop, ms per decoder pass")
     table = Table(title=_title(result["config"]), caption=caption)
-    columns = ["prompt", "batch", "moe", "sliding", "unroll", "projections", "statistics", "decoder ms", "floor ms", "x floor",
+    columns = ["prompt", "batch", "moe", "sliding", "unroll", "projections", "blocks", "statistics", "decoder ms",
+               "floor ms", "x floor",
                "compute floor ms", "x roofline", "encoder canvas ms",
                "tokens/s", "generate ms/step", "transformers ms/step", "ours/theirs", "peak mem"]
     for name in columns:
         table.add_column(name, justify="right")
     for point in result["points"]:
         variant = (str(point["prompt"]), str(point["batch"]), point["moe"], point["sliding_attention"],
-                   str(point["scan_unroll"]), point.get("projections", "separate"), point["statistics"])
+                   str(point["scan_unroll"]), point.get("projections", "separate"), point.get("blocks", "stacked"),
+                   point["statistics"])
         if "error" in point:
             table.add_row(*variant, f"[red]{point['error'][:60]}[/]", *["-"] * (len(columns) - len(variant) - 1))
             continue
@@ -796,13 +811,13 @@ def render_compiled(result: dict[str, Any], console: Any) -> None:
                "kernels + library calls + copies, loop bodies once per iteration; outside graphs = launched one "
                "by one, the rest replay as CUDA graphs; copies = device-to-device copies and the bytes they write")
     table = Table(title=_title(result["config"]), caption=caption)
-    columns = ["prompt", "batch", "moe", "sliding", "unroll", "projections", "launches", "outside graphs",
+    columns = ["prompt", "batch", "moe", "sliding", "unroll", "projections", "blocks", "launches", "outside graphs",
                "copies", "copied GB", "loops"]
     for name in columns:
         table.add_column(name, justify="right")
     for point in result["points"]:
         variant = (str(point["prompt"]), str(point["batch"]), point["moe"], point["sliding_attention"],
-                   str(point["scan_unroll"]), point["projections"])
+                   str(point["scan_unroll"]), point["projections"], point["blocks"])
         if "error" in point:
             table.add_row(*variant, f"[red]{point['error'][:60]}[/]", *["-"] * (len(columns) - len(variant) - 1))
             continue

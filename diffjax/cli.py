@@ -31,6 +31,7 @@ import numpy as np
 from convert.__main__ import shard_size
 from diffjax.bench import output_file
 from diffjax.config import (
+    BLOCK_LAYOUTS,
     GLOBAL_ATTENTION_IMPLEMENTATIONS,
     MOE_IMPLEMENTATIONS,
     PROJECTION_LAYOUTS,
@@ -285,6 +286,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from diffjax.layout import fuse_projections
 
         model.config, model.params = fuse_projections(model.config, model.params)
+    if args.unstacked_blocks:
+        from diffjax.layout import unstack_blocks
+
+        model.config, model.params = unstack_blocks(model.config, model.params, donate=True)
     if model.banner:
         err.print(f"[bold white on red] {model.banner} [/]", soft_wrap=True)
     ids = _prompt_ids(args, model)
@@ -474,6 +479,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 sliding_attention=tuple(args.sliding_attention or ("xla",)),
                 scan_unroll=tuple(args.scan_unroll or (1,)),
                 projections=tuple(args.projections or ("separate",)),
+                blocks=tuple(args.blocks or ("stacked",)),
             )
             if args.compiled_for:
                 result = bench.compiled_full_size(settings, args.compiled_for, log)
@@ -484,8 +490,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (the comparison runs identical "
                                    "weights on both sides)")
-            for flag in ("global_attention", "sliding_attention", "scan_unroll", "projections", "profile",
-                         "compiled_for"):
+            for flag in ("global_attention", "sliding_attention", "scan_unroll", "projections", "blocks",
+                         "profile", "compiled_for"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (a GPU run)")
             defaults = bench.BenchSettings()
@@ -642,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fuse q/k/v and gate/up into one kernel each when loading (same maths; with --scan-unroll "
                         "set to the block count a GPU step reads them in place instead of copying them out of "
                         "their stacks)")
+    g.add_argument("--unstacked-blocks", action="store_true",
+                   help="give each layer block's weights arrays of their own when loading (same maths; no scan over "
+                        "blocks, so any GPU matmul reads them in place)")
     g.add_argument("--max-new-tokens", type=_positive_int, help="rounded up to whole canvases")
     g.add_argument("--steps", type=_positive_int, help="max denoising steps per canvas (default 48)")
     g.add_argument("--t-min", type=_nonnegative_float, help="final temperature (default 0.4)")
@@ -753,6 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernels")
     b.add_argument("--projections", nargs="+", choices=PROJECTION_LAYOUTS,
                    help="--full-size: dense projection layouts to time, e.g. separate fused (default separate)")
+    b.add_argument("--blocks", nargs="+", choices=BLOCK_LAYOUTS,
+                   help="--full-size: block layouts to time, e.g. stacked unstacked (default stacked; both at once "
+                        "hold the model twice)")
     b.add_argument("--compiled-for", metavar="GPU",
                    help="--full-size: compile each decoder step here for this GPU (h200, or a GpuTargetConfigProto "
                         "file) and count its launches and copies instead of timing it; needs JAX's CUDA plugin "

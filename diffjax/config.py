@@ -35,6 +35,8 @@ EXPERT_QUANTIZATIONS = ("none", "fp8")
 EXPERT_LAYOUTS = ("plain", "pretiled")
 # How the dense projections are laid out (`diffjax.layout.fuse_projections`): a load-time storage format too.
 PROJECTION_LAYOUTS = ("separate", "fused")
+# How the layer blocks' parameters are stored (`diffjax.layout.unstack_blocks`): a load-time storage format.
+BLOCK_LAYOUTS = ("stacked", "unstacked")
 
 RopeType = Literal["default", "proportional"]
 
@@ -146,6 +148,13 @@ class Config:
     # size, counted in the step compiled for an H200); one kernel per block is read in place once the blocks
     # are unrolled (`scan_unroll`).
     projection_layout: Literal["separate", "fused"] = "separate"
+    # How the layer blocks' parameters are stored. "stacked": `blocks/layer_j/...` leaves with a leading
+    # `[blocks]` axis, scanned over (as the checkpoints hold them). "unstacked": `block_{i}/layer_j/...`, one
+    # tree per block without that axis, run one block after another (`diffjax.layout.unstack_blocks`; no
+    # scan, so `scan_unroll` does not apply). Same maths. Why: a block's slice of a stack that feeds a cuBLAS
+    # matmul is copied out first, unrolled or not (3.3 GB per full-size step compiled for an H200 with cuBLAS
+    # matmuls); a leaf of its own is read in place whichever matmul the GPU's autotuner picks.
+    block_layout: Literal["stacked", "unstacked"] = "stacked"
     # Layer blocks per iteration of the scan over blocks (`jax.lax.scan`'s `unroll`). 1: a loop whose body is
     # one block, so compile time does not grow with depth. `num_blocks` (or more): no loop, so each block's
     # weights are a static slice of their stack, not a per-iteration dynamic slice, which XLA on a GPU copies
@@ -203,6 +212,8 @@ class Config:
             )
         if self.expert_layout not in EXPERT_LAYOUTS:
             raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {self.expert_layout!r}")
+        if self.block_layout not in BLOCK_LAYOUTS:
+            raise ValueError(f"block_layout must be one of {BLOCK_LAYOUTS}, got {self.block_layout!r}")
         if self.projection_layout not in PROJECTION_LAYOUTS:
             raise ValueError(
                 f"projection_layout must be one of {PROJECTION_LAYOUTS}, got {self.projection_layout!r}"

@@ -1,12 +1,17 @@
-"""Load-time layout of the dense projections: `Config.projection_layout` "separate" <-> "fused".
+"""Load-time parameter layouts for a GPU's decoder step; checkpoints hold neither (unmake them before saving).
 
-Fused, the projections that read the same input are one kernel each (same maths, same parameter count):
+`Config.projection_layout` "separate" <-> "fused" (`fuse_projections`, `unfuse_projections`): the projections
+that read the same input become one kernel each (same maths, same parameter count):
 
     self_attn/qkv_proj/kernel   [..., hidden, q + k (+ v on sliding layers)]   columns in that order
     mlp/gate_up_proj/kernel     [..., hidden, 2 * intermediate]                gate first
 
-(`...` is `[blocks]` inside the scanned blocks; the self-conditioning MLP is fused too.) Checkpoints hold the
-separate layout: fuse after loading (`diffjax.load(path, projections_fused=True)`), unfuse before saving.
+(`...` is `[blocks]` inside stacked blocks; the self-conditioning MLP is fused too.)
+
+`Config.block_layout` "stacked" <-> "unstacked" (`unstack_blocks`, `stack_blocks`): `blocks/layer_j/...`
+leaves with a leading `[blocks]` axis become one tree per block, `block_{i}/layer_j/...`.
+
+`diffjax.load(path, projections_fused=True, blocks_unstacked=True)` makes both while loading.
 """
 
 from __future__ import annotations
@@ -91,3 +96,52 @@ def _split(kernel: jax.Array, widths: tuple[int, ...]) -> list[jax.Array]:
     if kernel.shape[-1] != sum(widths):
         raise ValueError(f"a fused kernel of {kernel.shape[-1]} columns, expected {' + '.join(map(str, widths))}")
     return jnp.split(kernel, list(itertools.accumulate(widths[:-1])), axis=-1)
+
+
+def unstack_blocks(config: Config, params: Params, donate: bool = False) -> tuple[Config, Params]:
+    """`(config, params)` with each block's parameters a tree of its own (`block_{i}`, the `[blocks]` axis
+    gone) and `config.block_layout="unstacked"`. Each block's leaves are new device arrays. `donate`: delete
+    each stacked leaf (its device memory) once its blocks are made, so the model is never held twice (a
+    full-size bf16 model is ~50 GB); `params` is unusable afterwards."""
+    if config.block_layout == "unstacked":
+        raise ValueError("config.block_layout is already 'unstacked'")
+    if "blocks" not in params:
+        raise ValueError("no `blocks` parameters in this tree: not a stacked DiffusionGemma parameter tree")
+    leaves, treedef = jax.tree.flatten(params["blocks"])
+    per_block: list[list[Any]] = [[] for _ in range(config.num_blocks)]
+    for leaf in leaves:
+        if leaf.shape[:1] != (config.num_blocks,):
+            raise ValueError(f"a block stack of shape {leaf.shape}: expected [{config.num_blocks}, ...]")
+        slices = [leaf[i] for i in range(config.num_blocks)]
+        if donate and isinstance(leaf, jax.Array):
+            jax.block_until_ready(slices)
+            leaf.delete()
+        for block, piece in zip(per_block, slices, strict=True):
+            block.append(piece)
+    out = {key: value for key, value in params.items() if key != "blocks"}
+    out.update({f"block_{i}": jax.tree.unflatten(treedef, block) for i, block in enumerate(per_block)})
+    return config.replace(block_layout="unstacked"), out
+
+
+def stack_blocks(config: Config, params: Params) -> tuple[Config, Params]:
+    """The inverse of `unstack_blocks`: `[blocks, ...]` stacks under `blocks` and
+    `config.block_layout="stacked"` (a copy of every block's leaves)."""
+    if config.block_layout != "unstacked":
+        raise ValueError(f"config.block_layout is {config.block_layout!r}, not 'unstacked'")
+    names = [f"block_{i}" for i in range(config.num_blocks)]
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise ValueError(f"unstacked parameters without {', '.join(missing)}")
+    out = {key: value for key, value in params.items() if key not in names}
+    out["blocks"] = jax.tree.map(lambda *blocks: jnp.stack(blocks), *(params[name] for name in names))
+    return config.replace(block_layout="stacked"), out
+
+
+def relayout(config: Config, params: Params, projection_layout: str, block_layout: str) -> tuple[Config, Params]:
+    """`(config, params)` in the given projection and block layouts, whatever they are in now (a new tree;
+    `params` stays usable)."""
+    if config.projection_layout != projection_layout:
+        config, params = (fuse_projections if projection_layout == "fused" else unfuse_projections)(config, params)
+    if config.block_layout != block_layout:
+        config, params = (unstack_blocks if block_layout == "unstacked" else stack_blocks)(config, params)
+    return config, params

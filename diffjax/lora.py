@@ -58,6 +58,9 @@ def _targeted_kernels(params: Params, lora_config: LoraConfig) -> dict[tuple[str
     """{module path from the root: its kernel `[blocks, in, out]`} for every targeted module of every layer."""
     found: dict[tuple[str, ...], Array] = {}
     unmatched = set(lora_config.targets)
+    if "blocks" not in params:
+        raise ValueError("LoRA adapts stacked blocks (`blocks/layer_j/...`); these params have none: "
+                         "diffjax.layout.stack_blocks first if they are unstacked")
     for layer_name, layer in params["blocks"].items():
         for target in lora_config.targets:
             node: Any = layer

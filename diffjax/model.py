@@ -232,6 +232,24 @@ class DiffusionGemma(nn.Module):
             x = SelfConditioning(cfg, name="self_conditioning")(x, soft)
             masks = _decoder_masks(cfg, cache, n)
 
+        # The decoder's Pallas attention reads each block's cached keys from the whole stacks in place, as the
+        # Pallas experts read their weights: the scan's slice of a cache stack is a copy on a GPU (~1 GB per
+        # batch-8 step at full size), unrolled or not.
+        context_stacked = mode == DECODE and "pallas" in (
+            cfg.global_attention_implementation, cfg.sliding_attention_implementation) and not self.is_initializing()
+        if cfg.block_layout == "unstacked":
+            x, new_kv = self._unstacked_blocks(x, cache, positions, masks, mode, context_stacked)
+        else:
+            x, new_kv = self._scanned_blocks(x, cache, positions, masks, mode, context_stacked)
+        hidden = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
+        if mode == ENCODE:
+            return hidden, new_kv
+        return hidden if return_hidden else embedder.logits(hidden)
+
+    def _scanned_blocks(self, x: Array, cache: KVCache, positions: Array, masks: dict[str, Array], mode: str,
+                        context_stacked: bool) -> tuple[Array, Any]:
+        """The blocks as one `nn.scan` over `[blocks, ...]` parameter stacks."""
+        cfg = self.config
         expert_stacks = None
         if cfg.moe_implementation in STACK_READING_MOE_IMPLEMENTATIONS and not self.is_initializing():
             # The Pallas experts read each block's weights from the whole stack: the scan's per-block slice
@@ -240,11 +258,6 @@ class DiffusionGemma(nn.Module):
             expert_stacks = {
                 name: dict(layer["experts"]) for name, layer in self.variables["params"]["blocks"].items()
             }
-        # The decoder's Pallas attention reads each block's cached keys from the whole stacks in place, as the
-        # Pallas experts read their weights: the scan's slice of a cache stack is a copy on a GPU (~1 GB per
-        # batch-8 step at full size), unrolled or not.
-        context_stacked = mode == DECODE and "pallas" in (
-            cfg.global_attention_implementation, cfg.sliding_attention_implementation) and not self.is_initializing()
         blocks = nn.scan(
             Block,
             variable_axes={"params": 0},
@@ -254,14 +267,25 @@ class DiffusionGemma(nn.Module):
             length=cfg.num_blocks,
             unroll=min(cfg.scan_unroll, cfg.num_blocks),
         )(cfg, mode, name="blocks")
-        x, new_kv = blocks(
+        return blocks(
             x, (cache.keys, cache.values), positions, masks, jnp.arange(cfg.num_blocks, dtype=jnp.int32),
             expert_stacks, context_stacked,
         )
-        hidden = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
-        if mode == ENCODE:
-            return hidden, new_kv
-        return hidden if return_hidden else embedder.logits(hidden)
+
+    def _unstacked_blocks(self, x: Array, cache: KVCache, positions: Array, masks: dict[str, Array], mode: str,
+                          context_stacked: bool) -> tuple[Array, Any]:
+        """The blocks one after another, each with parameters of its own (`block_{i}`, no `[blocks]` axis):
+        `Config.block_layout="unstacked"`. The cache keeps its `[blocks, ...]` stacks; the new keys and values
+        are stacked back in that layout."""
+        outputs = []
+        for i in range(self.config.num_blocks):
+            context = (cache.keys, cache.values)
+            if not context_stacked:
+                context = jax.tree.map(lambda stack, i=i: stack[i], context)
+            x, new_kv = Block(self.config, mode, name=f"block_{i}")(
+                x, context, positions, masks, jnp.int32(i), None, context_stacked)
+            outputs.append(new_kv)
+        return x, jax.tree.map(lambda *per_block: jnp.stack(per_block), *outputs)
 
 
 def _encoder_masks(config: Config, cache: KVCache, attention_mask: Array, positions: Array) -> dict[str, Array]:

@@ -132,10 +132,11 @@ def _leaf_spec(path: tuple[str, ...], shape: tuple[int, ...], config: Config, me
 def param_specs(config: Config, mesh: Mesh | jax.sharding.AbstractMesh) -> Params:
     """`PartitionSpec` of every parameter: a pytree with the structure of `param_shapes(config)`."""
     _check_mesh(mesh)
-    if config.projection_layout != "separate":
+    if config.projection_layout != "separate" or config.block_layout != "stacked":
         # A fused kernel's columns are q|k|v (gate|up): splitting them over `model` would not split heads.
-        raise ValueError("sharding takes the separate projection layout: diffjax.layout.unfuse_projections first "
-                         f"(config.projection_layout is {config.projection_layout!r})")
+        raise ValueError("sharding takes the separate projections and stacked blocks (diffjax.layout."
+                         "unfuse_projections / stack_blocks first): config.projection_layout is "
+                         f"{config.projection_layout!r}, config.block_layout {config.block_layout!r}")
     return jax.tree_util.tree_map_with_path(
         lambda path, s: _leaf_spec(tuple(k.key for k in path), s.shape, config, mesh), _param_shapes(config)
     )

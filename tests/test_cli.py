@@ -381,7 +381,7 @@ def test_full_size_profiles_a_decoder_step_per_point(tmp_path, capsys):
     assert "error" not in point, point
     kernels = point["decoder_kernels"]["kernels"]
     assert 0 < len(kernels) <= bench.PROFILED_KERNELS and kernels[0]["total_us"] > 0
-    assert list(tmp_path.glob("decoder_prompt8_batch1_grouped_xla_unroll1_separate/**/*.xplane.pb"))
+    assert list(tmp_path.glob("decoder_prompt8_batch1_grouped_xla_unroll1_separate_stacked/**/*.xplane.pb"))
     assert any("decoder step kernels" in line and kernels[0]["name"][:40] in line for line in logged)
     code, _, err = run(capsys, "bench", "--profile", str(tmp_path))
     assert_clean_error(code, err, "--profile needs --full-size")
@@ -495,28 +495,37 @@ def test_full_size_with_pretiled_experts_makes_them_so(capsys, monkeypatch):
     assert_clean_error(code, err, "--experts-pretiled needs --full-size")
 
 
-def test_full_size_times_each_projection_layout_on_the_same_weights(capsys, monkeypatch):
+def test_full_size_times_each_layout_on_the_same_weights(capsys, monkeypatch):
     from diffjax import bench
 
     tiny = Config.tiny(canvas_length=8)
-    result, timed = _tiny_full_size(monkeypatch, projections=("separate", "fused"))
-    assert [p["projections"] for p in result["points"]] == ["separate", "fused"]
+    result, timed = _tiny_full_size(monkeypatch, projections=("separate", "fused"), blocks=("unstacked", "stacked"))
+    # Made in the first layouts named (separate, unstacked), laid out for the others from those weights.
+    assert [(p["projections"], p["blocks"]) for p in result["points"]] == [
+        ("separate", "unstacked"), ("separate", "stacked"), ("fused", "unstacked"), ("fused", "stacked")]
     assert not any("error" in p for p in result["points"])
-    (separate, separate_config), (fused, fused_config) = timed
-    assert (separate_config.projection_layout, fused_config.projection_layout) == ("separate", "fused")
+    assert [(c.projection_layout, c.block_layout) for _, c in timed] == [
+        (p["projections"], p["blocks"]) for p in result["points"]]
+    made, stacked, fused = timed[0][0], timed[1][0], timed[3][0]
+    assert "block_0" in made and "blocks" not in made
     attention = fused["blocks"]["layer_0"]["self_attn"]
     assert "qkv_proj" in attention and "q_proj" not in attention
-    np.testing.assert_array_equal(attention["qkv_proj"]["kernel"][..., :tiny.num_heads * tiny.sliding.head_dim],
-                                  separate["blocks"]["layer_0"]["self_attn"]["q_proj"]["kernel"])
+    np.testing.assert_array_equal(attention["qkv_proj"]["kernel"][0, :, :tiny.num_heads * tiny.sliding.head_dim],
+                                  made["block_0"]["layer_0"]["self_attn"]["q_proj"]["kernel"])
+    np.testing.assert_array_equal(stacked["blocks"]["layer_0"]["mlp"]["up_proj"]["kernel"][0],
+                                  made["block_0"]["layer_0"]["mlp"]["up_proj"]["kernel"])
     for bad in ("fused", (), ("joined",)):
         with pytest.raises(ValueError, match="--projections takes values of"):
             bench.FullSizeSettings(projections=bad).validate()
+        with pytest.raises(ValueError, match="--blocks takes values of"):
+            bench.FullSizeSettings(blocks=bad).validate()
     code, _, err = run(capsys, "bench", "--projections", "fused")
     assert_clean_error(code, err, "--projections needs --full-size")
 
 
 @pytest.mark.parametrize("flags", [("--moe", "pallas", "--experts-pretiled"),
-                                   ("--fused-projections", "--scan-unroll", "4")])
+                                   ("--fused-projections", "--scan-unroll", "4"),
+                                   ("--fused-projections", "--unstacked-blocks")])
 def test_generate_with_load_time_layouts_gives_the_same_answer(capsys, flags):
     reference = run(capsys, "generate", "--no-live", "--seed", "3", "9402751")[1]
     code, out, err = run(capsys, "generate", "--no-live", "--seed", "3", *flags, "9402751")

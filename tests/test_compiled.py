@@ -108,7 +108,7 @@ def test_compiled_full_size_counts_every_variant_and_keeps_a_failing_one(monkeyp
     seen = []
 
     def fake_compile(config, batch, prompt, target):
-        seen.append((config.scan_unroll, config.projection_layout, batch, prompt, target))
+        seen.append((config.scan_unroll, config.projection_layout, config.block_layout, batch, prompt, target))
         if config.projection_layout == "fused" and config.scan_unroll == 1:
             raise ValueError("no such kernel")
         return _fixture_structure()
@@ -116,10 +116,10 @@ def test_compiled_full_size_counts_every_variant_and_keeps_a_failing_one(monkeyp
     monkeypatch.setattr(compiled, "gpu_device", lambda target: None)
     monkeypatch.setattr(compiled, "compile_decoder_step", fake_compile)
     settings = bench.FullSizeSettings(batches=(2,), prompts=(8,), scan_unroll=(1, 3),
-                                      projections=("separate", "fused"))
+                                      projections=("separate", "fused"), blocks=("unstacked",))
     result = bench.compiled_full_size(settings, "h200", config=Config.tiny())
-    assert seen == [(1, "separate", 2, 8, "h200"), (1, "fused", 2, 8, "h200"), (3, "separate", 2, 8, "h200"),
-                    (3, "fused", 2, 8, "h200")]
+    assert seen == [(1, "separate", "unstacked", 2, 8, "h200"), (1, "fused", "unstacked", 2, 8, "h200"),
+                    (3, "separate", "unstacked", 2, 8, "h200"), (3, "fused", "unstacked", 2, 8, "h200")]
     points = result["points"]
     assert "no such kernel" in points[1]["error"]
     assert [p["launches"] for p in points if "error" not in p] == [21, 21, 21]

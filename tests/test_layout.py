@@ -1,4 +1,4 @@
-"""`Config.projection_layout`: fusing the dense projections at load time (`diffjax.layout`) and back."""
+"""`Config.projection_layout` and `Config.block_layout`: load-time parameter layouts (`diffjax.layout`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from jax.sharding import AbstractMesh
 import diffjax
 from diffjax import sharding
 from diffjax.config import FULL, SLIDING, AttentionConfig, Config
-from diffjax.layout import fuse_projections, unfuse_projections
+from diffjax.layout import fuse_projections, relayout, stack_blocks, unfuse_projections, unstack_blocks
 from diffjax.model import init_params, param_shapes
 
 # Both layer types with different head sizes, so the q/k/v column blocks differ between them.
@@ -87,7 +87,7 @@ def test_fused_layout_is_refused_where_it_does_not_belong(tmp_path):
     with pytest.raises(CheckpointError, match=r"projection_layout='fused'.*unfuse_projections"):
         convert.save(fused, fused_config, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
-    with pytest.raises(ValueError, match="separate projection layout"):
+    with pytest.raises(ValueError, match="separate projections and stacked blocks"):
         sharding.param_specs(fused_config, AbstractMesh((1, 1, 2), sharding.AXES))
     # A separate tree under the fused config is named, not run.
     cache = diffjax.init_cache(CONFIG, 1, 8)
@@ -98,3 +98,82 @@ def test_fused_layout_is_refused_where_it_does_not_belong(tmp_path):
     loaded_config, loaded = diffjax.load(tmp_path / "separate", projections_fused=True)
     assert loaded_config == fused_config
     assert _leaves_equal(loaded, fused)
+
+
+def test_unstacking_gives_each_block_its_own_tree_and_stacking_gives_the_stacks_back():
+    params = init_params(CONFIG, jax.random.key(5))
+    config, unstacked = unstack_blocks(CONFIG, params)
+    assert config == CONFIG.replace(block_layout="unstacked")
+    assert sorted(unstacked) == ["block_0", "block_1", "embedder", "final_norm", "self_conditioning"]
+    assert jax.tree.map(lambda a: a.shape, unstacked) == jax.tree.map(lambda a: a.shape, param_shapes(config))
+    np.testing.assert_array_equal(unstacked["block_1"]["layer_1"]["experts"]["down_proj"],
+                                  params["blocks"]["layer_1"]["experts"]["down_proj"][1])
+    back_config, back = stack_blocks(config, unstacked)
+    assert back_config == CONFIG and _leaves_equal(back, params)
+    # Both layouts at once, from either side.
+    both_config, both = relayout(CONFIG, params, "fused", "unstacked")
+    assert (both_config.projection_layout, both_config.block_layout) == ("fused", "unstacked")
+    assert "qkv_proj" in both["block_0"]["layer_0"]["self_attn"]
+    assert _leaves_equal(relayout(both_config, both, "separate", "stacked")[1], params)
+    # donate: each stack's device memory goes as soon as its blocks are made.
+    copy = jax.tree.map(jnp.copy, params)
+    _, donated = unstack_blocks(CONFIG, copy, donate=True)
+    assert copy["blocks"]["layer_0"]["mlp"]["down_proj"]["kernel"].is_deleted()
+    assert not copy["embedder"]["embedding"].is_deleted()
+    assert _leaves_equal(donated, unstacked)
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_unstacked_model_computes_what_the_stacked_one_does(kernels):
+    """Encoder and decoder on unstacked blocks (a Python loop over blocks) against the scan over stacks, with
+    the plain-JAX paths and with the Pallas kernels (interpreted here), which read the cache's stacks in place."""
+    config = CONFIG.replace(num_heads=4, sliding=AttentionConfig(head_dim=16, num_kv_heads=2, rope_theta=1e4))
+    if kernels:
+        config = config.replace(moe_implementation="pallas", sliding_attention_implementation="pallas",
+                                global_attention_implementation="pallas")
+    params = init_params(config, jax.random.key(6))
+    unstacked_config, unstacked = unstack_blocks(config, params)
+    rng = np.random.default_rng(7)
+    ids = rng.integers(3, config.vocab_size, (2, 19))
+    mask = np.ones_like(ids, bool)
+    mask[1, :4] = False
+    canvas = rng.integers(0, config.vocab_size, (2, config.canvas_length))
+    outputs = []
+    for c, p in ((config, params), (unstacked_config, unstacked)):
+        cache = diffjax.encode(p, c, ids, mask, capacity=19 + config.canvas_length)
+        outputs.append((cache, diffjax.denoise_logits(p, c, cache, canvas)))
+    (cache, logits), (unstacked_cache, unstacked_logits) = outputs
+    assert float(jnp.max(jnp.abs(logits))) > 0.3
+    np.testing.assert_allclose(unstacked_logits, logits, atol=2e-6, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(unstacked_cache), jax.tree.leaves(cache), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_unstacked_layout_is_refused_where_it_does_not_belong(tmp_path):
+    import convert
+    from convert.errors import CheckpointError
+    from diffjax.lora import LoraConfig, init_lora
+
+    params = init_params(CONFIG, jax.random.key(8))
+    config, unstacked = unstack_blocks(CONFIG, params)
+    with pytest.raises(ValueError, match="already 'unstacked'"):
+        unstack_blocks(config, unstacked)
+    with pytest.raises(ValueError, match="is 'stacked', not 'unstacked'"):
+        stack_blocks(CONFIG, params)
+    with pytest.raises(ValueError, match=r"without block_1"):
+        stack_blocks(config, {k: v for k, v in unstacked.items() if k != "block_1"})
+    with pytest.raises(CheckpointError, match=r"block_layout='unstacked'.*stack_blocks"):
+        convert.save(unstacked, config, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(ValueError, match="stacked blocks"):
+        sharding.param_specs(config, AbstractMesh((1, 1, 2), sharding.AXES))
+    with pytest.raises(ValueError, match="LoRA adapts stacked blocks"):
+        init_lora(unstacked, LoraConfig(), jax.random.key(0))
+    # Stacked params under the unstacked config are named, not run.
+    with pytest.raises(ValueError, match="block_0"):
+        diffjax.denoise_logits(params, config, diffjax.init_cache(CONFIG, 1, 8),
+                               np.zeros((1, CONFIG.canvas_length), np.int32))
+    convert.save(params, CONFIG, tmp_path / "stacked")
+    loaded_config, loaded = diffjax.load(tmp_path / "stacked", projections_fused=True, blocks_unstacked=True)
+    assert (loaded_config.projection_layout, loaded_config.block_layout) == ("fused", "unstacked")
+    assert _leaves_equal(loaded, relayout(CONFIG, params, "fused", "unstacked")[1])

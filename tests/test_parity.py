@@ -128,14 +128,16 @@ def test_unrolled_blocks_match_the_reference(multi_block_pair, scan_unroll):
     _assert_close(diffjax.denoise_logits(params, unrolled, cache, canvas), ref_logits, "unrolled logits")
 
 
-@pytest.mark.parametrize("scan_unroll", [1, 7])
-def test_fused_projections_match_the_reference(multi_block_pair, scan_unroll):
+@pytest.mark.parametrize(("scan_unroll", "projections", "blocks"), [
+    (1, "fused", "stacked"), (7, "fused", "stacked"), (1, "separate", "unstacked"), (1, "fused", "unstacked")])
+def test_load_time_layouts_match_the_reference(multi_block_pair, scan_unroll, projections, blocks):
     """`Config.projection_layout="fused"` (q/k/v and gate/up one kernel each, the self-conditioning MLP's too)
-    against transformers' separate projections: encoder, decoder and a self-conditioned decoder pass."""
-    from diffjax.layout import fuse_projections
+    and `Config.block_layout="unstacked"` (a tree per block, no scan) against transformers: encoder, decoder and
+    a self-conditioned decoder pass."""
+    from diffjax.layout import relayout
 
     config, model, params = multi_block_pair
-    fused_config, fused = fuse_projections(config.replace(scan_unroll=scan_unroll), params)
+    fused_config, fused = relayout(config.replace(scan_unroll=scan_unroll), params, projections, blocks)
     ids, mask = _prompt(config, 2, 13, [0, 4], seed=23)
     rng = np.random.default_rng(24)
     canvas = rng.integers(0, config.vocab_size, (2, config.canvas_length))
