@@ -74,33 +74,45 @@ def test_fused_model_computes_what_the_separate_one_does(batch, pad):
         np.testing.assert_allclose(fused_keys[name], keys[name], atol=1e-5)
 
 
-def test_fused_layout_is_refused_where_it_does_not_belong(tmp_path):
+# layout -> (make, unmake, config field, its checkpoint value, a leaf name the layout has, diffjax.load flag)
+LAYOUTS = {
+    "fused": (fuse_projections, unfuse_projections, "projection_layout", "separate", "qkv_proj", "projections_fused"),
+    "unstacked": (unstack_blocks, stack_blocks, "block_layout", "stacked", "block_0", "blocks_unstacked"),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_load_time_layouts_are_refused_where_they_do_not_belong(tmp_path, layout):
     import convert
     from convert.errors import CheckpointError
 
+    make, unmake, field, plain, leaf_name, load_flag = LAYOUTS[layout]
     params = init_params(CONFIG, jax.random.key(4))
-    fused_config, fused = fuse_projections(CONFIG, params)
-    with pytest.raises(ValueError, match="already 'fused'"):
-        fuse_projections(fused_config, fused)
-    with pytest.raises(ValueError, match="is 'separate', not 'fused'"):
-        unfuse_projections(CONFIG, params)
-    with pytest.raises(CheckpointError, match=r"projection_layout='fused'.*unfuse_projections"):
-        convert.save(fused, fused_config, tmp_path / "ckpt")
+    config, laid_out = make(CONFIG, params)
+    with pytest.raises(ValueError, match=f"already '{layout}'"):
+        make(config, laid_out)
+    with pytest.raises(ValueError, match=f"is '{plain}', not '{layout}'"):
+        unmake(CONFIG, params)
+    with pytest.raises(CheckpointError, match=rf"{field}='{layout}'.*{unmake.__name__}"):
+        convert.save(laid_out, config, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
     with pytest.raises(ValueError, match="separate projections and stacked blocks"):
-        sharding.param_specs(fused_config, AbstractMesh((1, 1, 2), sharding.AXES))
-    # A separate tree under the fused config is named, not run.
-    cache = diffjax.init_cache(CONFIG, 1, 8)
-    with pytest.raises(ValueError, match="qkv_proj"):
-        diffjax.denoise_logits(params, fused_config, cache, np.zeros((1, CONFIG.canvas_length), np.int32))
-    # Checkpoints hold the separate layout; loading can fuse.
-    convert.save(params, CONFIG, tmp_path / "separate")
-    loaded_config, loaded = diffjax.load(tmp_path / "separate", projections_fused=True)
-    assert loaded_config == fused_config
-    assert _leaves_equal(loaded, fused)
+        sharding.param_specs(config, AbstractMesh((1, 1, 2), sharding.AXES))
+    # A tree in the checkpoint layout under the load-time config is named, not run.
+    with pytest.raises(ValueError, match=leaf_name):
+        diffjax.denoise_logits(params, config, diffjax.init_cache(CONFIG, 1, 8),
+                               np.zeros((1, CONFIG.canvas_length), np.int32))
+    # Checkpoints hold the plain layout; loading can make this one.
+    convert.save(params, CONFIG, tmp_path / "plain")
+    loaded_config, loaded = diffjax.load(tmp_path / "plain", **{load_flag: True})
+    assert loaded_config == config
+    assert _leaves_equal(loaded, laid_out)
 
 
-def test_unstacking_gives_each_block_its_own_tree_and_stacking_gives_the_stacks_back():
+def test_unstacking_gives_each_block_its_own_tree_and_stacking_gives_the_stacks_back(tmp_path):
+    import convert
+    from diffjax.lora import LoraConfig, init_lora
+
     params = init_params(CONFIG, jax.random.key(5))
     config, unstacked = unstack_blocks(CONFIG, params)
     assert config == CONFIG.replace(block_layout="unstacked")
@@ -115,6 +127,15 @@ def test_unstacking_gives_each_block_its_own_tree_and_stacking_gives_the_stacks_
     assert (both_config.projection_layout, both_config.block_layout) == ("fused", "unstacked")
     assert "qkv_proj" in both["block_0"]["layer_0"]["self_attn"]
     assert _leaves_equal(relayout(both_config, both, "separate", "stacked")[1], params)
+    with pytest.raises(ValueError, match=r"without block_1"):
+        stack_blocks(config, {k: v for k, v in unstacked.items() if k != "block_1"})
+    with pytest.raises(ValueError, match="LoRA adapts stacked blocks"):
+        init_lora(unstacked, LoraConfig(), jax.random.key(0))
+    # Both loading flags at once.
+    convert.save(params, CONFIG, tmp_path / "stacked")
+    loaded_config, loaded = diffjax.load(tmp_path / "stacked", projections_fused=True, blocks_unstacked=True)
+    assert (loaded_config.projection_layout, loaded_config.block_layout) == ("fused", "unstacked")
+    assert _leaves_equal(loaded, relayout(CONFIG, params, "fused", "unstacked")[1])
     # donate: each stack's device memory goes as soon as its blocks are made.
     copy = jax.tree.map(jnp.copy, params)
     _, donated = unstack_blocks(CONFIG, copy, donate=True)
@@ -147,33 +168,3 @@ def test_unstacked_model_computes_what_the_stacked_one_does(kernels):
     np.testing.assert_allclose(unstacked_logits, logits, atol=2e-6, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(unstacked_cache), jax.tree.leaves(cache), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
-
-
-def test_unstacked_layout_is_refused_where_it_does_not_belong(tmp_path):
-    import convert
-    from convert.errors import CheckpointError
-    from diffjax.lora import LoraConfig, init_lora
-
-    params = init_params(CONFIG, jax.random.key(8))
-    config, unstacked = unstack_blocks(CONFIG, params)
-    with pytest.raises(ValueError, match="already 'unstacked'"):
-        unstack_blocks(config, unstacked)
-    with pytest.raises(ValueError, match="is 'stacked', not 'unstacked'"):
-        stack_blocks(CONFIG, params)
-    with pytest.raises(ValueError, match=r"without block_1"):
-        stack_blocks(config, {k: v for k, v in unstacked.items() if k != "block_1"})
-    with pytest.raises(CheckpointError, match=r"block_layout='unstacked'.*stack_blocks"):
-        convert.save(unstacked, config, tmp_path / "ckpt")
-    assert not (tmp_path / "ckpt").exists()
-    with pytest.raises(ValueError, match="stacked blocks"):
-        sharding.param_specs(config, AbstractMesh((1, 1, 2), sharding.AXES))
-    with pytest.raises(ValueError, match="LoRA adapts stacked blocks"):
-        init_lora(unstacked, LoraConfig(), jax.random.key(0))
-    # Stacked params under the unstacked config are named, not run.
-    with pytest.raises(ValueError, match="block_0"):
-        diffjax.denoise_logits(params, config, diffjax.init_cache(CONFIG, 1, 8),
-                               np.zeros((1, CONFIG.canvas_length), np.int32))
-    convert.save(params, CONFIG, tmp_path / "stacked")
-    loaded_config, loaded = diffjax.load(tmp_path / "stacked", projections_fused=True, blocks_unstacked=True)
-    assert (loaded_config.projection_layout, loaded_config.block_layout) == ("fused", "unstacked")
-    assert _leaves_equal(loaded, relayout(CONFIG, params, "fused", "unstacked")[1])
