@@ -13,6 +13,8 @@ CPU tests cover the maths of every kernel in interpret mode and their CUDA lower
    "cudnn"` / "pallas"): at kernel level against `attend` on the released sliding shapes, then the whole
    decoder in bf16, each path against the same decoder in float32 (the reference the bf16 error of every
    path is measured from).
+3. The load-time layouts (fused projections, unstacked blocks; `diffjax.layout`) through the GPU kernels on a
+   three-block toy decoder in bf16: the same logits as the separate, stacked model, looped and unrolled.
 """
 
 from __future__ import annotations
@@ -116,6 +118,33 @@ def check_sliding_attention() -> None:
                argmax_agreement=float(jnp.mean(logits.argmax(-1) == reference.argmax(-1))))
 
 
+def check_load_time_layouts() -> None:
+    from diffjax.layout import relayout
+
+    config = Config.tiny(num_layers=6, layer_types=("sliding_attention", "full_attention") * 3, sliding_window=20,
+                         sliding=AttentionConfig(head_dim=64, num_kv_heads=2, rope_theta=10_000.0),
+                         moe_implementation="pallas", sliding_attention_implementation="pallas",
+                         global_attention_implementation="pallas")
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), init_params(config, jax.random.key(5)))
+    prompt = jax.random.randint(jax.random.key(6), (2, 40), 0, config.vocab_size)
+    prompt_mask = jnp.arange(40)[None, :] >= jnp.array([[0], [7]])
+    canvas_ids = jax.random.randint(jax.random.key(7), (2, config.canvas_length), 0, config.vocab_size)
+
+    def logits(config: Config, params: object) -> jax.Array:
+        cache = prefill(params, config, prompt, prompt_mask, init_cache(config, 2, 40 + config.canvas_length,
+                                                                        jnp.bfloat16), chunk_size=16)
+        return _denoise_logits(params, config, cache, canvas_ids, None, None)
+
+    reference = logits(config, params)
+    for projections, blocks, unroll in (("fused", "stacked", 3), ("separate", "unstacked", 1),
+                                        ("fused", "unstacked", 1)):
+        laid_config, laid = relayout(config.replace(scan_unroll=unroll), params, projections, blocks)
+        ours = logits(laid_config, laid)
+        report(check="toy decoder, load-time layout vs separate stacked (bf16, kernels)", projections=projections,
+               blocks=blocks, scan_unroll=unroll, relative_l2=relative_l2(ours, reference),
+               argmax_agreement=float(jnp.mean(ours.argmax(-1) == reference.argmax(-1))))
+
+
 def read_past_2_31(start: int) -> bool:
     """Whether a Pallas kernel reads 128 bytes at `start` of a 2**31 + 4096-byte uint8 array correctly: the
     minimal form of the wrapped-offset bug (`diffjax.kernels.WIDE_OFFSETS`), for an upstream report."""
@@ -157,6 +186,7 @@ if __name__ == "__main__":
         sys.exit(0)
     small = "--small" in sys.argv[1:]
     check_expert_stacks(small)
+    check_load_time_layouts()
     if jax.default_backend() == "gpu":
         check_sliding_attention()
         check_wide_offsets()
