@@ -598,8 +598,11 @@ def compiled_full_size(s: FullSizeSettings, target: str, log: Callable[[str], No
         point: dict[str, Any] = dict(variant)
         log(f"compiling the decoder step for {target}: {json.dumps(point)}")
         try:
+            start = time.perf_counter()
             point.update(dataclasses.asdict(compile_decoder_step(
                 _variant_config(config, variant), variant["batch"], variant["prompt"], target)))
+            # XLA's compile here, without autotuning: how compile time grows with a variant, not the GPU's.
+            point["compile_s"] = time.perf_counter() - start
         except Exception as exc:  # one variant failing to compile must not lose the others
             point["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         points.append(point)
@@ -807,22 +810,26 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
 def render_compiled(result: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
-    caption = (f"compiled here for {result['target']} (diffjax.compiled), nothing run; per decoder step: launches = "
-               "kernels + library calls + copies, loop bodies once per iteration; outside graphs = launched one "
-               "by one, the rest replay as CUDA graphs; copies = device-to-device copies and the bytes they write")
+    points = result["points"]
+    # Only what tells the points apart gets a column; the settings they share go to the caption.
+    varying = [key for key in VARIANT_KEYS if len({str(p[key]) for p in points}) > 1]
+    shared = ", ".join(f"{key} {points[0][key]}" for key in VARIANT_KEYS if key not in varying) if points else ""
+    caption = (f"compiled here for {result['target']} (diffjax.compiled), nothing run; {shared}. Per decoder step: "
+               "launches = kernels + library calls + copies, loop bodies once per iteration; outside graphs = "
+               "launched one by one; copies = device-to-device copies, GB = what they write; compile s = XLA "
+               "here, no autotuning")
     table = Table(title=_title(result["config"]), caption=caption)
-    columns = ["prompt", "batch", "moe", "sliding", "unroll", "projections", "blocks", "launches", "outside graphs",
-               "copies", "copied GB", "loops"]
+    columns = [*varying, "launches", "outside graphs", "copies", "GB", "loops", "compile s"]
     for name in columns:
         table.add_column(name, justify="right")
-    for point in result["points"]:
-        variant = (str(point["prompt"]), str(point["batch"]), point["moe"], point["sliding_attention"],
-                   str(point["scan_unroll"]), point["projections"], point["blocks"])
+    for point in points:
+        variant = [str(point[key]) for key in varying]
         if "error" in point:
             table.add_row(*variant, f"[red]{point['error'][:60]}[/]", *["-"] * (len(columns) - len(variant) - 1))
             continue
         table.add_row(*variant, str(point["launches"]), str(point["outside_command_buffers"]), str(point["copies"]),
-                      f"{point['copy_bytes'] / 1e9:.3f}", ",".join(map(str, point["loops"])) or "-")
+                      f"{point['copy_bytes'] / 1e9:.3f}", ",".join(map(str, point["loops"])) or "-",
+                      f"{point['compile_s']:.0f}")
     console.print(table)
 
 

@@ -123,7 +123,16 @@ def test_compiled_full_size_counts_every_variant_and_keeps_a_failing_one(monkeyp
     points = result["points"]
     assert "no such kernel" in points[1]["error"]
     assert [p["launches"] for p in points if "error" not in p] == [21, 21, 21]
-    assert points[0]["loops"] == (3,)
+    assert points[0]["loops"] == (3,) and points[0]["compile_s"] >= 0
+    # The table gives a column only to what varies; the shared settings go to the caption.
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    bench.render(result, console)
+    text = console.export_text()
+    header = next(line for line in text.splitlines() if "launches" in line)
+    assert "scan_unroll" in header and "projections" in header and "batch" not in header and "blocks" not in header
+    assert "batch 2" in text and "blocks unstacked" in text and "no such kernel" in text
 
 
 def test_cli_compiled_for_needs_full_size_and_a_plugin(capsys):
