@@ -17,3 +17,13 @@ def _release_compiled_programs():
     `vm.max_map_count` of 65,530, and the next compile segfaulted inside LLVM (seen in 3 of 6 full runs)."""
     yield
     jax.clear_caches()
+
+
+@pytest.fixture
+def kernels_compiled():
+    """The Pallas kernels compiled for the GPU, not interpreted, on this CPU host: for the CUDA-lowering tests
+    (`diffjax.kernels.compiling_for_gpu`, which also drops traces made for the interpreter)."""
+    from diffjax import kernels
+
+    with kernels.compiling_for_gpu():
+        yield

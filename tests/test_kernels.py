@@ -270,10 +270,9 @@ def test_model_hands_the_kernel_each_blocks_experts_from_the_stack(quantization,
 
 
 @pytest.mark.parametrize(("quantization", "layout"), [("none", "plain"), ("fp8", "plain"), ("fp8", "pretiled")])
-def test_decoder_lowered_for_cuda_slices_no_expert_weights(monkeypatch, quantization, layout):
+def test_decoder_lowered_for_cuda_slices_no_expert_weights(kernels_compiled, quantization, layout):
     """In the scanned model the kernels take the whole expert stacks: no per-block slice (copy) of them,
     nor of the fp8 scales."""
-    monkeypatch.setattr("diffjax.kernels.moe.resolve_interpret", lambda _: False)  # Triton, even on a CPU host
     config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"), moe_implementation="pallas",
                          expert_quantization=quantization, expert_layout=layout)
     params = param_shapes(config, jnp.bfloat16)
@@ -292,12 +291,10 @@ def test_decoder_lowered_for_cuda_slices_no_expert_weights(monkeypatch, quantiza
 
 
 @pytest.mark.parametrize("moe", ["grouped", "pallas", "pallas_mgpu"])
-def test_decoder_step_has_no_loop_inside_a_layer(monkeypatch, moe):
+def test_decoder_step_has_no_loop_inside_a_layer(kernels_compiled, moe):
     """On a GPU every iteration of a loop costs its kernels' launches again: the only loop of a decoder step is
     the scan over layer blocks, and unrolled there is none. (`jnp.searchsorted`'s default method was a while
     loop of log2(experts) iterations in each layer's expert layout: 240 iterations per full-size step.)"""
-    for module in ("moe", "moe_mgpu", "attention"):
-        monkeypatch.setattr(f"diffjax.kernels.{module}.resolve_interpret", lambda _: False)
     config = Config.tiny(num_layers=8, layer_types=(("sliding_attention",) * 3 + ("full_attention",)) * 2,
                          moe_implementation=moe, global_attention_implementation="pallas",
                          sliding_attention_implementation="pallas")
@@ -816,11 +813,10 @@ def test_attention_kernel_gives_zeros_for_all_padding_rows():
     _close(ours[0], attend_padding_only(query, k, v, valid)[0], jnp.float32)
 
 
-def test_generate_with_fused_statistics_lowers_for_cuda(monkeypatch):
+def test_generate_with_fused_statistics_lowers_for_cuda(kernels_compiled):
     """The whole generation loop with the fused vocabulary pass lowers to one Triton call per step, and no XLA
     matmul produces float32 `[batch, canvas, vocab]` logits (the logits path's LM head does). The
     self-conditioning softmax of the stored bf16 logits stays in XLA (a fused reduction + elementwise pass)."""
-    monkeypatch.setattr("diffjax.kernels.vocab.resolve_interpret", lambda _: False)
     config = Config.tiny(num_layers=2, layer_types=("sliding_attention", "full_attention"), vocab_size=1024)
     params = param_shapes(config, jnp.bfloat16)
     ids = np.arange(3, 11)[None].repeat(2, 0)
@@ -837,12 +833,10 @@ def test_generate_with_fused_statistics_lowers_for_cuda(monkeypatch):
 
 
 @pytest.mark.parametrize(("moe", "quantization"), [("pallas", "none"), ("pallas", "fp8"), ("pallas_mgpu", "fp8")])
-def test_released_generate_with_every_kernel_lowers_for_cuda(monkeypatch, moe, quantization):
+def test_released_generate_with_every_kernel_lowers_for_cuda(kernels_compiled, moe, quantization):
     """The whole released-shape generation loop as the GPU runs it (Pallas experts, Triton or Mosaic GPU, bf16
     or fp8, and the fused vocabulary pass) lowers for CUDA: a kernel or shape that Triton or Mosaic GPU
     rejects fails here, not on the GPU."""
-    for module in ("moe", "moe_mgpu", "vocab"):
-        monkeypatch.setattr(f"diffjax.kernels.{module}.resolve_interpret", lambda _: False)
     config = Config.diffusiongemma_26b_a4b().replace(moe_implementation=moe, expert_quantization=quantization)
     ids = np.arange(3, 1027)[None].repeat(2, 0)
     text = lower_for_cuda(

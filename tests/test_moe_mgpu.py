@@ -242,14 +242,12 @@ def test_mgpu_moe_kernel_lowers_for_cuda_at_released_shapes():
                 interpret=False), *routing, *stacks)
 
 
-def test_decoder_with_mgpu_experts_lowers_for_cuda(monkeypatch):
+def test_decoder_with_mgpu_experts_lowers_for_cuda(kernels_compiled):
     """The tiny decoder in bf16 with `moe_implementation="pallas_mgpu"`: both kernels, each block's experts
     from the stack."""
-    monkeypatch.setattr("diffjax.kernels.moe_mgpu.resolve_interpret", lambda _: False)
     config = Config.tiny(num_layers=2, layer_types=("full_attention", "full_attention"),
                          moe_implementation="pallas_mgpu")
     params = param_shapes(config, jnp.bfloat16)
-    # Batch 3: no shape the interpreted model test above traced (jit would reuse that trace, interpreter and all).
     cache = jax.eval_shape(lambda: init_cache(config, 3, 8, jnp.bfloat16))
     canvas = jax.ShapeDtypeStruct((3, config.canvas_length), jnp.int32)
     text = lower_for_cuda(lambda p, c, ids: denoise_logits(p, config, c, ids), params, cache, canvas)
