@@ -582,10 +582,11 @@ def _variant_config(config: Config, variant: dict[str, Any]) -> Config:
 
 def compiled_full_size(s: FullSizeSettings, target: str, log: Callable[[str], None] = lambda _: None,
                        config: Config | None = None) -> dict[str, Any]:
-    """Every variant's decoder step compiled on this machine for the GPU `target` names, and counted
-    (`diffjax.compiled`: launches, device copies and their bytes, loops, command buffers); nothing runs. Needs
-    JAX's CUDA plugin, not a GPU. Returns {"target", "points": [...], ...}."""
-    from diffjax.compiled import compile_decoder_step, gpu_device
+    """Every variant's decoder step and encoder canvas pass compiled on this machine for the GPU `target` names,
+    and counted (`diffjax.compiled`: launches, device copies and their bytes, loops, command buffers); nothing
+    runs. Needs JAX's CUDA plugin, not a GPU. Returns {"target", "points": [...], ...}: each point the decoder
+    step's counts at its top level and the encoder's under "encoder"."""
+    from diffjax.compiled import compile_decoder_step, compile_encoder_step, gpu_device
 
     s.validate()
     config = _base_config(s, config)
@@ -597,12 +598,13 @@ def compiled_full_size(s: FullSizeSettings, target: str, log: Callable[[str], No
     for variant in _variants(s):
         point: dict[str, Any] = dict(variant)
         log(f"compiling the decoder step for {target}: {json.dumps(point)}")
+        shapes = (_variant_config(config, variant), variant["batch"], variant["prompt"], target)
         try:
             start = time.perf_counter()
-            point.update(dataclasses.asdict(compile_decoder_step(
-                _variant_config(config, variant), variant["batch"], variant["prompt"], target)))
+            point.update(dataclasses.asdict(compile_decoder_step(*shapes)))
             # XLA's compile here, without autotuning: how compile time grows with a variant, not the GPU's.
             point["compile_s"] = time.perf_counter() - start
+            point["encoder"] = dataclasses.asdict(compile_encoder_step(*shapes))
         except Exception as exc:  # one variant failing to compile must not lose the others
             point["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         points.append(point)
@@ -817,9 +819,10 @@ def render_compiled(result: dict[str, Any], console: Any) -> None:
     caption = (f"compiled here for {result['target']} (diffjax.compiled), nothing run; {shared}. Per decoder step: "
                "launches = kernels + library calls + copies, loop bodies once per iteration; outside graphs = "
                "launched one by one; copies = device-to-device copies, GB = what they write; compile s = XLA "
-               "here, no autotuning")
+               "here, no autotuning (decoder); encoder = its pass over one canvas")
     table = Table(title=_title(result["config"]), caption=caption)
-    columns = [*varying, "launches", "outside graphs", "copies", "GB", "loops", "compile s"]
+    columns = [*varying, "launches", "outside graphs", "copies", "GB", "loops", "compile s", "encoder launches",
+               "encoder GB"]
     for name in columns:
         table.add_column(name, justify="right")
     for point in points:
@@ -829,7 +832,8 @@ def render_compiled(result: dict[str, Any], console: Any) -> None:
             continue
         table.add_row(*variant, str(point["launches"]), str(point["outside_command_buffers"]), str(point["copies"]),
                       f"{point['copy_bytes'] / 1e9:.3f}", ",".join(map(str, point["loops"])) or "-",
-                      f"{point['compile_s']:.0f}")
+                      f"{point['compile_s']:.0f}", str(point["encoder"]["launches"]),
+                      f"{point['encoder']['copy_bytes'] / 1e9:.3f}")
     console.print(table)
 
 

@@ -169,14 +169,34 @@ def compile_decoder_step(config: Config, batch: int, prompt: int, target: str = 
     """The structure of one decoder step (`diffjax.model.denoise_logits` with self-conditioning logits, on a
     cache of `prompt` tokens), bf16 weights, compiled for the GPU `target` names (`gpu_device`). The Pallas
     kernels are compiled for the GPU (not interpreted) whatever this machine's backend is."""
+    from diffjax.model import _denoise_logits
+
+    logits = jax.ShapeDtypeStruct((batch, config.canvas_length, config.vocab_size), jnp.bfloat16)
+    row_mask = jax.ShapeDtypeStruct((batch,), jnp.bool_)
+    return _compile_on_cache(
+        lambda params, cache, ids, logits, rows: _denoise_logits(params, config, cache, ids, logits, rows),
+        config, batch, prompt, target, (logits, row_mask))
+
+
+def compile_encoder_step(config: Config, batch: int, prompt: int, target: str = "h200") -> StepStructure:
+    """The structure of the encoder's pass over one canvas (appending it to a cache of `prompt` tokens, as
+    `generate` does after each canvas), compiled like `compile_decoder_step`."""
+    from diffjax.model import _encode
+
+    mask = jax.ShapeDtypeStruct((batch, config.canvas_length), jnp.bool_)
+    return _compile_on_cache(lambda params, cache, ids, mask: _encode(params, config, ids, mask, cache),
+                             config, batch, prompt, target, (mask,))
+
+
+def _compile_on_cache(step: Any, config: Config, batch: int, prompt: int, target: str,
+                      more: tuple[jax.ShapeDtypeStruct, ...]) -> StepStructure:
+    """`step(params, cache, canvas_ids, *more)` on bf16 weights and a cache with room for `prompt` tokens and a
+    canvas, compiled for `target` with the Pallas kernels compiled, not interpreted."""
     from diffjax import kernels
-    from diffjax.model import _denoise_logits, init_cache, param_shapes
+    from diffjax.model import init_cache, param_shapes
 
     device = gpu_device(target)
     cache = jax.eval_shape(lambda: init_cache(config, batch, prompt + config.canvas_length, jnp.bfloat16))
     canvas = jax.ShapeDtypeStruct((batch, config.canvas_length), jnp.int32)
-    logits = jax.ShapeDtypeStruct((batch, config.canvas_length, config.vocab_size), jnp.bfloat16)
-    row_mask = jax.ShapeDtypeStruct((batch,), jnp.bool_)
-    step = jax.jit(lambda params, cache, ids, logits, rows: _denoise_logits(params, config, cache, ids, logits, rows))
     with kernels.compiling_for_gpu():
-        return compile_structure(step, (param_shapes(config), cache, canvas, logits, row_mask), device)
+        return compile_structure(jax.jit(step), (param_shapes(config), cache, canvas, *more), device)

@@ -9,6 +9,7 @@ The fixture in tests/data/compiled/ is XLA's dump of a small function compiled h
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import pathlib
 
@@ -115,6 +116,8 @@ def test_compiled_full_size_counts_every_variant_and_keeps_a_failing_one(monkeyp
 
     monkeypatch.setattr(compiled, "gpu_device", lambda target: None)
     monkeypatch.setattr(compiled, "compile_decoder_step", fake_compile)
+    encoder = dataclasses.replace(_fixture_structure(), launches=99, copy_bytes=7 * 10**9)
+    monkeypatch.setattr(compiled, "compile_encoder_step", lambda *shapes: encoder)
     settings = bench.FullSizeSettings(batches=(2,), prompts=(8,), scan_unroll=(1, 3),
                                       projections=("separate", "fused"), blocks=("unstacked",))
     result = bench.compiled_full_size(settings, "h200", config=Config.tiny())
@@ -124,6 +127,7 @@ def test_compiled_full_size_counts_every_variant_and_keeps_a_failing_one(monkeyp
     assert "no such kernel" in points[1]["error"]
     assert [p["launches"] for p in points if "error" not in p] == [21, 21, 21]
     assert points[0]["loops"] == (3,) and points[0]["compile_s"] >= 0
+    assert points[0]["encoder"]["launches"] == 99 and "encoder" not in points[1]
     # The table gives a column only to what varies; the shared settings go to the caption.
     from rich.console import Console
 
@@ -133,6 +137,7 @@ def test_compiled_full_size_counts_every_variant_and_keeps_a_failing_one(monkeyp
     header = next(line for line in text.splitlines() if "launches" in line)
     assert "scan_unroll" in header and "projections" in header and "batch" not in header and "blocks" not in header
     assert "batch 2" in text and "blocks unstacked" in text and "no such kernel" in text
+    assert "encoder launches" in header and " 99 " in text and "7.000" in text
 
 
 def test_cli_compiled_for_needs_full_size_and_a_plugin(capsys):
