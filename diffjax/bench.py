@@ -377,12 +377,10 @@ class FullSizeSettings:
             require_pretiled_readers(self.moe_implementations)
         if not self.statistics or set(self.statistics) - set(STATISTICS):
             raise ValueError(f"--statistics takes values of {STATISTICS}, got {self.statistics!r}")
-        if (isinstance(self.sliding_attention, str) or not self.sliding_attention
-                or set(self.sliding_attention) - set(SLIDING_ATTENTION_IMPLEMENTATIONS)):
-            raise ValueError(f"--sliding-attention takes values of {SLIDING_ATTENTION_IMPLEMENTATIONS}, got "
-                             f"{self.sliding_attention!r}")
-        for flag, values, known in (("projections", self.projections, PROJECTION_LAYOUTS),
+        for flag, values, known in (("sliding-attention", self.sliding_attention, SLIDING_ATTENTION_IMPLEMENTATIONS),
+                                    ("projections", self.projections, PROJECTION_LAYOUTS),
                                     ("blocks", self.blocks, BLOCK_LAYOUTS)):
+            # A string would pass as a tuple of its letters.
             if isinstance(values, str) or not values or set(values) - set(known):
                 raise ValueError(f"--{flag} takes values of {known}, got {values!r}")
         if not self.scan_unroll or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0
@@ -792,9 +790,7 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
     for name in columns:
         table.add_column(name, justify="right")
     for point in result["points"]:
-        variant = (str(point["prompt"]), str(point["batch"]), point["moe"], point["sliding_attention"],
-                   str(point["scan_unroll"]), point.get("projections", "separate"), point.get("blocks", "stacked"),
-                   point["statistics"])
+        variant = (*(str(point[key]) for key in VARIANT_KEYS), point["statistics"])
         if "error" in point:
             table.add_row(*variant, f"[red]{point['error'][:60]}[/]", *["-"] * (len(columns) - len(variant) - 1))
             continue

@@ -645,9 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --moe pallas or pallas_mgpu: lay the experts out tile by tile for the Pallas kernels "
                         "when loading")
     g.add_argument("--fused-projections", action="store_true",
-                   help="fuse q/k/v and gate/up into one kernel each when loading (same maths; with --scan-unroll "
-                        "set to the block count a GPU step reads them in place instead of copying them out of "
-                        "their stacks)")
+                   help="fuse q/k/v and gate/up into one kernel each when loading (same maths; with "
+                        "--unstacked-blocks, or --scan-unroll at the block count, a GPU step reads them in place "
+                        "instead of copying them out of their stacks)")
     g.add_argument("--unstacked-blocks", action="store_true",
                    help="give each layer block's weights arrays of their own when loading (same maths; no scan over "
                         "blocks, so any GPU matmul reads them in place)")

@@ -129,18 +129,20 @@ def _global_attention_pallas(
     batch, q_len, heads, head_dim = query.shape
     for name in ("block_q", "block_k"):
         require_block(f"AttentionTiles.{name}", getattr(tiles, name))
-    if layer is None:
-        keys, values, layer = keys[None], values[None], jnp.zeros((), jnp.int32)
-    elif keys.ndim != 5 or layer.shape != ():
+    if layer is not None and (keys.ndim != 5 or layer.shape != ()):
         raise ValueError(f"with a layer index, keys must be a [layers, batch, k, kv_heads, head_dim] stack and the "
                          f"index a scalar, got keys {keys.shape} and layer {layer.shape}")
-    _, _, _, kv_heads, _ = keys.shape
     if new_keys is not None:
-        _check_new(keys[0], new_keys, new_values)
-        if min(keys.shape[2], new_keys.shape[1]) < MIN_BLOCK:  # too short for a key tile of its own: one source
-            keys, values, valid = append_keys(keys[layer], values[layer], valid, new_keys, new_values)
-            keys, values, layer, new_keys, new_values = keys[None], values[None], jnp.zeros((), jnp.int32), None, None
+        _check_new(keys if layer is None else keys[0], new_keys, new_values)
+        if min(keys.shape[-3], new_keys.shape[1]) < MIN_BLOCK:  # too short for a key tile of its own: one source
+            if layer is not None:
+                keys, values, layer = keys[layer], values[layer], None
+            keys, values, valid = append_keys(keys, values, valid, new_keys, new_values)
+            new_keys = new_values = None
+    if layer is None:  # one layer's keys: the kernel reads a stack of one
+        keys, values, layer = keys[None], values[None], jnp.zeros((), jnp.int32)
     _check(query, keys[0], values[0], valid)
+    _, _, _, kv_heads, _ = keys.shape
     block_q = tiles.block_q
     group = heads // kv_heads
     rows = q_len * group
