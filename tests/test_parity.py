@@ -137,16 +137,16 @@ def test_load_time_layouts_match_the_reference(multi_block_pair, scan_unroll, pr
     from diffjax.layout import relayout
 
     config, model, params = multi_block_pair
-    fused_config, fused = relayout(config.replace(scan_unroll=scan_unroll), params, projections, blocks)
+    laid_config, laid_out = relayout(config.replace(scan_unroll=scan_unroll), params, projections, blocks)
     ids, mask = _prompt(config, 2, 13, [0, 4], seed=23)
     rng = np.random.default_rng(24)
     canvas = rng.integers(0, config.vocab_size, (2, config.canvas_length))
     sc_logits = (3.0 * rng.standard_normal((2, config.canvas_length, config.vocab_size))).astype(np.float32)
     ref_logits, ref_hidden = _reference(model, ids, mask, canvas, sc_logits)
-    cache, hidden = diffjax.encode_with_hidden(fused, fused_config, ids, mask, capacity=13 + config.canvas_length)
-    _assert_close(np.asarray(hidden)[mask], ref_hidden[mask], "fused encoder hidden")
-    _assert_close(diffjax.denoise_logits(fused, fused_config, cache, canvas, sc_logits), ref_logits,
-                  "fused self-conditioned logits")
+    cache, hidden = diffjax.encode_with_hidden(laid_out, laid_config, ids, mask, capacity=13 + config.canvas_length)
+    _assert_close(np.asarray(hidden)[mask], ref_hidden[mask], f"{projections}, {blocks} encoder hidden")
+    _assert_close(diffjax.denoise_logits(laid_out, laid_config, cache, canvas, sc_logits), ref_logits,
+                  f"{projections}, {blocks} self-conditioned logits")
 
 
 def test_self_conditioning(pair):
