@@ -43,6 +43,7 @@ from diffjax.config import (
     FULL,
     MOE_IMPLEMENTATIONS,
     PROJECTION_LAYOUTS,
+    ROUTING_IMPLEMENTATIONS,
     SLIDING,
     SLIDING_ATTENTION_IMPLEMENTATIONS,
     AttentionConfig,
@@ -351,6 +352,8 @@ class FullSizeSettings:
     # copy of the dense projections, or of the whole model for the other block layout).
     projections: tuple[str, ...] = ("separate",)
     blocks: tuple[str, ...] = ("stacked",)
+    # `Config.routing_implementation` values to time at each point (same weights).
+    routing: tuple[str, ...] = ("xla",)
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
@@ -379,7 +382,8 @@ class FullSizeSettings:
             raise ValueError(f"--statistics takes values of {STATISTICS}, got {self.statistics!r}")
         for flag, values, known in (("sliding-attention", self.sliding_attention, SLIDING_ATTENTION_IMPLEMENTATIONS),
                                     ("projections", self.projections, PROJECTION_LAYOUTS),
-                                    ("blocks", self.blocks, BLOCK_LAYOUTS)):
+                                    ("blocks", self.blocks, BLOCK_LAYOUTS),
+                                    ("routing", self.routing, ROUTING_IMPLEMENTATIONS)):
             # A string would pass as a tuple of its letters.
             if isinstance(values, str) or not values or set(values) - set(known):
                 raise ValueError(f"--{flag} takes values of {known}, got {values!r}")
@@ -533,7 +537,7 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
         trace_dir = pathlib.Path(s.profile_dir) / (
             f"decoder_prompt{prompt}_batch{batch}_{config.moe_implementation}_"
             f"{config.sliding_attention_implementation}_unroll{config.scan_unroll}_{config.projection_layout}_"
-            f"{config.block_layout}")
+            f"{config.block_layout}_routing_{config.routing_implementation}")
         try:
             breakdown = kernel_times(decoder_step, trace_dir)
             profiled["decoder_kernels"] = {**breakdown, "kernels": breakdown["kernels"][:PROFILED_KERNELS]}
@@ -562,20 +566,21 @@ def _base_config(s: FullSizeSettings, config: Config | None) -> Config:
 
 
 # What tells the decoder steps of a sweep apart, as points name it.
-VARIANT_KEYS = ("prompt", "batch", "moe", "sliding_attention", "scan_unroll", "projections", "blocks")
+VARIANT_KEYS = ("prompt", "batch", "moe", "sliding_attention", "scan_unroll", "projections", "blocks", "routing")
 
 
 def _variants(s: FullSizeSettings) -> list[dict[str, Any]]:
     """Every decoder step to run, as {VARIANT_KEYS: value}, in increasing (prompt, batch) order."""
     return [dict(zip(VARIANT_KEYS, values, strict=True)) for values in itertools.product(
         sorted(set(s.prompts)), sorted(set(s.batches)), s.moe_implementations, s.sliding_attention, s.scan_unroll,
-        s.projections, s.blocks)]
+        s.projections, s.blocks, s.routing)]
 
 
 def _variant_config(config: Config, variant: dict[str, Any]) -> Config:
     return config.replace(
         moe_implementation=variant["moe"], sliding_attention_implementation=variant["sliding_attention"],
-        scan_unroll=variant["scan_unroll"], projection_layout=variant["projections"], block_layout=variant["blocks"])
+        scan_unroll=variant["scan_unroll"], projection_layout=variant["projections"], block_layout=variant["blocks"],
+        routing_implementation=variant["routing"])
 
 
 def compiled_full_size(s: FullSizeSettings, target: str, log: Callable[[str], None] = lambda _: None,
@@ -783,7 +788,8 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
                f"floor = step FLOPs / matmul rate; x roofline = against the larger; tokens/s at {settings['steps']} steps per canvas = canvas x batch / (steps x decoder + "
                f"encoder); generate = whole loop, ms per decoder pass")
     table = Table(title=_title(result["config"]), caption=caption)
-    columns = ["prompt", "batch", "moe", "sliding", "unroll", "projections", "blocks", "statistics", "decoder ms",
+    columns = ["prompt", "batch", "moe", "sliding", "unroll", "projections", "blocks", "routing", "statistics",
+               "decoder ms",
                "floor ms", "x floor",
                "compute floor ms", "x roofline", "encoder canvas ms",
                "tokens/s", "generate ms/step", "transformers ms/step", "ours/theirs", "peak mem"]

@@ -35,6 +35,7 @@ from diffjax.config import (
     GLOBAL_ATTENTION_IMPLEMENTATIONS,
     MOE_IMPLEMENTATIONS,
     PROJECTION_LAYOUTS,
+    ROUTING_IMPLEMENTATIONS,
     SLIDING_ATTENTION_IMPLEMENTATIONS,
     require_pretiled_readers,
 )
@@ -274,6 +275,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     chosen = {field: value for field, value in (
         ("moe_implementation", args.moe), ("global_attention_implementation", args.global_attention),
         ("sliding_attention_implementation", args.sliding_attention), ("scan_unroll", args.scan_unroll),
+        ("routing_implementation", args.routing),
     ) if value is not None}
     if chosen:
         model.config = model.config.replace(**chosen)
@@ -480,6 +482,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 scan_unroll=tuple(args.scan_unroll or (1,)),
                 projections=tuple(args.projections or ("separate",)),
                 blocks=tuple(args.blocks or ("stacked",)),
+                routing=tuple(args.routing or ("xla",)),
             )
             if args.compiled_for:
                 result = bench.compiled_full_size(settings, args.compiled_for, log)
@@ -491,7 +494,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (the comparison runs identical "
                                    "weights on both sides)")
             for flag in ("global_attention", "sliding_attention", "scan_unroll", "projections", "blocks",
-                         "profile", "compiled_for"):
+                         "routing", "profile", "compiled_for"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (a GPU run)")
             defaults = bench.BenchSettings()
@@ -608,8 +611,9 @@ _seed = _number_type(int, "an integer", lambda v: 0 <= v < 2**63, "in [0, 2**63)
 
 
 def _add_implementation_flags(parser: argparse.ArgumentParser, prefix: str = "", several: bool = False) -> None:
-    """`--global-attention`, `--sliding-attention` and `--scan-unroll`: `Config` fields that pick how, not what,
-    the decoder computes (besides `--moe`). `several`: the last two take one or more values (each timed)."""
+    """`--global-attention`, `--sliding-attention`, `--routing` and `--scan-unroll`: `Config` fields that pick
+    how, not what, the model computes (besides `--moe`). `several`: all but the first take one or more values
+    (each timed)."""
     nargs = "+" if several else None
     each = "; one or more, each timed" if several else ""
     parser.add_argument("--global-attention", choices=GLOBAL_ATTENTION_IMPLEMENTATIONS,
@@ -617,6 +621,9 @@ def _add_implementation_flags(parser: argparse.ArgumentParser, prefix: str = "",
     parser.add_argument("--sliding-attention", choices=SLIDING_ATTENTION_IMPLEMENTATIONS, nargs=nargs,
                         help=f"{prefix}the decoder's sliding layers: xla (default), cuDNN fused attention (GPU, "
                              f"bf16) or the split-K Pallas kernel (GPU){each}")
+    parser.add_argument("--routing", choices=ROUTING_IMPLEMENTATIONS, nargs=nargs,
+                        help=f"{prefix}how MoE layers pick and group their experts: xla (default) or the two Pallas "
+                             f"kernels of diffjax.kernels.routing (GPU; the layout one for --moe pallas){each}")
     parser.add_argument("--scan-unroll", type=_positive_int, nargs=nargs,
                         help=f"{prefix}layer blocks per iteration of the scan over blocks (default 1; the block "
                              f"count: no loop, static weight slices, longer compile){each}")

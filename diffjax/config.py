@@ -22,10 +22,12 @@ STACK_READING_MOE_IMPLEMENTATIONS = ("pallas", "pallas_mgpu")
 MESH_MOE_IMPLEMENTATIONS = ("expert_parallel",)
 GLOBAL_ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
 SLIDING_ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+ROUTING_IMPLEMENTATIONS = ("xla", "pallas")
 
 # Config fields that pick an implementation (same maths): not written to config.json.
 IMPLEMENTATION_FIELDS = (
-    "moe_implementation", "global_attention_implementation", "sliding_attention_implementation", "scan_unroll",
+    "moe_implementation", "global_attention_implementation", "sliding_attention_implementation",
+    "routing_implementation", "scan_unroll",
 )
 # How the expert weights are stored (`diffjax.quantize`). Not an implementation field: fp8 changes the maths
 # (slightly) and the parameter tree, and no checkpoint stores it (quantized trees are made at load time).
@@ -127,6 +129,12 @@ class Config:
     # float32 too), which needs no more than a padding-only mask either. The encoder keeps `attend`: its
     # left-padded rows see no key at all, where `attend` returns zeros and cuDNN's result is not specified.
     sliding_attention_implementation: Literal["xla", "cudnn", "pallas"] = "xla"
+    # How each MoE layer picks its experts and groups their rows. "xla": `layers.top_k_routing` (softmax,
+    # `jax.lax.top_k`), and the row layout of the Pallas experts in plain JAX (`kernels.routing.
+    # expert_rows_reference`). "pallas": the two kernels of `diffjax.kernels.routing`, the router's top-k and,
+    # for `moe_implementation="pallas"`, the layout (the other MoE forms sort the rows their own way). Why: in
+    # XLA that routing is 13 small GPU launches per layer, a third of a full-size decoder step's launches.
+    routing_implementation: Literal["xla", "pallas"] = "xla"
     # How the experts' weights are stored. "none": in the parameter dtype. "fp8": float8_e4m3fn with a float32
     # scale per output channel (`diffjax.quantize`: half the bytes of bf16; the tree gains
     # `experts/{gate_up,down}_proj_scale` leaves). Every `moe_implementation` runs either; the plain-JAX ones
@@ -205,6 +213,10 @@ class Config:
             raise ValueError(
                 f"sliding_attention_implementation must be one of {SLIDING_ATTENTION_IMPLEMENTATIONS}, "
                 f"got {self.sliding_attention_implementation!r}"
+            )
+        if self.routing_implementation not in ROUTING_IMPLEMENTATIONS:
+            raise ValueError(
+                f"routing_implementation must be one of {ROUTING_IMPLEMENTATIONS}, got {self.routing_implementation!r}"
             )
         if self.expert_quantization not in EXPERT_QUANTIZATIONS:
             raise ValueError(

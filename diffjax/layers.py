@@ -6,6 +6,7 @@ softmaxes and the router in float32, as transformers does.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Mapping
 
@@ -244,10 +245,20 @@ class Router(nn.Module):
         h = rms_norm(residual, None, cfg.rms_norm_eps)
         h = h * scale.astype(h.dtype) * jnp.asarray(cfg.hidden_size**-0.5, h.dtype)
         scores = Linear(cfg.num_experts, name="proj")(h)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-        weights, expert_ids = jax.lax.top_k(probs, cfg.top_k_experts)
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-        return weights * per_expert_scale.astype(jnp.float32)[expert_ids], expert_ids
+        if cfg.routing_implementation == "pallas" and not self.is_initializing():
+            from diffjax.kernels.routing import route_top_k  # the kernels import this module
+
+            return route_top_k(scores, per_expert_scale, cfg.top_k_experts)
+        return top_k_routing(scores, per_expert_scale, cfg.top_k_experts)
+
+
+def top_k_routing(scores: Array, per_expert_scale: Array, k: int) -> tuple[Array, Array]:
+    """scores `[tokens, experts]` -> (weights `[tokens, k]` float32, expert ids `[tokens, k]` int32): the k most
+    probable experts (ties to the lower expert), their probabilities renormalised to 1, times their scale."""
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    weights, expert_ids = jax.lax.top_k(probs, k)
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights * per_expert_scale.astype(jnp.float32)[expert_ids], expert_ids
 
 
 def experts_grouped(
@@ -329,8 +340,9 @@ class Experts(nn.Module):
             if cfg.moe_implementation == "pallas_mgpu":
                 from diffjax.kernels.moe_mgpu import experts_mgpu as kernel
             else:
-                from diffjax.kernels.moe import experts_pallas as kernel
+                from diffjax.kernels.moe import experts_pallas
 
+                kernel = functools.partial(experts_pallas, routing=cfg.routing_implementation)
             stacks, layer = stacked if stacked is not None else (leaves, None)
             return kernel(x, weights, expert_ids, stacks["gate_up_proj"], stacks["down_proj"], layer,
                           gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"),

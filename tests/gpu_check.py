@@ -15,6 +15,7 @@ CPU tests cover the maths of every kernel in interpret mode and their CUDA lower
    path is measured from).
 3. The load-time layouts (fused projections, unstacked blocks; `diffjax.layout`) through the GPU kernels on a
    three-block toy decoder in bf16: the same logits as the separate, stacked model, looped and unrolled.
+4. The routing kernels (`diffjax.kernels.routing`) at the released router's shapes against their twins.
 """
 
 from __future__ import annotations
@@ -145,6 +146,34 @@ def check_load_time_layouts() -> None:
                argmax_agreement=float(jnp.mean(ours.argmax(-1) == reference.argmax(-1))))
 
 
+def check_routing(small: bool) -> None:
+    """The routing kernels at the released router's shapes (batch 1 and 8; --small: 8 experts) on bf16 scores
+    from random hidden states: the top-k kernel against `top_k_routing`, the layout kernel against its twin."""
+    from diffjax.kernels.moe import row_tile
+    from diffjax.kernels.routing import expert_rows_pallas, expert_rows_reference, route_top_k
+    from diffjax.layers import top_k_routing
+
+    cfg = Config.diffusiongemma_26b_a4b()
+    experts, k = (8, 2) if small else (cfg.num_experts, cfg.top_k_experts)
+    for batch in (1, 8):
+        tokens = batch * (16 if small else cfg.canvas_length)
+        keys = jax.random.split(jax.random.key(batch), 3)
+        hidden = jax.random.normal(keys[0], (tokens, cfg.hidden_size), jnp.bfloat16)
+        router = (jax.random.normal(keys[1], (cfg.hidden_size, experts)) * cfg.hidden_size**-0.5).astype(jnp.bfloat16)
+        scores, scale = hidden @ router, jax.random.uniform(keys[2], (experts,), minval=0.5, maxval=2.0)
+        weights, ids = jax.jit(route_top_k, static_argnums=2)(scores, scale, k)
+        want_weights, want_ids = jax.jit(top_k_routing, static_argnums=2)(scores, scale, k)
+        block_rows = row_tile(tokens * k, experts)
+        rows = expert_rows_pallas(want_ids, want_weights, experts, block_rows)
+        want_rows = expert_rows_reference(want_ids, want_weights, experts, block_rows)
+        layout_equal = all(bool(jnp.array_equal(getattr(rows, f)[: getattr(want_rows, f).shape[0]],
+                                                getattr(want_rows, f)))
+                           for f in ("row_token", "row_weights", "row_assignment", "tile_expert"))
+        report(check="routing kernels vs twins (bf16 scores)", batch=batch, experts=experts, k=k,
+               ids_equal=float(jnp.mean(ids == want_ids)),
+               weights_max_abs=float(jnp.abs(weights - want_weights).max()), layout_equal=layout_equal)
+
+
 def read_past_2_31(start: int) -> bool:
     """Whether a Pallas kernel reads 128 bytes at `start` of a 2**31 + 4096-byte uint8 array correctly: the
     minimal form of the wrapped-offset bug (`diffjax.kernels.WIDE_OFFSETS`), for an upstream report."""
@@ -187,6 +216,7 @@ if __name__ == "__main__":
     small = "--small" in sys.argv[1:]
     check_expert_stacks(small)
     check_load_time_layouts()
+    check_routing(small)
     if jax.default_backend() == "gpu":
         check_sliding_attention()
         check_wide_offsets()

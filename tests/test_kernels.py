@@ -23,7 +23,7 @@ from diffjax.config import AttentionConfig, Config
 from diffjax.generate import generate
 from diffjax.kernels import bench as kernel_bench
 from diffjax.kernels.attention import AttentionTiles, attend_padding_only, global_attention_pallas
-from diffjax.kernels.moe import MoeTiles, _padded_layout, experts_pallas, pretile_experts, untile_experts
+from diffjax.kernels.moe import MoeTiles, experts_pallas, pretile_experts, untile_experts
 from diffjax.kernels.moe_mgpu import experts_mgpu
 from diffjax.kernels.vocab import VocabTiles, vocab_stats_pallas, vocab_stats_reference
 from diffjax.layers import Experts, experts_dense, experts_grouped
@@ -832,20 +832,25 @@ def test_generate_with_fused_statistics_lowers_for_cuda(kernels_compiled):
     assert lm_head_f32.search(texts["logits"]) and not lm_head_f32.search(texts["pallas"])
 
 
-@pytest.mark.parametrize(("moe", "quantization"), [("pallas", "none"), ("pallas", "fp8"), ("pallas_mgpu", "fp8")])
-def test_released_generate_with_every_kernel_lowers_for_cuda(kernels_compiled, moe, quantization):
+@pytest.mark.parametrize(("moe", "quantization", "routing"), [
+    ("pallas", "none", "xla"), ("pallas", "fp8", "pallas"), ("pallas_mgpu", "fp8", "xla"),
+    ("pallas_mgpu", "none", "pallas")])
+def test_released_generate_with_every_kernel_lowers_for_cuda(kernels_compiled, moe, quantization, routing):
     """The whole released-shape generation loop as the GPU runs it (Pallas experts, Triton or Mosaic GPU, bf16
-    or fp8, and the fused vocabulary pass) lowers for CUDA: a kernel or shape that Triton or Mosaic GPU
-    rejects fails here, not on the GPU."""
-    config = Config.diffusiongemma_26b_a4b().replace(moe_implementation=moe, expert_quantization=quantization)
+    or fp8, the routing kernels and the fused vocabulary pass) lowers for CUDA: a kernel or shape that Triton
+    or Mosaic GPU rejects fails here, not on the GPU."""
+    config = Config.diffusiongemma_26b_a4b().replace(moe_implementation=moe, expert_quantization=quantization,
+                                                     routing_implementation=routing)
     ids = np.arange(3, 1027)[None].repeat(2, 0)
     text = lower_for_cuda(
         lambda p: generate(p, config, ids, key=jax.random.key(0), statistics="pallas"),
         param_shapes(config, jnp.bfloat16),
     )
-    # Experts gate/up + down in the encoder and in the decoder (one scan body each), and the vocabulary pass.
+    # Experts gate/up + down in the encoder and in the decoder (one scan body each), and the vocabulary pass;
+    # with the routing kernels, the router's top-k in each, and the Triton experts' layout in each.
     mosaic, triton = text.count("@mosaic_gpu_v2("), text.count("__gpu$xla.gpu.triton")
-    assert (mosaic, triton) == ((4, 1) if moe == "pallas_mgpu" else (0, 5))
+    routing_kernels = 0 if routing == "xla" else (2 if moe == "pallas_mgpu" else 4)
+    assert (mosaic, triton) == ((4, 1 + routing_kernels) if moe == "pallas_mgpu" else (0, 5 + routing_kernels))
 
 
 def test_attention_kernel_lowers_for_cuda_at_released_shapes():
@@ -997,31 +1002,6 @@ def test_kernel_bench_sweep_lists_tile_variants_and_picks_the_fastest():
 
 
 # Found by the second mutation audit: the expert kernel's padded layout and the split-K combine's precision.
-
-
-def test_padded_layout_gives_each_expert_whole_tiles_of_its_own():
-    """Groups that fill their tiles exactly, empty experts, and the static bound's worst case (every expert
-    one assignment, each padded by block_rows - 1): each expert gets ceil(group / block_rows) tiles and no
-    more (an extra tile would stream its weights again), every used tile names an expert in range, the unused
-    tail is -1, and every assignment lands in its own row of a tile of its expert, in bounds."""
-    rng = np.random.default_rng(0)
-    cases = [
-        (np.repeat(np.arange(8), [16, 32, 0, 16, 5, 0, 16, 11]), 8, 16),
-        (np.arange(32), 32, 16),
-        (np.minimum(rng.geometric(0.25, 300) - 1, 15), 16, 32),
-    ]
-    for flat, experts, block_rows in cases:
-        layout = _padded_layout(jnp.asarray(rng.permutation(flat), jnp.int32)[:, None], experts, block_rows)
-        tile_expert, dest = np.asarray(layout.tile_expert), np.asarray(layout.dest)
-        assert tile_expert.shape == (layout.padded_rows // block_rows,)
-        assert ((tile_expert >= -1) & (tile_expert < experts)).all()
-        used = tile_expert[tile_expert >= 0]
-        sizes = np.bincount(flat, minlength=experts)
-        np.testing.assert_array_equal(np.bincount(used, minlength=experts), -(-sizes // block_rows))
-        assert (tile_expert[len(used):] == -1).all()
-        assert len(set(dest.tolist())) == len(flat) and dest.max() < layout.padded_rows
-        sorted_experts = np.sort(flat, kind="stable")
-        np.testing.assert_array_equal(tile_expert[dest // block_rows], sorted_experts)
 
 
 def test_moe_kernel_on_the_worst_case_padding():

@@ -149,6 +149,22 @@ def test_load_time_layouts_match_the_reference(multi_block_pair, scan_unroll, pr
                   f"{projections}, {blocks} self-conditioned logits")
 
 
+def test_routing_kernels_match_the_reference(pair):
+    """`Config.routing_implementation="pallas"`: the router's top-k kernel and, under the Pallas experts, the
+    row-layout kernel (both interpreted here) against transformers, on every config (6 experts top-3 among
+    them: widths that are not powers of two; its expert width, 24, is not one the expert kernels take, so
+    there only the router's kernel runs)."""
+    config, model, params = pair
+    moe = "pallas" if config.moe_intermediate_size % 16 == 0 else "grouped"
+    routed = config.replace(routing_implementation="pallas", moe_implementation=moe)
+    ids, mask = _prompt(config, 2, 13, [0, 4], seed=25)
+    canvas = np.random.default_rng(26).integers(0, config.vocab_size, (2, config.canvas_length))
+    ref_logits, ref_hidden = _reference(model, ids, mask, canvas)
+    cache, hidden = diffjax.encode_with_hidden(params, routed, ids, mask, capacity=13 + config.canvas_length)
+    _assert_close(np.asarray(hidden)[mask], ref_hidden[mask], "routing kernels encoder hidden")
+    _assert_close(diffjax.denoise_logits(params, routed, cache, canvas), ref_logits, "routing kernels logits")
+
+
 def test_self_conditioning(pair):
     config, model, params = pair
     ids, mask = _prompt(config, 2, 11, [3, 0], seed=5)

@@ -1,9 +1,9 @@
 """Mixture-of-experts as a block-sparse grouped matmul (Pallas, Triton lowering).
 
 The tokens * top_k (token, expert) assignments are sorted by expert and each expert's group is padded to a
-multiple of the row tile, so every row tile belongs to exactly one expert. Small int32 arrays map each row
-tile to its expert (-1 for the unused tail tiles, which do nothing) and each padded row to its assignment; a
-program of the grid (row tile, output column tile) reads only its expert's weight columns. Two kernels:
+multiple of the row tile, so every row tile belongs to exactly one expert (`diffjax.kernels.routing`'s
+layout). Small int32 arrays map each row tile to its expert (-1 for unused tiles, which do nothing) and each
+padded row to its assignment; a program of the grid (row tile, output column tile) reads only its expert's weight columns. Two kernels:
 
 1. gate/up: `h = gelu_tanh(x @ W_gate[e]) * (x @ W_up[e])`, both halves accumulated in float32 in the same
    k-loop (one pass over x), the activation fused before the single store of `h [padded_rows, inter]`. Its
@@ -41,6 +41,7 @@ from diffjax.kernels import (
     resolve_interpret,
     with_twin_backward,
 )
+from diffjax.kernels.routing import ExpertRows, expert_rows_pallas, expert_rows_reference
 from diffjax.layers import experts_grouped, gelu_tanh
 from diffjax.quantize import FP8, dequantize
 
@@ -111,11 +112,11 @@ def warps_for(accumulator_elements: int) -> int:
     return 4 if accumulator_elements <= ACCUMULATORS_PER_THREAD * 4 * 32 else 8
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "pretiled", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tiles", "pretiled", "routing", "interpret"))
 def experts_pallas(
     x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None = None,
     *, gate_up_scale: Array | None = None, down_scale: Array | None = None, tiles: MoeTiles = MoeTiles(),
-    pretiled: bool = False, interpret: bool | None = None,
+    pretiled: bool = False, routing: str = "xla", interpret: bool | None = None,
 ) -> Array:
     """Mixture of experts over the routed (token, expert) pairs only; same maths as `experts_grouped`.
 
@@ -133,16 +134,22 @@ def experts_pallas(
     `pretiled`: gate_up and down as `pretile_experts` lays them out (each column tile contiguous), the column
     tiles' widths taken from them instead of from `tiles`.
 
+    `routing`: how the row layout is made, "xla" (`routing.expert_rows_reference`) or "pallas" (one launch,
+    `routing.expert_rows_pallas`); the same layout either way.
+
     Differentiable: gradients come from the plain-JAX twin (`with_twin_gradients`).
     """
-    kernel = functools.partial(_experts_pallas, tiles=tiles, pretiled=pretiled, interpret=interpret)
+    if routing not in ("xla", "pallas"):
+        raise ValueError(f"routing must be 'xla' or 'pallas', got {routing!r}")
+    kernel = functools.partial(_experts_pallas, tiles=tiles, pretiled=pretiled, routing=routing,
+                               interpret=interpret)
     return with_twin_gradients(kernel, pretiled)(x, weights, expert_ids, gate_up, down, layer, gate_up_scale,
                                                  down_scale)
 
 
 def _experts_pallas(
     x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None,
-    gate_up_scale: Array | None, down_scale: Array | None, *, tiles: MoeTiles, pretiled: bool,
+    gate_up_scale: Array | None, down_scale: Array | None, *, tiles: MoeTiles, pretiled: bool, routing: str,
     interpret: bool | None,
 ) -> Array:
     stacks = expert_stacks(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale, pretiled)
@@ -167,19 +174,17 @@ def _experts_pallas(
                     "per stack or use moe_implementation='grouped'"
                 )
 
-    layout = _padded_layout(expert_ids, num_experts, block_rows)
     # The kernels gather their rows of x and scatter their output rows themselves, by these row maps: no
     # expert-sorted, padded copy of the activations or of the output is ever written (at batch 8 those were
     # ~180 MB each per layer, zero-filled first, against an 11 MB x that stays in L2).
-    assignments = tokens * top_k  # assignment a = token * top_k + j
-    # Padded row -> its assignment; padding rows get `assignments`, a spare output row for discarded results.
-    row_assignment = jnp.full((layout.padded_rows,), assignments, jnp.int32).at[layout.dest].set(layout.order)
-    row_token = jnp.where(row_assignment < assignments, row_assignment // top_k, 0)  # padding reads token 0
-    row_weights = jnp.append(weights.reshape(-1).astype(jnp.float32), 0.0)[row_assignment]
-    h = _gate_up_call(x, row_token, layer, layout.tile_expert, gate_up, gate_up_scale, inter, block_rows, tiles,
-                      pretiled, interpret)
-    ys = _down_call(h, row_weights, row_assignment, assignments + 1, layer, layout.tile_expert, down, down_scale,
-                    hidden, block_rows, tiles, pretiled, interpret)
+    if routing == "pallas":
+        rows = expert_rows_pallas(expert_ids, weights, num_experts, block_rows, interpret=interpret)
+    else:
+        rows = expert_rows_reference(expert_ids, weights, num_experts, block_rows)
+    assignments = tokens * top_k  # assignment a = token * top_k + j; padding rows write row `assignments`
+    h = _gate_up_call(x, rows, layer, gate_up, gate_up_scale, inter, block_rows, tiles, pretiled, interpret)
+    ys = _down_call(h, rows, assignments + 1, layer, down, down_scale, hidden, block_rows, tiles, pretiled,
+                    interpret)
     per_assignment = ys[:assignments].reshape(tokens, top_k, hidden)
     return jnp.sum(per_assignment.astype(jnp.float32), axis=1).astype(x.dtype)
 
@@ -279,38 +284,6 @@ def _check_pretiled(gate_up_shape: tuple[int, ...], down_shape: tuple[int, ...],
     if inter % gate_up_shape[-1]:
         raise ValueError(f"the pretiled gate_up's column tiles ({gate_up_shape[-1]} wide) must divide inter "
                          f"({inter}): a tile may not hold both gate and up columns")
-
-
-class _Layout(NamedTuple):
-    """Where each expert-sorted assignment goes in the row-tile-padded buffer."""
-
-    order: Array  # [A] assignment indices sorted by expert (stable)
-    dest: Array  # [A] padded row of the i-th sorted assignment
-    tile_expert: Array  # [padded_rows // block_rows] expert of each row tile, -1 = unused
-    padded_rows: int
-
-
-def _padded_layout(expert_ids: Array, num_experts: int, block_rows: int) -> _Layout:
-    flat = expert_ids.reshape(-1)
-    num_assignments = flat.shape[0]
-    order = jnp.argsort(flat, stable=True)
-    sorted_experts = flat[order]
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    padded_sizes = (sizes + block_rows - 1) // block_rows * block_rows
-    starts = jnp.cumsum(sizes) - sizes
-    padded_ends = jnp.cumsum(padded_sizes)
-    padded_starts = padded_ends - padded_sizes
-    rank = jnp.arange(num_assignments, dtype=jnp.int32) - starts[sorted_experts]
-    dest = padded_starts[sorted_experts] + rank
-    # Static bound: each expert wastes at most block_rows - 1 padding rows.
-    max_rows = num_assignments + min(num_experts, num_assignments) * (block_rows - 1)
-    num_tiles = -(-max_rows // block_rows)
-    tile_starts = jnp.arange(num_tiles, dtype=jnp.int32) * block_rows
-    # compare_all: one fused comparison. The default method is a while loop of log2(experts) iterations, which
-    # on a GPU cost 5 kernel launches each, per layer (240 iterations per full-size decoder step).
-    tile_expert = jnp.searchsorted(padded_ends, tile_starts, side="right", method="compare_all").astype(jnp.int32)
-    tile_expert = jnp.where(tile_starts < padded_ends[-1], tile_expert, -1)
-    return _Layout(order, dest, tile_expert, num_tiles * block_rows)
 
 
 def experts_reference(
@@ -498,10 +471,10 @@ def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantize
 
 
 def _gate_up_call(
-    x: Array, row_token: Array, layer: Array, tile_expert: Array, gate_up: Array, scale: Array | None, inter: int,
-    block_rows: int, tiles: MoeTiles, pretiled: bool, interpret: bool,
+    x: Array, rows: ExpertRows, layer: Array, gate_up: Array, scale: Array | None, inter: int, block_rows: int,
+    tiles: MoeTiles, pretiled: bool, interpret: bool,
 ) -> Array:
-    (padded_rows,), hidden = row_token.shape, x.shape[1]
+    hidden = x.shape[1]
     block_k = largest_power_of_two_divisor(hidden, tiles.gate_up_block_k)
     block_n = gate_up.shape[-1] if pretiled else largest_power_of_two_divisor(inter, tiles.gate_up_block_n)
     kernel = functools.partial(
@@ -509,9 +482,9 @@ def _gate_up_call(
         quantized=scale is not None, swap_ab=tiles.swap_ab, column_tiles_first=tiles.column_tiles_first,
         pretiled=pretiled, skew_k=tiles.skew_k,
     )
-    inputs = (layer, tile_expert, x, row_token, gate_up) + ((scale,) if scale is not None else ())
+    inputs = (layer, rows.tile_expert, x, rows.row_token, gate_up) + ((scale,) if scale is not None else ())
     warps = tiles.num_warps or warps_for(2 * block_rows * block_n)  # gate and up accumulators
-    return _row_tiled_call(kernel, inputs, (padded_rows, inter), x.dtype, block_rows, block_n, warps, tiles,
+    return _row_tiled_call(kernel, inputs, (rows.padded_rows, inter), x.dtype, block_rows, block_n, warps, tiles,
                            interpret, "moe_gate_up")
 
 
@@ -542,9 +515,8 @@ def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab,
 
 
 def _down_call(
-    h: Array, row_weights: Array, row_assignment: Array, out_rows: int, layer: Array, tile_expert: Array,
-    down: Array, scale: Array | None, hidden: int, block_rows: int, tiles: MoeTiles, pretiled: bool,
-    interpret: bool,
+    h: Array, rows: ExpertRows, out_rows: int, layer: Array, down: Array, scale: Array | None, hidden: int,
+    block_rows: int, tiles: MoeTiles, pretiled: bool, interpret: bool,
 ) -> Array:
     padded_rows, inter = h.shape
     block_k = largest_power_of_two_divisor(inter, tiles.down_block_k)
@@ -554,7 +526,8 @@ def _down_call(
         quantized=scale is not None, swap_ab=tiles.swap_ab, column_tiles_first=tiles.column_tiles_first,
         pretiled=pretiled, skew_k=tiles.skew_k,
     )
-    inputs = (layer, tile_expert, h, row_weights, row_assignment, down) + ((scale,) if scale is not None else ())
+    inputs = (layer, rows.tile_expert, h, rows.row_weights, rows.row_assignment, down) + (
+        (scale,) if scale is not None else ())
     warps = tiles.num_warps or warps_for(block_rows * block_n)
     return _row_tiled_call(kernel, inputs, (padded_rows, hidden), h.dtype, block_rows, block_n, warps, tiles,
                            interpret, "moe_down", scatter_rows=out_rows)
