@@ -180,16 +180,18 @@ def compile_decoder_step(config: Config, batch: int, prompt: int, target: str = 
 
 def compile_encoder_step(config: Config, batch: int, prompt: int, target: str = "h200") -> StepStructure:
     """The structure of the encoder's pass over one canvas (appending it to a cache of `prompt` tokens, as
-    `generate` does after each canvas), compiled like `compile_decoder_step`."""
+    `generate` does after each canvas), compiled like `compile_decoder_step`. The cache is donated, as in
+    `generate`'s loop, where it is carried from canvas to canvas: without that the pass would copy every cache
+    stack to a new buffer first (0.24 GB per pass at batch 1, 1.9 GB at batch 8)."""
     from diffjax.model import _encode
 
     mask = jax.ShapeDtypeStruct((batch, config.canvas_length), jnp.bool_)
     return _compile_on_cache(lambda params, cache, ids, mask: _encode(params, config, ids, mask, cache),
-                             config, batch, prompt, target, (mask,))
+                             config, batch, prompt, target, (mask,), donate_cache=True)
 
 
 def _compile_on_cache(step: Any, config: Config, batch: int, prompt: int, target: str,
-                      more: tuple[jax.ShapeDtypeStruct, ...]) -> StepStructure:
+                      more: tuple[jax.ShapeDtypeStruct, ...], donate_cache: bool = False) -> StepStructure:
     """`step(params, cache, canvas_ids, *more)` on bf16 weights and a cache with room for `prompt` tokens and a
     canvas, compiled for `target` with the Pallas kernels compiled, not interpreted."""
     from diffjax import kernels
@@ -199,4 +201,5 @@ def _compile_on_cache(step: Any, config: Config, batch: int, prompt: int, target
     cache = jax.eval_shape(lambda: init_cache(config, batch, prompt + config.canvas_length, jnp.bfloat16))
     canvas = jax.ShapeDtypeStruct((batch, config.canvas_length), jnp.int32)
     with kernels.compiling_for_gpu():
-        return compile_structure(jax.jit(step), (param_shapes(config), cache, canvas, *more), device)
+        return compile_structure(jax.jit(step, donate_argnums=(1,) if donate_cache else ()),
+                                 (param_shapes(config), cache, canvas, *more), device)

@@ -452,6 +452,10 @@ def _encode(
     hidden, new_kv = DiffusionGemma(config).apply(
         {"params": params}, ENCODE, input_ids, cache, attention_mask=attention_mask
     )
+    # The cache is written only after every layer has read it: left free, XLA on a GPU scheduled some writes
+    # first and then copied each cache stack to keep the old values readable (0.24 GB per canvas at batch 1,
+    # 1.9 GB at batch 8, in the full-size encoder compiled for an H200 with the cache donated).
+    cache, hidden = jax.lax.optimization_barrier((cache, hidden))
     return _write_cache(config, cache, new_kv, attention_mask), hidden
 
 

@@ -7,6 +7,8 @@
   sample in one pass over the vocabulary, without float32 logits (twin: `vocab.vocab_stats_reference`).
 - `attention.global_attention_pallas`: split-K (flash-decoding) attention of the canvas over a long cache
   (twin: `diffjax.layers.attend`).
+- `routing.route_top_k` / `routing.expert_rows_pallas`: the router's top-k, and the row layout the Triton
+  experts read, one launch each (twins: `diffjax.layers.top_k_routing`, `routing.expert_rows_reference`).
 
 Which path runs is always chosen by the caller (a `Config` field or an argument). The expert and attention
 kernels are differentiable: their backward is their twin's (`with_twin_backward`). Every kernel takes
