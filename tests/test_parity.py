@@ -115,17 +115,26 @@ def test_encode_then_denoise(pair, batch, length, pad):
     _assert_close(logits, ref_logits, "logits")
 
 
+def _variant_matches_the_reference(model, config, params, variant, what, seed, self_conditioned=False):
+    """A padded batch-2 prompt encoded and a canvas decoded (self-conditioned: on random logits) with `variant`
+    of `config` and `params` (the same weights, laid out for it) against transformers."""
+    ids, mask = _prompt(config, 2, 13, [0, 4], seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    canvas = rng.integers(0, config.vocab_size, (2, config.canvas_length))
+    sc_logits = None
+    if self_conditioned:
+        sc_logits = (3.0 * rng.standard_normal((2, config.canvas_length, config.vocab_size))).astype(np.float32)
+    ref_logits, ref_hidden = _reference(model, ids, mask, canvas, sc_logits)
+    cache, hidden = diffjax.encode_with_hidden(params, variant, ids, mask, capacity=13 + config.canvas_length)
+    _assert_close(np.asarray(hidden)[mask], ref_hidden[mask], f"{what} encoder hidden")
+    _assert_close(diffjax.denoise_logits(params, variant, cache, canvas, sc_logits), ref_logits, f"{what} logits")
+
+
 @pytest.mark.parametrize("scan_unroll", [2, 7])  # 7: more than any config's blocks, i.e. no loop at all
 def test_unrolled_blocks_match_the_reference(multi_block_pair, scan_unroll):
     """`Config.scan_unroll` reads each block's weights at a fixed offset instead of a per-iteration slice."""
     config, model, params = multi_block_pair
-    unrolled = config.replace(scan_unroll=scan_unroll)
-    ids, mask = _prompt(config, 2, 13, [0, 4], seed=21)
-    canvas = np.random.default_rng(22).integers(0, config.vocab_size, (2, config.canvas_length))
-    ref_logits, ref_hidden = _reference(model, ids, mask, canvas)
-    cache, hidden = diffjax.encode_with_hidden(params, unrolled, ids, mask, capacity=13 + config.canvas_length)
-    _assert_close(np.asarray(hidden)[mask], ref_hidden[mask], "unrolled encoder hidden")
-    _assert_close(diffjax.denoise_logits(params, unrolled, cache, canvas), ref_logits, "unrolled logits")
+    _variant_matches_the_reference(model, config, params, config.replace(scan_unroll=scan_unroll), "unrolled", 21)
 
 
 @pytest.mark.parametrize(("scan_unroll", "projections", "blocks"), [
@@ -138,15 +147,8 @@ def test_load_time_layouts_match_the_reference(multi_block_pair, scan_unroll, pr
 
     config, model, params = multi_block_pair
     laid_config, laid_out = relayout(config.replace(scan_unroll=scan_unroll), params, projections, blocks)
-    ids, mask = _prompt(config, 2, 13, [0, 4], seed=23)
-    rng = np.random.default_rng(24)
-    canvas = rng.integers(0, config.vocab_size, (2, config.canvas_length))
-    sc_logits = (3.0 * rng.standard_normal((2, config.canvas_length, config.vocab_size))).astype(np.float32)
-    ref_logits, ref_hidden = _reference(model, ids, mask, canvas, sc_logits)
-    cache, hidden = diffjax.encode_with_hidden(laid_out, laid_config, ids, mask, capacity=13 + config.canvas_length)
-    _assert_close(np.asarray(hidden)[mask], ref_hidden[mask], f"{projections}, {blocks} encoder hidden")
-    _assert_close(diffjax.denoise_logits(laid_out, laid_config, cache, canvas, sc_logits), ref_logits,
-                  f"{projections}, {blocks} self-conditioned logits")
+    _variant_matches_the_reference(model, config, laid_out, laid_config, f"{projections}, {blocks} self-conditioned",
+                                   23, self_conditioned=True)
 
 
 def test_routing_kernels_match_the_reference(pair):
@@ -157,12 +159,7 @@ def test_routing_kernels_match_the_reference(pair):
     config, model, params = pair
     moe = "pallas" if config.moe_intermediate_size % 16 == 0 else "grouped"
     routed = config.replace(routing_implementation="pallas", moe_implementation=moe)
-    ids, mask = _prompt(config, 2, 13, [0, 4], seed=25)
-    canvas = np.random.default_rng(26).integers(0, config.vocab_size, (2, config.canvas_length))
-    ref_logits, ref_hidden = _reference(model, ids, mask, canvas)
-    cache, hidden = diffjax.encode_with_hidden(params, routed, ids, mask, capacity=13 + config.canvas_length)
-    _assert_close(np.asarray(hidden)[mask], ref_hidden[mask], "routing kernels encoder hidden")
-    _assert_close(diffjax.denoise_logits(params, routed, cache, canvas), ref_logits, "routing kernels logits")
+    _variant_matches_the_reference(model, config, params, routed, "routing kernels", 25)
 
 
 def test_self_conditioning(pair):
