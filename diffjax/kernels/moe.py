@@ -3,7 +3,8 @@
 The tokens * top_k (token, expert) assignments are sorted by expert and each expert's group is padded to a
 multiple of the row tile, so every row tile belongs to exactly one expert (`diffjax.kernels.routing`'s
 layout). Small int32 arrays map each row tile to its expert (-1 for unused tiles, which do nothing) and each
-padded row to its assignment; a program of the grid (row tile, output column tile) reads only its expert's weight columns. Two kernels:
+padded row to its assignment; a program of the grid (row tile, output column tile) reads only its expert's
+weight columns. Two kernels:
 
 1. gate/up: `h = gelu_tanh(x @ W_gate[e]) * (x @ W_up[e])`, both halves accumulated in float32 in the same
    k-loop (one pass over x), the activation fused before the single store of `h [padded_rows, inter]`. Its

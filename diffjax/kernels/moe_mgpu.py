@@ -188,7 +188,7 @@ def sorted_layout(expert_of_assignment: Array, num_experts: int, block_rows: int
     tiles_per_expert = -(-sizes // block_rows)
     tile_ends = jnp.cumsum(tiles_per_expert)
     tile = jnp.arange(-(-num_assignments // block_rows) + num_experts - 1, dtype=jnp.int32)
-    # compare_all: one fused comparison instead of a while loop (see `moe._padded_layout`).
+    # compare_all: one fused comparison instead of a while loop (see `routing.expert_rows_reference`).
     expert = jnp.minimum(jnp.searchsorted(tile_ends, tile, side="right", method="compare_all"),
                          num_experts - 1).astype(jnp.int32)
     offset = (tile - (tile_ends - tiles_per_expert)[expert]) * block_rows
