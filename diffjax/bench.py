@@ -567,6 +567,8 @@ def _base_config(s: FullSizeSettings, config: Config | None) -> Config:
 
 # What tells the decoder steps of a sweep apart, as points name it.
 VARIANT_KEYS = ("prompt", "batch", "moe", "sliding_attention", "scan_unroll", "projections", "blocks", "routing")
+# The full-size table's column headers of VARIANT_KEYS, where shorter than the key.
+_VARIANT_HEADERS = {"sliding_attention": "sliding", "scan_unroll": "unroll"}
 
 
 def _variants(s: FullSizeSettings) -> list[dict[str, Any]]:
@@ -788,10 +790,8 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
                f"floor = step FLOPs / matmul rate; x roofline = against the larger; tokens/s at {settings['steps']} steps per canvas = canvas x batch / (steps x decoder + "
                f"encoder); generate = whole loop, ms per decoder pass")
     table = Table(title=_title(result["config"]), caption=caption)
-    columns = ["prompt", "batch", "moe", "sliding", "unroll", "projections", "blocks", "routing", "statistics",
-               "decoder ms",
-               "floor ms", "x floor",
-               "compute floor ms", "x roofline", "encoder canvas ms",
+    columns = [*(_VARIANT_HEADERS.get(key, key) for key in VARIANT_KEYS), "statistics", "decoder ms", "floor ms",
+               "x floor", "compute floor ms", "x roofline", "encoder canvas ms",
                "tokens/s", "generate ms/step", "transformers ms/step", "ours/theirs", "peak mem"]
     for name in columns:
         table.add_column(name, justify="right")

@@ -199,37 +199,18 @@ class Config:
             raise ValueError(
                 f"top_k_experts ({self.top_k_experts}) must be <= num_experts ({self.num_experts})"
             )
-        if self.moe_implementation not in MOE_IMPLEMENTATIONS + MESH_MOE_IMPLEMENTATIONS:
-            raise ValueError(
-                f"moe_implementation must be one of {MOE_IMPLEMENTATIONS + MESH_MOE_IMPLEMENTATIONS}, "
-                f"got {self.moe_implementation!r}"
-            )
-        if self.global_attention_implementation not in GLOBAL_ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"global_attention_implementation must be one of {GLOBAL_ATTENTION_IMPLEMENTATIONS}, "
-                f"got {self.global_attention_implementation!r}"
-            )
-        if self.sliding_attention_implementation not in SLIDING_ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"sliding_attention_implementation must be one of {SLIDING_ATTENTION_IMPLEMENTATIONS}, "
-                f"got {self.sliding_attention_implementation!r}"
-            )
-        if self.routing_implementation not in ROUTING_IMPLEMENTATIONS:
-            raise ValueError(
-                f"routing_implementation must be one of {ROUTING_IMPLEMENTATIONS}, got {self.routing_implementation!r}"
-            )
-        if self.expert_quantization not in EXPERT_QUANTIZATIONS:
-            raise ValueError(
-                f"expert_quantization must be one of {EXPERT_QUANTIZATIONS}, got {self.expert_quantization!r}"
-            )
-        if self.expert_layout not in EXPERT_LAYOUTS:
-            raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {self.expert_layout!r}")
-        if self.block_layout not in BLOCK_LAYOUTS:
-            raise ValueError(f"block_layout must be one of {BLOCK_LAYOUTS}, got {self.block_layout!r}")
-        if self.projection_layout not in PROJECTION_LAYOUTS:
-            raise ValueError(
-                f"projection_layout must be one of {PROJECTION_LAYOUTS}, got {self.projection_layout!r}"
-            )
+        for name, choices in (
+            ("moe_implementation", MOE_IMPLEMENTATIONS + MESH_MOE_IMPLEMENTATIONS),
+            ("global_attention_implementation", GLOBAL_ATTENTION_IMPLEMENTATIONS),
+            ("sliding_attention_implementation", SLIDING_ATTENTION_IMPLEMENTATIONS),
+            ("routing_implementation", ROUTING_IMPLEMENTATIONS),
+            ("expert_quantization", EXPERT_QUANTIZATIONS),
+            ("expert_layout", EXPERT_LAYOUTS),
+            ("block_layout", BLOCK_LAYOUTS),
+            ("projection_layout", PROJECTION_LAYOUTS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.expert_layout == "pretiled" and self.moe_implementation in MESH_MOE_IMPLEMENTATIONS:
             raise ValueError(
                 f"expert_layout='pretiled' is read by the single-device MoE forms {MOE_IMPLEMENTATIONS}, not by "

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from diffjax.config import ROUTING_IMPLEMENTATIONS
 from diffjax.kernels import (
     INT32_OFFSET_LIMIT,
     MIN_BLOCK,
@@ -140,8 +141,8 @@ def experts_pallas(
 
     Differentiable: gradients come from the plain-JAX twin (`with_twin_gradients`).
     """
-    if routing not in ("xla", "pallas"):
-        raise ValueError(f"routing must be 'xla' or 'pallas', got {routing!r}")
+    if routing not in ROUTING_IMPLEMENTATIONS:
+        raise ValueError(f"routing must be one of {ROUTING_IMPLEMENTATIONS}, got {routing!r}")
     kernel = functools.partial(_experts_pallas, tiles=tiles, pretiled=pretiled, routing=routing,
                                interpret=interpret)
     return with_twin_gradients(kernel, pretiled)(x, weights, expert_ids, gate_up, down, layer, gate_up_scale,
