@@ -119,15 +119,17 @@ class Config:
     # all-to-all (`diffjax.sharding.experts_expert_parallel`; needs `jax.set_mesh`).
     moe_implementation: Literal["grouped", "dense", "pallas", "pallas_mgpu", "expert_parallel"] = "grouped"
     # How the decoder's global layers attend (the canvas over the whole cache, padding-only mask). "xla":
-    # `layers.attend`. "pallas": the split-K kernel of `diffjax.kernels.attention`. The encoder (causal)
-    # always uses `attend`.
+    # `layers.attend`. "pallas": the split-K kernel of `diffjax.kernels.attention`, and in the encoder and the
+    # decoder its q/k/v inputs kernel (norms and RoPE in one launch). The encoder (causal) always attends
+    # with `attend`.
     global_attention_implementation: Literal["xla", "pallas"] = "xla"
     # How the decoder's sliding layers attend (the canvas over the ring of the last window - 1 positions and
     # itself, padding-only mask). "xla": `layers.attend`. "cudnn": cuDNN's fused attention through
     # `jax.nn.dot_product_attention` (NVIDIA GPUs, bf16/fp16 only; on an H100 at batch 8 0.23 ms per layer
     # against 0.92 ms for "xla"). "pallas": the global layers' split-K kernel (any GPU it compiles for;
-    # float32 too), which needs no more than a padding-only mask either. The encoder keeps `attend`: its
-    # left-padded rows see no key at all, where `attend` returns zeros and cuDNN's result is not specified.
+    # float32 too), which needs no more than a padding-only mask either, with the q/k/v inputs kernel (in the
+    # encoder too). The encoder attends with `attend`: its left-padded rows see no key at all, where `attend`
+    # returns zeros and cuDNN's result is not specified.
     sliding_attention_implementation: Literal["xla", "cudnn", "pallas"] = "xla"
     # How each MoE layer picks its experts and groups their rows. "xla": `layers.top_k_routing` (softmax,
     # `jax.lax.top_k`), and the row layout of the Pallas experts in plain JAX (`kernels.routing.

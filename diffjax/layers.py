@@ -49,6 +49,16 @@ class RMSNorm(nn.Module):
         return rms_norm(x, scale, self.eps)
 
 
+class NormScale(nn.Module):
+    """An RMSNorm's `scale` parameter alone, for a norm applied elsewhere (inside a fused kernel)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self) -> Array:
+        return self.param("scale", nn.initializers.ones, (self.features,))
+
+
 class Linear(nn.Module):
     """Bias-free projection with a `[in, out]` kernel."""
 
@@ -90,6 +100,25 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return x * cos + rotated * sin
+
+
+def attention_inputs(
+    sources: tuple[Array, Array, Array], offsets: tuple[int, int, int], heads: int, kv_heads: int,
+    q_scale: Array, k_scale: Array, positions: Array, inv_freq: Array, eps: float,
+) -> tuple[Array, Array, Array]:
+    """Gemma 4's attention inputs from the raw projections: q and k RMS-normed with their scales, then rotated
+    (RoPE after the norms); v RMS-normed without a scale.
+
+    sources: the arrays `[batch, n, columns]` holding q, k and v (a fused `qkv_proj` output three times, or the
+    three projections); offsets: the column where each starts; `heads` q heads and `kv_heads` k and v heads of
+    `head_dim = len(q_scale)`. Returns q `[batch, n, heads, head_dim]`, k and v `[batch, n, kv_heads, head_dim]`.
+    """
+    head_dim = q_scale.shape[0]
+    q, k, v = (source[..., offset:offset + count * head_dim].reshape(*source.shape[:2], count, head_dim)
+               for source, offset, count in zip(sources, offsets, (heads, kv_heads, kv_heads), strict=True))
+    q = apply_rope(rms_norm(q, q_scale, eps), positions, inv_freq)
+    k = apply_rope(rms_norm(k, k_scale, eps), positions, inv_freq)
+    return q, k, rms_norm(v, None, eps)
 
 
 # -------------------------------------------------------------------------- attention
@@ -174,32 +203,33 @@ class Attention(nn.Module):
         Returns the output `[batch, n, hidden]` and this call's new (keys, values).
         """
         cfg, att = self.config, self.config.attention(self.layer_type)
-        batch, n, _ = x.shape
+        configured = (cfg.global_attention_implementation if self.layer_type == FULL
+                      else cfg.sliding_attention_implementation)
+        # Flax's init traces the model in float32 on a few dummy tokens, under the kernels' minimum sizes. The
+        # inputs kernel takes any mask; the attention kernels want a padding-only one (the decoder's).
+        inputs_kernel = configured == "pallas" and not self.is_initializing()
+        implementation = configured if self.padding_only_mask and not self.is_initializing() else "xla"
         widths = projection_widths(cfg, self.layer_type)
         if cfg.projection_layout == "fused":
             fused = Linear(sum(widths), name="qkv_proj")(x)
-            q, k_raw, *v = jnp.split(fused, list(itertools.accumulate(widths[:-1])), axis=-1)
+            sources, offsets = (fused,) * 3, tuple(itertools.accumulate(widths[:-1], initial=0))
         else:
             names = ("q_proj", "k_proj", "v_proj")[:len(widths)]
-            q, k_raw, *v = (Linear(width, name=name)(x) for name, width in zip(names, widths, strict=True))
-        q = q.reshape(batch, n, cfg.num_heads, att.head_dim)
-        k_raw = k_raw.reshape(batch, n, att.num_kv_heads, att.head_dim)
-        v = v[0].reshape(k_raw.shape) if v else k_raw
-        inv_freq = rope_inverse_frequencies(att)
-        q = apply_rope(RMSNorm(cfg.rms_norm_eps, name="q_norm")(q), positions, inv_freq)
-        k = apply_rope(RMSNorm(cfg.rms_norm_eps, name="k_norm")(k_raw), positions, inv_freq)
-        v = rms_norm(v, None, cfg.rms_norm_eps)
+            sources = tuple(Linear(width, name=name)(x) for name, width in zip(names, widths, strict=True))
+            offsets = (0, 0, 0)
+        if len(widths) == 2:  # no v_proj: values are the raw keys
+            sources, offsets = (*sources[:2], sources[1]), (*offsets[:2], offsets[1])
+        scales = (NormScale(att.head_dim, name="q_norm")(), NormScale(att.head_dim, name="k_norm")())
+        make_inputs = attention_inputs
+        if inputs_kernel:  # the kernels import this module
+            from diffjax.kernels.attention import attention_inputs_pallas as make_inputs
+            from diffjax.kernels.attention import global_attention_pallas
+        q, k, v = make_inputs(sources, offsets, cfg.num_heads, att.num_kv_heads, *scales, positions,
+                              rope_inverse_frequencies(att), cfg.rms_norm_eps)
         context_keys, context_values = context_keys.astype(k.dtype), context_values.astype(v.dtype)
-        implementation = (cfg.global_attention_implementation if self.layer_type == FULL
-                          else cfg.sliding_attention_implementation)
-        # Flax's init traces the model in float32 on a few dummy tokens, under the kernels' minimum sizes.
-        if not self.padding_only_mask or self.is_initializing():
-            implementation = "xla"
         if context_layer is not None and implementation != "pallas":
             context_keys, context_values, context_layer = context_keys[context_layer], context_values[context_layer], None
         if implementation == "pallas":
-            from diffjax.kernels.attention import global_attention_pallas  # the kernels import this module
-
             # The canvas's own keys as a second source: no concatenation with the cache is written.
             out = global_attention_pallas(q, context_keys, context_values, mask[:, 0, :context_keys.shape[-3]], k, v,
                                           context_layer)

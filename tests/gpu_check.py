@@ -16,6 +16,8 @@ CPU tests cover the maths of every kernel in interpret mode and their CUDA lower
 3. The load-time layouts (fused projections, unstacked blocks; `diffjax.layout`) through the GPU kernels on a
    three-block toy decoder in bf16: the same logits as the separate, stacked model, looped and unrolled.
 4. The routing kernels (`diffjax.kernels.routing`) at the released router's shapes against their twins.
+5. The decoder's attention inputs kernel (`attention_inputs_pallas`: q/k/v norms and RoPE from the fused
+   projection) at the released shapes of both layer types, bf16 and float32, against its twin.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.config import AttentionConfig, Config
-from diffjax.kernels.attention import global_attention_pallas
+from diffjax.kernels.attention import attention_inputs_pallas, global_attention_pallas
 from diffjax.kernels.moe import experts_pallas
 from diffjax.kernels.moe_mgpu import experts_mgpu
-from diffjax.layers import attend, attend_cudnn, experts_grouped
+from diffjax.layers import attend, attend_cudnn, attention_inputs, experts_grouped, rope_inverse_frequencies
 from diffjax.model import _denoise_logits, init_cache, init_params, prefill
 from diffjax.quantize import dequantize, quantize
 
@@ -194,6 +196,24 @@ def read_past_2_31(start: int) -> bool:
     return bool(np.array_equal(np.asarray(out), expected))
 
 
+def check_attention_inputs(small: bool) -> None:
+    cfg = Config.tiny() if small else Config.diffusiongemma_26b_a4b()
+    for kind, attention, values in (("full", cfg.full, False), ("sliding", cfg.sliding, True)):
+        q_width, kv_width = cfg.num_heads * attention.head_dim, attention.num_kv_heads * attention.head_dim
+        offsets = (0, q_width, q_width + kv_width * values)
+        keys = jax.random.split(jax.random.key(7), 3)
+        projections = 3 * jax.random.normal(keys[0], (2, cfg.canvas_length, q_width + (1 + values) * kv_width))
+        scales = [1 + 0.3 * jax.random.normal(k, (attention.head_dim,)) for k in keys[1:]]
+        positions = 1000 + jnp.arange(cfg.canvas_length, dtype=jnp.int32)
+        for dtype in (jnp.bfloat16, jnp.float32):
+            args = ((projections.astype(dtype),) * 3, offsets, cfg.num_heads, attention.num_kv_heads,
+                    *(s.astype(dtype) for s in scales), positions, rope_inverse_frequencies(attention),
+                    cfg.rms_norm_eps)
+            ours, twin = attention_inputs_pallas(*args), attention_inputs(*args)
+            report(check="attention inputs kernel vs its twin", layers=kind, dtype=jnp.dtype(dtype).name,
+                   relative_l2=[relative_l2(a, b) for a, b in zip(ours, twin, strict=True)])
+
+
 def check_wide_offsets() -> None:
     """With the wrapper, here; without it, in a child process (a faulting kernel poisons its CUDA context)."""
     import subprocess
@@ -217,6 +237,7 @@ if __name__ == "__main__":
     check_expert_stacks(small)
     check_load_time_layouts()
     check_routing(small)
+    check_attention_inputs(small)
     if jax.default_backend() == "gpu":
         check_sliding_attention()
         check_wide_offsets()

@@ -22,11 +22,16 @@ import diffjax
 from diffjax.config import AttentionConfig, Config
 from diffjax.generate import generate
 from diffjax.kernels import bench as kernel_bench
-from diffjax.kernels.attention import AttentionTiles, attend_padding_only, global_attention_pallas
+from diffjax.kernels.attention import (
+    AttentionTiles,
+    attend_padding_only,
+    attention_inputs_pallas,
+    global_attention_pallas,
+)
 from diffjax.kernels.moe import MoeTiles, experts_pallas, pretile_experts, untile_experts
 from diffjax.kernels.moe_mgpu import experts_mgpu
 from diffjax.kernels.vocab import VocabTiles, vocab_stats_pallas, vocab_stats_reference
-from diffjax.layers import Experts, experts_dense, experts_grouped
+from diffjax.layers import Experts, attention_inputs, experts_dense, experts_grouped, rope_inverse_frequencies
 from diffjax.model import denoise_logits, encode, init_cache, init_params, param_shapes, tied_logits
 from diffjax.quantize import FP8, dequantize, quantize
 
@@ -805,6 +810,90 @@ def test_attention_kernel_differentiates_through_attend():
         _close(got, want, jnp.float32, scale=5)
 
 
+def attention_inputs_case(batch, n, heads, kv_heads, head_dim, fused, dtype, seed):
+    """Projections holding q, k and v (one fused array with v's columns, or three arrays with k at an offset),
+    scales around 1, positions past 1000 (RoPE angles of many turns)."""
+    keys = jax.random.split(jax.random.key(seed), 5)
+    if fused:
+        projections = 3 * jax.random.normal(keys[0], (batch, n, (heads + 2 * kv_heads) * head_dim))
+        sources, offsets = (projections,) * 3, (0, heads * head_dim, (heads + kv_heads) * head_dim)
+    else:
+        widths = (heads * head_dim, (kv_heads + 2) * head_dim, kv_heads * head_dim)
+        sources = tuple(3 * jax.random.normal(k, (batch, n, w)) for k, w in zip(keys[:3], widths, strict=True))
+        offsets = (0, 2 * head_dim, 0)
+    scales = tuple(1 + 0.3 * jax.random.normal(k, (head_dim,)) for k in keys[3:])
+    sources = tuple(source.astype(dtype) for source in sources)
+    return sources, offsets, (*(scale.astype(dtype) for scale in scales), 1000 + jnp.arange(n, dtype=jnp.int32))
+
+
+@pytest.mark.parametrize(
+    ("batch", "n", "heads", "kv_heads", "head_dim", "fused", "dtype"),
+    [
+        (2, 11, 4, 2, 32, True, jnp.float32),  # a partial token block
+        (1, 20, 4, 1, 24, False, jnp.float32),  # half-heads of 12: a masked, wider block
+        (2, 32, 8, 2, 64, True, jnp.bfloat16),
+    ],
+)
+def test_attention_inputs_kernel_matches_its_twin(batch, n, heads, kv_heads, head_dim, fused, dtype):
+    sources, offsets, (q_scale, k_scale, positions) = attention_inputs_case(batch, n, heads, kv_heads, head_dim,
+                                                                            fused, dtype, seed=n)
+    for rope_type in ("default", "proportional"):  # proportional: the last pairs are not rotated
+        inv_freq = rope_inverse_frequencies(AttentionConfig(head_dim=head_dim, num_kv_heads=kv_heads,
+                                                            rope_theta=1e4, rope_type=rope_type,
+                                                            partial_rotary_factor=0.5))
+        args = (sources, offsets, heads, kv_heads, q_scale, k_scale, positions, inv_freq, 1e-6)
+        ours = attention_inputs_pallas(*args, interpret=True)
+        # The twin in the same dtype: bf16 RoPE rounds cos, sin and the normed inputs as transformers does.
+        twin = attention_inputs(*args)
+        for got, want, count in zip(ours, twin, (heads, kv_heads, kv_heads), strict=True):
+            assert got.shape == (batch, n, count, head_dim) and got.dtype == dtype
+            _close(got, want, dtype)
+    # v is normed without a scale and not rotated: its rows have unit mean square.
+    np.testing.assert_allclose(np.mean(np.square(np.asarray(ours[2], np.float32)), axis=-1), 1.0,
+                               rtol=2e-5 if dtype == jnp.float32 else 2e-2)
+
+
+def test_attention_inputs_kernel_differentiates_through_its_twin():
+    sources, offsets, (q_scale, k_scale, positions) = attention_inputs_case(2, 8, 4, 2, 32, True, jnp.float32, 3)
+    inv_freq = 1.0 / (1e4 ** (jnp.arange(0, 32, 2) / 32))
+    weights = [jax.random.normal(jax.random.key(i), shape) for i, shape in
+               enumerate([(2, 8, 4, 32), (2, 8, 2, 32), (2, 8, 2, 32)])]
+
+    def loss(make, projections, q_scale, k_scale):
+        outputs = make((projections,) * 3, offsets, 4, 2, q_scale, k_scale, positions, inv_freq, 1e-6)
+        return sum(jnp.sum(w * out) for w, out in zip(weights, outputs, strict=True))
+
+    kernel = functools.partial(attention_inputs_pallas, interpret=True)
+    ours = jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2))(sources[0], q_scale, k_scale)
+    twin = jax.grad(functools.partial(loss, attention_inputs), argnums=(0, 1, 2))(sources[0], q_scale, k_scale)
+    for got, want in zip(ours, twin, strict=True):
+        _close(got, want, jnp.float32, scale=5)
+
+
+def test_attention_inputs_kernel_rejects_bad_shapes():
+    sources, offsets, (q_scale, k_scale, positions) = attention_inputs_case(1, 8, 4, 2, 32, True, jnp.float32, 0)
+    inv_freq = jnp.ones((16,))
+    with pytest.raises(ValueError, match="must hold 2 heads of 32 from column 224"):
+        attention_inputs_pallas(sources, (0, 128, 224), 4, 2, q_scale, k_scale, positions, inv_freq, 1e-6)
+    with pytest.raises(ValueError, match="a multiple of head_dim"):
+        attention_inputs_pallas(sources, (0, 130, 192), 4, 2, q_scale, k_scale, positions, inv_freq, 1e-6)
+    with pytest.raises(ValueError, match=r"positions must be \[n=8\]"):
+        attention_inputs_pallas(sources, offsets, 4, 2, q_scale, k_scale, positions[:5], inv_freq, 1e-6)
+    with pytest.raises(ValueError, match="inv_freq"):
+        attention_inputs_pallas(sources, offsets, 4, 2, q_scale, k_scale, positions, inv_freq[:8], 1e-6)
+
+
+def test_attention_kernel_takes_fewer_keys_than_one_tile():
+    """A tiny model's decoder: a 4-slot ring and a 9-row canvas, 13 keys in all, under one 16-key tile."""
+    query, k, v = attention_case(2, 9, 4, 2, 16, 4, jnp.float32, seed=11)
+    _, new_k, new_v = attention_case(2, 1, 4, 2, 16, 9, jnp.float32, seed=12)
+    valid = jnp.array([[True] * 4, [False, True, True, True]])
+    ours = global_attention_pallas(query, k, v, valid, new_k, new_v, tiles=AttentionTiles(16, 16), interpret=True)
+    twin = attend_padding_only(query, jnp.concatenate([k, new_k], 1), jnp.concatenate([v, new_v], 1),
+                               jnp.concatenate([valid, jnp.ones((2, 9), bool)], 1))
+    _close(ours, twin, jnp.float32)
+
+
 def test_attention_kernel_gives_zeros_for_all_padding_rows():
     query, k, v = attention_case(2, 16, 4, 2, 32, 40, jnp.float32, seed=1)
     valid = jnp.zeros((2, 40), bool).at[0, 5:].set(True)
@@ -862,15 +951,30 @@ def test_attention_kernel_lowers_for_cuda_at_released_shapes():
     ))
     valid = jax.ShapeDtypeStruct((2, 1024 + cfg.canvas_length), jnp.bool_)
     text = lower_for_cuda(lambda *a: global_attention_pallas(*a, interpret=False), query, k, v, valid)
-    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the split-K pass and the combine of its splits
+    assert "stablehlo.transpose" not in text  # the query is read in place, the output written in place
     # The decoder's form: the cache and the canvas's keys as two sources of one launch, never concatenated.
     cache_k = jax.ShapeDtypeStruct((2, 1024, cfg.full.num_kv_heads, cfg.full.head_dim), jnp.bfloat16)
     canvas_k = jax.ShapeDtypeStruct((2, cfg.canvas_length, cfg.full.num_kv_heads, cfg.full.head_dim), jnp.bfloat16)
     text = lower_for_cuda(lambda q, k, v, valid, nk, nv: global_attention_pallas(q, k, v, valid, nk, nv,
                                                                                 interpret=False),
                           query, cache_k, cache_k, jax.ShapeDtypeStruct((2, 1024), jnp.bool_), canvas_k, canvas_k)
-    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert text.count("__gpu$xla.gpu.triton") == 2
     assert "tensor<2x1280x" not in text
+    # The decoder's inputs kernel at the released shapes, both layer types.
+    for attention, widths in ((cfg.full, 2), (cfg.sliding, 3)):
+        columns = (cfg.num_heads + (widths - 1) * attention.num_kv_heads) * attention.head_dim
+        offsets = (0, cfg.num_heads * attention.head_dim, cfg.num_heads * attention.head_dim
+                   + (widths - 2) * attention.num_kv_heads * attention.head_dim)
+        projections = jax.ShapeDtypeStruct((2, cfg.canvas_length, columns), jnp.bfloat16)
+        scale = jax.ShapeDtypeStruct((attention.head_dim,), jnp.bfloat16)
+        text = lower_for_cuda(
+            lambda p, qs, ks, attention=attention, offsets=offsets: attention_inputs_pallas(
+                (p,) * 3, offsets, cfg.num_heads, attention.num_kv_heads, qs, ks,
+                jnp.arange(cfg.canvas_length, dtype=jnp.int32), rope_inverse_frequencies(attention), 1e-6,
+                interpret=False),
+            projections, scale, scale)
+        assert text.count("__gpu$xla.gpu.triton") == 1
 
 
 def test_attention_kernel_rejects_bad_shapes():

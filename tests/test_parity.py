@@ -162,6 +162,20 @@ def test_routing_kernels_match_the_reference(pair):
     _variant_matches_the_reference(model, config, params, routed, "routing kernels", 25)
 
 
+def test_attention_kernels_match_the_reference(pair):
+    """The decoder's Pallas attention (interpreted here): the q/k/v inputs kernel (norms and RoPE), the split-K
+    pass over the cache and the canvas, and the combine of its splits, on each layer type whose head_dim the
+    split-K kernel takes (a multiple of 16), against transformers, self-conditioned (a 12-row canvas among
+    them: the split-K kernel pads it to its 16-row block)."""
+    config, model, params = pair
+    kernels = {f"{kind}_attention_implementation": "pallas"
+               for kind, attention in (("sliding", config.sliding), ("global", config.full))
+               if attention.head_dim % 16 == 0}
+    assert "global_attention_implementation" in kernels
+    _variant_matches_the_reference(model, config, params, config.replace(**kernels), "attention kernels", 27,
+                                   self_conditioned=True)
+
+
 def test_self_conditioning(pair):
     config, model, params = pair
     ids, mask = _prompt(config, 2, 11, [3, 0], seed=5)

@@ -9,6 +9,10 @@ XLA step combines the splits. The decoder's keys come from two places, the cache
 gets splits of its own in the same launch, so their concatenation is never written; and the cache's keys may
 be a stack of every block's, read in place at a layer index, so no block's slice is copied out either. Twin:
 `diffjax.layers.attend` with a padding-only mask.
+
+`attention_inputs_pallas` makes the kernel's inputs from the q/k/v projections in one launch: the q and k
+RMSNorms with their scales, RoPE, and the v RMSNorm (XLA made five launches of it, the query's transpose for
+the kernel included; the kernel now reads the query where it lies). Twin: `diffjax.layers.attention_inputs`.
 """
 
 from __future__ import annotations
@@ -22,11 +26,111 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from diffjax.kernels import FINITE_NEG, MIN_BLOCK, require_block, resolve_interpret, with_twin_backward
-from diffjax.layers import attend
+from diffjax.layers import attend, attention_inputs
 
 Array = jax.Array
 
 _TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
+# Elements of a program's block in the combine of the splits (4 warps).
+_COMBINE_ELEMENTS = 8192
+# Elements of a half-head block in `attention_inputs_pallas` (4 warps): 16 float32 registers per thread each
+# (at 4096, a 512-wide head's program spilled).
+_INPUT_ELEMENTS = 2048
+
+
+def attention_inputs_pallas(
+    sources: tuple[Array, Array, Array], offsets: tuple[int, int, int], heads: int, kv_heads: int,
+    q_scale: Array, k_scale: Array, positions: Array, inv_freq: Array, eps: float, *,
+    interpret: bool | None = None,
+) -> tuple[Array, Array, Array]:
+    """`diffjax.layers.attention_inputs` (same arguments) in one launch: q and k RMS-normed with their scales
+    and rotated, v RMS-normed, from the columns of the projections where they lie. positions `[n]` int32,
+    inv_freq `[head_dim // 2]`. Returns q `[batch, n, heads, head_dim]`, k and v `[batch, n, kv_heads,
+    head_dim]` in the sources' dtype. Differentiable in sources and scales (through the twin)."""
+    head_dim = q_scale.shape[0]
+    batch, n = sources[0].shape[:2]
+    if head_dim % 2 or k_scale.shape != (head_dim,) or inv_freq.shape != (head_dim // 2,):
+        raise ValueError(f"q_scale {q_scale.shape}, k_scale {k_scale.shape} and inv_freq {inv_freq.shape} must be "
+                         f"[head_dim], [head_dim] and [head_dim // 2] for an even head_dim")
+    if positions.shape != (n,):
+        raise ValueError(f"positions must be [n={n}], got {positions.shape}")
+    for source, offset, count in zip(sources, offsets, (heads, kv_heads, kv_heads), strict=True):
+        if source.ndim != 3 or source.shape[:2] != (batch, n) or offset % head_dim or \
+                offset + count * head_dim > source.shape[2]:
+            raise ValueError(f"a source [batch={batch}, n={n}, columns] must hold {count} heads of {head_dim} from "
+                             f"column {offset} (a multiple of head_dim), got shape {source.shape}")
+    static = dict(offsets=tuple(offsets), heads=heads, kv_heads=kv_heads, eps=eps)
+    kernel = functools.partial(_attention_inputs, interpret=resolve_interpret(interpret), **static)
+
+    def twin(q_source, k_source, v_source, *rest):
+        return attention_inputs((q_source, k_source, v_source), offsets, heads, kv_heads, *rest, eps)
+
+    return with_twin_backward(kernel, twin, lambda _: (0, 1, 2, 3, 4))(*sources, q_scale, k_scale, positions,
+                                                                       inv_freq)
+
+
+@functools.partial(jax.jit, static_argnames=("offsets", "heads", "kv_heads", "eps", "interpret"))
+def _attention_inputs(q_source: Array, k_source: Array, v_source: Array, q_scale: Array, k_scale: Array,
+                      positions: Array, inv_freq: Array, *, offsets: tuple[int, int, int], heads: int,
+                      kv_heads: int, eps: float, interpret: bool) -> tuple[Array, Array, Array]:
+    head_dim = q_scale.shape[0]
+    half = head_dim // 2
+    batch, n = q_source.shape[:2]
+    dtype = q_source.dtype
+    # Every array seen as half-heads `[..., half]` (free reshapes): head j's halves are rows 2j and 2j + 1, so
+    # each is a load of its own and RoPE's rotate-half needs no slicing inside the kernel.
+    halves = [source.reshape(batch, n, -1, half) for source in (q_source, k_source, v_source)]
+    block_tokens = min(max(1, _INPUT_ELEMENTS // pl.next_power_of_2(half)), pl.next_power_of_2(n))
+    kernel = functools.partial(_attention_inputs_kernel, n=n, half=half, heads=heads, kv_heads=kv_heads, eps=eps,
+                               first_halves=tuple(offset // half for offset in offsets), block_tokens=block_tokens)
+    q, k, v = pl.pallas_call(
+        kernel,
+        grid=(batch, pl.cdiv(n, block_tokens), heads + 2 * kv_heads),
+        out_shape=[jax.ShapeDtypeStruct((batch, n, 2 * count, half), dtype) for count in (heads, kv_heads, kv_heads)],
+        in_specs=[pl.no_block_spec] * 7,
+        out_specs=[pl.no_block_spec] * 3,
+        compiler_params=plgpu.CompilerParams(num_warps=4),
+        interpret=interpret,
+        name="attention_inputs",
+    )(*halves, q_scale.reshape(2, half), k_scale.reshape(2, half), positions.astype(jnp.int32),
+      inv_freq.astype(jnp.float32))
+    return (q.reshape(batch, n, heads, head_dim), k.reshape(batch, n, kv_heads, head_dim),
+            v.reshape(batch, n, kv_heads, head_dim))
+
+
+def _attention_inputs_kernel(q_src, k_src, v_src, q_scale_ref, k_scale_ref, positions_ref, inv_freq_ref,
+                             q_out, k_out, v_out, *, n, half, heads, kv_heads, eps, first_halves, block_tokens):
+    """One (batch row, token block, head) program; heads `[0, heads)` are q's, then k's, then v's."""
+    b, first, slot = pl.program_id(0), pl.program_id(1) * block_tokens, pl.program_id(2)
+    width = pl.next_power_of_2(half)  # Triton blocks are powers of two: a wider one, masked
+    tokens = pl.ds(first, block_tokens)
+    columns = pl.ds(0, width)
+    in_tokens = first + jnp.arange(block_tokens, dtype=jnp.int32) < n
+    in_columns = jnp.arange(width, dtype=jnp.int32) < half
+    mask = in_tokens[:, None] & in_columns[None, :]
+
+    def one_head(src, first_half, out, head, scale_ref, rotate):
+        lo, hi = (plgpu.load(src.at[b, tokens, first_half + 2 * head + i, columns], mask=mask, other=0.0
+                             ).astype(jnp.float32) for i in (0, 1))
+        inv_rms = jax.lax.rsqrt((jnp.sum(lo * lo, axis=1) + jnp.sum(hi * hi, axis=1)) / (2 * half) + eps)
+        lo, hi = lo * inv_rms[:, None], hi * inv_rms[:, None]
+        if scale_ref is not None:  # (a static index of a ref is not a load the interpreter takes)
+            lo, hi = (part * plgpu.load(scale_ref.at[jnp.int32(i), columns], mask=in_columns, other=0.0
+                                        ).astype(jnp.float32)[None, :] for i, part in enumerate((lo, hi)))
+        lo, hi = lo.astype(out.dtype), hi.astype(out.dtype)
+        if rotate:  # as `apply_rope`: cos and sin rounded to the activation dtype, rotate-half
+            position = plgpu.load(positions_ref.at[tokens], mask=in_tokens, other=0).astype(jnp.float32)
+            angle = position[:, None] * plgpu.load(inv_freq_ref.at[columns], mask=in_columns, other=0.0)[None, :]
+            cos, sin = jnp.cos(angle).astype(out.dtype), jnp.sin(angle).astype(out.dtype)
+            lo, hi = lo * cos - hi * sin, hi * cos + lo * sin
+        plgpu.store(out.at[b, tokens, 2 * head, columns], lo, mask=mask)
+        plgpu.store(out.at[b, tokens, 2 * head + 1, columns], hi, mask=mask)
+
+    q_first, k_first, v_first = first_halves
+    pl.when(slot < heads)(lambda: one_head(q_src, q_first, q_out, slot, q_scale_ref, True))
+    pl.when((slot >= heads) & (slot < heads + kv_heads))(
+        lambda: one_head(k_src, k_first, k_out, slot - heads, k_scale_ref, True))
+    pl.when(slot >= heads + kv_heads)(lambda: one_head(v_src, v_first, v_out, slot - heads - kv_heads, None, False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +158,7 @@ def global_attention_pallas(
     sees (the canvas's own), attended as if appended to `keys`, without writing the concatenation (at batch 8
     the decoder's concatenations took 4 of 72 ms per step on an H200). Returns `[batch, q, heads * head_dim]`
     in values' dtype; a row whose keys are all padding gives zeros, as `attend` does. head_dim a multiple of
-    16, k (or k + n) >= 16. With `layer` (an int32 scalar, traced is fine), keys/values are stacks `[layers,
+    16 (any key and query counts: under one 16-key tile the keys are padded). With `layer` (an int32 scalar, traced is fine), keys/values are stacks `[layers,
     batch, k, kv_heads, head_dim]` (the decoder's cache holds every block's) and layer `layer`'s are read in
     place: slicing the stack first copies the slice on a GPU (~1 GB per batch-8 step at full size).
     Differentiable: the backward is `attend`'s (the kernel has no derivative rule of its own).
@@ -142,11 +246,19 @@ def _global_attention_pallas(
     if layer is None:  # one layer's keys: the kernel reads a stack of one
         keys, values, layer = keys[None], values[None], jnp.zeros((), jnp.int32)
     _check(query, keys[0], values[0], valid)
+    if keys.shape[2] < MIN_BLOCK:  # under one key tile (a tiny model's cache and canvas): invisible slots added
+        short = ((0, 0), (0, 0), (0, MIN_BLOCK - keys.shape[2]), (0, 0), (0, 0))
+        keys, values, valid = jnp.pad(keys, short), jnp.pad(values, short), jnp.pad(valid, short[1:3])
     _, _, _, kv_heads, _ = keys.shape
     block_q = tiles.block_q
     group = heads // kv_heads
-    rows = q_len * group
-    row_blocks = pl.cdiv(rows, block_q)
+    # A program's query rows are `block_q` canvas rows of one query head, read in place from `[batch, q, heads,
+    # head_dim]` (a strided block): the heads sharing a kv head are its row blocks, no transposed copy is made.
+    token_blocks = pl.cdiv(q_len, block_q)
+    padded_q = token_blocks * block_q
+    if padded_q != q_len:
+        query = jnp.pad(query, ((0, 0), (0, padded_q - q_len), (0, 0), (0, 0)))
+    row_blocks = group * token_blocks
     sources = [keys, values.astype(keys.dtype), valid.astype(jnp.int32)]
     lengths = [keys.shape[2]]
     if new_keys is not None:
@@ -155,36 +267,64 @@ def _global_attention_pallas(
     ranges = _key_ranges(lengths, tiles, batch * kv_heads * row_blocks)
     splits = sum(r.splits for r in ranges)
 
-    # [batch, kv_heads, q * group, head_dim]: the query rows sharing a kv head, padded to the row block.
-    grouped = query.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
-    grouped = jnp.pad(grouped.reshape(batch, kv_heads, rows, head_dim),
-                      ((0, 0), (0, 0), (0, row_blocks * block_q - rows), (0, 0)))
-    padded_rows = row_blocks * block_q
+    def rows(b, h, i, s):  # the program's (split, batch, token block, query head)
+        return s, b, i % token_blocks, h * group + i // token_blocks
+
     out_dtype = jnp.float32 if splits > 1 else values.dtype
-    kernel = functools.partial(_split_kernel, block_q=block_q, ranges=tuple(ranges))
+    kernel = functools.partial(_split_kernel, block_q=block_q, token_blocks=token_blocks, group=group,
+                               ranges=tuple(ranges))
     partial_out, partial_lse = pl.pallas_call(
         kernel,
         out_shape=[
-            jax.ShapeDtypeStruct((splits, batch, kv_heads, padded_rows, head_dim), out_dtype),
-            jax.ShapeDtypeStruct((splits, batch, kv_heads, padded_rows), jnp.float32),
+            jax.ShapeDtypeStruct((splits, batch, padded_q, heads, head_dim), out_dtype),
+            jax.ShapeDtypeStruct((splits, batch, padded_q, heads), jnp.float32),
         ],
         grid=(batch, kv_heads, row_blocks, splits),
         in_specs=[pl.no_block_spec] * (2 + len(sources)),
         out_specs=[
-            pl.BlockSpec((None, None, None, block_q, head_dim), lambda b, h, i, s: (s, b, h, i, 0)),
-            pl.BlockSpec((None, None, None, block_q), lambda b, h, i, s: (s, b, h, i)),
+            pl.BlockSpec((None, None, block_q, None, head_dim), lambda *p: (*rows(*p), 0)),
+            pl.BlockSpec((None, None, block_q, None), rows),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=resolve_interpret(interpret),
         name="global_attention_split_k",
-    )(layer.reshape(1), grouped.astype(keys.dtype), *sources)
-    if splits == 1:
-        out = partial_out[0]
-    else:
-        weights = jnp.exp(partial_lse - jnp.max(partial_lse, axis=0))  # all-padding rows: every split equal
-        out = jnp.sum(weights[..., None] * partial_out, axis=0) / jnp.sum(weights, axis=0)[..., None]
-    out = out[:, :, :rows].reshape(batch, kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
-    return out.reshape(batch, q_len, heads * head_dim).astype(values.dtype)
+    )(layer.reshape(1), query.astype(keys.dtype), *sources)
+    out = partial_out[0] if splits == 1 else _combine_splits(partial_out, partial_lse, values.dtype, block_q,
+                                                             interpret)
+    return out[:, :q_len].reshape(batch, q_len, heads * head_dim).astype(values.dtype)
+
+
+def _combine_splits(partial_out: Array, partial_lse: Array, dtype: jnp.dtype, block_q: int,
+                    interpret: bool | None) -> Array:
+    """`[batch, q, heads, head_dim]`: the splits' outputs weighed by their share of each row's softmax mass,
+    in one launch (XLA made two: the maximum over splits, then the weighted sum)."""
+    splits, batch, padded_q, heads, head_dim = partial_out.shape
+    # Rows per program: a float32 [rows, head_dim] accumulator and one split's block, 64 registers per thread
+    # each (at block_q rows a 512-wide head spilled).
+    rows = min(block_q, max(1, _COMBINE_ELEMENTS // head_dim))
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, splits=splits),
+        out_shape=jax.ShapeDtypeStruct((batch, padded_q, heads, head_dim), dtype),
+        grid=(batch, padded_q // rows, heads),
+        in_specs=[pl.BlockSpec((splits, None, rows, None, head_dim), lambda b, t, h: (0, b, t, h, 0)),
+                  pl.BlockSpec((splits, None, rows, None), lambda b, t, h: (0, b, t, h))],
+        out_specs=pl.BlockSpec((None, rows, None, head_dim), lambda b, t, h: (b, t, h, 0)),
+        compiler_params=plgpu.CompilerParams(num_warps=4),
+        interpret=resolve_interpret(interpret),
+        name="global_attention_combine",
+    )(partial_out, partial_lse)
+
+
+def _combine_kernel(out_ref, lse_ref, combined_ref, *, splits: int):
+    # An all-padding row has FINITE_NEG in every split: the weights are then equal and the outputs zeros.
+    top = functools.reduce(jnp.maximum, [lse_ref[s, :] for s in range(splits)])
+    total = jnp.zeros_like(top)
+    acc = jnp.zeros(combined_ref.shape, jnp.float32)
+    for s in range(splits):
+        weight = jnp.exp(lse_ref[s, :] - top)
+        total += weight
+        acc += weight[:, None] * out_ref[s, :, :].astype(jnp.float32)
+    combined_ref[...] = (acc / total[:, None]).astype(combined_ref.dtype)
 
 
 def _check_new(keys: Array, new_keys: Array, new_values: Array) -> None:
@@ -205,20 +345,20 @@ def _check(query: Array, keys: Array, values: Array, valid: Array) -> None:
         raise ValueError(f"kv_heads ({keys.shape[2]}) must divide the query heads ({heads})")
     if valid.shape != keys.shape[:2]:
         raise ValueError(f"valid must be [batch, k] = {keys.shape[:2]}, got {valid.shape}")
-    if head_dim % MIN_BLOCK or keys.shape[1] < MIN_BLOCK:
-        raise ValueError(
-            f"global_attention_pallas needs head_dim a multiple of {MIN_BLOCK} and >= {MIN_BLOCK} keys, "
-            f"got head_dim {head_dim} and {keys.shape[1]} keys"
-        )
+    if head_dim % MIN_BLOCK:
+        raise ValueError(f"global_attention_pallas needs head_dim a multiple of {MIN_BLOCK}, got {head_dim}")
 
 
-def _split_kernel(layer_ref, q_ref, *refs, block_q: int, ranges: tuple[_KeyRange, ...]):
-    """One (batch, kv head, row block, split) program. Splits `[0, ranges[0].splits)` cover the first key
-    source (layer `layer_ref[0]` of the key and value stacks, and valid), the rest the second (new keys and
-    values, all visible), if any."""
+def _split_kernel(layer_ref, q_ref, *refs, block_q: int, token_blocks: int, group: int,
+                  ranges: tuple[_KeyRange, ...]):
+    """One (batch, kv head, row block, split) program; row block i is token block `i % token_blocks` of the
+    kv head's query head `i // token_blocks`. Splits `[0, ranges[0].splits)` cover the first key source (layer
+    `layer_ref[0]` of the key and value stacks, and valid), the rest the second (new keys and values, all
+    visible), if any."""
     out_ref, lse_ref = refs[-2:]
     b, h, row_block, split = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
-    q = q_ref[b, h, pl.ds(row_block * block_q, block_q), :]
+    head = h * group + row_block // token_blocks
+    q = q_ref[b, pl.ds((row_block % token_blocks) * block_q, block_q), head, :]
     layer = layer_ref[0]
 
     def attend_range(k_ref, v_ref, valid_ref, key_range: _KeyRange, local_split):

@@ -282,15 +282,29 @@ def sliding_problem(rows: int, tiles: Any = None) -> tuple[Callable[..., Any], t
 
 
 def _split_k_problem(rows: int, tiles: Any, context: int, attention: Any) -> tuple[Callable[..., Any], tuple, dict]:
-    """As the decoder calls it: `context` cached keys, and the canvas's own keys as the second source."""
-    from diffjax.kernels.attention import AttentionTiles, global_attention_pallas
+    """As the decoder calls it: the q/k/v inputs made from a fused projection's output, then `context` cached
+    keys and the canvas's own keys as the second source."""
+    from diffjax.kernels.attention import AttentionTiles, attention_inputs_pallas, global_attention_pallas
+    from diffjax.layers import rope_inverse_frequencies
 
     c = _released()
-    kv, new_kv = ((rows, n, attention.num_kv_heads, attention.head_dim) for n in (context, c.canvas_length))
-    args = (_spec((rows, c.canvas_length, c.num_heads, attention.head_dim), jnp.bfloat16),
-            _spec(kv, jnp.bfloat16), _spec(kv, jnp.bfloat16), _spec((rows, context), jnp.bool_),
-            _spec(new_kv, jnp.bfloat16), _spec(new_kv, jnp.bfloat16))
-    return functools.partial(global_attention_pallas, tiles=tiles or AttentionTiles(), interpret=False), args, {}
+    q_width, kv_width = c.num_heads * attention.head_dim, attention.num_kv_heads * attention.head_dim
+    kv = (rows, context, attention.num_kv_heads, attention.head_dim)
+    tiles = tiles or AttentionTiles()
+
+    def attend(projections, cached_keys, cached_values, valid, q_scale, k_scale):
+        inputs = attention_inputs_pallas((projections,) * 3, (0, q_width, q_width + kv_width), c.num_heads,
+                                         attention.num_kv_heads, q_scale, k_scale,
+                                         context + jnp.arange(c.canvas_length, dtype=jnp.int32),
+                                         rope_inverse_frequencies(attention), c.rms_norm_eps, interpret=False)
+        query, new_keys, new_values = inputs
+        return global_attention_pallas(query, cached_keys, cached_values, valid, new_keys, new_values, tiles=tiles,
+                                       interpret=False)
+
+    args = (_spec((rows, c.canvas_length, q_width + 2 * kv_width), jnp.bfloat16), _spec(kv, jnp.bfloat16),
+            _spec(kv, jnp.bfloat16), _spec((rows, context), jnp.bool_),
+            *(_spec((attention.head_dim,), jnp.bfloat16) for _ in range(2)))
+    return attend, args, {}
 
 
 def _section(name: str) -> tuple[Callable[..., tuple], type, Sequence[dict]]:

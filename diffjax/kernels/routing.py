@@ -42,10 +42,6 @@ ROUTE_BLOCK_TOKENS = 32
 ROWS_CHUNK = 1024
 
 
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def route_top_k(scores: Array, per_expert_scale: Array, k: int, *, interpret: bool | None = None
                 ) -> tuple[Array, Array]:
     """The router's choice from its scores: (weights `[tokens, k]` float32, expert ids `[tokens, k]` int32).
@@ -69,7 +65,7 @@ def route_top_k(scores: Array, per_expert_scale: Array, k: int, *, interpret: bo
 @functools.partial(jax.jit, static_argnames=("k", "interpret"))
 def _route_top_k(scores: Array, per_expert_scale: Array, *, k: int, interpret: bool) -> tuple[Array, Array]:
     tokens, num_experts = scores.shape
-    block_tokens = min(ROUTE_BLOCK_TOKENS, _next_power_of_two(tokens))
+    block_tokens = min(ROUTE_BLOCK_TOKENS, pl.next_power_of_2(tokens))
     kernel = functools.partial(_route_kernel, tokens=tokens, num_experts=num_experts, k=k,
                                block_tokens=block_tokens)
     return pl.pallas_call(
@@ -86,7 +82,7 @@ def _route_top_k(scores: Array, per_expert_scale: Array, *, k: int, interpret: b
 
 def _route_kernel(scores_ref, scale_ref, weights_ref, ids_ref, *, tokens, num_experts, k, block_tokens):
     # Triton blocks are powers of two: the expert and slot axes are widened and masked.
-    experts_width, slots_width = _next_power_of_two(num_experts), _next_power_of_two(k)
+    experts_width, slots_width = pl.next_power_of_2(num_experts), pl.next_power_of_2(k)
     first = pl.program_id(0) * block_tokens
     rows = first + jnp.arange(block_tokens, dtype=jnp.int32)
     expert = jnp.arange(experts_width, dtype=jnp.int32)
@@ -173,10 +169,10 @@ def expert_rows_pallas(expert_ids: Array, weights: Array, num_experts: int, bloc
     padded_rows = padded_rows_bound(assignments, num_experts, block_rows)
     num_tiles = padded_rows // block_rows
     # An expert owns at most ceil(tokens / block_rows) used tiles and 2 padding ones.
-    tile_span = _next_power_of_two(-(-tokens // block_rows) + 2)
+    tile_span = pl.next_power_of_2(-(-tokens // block_rows) + 2)
     kernel = functools.partial(
         _expert_rows_kernel, assignments=assignments, k=k, num_experts=num_experts, block_rows=block_rows,
-        padded_rows=padded_rows, tile_span=tile_span, chunk=min(ROWS_CHUNK, _next_power_of_two(assignments)))
+        padded_rows=padded_rows, tile_span=tile_span, chunk=min(ROWS_CHUNK, pl.next_power_of_2(assignments)))
     rows = padded_rows + 2 * block_rows
     row_token, row_weights, row_assignment, tile_expert = pl.pallas_call(
         kernel,
