@@ -42,6 +42,7 @@ from diffjax.config import (
     BLOCK_LAYOUTS,
     FULL,
     MOE_IMPLEMENTATIONS,
+    NORM_IMPLEMENTATIONS,
     PROJECTION_LAYOUTS,
     ROUTING_IMPLEMENTATIONS,
     SLIDING,
@@ -354,6 +355,8 @@ class FullSizeSettings:
     blocks: tuple[str, ...] = ("stacked",)
     # `Config.routing_implementation` values to time at each point (same weights).
     routing: tuple[str, ...] = ("xla",)
+    # `Config.norm_implementation` values to time at each point (same weights).
+    norms: tuple[str, ...] = ("xla",)
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
@@ -383,7 +386,8 @@ class FullSizeSettings:
         for flag, values, known in (("sliding-attention", self.sliding_attention, SLIDING_ATTENTION_IMPLEMENTATIONS),
                                     ("projections", self.projections, PROJECTION_LAYOUTS),
                                     ("blocks", self.blocks, BLOCK_LAYOUTS),
-                                    ("routing", self.routing, ROUTING_IMPLEMENTATIONS)):
+                                    ("routing", self.routing, ROUTING_IMPLEMENTATIONS),
+                                    ("norms", self.norms, NORM_IMPLEMENTATIONS)):
             # A string would pass as a tuple of its letters.
             if isinstance(values, str) or not values or set(values) - set(known):
                 raise ValueError(f"--{flag} takes values of {known}, got {values!r}")
@@ -537,7 +541,7 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
         trace_dir = pathlib.Path(s.profile_dir) / (
             f"decoder_prompt{prompt}_batch{batch}_{config.moe_implementation}_"
             f"{config.sliding_attention_implementation}_unroll{config.scan_unroll}_{config.projection_layout}_"
-            f"{config.block_layout}_routing_{config.routing_implementation}")
+            f"{config.block_layout}_routing_{config.routing_implementation}_norms_{config.norm_implementation}")
         try:
             breakdown = kernel_times(decoder_step, trace_dir)
             profiled["decoder_kernels"] = {**breakdown, "kernels": breakdown["kernels"][:PROFILED_KERNELS]}
@@ -566,7 +570,8 @@ def _base_config(s: FullSizeSettings, config: Config | None) -> Config:
 
 
 # What tells the decoder steps of a sweep apart, as points name it.
-VARIANT_KEYS = ("prompt", "batch", "moe", "sliding_attention", "scan_unroll", "projections", "blocks", "routing")
+VARIANT_KEYS = ("prompt", "batch", "moe", "sliding_attention", "scan_unroll", "projections", "blocks", "routing",
+                "norms")
 # The full-size table's column headers of VARIANT_KEYS, where shorter than the key.
 _VARIANT_HEADERS = {"sliding_attention": "sliding", "scan_unroll": "unroll"}
 
@@ -575,14 +580,14 @@ def _variants(s: FullSizeSettings) -> list[dict[str, Any]]:
     """Every decoder step to run, as {VARIANT_KEYS: value}, in increasing (prompt, batch) order."""
     return [dict(zip(VARIANT_KEYS, values, strict=True)) for values in itertools.product(
         sorted(set(s.prompts)), sorted(set(s.batches)), s.moe_implementations, s.sliding_attention, s.scan_unroll,
-        s.projections, s.blocks, s.routing)]
+        s.projections, s.blocks, s.routing, s.norms)]
 
 
 def _variant_config(config: Config, variant: dict[str, Any]) -> Config:
     return config.replace(
         moe_implementation=variant["moe"], sliding_attention_implementation=variant["sliding_attention"],
         scan_unroll=variant["scan_unroll"], projection_layout=variant["projections"], block_layout=variant["blocks"],
-        routing_implementation=variant["routing"])
+        routing_implementation=variant["routing"], norm_implementation=variant["norms"])
 
 
 def compiled_full_size(s: FullSizeSettings, target: str, log: Callable[[str], None] = lambda _: None,

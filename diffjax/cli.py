@@ -34,6 +34,7 @@ from diffjax.config import (
     BLOCK_LAYOUTS,
     GLOBAL_ATTENTION_IMPLEMENTATIONS,
     MOE_IMPLEMENTATIONS,
+    NORM_IMPLEMENTATIONS,
     PROJECTION_LAYOUTS,
     ROUTING_IMPLEMENTATIONS,
     SLIDING_ATTENTION_IMPLEMENTATIONS,
@@ -275,7 +276,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     chosen = {field: value for field, value in (
         ("moe_implementation", args.moe), ("global_attention_implementation", args.global_attention),
         ("sliding_attention_implementation", args.sliding_attention), ("scan_unroll", args.scan_unroll),
-        ("routing_implementation", args.routing),
+        ("routing_implementation", args.routing), ("norm_implementation", args.norms),
     ) if value is not None}
     if chosen:
         model.config = model.config.replace(**chosen)
@@ -483,6 +484,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 projections=tuple(args.projections or ("separate",)),
                 blocks=tuple(args.blocks or ("stacked",)),
                 routing=tuple(args.routing or ("xla",)),
+                norms=tuple(args.norms or ("xla",)),
             )
             if args.compiled_for:
                 result = bench.compiled_full_size(settings, args.compiled_for, log)
@@ -494,7 +496,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (the comparison runs identical "
                                    "weights on both sides)")
             for flag in ("global_attention", "sliding_attention", "scan_unroll", "projections", "blocks",
-                         "routing", "profile", "compiled_for"):
+                         "routing", "norms", "profile", "compiled_for"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (a GPU run)")
             defaults = bench.BenchSettings()
@@ -611,7 +613,7 @@ _seed = _number_type(int, "an integer", lambda v: 0 <= v < 2**63, "in [0, 2**63)
 
 
 def _add_implementation_flags(parser: argparse.ArgumentParser, prefix: str = "", several: bool = False) -> None:
-    """`--global-attention`, `--sliding-attention`, `--routing` and `--scan-unroll`: `Config` fields that pick
+    """`--global-attention`, `--sliding-attention`, `--routing`, `--norms` and `--scan-unroll`: `Config` fields that pick
     how, not what, the model computes (besides `--moe`). `several`: all but the first take one or more values
     (each timed)."""
     nargs = "+" if several else None
@@ -624,6 +626,9 @@ def _add_implementation_flags(parser: argparse.ArgumentParser, prefix: str = "",
     parser.add_argument("--routing", choices=ROUTING_IMPLEMENTATIONS, nargs=nargs,
                         help=f"{prefix}how MoE layers pick and group their experts: xla (default) or the two Pallas "
                              f"kernels of diffjax.kernels.routing (GPU; the layout one for --moe pallas){each}")
+    parser.add_argument("--norms", choices=NORM_IMPLEMENTATIONS, nargs=nargs,
+                        help=f"{prefix}each layer's norms between attention and its feed-forward parts: xla "
+                             f"(default) or one Pallas kernel (GPU){each}")
     parser.add_argument("--scan-unroll", type=_positive_int, nargs=nargs,
                         help=f"{prefix}layer blocks per iteration of the scan over blocks (default 1; the block "
                              f"count: no loop, static weight slices, longer compile){each}")

@@ -23,11 +23,12 @@ MESH_MOE_IMPLEMENTATIONS = ("expert_parallel",)
 GLOBAL_ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
 SLIDING_ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 ROUTING_IMPLEMENTATIONS = ("xla", "pallas")
+NORM_IMPLEMENTATIONS = ("xla", "pallas")
 
 # Config fields that pick an implementation (same maths): not written to config.json.
 IMPLEMENTATION_FIELDS = (
     "moe_implementation", "global_attention_implementation", "sliding_attention_implementation",
-    "routing_implementation", "scan_unroll",
+    "routing_implementation", "norm_implementation", "scan_unroll",
 )
 # How the expert weights are stored (`diffjax.quantize`). Not an implementation field: fp8 changes the maths
 # (slightly) and the parameter tree, and no checkpoint stores it (quantized trees are made at load time).
@@ -137,6 +138,10 @@ class Config:
     # for `moe_implementation="pallas"`, the layout (the other MoE forms sort the rows their own way). Why: in
     # XLA that routing is 13 small GPU launches per layer, a third of a full-size decoder step's launches.
     routing_implementation: Literal["xla", "pallas"] = "xla"
+    # How each layer makes its feed-forward inputs after attention (the residual add with its norm, then the
+    # residual normed for the dense MLP, the experts and the router: `layers.moe_inputs`). "xla": five GPU
+    # launches per layer. "pallas": one, `diffjax.kernels.norms.moe_inputs_pallas`.
+    norm_implementation: Literal["xla", "pallas"] = "xla"
     # How the experts' weights are stored. "none": in the parameter dtype. "fp8": float8_e4m3fn with a float32
     # scale per output channel (`diffjax.quantize`: half the bytes of bf16; the tree gains
     # `experts/{gate_up,down}_proj_scale` leaves). Every `moe_implementation` runs either; the plain-JAX ones
@@ -206,6 +211,7 @@ class Config:
             ("global_attention_implementation", GLOBAL_ATTENTION_IMPLEMENTATIONS),
             ("sliding_attention_implementation", SLIDING_ATTENTION_IMPLEMENTATIONS),
             ("routing_implementation", ROUTING_IMPLEMENTATIONS),
+            ("norm_implementation", NORM_IMPLEMENTATIONS),
             ("expert_quantization", EXPERT_QUANTIZATIONS),
             ("expert_layout", EXPERT_LAYOUTS),
             ("block_layout", BLOCK_LAYOUTS),

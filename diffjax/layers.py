@@ -243,6 +243,16 @@ class Attention(nn.Module):
 # ------------------------------------------------------------------------ feed-forward
 
 
+def moe_inputs(attention_out: Array, residual: Array, post_attention_scale: Array, dense_scale: Array,
+               experts_scale: Array, eps: float) -> tuple[Array, Array, Array, Array]:
+    """What a layer's feed-forward parts read, from its attention output `[..., hidden]`: the new residual
+    `residual + norm(attention_out) * post_attention_scale`, and that residual normed for the dense MLP (times
+    dense_scale), for the experts (times experts_scale) and for the router (unscaled)."""
+    new_residual = residual + rms_norm(attention_out, post_attention_scale, eps)
+    return (new_residual, rms_norm(new_residual, dense_scale, eps), rms_norm(new_residual, experts_scale, eps),
+            rms_norm(new_residual, None, eps))
+
+
 class MLP(nn.Module):
     """Gated GELU-tanh MLP: `down(gelu(gate(x)) * up(x))`; `fused`: gate and up are one `gate_up_proj` kernel
     `[in, 2 * intermediate]` (gate first), `Config.projection_layout="fused"`."""
@@ -262,18 +272,19 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    """Top-k router on the un-normed residual: weights renormalised to 1, then scaled per expert."""
+    """Top-k router on the residual stream: weights renormalised to 1, then scaled per expert."""
 
     config: Config
 
     @nn.compact
-    def __call__(self, residual: Array) -> tuple[Array, Array]:
-        """`residual [tokens, hidden]` -> (weights `[tokens, k]`, expert ids `[tokens, k]` int32)."""
+    def __call__(self, normed_residual: Array) -> tuple[Array, Array]:
+        """`rms_norm(residual, None) [tokens, hidden]` (the layer norms the residual for all its feed-forward
+        parts at once: `moe_inputs`) -> (weights `[tokens, k]`, expert ids `[tokens, k]` int32)."""
         cfg = self.config
         scale = self.param("scale", nn.initializers.ones, (cfg.hidden_size,))
         per_expert_scale = self.param("per_expert_scale", nn.initializers.ones, (cfg.num_experts,))
-        h = rms_norm(residual, None, cfg.rms_norm_eps)
-        h = h * scale.astype(h.dtype) * jnp.asarray(cfg.hidden_size**-0.5, h.dtype)
+        h = normed_residual * scale.astype(normed_residual.dtype)
+        h = h * jnp.asarray(cfg.hidden_size**-0.5, h.dtype)
         scores = Linear(cfg.num_experts, name="proj")(h)
         if cfg.routing_implementation == "pallas" and not self.is_initializing():
             from diffjax.kernels.routing import route_top_k  # the kernels import this module

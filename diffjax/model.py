@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.config import FULL, SLIDING, STACK_READING_MOE_IMPLEMENTATIONS, Config
-from diffjax.layers import MLP, Attention, Experts, RMSNorm, Router, rms_norm
+from diffjax.layers import MLP, Attention, Experts, NormScale, RMSNorm, Router, moe_inputs, rms_norm
 from diffjax.quantize import FP8, SCALE_LEAVES, storage_dtype
 from diffjax.validation import padding_mask, require_int, token_ids
 
@@ -158,16 +158,18 @@ class Layer(nn.Module):
         attn_out, new_kv = Attention(cfg, self.layer_type, padding_only_mask=self.mode == DECODE, name="self_attn")(
             norm(name="input_layernorm")(x), positions, context[0], context[1], mask, context_layer
         )
-        x = x + norm(name="post_attention_layernorm")(attn_out)
+        scales = [NormScale(cfg.hidden_size, name=name)() for name in (
+            "post_attention_layernorm", "pre_feedforward_layernorm", "pre_feedforward_layernorm_2")]
+        make_inputs = moe_inputs
+        if cfg.norm_implementation == "pallas" and not self.is_initializing():
+            from diffjax.kernels.norms import moe_inputs_pallas as make_inputs
+        residual, dense_in, experts_in, router_in = make_inputs(attn_out, x, *scales, cfg.rms_norm_eps)
 
-        residual = x
         mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fused=cfg.projection_layout == "fused", name="mlp")
-        dense = mlp(norm(name="pre_feedforward_layernorm")(x))
-        dense = norm(name="post_feedforward_layernorm_1")(dense)
-        flat = residual.reshape(-1, cfg.hidden_size)
-        weights, expert_ids = Router(cfg, name="router")(flat)
+        dense = norm(name="post_feedforward_layernorm_1")(mlp(dense_in))
+        weights, expert_ids = Router(cfg, name="router")(router_in.reshape(-1, cfg.hidden_size))
         moe = Experts(cfg, name="experts")(
-            norm(name="pre_feedforward_layernorm_2")(flat), weights, expert_ids, stacked_experts
+            experts_in.reshape(-1, cfg.hidden_size), weights, expert_ids, stacked_experts
         )
         moe = norm(name="post_feedforward_layernorm_2")(moe.reshape(residual.shape))
         x = residual + norm(name="post_feedforward_layernorm")(dense + moe)

@@ -16,8 +16,9 @@ CPU tests cover the maths of every kernel in interpret mode and their CUDA lower
 3. The load-time layouts (fused projections, unstacked blocks; `diffjax.layout`) through the GPU kernels on a
    three-block toy decoder in bf16: the same logits as the separate, stacked model, looped and unrolled.
 4. The routing kernels (`diffjax.kernels.routing`) at the released router's shapes against their twins.
-5. The decoder's attention inputs kernel (`attention_inputs_pallas`: q/k/v norms and RoPE from the fused
-   projection) at the released shapes of both layer types, bf16 and float32, against its twin.
+5. The attention inputs kernel (`attention_inputs_pallas`: q/k/v norms and RoPE from the fused projection)
+   at the released shapes of both layer types, and the feed-forward inputs kernel (`moe_inputs_pallas`) at the
+   released hidden size on 8 canvases, bf16 and float32, against their twins.
 """
 
 from __future__ import annotations
@@ -33,7 +34,15 @@ from diffjax.config import AttentionConfig, Config
 from diffjax.kernels.attention import attention_inputs_pallas, global_attention_pallas
 from diffjax.kernels.moe import experts_pallas
 from diffjax.kernels.moe_mgpu import experts_mgpu
-from diffjax.layers import attend, attend_cudnn, attention_inputs, experts_grouped, rope_inverse_frequencies
+from diffjax.kernels.norms import moe_inputs_pallas
+from diffjax.layers import (
+    attend,
+    attend_cudnn,
+    attention_inputs,
+    experts_grouped,
+    moe_inputs,
+    rope_inverse_frequencies,
+)
 from diffjax.model import _denoise_logits, init_cache, init_params, prefill
 from diffjax.quantize import dequantize, quantize
 
@@ -212,6 +221,15 @@ def check_attention_inputs(small: bool) -> None:
             ours, twin = attention_inputs_pallas(*args), attention_inputs(*args)
             report(check="attention inputs kernel vs its twin", layers=kind, dtype=jnp.dtype(dtype).name,
                    relative_l2=[relative_l2(a, b) for a, b in zip(ours, twin, strict=True)])
+    keys = jax.random.split(jax.random.key(8), 5)
+    shape = (1 if small else 8, cfg.canvas_length, cfg.hidden_size)
+    activations = [scale * jax.random.normal(k, shape) for scale, k in zip((4, 2), keys[:2], strict=True)]
+    scales = [1 + 0.3 * jax.random.normal(k, (cfg.hidden_size,)) for k in keys[2:]]
+    for dtype in (jnp.bfloat16, jnp.float32):
+        args = [a.astype(dtype) for a in (*activations, *scales)]
+        ours, twin = moe_inputs_pallas(*args, cfg.rms_norm_eps), moe_inputs(*args, cfg.rms_norm_eps)
+        report(check="feed-forward inputs kernel vs its twin", dtype=jnp.dtype(dtype).name,
+               relative_l2=[relative_l2(a, b) for a, b in zip(ours, twin, strict=True)])
 
 
 def check_wide_offsets() -> None:

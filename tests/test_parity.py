@@ -176,6 +176,14 @@ def test_attention_kernels_match_the_reference(pair):
                                    self_conditioned=True)
 
 
+def test_norms_kernel_matches_the_reference(pair):
+    """`Config.norm_implementation="pallas"`: each layer's residual add and feed-forward input norms in one
+    kernel (interpreted here), in the encoder and the decoder, against transformers."""
+    config, model, params = pair
+    _variant_matches_the_reference(model, config, params, config.replace(norm_implementation="pallas"),
+                                   "norms kernel", 29)
+
+
 def test_self_conditioning(pair):
     config, model, params = pair
     ids, mask = _prompt(config, 2, 11, [3, 0], seed=5)

@@ -6,7 +6,10 @@
 - `vocab.vocab_stats_pallas`: LM head, softcap, temperature, logsumexp, entropy, argmax and a Gumbel-max
   sample in one pass over the vocabulary, without float32 logits (twin: `vocab.vocab_stats_reference`).
 - `attention.global_attention_pallas`: split-K (flash-decoding) attention of the canvas over a long cache
-  (twin: `diffjax.layers.attend`).
+  (twin: `diffjax.layers.attend`); `attention.attention_inputs_pallas`: its q/k/v inputs, norms and RoPE in
+  one launch (twin: `diffjax.layers.attention_inputs`).
+- `norms.moe_inputs_pallas`: a layer's residual add and its feed-forward inputs' norms in one launch (twin:
+  `diffjax.layers.moe_inputs`).
 - `routing.route_top_k` / `routing.expert_rows_pallas`: the router's top-k, and the row layout the Triton
   experts read, one launch each (twins: `diffjax.layers.top_k_routing`, `routing.expert_rows_reference`).
 
