@@ -318,19 +318,19 @@ def test_train_step_overfits_one_batch():
 
 
 def test_gradients_through_the_pallas_kernels_equal_the_twins():
-    """Training with the Pallas experts and the split-K attention on every decoder layer (interpreted here):
-    the kernels differentiate through their plain-JAX twins, so the loss's gradients are those of the
-    plain-JAX model."""
+    """Training with every Pallas kernel of the layers (interpreted here): the experts, the routing kernels, the
+    attention inputs and split-K attention on every layer, and the norms kernel. The kernels differentiate
+    through their plain-JAX twins, so the loss's gradients are those of the plain-JAX model."""
     from diffjax.model import init_params
 
-    # A 16-token canvas: the split-K kernel needs >= 16 keys (sliding: 7 ring slots + the canvas).
     config = Config.tiny(num_layers=2, layer_types=(SLIDING, FULL), vocab_size=256)
     params = init_params(config, jax.random.key(0))
     batch = _batch(config)
     noise = train.draw_noise(jax.random.key(1), batch, config)
 
     kernels = config.replace(moe_implementation="pallas", global_attention_implementation="pallas",
-                             sliding_attention_implementation="pallas")
+                             sliding_attention_implementation="pallas", routing_implementation="pallas",
+                             norm_implementation="pallas")
 
     def grads(config: Config):
         return jax.grad(lambda p: train.loss_terms(p, config, batch, noise)["loss"])(params)

@@ -2,10 +2,10 @@
 
 Global layers have few kv heads (2) and many query heads per kv head (8), a wide head (512), scale 1.0 and
 no mask beyond padding. Per kv head, the (canvas rows x query heads of that kv head) form one query matrix
-of `canvas * group` rows that shares every key and value; it is cut into row blocks, and the keys into
-`splits` contiguous ranges, giving a grid (batch, kv head, row block, key split). Each program streams its
-key range in tiles with an online softmax (float32), and writes its normalised output and logsumexp; an
-XLA step combines the splits. The decoder's keys come from two places, the cache and the canvas itself: each
+of `canvas * group` rows that shares every key and value; it is cut into row blocks (each a block of one
+query head's canvas rows, read where the query lies), and the keys into `splits` contiguous ranges, giving a grid (batch, kv head, row block, key split). Each program streams its
+key range in tiles with an online softmax (float32), and writes its normalised output and logsumexp; a
+second small kernel combines the splits. The decoder's keys come from two places, the cache and the canvas itself: each
 gets splits of its own in the same launch, so their concatenation is never written; and the cache's keys may
 be a stack of every block's, read in place at a layer index, so no block's slice is copied out either. Twin:
 `diffjax.layers.attend` with a padding-only mask.
@@ -114,7 +114,7 @@ def _attention_inputs_kernel(q_src, k_src, v_src, q_scale_ref, k_scale_ref, posi
                              ).astype(jnp.float32) for i in (0, 1))
         inv_rms = jax.lax.rsqrt((jnp.sum(lo * lo, axis=1) + jnp.sum(hi * hi, axis=1)) / (2 * half) + eps)
         lo, hi = lo * inv_rms[:, None], hi * inv_rms[:, None]
-        if scale_ref is not None:  # (a static index of a ref is not a load the interpreter takes)
+        if scale_ref is not None:  # (the interpreter takes a traced index into a ref here, not a Python int)
             lo, hi = (part * plgpu.load(scale_ref.at[jnp.int32(i), columns], mask=in_columns, other=0.0
                                         ).astype(jnp.float32)[None, :] for i, part in enumerate((lo, hi)))
         lo, hi = lo.astype(out.dtype), hi.astype(out.dtype)
@@ -158,9 +158,10 @@ def global_attention_pallas(
     sees (the canvas's own), attended as if appended to `keys`, without writing the concatenation (at batch 8
     the decoder's concatenations took 4 of 72 ms per step on an H200). Returns `[batch, q, heads * head_dim]`
     in values' dtype; a row whose keys are all padding gives zeros, as `attend` does. head_dim a multiple of
-    16 (any key and query counts: under one 16-key tile the keys are padded). With `layer` (an int32 scalar, traced is fine), keys/values are stacks `[layers,
-    batch, k, kv_heads, head_dim]` (the decoder's cache holds every block's) and layer `layer`'s are read in
-    place: slicing the stack first copies the slice on a GPU (~1 GB per batch-8 step at full size).
+    16; any key and query counts (under one 16-key tile the keys are padded). With `layer` (an int32 scalar,
+    traced is fine), keys/values are stacks `[layers, batch, k, kv_heads, head_dim]` (the decoder's cache holds
+    every block's) and layer `layer`'s are read in place: slicing the stack first copies the slice on a GPU
+    (~1 GB per batch-8 step at full size).
     Differentiable: the backward is `attend`'s (the kernel has no derivative rule of its own).
     """
     if (new_keys is None) != (new_values is None):
