@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 5's GPU measurements in one device call (about 9 minutes on an H200: keep timeout_s at 600), most
-# wanted first, each step under its own time limit so a slow one cannot cost the others. Logs and JSON go to $OUT; a summary is printed
-# last. From the repository root:
+# wanted first, each step under its own time limit so a slow one cannot cost the others. Logs and JSON go to
+# $OUT; a summary is printed last. From the repository root:
 #
 #   bash tests/gpu_run.sh                 # the device tool's `run` sets $OUT; elsewhere /tmp/gpu_run
 #
