@@ -49,14 +49,17 @@ class RMSNorm(nn.Module):
         return rms_norm(x, scale, self.eps)
 
 
-class NormScale(nn.Module):
-    """An RMSNorm's `scale` parameter alone, for a norm applied elsewhere (inside a fused kernel)."""
+class Weight(nn.Module):
+    """One parameter alone (`{module name}/{name}`), for code that applies it itself (a fused kernel) where a
+    module (RMSNorm, Linear) would otherwise own it."""
 
-    features: int
+    param_name: str
+    shape: tuple[int, ...]
+    initializer: Callable[..., Array] = nn.initializers.ones
 
     @nn.compact
     def __call__(self) -> Array:
-        return self.param("scale", nn.initializers.ones, (self.features,))
+        return self.param(self.param_name, self.initializer, self.shape)
 
 
 class Linear(nn.Module):
@@ -219,7 +222,7 @@ class Attention(nn.Module):
             offsets = (0, 0, 0)
         if len(widths) == 2:  # no v_proj: values are the raw keys
             sources, offsets = (*sources[:2], sources[1]), (*offsets[:2], offsets[1])
-        scales = (NormScale(att.head_dim, name="q_norm")(), NormScale(att.head_dim, name="k_norm")())
+        scales = (Weight("scale", (att.head_dim,), name="q_norm")(), Weight("scale", (att.head_dim,), name="k_norm")())
         make_inputs = attention_inputs
         if inputs_kernel:  # the kernels import this module
             from diffjax.kernels.attention import attention_inputs_pallas as make_inputs
@@ -283,14 +286,21 @@ class Router(nn.Module):
         cfg = self.config
         scale = self.param("scale", nn.initializers.ones, (cfg.hidden_size,))
         per_expert_scale = self.param("per_expert_scale", nn.initializers.ones, (cfg.num_experts,))
-        h = normed_residual * scale.astype(normed_residual.dtype)
-        h = h * jnp.asarray(cfg.hidden_size**-0.5, h.dtype)
-        scores = Linear(cfg.num_experts, name="proj")(h)
+        proj = Weight("kernel", (cfg.hidden_size, cfg.num_experts), _init, name="proj")()
+        make = route
         if cfg.routing_implementation == "pallas" and not self.is_initializing():
-            from diffjax.kernels.routing import route_top_k  # the kernels import this module
+            from diffjax.kernels.routing import route_pallas as make  # the kernels import this module
+        return make(normed_residual, scale, proj, per_expert_scale, cfg.top_k_experts)
 
-            return route_top_k(scores, per_expert_scale, cfg.top_k_experts)
-        return top_k_routing(scores, per_expert_scale, cfg.top_k_experts)
+
+def route(normed_residual: Array, scale: Array, proj: Array, per_expert_scale: Array, k: int
+          ) -> tuple[Array, Array]:
+    """The router: scores `(normed_residual * scale * hidden**-0.5) @ proj` in the activation dtype, then
+    `top_k_routing`. normed_residual `[tokens, hidden]`, proj `[hidden, experts]`."""
+    dtype = normed_residual.dtype
+    h = normed_residual * scale.astype(dtype)
+    h = h * jnp.asarray(normed_residual.shape[-1] ** -0.5, dtype)
+    return top_k_routing(h @ proj.astype(dtype), per_expert_scale, k)
 
 
 def top_k_routing(scores: Array, per_expert_scale: Array, k: int) -> tuple[Array, Array]:

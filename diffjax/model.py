@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.config import FULL, SLIDING, STACK_READING_MOE_IMPLEMENTATIONS, Config
-from diffjax.layers import MLP, Attention, Experts, NormScale, RMSNorm, Router, moe_inputs, rms_norm
+from diffjax.layers import MLP, Attention, Experts, RMSNorm, Router, Weight, moe_inputs, rms_norm
 from diffjax.quantize import FP8, SCALE_LEAVES, storage_dtype
 from diffjax.validation import padding_mask, require_int, token_ids
 
@@ -158,7 +158,7 @@ class Layer(nn.Module):
         attn_out, new_kv = Attention(cfg, self.layer_type, padding_only_mask=self.mode == DECODE, name="self_attn")(
             norm(name="input_layernorm")(x), positions, context[0], context[1], mask, context_layer
         )
-        scales = [NormScale(cfg.hidden_size, name=name)() for name in (
+        scales = [Weight("scale", (cfg.hidden_size,), name=name)() for name in (
             "post_attention_layernorm", "pre_feedforward_layernorm", "pre_feedforward_layernorm_2")]
         make_inputs = moe_inputs
         if cfg.norm_implementation == "pallas" and not self.is_initializing():

@@ -3,7 +3,8 @@
 # wanted first, each step under its own time limit so a slow one cannot cost the others. Logs and JSON go to
 # $OUT; a summary is printed last. From the repository root:
 #
-#   bash tests/gpu_run.sh                 # the device tool's `run` sets $OUT; elsewhere /tmp/gpu_run
+#   bash tests/gpu_run.sh                 # the issue's targets; the device tool's `run` sets $OUT
+#   bash tests/gpu_run.sh ablations       # a second call: XLA against Pallas routing and norms, batch 1
 #
 # The image's transformers may not be 5.23.0: download its wheel here into .whl/ (ignored through
 # .git/info/exclude; the device README's Notes give the pip command) and name .whl in `carry`.
@@ -26,23 +27,33 @@ step versions
 transformers.__version__)"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } \
   > "$OUT/versions.txt" 2>&1
 
-# The decoder step and the encoder canvas at batch 1 and 8 on one set of weights, every kernel, profiled: the
-# issue's first and third targets, and where the time goes.
-step "batch 1 and 8: decoder step and encoder canvas, every kernel"
-timeout 300 bench --no-generate --batch 1 8 --sliding-attention pallas --routing pallas --norms pallas \
-  --repeats 3 --profile "$OUT/profile" --json "$OUT/steps.json" > "$OUT/steps.log" 2>&1
+if [ "${1:-targets}" = ablations ]; then
+  # A second call: what each of the newer kernels changes, on one set of weights at batch 1.
+  step "batch 1: routing and norms, XLA against Pallas"
+  timeout 540 bench --no-generate --batch 1 --sliding-attention pallas --routing xla pallas --norms xla pallas \
+    --repeats 3 --json "$OUT/ablations.json" > "$OUT/ablations.log" 2>&1
+  logs=ablations
+else
+  # The kernels have run on a GPU only as far as this file checks them: first, so a wrong one is seen.
+  step "gpu_check"
+  timeout 80 python3 tests/gpu_check.py > "$OUT/gpu_check.jsonl" 2> "$OUT/gpu_check.err"
 
-step "6 layers, whole generate loop, ours against transformers (static cache + torch.compile)"
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout 170 bench --layers 6 --batch 1 --sliding-attention pallas \
-  --routing pallas --norms pallas --with-transformers --repeats 2 --json "$OUT/transformers.json" \
-  > "$OUT/transformers.log" 2>&1
+  # The decoder step and the encoder canvas at batch 1 and 8 on one set of weights, every kernel, profiled:
+  # the issue's first and third targets, and where the time goes.
+  step "batch 1 and 8: decoder step and encoder canvas, every kernel"
+  timeout 280 bench --no-generate --batch 1 8 --sliding-attention pallas --routing pallas --norms pallas \
+    --repeats 3 --profile "$OUT/profile" --json "$OUT/steps.json" > "$OUT/steps.log" 2>&1
 
-step "gpu_check"
-timeout 80 python3 tests/gpu_check.py > "$OUT/gpu_check.jsonl" 2> "$OUT/gpu_check.err"
+  step "6 layers, whole generate loop, ours against transformers (static cache + torch.compile)"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout 170 bench --layers 6 --batch 1 --sliding-attention pallas \
+    --routing pallas --norms pallas --with-transformers --repeats 2 --json "$OUT/transformers.json" \
+    > "$OUT/transformers.log" 2>&1
+  logs="steps transformers"
+fi
 
 step done
 cat "$OUT/versions.txt"
-for log in steps transformers; do
+[ -f "$OUT/gpu_check.jsonl" ] && { echo "--- gpu_check"; cat "$OUT/gpu_check.jsonl"; }
+for log in $logs; do
   echo "--- $log"; grep -v "^\s*$" "$OUT/$log.log" | tail -25
 done
-echo "--- gpu_check"; cat "$OUT/gpu_check.jsonl"

@@ -10,8 +10,9 @@
   one launch (twin: `diffjax.layers.attention_inputs`).
 - `norms.moe_inputs_pallas`: a layer's residual add and its feed-forward inputs' norms in one launch (twin:
   `diffjax.layers.moe_inputs`).
-- `routing.route_top_k` / `routing.expert_rows_pallas`: the router's top-k, and the row layout the Triton
-  experts read, one launch each (twins: `diffjax.layers.top_k_routing`, `routing.expert_rows_reference`).
+- `routing.route_pallas` / `routing.expert_rows_pallas`: the router (its projection and top-k), and the row
+  layout the Triton experts read, one launch each (twins: `diffjax.layers.route`,
+  `routing.expert_rows_reference`).
 
 Which path runs is always chosen by the caller (a `Config` field or an argument). The expert and attention
 kernels are differentiable: their backward is their twin's (`with_twin_backward`). Every kernel takes

@@ -1,14 +1,15 @@
-"""The router's top-k and the experts' row layout as two Pallas kernels (Triton lowering).
+"""The router and the experts' row layout as two Pallas kernels (Triton lowering).
 
-Why: in XLA a layer's routing compiles to 13 small launches on a GPU (softmax, the top-k sort and its slice,
-renormalisation, then the layout's bincount, cumsum, argsort, scatters, gathers and tile search): 390 of the
-~1,130 launches of a full-size decoder step compiled for an H200 (`diffjax.compiled`), each a few microseconds
-of almost no work. These two kernels do it in two launches:
+Why: in XLA a layer's routing compiles to 15 small launches on a GPU (the router's matmul and its split-k
+reduction, softmax, the top-k sort and its slice, renormalisation, then the layout's bincount, cumsum,
+argsort, scatters, gathers and tile search): ~420 of the ~1,130 launches of a full-size decoder step compiled
+for an H200 (`diffjax.compiled`), each a few microseconds of almost no work. These two kernels do it in two
+launches:
 
-1. `route_top_k`: a program per block of tokens picks each token's top-k experts by k rounds of argmax over its
-   scores (ties to the lower expert, as `jax.lax.top_k`) and weighs them by a softmax over the chosen scores
-   alone (the full softmax's denominator cancels in the renormalisation), times the per-expert scale.
-   Twin: `diffjax.layers.top_k_routing`.
+1. `route_pallas`: a program per block of tokens projects them onto the experts' scores (the router's
+   [hidden, experts] matmul) and picks each token's top-k experts by k rounds of argmax (ties to the lower
+   expert, as `jax.lax.top_k`), weighing them by a softmax over the chosen scores alone (the full softmax's
+   denominator cancels in the renormalisation), times the per-expert scale. Twin: `diffjax.layers.route`.
 2. `expert_rows_pallas`: a program per expert counts its assignments and those of lower experts, which fixes
    where its tiles start without knowing the other experts' padding (the layout below), then writes its rows'
    maps (token, routing weight, assignment) and its tiles' expert. Twin: `expert_rows_reference`.
@@ -31,66 +32,94 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from diffjax.kernels import resolve_interpret, with_twin_backward
-from diffjax.layers import top_k_routing
+from diffjax.kernels import MIN_BLOCK, resolve_interpret, with_twin_backward
+from diffjax.layers import route
 
 Array = jax.Array
 
-# Tokens per program of `route_top_k`: [32, 128] float32 scores are 32 registers per thread on 4 warps.
+# Tokens per program of `route_pallas` (at least 16: Triton's dot): [32, 128] float32 scores are 32 registers
+# per thread on 4 warps.
 ROUTE_BLOCK_TOKENS = 32
+# Hidden columns per step of `route_pallas`'s projection: a [32, 128] input block and a [128, 128] weight block.
+ROUTE_BLOCK_HIDDEN = 128
 # Assignments per step of `expert_rows_pallas`'s loops over all of them (each program reads every expert id).
 ROWS_CHUNK = 1024
 
 
-def route_top_k(scores: Array, per_expert_scale: Array, k: int, *, interpret: bool | None = None
-                ) -> tuple[Array, Array]:
-    """The router's choice from its scores: (weights `[tokens, k]` float32, expert ids `[tokens, k]` int32).
-
-    scores `[tokens, experts]` (any float dtype; float32 inside), per_expert_scale `[experts]`. Same maths as
-    `top_k_routing`: each token's k highest-scoring experts, best first, ties to the lower expert; weights a
-    softmax over the chosen scores, times each chosen expert's scale. Differentiable in scores and
-    per_expert_scale (through the twin)."""
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be [tokens, experts], got shape {scores.shape}")
-    num_experts = scores.shape[1]
+def route_pallas(normed_residual: Array, scale: Array, proj: Array, per_expert_scale: Array, k: int, *,
+                 interpret: bool | None = None) -> tuple[Array, Array]:
+    """`diffjax.layers.route` (same arguments and results) in one launch: the router's projection, then each
+    token's k highest-scoring experts, best first, ties to the lower expert; weights a softmax over the chosen
+    scores, times each chosen expert's scale. normed_residual `[tokens, hidden]`, scale `[hidden]`, proj
+    `[hidden, experts]`, per_expert_scale `[experts]`. Returns (weights `[tokens, k]` float32, expert ids
+    `[tokens, k]` int32). Differentiable in everything but k (through the twin)."""
+    if normed_residual.ndim != 2:
+        raise ValueError(f"normed_residual must be [tokens, hidden], got shape {normed_residual.shape}")
+    hidden = normed_residual.shape[1]
+    if scale.shape != (hidden,) or proj.ndim != 2 or proj.shape[0] != hidden:
+        raise ValueError(f"scale {scale.shape} and proj {proj.shape} must be [hidden={hidden}] and "
+                         f"[hidden={hidden}, experts]")
+    num_experts = proj.shape[1]
     if per_expert_scale.shape != (num_experts,):
         raise ValueError(f"per_expert_scale has shape {per_expert_scale.shape}, expected ({num_experts},)")
     if not 1 <= k <= num_experts:
         raise ValueError(f"k must be in 1..{num_experts} (the number of experts), got {k}")
-    kernel = functools.partial(_route_top_k, k=k, interpret=resolve_interpret(interpret))
-    return with_twin_backward(kernel, functools.partial(top_k_routing, k=k), lambda args: (0, 1))(
-        scores, per_expert_scale)
+    kernel = functools.partial(_route, k=k, interpret=resolve_interpret(interpret))
+    return with_twin_backward(kernel, functools.partial(route, k=k), lambda args: (0, 1, 2, 3))(
+        normed_residual, scale, proj, per_expert_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "interpret"))
-def _route_top_k(scores: Array, per_expert_scale: Array, *, k: int, interpret: bool) -> tuple[Array, Array]:
-    tokens, num_experts = scores.shape
-    block_tokens = min(ROUTE_BLOCK_TOKENS, pl.next_power_of_2(tokens))
-    kernel = functools.partial(_route_kernel, tokens=tokens, num_experts=num_experts, k=k,
-                               block_tokens=block_tokens)
+def _route(normed_residual: Array, scale: Array, proj: Array, per_expert_scale: Array, *, k: int,
+           interpret: bool) -> tuple[Array, Array]:
+    tokens, hidden = normed_residual.shape
+    dtype = normed_residual.dtype
+    block_tokens = min(ROUTE_BLOCK_TOKENS, max(MIN_BLOCK, pl.next_power_of_2(tokens)))
+    kernel = functools.partial(_route_kernel, tokens=tokens, hidden=hidden, num_experts=proj.shape[1], k=k,
+                               block_tokens=block_tokens, multiplier=hidden**-0.5)
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(tokens, block_tokens),),
         out_shape=(jax.ShapeDtypeStruct((tokens, k), jnp.float32), jax.ShapeDtypeStruct((tokens, k), jnp.int32)),
-        in_specs=[pl.no_block_spec] * 2,
+        in_specs=[pl.no_block_spec] * 4,
         out_specs=[pl.no_block_spec] * 2,
         compiler_params=plgpu.CompilerParams(num_warps=4),
         interpret=interpret,
-        name="route_top_k",
-    )(scores, per_expert_scale)
+        name="route",
+    )(normed_residual, scale.astype(dtype), proj.astype(dtype), per_expert_scale)
 
 
-def _route_kernel(scores_ref, scale_ref, weights_ref, ids_ref, *, tokens, num_experts, k, block_tokens):
-    # Triton blocks are powers of two: the expert and slot axes are widened and masked.
-    experts_width, slots_width = pl.next_power_of_2(num_experts), pl.next_power_of_2(k)
+def _route_kernel(x_ref, scale_ref, proj_ref, per_expert_ref, weights_ref, ids_ref, *, tokens, hidden,
+                  num_experts, k, block_tokens, multiplier):
+    # Triton blocks are powers of two (a dot's at least 16): the expert, slot and hidden axes are widened and
+    # masked.
+    experts_width, slots_width = max(MIN_BLOCK, pl.next_power_of_2(num_experts)), pl.next_power_of_2(k)
+    block_hidden = min(ROUTE_BLOCK_HIDDEN, max(MIN_BLOCK, pl.next_power_of_2(hidden)))
     first = pl.program_id(0) * block_tokens
     rows = first + jnp.arange(block_tokens, dtype=jnp.int32)
     expert = jnp.arange(experts_width, dtype=jnp.int32)
     slot = jnp.arange(slots_width, dtype=jnp.int32)
     in_rows = (rows < tokens)[:, None]
-    remaining = plgpu.load(scores_ref.at[pl.ds(first, block_tokens), pl.ds(0, experts_width)],
-                           mask=in_rows & (expert < num_experts)[None, :], other=-jnp.inf).astype(jnp.float32)
-    scale = plgpu.load(scale_ref.at[pl.ds(0, experts_width)], mask=expert < num_experts, other=0.0)
+    in_experts = expert < num_experts
+    dtype = x_ref.dtype
+
+    def project(step, scores):
+        columns = step * block_hidden + jnp.arange(block_hidden, dtype=jnp.int32)
+        at = pl.ds(step * block_hidden, block_hidden)
+        x = plgpu.load(x_ref.at[pl.ds(first, block_tokens), at], mask=in_rows & (columns < hidden)[None, :],
+                       other=0.0)
+        # The router's input in the activation dtype, rounded where the unfused router rounds it.
+        x = x * plgpu.load(scale_ref.at[at], mask=columns < hidden, other=0.0)[None, :]
+        x = x * jnp.asarray(multiplier, dtype)
+        w = plgpu.load(proj_ref.at[at, pl.ds(0, experts_width)],
+                       mask=(columns < hidden)[:, None] & in_experts[None, :], other=0.0)
+        return scores + jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    scores = jax.lax.fori_loop(0, pl.cdiv(hidden, block_hidden), project,
+                               jnp.zeros((block_tokens, experts_width), jnp.float32))
+    # The unfused projection's logits are in the activation dtype.
+    remaining = jnp.where(in_experts[None, :], scores.astype(dtype).astype(jnp.float32), -jnp.inf)
+    scale = plgpu.load(per_expert_ref.at[pl.ds(0, experts_width)], mask=in_experts, other=0.0)
     chosen_scores = jnp.zeros((block_tokens, slots_width), jnp.float32)
     chosen_scale = jnp.zeros((block_tokens, slots_width), jnp.float32)
     chosen = jnp.zeros((block_tokens, slots_width), jnp.int32)
