@@ -224,15 +224,16 @@ class Attention(nn.Module):
             sources, offsets = (*sources[:2], sources[1]), (*offsets[:2], offsets[1])
         scales = (Weight("scale", (att.head_dim,), name="q_norm")(), Weight("scale", (att.head_dim,), name="k_norm")())
         make_inputs = attention_inputs
-        if inputs_kernel:  # the kernels import this module
+        if inputs_kernel:  # (the kernels import this module)
             from diffjax.kernels.attention import attention_inputs_pallas as make_inputs
-            from diffjax.kernels.attention import global_attention_pallas
         q, k, v = make_inputs(sources, offsets, cfg.num_heads, att.num_kv_heads, *scales, positions,
                               rope_inverse_frequencies(att), cfg.rms_norm_eps)
         context_keys, context_values = context_keys.astype(k.dtype), context_values.astype(v.dtype)
         if context_layer is not None and implementation != "pallas":
             context_keys, context_values, context_layer = context_keys[context_layer], context_values[context_layer], None
         if implementation == "pallas":
+            from diffjax.kernels.attention import global_attention_pallas
+
             # The canvas's own keys as a second source: no concatenation with the cache is written.
             out = global_attention_pallas(q, context_keys, context_values, mask[:, 0, :context_keys.shape[-3]], k, v,
                                           context_layer)
