@@ -132,11 +132,12 @@ class Config:
     # encoder too). The encoder attends with `attend`: its left-padded rows see no key at all, where `attend`
     # returns zeros and cuDNN's result is not specified.
     sliding_attention_implementation: Literal["xla", "cudnn", "pallas"] = "xla"
-    # How each MoE layer picks its experts and groups their rows. "xla": `layers.top_k_routing` (softmax,
-    # `jax.lax.top_k`), and the row layout of the Pallas experts in plain JAX (`kernels.routing.
-    # expert_rows_reference`). "pallas": the two kernels of `diffjax.kernels.routing`, the router's top-k and,
-    # for `moe_implementation="pallas"`, the layout (the other MoE forms sort the rows their own way). Why: in
-    # XLA that routing is 13 small GPU launches per layer, a third of a full-size decoder step's launches.
+    # How each MoE layer picks its experts and groups their rows. "xla": `layers.route` (the router's matmul,
+    # softmax, `jax.lax.top_k`), and the row layout of the Pallas experts in plain JAX (`kernels.routing.
+    # expert_rows_reference`). "pallas": the two kernels of `diffjax.kernels.routing`, the router (matmul and
+    # top-k) and, for `moe_implementation="pallas"`, the layout (the other MoE forms sort the rows their own
+    # way). Why: in XLA that routing is 15 small GPU launches per layer, over a third of a full-size decoder
+    # step's launches.
     routing_implementation: Literal["xla", "pallas"] = "xla"
     # How each layer makes its feed-forward inputs after attention (the residual add with its norm, then the
     # residual normed for the dense MLP, the experts and the router: `layers.moe_inputs`). "xla": five GPU
