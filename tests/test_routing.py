@@ -151,7 +151,7 @@ def test_experts_kernel_with_the_layout_kernel_is_unchanged(dtype):
 
 @pytest.mark.parametrize("moe", ["grouped", "pallas"])
 def test_model_with_the_routing_kernels_matches_plain_routing(moe):
-    """A tiny model (padding, batch 2) routed by the kernels against `top_k_routing` and the plain layout, with
+    """A tiny model (padding, batch 2) routed by the kernels against `route` and the plain layout, with
     the plain experts and with the Pallas experts (which then also take the layout kernel's rows)."""
     config = Config.tiny(moe_implementation=moe)
     params = init_params(config, jax.random.key(2))
