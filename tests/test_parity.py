@@ -152,10 +152,10 @@ def test_load_time_layouts_match_the_reference(multi_block_pair, scan_unroll, pr
 
 
 def test_routing_kernels_match_the_reference(pair):
-    """`Config.routing_implementation="pallas"`: the router kernel (its matmul and top-k) and, under the Pallas experts, the
-    row-layout kernel (both interpreted here) against transformers, on every config (6 experts top-3 among
-    them: widths that are not powers of two; its expert width, 24, is not one the expert kernels take, so
-    there only the router's kernel runs)."""
+    """`Config.routing_implementation="pallas"`: the router kernel (its matmul and top-k) and, under the Pallas
+    experts, the row-layout kernel (both interpreted here) against transformers, on every config (6 experts
+    top-3 among them: widths that are not powers of two; its expert width, 24, is not one the expert kernels
+    take, so there only the router's kernel runs)."""
     config, model, params = pair
     moe = "pallas" if config.moe_intermediate_size % 16 == 0 else "grouped"
     routed = config.replace(routing_implementation="pallas", moe_implementation=moe)
