@@ -463,7 +463,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from diffjax import bench
 
-    out, err = Console(), Console(stderr=True)
+    # Logs and tables often go to files (the GPU runs' logs): there rich's 80 columns would cut a table's cells
+    # to "…" and wrap each point's JSON line.
+    out = Console(width=None if sys.stdout.isatty() else 240)
+    err = Console(stderr=True, soft_wrap=True)
 
     def log(message: str) -> None:
         err.print(f"[dim]{message}[/]")

@@ -596,8 +596,15 @@ def test_full_size_point_figures_from_their_measurements(monkeypatch):
     layer's keys and values, a full layer holding every position, a sliding one its ring."""
     from diffjax import bench
 
-    samples = iter([(1.0, 0.5), (1.0, 0.002), (1.0, 0.003)])  # prefill, decoder step, encoder canvas
-    monkeypatch.setattr(bench, "best_time", lambda fn, repeats, calls=1: next(samples))
+    # prefill, decoder step, three decoder steps queued (per step), encoder canvas
+    samples = iter([(1.0, 0.5), (1.0, 0.002), (1.0, 0.0015), (1.0, 0.003)])
+    calls_seen = []
+
+    def best_time(fn, repeats, calls=1):
+        calls_seen.append(calls)
+        return next(samples)
+
+    monkeypatch.setattr(bench, "best_time", best_time)
     monkeypatch.setattr(bench, "copy_bandwidth", lambda nbytes: 1e9)
     monkeypatch.setattr(bench, "matmul_throughput", lambda size: 1e12)
     config = Config.tiny(canvas_length=8)
@@ -616,6 +623,7 @@ def test_full_size_point_figures_from_their_measurements(monkeypatch):
     assert point["cache_bytes"] == cache
     assert point["floor_ms"] == pytest.approx(1e3 * (weights + cache) / 1e9)
     assert point["decoder_ms"] == pytest.approx(2.0) and point["encoder_canvas_ms"] == pytest.approx(3.0)
+    assert point["decoder_queued_ms"] == pytest.approx(1.5) and calls_seen == [1, 1, 3, 1]
     assert point["ratio_to_floor"] == pytest.approx(2.0 / point["floor_ms"])
     assert point["compute_floor_ms"] == pytest.approx(1e3 * point["flops"] / 1e12)
     assert point["tokens_per_s_at_steps"] == pytest.approx(batch * config.canvas_length / (steps * 0.002 + 0.003))

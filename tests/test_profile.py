@@ -25,16 +25,26 @@ def test_kernel_times_sums_a_calls_work_by_name(tmp_path):
     assert kernels[0]["share"] > 0.3
     text = render_kernel_times(breakdown, top=1)
     assert kernels[0]["name"][:40] in text.splitlines()[2]
-    assert f"({len(kernels) - 1} more names)" in text.splitlines()[-1] or len(kernels) == 1
+    assert any(f"({len(kernels) - 1} more names)" in line for line in text.splitlines()) or len(kernels) == 1
+    assert 0 <= breakdown["idle_us"] <= breakdown["span_us"]
 
 
 def _trace(*planes):
-    """A stand-in for `jax.profiler.ProfileData`: planes of (name, lines of (name, [(event, ns), ...]))."""
-    def event(name, ns):
-        return types.SimpleNamespace(name=name, duration_ns=ns)
+    """A stand-in for `jax.profiler.ProfileData`: planes of (name, lines of (name, [(event, ns), ...])); a line's
+    events run back to back from 0, or from a third element, their start."""
+    def event(name, ns, start=None):
+        return types.SimpleNamespace(name=name, duration_ns=ns, start_ns=start)
+
+    def timed(events):
+        out, clock = [], 0
+        for e in events:
+            start = e[2] if len(e) > 2 else clock
+            out.append(event(e[0], e[1], start))
+            clock = start + e[1]
+        return out
 
     return types.SimpleNamespace(planes=[
-        types.SimpleNamespace(name=plane, lines=[types.SimpleNamespace(name=line, events=[event(*e) for e in events])
+        types.SimpleNamespace(name=plane, lines=[types.SimpleNamespace(name=line, events=timed(events))
                                                  for line, events in lines])
         for plane, lines in planes])
 
@@ -79,3 +89,25 @@ def test_kernel_times_on_a_host_trace_takes_the_busiest_xla_thread(monkeypatch, 
         ("/host:CPU", [("XLA thread 1", [("dot.1", 2000), ("ThreadpoolListener::Record", 90_000)])]),
     ))
     assert [k["name"] for k in breakdown["kernels"]] == ["dot.1"] and breakdown["total_us"] == pytest.approx(2.0)
+
+
+def test_kernel_times_finds_the_idle_time_between_a_steps_kernels(monkeypatch, tmp_path):
+    """Two streams: idle is the part of the span that no kernel on any stream covers; the gaps name the kernels
+    around them, largest first, and the rendered table shows them."""
+    breakdown = _breakdown_of(monkeypatch, tmp_path, _trace(
+        ("/device:GPU:0", [
+            ("Stream #13(Compute)", [("qkv", 4000, 1000), ("attention", 2000, 7000), ("experts", 1000, 20_000)]),
+            # Inside qkv's time on the other stream (no gap), then one ending after the next starts.
+            ("Stream #14(Compute)", [("copy", 1000, 2000), ("norm", 3000, 8000)]),
+        ]),
+    ))
+    # Covered: 1000-5000 (qkv), 7000-11000 (attention, norm), 20000-21000: span 20 us, idle 2 + 9 us.
+    assert breakdown["span_us"] == pytest.approx(20.0)
+    assert breakdown["idle_us"] == pytest.approx(11.0)
+    assert breakdown["largest_gaps"] == [
+        {"us": pytest.approx(9.0), "after": "norm", "before": "experts"},
+        {"us": pytest.approx(2.0), "after": "qkv", "before": "attention"},
+    ]
+    text = render_kernel_times(breakdown)
+    assert "20.000 ms" not in text and "0.011 ms of it idle" in text
+    assert text.splitlines()[-2].startswith("idle       9.0 us  after norm, before experts")
