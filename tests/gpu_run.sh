@@ -4,8 +4,9 @@
 # the summary. Logs and JSON go to $OUT, at most 8 files (the device tool brings back no more); a summary is
 # printed last. From the repository root:
 #
-#   bash tests/gpu_run.sh                    # the issue's targets; the device tool's `run` sets $OUT
-#   BUDGET=200 bash tests/gpu_run.sh ablations   # a second call: XLA against Pallas routing, batch 1
+#   bash tests/gpu_run.sh                        # the issue's targets; the device tool's `run` sets $OUT
+#   BUDGET=240 bash tests/gpu_run.sh sweeps      # a second call: tile sweeps of the router and attention kernels
+#   BUDGET=200 bash tests/gpu_run.sh ablations   # or: XLA against Pallas routing, batch 1, one process
 #
 # The image's transformers may not be 5.23.0: download its wheel here into .whl/ (ignored through
 # .git/info/exclude; the device README's Notes give the pip command) and name .whl in `carry`.
@@ -31,7 +32,14 @@ step versions
 transformers.__version__)"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } \
   >> "$OUT/progress.log" 2>&1
 
-if [ "${1:-targets}" = ablations ]; then
+if [ "${1:-targets}" = sweeps ]; then
+  # Kernel level, released shapes, batch 1 and 8: the router (34 us a layer at batch 1, its defaults) and the
+  # split-K attention (~110 TFLOP/s at batch 8, its defaults) under each candidate tile setting.
+  step "tile sweeps: routing, sliding and global attention"
+  timeout "$(limit 540)" python3 -m diffjax.kernels.bench --sweep --sections routing sliding attention \
+    --rows 1 8 --prompts 1024 --repeats 3 --out "$OUT/sweeps.json" > "$OUT/sweeps.log" 2>&1
+  logs=sweeps
+elif [ "${1:-targets}" = ablations ]; then
   # What the router kernel changes, side by side on one set of weights at batch 1 (XLA first, so a time
   # limit leaves the point the targets call did not measure).
   step "batch 1: routing XLA against Pallas"

@@ -1088,6 +1088,27 @@ def test_kernel_bench_sweeps_the_split_k_kernel_on_sliding_layers_too(tmp_path):
     assert [b["section"] for b in result["best_tiles"]] == ["sliding"]
 
 
+def test_kernel_bench_times_the_router_against_its_twin_and_sweeps_its_tiles(tmp_path):
+    out = tmp_path / "routing.json"
+    assert kernel_bench.main(["--tiny", "--rows", "1", "2", "--repeats", "1", "--sections", "routing",
+                              "--out", str(out)]) == 0
+    entries = json.loads(out.read_text())["entries"]
+    assert [(e["impl"], e["rows"]) for e in entries] == [("pallas", 1), ("xla", 1), ("pallas", 2), ("xla", 2)]
+    shapes = kernel_bench.Shapes.tiny()
+    for e in entries:
+        tokens = e["rows"] * shapes.canvas
+        assert e["ms"] > 0 and e["flops"] == 2 * tokens * shapes.hidden * shapes.experts
+        # bf16 input, scale and router; float32 per-expert scales; float32 weights and int32 ids out
+        assert e["bytes"] == 2 * (tokens * shapes.hidden + shapes.hidden + shapes.hidden * shapes.experts) + (
+            4 * shapes.experts + 8 * tokens * shapes.top_k)
+    assert kernel_bench.main(["--tiny", "--sweep", "--rows", "1", "--repeats", "1", "--sections", "routing",
+                              "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [e["impl"] for e in result["entries"]] == [f"pallas[{i}]" for i in range(1 + len(kernel_bench.ROUTE_TILES))]
+    assert all("ms" in e for e in result["entries"]), result["entries"]
+    assert [b["section"] for b in result["best_tiles"]] == ["routing"]
+
+
 def test_kernel_bench_sweep_lists_tile_variants_and_picks_the_fastest():
     variants = kernel_bench._pallas_variants(lambda t: lambda: t, VocabTiles, ({"block_k": 32},), sweep=True)
     assert list(variants) == ["pallas[0]", "pallas[1]"]

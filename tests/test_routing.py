@@ -10,6 +10,7 @@ import pytest
 from test_kernels import lower_for_cuda, moe_case
 
 from diffjax.config import Config
+from diffjax.kernels import bench as kernel_bench
 from diffjax.kernels import routing
 from diffjax.kernels.moe import experts_pallas
 from diffjax.kernels.routing import expert_rows_pallas, expert_rows_reference, route_pallas
@@ -40,6 +41,29 @@ def test_route_kernel_matches_the_router(tokens, hidden, experts, k):
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(weights, want_weights, rtol=2e-5, atol=1e-6)
     assert float(jnp.abs(want_weights).min()) > 1e-4  # never compare on zeros
+
+
+@pytest.mark.parametrize("tiles", [
+    routing.RouteTiles(block_tokens=16, block_hidden=64, num_stages=4),  # more steps than tokens' blocks
+    routing.RouteTiles(block_tokens=64, block_hidden=256, num_warps=8),  # blocks wider than the hidden size
+    *(routing.RouteTiles(**c) for c in kernel_bench.ROUTE_TILES[:2]),
+])
+def test_route_kernel_under_other_tiles_matches_the_router(tiles):
+    """The tile settings the GPU sweep tries change the blocks and the Triton pipeline, not the answer; bf16,
+    where the router rounds its input twice and its scores once, as the kernel must."""
+    args = _router_case(70, 160, 16, seed=9, dtype=jnp.bfloat16)
+    weights, ids = route_pallas(*args, 4, tiles=tiles, interpret=True)
+    want_weights, want_ids = route(*args, 4)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(weights, want_weights, rtol=2e-5, atol=1e-6)
+
+
+def test_route_tiles_refuse_blocks_that_are_not_powers_of_two():
+    normed, scale, proj, per_expert = _router_case(4, 16, 8, seed=0)
+    with pytest.raises(ValueError, match=r"RouteTiles\.block_hidden must be a power of two >= 16, got 48"):
+        route_pallas(normed, scale, proj, per_expert, 2, tiles=routing.RouteTiles(block_hidden=48))
+    with pytest.raises(ValueError, match=r"RouteTiles\.block_tokens must be a power of two >= 16, got 8"):
+        route_pallas(normed, scale, proj, per_expert, 2, tiles=routing.RouteTiles(block_tokens=8))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

@@ -21,10 +21,12 @@ For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--re
   prompt cache of 1K and 32K tokens plus the canvas (`pallas` split-K against `attend`);
 * `sliding`: one sliding layer's attention (16 query heads, 8 kv heads, head_dim 256) of the canvas over a
   full ring of 1023 slots plus the canvas: `attend` (ours, XLA) and the split-K kernel (`pallas`) against
-  `jax.nn.dot_product_attention` with XLA (`sdpa_xla`) and cuDNN (`sdpa_cudnn`).
+  `jax.nn.dot_product_attention` with XLA (`sdpa_xla`) and cuDNN (`sdpa_cudnn`);
+* `routing`: one layer's router (projection onto the 128 experts and top-8) as `route_pallas` (`pallas`)
+  against its XLA twin `route` (`xla`).
 
 `--sweep` instead times each Pallas kernel under the tile settings of `MOE_TILES` (`MGPU_MOE_TILES` for
-`pallas_mgpu`), `VOCAB_TILES` and `ATTENTION_TILES` beside its defaults, and lists the fastest per problem (`best_tiles` in the JSON).
+`pallas_mgpu`), `VOCAB_TILES`, `ATTENTION_TILES` and `ROUTE_TILES` beside its defaults, and lists the fastest per problem (`best_tiles` in the JSON).
 
 Each entry records ms, the bytes it must read at least (weights touched + inputs + outputs) and those bytes
 over the time (GB/s, to set against the device copy bandwidth also recorded), and the multiply-adds its
@@ -69,7 +71,7 @@ MGPU_MOE_IMPLS = {"pallas_mgpu": (False, False), "pallas_mgpu_fp8": (True, False
 # Kernels with tile settings (`--sweep`): the Triton ones and the Mosaic GPU ones.
 TILED_MOE_IMPLS = (*PALLAS_MOE_IMPLS, *MGPU_MOE_IMPLS)
 MOE_IMPLS = (*TILED_MOE_IMPLS, "ragged_dot", "ragged_dot_fusion", "ragged_dot_mgpu", "dense")
-SECTIONS = ("moe", "vocab", "attention", "sliding")
+SECTIONS = ("moe", "vocab", "attention", "sliding", "routing")
 # `--sweep`: tile settings tried beside each kernel's defaults (keyword arguments of its *Tiles class).
 MOE_TILES = (
     # The launch order and warps before `column_tiles_first` and `warps_for`.
@@ -113,9 +115,21 @@ MGPU_MOE_TILES = (
 ATTENTION_TILES = (
     {"block_k": 16, "num_warps": 4}, {"num_warps": 4, "num_stages": 1}, {"block_q": 32, "num_warps": 4},
     {"block_k": 64, "num_stages": 1},
+    # Batch 8 ran the defaults at ~110 TFLOP/s on an H200 (13 of its 66 ms a step): wider blocks, fewer
+    # softmax rounds per product. At head_dim 256 none spills (161-193 KiB of shared memory); at 512 they
+    # do not fit and fail.
+    {"block_k": 64}, {"block_q": 128}, {"block_q": 128, "block_k": 64}, {"block_k": 64, "num_stages": 3},
     # At head_dim 512 the defaults take 192 KiB of shared memory, one program per SM (`python -m
     # diffjax.kernels.codegen`); 32- and 16-row query blocks take half (mma.sync instead of wgmma).
     {"block_q": 32, "num_warps": 8}, {"block_q": 32, "block_k": 16, "num_warps": 4}, {"block_q": 16, "num_warps": 4},
+)
+
+ROUTE_TILES = (
+    # Deeper pipelines: more of the router weight in flight per SM (batch 1 is one SM's bandwidth a program).
+    {"num_stages": 2}, {"num_stages": 4}, {"block_hidden": 64, "num_stages": 5}, {"block_hidden": 256},
+    # More, smaller programs; or fewer, larger ones at batch 8.
+    {"block_tokens": 16}, {"block_tokens": 16, "num_stages": 4}, {"block_tokens": 64, "num_warps": 8},
+    {"num_warps": 8},
 )
 
 
@@ -471,6 +485,36 @@ def bench_sliding(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> li
     return out
 
 
+# ----------------------------------------------------------------------------------------- routing
+
+
+def bench_routing(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One layer's router: projection onto the experts and top-k, `route_pallas` (under each of `ROUTE_TILES`
+    with `sweep`) against its XLA twin `route`."""
+    from diffjax.kernels.routing import RouteTiles, route_pallas
+    from diffjax.layers import route
+
+    functions = _pallas_variants(
+        lambda t: lambda x, scale, proj, per_expert: route_pallas(x, scale, proj, per_expert, shapes.top_k,
+                                                                  tiles=t, interpret=s.tiny),
+        RouteTiles, ROUTE_TILES, s.sweep,
+    )
+    if not s.sweep:
+        functions["xla"] = (jax.jit(lambda *args: route(*args, shapes.top_k)), {})
+    keys = jax.random.split(jax.random.key(s.seed + 3), 4)
+    out = []
+    for batch in s.rows:
+        tokens = batch * shapes.canvas
+        args = (jax.random.normal(keys[0], (tokens, shapes.hidden), jnp.bfloat16),
+                jax.random.uniform(keys[1], (shapes.hidden,), jnp.bfloat16, 0.5, 2.0),
+                jax.random.normal(keys[2], (shapes.hidden, shapes.experts), jnp.bfloat16),
+                jax.random.uniform(keys[3], (shapes.experts,), jnp.float32, 0.5, 2.0))
+        nbytes = _nbytes(*args) + tokens * shapes.top_k * 8  # weights (float32) and ids (int32) out
+        out += _time_all("routing", batch, args, nbytes, 2 * tokens * shapes.hidden * shapes.experts, functions, s,
+                         log)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- driver
 
 
@@ -497,7 +541,7 @@ def run(s: Settings, log: Callable[[str], None] = lambda _: None, child: bool = 
         entries += bench_moe(s, shapes, in_process, log) + fusion
     sections: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "vocab": lambda: bench_vocab(s, shapes, log), "attention": lambda: bench_attention(s, shapes, log),
-        "sliding": lambda: bench_sliding(s, shapes, log),
+        "sliding": lambda: bench_sliding(s, shapes, log), "routing": lambda: bench_routing(s, shapes, log),
     }
     for name, section in sections.items():
         if name in s.sections:

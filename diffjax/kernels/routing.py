@@ -24,6 +24,7 @@ within the static bound `assignments + experts * (block_rows - 1)` rows.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -37,17 +38,35 @@ from diffjax.layers import route
 
 Array = jax.Array
 
-# Tokens per program of `route_pallas` (at least 16: Triton's dot): [32, 128] float32 scores are 32 registers
-# per thread on 4 warps.
-ROUTE_BLOCK_TOKENS = 32
-# Hidden columns per step of `route_pallas`'s projection: a [32, 128] input block and a [128, 128] weight block.
-ROUTE_BLOCK_HIDDEN = 128
+
+@dataclasses.dataclass(frozen=True)
+class RouteTiles:
+    """`route_pallas`'s blocks and Triton launch parameters. On an H200 at batch 1 the defaults took 34 us a
+    layer: each program streams the whole router weight (0.7 MB at the released shapes) through its SM, so the
+    time is one SM's bandwidth, which deeper pipelining (num_stages) or wider steps may raise
+    (`python -m diffjax.kernels.bench --sweep --sections routing` times the candidates)."""
+
+    # Tokens per program (a power of two >= 16: Triton's dot): [32, 128] float32 scores are 32 registers per
+    # thread on 4 warps.
+    block_tokens: int = 32
+    # Hidden columns per step of the projection: a [32, 128] input block and a [128, 128] weight block.
+    block_hidden: int = 128
+    num_warps: int = 4
+    num_stages: int | None = None  # None: the Triton lowering's default
+
+    def validate(self) -> None:
+        for name in ("block_tokens", "block_hidden"):
+            value = getattr(self, name)
+            if value < MIN_BLOCK or value & (value - 1):
+                raise ValueError(f"RouteTiles.{name} must be a power of two >= {MIN_BLOCK}, got {value}")
+
+
 # Assignments per step of `expert_rows_pallas`'s loops over all of them (each program reads every expert id).
 ROWS_CHUNK = 1024
 
 
 def route_pallas(normed_residual: Array, scale: Array, proj: Array, per_expert_scale: Array, k: int, *,
-                 interpret: bool | None = None) -> tuple[Array, Array]:
+                 tiles: RouteTiles = RouteTiles(), interpret: bool | None = None) -> tuple[Array, Array]:
     """`diffjax.layers.route` (same arguments and results) in one launch: the router's projection, then each
     token's k highest-scoring experts, best first, ties to the lower expert; weights a softmax over the chosen
     scores, times each chosen expert's scale. normed_residual `[tokens, hidden]`, scale `[hidden]`, proj
@@ -64,37 +83,38 @@ def route_pallas(normed_residual: Array, scale: Array, proj: Array, per_expert_s
         raise ValueError(f"per_expert_scale has shape {per_expert_scale.shape}, expected ({num_experts},)")
     if not 1 <= k <= num_experts:
         raise ValueError(f"k must be in 1..{num_experts} (the number of experts), got {k}")
-    kernel = functools.partial(_route, k=k, interpret=resolve_interpret(interpret))
+    tiles.validate()
+    kernel = functools.partial(_route, k=k, tiles=tiles, interpret=resolve_interpret(interpret))
     return with_twin_backward(kernel, functools.partial(route, k=k), lambda args: (0, 1, 2, 3))(
         normed_residual, scale, proj, per_expert_scale)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "interpret"))
+@functools.partial(jax.jit, static_argnames=("k", "tiles", "interpret"))
 def _route(normed_residual: Array, scale: Array, proj: Array, per_expert_scale: Array, *, k: int,
-           interpret: bool) -> tuple[Array, Array]:
+           tiles: RouteTiles, interpret: bool) -> tuple[Array, Array]:
     tokens, hidden = normed_residual.shape
     dtype = normed_residual.dtype
-    block_tokens = min(ROUTE_BLOCK_TOKENS, max(MIN_BLOCK, pl.next_power_of_2(tokens)))
+    block_tokens = min(tiles.block_tokens, max(MIN_BLOCK, pl.next_power_of_2(tokens)))
+    block_hidden = min(tiles.block_hidden, max(MIN_BLOCK, pl.next_power_of_2(hidden)))
     kernel = functools.partial(_route_kernel, tokens=tokens, hidden=hidden, num_experts=proj.shape[1], k=k,
-                               block_tokens=block_tokens, multiplier=hidden**-0.5)
+                               block_tokens=block_tokens, block_hidden=block_hidden, multiplier=hidden**-0.5)
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(tokens, block_tokens),),
         out_shape=(jax.ShapeDtypeStruct((tokens, k), jnp.float32), jax.ShapeDtypeStruct((tokens, k), jnp.int32)),
         in_specs=[pl.no_block_spec] * 4,
         out_specs=[pl.no_block_spec] * 2,
-        compiler_params=plgpu.CompilerParams(num_warps=4),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name="route",
     )(normed_residual, scale.astype(dtype), proj.astype(dtype), per_expert_scale)
 
 
 def _route_kernel(x_ref, scale_ref, proj_ref, per_expert_ref, weights_ref, ids_ref, *, tokens, hidden,
-                  num_experts, k, block_tokens, multiplier):
+                  num_experts, k, block_tokens, block_hidden, multiplier):
     # Triton blocks are powers of two (a dot's at least 16): the expert, slot and hidden axes are widened and
     # masked.
     experts_width, slots_width = max(MIN_BLOCK, pl.next_power_of_2(num_experts)), pl.next_power_of_2(k)
-    block_hidden = min(ROUTE_BLOCK_HIDDEN, max(MIN_BLOCK, pl.next_power_of_2(hidden)))
     first = pl.program_id(0) * block_tokens
     rows = first + jnp.arange(block_tokens, dtype=jnp.int32)
     expert = jnp.arange(experts_width, dtype=jnp.int32)
