@@ -29,6 +29,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -313,6 +314,39 @@ def _config_summary(config: Config) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ full size
 
 
+def parse_xla_options(text: str) -> dict[str, bool | int | float | str]:
+    """`"xla_a=true,xla_b=4,xla_c=FUSION,CUBLAS"` -> `{"xla_a": True, "xla_b": 4, "xla_c": "FUSION,CUBLAS"}`:
+    XLA debug options for one compile (`compile(compiler_options=...)`). A comma starts the next option only
+    where `name=` follows it, so list values keep theirs. Values are read as booleans, integers or floats where
+    they are, strings otherwise (`xla_name=`: the empty string, e.g. an empty list); "" -> {}. XLA itself refuses a name it does not know, when the step compiles."""
+    raw: dict[str, str] = {}
+    name = None
+    for part in filter(None, (part.strip() for part in text.split(","))):
+        if "=" in part:
+            name, _, value = part.partition("=")
+            if not name.startswith("xla_"):
+                raise ValueError(f"--xla-options: expected comma-separated xla_name=value items, got {part!r} in "
+                                 f"{text!r}")
+            raw[name] = value
+        elif name is not None:
+            raw[name] += "," + part
+        else:
+            raise ValueError(f"--xla-options: expected comma-separated xla_name=value items, got {part!r} in "
+                             f"{text!r}")
+    return {name: _option_value(value) for name, value in raw.items()}
+
+
+def _option_value(value: str) -> bool | int | float | str:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class FullSizeSettings:
     """A sweep over (prompt, batch) at the released shapes. Per point: one decoder step and one encoder
@@ -357,6 +391,10 @@ class FullSizeSettings:
     routing: tuple[str, ...] = ("xla",)
     # `Config.norm_implementation` values to time at each point (same weights).
     norms: tuple[str, ...] = ("xla",)
+    # XLA compile options for the decoder step and the encoder canvas, each value one variant (same weights):
+    # comma-separated `name=value` of XLA's debug options (`parse_xla_options`), "" for the defaults. Per
+    # compile, so options such as `xla_gpu_enable_split_k_autotuning=false` are compared in one process.
+    xla_options: tuple[str, ...] = ("",)
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
@@ -391,6 +429,10 @@ class FullSizeSettings:
             # A string would pass as a tuple of its letters.
             if isinstance(values, str) or not values or set(values) - set(known):
                 raise ValueError(f"--{flag} takes values of {known}, got {values!r}")
+        if isinstance(self.xla_options, str) or not self.xla_options:
+            raise ValueError(f"--xla-options takes one or more option lists, got {self.xla_options!r}")
+        for options in self.xla_options:
+            parse_xla_options(options)
         if not self.scan_unroll or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0
                                        for v in self.scan_unroll):
             raise ValueError(f"--scan-unroll takes positive integers, got {self.scan_unroll!r}")
@@ -513,8 +555,10 @@ def best_time(fn: Callable[[], Any], repeats: int, calls: int = 1) -> tuple[floa
 PROFILED_KERNELS = 40
 
 
-def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSizeSettings) -> dict[str, Any]:
-    """One decoder step and one encoder canvas on a cache prefilled with `prompt` random tokens."""
+def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSizeSettings,
+               xla_options: str = "") -> dict[str, Any]:
+    """One decoder step and one encoder canvas on a cache prefilled with `prompt` random tokens, each compiled
+    with `xla_options` (`parse_xla_options`)."""
     from diffjax.model import _denoise_logits, _encode, init_cache, param_dtype, prefill
 
     if prompt + config.canvas_length > config.max_position_embeddings:
@@ -530,21 +574,30 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
     sc_logits = jnp.zeros((batch, config.canvas_length, config.vocab_size), param_dtype(params))
     sc_mask = jnp.ones((batch,), bool)
 
-    def decoder_step() -> Any:
-        return _denoise_logits(params, config, cache, canvas, sc_logits, sc_mask)
+    options = parse_xla_options(xla_options)
+    start = time.perf_counter()
+    decoder = _denoise_logits.lower(params, config, cache, canvas, sc_logits, sc_mask).compile(options)
+    decoder_compile_s = time.perf_counter() - start
 
-    decoder_first, decoder_s = best_time(decoder_step, s.repeats)
+    def decoder_step() -> Any:
+        return decoder(params, cache, canvas, sc_logits, sc_mask)
+
+    _, decoder_s = best_time(decoder_step, s.repeats)
     # Three steps queued back to back: the host's dispatch of one overlaps the device's work on the one before,
     # as in `generate`'s loop, which runs on the device; a lone call's time also holds its dispatch and wait.
     _, decoder_queued_s = best_time(decoder_step, s.repeats, calls=3)
     canvas_mask = jnp.ones_like(canvas, bool)
-    encoder_first, encoder_s = best_time(lambda: _encode(params, config, canvas, canvas_mask, cache)[0], s.repeats)
+    start = time.perf_counter()
+    encoder = _encode.lower(params, config, canvas, canvas_mask, cache).compile(options)
+    encoder_compile_s = time.perf_counter() - start
+    _, encoder_s = best_time(lambda: encoder(params, canvas, canvas_mask, cache)[0], s.repeats)
     profiled = {}
     if s.profile_dir is not None:
         trace_dir = pathlib.Path(s.profile_dir) / (
             f"decoder_prompt{prompt}_batch{batch}_{config.moe_implementation}_"
             f"{config.sliding_attention_implementation}_unroll{config.scan_unroll}_{config.projection_layout}_"
-            f"{config.block_layout}_routing_{config.routing_implementation}_norms_{config.norm_implementation}")
+            f"{config.block_layout}_routing_{config.routing_implementation}_norms_{config.norm_implementation}"
+            + (f"_xla_{re.sub(r'[^A-Za-z0-9=]+', '_', xla_options)}" if xla_options else ""))
         try:
             breakdown = kernel_times(decoder_step, trace_dir)
             profiled["decoder_kernels"] = {**breakdown, "kernels": breakdown["kernels"][:PROFILED_KERNELS]}
@@ -553,8 +606,8 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
     return {
         "prefill_s": prefill_s, "prefill_compile_s": max(prefill_first - prefill_s, 0.0),
         "decoder_ms": 1e3 * decoder_s, "decoder_queued_ms": 1e3 * decoder_queued_s,
-        "decoder_compile_s": max(decoder_first - decoder_s, 0.0),
-        "encoder_canvas_ms": 1e3 * encoder_s, "encoder_compile_s": max(encoder_first - encoder_s, 0.0),
+        "decoder_compile_s": decoder_compile_s,
+        "encoder_canvas_ms": 1e3 * encoder_s, "encoder_compile_s": encoder_compile_s,
         "cache_bytes": cache_bytes(cache),
         # A canvas costs `steps` decoder passes plus one encoder pass that appends it to the context.
         "tokens_per_s_at_steps": batch * config.canvas_length / (s.steps * decoder_s + encoder_s),
@@ -575,7 +628,7 @@ def _base_config(s: FullSizeSettings, config: Config | None) -> Config:
 
 # What tells the decoder steps of a sweep apart, as points name it.
 VARIANT_KEYS = ("prompt", "batch", "moe", "sliding_attention", "scan_unroll", "projections", "blocks", "routing",
-                "norms")
+                "norms", "xla_options")
 # The full-size table's column headers of VARIANT_KEYS, where shorter than the key.
 _VARIANT_HEADERS = {"sliding_attention": "sliding", "scan_unroll": "unroll"}
 
@@ -584,7 +637,7 @@ def _variants(s: FullSizeSettings) -> list[dict[str, Any]]:
     """Every decoder step to run, as {VARIANT_KEYS: value}, in increasing (prompt, batch) order."""
     return [dict(zip(VARIANT_KEYS, values, strict=True)) for values in itertools.product(
         sorted(set(s.prompts)), sorted(set(s.batches)), s.moe_implementations, s.sliding_attention, s.scan_unroll,
-        s.projections, s.blocks, s.routing, s.norms)]
+        s.projections, s.blocks, s.routing, s.norms, s.xla_options)]
 
 
 def _variant_config(config: Config, variant: dict[str, Any]) -> Config:
@@ -612,7 +665,8 @@ def compiled_full_size(s: FullSizeSettings, target: str, log: Callable[[str], No
     for variant in _variants(s):
         point: dict[str, Any] = dict(variant)
         log(f"compiling the decoder step for {target}: {json.dumps(point)}")
-        shapes = (_variant_config(config, variant), variant["batch"], variant["prompt"], target)
+        shapes = (_variant_config(config, variant), variant["batch"], variant["prompt"], target,
+                  parse_xla_options(variant["xla_options"]))
         try:
             start = time.perf_counter()
             point.update(dataclasses.asdict(compile_decoder_step(*shapes)))
@@ -681,7 +735,7 @@ def run_full_size(
             try:
                 if key not in steps:
                     log(f"{name}: decoder step and encoder canvas")
-                    steps[key] = time_steps(params_here, config, batch, prompt, s)
+                    steps[key] = time_steps(params_here, config, batch, prompt, s, variant["xla_options"])
                 point.update(steps[key])
                 if "decoder_kernels" in point:
                     log(f"{name}: decoder step kernels\n{render_kernel_times(point['decoder_kernels'])}")

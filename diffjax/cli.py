@@ -488,6 +488,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 blocks=tuple(args.blocks or ("stacked",)),
                 routing=tuple(args.routing or ("xla",)),
                 norms=tuple(args.norms or ("xla",)),
+                xla_options=tuple(args.xla_options or ("",)),
             )
             if args.compiled_for:
                 result = bench.compiled_full_size(settings, args.compiled_for, log)
@@ -499,7 +500,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (the comparison runs identical "
                                    "weights on both sides)")
             for flag in ("global_attention", "sliding_attention", "scan_unroll", "projections", "blocks",
-                         "routing", "norms", "profile", "compiled_for"):
+                         "routing", "norms", "xla_options", "profile", "compiled_for"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (a GPU run)")
             defaults = bench.BenchSettings()
@@ -780,6 +781,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--blocks", nargs="+", choices=BLOCK_LAYOUTS,
                    help="--full-size: block layouts to time, e.g. stacked unstacked (default stacked; both at once "
                         "hold the model twice)")
+    b.add_argument("--xla-options", nargs="+", metavar="OPTIONS",
+                   help="--full-size: XLA compile options of the decoder step and encoder canvas, each value one "
+                        "variant timed on the same weights: comma-separated name=value (e.g. "
+                        "xla_gpu_enable_split_k_autotuning=false), '' for the defaults")
     b.add_argument("--compiled-for", metavar="GPU",
                    help="--full-size: compile each decoder step here for this GPU (h200, or a GpuTargetConfigProto "
                         "file) and count its launches and copies instead of timing it; needs JAX's CUDA plugin "

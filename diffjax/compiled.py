@@ -145,13 +145,15 @@ def gpu_device(target: str) -> Any:
     return topology.devices[0]
 
 
-def compile_structure(fn: Any, args: tuple[Any, ...], device: Any) -> StepStructure:
+def compile_structure(fn: Any, args: tuple[Any, ...], device: Any,
+                      compiler_options: dict[str, Any] | None = None) -> StepStructure:
     """Compile the jitted `fn(*args)` for `device` (`gpu_device`) on abstract `args` (ShapeDtypeStructs;
-    placed on `device` here) and count what one call launches."""
+    placed on `device` here), with XLA's `compiler_options` beside the dump's, and count what one call
+    launches."""
     sharding = jax.sharding.SingleDeviceSharding(device)
     placed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
     with tempfile.TemporaryDirectory() as dump:
-        fn.trace(*placed).lower().compile(compiler_options={"xla_dump_to": dump})
+        fn.trace(*placed).lower().compile(compiler_options={**(compiler_options or {}), "xla_dump_to": dump})
         files = {p.name: p for p in pathlib.Path(dump).iterdir()}
 
         def read(suffix: str) -> str:
@@ -165,7 +167,8 @@ def compile_structure(fn: Any, args: tuple[Any, ...], device: Any) -> StepStruct
         return step_structure(sequence, read("thunk_metadata.txt"), read("gpu_after_optimizations.txt"))
 
 
-def compile_decoder_step(config: Config, batch: int, prompt: int, target: str = "h200") -> StepStructure:
+def compile_decoder_step(config: Config, batch: int, prompt: int, target: str = "h200",
+                         compiler_options: dict[str, Any] | None = None) -> StepStructure:
     """The structure of one decoder step (`diffjax.model.denoise_logits` with self-conditioning logits, on a
     cache of `prompt` tokens), bf16 weights, compiled for the GPU `target` names (`gpu_device`). The Pallas
     kernels are compiled for the GPU (not interpreted) whatever this machine's backend is."""
@@ -175,10 +178,11 @@ def compile_decoder_step(config: Config, batch: int, prompt: int, target: str = 
     row_mask = jax.ShapeDtypeStruct((batch,), jnp.bool_)
     return _compile_on_cache(
         lambda params, cache, ids, logits, rows: _denoise_logits(params, config, cache, ids, logits, rows),
-        config, batch, prompt, target, (logits, row_mask))
+        config, batch, prompt, target, (logits, row_mask), compiler_options=compiler_options)
 
 
-def compile_encoder_step(config: Config, batch: int, prompt: int, target: str = "h200") -> StepStructure:
+def compile_encoder_step(config: Config, batch: int, prompt: int, target: str = "h200",
+                         compiler_options: dict[str, Any] | None = None) -> StepStructure:
     """The structure of the encoder's pass over one canvas (appending it to a cache of `prompt` tokens, as
     `generate` does after each canvas), compiled like `compile_decoder_step`. The cache is donated, as in
     `generate`'s loop, where it is carried from canvas to canvas: without that the pass would copy every cache
@@ -187,11 +191,13 @@ def compile_encoder_step(config: Config, batch: int, prompt: int, target: str = 
 
     mask = jax.ShapeDtypeStruct((batch, config.canvas_length), jnp.bool_)
     return _compile_on_cache(lambda params, cache, ids, mask: _encode(params, config, ids, mask, cache),
-                             config, batch, prompt, target, (mask,), donate_cache=True)
+                             config, batch, prompt, target, (mask,), donate_cache=True,
+                             compiler_options=compiler_options)
 
 
 def _compile_on_cache(step: Any, config: Config, batch: int, prompt: int, target: str,
-                      more: tuple[jax.ShapeDtypeStruct, ...], donate_cache: bool = False) -> StepStructure:
+                      more: tuple[jax.ShapeDtypeStruct, ...], donate_cache: bool = False,
+                      compiler_options: dict[str, Any] | None = None) -> StepStructure:
     """`step(params, cache, canvas_ids, *more)` on bf16 weights and a cache with room for `prompt` tokens and a
     canvas, compiled for `target` with the Pallas kernels compiled, not interpreted."""
     from diffjax import kernels
@@ -202,4 +208,4 @@ def _compile_on_cache(step: Any, config: Config, batch: int, prompt: int, target
     canvas = jax.ShapeDtypeStruct((batch, config.canvas_length), jnp.int32)
     with kernels.compiling_for_gpu():
         return compile_structure(jax.jit(step, donate_argnums=(1,) if donate_cache else ()),
-                                 (param_shapes(config), cache, canvas, *more), device)
+                                 (param_shapes(config), cache, canvas, *more), device, compiler_options)

@@ -6,7 +6,8 @@
 #
 #   bash tests/gpu_run.sh                        # the issue's targets; the device tool's `run` sets $OUT
 #   BUDGET=240 bash tests/gpu_run.sh sweeps      # a second call: tile sweeps of the router and attention kernels
-#   BUDGET=200 bash tests/gpu_run.sh ablations   # or: XLA against Pallas routing, batch 1, one process
+#   BUDGET=240 bash tests/gpu_run.sh ablations   # or: XLA compile options (CUDA graphs off, no Triton
+#                                                #   matmuls) against the defaults, batch 1, one process
 #
 # The image's transformers may not be 5.23.0: download its wheel here into .whl/ (ignored through
 # .git/info/exclude; the device README's Notes give the pip command) and name .whl in `carry`.
@@ -40,10 +41,11 @@ if [ "${1:-targets}" = sweeps ]; then
     --rows 1 8 --prompts 1024 --repeats 3 --out "$OUT/sweeps.json" > "$OUT/sweeps.log" 2>&1
   logs=sweeps
 elif [ "${1:-targets}" = ablations ]; then
-  # What the router kernel changes, side by side on one set of weights at batch 1 (XLA first, so a time
-  # limit leaves the point the targets call did not measure).
-  step "batch 1: routing XLA against Pallas"
-  timeout "$(limit 540)" "${bench[@]}" --no-generate --batch 1 --routing xla pallas --norms pallas --repeats 3 \
+  # Where the ~3.7 ms between a batch-1 step's kernels go: the step without CUDA graphs (does it run as one
+  # now?) and with every matmul on cuBLAS (no Triton split-k and its reduction launch), on one set of weights.
+  step "batch 1: XLA options against the defaults"
+  timeout "$(limit 540)" "${bench[@]}" --no-generate --batch 1 --routing pallas --norms pallas --repeats 3 \
+    --xla-options "" "xla_gpu_enable_command_buffer=" "xla_gpu_enable_triton_gemm=false" \
     --json "$OUT/ablations.json" > "$OUT/ablations.log" 2>&1
   logs=ablations
 else

@@ -3,6 +3,7 @@ bench on a tiny config, and clean one-line errors with exit status 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -385,6 +386,33 @@ def test_full_size_profiles_a_decoder_step_per_point(tmp_path, capsys):
     assert any("decoder step kernels" in line and kernels[0]["name"][:40] in line for line in logged)
     code, _, err = run(capsys, "bench", "--profile", str(tmp_path))
     assert_clean_error(code, err, "--profile needs --full-size")
+
+
+def test_full_size_times_xla_option_variants_on_the_same_weights(capsys):
+    """Each --xla-options value is a variant compiled with those options (one process, one set of weights); an
+    option XLA does not know fails its point with XLA's message and the others still run."""
+    from diffjax import bench
+
+    assert bench.parse_xla_options("") == {}
+    assert bench.parse_xla_options("xla_a=true, xla_b=False,xla_c=4,xla_d=0.5,xla_e=FUSION,CUBLAS,xla_f=x") == {
+        "xla_a": True, "xla_b": False, "xla_c": 4, "xla_d": 0.5, "xla_e": "FUSION,CUBLAS", "xla_f": "x"}
+    assert bench.parse_xla_options("xla_e=") == {"xla_e": ""}
+    for bad in ("gpu_x=1", "xla_x", "CUBLAS,xla_a=1"):
+        with pytest.raises(ValueError, match="--xla-options: expected comma-separated xla_name=value"):
+            bench.parse_xla_options(bad)
+    settings = bench.FullSizeSettings(batches=(1,), prompts=(8,), steps=1, repeats=1, force=True,
+                                      bandwidth_bytes=1 << 20, generate=False,
+                                      xla_options=("", "xla_cpu_enable_fast_math=false", "xla_no_such_option=1"))
+    points = bench.run_full_size(settings, config=Config.tiny(canvas_length=8))["points"]
+    assert [p["xla_options"] for p in points] == list(settings.xla_options)
+    for point in points[:2]:
+        assert "error" not in point, point
+        assert point["decoder_ms"] > 0 and point["decoder_queued_ms"] > 0 and point["decoder_compile_s"] > 0
+    assert "No such compile option" in points[2]["error"] and "xla_no_such_option" in points[2]["error"]
+    with pytest.raises(ValueError, match="--xla-options takes one or more option lists"):
+        dataclasses.replace(settings, xla_options="xla_a=1").validate()
+    code, _, err = run(capsys, "bench", "--xla-options", "xla_a=1")
+    assert_clean_error(code, err, "--xla-options needs --full-size")
 
 
 def test_full_size_records_a_failing_point_and_goes_on():

@@ -108,7 +108,10 @@ def test_compiled_full_size_counts_every_variant_and_keeps_a_failing_one(monkeyp
 
     seen = []
 
-    def fake_compile(config, batch, prompt, target):
+    options_seen = []
+
+    def fake_compile(config, batch, prompt, target, compiler_options):
+        options_seen.append(compiler_options)
         seen.append((config.scan_unroll, config.projection_layout, config.block_layout, batch, prompt, target))
         if config.projection_layout == "fused" and config.scan_unroll == 1:
             raise ValueError("no such kernel")
@@ -118,14 +121,22 @@ def test_compiled_full_size_counts_every_variant_and_keeps_a_failing_one(monkeyp
     monkeypatch.setattr(compiled, "compile_decoder_step", fake_compile)
     encoder = dataclasses.replace(_fixture_structure(), launches=99, copy_bytes=7 * 10**9)
     monkeypatch.setattr(compiled, "compile_encoder_step", lambda *shapes: encoder)
+    # The XLA options vary fastest: each layout is compiled with the defaults, then without Triton matmuls.
     settings = bench.FullSizeSettings(batches=(2,), prompts=(8,), scan_unroll=(1, 3),
-                                      projections=("separate", "fused"), blocks=("unstacked",))
-    result = bench.compiled_full_size(settings, "h200", config=Config.tiny())
+                                      projections=("separate", "fused"), blocks=("unstacked",),
+                                      xla_options=("", "xla_gpu_enable_triton_gemm=false"))
+    settings_default = dataclasses.replace(settings, xla_options=("",))
+    result = bench.compiled_full_size(settings_default, "h200", config=Config.tiny())
     assert seen == [(1, "separate", "unstacked", 2, 8, "h200"), (1, "fused", "unstacked", 2, 8, "h200"),
                     (3, "separate", "unstacked", 2, 8, "h200"), (3, "fused", "unstacked", 2, 8, "h200")]
     points = result["points"]
     assert "no such kernel" in points[1]["error"]
     assert [p["launches"] for p in points if "error" not in p] == [21, 21, 21]
+    with_options = bench.compiled_full_size(
+        dataclasses.replace(settings, scan_unroll=(3,), projections=("separate",)), "h200", config=Config.tiny())
+    assert [p["xla_options"] for p in with_options["points"]] == ["", "xla_gpu_enable_triton_gemm=false"]
+    assert all("error" not in p for p in with_options["points"])
+    assert options_seen == [{}] * 5 + [{"xla_gpu_enable_triton_gemm": False}]
     assert points[0]["loops"] == (3,) and points[0]["compile_s"] >= 0
     assert points[0]["encoder"]["launches"] == 99 and "encoder" not in points[1]
     # The table gives a column only to what varies; the shared settings go to the caption.
