@@ -296,12 +296,18 @@ class Router(nn.Module):
 
 def route(normed_residual: Array, scale: Array, proj: Array, per_expert_scale: Array, k: int
           ) -> tuple[Array, Array]:
-    """The router: scores `(normed_residual * scale * hidden**-0.5) @ proj` in the activation dtype, then
-    `top_k_routing`. normed_residual `[tokens, hidden]`, proj `[hidden, experts]`."""
+    """The router: `router_scores`, then `top_k_routing`. normed_residual `[tokens, hidden]`, proj
+    `[hidden, experts]`."""
+    return top_k_routing(router_scores(normed_residual, scale, proj), per_expert_scale, k)
+
+
+def router_scores(normed_residual: Array, scale: Array, proj: Array) -> Array:
+    """`(normed_residual * scale * hidden**-0.5) @ proj` `[tokens, experts]`, in the activation dtype and rounded
+    where transformers rounds: after each product."""
     dtype = normed_residual.dtype
     h = normed_residual * scale.astype(dtype)
     h = h * jnp.asarray(normed_residual.shape[-1] ** -0.5, dtype)
-    return top_k_routing(h @ proj.astype(dtype), per_expert_scale, k)
+    return h @ proj.astype(dtype)
 
 
 def top_k_routing(scores: Array, per_expert_scale: Array, k: int) -> tuple[Array, Array]:

@@ -47,13 +47,15 @@ def test_route_kernel_matches_the_router(tokens, hidden, experts, k):
     routing.RouteTiles(block_tokens=16, block_hidden=64, num_stages=4),  # more steps than tokens' blocks
     routing.RouteTiles(block_tokens=64, block_hidden=256, num_warps=8),  # blocks wider than the hidden size
     *(routing.RouteTiles(**c) for c in kernel_bench.ROUTE_TILES[:2]),
+    routing.RouteTiles(project=False),  # XLA's matmul, the kernel's pick
 ])
-def test_route_kernel_under_other_tiles_matches_the_router(tiles):
-    """The tile settings the GPU sweep tries change the blocks and the Triton pipeline, not the answer; bf16,
-    where the router rounds its input twice and its scores once, as the kernel must."""
-    args = _router_case(70, 160, 16, seed=9, dtype=jnp.bfloat16)
-    weights, ids = route_pallas(*args, 4, tiles=tiles, interpret=True)
-    want_weights, want_ids = route(*args, 4)
+@pytest.mark.parametrize(("tokens", "hidden", "experts", "k"), [(70, 160, 16, 4), (37, 40, 6, 3)])
+def test_route_kernel_under_other_tiles_matches_the_router(tiles, tokens, hidden, experts, k):
+    """The tile settings the GPU sweep tries change the blocks, the Triton pipeline or who projects, not the
+    answer; bf16, where the router rounds its input twice and its scores once, as the kernel must."""
+    args = _router_case(tokens, hidden, experts, seed=9, dtype=jnp.bfloat16)
+    weights, ids = route_pallas(*args, k, tiles=tiles, interpret=True)
+    want_weights, want_ids = route(*args, k)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(weights, want_weights, rtol=2e-5, atol=1e-6)
 

@@ -130,6 +130,8 @@ ROUTE_TILES = (
     # More, smaller programs; or fewer, larger ones at batch 8.
     {"block_tokens": 16}, {"block_tokens": 16, "num_stages": 4}, {"block_tokens": 64, "num_warps": 8},
     {"num_warps": 8},
+    # The projection by XLA's matmul (many SMs share the weight), the pick alone in the kernel: two launches.
+    {"project": False}, {"project": False, "block_tokens": 16},
 )
 
 

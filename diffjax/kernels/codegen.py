@@ -47,7 +47,7 @@ SM90_SHARED_BYTES = 228 * 1024
 SM90_RESERVED_SHARED_PER_PROGRAM = 1024
 SM90_WARPS = 64
 SM90_PROGRAMS = 32
-SECTIONS = ("moe", "moe_fp8", "moe_pretiled", "moe_fp8_pretiled", "vocab", "attention", "sliding")
+SECTIONS = ("moe", "moe_fp8", "moe_pretiled", "moe_fp8_pretiled", "vocab", "attention", "sliding", "routing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,10 +307,22 @@ def _split_k_problem(rows: int, tiles: Any, context: int, attention: Any) -> tup
     return attend, args, {}
 
 
+def routing_problem(rows: int, tiles: Any = None) -> tuple[Callable[..., Any], tuple, dict]:
+    """One layer's router (projection onto the experts, top-k) for `rows` canvases."""
+    from diffjax.kernels.routing import RouteTiles, route_pallas
+
+    c = _released()
+    fn = functools.partial(route_pallas, k=c.top_k_experts, tiles=tiles or RouteTiles(), interpret=False)
+    args = (_spec((rows * c.canvas_length, c.hidden_size), jnp.bfloat16), _spec((c.hidden_size,), jnp.bfloat16),
+            _spec((c.hidden_size, c.num_experts), jnp.bfloat16), _spec((c.num_experts,), jnp.float32))
+    return fn, args, {}
+
+
 def _section(name: str) -> tuple[Callable[..., tuple], type, Sequence[dict]]:
     from diffjax.kernels.attention import AttentionTiles
-    from diffjax.kernels.bench import ATTENTION_TILES, MOE_TILES, VOCAB_TILES
+    from diffjax.kernels.bench import ATTENTION_TILES, MOE_TILES, ROUTE_TILES, VOCAB_TILES
     from diffjax.kernels.moe import MoeTiles
+    from diffjax.kernels.routing import RouteTiles
     from diffjax.kernels.vocab import VocabTiles
 
     return {
@@ -321,6 +333,7 @@ def _section(name: str) -> tuple[Callable[..., tuple], type, Sequence[dict]]:
         "vocab": (vocab_problem, VocabTiles, VOCAB_TILES),
         "attention": (attention_problem, AttentionTiles, ATTENTION_TILES),
         "sliding": (sliding_problem, AttentionTiles, ATTENTION_TILES),
+        "routing": (routing_problem, RouteTiles, ROUTE_TILES),
     }[name]
 
 

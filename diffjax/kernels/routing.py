@@ -10,6 +10,7 @@ launches:
    [hidden, experts] matmul) and picks each token's top-k experts by k rounds of argmax (ties to the lower
    expert, as `jax.lax.top_k`), weighing them by a softmax over the chosen scores alone (the full softmax's
    denominator cancels in the renormalisation), times the per-expert scale. Twin: `diffjax.layers.route`.
+   `RouteTiles(project=False)` leaves the matmul to XLA and only picks in the kernel.
 2. `expert_rows_pallas`: a program per expert counts its assignments and those of lower experts, which fixes
    where its tiles start without knowing the other experts' padding (the layout below), then writes its rows'
    maps (token, routing weight, assignment) and its tiles' expert. Twin: `expert_rows_reference`.
@@ -34,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from diffjax.kernels import MIN_BLOCK, resolve_interpret, with_twin_backward
-from diffjax.layers import route
+from diffjax.layers import route, router_scores
 
 Array = jax.Array
 
@@ -53,6 +54,9 @@ class RouteTiles:
     block_hidden: int = 128
     num_warps: int = 4
     num_stages: int | None = None  # None: the Triton lowering's default
+    # False: XLA makes the scores (`layers.router_scores`, a matmul spread over many SMs) and the kernel only
+    # picks from them, two launches instead of one.
+    project: bool = True
 
     def validate(self) -> None:
         for name in ("block_tokens", "block_hidden"):
@@ -98,20 +102,24 @@ def _route(normed_residual: Array, scale: Array, proj: Array, per_expert_scale: 
     block_hidden = min(tiles.block_hidden, max(MIN_BLOCK, pl.next_power_of_2(hidden)))
     kernel = functools.partial(_route_kernel, tokens=tokens, hidden=hidden, num_experts=proj.shape[1], k=k,
                                block_tokens=block_tokens, block_hidden=block_hidden, multiplier=hidden**-0.5)
+    inputs = ((normed_residual, scale.astype(dtype), proj.astype(dtype)) if tiles.project
+              else (router_scores(normed_residual, scale, proj),))
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(tokens, block_tokens),),
         out_shape=(jax.ShapeDtypeStruct((tokens, k), jnp.float32), jax.ShapeDtypeStruct((tokens, k), jnp.int32)),
-        in_specs=[pl.no_block_spec] * 4,
+        in_specs=[pl.no_block_spec] * (len(inputs) + 1),
         out_specs=[pl.no_block_spec] * 2,
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name="route",
-    )(normed_residual, scale.astype(dtype), proj.astype(dtype), per_expert_scale)
+    )(*inputs, per_expert_scale)
 
 
-def _route_kernel(x_ref, scale_ref, proj_ref, per_expert_ref, weights_ref, ids_ref, *, tokens, hidden,
-                  num_experts, k, block_tokens, block_hidden, multiplier):
+def _route_kernel(*refs, tokens, hidden, num_experts, k, block_tokens, block_hidden, multiplier):
+    """refs: (normed residual, scale, proj) to project here, or the scores made outside; then the per-expert
+    scale and the two outputs."""
+    *inputs, per_expert_ref, weights_ref, ids_ref = refs
     # Triton blocks are powers of two (a dot's at least 16): the expert, slot and hidden axes are widened and
     # masked.
     experts_width, slots_width = max(MIN_BLOCK, pl.next_power_of_2(num_experts)), pl.next_power_of_2(k)
@@ -121,24 +129,13 @@ def _route_kernel(x_ref, scale_ref, proj_ref, per_expert_ref, weights_ref, ids_r
     slot = jnp.arange(slots_width, dtype=jnp.int32)
     in_rows = (rows < tokens)[:, None]
     in_experts = expert < num_experts
-    dtype = x_ref.dtype
-
-    def project(step, scores):
-        columns = step * block_hidden + jnp.arange(block_hidden, dtype=jnp.int32)
-        at = pl.ds(step * block_hidden, block_hidden)
-        x = plgpu.load(x_ref.at[pl.ds(first, block_tokens), at], mask=in_rows & (columns < hidden)[None, :],
-                       other=0.0)
-        # The router's input in the activation dtype, rounded where the unfused router rounds it.
-        x = x * plgpu.load(scale_ref.at[at], mask=columns < hidden, other=0.0)[None, :]
-        x = x * jnp.asarray(multiplier, dtype)
-        w = plgpu.load(proj_ref.at[at, pl.ds(0, experts_width)],
-                       mask=(columns < hidden)[:, None] & in_experts[None, :], other=0.0)
-        return scores + jnp.dot(x, w, preferred_element_type=jnp.float32)
-
-    scores = jax.lax.fori_loop(0, pl.cdiv(hidden, block_hidden), project,
-                               jnp.zeros((block_tokens, experts_width), jnp.float32))
-    # The unfused projection's logits are in the activation dtype.
-    remaining = jnp.where(in_experts[None, :], scores.astype(dtype).astype(jnp.float32), -jnp.inf)
+    if len(inputs) == 1:
+        scores = plgpu.load(inputs[0].at[pl.ds(first, block_tokens), pl.ds(0, experts_width)],
+                            mask=in_rows & in_experts[None, :], other=0.0)
+    else:
+        scores = _project(*inputs, first, in_rows, experts_width, in_experts, hidden, block_tokens, block_hidden,
+                          multiplier)
+    remaining = jnp.where(in_experts[None, :], scores.astype(jnp.float32), -jnp.inf)
     scale = plgpu.load(per_expert_ref.at[pl.ds(0, experts_width)], mask=in_experts, other=0.0)
     chosen_scores = jnp.zeros((block_tokens, slots_width), jnp.float32)
     chosen_scale = jnp.zeros((block_tokens, slots_width), jnp.float32)
@@ -161,6 +158,27 @@ def _route_kernel(x_ref, scale_ref, proj_ref, per_expert_ref, weights_ref, ids_r
     plgpu.store(weights_ref.at[out], weights, mask=in_rows & in_slots)
     plgpu.store(ids_ref.at[out], chosen, mask=in_rows & in_slots)
 
+
+def _project(x_ref, scale_ref, proj_ref, first, in_rows, experts_width, in_experts, hidden, block_tokens,
+             block_hidden, multiplier):
+    """This program's tokens' scores `[block_tokens, experts_width]` in the activation dtype, as the unfused
+    router rounds them: its input rounded after each product, the matmul's float32 sums once."""
+    dtype = x_ref.dtype
+
+    def step_scores(step, scores):
+        columns = step * block_hidden + jnp.arange(block_hidden, dtype=jnp.int32)
+        at = pl.ds(step * block_hidden, block_hidden)
+        x = plgpu.load(x_ref.at[pl.ds(first, block_tokens), at], mask=in_rows & (columns < hidden)[None, :],
+                       other=0.0)
+        x = x * plgpu.load(scale_ref.at[at], mask=columns < hidden, other=0.0)[None, :]
+        x = x * jnp.asarray(multiplier, dtype)
+        w = plgpu.load(proj_ref.at[at, pl.ds(0, experts_width)],
+                       mask=(columns < hidden)[:, None] & in_experts[None, :], other=0.0)
+        return scores + jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    scores = jax.lax.fori_loop(0, pl.cdiv(hidden, block_hidden), step_scores,
+                               jnp.zeros((block_tokens, experts_width), jnp.float32))
+    return scores.astype(dtype)
 
 class ExpertRows(NamedTuple):
     """Where each routed row of the grouped matmuls comes from and goes (the layout of this module's doc).
