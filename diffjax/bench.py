@@ -553,6 +553,28 @@ def best_time(fn: Callable[[], Any], repeats: int, calls: int = 1) -> tuple[floa
 
 # Kernel names kept per profiled decoder step (the largest; the trace on disk has them all).
 PROFILED_KERNELS = 40
+# The parts of a decoder step, by the name prefixes of their kernels (the Pallas kernels' `name`s, cuBLAS's and
+# XLA's matmuls, cuDNN's attention, copies); the first part a name matches takes it, "other" the rest.
+STEP_PARTS = (
+    ("experts", ("moe_gate_up", "moe_down", "moe_mgpu_")),
+    ("attention", ("global_attention_", "attention_inputs", "cudnn", "fmha", "flash")),
+    ("routing", ("route", "expert_rows")),
+    ("norms", ("moe_inputs",)),
+    ("vocabulary", ("vocab_stats",)),
+    ("matmuls", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
+    ("copies", ("Memcpy", "copy")),
+)
+
+
+def step_parts(kernels: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """`kernel_times`' kernels summed by part of the step (`STEP_PARTS`): {part: {"count", "total_us"}}, in
+    `STEP_PARTS` order, then "other"."""
+    parts = {name: {"count": 0, "total_us": 0.0} for name, _ in (*STEP_PARTS, ("other", ()))}
+    for kernel in kernels:
+        part = next((name for name, prefixes in STEP_PARTS if kernel["name"].startswith(prefixes)), "other")
+        parts[part]["count"] += kernel["count"]
+        parts[part]["total_us"] += kernel["total_us"]
+    return parts
 
 
 def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSizeSettings,
@@ -600,7 +622,8 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
             + (f"_xla_{re.sub(r'[^A-Za-z0-9=]+', '_', xla_options)}" if xla_options else ""))
         try:
             breakdown = kernel_times(decoder_step, trace_dir)
-            profiled["decoder_kernels"] = {**breakdown, "kernels": breakdown["kernels"][:PROFILED_KERNELS]}
+            profiled["decoder_kernels"] = {**breakdown, "kernels": breakdown["kernels"][:PROFILED_KERNELS],
+                                           "parts": step_parts(breakdown["kernels"])}
         except Exception as exc:  # a profiler that cannot trace here must not lose the timings
             profiled["decoder_kernels_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     return {
@@ -738,7 +761,10 @@ def run_full_size(
                     steps[key] = time_steps(params_here, config, batch, prompt, s, variant["xla_options"])
                 point.update(steps[key])
                 if "decoder_kernels" in point:
-                    log(f"{name}: decoder step kernels\n{render_kernel_times(point['decoder_kernels'])}")
+                    parts = ", ".join(f"{part} {p['total_us'] / 1e3:.2f} ms ({p['count']})" for part, p in
+                                      point["decoder_kernels"]["parts"].items() if p["count"])
+                    log(f"{name}: decoder step kernels\n{render_kernel_times(point['decoder_kernels'])}\n"
+                        f"by part (launches): {parts}")
                 step_bytes = weight_bytes + point["cache_bytes"]
                 point["floor_ms"] = 1e3 * step_bytes / bandwidth
                 point["ratio_to_floor"] = point["decoder_ms"] / point["floor_ms"]
@@ -962,5 +988,6 @@ __all__ = [
     "render",
     "run_comparison",
     "run_full_size",
+    "step_parts",
     "write_json",
 ]

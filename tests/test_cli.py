@@ -384,6 +384,9 @@ def test_full_size_profiles_a_decoder_step_per_point(tmp_path, capsys):
     assert 0 < len(kernels) <= bench.PROFILED_KERNELS and kernels[0]["total_us"] > 0
     assert list(tmp_path.glob("decoder_prompt8_batch1_grouped_xla_unroll1_separate_stacked_routing_xla_norms_xla/**/*.xplane.pb"))
     assert any("decoder step kernels" in line and kernels[0]["name"][:40] in line for line in logged)
+    parts = point["decoder_kernels"]["parts"]
+    assert sum(p["total_us"] for p in parts.values()) == pytest.approx(point["decoder_kernels"]["total_us"])
+    assert any("by part (launches): " in line for line in logged)
     code, _, err = run(capsys, "bench", "--profile", str(tmp_path))
     assert_clean_error(code, err, "--profile needs --full-size")
 
@@ -413,6 +416,27 @@ def test_full_size_times_xla_option_variants_on_the_same_weights(capsys):
         dataclasses.replace(settings, xla_options="xla_a=1").validate()
     code, _, err = run(capsys, "bench", "--xla-options", "xla_a=1")
     assert_clean_error(code, err, "--xla-options needs --full-size")
+
+
+def test_step_parts_sum_kernels_by_the_part_of_the_step_they_run():
+    """Names as an H200 profile of a full-size step gave them; the first matching part wins, the rest is
+    "other"."""
+    from diffjax import bench
+
+    names = [("moe_gate_up", 30, 8000.0), ("moe_down", 30, 3700.0), ("global_attention_split_k", 25, 1400.0),
+             ("global_attention_combine__1", 5, 38.0), ("attention_inputs", 25, 440.0), ("route", 30, 1025.0),
+             ("expert_rows", 30, 104.0), ("moe_inputs", 30, 130.0), ("nvjet_sm90_tst_128x128_64x6_2x1_v_bz_NNT", 25,
+             486.0), ("gemm_fusion_dot_123", 1, 125.0), ("loop_reduce_fusion_59", 30, 93.0), ("Memset 0", 1, 1.0),
+             ("MemcpyD2D", 2, 3.0)]
+    parts = bench.step_parts([{"name": n, "count": c, "total_us": us} for n, c, us in names])
+    assert list(parts) == ["experts", "attention", "routing", "norms", "vocabulary", "matmuls", "copies", "other"]
+    assert parts["experts"] == {"count": 60, "total_us": 11700.0}
+    assert parts["attention"] == {"count": 55, "total_us": pytest.approx(1878.0)}
+    assert parts["routing"] == {"count": 60, "total_us": 1129.0}
+    assert parts["norms"]["count"] == 30 and parts["vocabulary"]["count"] == 0
+    assert parts["matmuls"] == {"count": 26, "total_us": 611.0}
+    assert parts["copies"] == {"count": 2, "total_us": 3.0}
+    assert parts["other"] == {"count": 31, "total_us": 94.0}
 
 
 def test_full_size_records_a_failing_point_and_goes_on():
