@@ -318,7 +318,8 @@ def parse_xla_options(text: str) -> dict[str, bool | int | float | str]:
     """`"xla_a=true,xla_b=4,xla_c=FUSION,CUBLAS"` -> `{"xla_a": True, "xla_b": 4, "xla_c": "FUSION,CUBLAS"}`:
     XLA debug options for one compile (`compile(compiler_options=...)`). A comma starts the next option only
     where `name=` follows it, so list values keep theirs. Values are read as booleans, integers or floats where
-    they are, strings otherwise (`xla_name=`: the empty string, e.g. an empty list); "" -> {}. XLA itself refuses a name it does not know, when the step compiles."""
+    they are, strings otherwise (`xla_name=`: the empty string, e.g. an empty list); "" -> {}. XLA itself
+    refuses a name it does not know, when the step compiles."""
     raw: dict[str, str] = {}
     name = None
     for part in filter(None, (part.strip() for part in text.split(","))):
@@ -393,7 +394,7 @@ class FullSizeSettings:
     norms: tuple[str, ...] = ("xla",)
     # XLA compile options for the decoder step and the encoder canvas, each value one variant (same weights):
     # comma-separated `name=value` of XLA's debug options (`parse_xla_options`), "" for the defaults. Per
-    # compile, so options such as `xla_gpu_enable_split_k_autotuning=false` are compared in one process.
+    # compile, so options such as `xla_gpu_enable_command_buffer=` (no CUDA graphs) are compared in one process.
     xla_options: tuple[str, ...] = ("",)
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.

@@ -784,7 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--xla-options", nargs="+", metavar="OPTIONS",
                    help="--full-size: XLA compile options of the decoder step and encoder canvas, each value one "
                         "variant timed on the same weights: comma-separated name=value (e.g. "
-                        "xla_gpu_enable_split_k_autotuning=false), '' for the defaults")
+                        "xla_gpu_enable_triton_gemm=false; a list value keeps its commas), '' for the defaults")
     b.add_argument("--compiled-for", metavar="GPU",
                    help="--full-size: compile each decoder step here for this GPU (h200, or a GpuTargetConfigProto "
                         "file) and count its launches and copies instead of timing it; needs JAX's CUDA plugin "
