@@ -691,6 +691,43 @@ def test_attention_kernel_matches_attend(batch, q_len, heads, kv_heads, head_dim
 
 
 @pytest.mark.parametrize(
+    ("q_len", "heads", "kv_heads", "pack", "block_q", "new", "splits", "dtype"),
+    [
+        (16, 8, 2, 2, 32, 21, 3, jnp.float32),  # 2 of a kv head's 4 query heads a program, 16 tokens of each
+        (16, 8, 2, 4, 64, 0, 2, jnp.float32),  # the whole group in one program, one key source
+        (37, 8, 1, 8, 64, 24, None, jnp.bfloat16),  # 8 tokens of each of 8 heads; rows not a multiple of 8
+        (12, 4, 2, 2, 32, 16, 1, jnp.float32),  # one split: no combine, the packed block written as is
+    ],
+)
+def test_attention_kernel_packing_a_kv_heads_queries_matches_attend(q_len, heads, kv_heads, pack, block_q, new,
+                                                                     splits, dtype):
+    """`AttentionTiles.pack_heads`: a program's rows are several query heads of one kv head (reading its keys
+    once for all of them), which changes the programs, not the answer."""
+    query, k, v = attention_case(2, q_len, heads, kv_heads, 32, 45, dtype, seed=q_len + pack)
+    valid = (jnp.arange(45)[None, :] >= jnp.array([[0], [7]])) & (jnp.arange(45) < 43)
+    tiles = AttentionTiles(block_q, 16, splits, pack_heads=pack)
+    if new:
+        _, new_k, new_v = attention_case(2, 1, heads, kv_heads, 32, new, dtype, seed=new)
+        ours = global_attention_pallas(query, k, v, valid, new_k, new_v, tiles=tiles, interpret=True)
+        k, v = jnp.concatenate([k, new_k], 1), jnp.concatenate([v, new_v], 1)
+        valid = jnp.concatenate([valid, jnp.ones((2, new), bool)], axis=1)
+    else:
+        ours = global_attention_pallas(query, k, v, valid, tiles=tiles, interpret=True)
+    assert ours.shape == (2, q_len, heads * 32) and ours.dtype == dtype
+    _close(ours, attend_padding_only(*as_f32(query, k, v), valid), dtype)
+
+
+def test_attention_kernel_refuses_a_head_pack_that_does_not_divide_the_group():
+    query, k, v = attention_case(1, 16, 8, 2, 32, 20, jnp.float32, seed=0)
+    valid = jnp.ones((1, 20), bool)
+    for pack in (3, 8):
+        with pytest.raises(ValueError, match=rf"pack_heads must be a power of two dividing the query heads per kv "
+                                             rf"head \(4\) and block_q \(32\), got {pack}"):
+            global_attention_pallas(query, k, v, valid, tiles=AttentionTiles(32, 16, pack_heads=pack),
+                                    interpret=True)
+
+
+@pytest.mark.parametrize(
     ("length", "new", "splits", "dtype"),
     [
         (45, 21, 3, jnp.float32),  # partial last tiles in both sources, three splits each
@@ -1084,7 +1121,11 @@ def test_kernel_bench_sweeps_the_split_k_kernel_on_sliding_layers_too(tmp_path):
     result = json.loads(out.read_text())
     impls = [e["impl"] for e in result["entries"]]
     assert impls == [f"pallas[{i}]" for i in range(1 + len(kernel_bench.ATTENTION_TILES))]  # no twins
-    assert all("ms" in e for e in result["entries"]), result["entries"]
+    # The tiny sliding layers have 2 query heads per kv head: wider head packs fail their entries only.
+    fits = [e for e in result["entries"] if e["tiles"]["pack_heads"] <= 2]
+    assert len(fits) < len(result["entries"]) and all("ms" in e for e in fits), result["entries"]
+    assert all("pack_heads must be a power of two dividing" in e["error"]
+               for e in result["entries"] if e["tiles"]["pack_heads"] > 2)
     assert [b["section"] for b in result["best_tiles"]] == ["sliding"]
 
 

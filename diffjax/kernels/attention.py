@@ -143,6 +143,9 @@ class AttentionTiles:
     splits: int | None = None  # key ranges per (batch, kv head, row block) and key source; None: fill the GPU
     num_warps: int = 8
     num_stages: int = 2
+    # Query heads of one kv head per program: its block_q rows are block_q // pack_heads tokens of each, so
+    # the heads sharing keys read them once (grouped-query packing; a power of two dividing the group).
+    pack_heads: int = 1
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
@@ -251,15 +254,20 @@ def _global_attention_pallas(
         short = ((0, 0), (0, 0), (0, MIN_BLOCK - keys.shape[2]), (0, 0), (0, 0))
         keys, values, valid = jnp.pad(keys, short), jnp.pad(values, short), jnp.pad(valid, short[1:3])
     _, _, _, kv_heads, _ = keys.shape
-    block_q = tiles.block_q
+    block_q, pack = tiles.block_q, tiles.pack_heads
     group = heads // kv_heads
-    # A program's query rows are `block_q` canvas rows of one query head, read in place from `[batch, q, heads,
-    # head_dim]` (a strided block): the heads sharing a kv head are its row blocks, no transposed copy is made.
-    token_blocks = pl.cdiv(q_len, block_q)
-    padded_q = token_blocks * block_q
+    if pack < 1 or pack & (pack - 1) or group % pack or block_q % pack:
+        raise ValueError(f"AttentionTiles.pack_heads must be a power of two dividing the query heads per kv head "
+                         f"({group}) and block_q ({block_q}), got {pack}")
+    # A program's query rows are `block_q // pack` canvas rows of `pack` query heads of one kv head, read in
+    # place from `[batch, q, heads, head_dim]` (a strided block): the head packs sharing a kv head are its row
+    # blocks, no transposed copy is made.
+    block_tokens = block_q // pack
+    token_blocks = pl.cdiv(q_len, block_tokens)
+    padded_q = token_blocks * block_tokens
     if padded_q != q_len:
         query = jnp.pad(query, ((0, 0), (0, padded_q - q_len), (0, 0), (0, 0)))
-    row_blocks = group * token_blocks
+    row_blocks = group // pack * token_blocks
     sources = [keys, values.astype(keys.dtype), valid.astype(jnp.int32)]
     lengths = [keys.shape[2]]
     if new_keys is not None:
@@ -268,12 +276,13 @@ def _global_attention_pallas(
     ranges = _key_ranges(lengths, tiles, batch * kv_heads * row_blocks)
     splits = sum(r.splits for r in ranges)
 
-    def rows(b, h, i, s):  # the program's (split, batch, token block, query head)
-        return s, b, i % token_blocks, h * group + i // token_blocks
+    def rows(b, h, i, s):  # the program's (split, batch, token block, block of `pack` query heads)
+        return s, b, i % token_blocks, h * (group // pack) + i // token_blocks
 
     out_dtype = jnp.float32 if splits > 1 else values.dtype
-    kernel = functools.partial(_split_kernel, block_q=block_q, token_blocks=token_blocks, group=group,
-                               ranges=tuple(ranges))
+    packed = None if pack == 1 else pack  # one head: its axis squeezed, as the unpacked kernel was measured
+    kernel = functools.partial(_split_kernel, block_tokens=block_tokens, pack=pack, token_blocks=token_blocks,
+                               group=group, ranges=tuple(ranges))
     partial_out, partial_lse = pl.pallas_call(
         kernel,
         out_shape=[
@@ -283,26 +292,26 @@ def _global_attention_pallas(
         grid=(batch, kv_heads, row_blocks, splits),
         in_specs=[pl.no_block_spec] * (2 + len(sources)),
         out_specs=[
-            pl.BlockSpec((None, None, block_q, None, head_dim), lambda *p: (*rows(*p), 0)),
-            pl.BlockSpec((None, None, block_q, None), rows),
+            pl.BlockSpec((None, None, block_tokens, packed, head_dim), lambda *p: (*rows(*p), 0)),
+            pl.BlockSpec((None, None, block_tokens, packed), rows),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=resolve_interpret(interpret),
         name="global_attention_split_k",
     )(layer.reshape(1), query.astype(keys.dtype), *sources)
-    out = partial_out[0] if splits == 1 else _combine_splits(partial_out, partial_lse, values.dtype, block_q,
-                                                             interpret)
+    out = partial_out[0] if splits == 1 else _combine_splits(partial_out, partial_lse, values.dtype,
+                                                             block_tokens, interpret)
     return out[:, :q_len].reshape(batch, q_len, heads * head_dim).astype(values.dtype)
 
 
-def _combine_splits(partial_out: Array, partial_lse: Array, dtype: jnp.dtype, block_q: int,
+def _combine_splits(partial_out: Array, partial_lse: Array, dtype: jnp.dtype, block_tokens: int,
                     interpret: bool | None) -> Array:
     """`[batch, q, heads, head_dim]`: the splits' outputs weighed by their share of each row's softmax mass,
     in one launch (XLA made two: the maximum over splits, then the weighted sum)."""
     splits, batch, padded_q, heads, head_dim = partial_out.shape
     # Rows per program: a float32 [rows, head_dim] accumulator and one split's block, 64 registers per thread
     # each (at block_q rows a 512-wide head spilled).
-    rows = min(block_q, max(1, _COMBINE_ELEMENTS // head_dim))
+    rows = min(block_tokens, max(1, _COMBINE_ELEMENTS // head_dim))
     return pl.pallas_call(
         functools.partial(_combine_kernel, splits=splits),
         out_shape=jax.ShapeDtypeStruct((batch, padded_q, heads, head_dim), dtype),
@@ -350,16 +359,21 @@ def _check(query: Array, keys: Array, values: Array, valid: Array) -> None:
         raise ValueError(f"global_attention_pallas needs head_dim a multiple of {MIN_BLOCK}, got {head_dim}")
 
 
-def _split_kernel(layer_ref, q_ref, *refs, block_q: int, token_blocks: int, group: int,
+def _split_kernel(layer_ref, q_ref, *refs, block_tokens: int, pack: int, token_blocks: int, group: int,
                   ranges: tuple[_KeyRange, ...]):
     """One (batch, kv head, row block, split) program; row block i is token block `i % token_blocks` of the
-    kv head's query head `i // token_blocks`. Splits `[0, ranges[0].splits)` cover the first key source (layer
-    `layer_ref[0]` of the key and value stacks, and valid), the rest the second (new keys and values, all
-    visible), if any."""
+    kv head's query heads `pack * (i // token_blocks)` onwards, `pack` of them, as rows token-major. Splits
+    `[0, ranges[0].splits)` cover the first key source (layer `layer_ref[0]` of the key and value stacks, and
+    valid), the rest the second (new keys and values, all visible), if any."""
     out_ref, lse_ref = refs[-2:]
     b, h, row_block, split = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
-    head = h * group + row_block // token_blocks
-    q = q_ref[b, pl.ds((row_block % token_blocks) * block_q, block_q), head, :]
+    first_head = h * group + (row_block // token_blocks) * pack
+    block_q = block_tokens * pack
+    tokens = pl.ds((row_block % token_blocks) * block_tokens, block_tokens)
+    if pack == 1:
+        q = q_ref[b, tokens, first_head, :]
+    else:
+        q = q_ref[b, tokens, pl.ds(first_head, pack), :].reshape(block_q, q_ref.shape[-1])
     layer = layer_ref[0]
 
     def attend_range(k_ref, v_ref, valid_ref, key_range: _KeyRange, local_split):
@@ -393,8 +407,9 @@ def _split_kernel(layer_ref, q_ref, *refs, block_q: int, token_blocks: int, grou
         m, total, acc = jax.lax.fori_loop(0, key_range.tiles_per_split, tile, init)
         seen = total > 0  # False: no visible key in this split
         safe_total = jnp.where(seen, total, 1.0)
-        out_ref[...] = jnp.where(seen[:, None], acc / safe_total[:, None], 0.0).astype(out_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m + jnp.log(safe_total), FINITE_NEG)
+        out = jnp.where(seen[:, None], acc / safe_total[:, None], 0.0).astype(out_ref.dtype)
+        out_ref[...] = out.reshape(out_ref.shape)
+        lse_ref[...] = jnp.where(seen, m + jnp.log(safe_total), FINITE_NEG).reshape(lse_ref.shape)
 
     first = ranges[0]
     if len(ranges) == 1:

@@ -119,6 +119,10 @@ ATTENTION_TILES = (
     # softmax rounds per product. At head_dim 256 none spills (161-193 KiB of shared memory); at 512 they
     # do not fit and fail.
     {"block_k": 64}, {"block_q": 128}, {"block_q": 128, "block_k": 64}, {"block_k": 64, "num_stages": 3},
+    # Grouped-query packing (`pack_heads`): the query heads of a kv head share a program and its key loads
+    # (sliding layers: 2 a kv head; global: 8, where 64-row packs spill and 32-row ones do not). A pack wider
+    # than a layer type's group fails that layer's entry.
+    {"pack_heads": 2}, {"pack_heads": 2, "block_q": 128}, {"pack_heads": 8, "block_q": 32}, {"pack_heads": 8},
     # At head_dim 512 the defaults take 192 KiB of shared memory, one program per SM (`python -m
     # diffjax.kernels.codegen`); 32- and 16-row query blocks take half (mma.sync instead of wgmma).
     {"block_q": 32, "num_warps": 8}, {"block_q": 32, "block_k": 16, "num_warps": 4}, {"block_q": 16, "num_warps": 4},

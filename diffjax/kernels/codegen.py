@@ -350,8 +350,15 @@ def report_rows(sections: Sequence[str], rows: Sequence[int], sweep: bool = Fals
         for n in rows:
             for overrides in settings:
                 log(f"{section} rows={n} {overrides or 'defaults'}")
-                fn, args, kwargs = make_problem(n, tiles_class(**overrides))
-                for report in kernel_reports(fn, *args, **kwargs):
+                try:
+                    fn, args, kwargs = make_problem(n, tiles_class(**overrides))
+                    reports = kernel_reports(fn, *args, **kwargs)
+                except ValueError as exc:  # a sweep candidate for another shape (e.g. a head pack too wide)
+                    if not sweep:
+                        raise
+                    log(f"{section} rows={n} {overrides}: skipped, {exc}")
+                    continue
+                for report in reports:
                     records.append({"section": section, "rows": n, "tiles": overrides,
                                     **dataclasses.asdict(report)})
     return records
