@@ -37,7 +37,7 @@ if [ "${1:-targets}" = sweeps ]; then
   # Kernel level, released shapes, batch 1 and 8: the router (34 us a layer at batch 1, its defaults) and the
   # split-K attention (~110 TFLOP/s at batch 8, its defaults) under each candidate tile setting.
   step "tile sweeps: routing, sliding and global attention"
-  timeout "$(limit 540)" python3 -m diffjax.kernels.bench --sweep --sections routing sliding attention \
+  timeout "$(limit 540)" python3 -m diffjax.kernels.bench --sweep --sections sliding routing attention \
     --rows 1 8 --prompts 1024 --repeats 3 --out "$OUT/sweeps.json" > "$OUT/sweeps.log" 2>&1
   logs=sweeps
 elif [ "${1:-targets}" = ablations ]; then
