@@ -6,10 +6,10 @@
 The trace's device plane (`/device:GPU:0`) has a line of kernel launches per CUDA stream ("Stream #..."),
 beside lines derived from them (XLA modules, XLA ops); this sums the stream lines' kernels by name (a Pallas
 kernel carries its `pallas_call` name, e.g. `moe_gate_up`). It also times the device's idle time between the
-first kernel's start and the last one's end: on an H200 a full-size decoder step spent ~16% of its time between
-its ~530 kernels, more than any part of the model but the experts. Where there is no device plane (the CPU backend)
-it sums the busiest host thread's XLA ops instead, so the same code runs in CPU tests. The trace files stay in
-`trace_dir` when one is given (TensorBoard / XProf read them).
+first kernel's start and the last one's end: on an H200 a full-size decoder step spent ~16% of its time
+between its ~530 kernels, more than any part of the model but the experts. Where there is no device plane
+(the CPU backend) it sums the busiest host thread's XLA ops instead, so the same code runs in CPU tests. The
+trace files stay in `trace_dir` when one is given (TensorBoard / XProf read them).
 """
 
 from __future__ import annotations

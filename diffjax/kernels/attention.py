@@ -2,10 +2,11 @@
 
 Global layers have few kv heads (2) and many query heads per kv head (8), a wide head (512), scale 1.0 and
 no mask beyond padding. Per kv head, the (canvas rows x query heads of that kv head) form one query matrix
-of `canvas * group` rows that shares every key and value; it is cut into row blocks (each a block of one
-query head's canvas rows, read where the query lies), and the keys into `splits` contiguous ranges, giving a grid (batch, kv head, row block, key split). Each program streams its
-key range in tiles with an online softmax (float32), and writes its normalised output and logsumexp; a
-second small kernel combines the splits. The decoder's keys come from two places, the cache and the canvas itself: each
+of `canvas * group` rows that shares every key and value; it is cut into row blocks (canvas rows of one
+query head, or of `AttentionTiles.pack_heads` of them, read where the query lies), and the keys into `splits`
+contiguous ranges, giving a grid (batch, kv head, row block, key split). Each program streams its key range
+in tiles with an online softmax (float32), and writes its normalised output and logsumexp; a second small
+kernel combines the splits. The decoder's keys come from two places, the cache and the canvas itself: each
 gets splits of its own in the same launch, so their concatenation is never written; and the cache's keys may
 be a stack of every block's, read in place at a layer index, so no block's slice is copied out either. Twin:
 `diffjax.layers.attend` with a padding-only mask.

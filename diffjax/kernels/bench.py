@@ -26,7 +26,8 @@ For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--re
   against its XLA twin `route` (`xla`).
 
 `--sweep` instead times each Pallas kernel under the tile settings of `MOE_TILES` (`MGPU_MOE_TILES` for
-`pallas_mgpu`), `VOCAB_TILES`, `ATTENTION_TILES` and `ROUTE_TILES` beside its defaults, and lists the fastest per problem (`best_tiles` in the JSON).
+`pallas_mgpu`), `VOCAB_TILES`, `ATTENTION_TILES` and `ROUTE_TILES` beside its defaults, and lists the
+fastest per problem (`best_tiles` in the JSON).
 
 Each entry records ms, the bytes it must read at least (weights touched + inputs + outputs) and those bytes
 over the time (GB/s, to set against the device copy bandwidth also recorded), and the multiply-adds its

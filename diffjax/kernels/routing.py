@@ -180,6 +180,7 @@ def _project(x_ref, scale_ref, proj_ref, first, in_rows, experts_width, in_exper
                                jnp.zeros((block_tokens, experts_width), jnp.float32))
     return scores.astype(dtype)
 
+
 class ExpertRows(NamedTuple):
     """Where each routed row of the grouped matmuls comes from and goes (the layout of this module's doc).
 
