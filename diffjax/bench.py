@@ -42,6 +42,7 @@ import numpy as np
 from diffjax.config import (
     BLOCK_LAYOUTS,
     FULL,
+    MLP_IMPLEMENTATIONS,
     MOE_IMPLEMENTATIONS,
     NORM_IMPLEMENTATIONS,
     PROJECTION_LAYOUTS,
@@ -392,6 +393,9 @@ class FullSizeSettings:
     routing: tuple[str, ...] = ("xla",)
     # `Config.norm_implementation` values to time at each point (same weights).
     norms: tuple[str, ...] = ("xla",)
+    # `Config.mlp_implementation` values to time at each point (same weights; "pallas" needs --moe pallas and
+    # fused projections).
+    mlp: tuple[str, ...] = ("xla",)
     # XLA compile options for the decoder step and the encoder canvas, each value one variant (same weights):
     # comma-separated `name=value` of XLA's debug options (`parse_xla_options`), "" for the defaults. Per
     # compile, so options such as `xla_gpu_enable_command_buffer=` (no CUDA graphs) are compared in one process.
@@ -426,10 +430,14 @@ class FullSizeSettings:
                                     ("projections", self.projections, PROJECTION_LAYOUTS),
                                     ("blocks", self.blocks, BLOCK_LAYOUTS),
                                     ("routing", self.routing, ROUTING_IMPLEMENTATIONS),
-                                    ("norms", self.norms, NORM_IMPLEMENTATIONS)):
+                                    ("norms", self.norms, NORM_IMPLEMENTATIONS),
+                                    ("mlp", self.mlp, MLP_IMPLEMENTATIONS)):
             # A string would pass as a tuple of its letters.
             if isinstance(values, str) or not values or set(values) - set(known):
                 raise ValueError(f"--{flag} takes values of {known}, got {values!r}")
+        if "pallas" in self.mlp and (set(self.moe_implementations) != {"pallas"} or set(self.projections) != {"fused"}):
+            raise ValueError("--mlp pallas runs the dense MLP in the Pallas expert kernels: it needs --moe pallas and "
+                             "--projections fused only")
         if isinstance(self.xla_options, str) or not self.xla_options:
             raise ValueError(f"--xla-options takes one or more option lists, got {self.xla_options!r}")
         for options in self.xla_options:
@@ -620,6 +628,7 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
             f"decoder_prompt{prompt}_batch{batch}_{config.moe_implementation}_"
             f"{config.sliding_attention_implementation}_unroll{config.scan_unroll}_{config.projection_layout}_"
             f"{config.block_layout}_routing_{config.routing_implementation}_norms_{config.norm_implementation}"
+            f"_mlp_{config.mlp_implementation}"
             + (f"_xla_{re.sub(r'[^A-Za-z0-9=]+', '_', xla_options)}" if xla_options else ""))
         try:
             breakdown = kernel_times(decoder_step, trace_dir)
@@ -652,7 +661,7 @@ def _base_config(s: FullSizeSettings, config: Config | None) -> Config:
 
 # What tells the decoder steps of a sweep apart, as points name it.
 VARIANT_KEYS = ("prompt", "batch", "moe", "sliding_attention", "scan_unroll", "projections", "blocks", "routing",
-                "norms", "xla_options")
+                "norms", "mlp", "xla_options")
 # The full-size table's column headers of VARIANT_KEYS, where shorter than the key.
 _VARIANT_HEADERS = {"sliding_attention": "sliding", "scan_unroll": "unroll"}
 
@@ -661,14 +670,15 @@ def _variants(s: FullSizeSettings) -> list[dict[str, Any]]:
     """Every decoder step to run, as {VARIANT_KEYS: value}, in increasing (prompt, batch) order."""
     return [dict(zip(VARIANT_KEYS, values, strict=True)) for values in itertools.product(
         sorted(set(s.prompts)), sorted(set(s.batches)), s.moe_implementations, s.sliding_attention, s.scan_unroll,
-        s.projections, s.blocks, s.routing, s.norms, s.xla_options)]
+        s.projections, s.blocks, s.routing, s.norms, s.mlp, s.xla_options)]
 
 
 def _variant_config(config: Config, variant: dict[str, Any]) -> Config:
     return config.replace(
         moe_implementation=variant["moe"], sliding_attention_implementation=variant["sliding_attention"],
         scan_unroll=variant["scan_unroll"], projection_layout=variant["projections"], block_layout=variant["blocks"],
-        routing_implementation=variant["routing"], norm_implementation=variant["norms"])
+        routing_implementation=variant["routing"], norm_implementation=variant["norms"],
+        mlp_implementation=variant["mlp"])
 
 
 def compiled_full_size(s: FullSizeSettings, target: str, log: Callable[[str], None] = lambda _: None,

@@ -33,6 +33,7 @@ from diffjax.bench import output_file
 from diffjax.config import (
     BLOCK_LAYOUTS,
     GLOBAL_ATTENTION_IMPLEMENTATIONS,
+    MLP_IMPLEMENTATIONS,
     MOE_IMPLEMENTATIONS,
     NORM_IMPLEMENTATIONS,
     PROJECTION_LAYOUTS,
@@ -293,6 +294,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from diffjax.layout import unstack_blocks
 
         model.config, model.params = unstack_blocks(model.config, model.params, donate=True)
+    if args.mlp is not None:  # after the layouts: "pallas" reads the fused one
+        model.config = model.config.replace(mlp_implementation=args.mlp)
     if model.banner:
         err.print(f"[bold white on red] {model.banner} [/]", soft_wrap=True)
     ids = _prompt_ids(args, model)
@@ -488,6 +491,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 blocks=tuple(args.blocks or ("stacked",)),
                 routing=tuple(args.routing or ("xla",)),
                 norms=tuple(args.norms or ("xla",)),
+                mlp=tuple(args.mlp or ("xla",)),
                 xla_options=tuple(args.xla_options or ("",)),
             )
             if args.compiled_for:
@@ -500,7 +504,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (the comparison runs identical "
                                    "weights on both sides)")
             for flag in ("global_attention", "sliding_attention", "scan_unroll", "projections", "blocks",
-                         "routing", "norms", "xla_options", "profile", "compiled_for"):
+                         "routing", "norms", "mlp", "xla_options", "profile", "compiled_for"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (a GPU run)")
             defaults = bench.BenchSettings()
@@ -617,7 +621,7 @@ _seed = _number_type(int, "an integer", lambda v: 0 <= v < 2**63, "in [0, 2**63)
 
 
 def _add_implementation_flags(parser: argparse.ArgumentParser, prefix: str = "", several: bool = False) -> None:
-    """`--global-attention`, `--sliding-attention`, `--routing`, `--norms` and `--scan-unroll`: `Config` fields
+    """`--global-attention`, `--sliding-attention`, `--routing`, `--norms`, `--mlp` and `--scan-unroll`: `Config` fields
     that pick how, not what, the model computes (besides `--moe`). `several`: all but the first take one or
     more values (each timed)."""
     nargs = "+" if several else None
@@ -633,6 +637,9 @@ def _add_implementation_flags(parser: argparse.ArgumentParser, prefix: str = "",
     parser.add_argument("--norms", choices=NORM_IMPLEMENTATIONS, nargs=nargs,
                         help=f"{prefix}each layer's norms between attention and its feed-forward parts: xla "
                              f"(default) or one Pallas kernel (GPU){each}")
+    parser.add_argument("--mlp", choices=MLP_IMPLEMENTATIONS, nargs=nargs,
+                        help=f"{prefix}each layer's dense MLP: xla (default, three launches) or programs of the "
+                             f"Pallas expert kernels (GPU; needs --moe pallas and fused projections){each}")
     parser.add_argument("--scan-unroll", type=_positive_int, nargs=nargs,
                         help=f"{prefix}layer blocks per iteration of the scan over blocks (default 1; the block "
                              f"count: no loop, static weight slices, longer compile){each}")

@@ -24,11 +24,12 @@ GLOBAL_ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
 SLIDING_ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 ROUTING_IMPLEMENTATIONS = ("xla", "pallas")
 NORM_IMPLEMENTATIONS = ("xla", "pallas")
+MLP_IMPLEMENTATIONS = ("xla", "pallas")
 
 # Config fields that pick an implementation (same maths): not written to config.json.
 IMPLEMENTATION_FIELDS = (
     "moe_implementation", "global_attention_implementation", "sliding_attention_implementation",
-    "routing_implementation", "norm_implementation", "scan_unroll",
+    "routing_implementation", "norm_implementation", "mlp_implementation", "scan_unroll",
 )
 # How the expert weights are stored (`diffjax.quantize`). Not an implementation field: fp8 changes the maths
 # (slightly) and the parameter tree, and no checkpoint stores it (quantized trees are made at load time).
@@ -143,6 +144,11 @@ class Config:
     # residual normed for the dense MLP, the experts and the router: `layers.moe_inputs`). "xla": five GPU
     # launches per layer. "pallas": one, `diffjax.kernels.norms.moe_inputs_pallas`.
     norm_implementation: Literal["xla", "pallas"] = "xla"
+    # How each layer runs its dense MLP (beside the experts). "xla": `layers.MLP`, three GPU launches per layer
+    # (two matmuls and the activation). "pallas": programs of their own in the two launches of the Pallas
+    # experts (`diffjax.kernels.moe.experts_pallas(..., mlp=...)`), which needs `moe_implementation="pallas"`
+    # and the fused projection layout (the kernels read `mlp/gate_up_proj` as it lies).
+    mlp_implementation: Literal["xla", "pallas"] = "xla"
     # How the experts' weights are stored. "none": in the parameter dtype. "fp8": float8_e4m3fn with a float32
     # scale per output channel (`diffjax.quantize`: half the bytes of bf16; the tree gains
     # `experts/{gate_up,down}_proj_scale` leaves). Every `moe_implementation` runs either; the plain-JAX ones
@@ -213,6 +219,7 @@ class Config:
             ("sliding_attention_implementation", SLIDING_ATTENTION_IMPLEMENTATIONS),
             ("routing_implementation", ROUTING_IMPLEMENTATIONS),
             ("norm_implementation", NORM_IMPLEMENTATIONS),
+            ("mlp_implementation", MLP_IMPLEMENTATIONS),
             ("expert_quantization", EXPERT_QUANTIZATIONS),
             ("expert_layout", EXPERT_LAYOUTS),
             ("block_layout", BLOCK_LAYOUTS),
@@ -225,6 +232,14 @@ class Config:
                 f"expert_layout='pretiled' is read by the single-device MoE forms {MOE_IMPLEMENTATIONS}, not by "
                 f"{self.moe_implementation!r}"
             )
+        if self.mlp_implementation == "pallas":
+            unmet = [f"{name}={want!r} (got {getattr(self, name)!r}{why})" for name, want, why in (
+                ("moe_implementation", "pallas", ""),
+                ("projection_layout", "fused", "; diffjax.layout.fuse_projections makes it"),
+            ) if getattr(self, name) != want]
+            if unmet:
+                raise ValueError("mlp_implementation='pallas' runs the dense MLP inside the Pallas expert kernels: "
+                                 f"it needs {' and '.join(unmet)}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:

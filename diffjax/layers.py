@@ -363,10 +363,13 @@ class Experts(nn.Module):
     def __call__(
         self, x: Array, weights: Array, expert_ids: Array,
         stacked: tuple[Mapping[str, Array], Array] | None = None,
-    ) -> Array:
+        mlp: tuple[Array, Array, Array] | None = None,
+    ) -> Array | tuple[Array, Array]:
         """`stacked` (the kernels of `STACK_READING_MOE_IMPLEMENTATIONS` only): this layer position's expert
         leaves as `[blocks, ...]` stacks by name, and the block index; the kernel reads them in place instead of
-        this module's (sliced) params."""
+        this module's (sliced) params. `mlp` (`Config.mlp_implementation="pallas"`): the layer's dense MLP, its
+        input and fused weights (`[blocks, ...]` stacks with `stacked`), run by the expert kernels; returns
+        (experts, mlp) then."""
         cfg = self.config
         # fp8: flax's own init (tracing the model for `param_shapes`) must see e4m3 weights too.
         init = _init if cfg.expert_quantization == "none" else _init_fp8
@@ -402,9 +405,10 @@ class Experts(nn.Module):
 
                 kernel = functools.partial(experts_pallas, routing=cfg.routing_implementation)
             stacks, layer = stacked if stacked is not None else (leaves, None)
+            extra = {} if mlp is None else {"mlp": mlp}  # (Config allows it with "pallas" only)
             return kernel(x, weights, expert_ids, stacks["gate_up_proj"], stacks["down_proj"], layer,
                           gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"),
-                          pretiled=pretiled)
+                          pretiled=pretiled, **extra)
         if pretiled:
             from diffjax.kernels.moe import untile_experts
 

@@ -166,11 +166,19 @@ class Layer(nn.Module):
         residual, dense_in, experts_in, router_in = make_inputs(attn_out, x, *scales, cfg.rms_norm_eps)
 
         mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fused=cfg.projection_layout == "fused", name="mlp")
-        dense = norm(name="post_feedforward_layernorm_1")(mlp(dense_in))
         weights, expert_ids = Router(cfg, name="router")(router_in.reshape(-1, cfg.hidden_size))
-        moe = Experts(cfg, name="experts")(
-            experts_in.reshape(-1, cfg.hidden_size), weights, expert_ids, stacked_experts
-        )
+        experts = Experts(cfg, name="experts")
+        tokens = (-1, cfg.hidden_size)
+        if cfg.mlp_implementation == "pallas" and not self.is_initializing():
+            # The MLP's weights go to the expert kernels as they lie: a scan's block slice would be a copy.
+            weights_of_mlp = self.variables["params"]["mlp"] if stacked_experts is None else stacked_experts[0]["mlp"]
+            mlp_inputs = (dense_in.reshape(tokens), weights_of_mlp["gate_up_proj"]["kernel"],
+                          weights_of_mlp["down_proj"]["kernel"])
+            moe, dense = experts(experts_in.reshape(tokens), weights, expert_ids, stacked_experts, mlp_inputs)
+        else:
+            dense = mlp(dense_in)
+            moe = experts(experts_in.reshape(tokens), weights, expert_ids, stacked_experts)
+        dense = norm(name="post_feedforward_layernorm_1")(dense.reshape(residual.shape))
         moe = norm(name="post_feedforward_layernorm_2")(moe.reshape(residual.shape))
         x = residual + norm(name="post_feedforward_layernorm")(dense + moe)
 
@@ -260,6 +268,9 @@ class DiffusionGemma(nn.Module):
             expert_stacks = {
                 name: dict(layer["experts"]) for name, layer in self.variables["params"]["blocks"].items()
             }
+            if cfg.mlp_implementation == "pallas":  # the dense MLP runs in the expert kernels: its stacks too
+                for name, layer in self.variables["params"]["blocks"].items():
+                    expert_stacks[name]["mlp"] = layer["mlp"]
         blocks = nn.scan(
             Block,
             variable_axes={"params": 0},

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import diffjax
-from diffjax import cli
+from diffjax import bench, cli
 from diffjax.config import FULL, Config
 from diffjax.quantize import FP8
 
@@ -578,12 +578,25 @@ def test_full_size_times_each_layout_on_the_same_weights(capsys, monkeypatch):
 
 @pytest.mark.parametrize("flags", [("--moe", "pallas", "--experts-pretiled"),
                                    ("--fused-projections", "--scan-unroll", "4"),
-                                   ("--fused-projections", "--unstacked-blocks")])
+                                   ("--fused-projections", "--unstacked-blocks"),
+                                   ("--moe", "pallas", "--fused-projections", "--mlp", "pallas")])
 def test_generate_with_load_time_layouts_gives_the_same_answer(capsys, flags):
     reference = run(capsys, "generate", "--no-live", "--seed", "3", "9402751")[1]
     code, out, err = run(capsys, "generate", "--no-live", "--seed", "3", *flags, "9402751")
     assert code == 0, err
     assert out == reference
+
+
+def test_generate_refuses_the_mlp_kernel_without_what_it_reads(capsys):
+    """--mlp pallas runs in the Pallas expert kernels on the fused gate/up weights: each missing piece named."""
+    code, _, err = run(capsys, "generate", "--no-live", "--mlp", "pallas", "31")
+    assert_clean_error(code, err, "it needs moe_implementation='pallas' (got 'grouped') and projection_layout")
+    code, _, err = run(capsys, "generate", "--no-live", "--mlp", "pallas", "--moe", "pallas", "31")
+    assert_clean_error(code, err, "it needs projection_layout='fused' (got 'separate'")
+    with pytest.raises(ValueError, match="--mlp pallas runs the dense MLP in the Pallas expert kernels"):
+        bench.FullSizeSettings(moe_implementations=("pallas",), projections=("separate", "fused"),
+                               mlp=("xla", "pallas")).validate()
+    bench.FullSizeSettings(moe_implementations=("pallas",), projections=("fused",), mlp=("xla", "pallas")).validate()
 
 
 def test_generate_refuses_pretiled_experts_for_the_grouped_form(capsys):

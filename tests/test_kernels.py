@@ -28,7 +28,14 @@ from diffjax.kernels.attention import (
     attention_inputs_pallas,
     global_attention_pallas,
 )
-from diffjax.kernels.moe import MoeTiles, experts_pallas, pretile_experts, untile_experts
+from diffjax.kernels.moe import (
+    MlpInputs,
+    MoeTiles,
+    experts_pallas,
+    mlp_reference,
+    pretile_experts,
+    untile_experts,
+)
 from diffjax.kernels.moe_mgpu import experts_mgpu
 from diffjax.kernels.vocab import VocabTiles, vocab_stats_pallas, vocab_stats_reference
 from diffjax.layers import Experts, attention_inputs, experts_dense, experts_grouped, rope_inverse_frequencies
@@ -230,6 +237,83 @@ def test_moe_kernels_differentiate_through_their_twin(kernel, dtype, fp8, pretil
         _close(got, expected, dtype, scale=1 if dtype == jnp.float32 else 4)
 
 
+def mlp_case(tokens: int, hidden: int, inter: int, dtype, seed: int, layers: int | None = None) -> MlpInputs:
+    """A dense MLP's random input and fused weights (a stack of `layers` if given)."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+    lead = () if layers is None else (layers,)
+    return MlpInputs(jax.random.normal(keys[0], (tokens, hidden)).astype(dtype),
+                     (0.3 * jax.random.normal(keys[1], (*lead, hidden, 2 * inter))).astype(dtype),
+                     (0.3 * jax.random.normal(keys[2], (*lead, inter, hidden))).astype(dtype))
+
+
+@pytest.mark.parametrize(("tokens", "mlp_inter", "mlp_rows", "dtype", "fp8", "stacked"), [
+    (37, 48, 16, jnp.float32, False, False),  # a tail token tile (rows past the end), 3 column tiles of 16
+    (64, 96, 32, jnp.float32, False, True),  # whole token tiles, read from layer 1 of a stack
+    (50, 80, 64, jnp.bfloat16, True, True),  # fp8 experts beside a bf16 MLP; one token tile wider than tokens
+])
+@pytest.mark.parametrize("launch", [{}, {"swap_ab": True, "column_tiles_first": False}])
+def test_moe_kernels_run_the_dense_mlp_in_their_launches(tokens, mlp_inter, mlp_rows, dtype, fp8, stacked, launch):
+    """`experts_pallas(..., mlp=...)`: the MLP's programs give `mlp_reference`'s output, and the experts'
+    output is bit for bit the one without them (their programs are the same)."""
+    x, weights, ids, gate_up, down = moe_case(tokens, 8, 2, 64, 32, dtype, seed=tokens)
+    mlp = mlp_case(tokens, 64, mlp_inter, dtype, seed=tokens + 1, layers=2 if stacked else None)
+    scales, layer = {}, None
+    if stacked:
+        gate_up, down, layer = jnp.stack([0.5 * gate_up[::-1], gate_up]), jnp.stack([0.5 * down[::-1], down]), 1
+    if fp8:
+        (gate_up, s_up), (down, s_down) = quantize(gate_up), quantize(down)
+        scales = {"gate_up_scale": s_up, "down_scale": s_down}
+    tiles = MoeTiles(block_rows=16, mlp_block_rows=mlp_rows, mlp_block_n=16, **launch)
+    alone = experts_pallas(x, weights, ids, gate_up, down, layer, tiles=tiles, interpret=True, **scales)
+    experts, dense = experts_pallas(x, weights, ids, gate_up, down, layer, mlp=mlp, tiles=tiles, interpret=True,
+                                    **scales)
+    np.testing.assert_array_equal(np.asarray(experts, np.float32), np.asarray(alone, np.float32))
+    assert dense.shape == x.shape and dense.dtype == dtype
+    weights_of_layer = (mlp.gate_up, mlp.down) if layer is None else (mlp.gate_up[layer], mlp.down[layer])
+    _close(dense, mlp_reference(*as_f32(mlp.x, *weights_of_layer)), dtype)
+
+
+def test_moe_kernels_differentiate_the_dense_mlp_through_its_twin():
+    """`jax.grad` through the experts with the MLP beside them: the MLP's input and weights (a traced layer of
+    a stack) get `mlp_reference`'s gradients, the experts' arguments theirs."""
+    x, weights, ids, gate_up, down = moe_case(24, 8, 2, 64, 32, jnp.float32, seed=6)
+    mlp = mlp_case(24, 64, 48, jnp.float32, seed=7, layers=2)
+    stacks = [jnp.stack([w, 0.5 * w[::-1]]) for w in (gate_up, down)]
+    layer = jnp.int32(1)
+    probe = jax.random.normal(jax.random.key(8), x.shape)  # the MLP's cotangent, whatever its output
+
+    def loss(forward, x, mlp_x, mlp_gate_up, mlp_down):
+        experts, dense = forward(x, mlp_x, mlp_gate_up, mlp_down)
+        return jnp.sum(experts ** 2) + jnp.sum(dense * probe)
+
+    def ours(x, mlp_x, mlp_gate_up, mlp_down):
+        return experts_pallas(x, weights, ids, *stacks, layer, mlp=MlpInputs(mlp_x, mlp_gate_up, mlp_down),
+                              tiles=MoeTiles(block_rows=16, mlp_block_n=16), interpret=True)
+
+    def twin(x, mlp_x, mlp_gate_up, mlp_down):
+        return (experts_grouped(x, weights, ids, stacks[0][layer], stacks[1][layer]),
+                mlp_reference(mlp_x, mlp_gate_up[layer], mlp_down[layer]))
+
+    mine = jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2, 3))(x, *mlp)
+    want = jax.grad(functools.partial(loss, twin), argnums=(0, 1, 2, 3))(x, *mlp)
+    assert float(jnp.abs(mine[2][0]).max()) == 0  # layer 0's MLP: no gradient
+    for got, expected in zip(mine, want, strict=True):  # the cotangents are the kernels' outputs, not the twin's
+        _close(got, expected, jnp.float32, scale=5)
+
+
+def test_moe_kernels_refuse_a_mismatched_dense_mlp():
+    x, weights, ids, gate_up, down = moe_case(8, 4, 2, 32, 16, jnp.float32, seed=0)
+    mlp = mlp_case(8, 32, 48, jnp.float32, seed=1)
+    with pytest.raises(ValueError, match="MLP's x must be shaped"):
+        experts_pallas(x, weights, ids, gate_up, down, mlp=mlp._replace(x=mlp.x[:4]), interpret=True)
+    with pytest.raises(ValueError, match="a layers axis exactly when"):
+        experts_pallas(x, weights, ids, gate_up, down, mlp=mlp._replace(down=mlp.down[:16]), interpret=True)
+    with pytest.raises(ValueError, match="a layers axis exactly when"):  # stacked experts, one layer's MLP
+        experts_pallas(x, weights, ids, gate_up[None], down[None], 0, mlp=mlp, interpret=True)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        experts_pallas(x, weights, ids, gate_up, down, mlp=mlp_case(8, 32, 40, jnp.float32, seed=1), interpret=True)
+
+
 def test_moe_kernel_rejects_inconsistent_fp8_inputs():
     x, weights, ids, gate_up, down = moe_case(4, 4, 2, 32, 16, jnp.float32, seed=0)
     (q_up, s_up), (q_down, s_down) = quantize(gate_up), quantize(down)
@@ -387,6 +471,30 @@ def test_moe_kernel_lowers_for_cuda_at_released_shapes():
     in_place = lower_for_cuda(lambda *a: scanned(*a, sliced=False), *args[:3], *stacks)
     assert in_place.count("__gpu$xla.gpu.triton") == 2 and slice_type not in in_place
     assert slice_type in lower_for_cuda(lambda *a: scanned(*a, sliced=True), *args[:3], *stacks)
+
+
+def test_moe_kernels_with_the_dense_mlp_lower_for_cuda_at_released_shapes():
+    """The released layer's dense MLP in the expert kernels' launches: still two Triton kernels and no matmul
+    left to XLA, the MLP's weight stacks read in place (no per-layer slice)."""
+    cfg = Config.diffusiongemma_26b_a4b()
+    tokens, k, experts, layers = cfg.canvas_length, cfg.top_k_experts, cfg.num_experts, 5
+    hidden, inter, mlp_inter = cfg.hidden_size, cfg.moe_intermediate_size, cfg.intermediate_size
+    args = (
+        jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16),
+        jax.ShapeDtypeStruct((tokens, k), jnp.float32),
+        jax.ShapeDtypeStruct((tokens, k), jnp.int32),
+        jax.ShapeDtypeStruct((layers, experts, hidden, 2 * inter), jnp.bfloat16),
+        jax.ShapeDtypeStruct((layers, experts, inter, hidden), jnp.bfloat16),
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16),
+        jax.ShapeDtypeStruct((layers, hidden, 2 * mlp_inter), jnp.bfloat16),
+        jax.ShapeDtypeStruct((layers, mlp_inter, hidden), jnp.bfloat16),
+    )
+    text = lower_for_cuda(lambda x, w, i, up, down, layer, mlp_x, mlp_up, mlp_down: experts_pallas(
+        x, w, i, up, down, layer, mlp=MlpInputs(mlp_x, mlp_up, mlp_down), interpret=False), *args)
+    assert text.count("__gpu$xla.gpu.triton") == 2
+    assert "stablehlo.dot_general" not in text and "stablehlo.dynamic_slice" not in text
+    assert f"tensor<{layers}x{hidden}x{2 * mlp_inter}xbf16>" in text  # the whole stack reaches the kernel
 
 
 def lower_released_fp8_moe_for_cuda(tokens: int) -> str:

@@ -15,6 +15,11 @@ weight columns. Two kernels:
 Each token's top_k rows of y are then summed. Neither x nor y is ever copied in expert order and padded: at
 batch 8 those copies (zero-filled, scattered, gathered back) moved ~0.5 GB per layer.
 
+The layer's dense MLP (`mlp=`, `Config.mlp_implementation="pallas"`) can ride in the same two launches:
+programs of their own, first in the grid, tile its gate/up and down products over (token tile, column tile),
+from its own input and weights. XLA ran it as three launches per layer (two matmuls, one activation fusion),
+each a split-k matmul with its own reduction.
+
 FP8 experts (`diffjax.quantize`: float8_e4m3fn weights, a float32 scale per output column): the kernels load
 e4m3 weight tiles (half the bytes), convert them to the activation dtype in registers (exact), accumulate in
 float32 and multiply the accumulators by their columns' scales once, after the k-loop: gate and up before the
@@ -95,9 +100,15 @@ class MoeTiles:
     # offset in each (the expert stride is a multiple of 64 KiB, which could put them all on the same DRAM
     # channels). A sweep option testing that hypothesis; same maths, float32 sums in another order.
     skew_k: bool = False
+    # The dense MLP's programs (`experts_pallas(..., mlp=...)`): token rows per program (lowered to the tokens'
+    # next power of two) and the column cap of both its products. Every row tile streams the MLP's weight
+    # columns once, from L2 for all but the first of the programs launched side by side (token tiles first).
+    mlp_block_rows: int = 64
+    mlp_block_n: int = 64
 
     def validate(self) -> None:
-        for name in ("gate_up_block_k", "gate_up_block_n", "down_block_k", "down_block_n"):
+        for name in ("gate_up_block_k", "gate_up_block_n", "down_block_k", "down_block_n", "mlp_block_rows",
+                     "mlp_block_n"):
             require_block(f"MoeTiles.{name}", getattr(self, name))
         if self.block_rows is not None:
             require_block("MoeTiles.block_rows", self.block_rows)
@@ -117,9 +128,9 @@ def warps_for(accumulator_elements: int) -> int:
 @functools.partial(jax.jit, static_argnames=("tiles", "pretiled", "routing", "interpret"))
 def experts_pallas(
     x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None = None,
-    *, gate_up_scale: Array | None = None, down_scale: Array | None = None, tiles: MoeTiles = MoeTiles(),
-    pretiled: bool = False, routing: str = "xla", interpret: bool | None = None,
-) -> Array:
+    *, gate_up_scale: Array | None = None, down_scale: Array | None = None, mlp: MlpInputs | None = None,
+    tiles: MoeTiles = MoeTiles(), pretiled: bool = False, routing: str = "xla", interpret: bool | None = None,
+) -> Array | tuple[Array, Array]:
     """Mixture of experts over the routed (token, expert) pairs only; same maths as `experts_grouped`.
 
     x `[tokens, hidden]`, weights/expert_ids `[tokens, k]`, gate_up `[experts, hidden, 2 * inter]` (gate first
@@ -132,6 +143,10 @@ def experts_pallas(
 
     FP8 experts: gate_up and down float8_e4m3fn with `gate_up_scale [(layers,) experts, 2 * inter]` and
     `down_scale [(layers,) experts, hidden]` (float32, `diffjax.quantize`), read in place like the weights.
+
+    `mlp`: the layer's dense MLP run in the same two launches (`MlpInputs`: its input and fused weights, with
+    the layers axis exactly when the experts have one). Returns `(experts [tokens, hidden], mlp [tokens,
+    hidden])` then, the MLP's as `mlp_reference`.
 
     `pretiled`: gate_up and down as `pretile_experts` lays them out (each column tile contiguous), the column
     tiles' widths taken from them instead of from `tiles`.
@@ -146,14 +161,40 @@ def experts_pallas(
     kernel = functools.partial(_experts_pallas, tiles=tiles, pretiled=pretiled, routing=routing,
                                interpret=interpret)
     return with_twin_gradients(kernel, pretiled)(x, weights, expert_ids, gate_up, down, layer, gate_up_scale,
-                                                 down_scale)
+                                                 down_scale, *(mlp or (None,) * 3))
+
+
+class MlpInputs(NamedTuple):
+    """The dense MLP that `experts_pallas` runs beside the experts: its input x `[tokens, hidden]` (the layer's
+    own norm of the residual, not the experts'), gate_up `[(layers,) hidden, 2 * inter]` (gate first, the
+    fused projection layout) and down `[(layers,) inter, hidden]`."""
+
+    x: Array
+    gate_up: Array
+    down: Array
+
+
+class _MlpPart(NamedTuple):
+    """The dense MLP's programs in one expert kernel: the first `token_tiles * column_tiles` of the grid, token
+    tiles fastest, each a `[block_rows, block_n]` output tile summed over `block_k` steps."""
+
+    block_rows: int
+    block_k: int
+    block_n: int
+    token_tiles: int
+    column_tiles: int
+
+    @property
+    def programs(self) -> int:
+        return self.token_tiles * self.column_tiles
 
 
 def _experts_pallas(
     x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None,
-    gate_up_scale: Array | None, down_scale: Array | None, *, tiles: MoeTiles, pretiled: bool, routing: str,
-    interpret: bool | None,
-) -> Array:
+    gate_up_scale: Array | None, down_scale: Array | None, mlp_x: Array | None, mlp_gate_up: Array | None,
+    mlp_down: Array | None, *, tiles: MoeTiles, pretiled: bool, routing: str, interpret: bool | None,
+) -> Array | tuple[Array, Array]:
+    mlp = None if mlp_x is None else _check_mlp(x, MlpInputs(mlp_x, mlp_gate_up, mlp_down), layer)
     stacks = expert_stacks(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale, pretiled)
     gate_up, down, gate_up_scale, down_scale, layer = stacks
     quantized = gate_up_scale is not None
@@ -184,11 +225,41 @@ def _experts_pallas(
     else:
         rows = expert_rows_reference(expert_ids, weights, num_experts, block_rows)
     assignments = tokens * top_k  # assignment a = token * top_k + j; padding rows write row `assignments`
-    h = _gate_up_call(x, rows, layer, gate_up, gate_up_scale, inter, block_rows, tiles, pretiled, interpret)
-    ys = _down_call(h, rows, assignments + 1, layer, down, down_scale, hidden, block_rows, tiles, pretiled,
-                    interpret)
+    h, h_mlp = _gate_up_call(x, rows, layer, gate_up, gate_up_scale, inter, block_rows, tiles, pretiled, mlp,
+                             interpret)
+    ys, y_mlp = _down_call(h, rows, assignments + 1, layer, down, down_scale, hidden, block_rows, tiles, pretiled,
+                           mlp, h_mlp, interpret)
     per_assignment = ys[:assignments].reshape(tokens, top_k, hidden)
-    return jnp.sum(per_assignment.astype(jnp.float32), axis=1).astype(x.dtype)
+    moe = jnp.sum(per_assignment.astype(jnp.float32), axis=1).astype(x.dtype)
+    return moe if mlp is None else (moe, y_mlp[:tokens])
+
+
+def _check_mlp(x: Array, mlp: MlpInputs, layer: Array | int | None) -> MlpInputs:
+    """The dense MLP's arguments checked against the experts' x and `layer`, with a layers axis (of 1 if
+    `layer` is None) and in x's dtype."""
+    lead = () if layer is None else mlp.gate_up.shape[:1]
+    if mlp.x.shape != x.shape:
+        raise ValueError(f"the MLP's x must be shaped as the experts' x {x.shape}, got {mlp.x.shape}")
+    hidden = x.shape[1]
+    rank = 2 + (layer is not None)
+    if mlp.gate_up.ndim != rank or mlp.down.ndim != rank or mlp.gate_up.shape[-2] != hidden or \
+            mlp.gate_up.shape[-1] % 2 or mlp.down.shape != (*lead, mlp.gate_up.shape[-1] // 2, hidden):
+        raise ValueError(
+            f"the MLP's gate_up and down must be [{'layers, ' * (layer is not None)}hidden={hidden}, 2 * inter] and "
+            f"[{'layers, ' * (layer is not None)}inter, hidden={hidden}] (a layers axis exactly when the experts "
+            f"are stacks), got {mlp.gate_up.shape} and {mlp.down.shape}")
+    if mlp.down.shape[-2] % MIN_BLOCK:
+        raise ValueError(f"the MLP kernels need its inter to be a multiple of {MIN_BLOCK}, got {mlp.down.shape[-2]}")
+    gate_up, down = (w.astype(x.dtype) if layer is not None else w[None].astype(x.dtype)
+                     for w in (mlp.gate_up, mlp.down))
+    return MlpInputs(mlp.x.astype(x.dtype), gate_up, down)
+
+
+def mlp_reference(x: Array, gate_up: Array, down: Array) -> Array:
+    """The dense MLP in plain JAX, fused layout: `down(gelu_tanh(gate(x)) * up(x))`, x `[tokens, hidden]`,
+    gate_up `[hidden, 2 * inter]`, down `[inter, hidden]`."""
+    gate, up = jnp.split(x @ gate_up.astype(x.dtype), 2, axis=-1)
+    return (gelu_tanh(gate) * up) @ down.astype(x.dtype)
 
 
 def pretile_experts(gate_up: Array, down: Array, tiles: MoeTiles = MoeTiles()) -> tuple[Array, Array]:
@@ -290,11 +361,18 @@ def _check_pretiled(gate_up_shape: tuple[int, ...], down_shape: tuple[int, ...],
 
 def experts_reference(
     x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None = None,
-    gate_up_scale: Array | None = None, down_scale: Array | None = None, pretiled: bool = False,
-) -> Array:
+    gate_up_scale: Array | None = None, down_scale: Array | None = None, mlp_x: Array | None = None,
+    mlp_gate_up: Array | None = None, mlp_down: Array | None = None, pretiled: bool = False,
+) -> Array | tuple[Array, Array]:
     """The expert kernels' maths in plain JAX, with their calling convention (a layer of a stack, fp8
-    scales, pretiled layout): layer `layer`'s experts, untiled and dequantized to x's dtype, through
-    `experts_grouped`."""
+    scales, pretiled layout, the dense MLP beside them): layer `layer`'s experts, untiled and dequantized to
+    x's dtype, through `experts_grouped`, and the MLP's through `mlp_reference`."""
+    if mlp_x is not None:
+        if layer is not None:
+            mlp_gate_up, mlp_down = mlp_gate_up[layer], mlp_down[layer]
+        experts = experts_reference(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale,
+                                    pretiled=pretiled)
+        return experts, mlp_reference(mlp_x, mlp_gate_up, mlp_down)
     if pretiled:
         gate_up, down = untile_experts(gate_up, down)
     if layer is not None:
@@ -307,11 +385,13 @@ def experts_reference(
 
 
 def with_twin_gradients(kernel: Any, pretiled: bool) -> Any:
-    """An expert kernel `kernel(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale)`
-    differentiated through `experts_reference` (`diffjax.kernels.with_twin_backward`): gradients for x, the
-    routing weights and the weight stacks, or for fp8 experts their scales (not the e4m3 weights)."""
+    """An expert kernel `kernel(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale, mlp_x,
+    mlp_gate_up, mlp_down)` differentiated through `experts_reference` (`diffjax.kernels.with_twin_backward`):
+    gradients for x, the routing weights and the weight stacks, or for fp8 experts their scales (not the e4m3
+    weights), and for the MLP's input and weights where given."""
     def differentiable(args: tuple[Any, ...]) -> tuple[int, ...]:
-        return (0, 1, 6, 7) if args[6] is not None else (0, 1, 3, 4)
+        experts = (0, 1, 6, 7) if args[6] is not None else (0, 1, 3, 4)
+        return experts + ((8, 9, 10) if len(args) > 8 and args[8] is not None else ())
 
     return with_twin_backward(kernel, functools.partial(experts_reference, pretiled=pretiled), differentiable)
 
@@ -418,20 +498,22 @@ def _accumulate(products: Any, accumulators: int, num_k: int, block_k: int, skew
     return [acc.T for acc in accs] if swap_ab else list(accs)
 
 
-def _tile_indices(column_tiles_first: bool) -> tuple[Array, Array]:
-    """(row tile, column tile) of this program under the launch order of `_row_tiled_call`."""
+def _tile_indices(program: Array, row_tiles: int, column_tiles: int, column_tiles_first: bool
+                  ) -> tuple[Array, Array]:
+    """(row tile, column tile) of the experts' `program` (counted from their first) under the launch order of
+    `_row_tiled_call`."""
     if column_tiles_first:
-        return pl.program_id(1), pl.program_id(0)
-    return pl.program_id(0), pl.program_id(1)
+        return program // column_tiles, program % column_tiles
+    return program % row_tiles, program // row_tiles
 
 
-def _k_skew(skew_k: bool, num_k: int) -> Array | None:
-    """The k-step this program starts at (`MoeTiles.skew_k`): 7 x its first grid index + 3 x its second, mod
+def _k_skew(skew_k: bool, num_k: int, row_tile: Array, col_tile: Array) -> Array | None:
+    """The k-step this program starts at (`MoeTiles.skew_k`): 7 x its column tile + 3 x its row tile, mod
     `num_k`, so neighbours in either launch order start apart. None without `skew_k`: the loop then carries no
     modulo (it cost the batch-1 kernels 13-15 registers per thread and the down kernel a program per SM)."""
     if not skew_k:
         return None
-    return jax.lax.rem(pl.program_id(0) * 7 + pl.program_id(1) * 3, num_k)  # non-negative: rem is mod
+    return jax.lax.rem(col_tile * 7 + row_tile * 3, num_k)  # non-negative: rem is mod
 
 
 def _weight_tile(w_ref: Any, layer: Array, expert: Array, ks: Any, col_tile: Array, block_n: int, pretiled: bool
@@ -442,122 +524,206 @@ def _weight_tile(w_ref: Any, layer: Array, expert: Array, ks: Any, col_tile: Arr
     return w_ref[layer, expert, ks, pl.ds(col_tile * block_n, block_n)]
 
 
-def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantized, swap_ab, column_tiles_first,
-                    pretiled, skew_k):
-    """refs: layer, tile_expert, x (token order), row_token, w, (scale if quantized), then the output h."""
-    layer_ref, tile_expert_ref, x_ref, row_token_ref, w_ref = refs[:5]
-    h_ref = refs[-1]
-    row_tile_index, col_tile = _tile_indices(column_tiles_first)
-    layer, expert = layer_ref[0], tile_expert_ref[row_tile_index]
-    num_k = hidden // block_k
-    skew = _k_skew(skew_k, num_k)
+def _run_parts(mlp: _MlpPart | None, experts_part: Any, mlp_part: Any) -> None:
+    """Run this program's part: the dense MLP's programs come first in the grid (the longer ones: all tokens'
+    rows over the whole contraction, started before the experts' many short ones), then the experts'."""
+    if mlp is None:
+        experts_part(pl.program_id(0))
+        return
+    program = pl.program_id(0)
+    pl.when(program < mlp.programs)(lambda: mlp_part(program % mlp.token_tiles, program // mlp.token_tiles))
+    pl.when(program >= mlp.programs)(lambda: experts_part(program - mlp.programs))
 
-    @pl.when(expert >= 0)
-    def _():
-        tokens = row_token_ref[pl.ds(row_tile_index * block_rows, block_rows)]
-        gate_cols = pl.ds(col_tile * block_n, block_n)
-        up_cols = pl.ds(inter + col_tile * block_n, block_n)
-        up_tile = inter // block_n + col_tile  # up's columns of gate's column tile
+
+def _mlp_rows(token_tile: Array, mlp: _MlpPart, tokens: int) -> Any:
+    """The MLP's token rows of `token_tile`: a slice when the tiles divide the tokens; else the tail tile's
+    rows past the end repeat the last token (in-bounds loads; their outputs land in padding rows)."""
+    first = token_tile * mlp.block_rows
+    if tokens % mlp.block_rows == 0:
+        return pl.ds(first, mlp.block_rows)
+    return jnp.minimum(first + jnp.arange(mlp.block_rows, dtype=jnp.int32), tokens - 1)
+
+
+def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantized, swap_ab, column_tiles_first,
+                    pretiled, skew_k, row_tiles, mlp, tokens):
+    """refs: layer, tile_expert, x (token order), row_token, w, (scale if quantized), (with `mlp`: its x and
+    gate_up), then the outputs h (and the MLP's)."""
+    layer_ref, tile_expert_ref, x_ref, row_token_ref, w_ref = refs[:5]
+    scale_ref = refs[5] if quantized else None
+    layer = layer_ref[0]
+    num_k = hidden // block_k
+
+    def experts_part(program: Array) -> None:
+        row_tile_index, col_tile = _tile_indices(program, row_tiles, inter // block_n, column_tiles_first)
+        expert = tile_expert_ref[row_tile_index]
+        skew = _k_skew(skew_k, num_k, row_tile_index, col_tile)
+        h_ref = refs[-2 if mlp else -1]
+
+        @pl.when(expert >= 0)
+        def _():
+            tokens = row_token_ref[pl.ds(row_tile_index * block_rows, block_rows)]
+            gate_cols = pl.ds(col_tile * block_n, block_n)
+            up_cols = pl.ds(inter + col_tile * block_n, block_n)
+            up_tile = inter // block_n + col_tile  # up's columns of gate's column tile
+
+            def products(ks: Any) -> list[tuple[Array, Array]]:
+                xk = x_ref[tokens, ks]
+                return [(xk, _weight_tile(w_ref, layer, expert, ks, tile, block_n, pretiled).astype(xk.dtype))
+                        for tile in (col_tile, up_tile)]
+
+            acc_gate, acc_up = _accumulate(products, 2, num_k, block_k, skew, (block_rows, block_n), swap_ab)
+            if quantized:
+                acc_gate *= scale_ref[layer, expert, gate_cols][None, :]
+                acc_up *= scale_ref[layer, expert, up_cols][None, :]
+            h_ref[pl.ds(row_tile_index * block_rows, block_rows), gate_cols] = (
+                gelu_tanh(acc_gate) * acc_up).astype(h_ref.dtype)
+
+    def mlp_part(token_tile: Array, col_tile: Array) -> None:
+        mlp_x_ref, mlp_w_ref = refs[5 + quantized:7 + quantized]
+        h_mlp_ref = refs[-1]
+        mlp_inter = mlp_w_ref.shape[-1] // 2
+        rows = _mlp_rows(token_tile, mlp, tokens)
+        cols = [pl.ds(offset + col_tile * mlp.block_n, mlp.block_n) for offset in (0, mlp_inter)]
 
         def products(ks: Any) -> list[tuple[Array, Array]]:
-            xk = x_ref[tokens, ks]
-            return [(xk, _weight_tile(w_ref, layer, expert, ks, tile, block_n, pretiled).astype(xk.dtype))
-                    for tile in (col_tile, up_tile)]
+            xk = mlp_x_ref[rows, ks]
+            return [(xk, mlp_w_ref[layer, ks, c]) for c in cols]
 
-        acc_gate, acc_up = _accumulate(products, 2, num_k, block_k, skew, (block_rows, block_n), swap_ab)
-        if quantized:
-            scale_ref = refs[5]
-            acc_gate *= scale_ref[layer, expert, gate_cols][None, :]
-            acc_up *= scale_ref[layer, expert, up_cols][None, :]
-        h_ref[...] = (gelu_tanh(acc_gate) * acc_up).astype(h_ref.dtype)
+        acc_gate, acc_up = _accumulate(products, 2, num_k, mlp.block_k, None, (mlp.block_rows, mlp.block_n), False)
+        h_mlp_ref[pl.ds(token_tile * mlp.block_rows, mlp.block_rows), cols[0]] = (
+            gelu_tanh(acc_gate) * acc_up).astype(h_mlp_ref.dtype)
+
+    _run_parts(mlp, experts_part, mlp_part)
 
 
 def _gate_up_call(
     x: Array, rows: ExpertRows, layer: Array, gate_up: Array, scale: Array | None, inter: int, block_rows: int,
-    tiles: MoeTiles, pretiled: bool, interpret: bool,
-) -> Array:
-    hidden = x.shape[1]
+    tiles: MoeTiles, pretiled: bool, mlp: MlpInputs | None, interpret: bool,
+) -> tuple[Array, Array | None]:
+    """h `[padded_rows, inter]` of the experts and, with `mlp`, the MLP's `[token tiles * rows, its inter]`."""
+    tokens, hidden = x.shape
     block_k = largest_power_of_two_divisor(hidden, tiles.gate_up_block_k)
     block_n = gate_up.shape[-1] if pretiled else largest_power_of_two_divisor(inter, tiles.gate_up_block_n)
+    row_tiles = rows.padded_rows // block_rows
+    part = None if mlp is None else _mlp_part(tokens, block_k, mlp.gate_up.shape[-1] // 2, tiles)
     kernel = functools.partial(
         _gate_up_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, hidden=hidden, inter=inter,
         quantized=scale is not None, swap_ab=tiles.swap_ab, column_tiles_first=tiles.column_tiles_first,
-        pretiled=pretiled, skew_k=tiles.skew_k,
+        pretiled=pretiled, skew_k=tiles.skew_k, row_tiles=row_tiles, mlp=part, tokens=tokens,
     )
     inputs = (layer, rows.tile_expert, x, rows.row_token, gate_up) + ((scale,) if scale is not None else ())
-    warps = tiles.num_warps or warps_for(2 * block_rows * block_n)  # gate and up accumulators
-    return _row_tiled_call(kernel, inputs, (rows.padded_rows, inter), x.dtype, block_rows, block_n, warps, tiles,
-                           interpret, "moe_gate_up")
+    outputs = [jax.ShapeDtypeStruct((rows.padded_rows, inter), x.dtype)]
+    accumulators = 2 * block_rows * block_n  # gate and up
+    if part is not None:
+        inputs += (mlp.x, mlp.gate_up)
+        outputs.append(jax.ShapeDtypeStruct((part.token_tiles * part.block_rows, mlp.gate_up.shape[-1] // 2),
+                                            x.dtype))
+        accumulators = max(accumulators, 2 * part.block_rows * part.block_n)
+    warps = tiles.num_warps or warps_for(accumulators)
+    out = _row_tiled_call(kernel, inputs, outputs, row_tiles * (inter // block_n) + (part.programs if part else 0),
+                          warps, tiles, interpret, "moe_gate_up")
+    return out[0], out[1] if part is not None else None
+
+
+def _mlp_part(tokens: int, block_k: int, columns: int, tiles: MoeTiles) -> _MlpPart:
+    """The MLP's programs of a kernel whose products have `columns` output columns over `block_k` steps."""
+    block_rows = min(tiles.mlp_block_rows, max(MIN_BLOCK, pl.next_power_of_2(tokens)))
+    block_n = largest_power_of_two_divisor(columns, tiles.mlp_block_n)
+    return _MlpPart(block_rows, block_k, block_n, pl.cdiv(tokens, block_rows), columns // block_n)
 
 
 def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab, column_tiles_first, pretiled,
-                 skew_k):
-    """refs: layer, tile_expert, h, row_weight, row_assignment, w, (scale if quantized), then the output y (one
-    row per assignment, and a spare row the padding rows write to)."""
+                 skew_k, row_tiles, hidden, mlp):
+    """refs: layer, tile_expert, h, row_weight, row_assignment, w, (scale if quantized), (with `mlp`: its h and
+    down), then the outputs y (one row per assignment, and a spare row the padding rows write to) and the
+    MLP's."""
     layer_ref, tile_expert_ref, h_ref, row_weight_ref, row_assignment_ref, w_ref = refs[:6]
-    y_ref = refs[-1]
-    row_tile_index, col_tile = _tile_indices(column_tiles_first)
-    layer, expert = layer_ref[0], tile_expert_ref[row_tile_index]
+    layer = layer_ref[0]
     num_k = inter // block_k
-    skew = _k_skew(skew_k, num_k)
 
-    @pl.when(expert >= 0)
-    def _():
-        rows = pl.ds(row_tile_index * block_rows, block_rows)
-        cols = pl.ds(col_tile * block_n, block_n)
+    def experts_part(program: Array) -> None:
+        row_tile_index, col_tile = _tile_indices(program, row_tiles, hidden // block_n, column_tiles_first)
+        expert = tile_expert_ref[row_tile_index]
+        skew = _k_skew(skew_k, num_k, row_tile_index, col_tile)
+        y_ref = refs[-2 if mlp else -1]
+
+        @pl.when(expert >= 0)
+        def _():
+            rows = pl.ds(row_tile_index * block_rows, block_rows)
+            cols = pl.ds(col_tile * block_n, block_n)
+
+            def products(ks: Any) -> list[tuple[Array, Array]]:
+                hk = h_ref[rows, ks]
+                return [(hk, _weight_tile(w_ref, layer, expert, ks, col_tile, block_n, pretiled).astype(hk.dtype))]
+
+            (acc,) = _accumulate(products, 1, num_k, block_k, skew, (block_rows, block_n), swap_ab)
+            if quantized:
+                acc *= refs[6][layer, expert, cols][None, :]
+            y_ref[row_assignment_ref[rows], cols] = (acc * row_weight_ref[rows][:, None]).astype(y_ref.dtype)
+
+    def mlp_part(token_tile: Array, col_tile: Array) -> None:
+        h_mlp_ref, mlp_w_ref = refs[6 + quantized:8 + quantized]
+        y_mlp_ref = refs[-1]
+        rows = pl.ds(token_tile * mlp.block_rows, mlp.block_rows)  # the MLP's h has whole token tiles
+        cols = pl.ds(col_tile * mlp.block_n, mlp.block_n)
+        num_mlp_k = h_mlp_ref.shape[1] // mlp.block_k
 
         def products(ks: Any) -> list[tuple[Array, Array]]:
-            hk = h_ref[rows, ks]
-            return [(hk, _weight_tile(w_ref, layer, expert, ks, col_tile, block_n, pretiled).astype(hk.dtype))]
+            return [(h_mlp_ref[rows, ks], mlp_w_ref[layer, ks, cols])]
 
-        (acc,) = _accumulate(products, 1, num_k, block_k, skew, (block_rows, block_n), swap_ab)
-        if quantized:
-            acc *= refs[6][layer, expert, cols][None, :]
-        y_ref[row_assignment_ref[rows], cols] = (acc * row_weight_ref[rows][:, None]).astype(y_ref.dtype)
+        (acc,) = _accumulate(products, 1, num_mlp_k, mlp.block_k, None, (mlp.block_rows, mlp.block_n), False)
+        y_mlp_ref[rows, cols] = acc.astype(y_mlp_ref.dtype)
+
+    _run_parts(mlp, experts_part, mlp_part)
 
 
 def _down_call(
     h: Array, rows: ExpertRows, out_rows: int, layer: Array, down: Array, scale: Array | None, hidden: int,
-    block_rows: int, tiles: MoeTiles, pretiled: bool, interpret: bool,
-) -> Array:
+    block_rows: int, tiles: MoeTiles, pretiled: bool, mlp: MlpInputs | None, h_mlp: Array | None,
+    interpret: bool,
+) -> tuple[Array, Array | None]:
+    """y `[out_rows, hidden]` of the experts' assignments and, with `mlp`, the MLP's `[h_mlp rows, hidden]`."""
     padded_rows, inter = h.shape
     block_k = largest_power_of_two_divisor(inter, tiles.down_block_k)
     block_n = down.shape[-1] if pretiled else largest_power_of_two_divisor(hidden, tiles.down_block_n)
+    row_tiles = padded_rows // block_rows
+    part = None
+    if mlp is not None:
+        tokens = mlp.x.shape[0]
+        part = _mlp_part(tokens, largest_power_of_two_divisor(h_mlp.shape[1], tiles.down_block_k), hidden, tiles)
     kernel = functools.partial(
         _down_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, inter=inter,
         quantized=scale is not None, swap_ab=tiles.swap_ab, column_tiles_first=tiles.column_tiles_first,
-        pretiled=pretiled, skew_k=tiles.skew_k,
+        pretiled=pretiled, skew_k=tiles.skew_k, row_tiles=row_tiles, hidden=hidden, mlp=part,
     )
     inputs = (layer, rows.tile_expert, h, rows.row_weights, rows.row_assignment, down) + (
         (scale,) if scale is not None else ())
-    warps = tiles.num_warps or warps_for(block_rows * block_n)
-    return _row_tiled_call(kernel, inputs, (padded_rows, hidden), h.dtype, block_rows, block_n, warps, tiles,
-                           interpret, "moe_down", scatter_rows=out_rows)
+    outputs = [jax.ShapeDtypeStruct((out_rows, hidden), h.dtype)]
+    accumulators = block_rows * block_n
+    if part is not None:
+        inputs += (h_mlp, mlp.down)
+        outputs.append(jax.ShapeDtypeStruct((h_mlp.shape[0], hidden), h.dtype))
+        accumulators = max(accumulators, part.block_rows * part.block_n)
+    warps = tiles.num_warps or warps_for(accumulators)
+    out = _row_tiled_call(kernel, inputs, outputs, row_tiles * (hidden // block_n) + (part.programs if part else 0),
+                          warps, tiles, interpret, "moe_down")
+    return out[0], out[1] if part is not None else None
 
 
 def _row_tiled_call(
-    kernel: Any, inputs: tuple[Array, ...], out_shape: tuple[int, int], dtype: Any, block_rows: int, block_n: int,
-    num_warps: int, tiles: MoeTiles, interpret: bool, name: str, scatter_rows: int | None = None,
-) -> Array:
-    """Launch `kernel` over the (row tile, output column tile) blocks of `out_shape`, column tiles first or row
-    tiles first (`MoeTiles.column_tiles_first`): inputs whole (each program picks its expert's weights itself),
-    each program writing one `[block_rows, block_n]` block of the output, or with `scatter_rows` an output of
-    that many rows, whole, that the kernel writes its rows into itself."""
-    rows, cols = out_shape
-    if tiles.column_tiles_first:
-        grid, block_index = (cols // block_n, rows // block_rows), lambda j, i: (i, j)
-    else:
-        grid, block_index = (rows // block_rows, cols // block_n), lambda i, j: (i, j)
-    if scatter_rows is None:
-        out_spec = pl.BlockSpec((block_rows, block_n), block_index)
-    else:
-        out_shape, out_spec = (scatter_rows, cols), pl.no_block_spec
+    kernel: Any, inputs: tuple[Array, ...], outputs: list[jax.ShapeDtypeStruct], programs: int, num_warps: int,
+    tiles: MoeTiles, interpret: bool, name: str,
+) -> list[Array]:
+    """Launch `kernel` on a one-dimensional grid of `programs`: the MLP's (if any), then the experts' (row tile,
+    output column tile) blocks, column tiles first or row tiles first (`MoeTiles.column_tiles_first`, decoded
+    by `_tile_indices`). Inputs and outputs whole: each program picks its expert's weights and writes its
+    `[block_rows, block_n]` block (or scatters its rows) itself."""
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(out_shape, dtype),
-        grid=grid,
+        out_shape=outputs,
+        grid=(programs,),
         in_specs=[pl.no_block_spec] * len(inputs),
-        out_specs=out_spec,
+        out_specs=[pl.no_block_spec] * len(outputs),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name=name,
