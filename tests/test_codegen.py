@@ -15,8 +15,9 @@ from diffjax.kernels import codegen
 from diffjax.kernels.moe import MoeTiles, warps_for
 
 
-def moe_reports(rows: int, fp8: bool = False, pretiled: bool = False, **tiles) -> dict[str, codegen.KernelReport]:
-    fn, args, kwargs = codegen.moe_problem(rows, MoeTiles(**tiles), fp8=fp8, pretiled=pretiled)
+def moe_reports(rows: int, fp8: bool = False, pretiled: bool = False, mlp: bool = False, **tiles
+                ) -> dict[str, codegen.KernelReport]:
+    fn, args, kwargs = codegen.moe_problem(rows, MoeTiles(**tiles), fp8=fp8, pretiled=pretiled, mlp=mlp)
     return {r.name: r for r in codegen.kernel_reports(fn, *args, **kwargs)}
 
 
@@ -32,15 +33,15 @@ def test_report_reads_the_batch_1_expert_kernels():
     assert sorted(reports) == ["moe_down", "moe_gate_up"]
     gate_up = reports["moe_gate_up"]
     # 2048 assignments in 32-row tiles: at most 2048 + 128 * 31 padded rows = 188 row tiles; inter 704 = 11
-    # column tiles of 64, launched first.
-    assert gate_up.grid == (11, 188, 1)
+    # column tiles of 64, launched first (one grid axis, decoded by the kernel).
+    assert gate_up.grid == (11 * 188, 1, 1)
     assert (gate_up.num_warps, gate_up.num_stages) == (4, 3)
     # 32 rows are under the 64 a Hopper warpgroup MMA needs; the k-loop's loads are pipelined; no spills.
     assert gate_up.mma == "mma.sync" and gate_up.async_loads and not gate_up.spills and not gate_up.mma_pipelined
     assert 0 < gate_up.registers <= 255 and gate_up.shared_bytes > 0 and gate_up.programs_per_sm >= 1
     swapped = moe_reports(1, swap_ab=True, column_tiles_first=False)
     assert {r.mma for r in swapped.values()} == {"wgmma"}  # weight columns on the MMA's M side
-    assert swapped["moe_gate_up"].grid == (188, 11, 1)
+    assert swapped["moe_gate_up"].grid == (188 * 11, 1, 1)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -65,11 +66,30 @@ def test_pretiled_expert_kernels_compile_for_hopper_at_released_shapes(fp8):
         assert all(r.async_loads and not r.spills for r in reports.values()), reports
 
 
+@pytest.mark.parametrize("rows", [1, 8])
+def test_the_dense_mlp_costs_the_expert_launches_no_occupancy(rows):
+    """With the MLP's programs in them (default `mlp_tile`), each expert launch keeps the warps, shared memory,
+    programs per SM and spill-free code of the experts alone, and its grid gains the MLP's programs (256 x
+    rows tokens; inter 2112 and hidden 2816 in columns of 16 at batch 1, 64 at batch 8)."""
+    alone, together = moe_reports(rows), moe_reports(rows, mlp=True)
+    tokens, tile = 256 * rows, {1: (64, 16), 8: (128, 64)}[rows]
+    for name, columns in (("moe_gate_up", 2112), ("moe_down", 2816)):
+        mine, theirs = together[name], alone[name]
+        assert (mine.num_warps, mine.shared_bytes, mine.programs_per_sm) == (
+            theirs.num_warps, theirs.shared_bytes, theirs.programs_per_sm), (mine, theirs)
+        assert not mine.spills
+        assert mine.grid[0] - theirs.grid[0] == (tokens // tile[0]) * (columns // tile[1])
+    if rows == 1:  # why the batch-1 default is 16 wide: 64 x 64 MLP tiles take the launch's shared memory up
+        wide = moe_reports(1, mlp=True, mlp_block_rows=64, mlp_block_n=64)["moe_gate_up"]
+        assert wide.programs_per_sm < alone["moe_gate_up"].programs_per_sm
+
+
 def test_skewed_k_loops_stay_pipelined():
     reports = moe_reports(1, skew_k=True)
     assert all(r.async_loads and not r.spills and r.programs_per_sm >= 4 for r in reports.values()), reports
-    # The option costs nothing when off: no modulo in the default k-loops (it took 13-15 registers per thread).
-    for skew_k, modulos in ((False, 0), (True, 2)):
+    # The option costs nothing when off: no modulo in the default k-loops (it took 13-15 registers per thread);
+    # on, one for the start and one in the loop, beside the one that decodes the program's column tile.
+    for skew_k, modulos in ((False, 1), (True, 3)):
         fn, args, kwargs = codegen.moe_problem(1, MoeTiles(skew_k=skew_k))
         kernels = codegen.triton_kernels(jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",)))
         assert [k.ttir.count("arith.remsi") for k in kernels] == [modulos, modulos]

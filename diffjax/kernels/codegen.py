@@ -47,7 +47,8 @@ SM90_SHARED_BYTES = 228 * 1024
 SM90_RESERVED_SHARED_PER_PROGRAM = 1024
 SM90_WARPS = 64
 SM90_PROGRAMS = 32
-SECTIONS = ("moe", "moe_fp8", "moe_pretiled", "moe_fp8_pretiled", "vocab", "attention", "sliding", "routing")
+SECTIONS = ("moe", "moe_fp8", "moe_pretiled", "moe_fp8_pretiled", "moe_mlp", "vocab", "attention", "sliding",
+            "routing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,11 +233,12 @@ def _released() -> Any:
     return Config.diffusiongemma_26b_a4b()
 
 
-def moe_problem(rows: int, tiles: Any = None, fp8: bool = False, pretiled: bool = False
+def moe_problem(rows: int, tiles: Any = None, fp8: bool = False, pretiled: bool = False, mlp: bool = False
                 ) -> tuple[Callable[..., Any], tuple, dict]:
     """One decoder layer's experts for `rows` canvases, reading a released-size block stack in place, as the
-    model runs them; `pretiled`: the stacks laid out by `moe.pretile_experts`."""
-    from diffjax.kernels.moe import MoeTiles, experts_pallas, pretile_experts
+    model runs them; `pretiled`: the stacks laid out by `moe.pretile_experts`; `mlp`: with the layer's dense
+    MLP in the same launches (`Config.mlp_implementation="pallas"`)."""
+    from diffjax.kernels.moe import MlpInputs, MoeTiles, experts_pallas, pretile_experts
     from diffjax.quantize import FP8
 
     c = _released()
@@ -255,6 +257,10 @@ def moe_problem(rows: int, tiles: Any = None, fp8: bool = False, pretiled: bool 
     if fp8:
         scales = {"gate_up_scale": _spec((*stack, 2 * c.moe_intermediate_size), jnp.float32),
                   "down_scale": _spec((*stack, c.hidden_size), jnp.float32)}
+    if mlp:
+        scales["mlp"] = MlpInputs(_spec((tokens, c.hidden_size), jnp.bfloat16),
+                                  _spec((c.num_blocks, c.hidden_size, 2 * c.intermediate_size), jnp.bfloat16),
+                                  _spec((c.num_blocks, c.intermediate_size, c.hidden_size), jnp.bfloat16))
     return functools.partial(experts_pallas, tiles=tiles, pretiled=pretiled, interpret=False), args, scales
 
 
@@ -330,6 +336,7 @@ def _section(name: str) -> tuple[Callable[..., tuple], type, Sequence[dict]]:
         "moe_fp8": (functools.partial(moe_problem, fp8=True), MoeTiles, MOE_TILES),
         "moe_pretiled": (functools.partial(moe_problem, pretiled=True), MoeTiles, MOE_TILES),
         "moe_fp8_pretiled": (functools.partial(moe_problem, fp8=True, pretiled=True), MoeTiles, MOE_TILES),
+        "moe_mlp": (functools.partial(moe_problem, mlp=True), MoeTiles, MOE_TILES),
         "vocab": (vocab_problem, VocabTiles, VOCAB_TILES),
         "attention": (attention_problem, AttentionTiles, ATTENTION_TILES),
         "sliding": (sliding_problem, AttentionTiles, ATTENTION_TILES),

@@ -101,17 +101,19 @@ class MoeTiles:
     # channels). A sweep option testing that hypothesis; same maths, float32 sums in another order.
     skew_k: bool = False
     # The dense MLP's programs (`experts_pallas(..., mlp=...)`): token rows per program (lowered to the tokens'
-    # next power of two) and the column cap of both its products. Every row tile streams the MLP's weight
+    # next power of two) and the column cap of both its products. Every token tile streams the MLP's weight
     # columns once, from L2 for all but the first of the programs launched side by side (token tiles first).
-    mlp_block_rows: int = 64
-    mlp_block_n: int = 64
+    # None: `mlp_tile` of the experts' row tile, which keeps each launch's registers and shared memory those
+    # of the experts alone (a launch's programs all get the resources of its larger part).
+    mlp_block_rows: int | None = None
+    mlp_block_n: int | None = None
 
     def validate(self) -> None:
-        for name in ("gate_up_block_k", "gate_up_block_n", "down_block_k", "down_block_n", "mlp_block_rows",
-                     "mlp_block_n"):
+        for name in ("gate_up_block_k", "gate_up_block_n", "down_block_k", "down_block_n"):
             require_block(f"MoeTiles.{name}", getattr(self, name))
-        if self.block_rows is not None:
-            require_block("MoeTiles.block_rows", self.block_rows)
+        for name in ("block_rows", "mlp_block_rows", "mlp_block_n"):
+            if getattr(self, name) is not None:
+                require_block(f"MoeTiles.{name}", getattr(self, name))
         if self.num_warps not in (None, 1, 2, 4, 8, 16):
             raise ValueError(f"MoeTiles.num_warps must be None or a power of two <= 16, got {self.num_warps}")
 
@@ -502,18 +504,20 @@ def _tile_indices(program: Array, row_tiles: int, column_tiles: int, column_tile
                   ) -> tuple[Array, Array]:
     """(row tile, column tile) of the experts' `program` (counted from their first) under the launch order of
     `_row_tiled_call`."""
+    # Program ids are non-negative: lax's truncating div/rem are floor division and mod here, without the sign
+    # fix-ups (another remainder each) that jnp's // and % lower to.
     if column_tiles_first:
-        return program // column_tiles, program % column_tiles
-    return program % row_tiles, program // row_tiles
+        return jax.lax.div(program, column_tiles), jax.lax.rem(program, column_tiles)
+    return jax.lax.rem(program, row_tiles), jax.lax.div(program, row_tiles)
 
 
-def _k_skew(skew_k: bool, num_k: int, row_tile: Array, col_tile: Array) -> Array | None:
-    """The k-step this program starts at (`MoeTiles.skew_k`): 7 x its column tile + 3 x its row tile, mod
-    `num_k`, so neighbours in either launch order start apart. None without `skew_k`: the loop then carries no
+def _k_skew(skew_k: bool, num_k: int, program: Array) -> Array | None:
+    """The k-step this program starts at (`MoeTiles.skew_k`): 7 x its index among the experts' programs, mod
+    `num_k`, so neighbours in launch order start apart. None without `skew_k`: the loop then carries no
     modulo (it cost the batch-1 kernels 13-15 registers per thread and the down kernel a program per SM)."""
     if not skew_k:
         return None
-    return jax.lax.rem(col_tile * 7 + row_tile * 3, num_k)  # non-negative: rem is mod
+    return jax.lax.rem(program * 7, num_k)  # non-negative: rem is mod
 
 
 def _weight_tile(w_ref: Any, layer: Array, expert: Array, ks: Any, col_tile: Array, block_n: int, pretiled: bool
@@ -531,7 +535,8 @@ def _run_parts(mlp: _MlpPart | None, experts_part: Any, mlp_part: Any) -> None:
         experts_part(pl.program_id(0))
         return
     program = pl.program_id(0)
-    pl.when(program < mlp.programs)(lambda: mlp_part(program % mlp.token_tiles, program // mlp.token_tiles))
+    pl.when(program < mlp.programs)(lambda: mlp_part(jax.lax.rem(program, mlp.token_tiles),
+                                                     jax.lax.div(program, mlp.token_tiles)))
     pl.when(program >= mlp.programs)(lambda: experts_part(program - mlp.programs))
 
 
@@ -556,7 +561,7 @@ def _gate_up_kernel(*refs, block_rows, block_k, block_n, hidden, inter, quantize
     def experts_part(program: Array) -> None:
         row_tile_index, col_tile = _tile_indices(program, row_tiles, inter // block_n, column_tiles_first)
         expert = tile_expert_ref[row_tile_index]
-        skew = _k_skew(skew_k, num_k, row_tile_index, col_tile)
+        skew = _k_skew(skew_k, num_k, program)
         h_ref = refs[-2 if mlp else -1]
 
         @pl.when(expert >= 0)
@@ -605,7 +610,7 @@ def _gate_up_call(
     block_k = largest_power_of_two_divisor(hidden, tiles.gate_up_block_k)
     block_n = gate_up.shape[-1] if pretiled else largest_power_of_two_divisor(inter, tiles.gate_up_block_n)
     row_tiles = rows.padded_rows // block_rows
-    part = None if mlp is None else _mlp_part(tokens, block_k, mlp.gate_up.shape[-1] // 2, tiles)
+    part = None if mlp is None else _mlp_part(tokens, block_k, mlp.gate_up.shape[-1] // 2, block_rows, tiles)
     kernel = functools.partial(
         _gate_up_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, hidden=hidden, inter=inter,
         quantized=scale is not None, swap_ab=tiles.swap_ab, column_tiles_first=tiles.column_tiles_first,
@@ -625,10 +630,22 @@ def _gate_up_call(
     return out[0], out[1] if part is not None else None
 
 
-def _mlp_part(tokens: int, block_k: int, columns: int, tiles: MoeTiles) -> _MlpPart:
-    """The MLP's programs of a kernel whose products have `columns` output columns over `block_k` steps."""
-    block_rows = min(tiles.mlp_block_rows, max(MIN_BLOCK, pl.next_power_of_2(tokens)))
-    block_n = largest_power_of_two_divisor(columns, tiles.mlp_block_n)
+def mlp_tile(expert_rows: int) -> tuple[int, int]:
+    """The MLP's default (token rows, column cap) per program beside experts' row tiles of `expert_rows`: at
+    least 64 rows (Hopper's wgmma takes M >= 64 per warpgroup, and fewer token tiles re-read the weights
+    less), 16 columns where the experts' tiles are short. Compiled for sm_90a with the default tiles, each
+    launch then takes the registers and shared memory of the experts alone: at batch 1 (32-row expert tiles)
+    64 x 16 kept 40 KiB and 5 programs per SM, where 64 x 64 took 72 KiB and 3, and 32 x 64 spilled; at
+    batch 2 and 8, 64 x 64 and 128 x 64 match the experts' 64 and 128-row tiles."""
+    return max(64, expert_rows), 16 if expert_rows < 64 else 64
+
+
+def _mlp_part(tokens: int, block_k: int, columns: int, expert_rows: int, tiles: MoeTiles) -> _MlpPart:
+    """The MLP's programs of a kernel whose products have `columns` output columns over `block_k` steps, beside
+    experts' row tiles of `expert_rows`."""
+    default_rows, default_n = mlp_tile(expert_rows)
+    block_rows = min(tiles.mlp_block_rows or default_rows, max(MIN_BLOCK, pl.next_power_of_2(tokens)))
+    block_n = largest_power_of_two_divisor(columns, tiles.mlp_block_n or default_n)
     return _MlpPart(block_rows, block_k, block_n, pl.cdiv(tokens, block_rows), columns // block_n)
 
 
@@ -644,7 +661,7 @@ def _down_kernel(*refs, block_rows, block_k, block_n, inter, quantized, swap_ab,
     def experts_part(program: Array) -> None:
         row_tile_index, col_tile = _tile_indices(program, row_tiles, hidden // block_n, column_tiles_first)
         expert = tile_expert_ref[row_tile_index]
-        skew = _k_skew(skew_k, num_k, row_tile_index, col_tile)
+        skew = _k_skew(skew_k, num_k, program)
         y_ref = refs[-2 if mlp else -1]
 
         @pl.when(expert >= 0)
@@ -690,7 +707,8 @@ def _down_call(
     part = None
     if mlp is not None:
         tokens = mlp.x.shape[0]
-        part = _mlp_part(tokens, largest_power_of_two_divisor(h_mlp.shape[1], tiles.down_block_k), hidden, tiles)
+        part = _mlp_part(tokens, largest_power_of_two_divisor(h_mlp.shape[1], tiles.down_block_k), hidden,
+                         block_rows, tiles)
     kernel = functools.partial(
         _down_kernel, block_rows=block_rows, block_k=block_k, block_n=block_n, inter=inter,
         quantized=scale is not None, swap_ab=tiles.swap_ab, column_tiles_first=tiles.column_tiles_first,
