@@ -19,6 +19,9 @@ CPU tests cover the maths of every kernel in interpret mode and their CUDA lower
 5. The attention inputs kernel (`attention_inputs_pallas`: q/k/v norms and RoPE from the fused projection)
    at the released shapes of both layer types, and the feed-forward inputs kernel (`moe_inputs_pallas`) at the
    released hidden size on 8 canvases, bf16 and float32, against their twins.
+6. The dense MLP in the expert launches (`experts_pallas(..., mlp=...)`, `Config.mlp_implementation=
+   "pallas"`) at the released sizes, on 1 and 8 canvases, reading a block of the stacks in place: the MLP's
+   output against `mlp_reference`, the experts' against the kernels without the MLP (bit for bit).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import numpy as np
 
 from diffjax.config import AttentionConfig, Config
 from diffjax.kernels.attention import attention_inputs_pallas, global_attention_pallas
-from diffjax.kernels.moe import experts_pallas
+from diffjax.kernels.moe import MlpInputs, experts_pallas, mlp_reference
 from diffjax.kernels.moe_mgpu import experts_mgpu
 from diffjax.kernels.norms import moe_inputs_pallas
 from diffjax.layers import (
@@ -99,6 +102,34 @@ def check_expert_stacks(small: bool) -> None:
                           gate_up_scale=s_gate_up, down_scale=s_down)
             report(check=f"{name} fp8 stack, block in place", block=block, weights=int(q_gate_up.size),
                    relative_l2=relative_l2(ours, twin), finite=bool(jnp.isfinite(ours).all()))
+
+
+def check_mlp_in_expert_launches(small: bool) -> None:
+    cfg = Config.diffusiongemma_26b_a4b()
+    blocks, experts, hidden, inter, mlp_inter, k = 2, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, \
+        cfg.intermediate_size, cfg.top_k_experts
+    if small:
+        blocks, experts, hidden, inter, mlp_inter, k = 2, 8, 64, 32, 48, 2
+    keys = jax.random.split(jax.random.key(5), 7)
+    gate_up = 0.05 * jax.random.normal(keys[0], (blocks, experts, hidden, 2 * inter), jnp.bfloat16)
+    down = 0.05 * jax.random.normal(keys[1], (blocks, experts, inter, hidden), jnp.bfloat16)
+    mlp_gate_up = 0.05 * jax.random.normal(keys[2], (blocks, hidden, 2 * mlp_inter), jnp.bfloat16)
+    mlp_down = 0.05 * jax.random.normal(keys[3], (blocks, mlp_inter, hidden), jnp.bfloat16)
+    block = jnp.int32(blocks - 1)
+    for canvases in (1, 8):
+        tokens = canvases * (32 if small else cfg.canvas_length)
+        x = jax.random.normal(keys[4], (tokens, hidden), jnp.bfloat16)
+        mlp_x = jax.random.normal(keys[5], (tokens, hidden), jnp.bfloat16)
+        weights, ids = jax.lax.top_k(jax.nn.softmax(jax.random.normal(keys[6], (tokens, experts))), k)
+        ids = ids.astype(jnp.int32)
+        experts_out, mlp_out = experts_pallas(x, weights, ids, gate_up, down, block,
+                                              mlp=MlpInputs(mlp_x, mlp_gate_up, mlp_down))
+        alone = experts_pallas(x, weights, ids, gate_up, down, block)
+        twin = mlp_reference(mlp_x.astype(jnp.float32), mlp_gate_up[-1].astype(jnp.float32),
+                             mlp_down[-1].astype(jnp.float32))
+        report(check="dense MLP in the expert launches", canvases=canvases,
+               mlp_relative_l2=relative_l2(mlp_out, twin),
+               experts_equal=bool(jnp.array_equal(experts_out, alone)), finite=bool(jnp.isfinite(mlp_out).all()))
 
 
 def check_sliding_attention() -> None:
@@ -266,7 +297,8 @@ if __name__ == "__main__":
         sys.exit(0)
     small = "--small" in sys.argv[1:]
     # Newest kernels first: a device call's time limit may stop this script before the end.
-    checks = [functools.partial(check_routing, small), functools.partial(check_attention_inputs, small),
+    checks = [functools.partial(check_mlp_in_expert_launches, small), functools.partial(check_routing, small),
+              functools.partial(check_attention_inputs, small),
               check_load_time_layouts, functools.partial(check_expert_stacks, small)]
     if jax.default_backend() == "gpu":
         checks += [check_sliding_attention, check_wide_offsets]

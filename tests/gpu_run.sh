@@ -5,7 +5,8 @@
 # printed last. From the repository root:
 #
 #   bash tests/gpu_run.sh                        # the issue's targets; the device tool's `run` sets $OUT
-#   BUDGET=240 bash tests/gpu_run.sh sweeps      # a second call: tile sweeps of the router and attention kernels
+#   BUDGET=240 bash tests/gpu_run.sh sweeps      # a second call: tile sweeps of the router, attention and MLP
+#                                                #   kernels
 #   BUDGET=240 bash tests/gpu_run.sh ablations   # or: XLA compile options (CUDA graphs off, no Triton
 #                                                #   matmuls) against the defaults, batch 1, one process
 #
@@ -36,8 +37,8 @@ transformers.__version__)"; nvidia-smi --query-gpu=name,driver_version,memory.to
 if [ "${1:-targets}" = sweeps ]; then
   # Kernel level, released shapes, batch 1 and 8: the router (34 us a layer at batch 1, its defaults) and the
   # split-K attention (~110 TFLOP/s at batch 8, its defaults) under each candidate tile setting.
-  step "tile sweeps: routing, sliding and global attention"
-  timeout "$(limit 540)" python3 -m diffjax.kernels.bench --sweep --sections sliding routing attention \
+  step "tile sweeps: routing, sliding and global attention, the MLP in the expert launches"
+  timeout "$(limit 540)" python3 -m diffjax.kernels.bench --sweep --sections sliding routing attention mlp \
     --rows 1 8 --prompts 1024 --repeats 3 --out "$OUT/sweeps.json" > "$OUT/sweeps.log" 2>&1
   logs=sweeps
 elif [ "${1:-targets}" = ablations ]; then
@@ -55,19 +56,25 @@ else
 
   # The decoder step and the encoder canvas at batch 1 and 8 on one set of weights, every kernel, profiled
   # (the kernel table is in the log, the traces in profile.tgz when under the tool's 16 MB a file): the first
-  # and third targets.
-  kernels="--routing pallas --norms pallas"
-  step "batch 1 and 8: decoder step and encoder canvas, every kernel"
-  timeout "$(limit 280)" "${bench[@]}" --no-generate --batch 1 8 $kernels --repeats 3 --profile /tmp/profile \
+  # and third targets. The dense MLP in the expert launches (90 fewer launches a step) and in XLA, in one
+  # process: the first untimed so far, the second as stop 20 measured it.
+  kernels="--routing pallas --norms pallas --mlp pallas"
+  step "batch 1 and 8: decoder step and encoder canvas, every kernel, the MLP both ways"
+  timeout "$(limit 300)" "${bench[@]}" --no-generate --batch 1 8 $kernels xla --repeats 3 --profile /tmp/profile \
     --json "$OUT/steps.json" > "$OUT/steps.log" 2>&1
   logs=steps
   (cd /tmp/profile 2>/dev/null && tar czf /tmp/profile.tgz . && [ "$(stat -c %s /tmp/profile.tgz)" -lt 16000000 ] \
     && cp /tmp/profile.tgz "$OUT/") || echo "profile traces not brought back" >> "$OUT/progress.log"
-  # A measured point's JSON is wrapped over several log lines: any "decoder_ms" is one.
+  # A measured point is one log line of JSON with a "decoder_ms". Without one for the MLP kernel, the
+  # comparison with transformers runs the XLA MLP; without any, a fallback times the XLA twins.
+  if ! grep '"mlp": "pallas"' "$OUT/steps.log" | grep -q '"decoder_ms"'; then
+    kernels="--routing pallas --norms pallas --mlp xla"
+    echo "no step measured with the MLP kernel" >> "$OUT/progress.log"
+  fi
   if ! grep -q '"decoder_ms"' "$OUT/steps.log"; then
     # No point measured with the newest kernels: their XLA twins, so the call still times a step.
-    kernels="--routing xla --norms xla"
-    step "fallback: batch 1 with XLA routing and norms"
+    kernels="--routing xla --norms xla --mlp xla"
+    step "fallback: batch 1 with XLA routing, norms and MLP"
     timeout "$(limit 200)" "${bench[@]}" --no-generate --batch 1 $kernels --repeats 3 > "$OUT/fallback.log" 2>&1
     logs="$logs fallback"
   fi

@@ -628,6 +628,22 @@ def test_kernel_bench_runs_tiny_and_records_failures(tmp_path, monkeypatch):
         assert "interpret" in by_impl["ragged_dot_mgpu"]["error"]
 
 
+def test_kernel_bench_times_the_mlp_in_and_beside_the_expert_kernels(tmp_path):
+    """The `mlp` section: the MLP inside the expert launches against the expert kernels then the XLA MLP, on the
+    same bytes and FLOPs, and the XLA MLP alone (less of both); `--sweep` tries `MLP_TILES`."""
+    out = tmp_path / "mlp.json"
+    assert kernel_bench.main(["--tiny", "--rows", "1", "--repeats", "1", "--sections", "mlp", "--out", str(out)]) == 0
+    by_impl = {e["impl"]: e for e in json.loads(out.read_text())["entries"]}
+    together, apart, alone = by_impl["pallas_with_mlp"], by_impl["pallas_then_xla_mlp"], by_impl["xla_mlp"]
+    assert together["ms"] > 0 and apart["ms"] > 0 and alone["ms"] > 0
+    assert (together["bytes"], together["flops"]) == (apart["bytes"], apart["flops"])
+    assert alone["bytes"] < together["bytes"] and alone["flops"] == 2 * 16 * 3 * 64 * 48  # tiny: 16 tokens
+    assert kernel_bench.main(["--tiny", "--sweep", "--rows", "1", "--repeats", "1", "--sections", "mlp", "--out",
+                              str(out)]) == 0
+    tried = [e["tiles"] for e in json.loads(out.read_text())["entries"]]
+    assert len(tried) == 1 + len(kernel_bench.MLP_TILES) and tried[1]["mlp_block_n"] == 32
+
+
 def _xla_flops(fn, *args) -> float:
     cost = jax.jit(fn).lower(*args).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]

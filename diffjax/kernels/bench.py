@@ -23,11 +23,14 @@ For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--re
   full ring of 1023 slots plus the canvas: `attend` (ours, XLA) and the split-K kernel (`pallas`) against
   `jax.nn.dot_product_attention` with XLA (`sdpa_xla`) and cuDNN (`sdpa_cudnn`);
 * `routing`: one layer's router (projection onto the 128 experts and top-8) as `route_pallas` (`pallas`)
-  against its XLA twin `route` (`xla`).
+  against its XLA twin `route` (`xla`);
+* `mlp`: one layer's experts and its dense MLP (inter 2112) together: the MLP's programs inside the two
+  expert launches (`pallas_with_mlp`, `Config.mlp_implementation="pallas"`) against the expert kernels
+  followed by the MLP in XLA (`pallas_then_xla_mlp`, three more launches), and the XLA MLP alone (`xla_mlp`).
 
 `--sweep` instead times each Pallas kernel under the tile settings of `MOE_TILES` (`MGPU_MOE_TILES` for
-`pallas_mgpu`), `VOCAB_TILES`, `ATTENTION_TILES` and `ROUTE_TILES` beside its defaults, and lists the
-fastest per problem (`best_tiles` in the JSON).
+`pallas_mgpu`), `VOCAB_TILES`, `ATTENTION_TILES`, `ROUTE_TILES` and `MLP_TILES` beside its defaults, and
+lists the fastest per problem (`best_tiles` in the JSON).
 
 Each entry records ms, the bytes it must read at least (weights touched + inputs + outputs) and those bytes
 over the time (GB/s, to set against the device copy bandwidth also recorded), and the multiply-adds its
@@ -72,7 +75,7 @@ MGPU_MOE_IMPLS = {"pallas_mgpu": (False, False), "pallas_mgpu_fp8": (True, False
 # Kernels with tile settings (`--sweep`): the Triton ones and the Mosaic GPU ones.
 TILED_MOE_IMPLS = (*PALLAS_MOE_IMPLS, *MGPU_MOE_IMPLS)
 MOE_IMPLS = (*TILED_MOE_IMPLS, "ragged_dot", "ragged_dot_fusion", "ragged_dot_mgpu", "dense")
-SECTIONS = ("moe", "vocab", "attention", "sliding", "routing")
+SECTIONS = ("moe", "vocab", "attention", "sliding", "routing", "mlp")
 # `--sweep`: tile settings tried beside each kernel's defaults (keyword arguments of its *Tiles class).
 MOE_TILES = (
     # The launch order and warps before `column_tiles_first` and `warps_for`.
@@ -139,6 +142,14 @@ ROUTE_TILES = (
     {"project": False}, {"project": False, "block_tokens": 16},
 )
 
+MLP_TILES = (
+    # The MLP's token rows x columns per program (default `moe.mlp_tile`): fewer, wider programs re-read the
+    # weights from L2 less often (at batch 1, 64 x 64 costs the launch 2 of 5 programs per SM).
+    {"mlp_block_rows": 64, "mlp_block_n": 32}, {"mlp_block_rows": 128, "mlp_block_n": 16},
+    {"mlp_block_rows": 64, "mlp_block_n": 64}, {"mlp_block_rows": 32, "mlp_block_n": 32},
+    {"mlp_block_rows": 128, "mlp_block_n": 128},
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
@@ -148,6 +159,7 @@ class Shapes:
     experts: int
     top_k: int
     moe_inter: int
+    mlp_inter: int
     vocab: int
     canvas: int
     heads: int
@@ -163,14 +175,14 @@ class Shapes:
         c = Config.diffusiongemma_26b_a4b()
         return cls(
             hidden=c.hidden_size, experts=c.num_experts, top_k=c.top_k_experts, moe_inter=c.moe_intermediate_size,
-            vocab=c.vocab_size, canvas=c.canvas_length, heads=c.num_heads, kv_heads=c.full.num_kv_heads,
+            mlp_inter=c.intermediate_size, vocab=c.vocab_size, canvas=c.canvas_length, heads=c.num_heads, kv_heads=c.full.num_kv_heads,
             head_dim=c.full.head_dim, softcap=c.final_logit_softcapping, sliding_kv_heads=c.sliding.num_kv_heads,
             sliding_head_dim=c.sliding.head_dim, sliding_window=c.sliding_window,
         )
 
     @classmethod
     def tiny(cls) -> Shapes:
-        return cls(hidden=64, experts=8, top_k=2, moe_inter=32, vocab=512, canvas=16, heads=4, kv_heads=2,
+        return cls(hidden=64, experts=8, top_k=2, moe_inter=32, mlp_inter=48, vocab=512, canvas=16, heads=4, kv_heads=2,
                    head_dim=32, softcap=30.0, sliding_kv_heads=2, sliding_head_dim=16, sliding_window=24)
 
 
@@ -522,6 +534,43 @@ def bench_routing(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> li
     return out
 
 
+def bench_mlp(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One layer's experts and dense MLP: the MLP in the expert kernels' launches (under each of `MLP_TILES`
+    with `sweep`) against the expert kernels then the MLP in XLA, and the XLA MLP alone."""
+    from diffjax.kernels.moe import MlpInputs, MoeTiles, experts_pallas, mlp_reference
+
+    def together(tiles: MoeTiles) -> Callable[..., Any]:
+        def run(x, weights, ids, gate_up, down, mlp_x, mlp_gate_up, mlp_down):
+            return experts_pallas(x, weights, ids, gate_up, down, mlp=MlpInputs(mlp_x, mlp_gate_up, mlp_down),
+                                  tiles=tiles, interpret=s.tiny)
+        return run
+
+    def apart(x, weights, ids, gate_up, down, mlp_x, mlp_gate_up, mlp_down):
+        return (experts_pallas(x, weights, ids, gate_up, down, interpret=s.tiny),
+                mlp_reference(mlp_x, mlp_gate_up, mlp_down))
+
+    functions = _pallas_variants(together, MoeTiles, MLP_TILES, s.sweep, name="pallas_with_mlp")
+    if not s.sweep:
+        functions["pallas_then_xla_mlp"] = (jax.jit(apart), {})
+    keys = jax.random.split(jax.random.key(s.seed + 4), 3)
+    mlp_weights = (0.02 * jax.random.normal(keys[1], (shapes.hidden, 2 * shapes.mlp_inter), jnp.bfloat16),
+                   0.02 * jax.random.normal(keys[2], (shapes.mlp_inter, shapes.hidden), jnp.bfloat16))
+    out = []
+    for rows in s.rows:
+        tokens = rows * shapes.canvas
+        experts = moe_inputs(shapes, tokens, s.seed)
+        mlp_x = jax.random.normal(keys[0], (tokens, shapes.hidden), jnp.bfloat16)
+        mlp_bytes = _nbytes(*mlp_weights) + 2 * _nbytes(mlp_x)
+        mlp_flops = 2 * tokens * 3 * shapes.hidden * shapes.mlp_inter
+        out += _time_all("mlp", rows, (*experts, mlp_x, *mlp_weights), moe_bytes(*experts) + mlp_bytes,
+                         moe_flops(shapes, tokens) + mlp_flops, functions, s, log)
+        if not s.sweep:
+            out += _time_all("mlp", rows, (mlp_x, *mlp_weights), mlp_bytes, mlp_flops,
+                             {"xla_mlp": (jax.jit(mlp_reference), {})}, s, log)
+        del experts
+    return out
+
+
 # ------------------------------------------------------------------------------------------- driver
 
 
@@ -549,6 +598,7 @@ def run(s: Settings, log: Callable[[str], None] = lambda _: None, child: bool = 
     sections: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "vocab": lambda: bench_vocab(s, shapes, log), "attention": lambda: bench_attention(s, shapes, log),
         "sliding": lambda: bench_sliding(s, shapes, log), "routing": lambda: bench_routing(s, shapes, log),
+        "mlp": lambda: bench_mlp(s, shapes, log),
     }
     for name in s.sections:  # in the order asked: a run cut short by a time limit has the first ones
         if name in sections:

@@ -326,7 +326,7 @@ def routing_problem(rows: int, tiles: Any = None) -> tuple[Callable[..., Any], t
 
 def _section(name: str) -> tuple[Callable[..., tuple], type, Sequence[dict]]:
     from diffjax.kernels.attention import AttentionTiles
-    from diffjax.kernels.bench import ATTENTION_TILES, MOE_TILES, ROUTE_TILES, VOCAB_TILES
+    from diffjax.kernels.bench import ATTENTION_TILES, MLP_TILES, MOE_TILES, ROUTE_TILES, VOCAB_TILES
     from diffjax.kernels.moe import MoeTiles
     from diffjax.kernels.routing import RouteTiles
     from diffjax.kernels.vocab import VocabTiles
@@ -336,7 +336,7 @@ def _section(name: str) -> tuple[Callable[..., tuple], type, Sequence[dict]]:
         "moe_fp8": (functools.partial(moe_problem, fp8=True), MoeTiles, MOE_TILES),
         "moe_pretiled": (functools.partial(moe_problem, pretiled=True), MoeTiles, MOE_TILES),
         "moe_fp8_pretiled": (functools.partial(moe_problem, fp8=True, pretiled=True), MoeTiles, MOE_TILES),
-        "moe_mlp": (functools.partial(moe_problem, mlp=True), MoeTiles, MOE_TILES),
+        "moe_mlp": (functools.partial(moe_problem, mlp=True), MoeTiles, MLP_TILES),
         "vocab": (vocab_problem, VocabTiles, VOCAB_TILES),
         "attention": (attention_problem, AttentionTiles, ATTENTION_TILES),
         "sliding": (sliding_problem, AttentionTiles, ATTENTION_TILES),
