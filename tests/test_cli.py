@@ -382,7 +382,7 @@ def test_full_size_profiles_a_decoder_step_per_point(tmp_path, capsys):
     assert "error" not in point, point
     kernels = point["decoder_kernels"]["kernels"]
     assert 0 < len(kernels) <= bench.PROFILED_KERNELS and kernels[0]["total_us"] > 0
-    trace = "decoder_prompt8_batch1_grouped_xla_unroll1_separate_stacked_routing_xla_norms_xla"
+    trace = "decoder_prompt8_batch1_grouped_xla_unroll1_separate_stacked_routing_xla_norms_xla_mlp_xla"
     assert list(tmp_path.glob(f"{trace}/**/*.xplane.pb"))
     assert any("decoder step kernels" in line and kernels[0]["name"][:40] in line for line in logged)
     parts = point["decoder_kernels"]["parts"]
