@@ -142,7 +142,9 @@ class Config:
     routing_implementation: Literal["xla", "pallas"] = "xla"
     # How each layer makes its feed-forward inputs after attention (the residual add with its norm, then the
     # residual normed for the dense MLP, the experts and the router: `layers.moe_inputs`). "xla": five GPU
-    # launches per layer. "pallas": one, `diffjax.kernels.norms.moe_inputs_pallas`.
+    # launches per layer. "pallas": one, `diffjax.kernels.norms.moe_inputs_pallas`; and with
+    # `mlp_implementation="pallas"` also the layer's output in one (`feedforward_outputs_pallas`: the experts'
+    # rows summed, the three post-feed-forward norms, the residual add and the layer scalar), where XLA made two.
     norm_implementation: Literal["xla", "pallas"] = "xla"
     # How each layer runs its dense MLP (beside the experts). "xla": `layers.MLP`, three GPU launches per layer
     # (two matmuls and the activation). "pallas": programs of their own in the two launches of the Pallas

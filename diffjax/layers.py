@@ -257,6 +257,15 @@ def moe_inputs(attention_out: Array, residual: Array, post_attention_scale: Arra
             rms_norm(new_residual, None, eps))
 
 
+def feedforward_outputs(residual: Array, dense: Array, experts: Array, dense_scale: Array, experts_scale: Array,
+                        output_scale: Array, layer_scalar: Array, eps: float) -> Array:
+    """A layer's output from its feed-forward parts `[..., hidden]`: the dense MLP's and the experts' outputs
+    each normed with its scale, their sum normed with `output_scale` and added to the residual, all times the
+    layer scalar `[1]`."""
+    mixed = rms_norm(dense, dense_scale, eps) + rms_norm(experts, experts_scale, eps)
+    return (residual + rms_norm(mixed, output_scale, eps)) * layer_scalar.astype(residual.dtype)
+
+
 class MLP(nn.Module):
     """Gated GELU-tanh MLP: `down(gelu(gate(x)) * up(x))`; `fused`: gate and up are one `gate_up_proj` kernel
     `[in, 2 * intermediate]` (gate first), `Config.projection_layout="fused"`."""
@@ -330,17 +339,33 @@ def experts_grouped(
     run through two grouped matmuls (`ragged_dot(rows, weights, group_sizes)`, by default
     `jax.lax.ragged_dot`), then scattered back weighted.
     """
+    ys, order = _grouped_assignments(x, weights, expert_ids, gate_up, down, ragged_dot)
+    return jnp.zeros_like(x).at[order // expert_ids.shape[1]].add(ys)
+
+
+def experts_grouped_rows(
+    x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array,
+    ragged_dot: Callable[[Array, Array, Array], Array] = jax.lax.ragged_dot,
+) -> Array:
+    """`experts_grouped` before each token's sum: the weighted output of each assignment `token * k + j`,
+    `[tokens * k, hidden]`."""
+    ys, order = _grouped_assignments(x, weights, expert_ids, gate_up, down, ragged_dot)
+    return jnp.zeros((order.shape[0], x.shape[1]), x.dtype).at[order].set(ys)
+
+
+def _grouped_assignments(x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array,
+                         ragged_dot: Callable[[Array, Array, Array], Array]) -> tuple[Array, Array]:
+    """The assignments' weighted outputs in expert order `[tokens * k, hidden]`, and that order (assignment
+    indices)."""
     top_k = expert_ids.shape[1]
     num_experts = gate_up.shape[0]
     flat_experts = expert_ids.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
-    token_of = order // top_k
     group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
-    xs = x[token_of]
+    xs = x[order // top_k]
     gate, up = jnp.split(ragged_dot(xs, gate_up.astype(x.dtype), group_sizes), 2, axis=-1)
     ys = ragged_dot(gelu_tanh(gate) * up, down.astype(x.dtype), group_sizes)
-    ys = ys * weights.reshape(-1)[order][:, None].astype(ys.dtype)
-    return jnp.zeros_like(x).at[token_of].add(ys)
+    return ys * weights.reshape(-1)[order][:, None].astype(ys.dtype), order
 
 
 def experts_dense(
@@ -363,13 +388,14 @@ class Experts(nn.Module):
     def __call__(
         self, x: Array, weights: Array, expert_ids: Array,
         stacked: tuple[Mapping[str, Array], Array] | None = None,
-        mlp: tuple[Array, Array, Array] | None = None,
+        mlp: tuple[Array, Array, Array] | None = None, sum_rows: bool = True,
     ) -> Array | tuple[Array, Array]:
         """`stacked` (the kernels of `STACK_READING_MOE_IMPLEMENTATIONS` only): this layer position's expert
         leaves as `[blocks, ...]` stacks by name, and the block index; the kernel reads them in place instead of
         this module's (sliced) params. `mlp` (`Config.mlp_implementation="pallas"`): the layer's dense MLP, its
         input and fused weights (`[blocks, ...]` stacks with `stacked`), run by the expert kernels; returns
-        (experts, mlp) then."""
+        (experts, mlp) then. `sum_rows=False` (the Pallas kernel): the experts' rows unsummed
+        (`experts_pallas`)."""
         cfg = self.config
         # fp8: flax's own init (tracing the model for `param_shapes`) must see e4m3 weights too.
         init = _init if cfg.expert_quantization == "none" else _init_fp8
@@ -405,7 +431,8 @@ class Experts(nn.Module):
 
                 kernel = functools.partial(experts_pallas, routing=cfg.routing_implementation)
             stacks, layer = stacked if stacked is not None else (leaves, None)
-            extra = {} if mlp is None else {"mlp": mlp}  # (Config allows it with "pallas" only)
+            # (Config allows the MLP and unsummed rows with "pallas" only)
+            extra = ({} if mlp is None else {"mlp": mlp}) | ({} if sum_rows else {"sum_rows": False})
             return kernel(x, weights, expert_ids, stacks["gate_up_proj"], stacks["down_proj"], layer,
                           gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"),
                           pretiled=pretiled, **extra)

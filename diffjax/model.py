@@ -21,7 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.config import FULL, SLIDING, STACK_READING_MOE_IMPLEMENTATIONS, Config
-from diffjax.layers import MLP, Attention, Experts, RMSNorm, Router, Weight, moe_inputs, rms_norm
+from diffjax.layers import (
+    MLP,
+    Attention,
+    Experts,
+    RMSNorm,
+    Router,
+    Weight,
+    feedforward_outputs,
+    moe_inputs,
+    rms_norm,
+)
 from diffjax.quantize import FP8, SCALE_LEAVES, storage_dtype
 from diffjax.validation import padding_mask, require_int, token_ids
 
@@ -169,24 +179,32 @@ class Layer(nn.Module):
         weights, expert_ids = Router(cfg, name="router")(router_in.reshape(-1, cfg.hidden_size))
         experts = Experts(cfg, name="experts")
         tokens = (-1, cfg.hidden_size)
+        # The encoder and the decoder carry separate scalars (the encoder's is a buffer, not tied).
+        encoder_scalar = self.param("encoder_layer_scalar", nn.initializers.ones, (1,))
+        decoder_scalar = self.param("decoder_layer_scalar", nn.initializers.ones, (1,))
+        scalar = encoder_scalar if self.mode == ENCODE else decoder_scalar
+        output_scales = [Weight("scale", (cfg.hidden_size,), name=name)() for name in (
+            "post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "post_feedforward_layernorm")]
         if cfg.mlp_implementation == "pallas" and not self.is_initializing():
             # The MLP's weights go to the expert kernels as they lie: a scan's block slice would be a copy.
             weights_of_mlp = self.variables["params"]["mlp"] if stacked_experts is None else stacked_experts[0]["mlp"]
             mlp_inputs = (dense_in.reshape(tokens), weights_of_mlp["gate_up_proj"]["kernel"],
                           weights_of_mlp["down_proj"]["kernel"])
+            if cfg.norm_implementation == "pallas":  # the experts' rows summed by the outputs kernel itself
+                from diffjax.kernels.norms import feedforward_outputs_pallas
+
+                rows, dense = experts(experts_in.reshape(tokens), weights, expert_ids, stacked_experts, mlp_inputs,
+                                      sum_rows=False)
+                x = feedforward_outputs_pallas(residual, dense.reshape(residual.shape), rows, cfg.top_k_experts,
+                                               *output_scales, scalar, cfg.rms_norm_eps)
+                return x, new_kv
             moe, dense = experts(experts_in.reshape(tokens), weights, expert_ids, stacked_experts, mlp_inputs)
         else:
             dense = mlp(dense_in)
             moe = experts(experts_in.reshape(tokens), weights, expert_ids, stacked_experts)
-        dense = norm(name="post_feedforward_layernorm_1")(dense.reshape(residual.shape))
-        moe = norm(name="post_feedforward_layernorm_2")(moe.reshape(residual.shape))
-        x = residual + norm(name="post_feedforward_layernorm")(dense + moe)
-
-        # The encoder and the decoder carry separate scalars (the encoder's is a buffer, not tied).
-        encoder_scalar = self.param("encoder_layer_scalar", nn.initializers.ones, (1,))
-        decoder_scalar = self.param("decoder_layer_scalar", nn.initializers.ones, (1,))
-        scalar = encoder_scalar if self.mode == ENCODE else decoder_scalar
-        return x * scalar.astype(x.dtype), new_kv
+        x = feedforward_outputs(residual, dense.reshape(residual.shape), moe.reshape(residual.shape), *output_scales,
+                                scalar, cfg.rms_norm_eps)
+        return x, new_kv
 
 
 class Block(nn.Module):

@@ -1,5 +1,6 @@
-"""The feed-forward inputs kernel (`diffjax.kernels.norms`) against its twin `diffjax.layers.moe_inputs`:
-interpreted on random inputs, differentiated, refused on bad shapes, selected by the config, lowered for CUDA."""
+"""The feed-forward inputs and outputs kernels (`diffjax.kernels.norms`) against their twins
+`diffjax.layers.moe_inputs` and `feedforward_outputs`: interpreted on random inputs, differentiated, refused on
+bad shapes, selected by the config, lowered for CUDA."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 from test_kernels import _close, lower_for_cuda
 
 from diffjax.config import Config
-from diffjax.kernels.norms import moe_inputs_pallas
-from diffjax.layers import moe_inputs
+from diffjax.kernels.moe import MlpInputs, experts_pallas
+from diffjax.kernels.norms import feedforward_outputs_pallas, moe_inputs_pallas
+from diffjax.layers import experts_grouped_rows, feedforward_outputs, moe_inputs
+from diffjax.layout import relayout
 from diffjax.model import denoise_logits, encode, init_params
 
 
@@ -91,3 +94,128 @@ def test_moe_inputs_kernel_lowers_for_cuda_at_released_shapes():
     text = lower_for_cuda(lambda *a: moe_inputs_pallas(*a, cfg.rms_norm_eps, interpret=False),
                           activations, activations, scale, scale, scale)
     assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def outputs_case(tokens, hidden, top_k, dtype, seed):
+    """A residual, a dense output, the experts' rows (and a scratch row past them, never read), three scales
+    around 1 and a layer scalar."""
+    keys = jax.random.split(jax.random.key(seed), 6)
+    residual = 2 * jax.random.normal(keys[0], (tokens, hidden))
+    dense = 3 * jax.random.normal(keys[1], (tokens, hidden))
+    rows = jax.random.normal(keys[2], (tokens * top_k + 1, hidden)).at[-1].set(jnp.nan)
+    scales = [1 + 0.3 * jax.random.normal(k, (hidden,)) for k in keys[3:]]
+    return [a.astype(dtype) for a in (residual, dense, rows, *scales, jnp.array([0.7]))]
+
+
+def summed_outputs(residual, dense, rows, top_k, *rest):
+    """The twin of the kernel, written out: the rows summed in float32 per token, then `feedforward_outputs`."""
+    tokens, hidden = residual.shape
+    experts = jnp.sum(rows[:tokens * top_k].reshape(tokens, top_k, hidden).astype(jnp.float32), axis=1)
+    return feedforward_outputs(residual, dense, experts.astype(residual.dtype), *rest, 1e-6)
+
+
+@pytest.mark.parametrize(("tokens", "hidden", "top_k", "dtype"), [
+    (37, 48, 3, jnp.float32),  # hidden in three 16-column chunks; a partial token block
+    (6, 256, 1, jnp.float32),
+    (9, 2816, 8, jnp.bfloat16),  # the released hidden size (11 chunks of 256) and top-8
+])
+def test_feedforward_outputs_kernel_matches_its_twin(tokens, hidden, top_k, dtype):
+    residual, dense, rows, *rest = outputs_case(tokens, hidden, top_k, dtype, seed=hidden)
+    ours = feedforward_outputs_pallas(residual, dense, rows, top_k, *rest, 1e-6, interpret=True)
+    assert ours.shape == residual.shape and ours.dtype == dtype
+    assert bool(jnp.isfinite(ours).all())  # the scratch row (NaN) is never read
+    _close(ours, summed_outputs(residual, dense, rows, top_k, *rest), dtype)
+    # Batched activations `[batch, n, hidden]` as the layers hold them.
+    batched = feedforward_outputs_pallas(residual[None], dense[None], rows, top_k, *rest, 1e-6, interpret=True)
+    np.testing.assert_array_equal(np.asarray(batched[0], np.float32), np.asarray(ours, np.float32))
+
+
+def test_feedforward_outputs_kernel_differentiates_through_its_twin():
+    residual, dense, rows, *rest = outputs_case(10, 32, 2, jnp.float32, seed=4)
+    rows = rows.at[-1].set(0.0)
+    probe = jax.random.normal(jax.random.key(9), residual.shape)
+
+    def loss(make, *args):
+        return jnp.sum(probe * make(*args))
+
+    def kernel(residual, dense, rows, *rest):
+        return feedforward_outputs_pallas(residual, dense, rows, 2, *rest, 1e-6, interpret=True)
+
+    ours = jax.grad(functools.partial(loss, kernel), argnums=tuple(range(7)))(residual, dense, rows, *rest)
+    twin = jax.grad(functools.partial(loss, lambda r, d, x, *o: summed_outputs(r, d, x, 2, *o)),
+                    argnums=tuple(range(7)))(residual, dense, rows, *rest)
+    for got, want in zip(ours, twin, strict=True):
+        _close(got, want, jnp.float32, scale=5)
+    assert float(jnp.abs(ours[2][-1]).max()) == 0  # the scratch row has no gradient
+
+
+def test_feedforward_outputs_kernel_rejects_bad_inputs():
+    residual, dense, rows, *rest = outputs_case(4, 32, 2, jnp.float32, seed=0)
+    with pytest.raises(ValueError, match="must share the residual's shape and dtype"):
+        feedforward_outputs_pallas(residual, dense[:3], rows, 2, *rest, 1e-6)
+    with pytest.raises(ValueError, match=r"expert_rows must be \[>= tokens \* top_k = 12"):
+        feedforward_outputs_pallas(residual, dense, rows, 3, *rest, 1e-6)
+    with pytest.raises(ValueError, match=r"output_scale must be \[hidden=32\]"):
+        feedforward_outputs_pallas(residual, dense, rows, 2, *rest[:2], rest[2][:8], rest[3], 1e-6)
+    with pytest.raises(ValueError, match=r"layer_scalar must be \[1\]"):
+        feedforward_outputs_pallas(residual, dense, rows, 2, *rest[:3], rest[3][0], 1e-6)
+    residual, dense, rows, *rest = outputs_case(4, 40, 2, jnp.float32, seed=0)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        feedforward_outputs_pallas(residual, dense, rows, 2, *rest, 1e-6)
+
+
+def test_expert_kernels_hand_over_their_rows_unsummed():
+    """`experts_pallas(..., sum_rows=False)`: each assignment's weighted row where the down kernel writes it,
+    as `experts_grouped_rows`, plus a scratch row; differentiable through that twin (the scratch row's
+    cotangent goes nowhere)."""
+    keys = jax.random.split(jax.random.key(3), 5)
+    x = jax.random.normal(keys[0], (20, 32))
+    weights, ids = jax.lax.top_k(jax.nn.softmax(jax.random.normal(keys[1], (20, 4))), 2)
+    gate_up, down = (0.3 * jax.random.normal(k, shape) for k, shape in ((keys[2], (4, 32, 32)), (keys[3], (4, 16, 32))))
+    rows = experts_pallas(x, weights, ids.astype(jnp.int32), gate_up, down, sum_rows=False, interpret=True)
+    assert rows.shape == (41, 32)
+    _close(rows[:40], experts_grouped_rows(x, weights, ids, gate_up, down), jnp.float32)
+    probe = jax.random.normal(keys[4], rows.shape)
+    grad = jax.grad(lambda x: jnp.sum(probe * experts_pallas(x, weights, ids.astype(jnp.int32), gate_up, down,
+                                                             sum_rows=False, interpret=True)))(x)
+    want = jax.grad(lambda x: jnp.sum(probe[:40] * experts_grouped_rows(x, weights, ids, gate_up, down)))(x)
+    _close(grad, want, jnp.float32, scale=5)
+
+
+@pytest.mark.parametrize("blocks", ["stacked", "unstacked"])
+def test_layers_select_the_outputs_kernel_with_the_mlp_in_the_expert_launches(blocks):
+    """`norm_implementation="pallas"` with `mlp_implementation="pallas"`: the experts' rows go unsummed to the
+    outputs kernel; same logits as the XLA norms, MLP and sum."""
+    config = Config.tiny(num_layers=2, layer_types=("sliding_attention", "full_attention"))
+    config, params = relayout(config, init_params(config, jax.random.key(1)), "fused", blocks)
+    config = config.replace(moe_implementation="pallas")
+    prompt = jax.random.randint(jax.random.key(2), (2, 12), 3, config.vocab_size)
+    canvas = jax.random.randint(jax.random.key(3), (2, config.canvas_length), 3, config.vocab_size)
+    logits = {}
+    for impl in ("xla", "pallas"):
+        variant = config.replace(norm_implementation=impl, mlp_implementation=impl)
+        logits[impl] = denoise_logits(params, variant, encode(params, variant, prompt), canvas)
+    _close(logits["pallas"], logits["xla"], jnp.float32, scale=5)
+
+
+def test_feedforward_outputs_kernel_lowers_for_cuda_at_released_shapes():
+    """At the released sizes, behind the expert kernels as the decoder runs them: three Triton kernels, and the
+    experts' rows reach the outputs kernel whole (no slice of them, which a custom call would copy)."""
+    cfg = Config.diffusiongemma_26b_a4b()
+    tokens, k, hidden = cfg.canvas_length, cfg.top_k_experts, cfg.hidden_size
+    spec = jax.ShapeDtypeStruct
+
+    def layer_end(x, weights, ids, gate_up, down, mlp_gate_up, mlp_down, residual, scale, scalar):
+        rows, dense = experts_pallas(x, weights, ids, gate_up, down, mlp=MlpInputs(x, mlp_gate_up, mlp_down),
+                                     sum_rows=False, interpret=False)
+        return feedforward_outputs_pallas(residual, dense, rows, k, scale, scale, scale, scalar, cfg.rms_norm_eps,
+                                          interpret=False)
+
+    text = lower_for_cuda(
+        layer_end, spec((tokens, hidden), jnp.bfloat16), spec((tokens, k), jnp.float32), spec((tokens, k), jnp.int32),
+        spec((cfg.num_experts, hidden, 2 * cfg.moe_intermediate_size), jnp.bfloat16),
+        spec((cfg.num_experts, cfg.moe_intermediate_size, hidden), jnp.bfloat16),
+        spec((hidden, 2 * cfg.intermediate_size), jnp.bfloat16), spec((cfg.intermediate_size, hidden), jnp.bfloat16),
+        spec((tokens, hidden), jnp.bfloat16), spec((hidden,), jnp.bfloat16), spec((1,), jnp.bfloat16))
+    assert text.count("__gpu$xla.gpu.triton") == 3
+    assert f"tensor<{tokens * k}x{hidden}xbf16>" not in text  # the rows without their scratch row: a slice

@@ -184,19 +184,20 @@ def test_norms_kernel_matches_the_reference(pair):
                                    "norms kernel", 29)
 
 
-@pytest.mark.parametrize("blocks", ["stacked", "unstacked"])
-def test_mlp_in_the_expert_kernels_matches_the_reference(pair, blocks):
+@pytest.mark.parametrize(("blocks", "norms"), [("stacked", "xla"), ("unstacked", "xla"), ("stacked", "pallas")])
+def test_mlp_in_the_expert_kernels_matches_the_reference(pair, blocks, norms):
     """`Config.mlp_implementation="pallas"`: each layer's dense MLP run by the Pallas expert kernels (interpreted
     here), reading its fused weights from the block stacks in place or from each block's own tree, in the
-    encoder and a self-conditioned decoder pass, against transformers."""
+    encoder and a self-conditioned decoder pass, against transformers; with the norms kernels, the experts'
+    rows summed by the outputs kernel."""
     from diffjax.layout import relayout
 
     config, model, params = pair
     if config.moe_intermediate_size % 16:
         pytest.skip(f"the expert kernels take widths that are multiples of 16, not {config.moe_intermediate_size}")
     laid_config, laid_out = relayout(config, params, "fused", blocks)
-    variant = laid_config.replace(moe_implementation="pallas", mlp_implementation="pallas")
-    _variant_matches_the_reference(model, config, laid_out, variant, f"MLP kernel, {blocks}", 31,
+    variant = laid_config.replace(moe_implementation="pallas", mlp_implementation="pallas", norm_implementation=norms)
+    _variant_matches_the_reference(model, config, laid_out, variant, f"MLP kernel, {blocks}, {norms} norms", 31,
                                    self_conditioned=True)
 
 

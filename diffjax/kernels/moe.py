@@ -49,7 +49,7 @@ from diffjax.kernels import (
     with_twin_backward,
 )
 from diffjax.kernels.routing import ExpertRows, expert_rows_pallas, expert_rows_reference
-from diffjax.layers import experts_grouped, gelu_tanh
+from diffjax.layers import experts_grouped, experts_grouped_rows, gelu_tanh
 from diffjax.quantize import FP8, dequantize
 
 Array = jax.Array
@@ -127,11 +127,12 @@ def warps_for(accumulator_elements: int) -> int:
     return 4 if accumulator_elements <= ACCUMULATORS_PER_THREAD * 4 * 32 else 8
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "pretiled", "routing", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tiles", "pretiled", "routing", "sum_rows", "interpret"))
 def experts_pallas(
     x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None = None,
     *, gate_up_scale: Array | None = None, down_scale: Array | None = None, mlp: MlpInputs | None = None,
-    tiles: MoeTiles = MoeTiles(), pretiled: bool = False, routing: str = "xla", interpret: bool | None = None,
+    tiles: MoeTiles = MoeTiles(), pretiled: bool = False, routing: str = "xla", sum_rows: bool = True,
+    interpret: bool | None = None,
 ) -> Array | tuple[Array, Array]:
     """Mixture of experts over the routed (token, expert) pairs only; same maths as `experts_grouped`.
 
@@ -156,14 +157,19 @@ def experts_pallas(
     `routing`: how the row layout is made, "xla" (`routing.expert_rows_reference`) or "pallas" (one launch,
     `routing.expert_rows_pallas`); the same layout either way.
 
+    `sum_rows=False`: the experts' output before each token's sum, as the down kernel writes it: `[tokens * k +
+    1, hidden]`, row `token * k + j` the token's j-th expert's weighted output and the last row scratch (for
+    a kernel that sums them itself, `diffjax.kernels.norms.feedforward_outputs_pallas`: a slice of it would be
+    a copy).
+
     Differentiable: gradients come from the plain-JAX twin (`with_twin_gradients`).
     """
     if routing not in ROUTING_IMPLEMENTATIONS:
         raise ValueError(f"routing must be one of {ROUTING_IMPLEMENTATIONS}, got {routing!r}")
-    kernel = functools.partial(_experts_pallas, tiles=tiles, pretiled=pretiled, routing=routing,
+    kernel = functools.partial(_experts_pallas, tiles=tiles, pretiled=pretiled, routing=routing, sum_rows=sum_rows,
                                interpret=interpret)
-    return with_twin_gradients(kernel, pretiled)(x, weights, expert_ids, gate_up, down, layer, gate_up_scale,
-                                                 down_scale, *(mlp or (None,) * 3))
+    return with_twin_gradients(kernel, pretiled, sum_rows)(x, weights, expert_ids, gate_up, down, layer,
+                                                           gate_up_scale, down_scale, *(mlp or (None,) * 3))
 
 
 class MlpInputs(NamedTuple):
@@ -194,7 +200,8 @@ class _MlpPart(NamedTuple):
 def _experts_pallas(
     x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None,
     gate_up_scale: Array | None, down_scale: Array | None, mlp_x: Array | None, mlp_gate_up: Array | None,
-    mlp_down: Array | None, *, tiles: MoeTiles, pretiled: bool, routing: str, interpret: bool | None,
+    mlp_down: Array | None, *, tiles: MoeTiles, pretiled: bool, routing: str, sum_rows: bool,
+    interpret: bool | None,
 ) -> Array | tuple[Array, Array]:
     mlp = None if mlp_x is None else _check_mlp(x, MlpInputs(mlp_x, mlp_gate_up, mlp_down), layer)
     stacks = expert_stacks(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale, pretiled)
@@ -231,9 +238,9 @@ def _experts_pallas(
                              interpret)
     ys, y_mlp = _down_call(h, rows, assignments + 1, layer, down, down_scale, hidden, block_rows, tiles, pretiled,
                            mlp, h_mlp, interpret)
-    per_assignment = ys[:assignments].reshape(tokens, top_k, hidden)
-    moe = jnp.sum(per_assignment.astype(jnp.float32), axis=1).astype(x.dtype)
-    return moe if mlp is None else (moe, y_mlp[:tokens])
+    if sum_rows:
+        ys = jnp.sum(ys[:assignments].reshape(tokens, top_k, hidden).astype(jnp.float32), axis=1).astype(x.dtype)
+    return ys if mlp is None else (ys, y_mlp[:tokens])
 
 
 def _check_mlp(x: Array, mlp: MlpInputs, layer: Array | int | None) -> MlpInputs:
@@ -364,16 +371,17 @@ def _check_pretiled(gate_up_shape: tuple[int, ...], down_shape: tuple[int, ...],
 def experts_reference(
     x: Array, weights: Array, expert_ids: Array, gate_up: Array, down: Array, layer: Array | int | None = None,
     gate_up_scale: Array | None = None, down_scale: Array | None = None, mlp_x: Array | None = None,
-    mlp_gate_up: Array | None = None, mlp_down: Array | None = None, pretiled: bool = False,
+    mlp_gate_up: Array | None = None, mlp_down: Array | None = None, pretiled: bool = False, sum_rows: bool = True,
 ) -> Array | tuple[Array, Array]:
     """The expert kernels' maths in plain JAX, with their calling convention (a layer of a stack, fp8
-    scales, pretiled layout, the dense MLP beside them): layer `layer`'s experts, untiled and dequantized to
-    x's dtype, through `experts_grouped`, and the MLP's through `mlp_reference`."""
+    scales, pretiled layout, the dense MLP beside them, the rows unsummed): layer `layer`'s experts, untiled and
+    dequantized to x's dtype, through `experts_grouped` (`experts_grouped_rows` and a zero scratch row), and
+    the MLP's through `mlp_reference`."""
     if mlp_x is not None:
         if layer is not None:
             mlp_gate_up, mlp_down = mlp_gate_up[layer], mlp_down[layer]
         experts = experts_reference(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale,
-                                    pretiled=pretiled)
+                                    pretiled=pretiled, sum_rows=sum_rows)
         return experts, mlp_reference(mlp_x, mlp_gate_up, mlp_down)
     if pretiled:
         gate_up, down = untile_experts(gate_up, down)
@@ -383,10 +391,13 @@ def experts_reference(
             gate_up_scale, down_scale = gate_up_scale[layer], down_scale[layer]
     if gate_up_scale is not None:
         gate_up, down = dequantize(gate_up, gate_up_scale, x.dtype), dequantize(down, down_scale, x.dtype)
-    return experts_grouped(x, weights, expert_ids, gate_up, down)
+    if sum_rows:
+        return experts_grouped(x, weights, expert_ids, gate_up, down)
+    rows = experts_grouped_rows(x, weights, expert_ids, gate_up, down)
+    return jnp.concatenate([rows, jnp.zeros_like(rows[:1])])
 
 
-def with_twin_gradients(kernel: Any, pretiled: bool) -> Any:
+def with_twin_gradients(kernel: Any, pretiled: bool, sum_rows: bool = True) -> Any:
     """An expert kernel `kernel(x, weights, expert_ids, gate_up, down, layer, gate_up_scale, down_scale, mlp_x,
     mlp_gate_up, mlp_down)` differentiated through `experts_reference` (`diffjax.kernels.with_twin_backward`):
     gradients for x, the routing weights and the weight stacks, or for fp8 experts their scales (not the e4m3
@@ -395,7 +406,8 @@ def with_twin_gradients(kernel: Any, pretiled: bool) -> Any:
         experts = (0, 1, 6, 7) if args[6] is not None else (0, 1, 3, 4)
         return experts + ((8, 9, 10) if len(args) > 8 and args[8] is not None else ())
 
-    return with_twin_backward(kernel, functools.partial(experts_reference, pretiled=pretiled), differentiable)
+    return with_twin_backward(kernel, functools.partial(experts_reference, pretiled=pretiled, sum_rows=sum_rows),
+                              differentiable)
 
 
 class ExpertStacks(NamedTuple):
