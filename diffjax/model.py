@@ -161,12 +161,21 @@ class Layer(nn.Module):
     def __call__(
         self, x: Array, positions: Array, context: tuple[Array, Array], mask: Array,
         stacked_experts: tuple[Mapping[str, Array], Array] | None = None, context_layer: Array | None = None,
-    ) -> tuple[Array, tuple[Array, Array]]:
-        """`context_layer`: the context keys/values are every block's stacks and this is the block's index."""
+        normed_input: Array | None = None, next_input_scale: Array | None = None,
+    ) -> tuple[Array, Array | None, tuple[Array, Array]]:
+        """-> (x, x normed for the next layer or None, this layer's new keys and values).
+
+        `context_layer`: the context keys/values are every block's stacks and this is the block's index.
+        `normed_input`: x already normed with this layer's input norm (by the layer before). `next_input_scale`
+        (with the outputs kernel, `fused_layer_outputs`): the next layer's input norm scale, or the final
+        norm's, which the kernel applies to its output too."""
         cfg = self.config
-        norm = functools.partial(RMSNorm, cfg.rms_norm_eps)
+        if normed_input is None:
+            normed_input = rms_norm(x, Weight("scale", (cfg.hidden_size,), name="input_layernorm")(), cfg.rms_norm_eps)
+        else:  # applied by the layer before: the parameter stays in this layer's tree
+            Weight("scale", (cfg.hidden_size,), name="input_layernorm")()
         attn_out, new_kv = Attention(cfg, self.layer_type, padding_only_mask=self.mode == DECODE, name="self_attn")(
-            norm(name="input_layernorm")(x), positions, context[0], context[1], mask, context_layer
+            normed_input, positions, context[0], context[1], mask, context_layer
         )
         scales = [Weight("scale", (cfg.hidden_size,), name=name)() for name in (
             "post_attention_layernorm", "pre_feedforward_layernorm", "pre_feedforward_layernorm_2")]
@@ -190,21 +199,22 @@ class Layer(nn.Module):
             weights_of_mlp = self.variables["params"]["mlp"] if stacked_experts is None else stacked_experts[0]["mlp"]
             mlp_inputs = (dense_in.reshape(tokens), weights_of_mlp["gate_up_proj"]["kernel"],
                           weights_of_mlp["down_proj"]["kernel"])
-            if cfg.norm_implementation == "pallas":  # the experts' rows summed by the outputs kernel itself
+            if fused_layer_outputs(cfg):  # the experts' rows summed by the outputs kernel itself
                 from diffjax.kernels.norms import feedforward_outputs_pallas
 
                 rows, dense = experts(experts_in.reshape(tokens), weights, expert_ids, stacked_experts, mlp_inputs,
                                       sum_rows=False)
-                x = feedforward_outputs_pallas(residual, dense.reshape(residual.shape), rows, cfg.top_k_experts,
-                                               *output_scales, scalar, cfg.rms_norm_eps)
-                return x, new_kv
+                out = feedforward_outputs_pallas(residual, dense.reshape(residual.shape), rows, cfg.top_k_experts,
+                                                 *output_scales, scalar, cfg.rms_norm_eps, next_input_scale)
+                x, normed_next = out if next_input_scale is not None else (out, None)
+                return x, normed_next, new_kv
             moe, dense = experts(experts_in.reshape(tokens), weights, expert_ids, stacked_experts, mlp_inputs)
         else:
             dense = mlp(dense_in)
             moe = experts(experts_in.reshape(tokens), weights, expert_ids, stacked_experts)
         x = feedforward_outputs(residual, dense.reshape(residual.shape), moe.reshape(residual.shape), *output_scales,
                                 scalar, cfg.rms_norm_eps)
-        return x, new_kv
+        return x, None, new_kv
 
 
 class Block(nn.Module):
@@ -215,22 +225,32 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, context: tuple[dict[str, Array], dict[str, Array]], positions: Array,
-        masks: dict[str, Array], block_index: Array, expert_stacks: dict[str, Mapping[str, Array]] | None,
-        context_stacked: bool = False,
-    ) -> tuple[Array, tuple[dict[str, Array], dict[str, Array]]]:
-        """`context_stacked`: `context` holds every block's keys and values (`[blocks, ...]` stacks), which
-        the layers index with `block_index`, not this block's slices."""
+        self, stream: tuple[Array, Array | None], context: tuple[dict[str, Array], dict[str, Array]],
+        positions: Array, masks: dict[str, Array], block_index: Array,
+        expert_stacks: dict[str, Mapping[str, Array]] | None, context_stacked: bool = False,
+        next_block_scale: Array | None = None,
+    ) -> tuple[tuple[Array, Array | None], tuple[dict[str, Array], dict[str, Array]]]:
+        """`stream`: the residual stream and, with the outputs kernel (`fused_layer_outputs`), the stream
+        already normed for the block's first layer (else None); the same out, for the next block.
+        `context_stacked`: `context` holds every block's keys and values (`[blocks, ...]` stacks), which the
+        layers index with `block_index`, not this block's slices. `next_block_scale` (the outputs kernel): the
+        input norm scale of the next block's first layer, or the final norm's."""
+        x, normed = stream
         new_keys, new_values = {}, {}
-        for j, layer_type in enumerate(self.config.block_layer_types):
+        layer_types = self.config.block_layer_types
+        for j, layer_type in enumerate(layer_types):
             name = f"layer_{j}"
             stacked = None if expert_stacks is None else (expert_stacks[name], block_index)
-            x, (k, v) = Layer(self.config, layer_type, self.mode, name=name)(
+            next_scale = None
+            if next_block_scale is not None:
+                next_scale = (self.variables["params"][f"layer_{j + 1}"]["input_layernorm"]["scale"]
+                              if j + 1 < len(layer_types) else next_block_scale)
+            x, normed, (k, v) = Layer(self.config, layer_type, self.mode, name=name)(
                 x, positions, (context[0][name], context[1][name]), masks[layer_type], stacked,
-                block_index if context_stacked else None,
+                block_index if context_stacked else None, normed, next_scale,
             )
             new_keys[name], new_values[name] = k, v
-        return x, (new_keys, new_values)
+        return (x, normed), (new_keys, new_values)
 
 
 class DiffusionGemma(nn.Module):
@@ -266,16 +286,24 @@ class DiffusionGemma(nn.Module):
         context_stacked = mode == DECODE and "pallas" in (
             cfg.global_attention_implementation, cfg.sliding_attention_implementation) and not self.is_initializing()
         if cfg.block_layout == "unstacked":
-            x, new_kv = self._unstacked_blocks(x, cache, positions, masks, mode, context_stacked)
+            (x, normed), new_kv = self._unstacked_blocks(x, cache, positions, masks, mode, context_stacked)
         else:
-            x, new_kv = self._scanned_blocks(x, cache, positions, masks, mode, context_stacked)
-        hidden = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
+            (x, normed), new_kv = self._scanned_blocks(x, cache, positions, masks, mode, context_stacked)
+        # With the outputs kernel the last layer applied the final norm (its parameter, made at init, stays).
+        hidden = normed if normed is not None else RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
         if mode == ENCODE:
             return hidden, new_kv
         return hidden if return_hidden else embedder.logits(hidden)
 
+    def _next_input_scales(self, first_scales: Array) -> tuple[Array, Array]:
+        """With the outputs kernel: the first layer's input norm scale, and what each block hands its last layer
+        as the next one's: `first_scales` (each block's first layer's, `[blocks, hidden]`) moved up by one,
+        the final norm's last."""
+        final = self.variables["params"]["final_norm"]["scale"]
+        return first_scales[0], jnp.concatenate([first_scales[1:], final[None].astype(first_scales.dtype)])
+
     def _scanned_blocks(self, x: Array, cache: KVCache, positions: Array, masks: dict[str, Array], mode: str,
-                        context_stacked: bool) -> tuple[Array, Any]:
+                        context_stacked: bool) -> tuple[tuple[Array, Array | None], Any]:
         """The blocks as one `nn.scan` over `[blocks, ...]` parameter stacks."""
         cfg = self.config
         expert_stacks = None
@@ -289,34 +317,52 @@ class DiffusionGemma(nn.Module):
             if cfg.mlp_implementation == "pallas":  # the dense MLP runs in the expert kernels: its stacks too
                 for name, layer in self.variables["params"]["blocks"].items():
                     expert_stacks[name]["mlp"] = layer["mlp"]
+        normed = next_scales = None
+        if fused_layer_outputs(cfg) and not self.is_initializing():
+            first, next_scales = self._next_input_scales(
+                self.variables["params"]["blocks"]["layer_0"]["input_layernorm"]["scale"])
+            normed = rms_norm(x, first, cfg.rms_norm_eps)
         blocks = nn.scan(
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast if context_stacked else 0, nn.broadcast, nn.broadcast, 0, nn.broadcast,
-                     nn.broadcast),
+                     nn.broadcast, 0),
             length=cfg.num_blocks,
             unroll=min(cfg.scan_unroll, cfg.num_blocks),
         )(cfg, mode, name="blocks")
         return blocks(
-            x, (cache.keys, cache.values), positions, masks, jnp.arange(cfg.num_blocks, dtype=jnp.int32),
-            expert_stacks, context_stacked,
+            (x, normed), (cache.keys, cache.values), positions, masks, jnp.arange(cfg.num_blocks, dtype=jnp.int32),
+            expert_stacks, context_stacked, next_scales,
         )
 
     def _unstacked_blocks(self, x: Array, cache: KVCache, positions: Array, masks: dict[str, Array], mode: str,
-                          context_stacked: bool) -> tuple[Array, Any]:
+                          context_stacked: bool) -> tuple[tuple[Array, Array | None], Any]:
         """The blocks one after another, each with parameters of its own (`block_{i}`, no `[blocks]` axis):
         `Config.block_layout="unstacked"`. The cache keeps its `[blocks, ...]` stacks; the new keys and values
         are stacked back in that layout."""
+        cfg = self.config
+        stream, next_scales = (x, None), [None] * cfg.num_blocks
+        if fused_layer_outputs(cfg) and not self.is_initializing():
+            first, next_scales = self._next_input_scales(jnp.stack([
+                self.variables["params"][f"block_{i}"]["layer_0"]["input_layernorm"]["scale"]
+                for i in range(cfg.num_blocks)]))
+            stream = (x, rms_norm(x, first, cfg.rms_norm_eps))
         outputs = []
-        for i in range(self.config.num_blocks):
+        for i in range(cfg.num_blocks):
             context = (cache.keys, cache.values)
             if not context_stacked:
                 context = jax.tree.map(lambda stack, i=i: stack[i], context)
-            x, new_kv = Block(self.config, mode, name=f"block_{i}")(
-                x, context, positions, masks, jnp.int32(i), None, context_stacked)
+            stream, new_kv = Block(cfg, mode, name=f"block_{i}")(
+                stream, context, positions, masks, jnp.int32(i), None, context_stacked, next_scales[i])
             outputs.append(new_kv)
-        return x, jax.tree.map(lambda *per_block: jnp.stack(per_block), *outputs)
+        return stream, jax.tree.map(lambda *per_block: jnp.stack(per_block), *outputs)
+
+
+def fused_layer_outputs(config: Config) -> bool:
+    """Whether each layer's output is made by `kernels.norms.feedforward_outputs_pallas` (the Pallas norms with
+    the MLP in the expert launches), which also norms it for the next layer (or as the final norm)."""
+    return config.norm_implementation == "pallas" and config.mlp_implementation == "pallas"
 
 
 def _encoder_masks(config: Config, cache: KVCache, attention_mask: Array, positions: Array) -> dict[str, Array]:

@@ -15,7 +15,7 @@ from test_kernels import _close, lower_for_cuda
 from diffjax.config import Config
 from diffjax.kernels.moe import MlpInputs, experts_pallas
 from diffjax.kernels.norms import feedforward_outputs_pallas, moe_inputs_pallas
-from diffjax.layers import experts_grouped_rows, feedforward_outputs, moe_inputs
+from diffjax.layers import experts_grouped_rows, feedforward_outputs, moe_inputs, rms_norm
 from diffjax.layout import relayout
 from diffjax.model import denoise_logits, encode, init_params
 
@@ -125,25 +125,35 @@ def test_feedforward_outputs_kernel_matches_its_twin(tokens, hidden, top_k, dtyp
     assert ours.shape == residual.shape and ours.dtype == dtype
     assert bool(jnp.isfinite(ours).all())  # the scratch row (NaN) is never read
     _close(ours, summed_outputs(residual, dense, rows, top_k, *rest), dtype)
-    # Batched activations `[batch, n, hidden]` as the layers hold them.
-    batched = feedforward_outputs_pallas(residual[None], dense[None], rows, top_k, *rest, 1e-6, interpret=True)
+    # Batched activations `[batch, n, hidden]` as the layers hold them, and the output normed for the next layer.
+    next_scale = 1 + 0.3 * jax.random.normal(jax.random.key(7), (hidden,)).astype(dtype)
+    batched, normed = feedforward_outputs_pallas(residual[None], dense[None], rows, top_k, *rest, 1e-6, next_scale,
+                                                 interpret=True)
     np.testing.assert_array_equal(np.asarray(batched[0], np.float32), np.asarray(ours, np.float32))
+    assert normed.shape == batched.shape and normed.dtype == dtype
+    _close(normed, rms_norm(batched, next_scale, 1e-6), dtype)
 
 
 def test_feedforward_outputs_kernel_differentiates_through_its_twin():
     residual, dense, rows, *rest = outputs_case(10, 32, 2, jnp.float32, seed=4)
     rows = rows.at[-1].set(0.0)
-    probe = jax.random.normal(jax.random.key(9), residual.shape)
+    next_scale = 1 + 0.3 * jax.random.normal(jax.random.key(8), (32,))
+    probes = jax.random.normal(jax.random.key(9), (2, *residual.shape))
 
     def loss(make, *args):
-        return jnp.sum(probe * make(*args))
+        out, normed = make(*args)
+        return jnp.sum(probes[0] * out) + jnp.sum(probes[1] * normed)
 
     def kernel(residual, dense, rows, *rest):
-        return feedforward_outputs_pallas(residual, dense, rows, 2, *rest, 1e-6, interpret=True)
+        return feedforward_outputs_pallas(residual, dense, rows, 2, *rest[:-1], 1e-6, rest[-1], interpret=True)
 
-    ours = jax.grad(functools.partial(loss, kernel), argnums=tuple(range(7)))(residual, dense, rows, *rest)
-    twin = jax.grad(functools.partial(loss, lambda r, d, x, *o: summed_outputs(r, d, x, 2, *o)),
-                    argnums=tuple(range(7)))(residual, dense, rows, *rest)
+    def twin(residual, dense, rows, *rest):
+        out = summed_outputs(residual, dense, rows, 2, *rest[:-1])
+        return out, rms_norm(out, rest[-1], 1e-6)
+
+    args = (residual, dense, rows, *rest, next_scale)
+    ours = jax.grad(functools.partial(loss, kernel), argnums=tuple(range(8)))(*args)
+    twin = jax.grad(functools.partial(loss, twin), argnums=tuple(range(8)))(*args)
     for got, want in zip(ours, twin, strict=True):
         _close(got, want, jnp.float32, scale=5)
     assert float(jnp.abs(ours[2][-1]).max()) == 0  # the scratch row has no gradient
@@ -157,6 +167,8 @@ def test_feedforward_outputs_kernel_rejects_bad_inputs():
         feedforward_outputs_pallas(residual, dense, rows, 3, *rest, 1e-6)
     with pytest.raises(ValueError, match=r"output_scale must be \[hidden=32\]"):
         feedforward_outputs_pallas(residual, dense, rows, 2, *rest[:2], rest[2][:8], rest[3], 1e-6)
+    with pytest.raises(ValueError, match=r"next_scale must be \[hidden=32\]"):
+        feedforward_outputs_pallas(residual, dense, rows, 2, *rest, 1e-6, rest[0][:16])
     with pytest.raises(ValueError, match=r"layer_scalar must be \[1\]"):
         feedforward_outputs_pallas(residual, dense, rows, 2, *rest[:3], rest[3][0], 1e-6)
     residual, dense, rows, *rest = outputs_case(4, 40, 2, jnp.float32, seed=0)

@@ -184,12 +184,14 @@ def test_norms_kernel_matches_the_reference(pair):
                                    "norms kernel", 29)
 
 
-@pytest.mark.parametrize(("blocks", "norms"), [("stacked", "xla"), ("unstacked", "xla"), ("stacked", "pallas")])
+@pytest.mark.parametrize(("blocks", "norms"), [("stacked", "xla"), ("unstacked", "xla"), ("stacked", "pallas"),
+                                              ("unstacked", "pallas")])
 def test_mlp_in_the_expert_kernels_matches_the_reference(pair, blocks, norms):
     """`Config.mlp_implementation="pallas"`: each layer's dense MLP run by the Pallas expert kernels (interpreted
     here), reading its fused weights from the block stacks in place or from each block's own tree, in the
     encoder and a self-conditioned decoder pass, against transformers; with the norms kernels, the experts'
-    rows summed by the outputs kernel."""
+    rows summed by the outputs kernel, which also norms each layer's output for the next (the last: the final
+    norm)."""
     from diffjax.layout import relayout
 
     config, model, params = pair

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from diffjax.kernels import MIN_BLOCK, largest_power_of_two_divisor, resolve_interpret, with_twin_backward
-from diffjax.layers import feedforward_outputs, moe_inputs
+from diffjax.layers import feedforward_outputs, moe_inputs, rms_norm
 
 Array = jax.Array
 
@@ -112,13 +112,16 @@ def _moe_inputs_kernel(attention_ref, residual_ref, post_attention_ref, dense_re
 
 
 def feedforward_outputs_pallas(residual: Array, dense: Array, expert_rows: Array, top_k: int, dense_scale: Array,
-                               experts_scale: Array, output_scale: Array, layer_scalar: Array, eps: float, *,
-                               interpret: bool | None = None) -> Array:
+                               experts_scale: Array, output_scale: Array, layer_scalar: Array, eps: float,
+                               next_scale: Array | None = None, *, interpret: bool | None = None
+                               ) -> Array | tuple[Array, Array]:
     """`diffjax.layers.feedforward_outputs` in one launch, from the experts' rows before each token's sum:
     residual and dense `[..., hidden]` of one dtype, expert_rows `[>= tokens * top_k, hidden]` in it (row
     `token * top_k + j`, as `experts_pallas(..., sum_rows=False)` writes them; rows past those are not read),
     the scales `[hidden]`, layer_scalar `[1]`. The rows are summed in float32 and rounded, as
-    `experts_pallas` sums them. Differentiable in everything but top_k and eps (through the twin)."""
+    `experts_pallas` sums them. With `next_scale` `[hidden]` (the next layer's input norm, or the final norm)
+    returns `(out, rms_norm(out, next_scale))`: that norm's launch saved too. Differentiable in everything but
+    top_k and eps (through the twin)."""
     hidden = residual.shape[-1]
     tokens = residual.size // hidden
     if dense.shape != residual.shape or dense.dtype != residual.dtype or expert_rows.dtype != residual.dtype:
@@ -128,8 +131,8 @@ def feedforward_outputs_pallas(residual: Array, dense: Array, expert_rows: Array
         raise ValueError(f"expert_rows must be [>= tokens * top_k = {tokens * top_k}, hidden={hidden}], got "
                          f"{expert_rows.shape}")
     for name, scale in (("dense_scale", dense_scale), ("experts_scale", experts_scale),
-                        ("output_scale", output_scale)):
-        if scale.shape != (hidden,):
+                        ("output_scale", output_scale), ("next_scale", next_scale)):
+        if scale is not None and scale.shape != (hidden,):
             raise ValueError(f"{name} must be [hidden={hidden}], got {scale.shape}")
     if layer_scalar.shape != (1,):
         raise ValueError(f"layer_scalar must be [1], got {layer_scalar.shape}")
@@ -137,44 +140,49 @@ def feedforward_outputs_pallas(residual: Array, dense: Array, expert_rows: Array
         raise ValueError(f"feedforward_outputs_pallas needs hidden to be a multiple of {MIN_BLOCK}, got {hidden}")
     kernel = functools.partial(_feedforward_outputs, top_k=top_k, eps=eps, interpret=resolve_interpret(interpret))
 
-    def twin(residual, dense, expert_rows, *rest):
+    def twin(residual, dense, expert_rows, dense_scale, experts_scale, output_scale, layer_scalar, next_scale):
         summed = jnp.sum(expert_rows[:tokens * top_k].reshape(tokens, top_k, hidden).astype(jnp.float32), axis=1)
         experts = summed.astype(residual.dtype).reshape(residual.shape)
-        return feedforward_outputs(residual, dense, experts, *rest, eps)
+        out = feedforward_outputs(residual, dense, experts, dense_scale, experts_scale, output_scale, layer_scalar,
+                                  eps)
+        return out if next_scale is None else (out, rms_norm(out, next_scale, eps))
 
-    return with_twin_backward(kernel, twin, lambda _: (0, 1, 2, 3, 4, 5, 6))(
-        residual, dense, expert_rows, dense_scale, experts_scale, output_scale, layer_scalar)
+    differentiable = (0, 1, 2, 3, 4, 5, 6) + ((7,) if next_scale is not None else ())
+    return with_twin_backward(kernel, twin, lambda _: differentiable)(
+        residual, dense, expert_rows, dense_scale, experts_scale, output_scale, layer_scalar, next_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "eps", "interpret"))
 def _feedforward_outputs(residual: Array, dense: Array, expert_rows: Array, dense_scale: Array,
-                         experts_scale: Array, output_scale: Array, layer_scalar: Array, *, top_k: int, eps: float,
-                         interpret: bool) -> Array:
+                         experts_scale: Array, output_scale: Array, layer_scalar: Array, next_scale: Array | None, *,
+                         top_k: int, eps: float, interpret: bool) -> Array | tuple[Array, Array]:
     shape, hidden = residual.shape, residual.shape[-1]
     tokens = residual.size // hidden
     chunk = largest_power_of_two_divisor(hidden, _OUTPUTS_CHUNK)
     block_tokens = _block_tokens(tokens, hidden)
-    out = pl.pallas_call(
+    inputs = (residual.reshape(tokens, hidden), dense.reshape(tokens, hidden), expert_rows, dense_scale,
+              experts_scale, output_scale, layer_scalar) + (() if next_scale is None else (next_scale,))
+    outputs = pl.pallas_call(
         functools.partial(_feedforward_outputs_kernel, tokens=tokens, hidden=hidden, chunk=chunk,
                           block_tokens=block_tokens, top_k=top_k, eps=eps),
         grid=(pl.cdiv(tokens, block_tokens),),
-        out_shape=jax.ShapeDtypeStruct((tokens, hidden), residual.dtype),
-        in_specs=[pl.no_block_spec] * 7,
-        out_specs=pl.no_block_spec,
+        out_shape=[jax.ShapeDtypeStruct((tokens, hidden), residual.dtype)] * (1 + (next_scale is not None)),
+        in_specs=[pl.no_block_spec] * len(inputs),
+        out_specs=[pl.no_block_spec] * (1 + (next_scale is not None)),
         compiler_params=plgpu.CompilerParams(num_warps=8),
         interpret=interpret,
         name="feedforward_outputs",
-    )(residual.reshape(tokens, hidden), dense.reshape(tokens, hidden), expert_rows, dense_scale, experts_scale,
-      output_scale, layer_scalar)
-    return out.reshape(shape)
+    )(*inputs)
+    outputs = [out.reshape(shape) for out in outputs]
+    return outputs[0] if next_scale is None else tuple(outputs)
 
 
 def _feedforward_outputs_kernel(residual_ref, dense_ref, rows_ref, dense_scale_ref, experts_scale_ref,
-                                output_scale_ref, scalar_ref, out_ref, *, tokens, hidden, chunk, block_tokens, top_k,
-                                eps):
+                                output_scale_ref, scalar_ref, *refs, tokens, hidden, chunk, block_tokens, top_k, eps):
     """A block of whole rows, as column chunks that tile `hidden` exactly (Triton blocks are powers of two):
-    every read is in bounds and unmasked, which a gather of expert rows needs, and only the store of a tail
-    block's rows past the end is masked."""
+    every read is in bounds and unmasked, which a gather of expert rows needs, and only the stores of a tail
+    block's rows past the end are masked. refs: (next_scale,) out (, its norm)."""
+    next_scale_ref, out_ref, next_ref = refs if len(refs) == 3 else (None, *refs, None)
     first = pl.program_id(0) * block_tokens
     token_ids = first + jnp.arange(block_tokens, dtype=jnp.int32)
     safe_tokens = jnp.minimum(token_ids, tokens - 1)  # a tail block's extra rows repeat the last token's
@@ -194,6 +202,9 @@ def _feedforward_outputs_kernel(residual_ref, dense_ref, rows_ref, dense_scale_r
     mixed = [d + e for d, e in zip(normed(dense, dense_scale_ref), normed(experts, experts_scale_ref), strict=True)]
     scalar = scalar_ref[0].astype(dtype)
     in_rows = (token_ids < tokens)[:, None]
-    for c, part in zip(chunks, normed(mixed, output_scale_ref), strict=True):
-        out = (residual_ref[safe_tokens, c] + part) * scalar
-        plgpu.store(out_ref.at[pl.ds(first, block_tokens), c], out, mask=in_rows)
+    outs = [(residual_ref[safe_tokens, c] + part) * scalar
+            for c, part in zip(chunks, normed(mixed, output_scale_ref), strict=True)]
+    stores = [(out_ref, outs)] + ([] if next_ref is None else [(next_ref, normed(outs, next_scale_ref))])
+    for ref, parts in stores:
+        for c, part in zip(chunks, parts, strict=True):
+            plgpu.store(ref.at[pl.ds(first, block_tokens), c], part, mask=in_rows)
