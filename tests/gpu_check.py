@@ -21,7 +21,9 @@ CPU tests cover the maths of every kernel in interpret mode and their CUDA lower
    released hidden size on 8 canvases, bf16 and float32, against their twins.
 6. The dense MLP in the expert launches (`experts_pallas(..., mlp=...)`, `Config.mlp_implementation=
    "pallas"`) at the released sizes, on 1 and 8 canvases, reading a block of the stacks in place: the MLP's
-   output against `mlp_reference`, the experts' against the kernels without the MLP (bit for bit).
+   output against `mlp_reference`, the experts' against the kernels without the MLP (bit for bit); then the
+   experts' rows unsummed into the outputs kernel (`feedforward_outputs_pallas`, with the next layer's norm)
+   against its twin.
 """
 
 from __future__ import annotations
@@ -44,13 +46,15 @@ from diffjax.config import AttentionConfig, Config
 from diffjax.kernels.attention import attention_inputs_pallas, global_attention_pallas
 from diffjax.kernels.moe import MlpInputs, experts_pallas, mlp_reference
 from diffjax.kernels.moe_mgpu import experts_mgpu
-from diffjax.kernels.norms import moe_inputs_pallas
+from diffjax.kernels.norms import feedforward_outputs_pallas, moe_inputs_pallas
 from diffjax.layers import (
     attend,
     attend_cudnn,
     attention_inputs,
     experts_grouped,
+    feedforward_outputs,
     moe_inputs,
+    rms_norm,
     rope_inverse_frequencies,
 )
 from diffjax.model import _denoise_logits, init_cache, init_params, prefill
@@ -130,6 +134,17 @@ def check_mlp_in_expert_launches(small: bool) -> None:
         report(check="dense MLP in the expert launches", canvases=canvases,
                mlp_relative_l2=relative_l2(mlp_out, twin),
                experts_equal=bool(jnp.array_equal(experts_out, alone)), finite=bool(jnp.isfinite(mlp_out).all()))
+        rows, mlp_out = experts_pallas(x, weights, ids, gate_up, down, block,
+                                       mlp=MlpInputs(mlp_x, mlp_gate_up, mlp_down), sum_rows=False)
+        scales = [1 + 0.2 * jax.random.normal(jax.random.key(20 + i), (hidden,), jnp.bfloat16) for i in range(4)]
+        scalar = jnp.array([0.8], jnp.bfloat16)
+        out, normed = feedforward_outputs_pallas(x, mlp_out, rows, k, *scales[:3], scalar, cfg.rms_norm_eps,
+                                                 scales[3])
+        want = feedforward_outputs(x, mlp_out, alone, *scales[:3], scalar, cfg.rms_norm_eps)
+        report(check="feedforward outputs kernel on the unsummed rows", canvases=canvases,
+               relative_l2=relative_l2(out, want),
+               normed_relative_l2=relative_l2(normed, rms_norm(want, scales[3], cfg.rms_norm_eps)),
+               finite=bool(jnp.isfinite(out).all() & jnp.isfinite(normed).all()))
 
 
 def check_sliding_attention() -> None:
