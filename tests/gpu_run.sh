@@ -9,6 +9,8 @@
 #                                                #   kernels
 #   BUDGET=240 bash tests/gpu_run.sh ablations   # or: XLA compile options (CUDA graphs off, no Triton
 #                                                #   matmuls) against the defaults, batch 1, one process
+#   BUDGET=400 bash tests/gpu_run.sh sizes       # or: the issue's other sizes, batch 4 and 16 at prompt 1K,
+#                                                #   then batch 1 at prompt 32K
 #
 # The image's transformers may not be 5.23.0: download its wheel here into .whl/ (ignored through
 # .git/info/exclude; the device README's Notes give the pip command) and name .whl in `carry`.
@@ -49,6 +51,18 @@ elif [ "${1:-targets}" = ablations ]; then
     --xla-options "" "xla_gpu_enable_command_buffer=" "xla_gpu_enable_triton_gemm=false" \
     --json "$OUT/ablations.json" > "$OUT/ablations.log" 2>&1
   logs=ablations
+elif [ "${1:-targets}" = sizes ]; then
+  # The table's other rows (issue 5): batch 4 and 16 at prompt 1K in one process, then a 32K prompt at batch 1
+  # (its prefill takes a while; a later --prompt replaces the one in bench), every kernel, the MLP in the
+  # expert launches.
+  kernels="--routing pallas --norms pallas --mlp pallas"
+  step "batch 4 and 16, prompt 1K"
+  timeout "$(limit 240)" "${bench[@]}" --no-generate --batch 4 16 $kernels --repeats 3 --json "$OUT/sizes.json" \
+    > "$OUT/sizes.log" 2>&1
+  step "batch 1, prompt 32K"
+  timeout "$(limit 240)" "${bench[@]}" --prompt 32768 --no-generate --batch 1 $kernels --repeats 3 \
+    --json "$OUT/long.json" > "$OUT/long.log" 2>&1
+  logs="sizes long"
 else
   # The kernels have run on a GPU only as far as this file checks them: first, so a wrong one is seen.
   step "gpu_check"
