@@ -429,13 +429,13 @@ class Experts(nn.Module):
             else:
                 from diffjax.kernels.moe import experts_pallas
 
-                kernel = functools.partial(experts_pallas, routing=cfg.routing_implementation)
+                # (Config allows the MLP, and so the unsummed rows, with this kernel only)
+                kernel = functools.partial(experts_pallas, routing=cfg.routing_implementation, mlp=mlp,
+                                           sum_rows=sum_rows)
             stacks, layer = stacked if stacked is not None else (leaves, None)
-            # (Config allows the MLP and unsummed rows with "pallas" only)
-            extra = ({} if mlp is None else {"mlp": mlp}) | ({} if sum_rows else {"sum_rows": False})
             return kernel(x, weights, expert_ids, stacks["gate_up_proj"], stacks["down_proj"], layer,
                           gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"),
-                          pretiled=pretiled, **extra)
+                          pretiled=pretiled)
         if pretiled:
             from diffjax.kernels.moe import untile_experts
 

@@ -170,10 +170,9 @@ class Layer(nn.Module):
         (with the outputs kernel, `fused_layer_outputs`): the next layer's input norm scale, or the final
         norm's, which the kernel applies to its output too."""
         cfg = self.config
-        if normed_input is None:
-            normed_input = rms_norm(x, Weight("scale", (cfg.hidden_size,), name="input_layernorm")(), cfg.rms_norm_eps)
-        else:  # applied by the layer before: the parameter stays in this layer's tree
-            Weight("scale", (cfg.hidden_size,), name="input_layernorm")()
+        input_scale = Weight("scale", (cfg.hidden_size,), name="input_layernorm")()
+        if normed_input is None:  # else the layer before applied this norm (the outputs kernel)
+            normed_input = rms_norm(x, input_scale, cfg.rms_norm_eps)
         attn_out, new_kv = Attention(cfg, self.layer_type, padding_only_mask=self.mode == DECODE, name="self_attn")(
             normed_input, positions, context[0], context[1], mask, context_layer
         )
@@ -187,7 +186,7 @@ class Layer(nn.Module):
         mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fused=cfg.projection_layout == "fused", name="mlp")
         weights, expert_ids = Router(cfg, name="router")(router_in.reshape(-1, cfg.hidden_size))
         experts = Experts(cfg, name="experts")
-        tokens = (-1, cfg.hidden_size)
+        token_rows = (-1, cfg.hidden_size)
         # The encoder and the decoder carry separate scalars (the encoder's is a buffer, not tied).
         encoder_scalar = self.param("encoder_layer_scalar", nn.initializers.ones, (1,))
         decoder_scalar = self.param("decoder_layer_scalar", nn.initializers.ones, (1,))
@@ -197,21 +196,21 @@ class Layer(nn.Module):
         if cfg.mlp_implementation == "pallas" and not self.is_initializing():
             # The MLP's weights go to the expert kernels as they lie: a scan's block slice would be a copy.
             weights_of_mlp = self.variables["params"]["mlp"] if stacked_experts is None else stacked_experts[0]["mlp"]
-            mlp_inputs = (dense_in.reshape(tokens), weights_of_mlp["gate_up_proj"]["kernel"],
+            mlp_inputs = (dense_in.reshape(token_rows), weights_of_mlp["gate_up_proj"]["kernel"],
                           weights_of_mlp["down_proj"]["kernel"])
             if fused_layer_outputs(cfg):  # the experts' rows summed by the outputs kernel itself
                 from diffjax.kernels.norms import feedforward_outputs_pallas
 
-                rows, dense = experts(experts_in.reshape(tokens), weights, expert_ids, stacked_experts, mlp_inputs,
-                                      sum_rows=False)
+                rows, dense = experts(experts_in.reshape(token_rows), weights, expert_ids, stacked_experts,
+                                      mlp_inputs, sum_rows=False)
                 out = feedforward_outputs_pallas(residual, dense.reshape(residual.shape), rows, cfg.top_k_experts,
                                                  *output_scales, scalar, cfg.rms_norm_eps, next_input_scale)
                 x, normed_next = out if next_input_scale is not None else (out, None)
                 return x, normed_next, new_kv
-            moe, dense = experts(experts_in.reshape(tokens), weights, expert_ids, stacked_experts, mlp_inputs)
+            moe, dense = experts(experts_in.reshape(token_rows), weights, expert_ids, stacked_experts, mlp_inputs)
         else:
             dense = mlp(dense_in)
-            moe = experts(experts_in.reshape(tokens), weights, expert_ids, stacked_experts)
+            moe = experts(experts_in.reshape(token_rows), weights, expert_ids, stacked_experts)
         x = feedforward_outputs(residual, dense.reshape(residual.shape), moe.reshape(residual.shape), *output_scales,
                                 scalar, cfg.rms_norm_eps)
         return x, None, new_kv
@@ -295,13 +294,6 @@ class DiffusionGemma(nn.Module):
             return hidden, new_kv
         return hidden if return_hidden else embedder.logits(hidden)
 
-    def _next_input_scales(self, first_scales: Array) -> tuple[Array, Array]:
-        """With the outputs kernel: the first layer's input norm scale, and what each block hands its last layer
-        as the next one's: `first_scales` (each block's first layer's, `[blocks, hidden]`) moved up by one,
-        the final norm's last."""
-        final = self.variables["params"]["final_norm"]["scale"]
-        return first_scales[0], jnp.concatenate([first_scales[1:], final[None].astype(first_scales.dtype)])
-
     def _scanned_blocks(self, x: Array, cache: KVCache, positions: Array, masks: dict[str, Array], mode: str,
                         context_stacked: bool) -> tuple[tuple[Array, Array | None], Any]:
         """The blocks as one `nn.scan` over `[blocks, ...]` parameter stacks."""
@@ -319,9 +311,13 @@ class DiffusionGemma(nn.Module):
                     expert_stacks[name]["mlp"] = layer["mlp"]
         normed = next_scales = None
         if fused_layer_outputs(cfg) and not self.is_initializing():
-            first, next_scales = self._next_input_scales(
-                self.variables["params"]["blocks"]["layer_0"]["input_layernorm"]["scale"])
-            normed = rms_norm(x, first, cfg.rms_norm_eps)
+            # The outputs kernel norms for the next layer: each block's last layer hands over the next block's
+            # first input norm, the last block's the final norm; the first block's is applied here.
+            params = self.variables["params"]
+            firsts = params["blocks"]["layer_0"]["input_layernorm"]["scale"]
+            final = params["final_norm"]["scale"].astype(firsts.dtype)
+            next_scales = jnp.concatenate([firsts[1:], final[None]])
+            normed = rms_norm(x, firsts[0], cfg.rms_norm_eps)
         blocks = nn.scan(
             Block,
             variable_axes={"params": 0},
@@ -343,11 +339,11 @@ class DiffusionGemma(nn.Module):
         are stacked back in that layout."""
         cfg = self.config
         stream, next_scales = (x, None), [None] * cfg.num_blocks
-        if fused_layer_outputs(cfg) and not self.is_initializing():
-            first, next_scales = self._next_input_scales(jnp.stack([
-                self.variables["params"][f"block_{i}"]["layer_0"]["input_layernorm"]["scale"]
-                for i in range(cfg.num_blocks)]))
-            stream = (x, rms_norm(x, first, cfg.rms_norm_eps))
+        if fused_layer_outputs(cfg) and not self.is_initializing():  # as in `_scanned_blocks`, leaf by leaf
+            params = self.variables["params"]
+            scales = [params[f"block_{i}"]["layer_0"]["input_layernorm"]["scale"] for i in range(cfg.num_blocks)]
+            next_scales = [*scales[1:], params["final_norm"]["scale"]]
+            stream = (x, rms_norm(x, scales[0], cfg.rms_norm_eps))
         outputs = []
         for i in range(cfg.num_blocks):
             context = (cache.keys, cache.values)

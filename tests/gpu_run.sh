@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 5's GPU measurements in one device call, most wanted first (about 6.5 minutes on an H200). Each step
 # runs under the smaller of its own limit and what is left of BUDGET seconds (default 585: a `run` with
-# timeout_s=600), so a slow step cannot cost the summary. Logs and JSON go to $OUT, at most 8 files (the device tool brings back no more); a summary is
-# printed last. From the repository root:
+# timeout_s=600), so a slow step cannot cost the summary. Logs and JSON go to $OUT, at most 8 files (the device
+# tool brings back no more); a summary is printed last. From the repository root:
 #
 #   bash tests/gpu_run.sh                        # the issue's targets; the device tool's `run` sets $OUT
 #   BUDGET=240 bash tests/gpu_run.sh sweeps      # a second call: tile sweeps of the router, attention and MLP

@@ -175,15 +175,16 @@ class Shapes:
         c = Config.diffusiongemma_26b_a4b()
         return cls(
             hidden=c.hidden_size, experts=c.num_experts, top_k=c.top_k_experts, moe_inter=c.moe_intermediate_size,
-            mlp_inter=c.intermediate_size, vocab=c.vocab_size, canvas=c.canvas_length, heads=c.num_heads, kv_heads=c.full.num_kv_heads,
-            head_dim=c.full.head_dim, softcap=c.final_logit_softcapping, sliding_kv_heads=c.sliding.num_kv_heads,
-            sliding_head_dim=c.sliding.head_dim, sliding_window=c.sliding_window,
+            mlp_inter=c.intermediate_size, vocab=c.vocab_size, canvas=c.canvas_length, heads=c.num_heads,
+            kv_heads=c.full.num_kv_heads, head_dim=c.full.head_dim, softcap=c.final_logit_softcapping,
+            sliding_kv_heads=c.sliding.num_kv_heads, sliding_head_dim=c.sliding.head_dim,
+            sliding_window=c.sliding_window,
         )
 
     @classmethod
     def tiny(cls) -> Shapes:
-        return cls(hidden=64, experts=8, top_k=2, moe_inter=32, mlp_inter=48, vocab=512, canvas=16, heads=4, kv_heads=2,
-                   head_dim=32, softcap=30.0, sliding_kv_heads=2, sliding_head_dim=16, sliding_window=24)
+        return cls(hidden=64, experts=8, top_k=2, moe_inter=32, mlp_inter=48, vocab=512, canvas=16, heads=4,
+                   kv_heads=2, head_dim=32, softcap=30.0, sliding_kv_heads=2, sliding_head_dim=16, sliding_window=24)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -239,8 +239,15 @@ def _experts_pallas(
     ys, y_mlp = _down_call(h, rows, assignments + 1, layer, down, down_scale, hidden, block_rows, tiles, pretiled,
                            mlp, h_mlp, interpret)
     if sum_rows:
-        ys = jnp.sum(ys[:assignments].reshape(tokens, top_k, hidden).astype(jnp.float32), axis=1).astype(x.dtype)
+        ys = sum_expert_rows(ys, tokens, top_k)
     return ys if mlp is None else (ys, y_mlp[:tokens])
+
+
+def sum_expert_rows(rows: Array, tokens: int, top_k: int) -> Array:
+    """Each token's sum of its experts' rows as the down kernel writes them (`[>= tokens * top_k, hidden]`, row
+    `token * top_k + j`), in float32, rounded to the rows' dtype: `[tokens, hidden]`."""
+    per_token = rows[:tokens * top_k].reshape(tokens, top_k, rows.shape[1])
+    return jnp.sum(per_token.astype(jnp.float32), axis=1).astype(rows.dtype)
 
 
 def _check_mlp(x: Array, mlp: MlpInputs, layer: Array | int | None) -> MlpInputs:

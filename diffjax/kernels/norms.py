@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from diffjax.kernels import MIN_BLOCK, largest_power_of_two_divisor, resolve_interpret, with_twin_backward
+from diffjax.kernels.moe import sum_expert_rows
 from diffjax.layers import feedforward_outputs, moe_inputs, rms_norm
 
 Array = jax.Array
@@ -141,8 +142,7 @@ def feedforward_outputs_pallas(residual: Array, dense: Array, expert_rows: Array
     kernel = functools.partial(_feedforward_outputs, top_k=top_k, eps=eps, interpret=resolve_interpret(interpret))
 
     def twin(residual, dense, expert_rows, dense_scale, experts_scale, output_scale, layer_scalar, next_scale):
-        summed = jnp.sum(expert_rows[:tokens * top_k].reshape(tokens, top_k, hidden).astype(jnp.float32), axis=1)
-        experts = summed.astype(residual.dtype).reshape(residual.shape)
+        experts = sum_expert_rows(expert_rows, tokens, top_k).reshape(residual.shape)
         out = feedforward_outputs(residual, dense, experts, dense_scale, experts_scale, output_scale, layer_scalar,
                                   eps)
         return out if next_scale is None else (out, rms_norm(out, next_scale, eps))
