@@ -686,8 +686,16 @@ def compiled_full_size(s: FullSizeSettings, target: str, log: Callable[[str], No
     """Every variant's decoder step and encoder canvas pass compiled on this machine for the GPU `target` names,
     and counted (`diffjax.compiled`: launches, device copies and their bytes, loops, command buffers); nothing
     runs. Needs JAX's CUDA plugin, not a GPU. Returns {"target", "points": [...], ...}: each point the decoder
-    step's counts at its top level and the encoder's under "encoder"."""
-    from diffjax.compiled import compile_decoder_step, compile_encoder_step, gpu_device
+    step's counts at its top level and the encoder's under "encoder"; with `s.generate`, under "generate" per
+    `s.statistics` value one pass of `generate`'s denoising loop (`compiled.generate_pass`: what the loop
+    runs per step, the step's sampler included)."""
+    from diffjax.compiled import (
+        compile_decoder_step,
+        compile_encoder_step,
+        compile_generate,
+        generate_pass,
+        gpu_device,
+    )
 
     s.validate()
     config = _base_config(s, config)
@@ -707,6 +715,11 @@ def compiled_full_size(s: FullSizeSettings, target: str, log: Callable[[str], No
             # XLA's compile here, without autotuning: how compile time grows with a variant, not the GPU's.
             point["compile_s"] = time.perf_counter() - start
             point["encoder"] = dataclasses.asdict(compile_encoder_step(*shapes))
+            if s.generate:
+                point["generate"] = {
+                    statistics: dataclasses.asdict(generate_pass(compile_generate(
+                        shapes[0], variant["batch"], variant["prompt"], target, statistics, shapes[4])))
+                    for statistics in s.statistics}
         except Exception as exc:  # one variant failing to compile must not lose the others
             point["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         points.append(point)
@@ -926,10 +939,11 @@ def render_compiled(result: dict[str, Any], console: Any) -> None:
     caption = (f"compiled here for {result['target']} (diffjax.compiled), nothing run; {shared}. Per decoder step: "
                "launches = kernels + library calls + copies, loop bodies once per iteration; outside graphs = "
                "launched one by one; copies = device-to-device copies, GB = what they write; compile s = XLA "
-               "here, no autotuning (decoder); encoder = its pass over one canvas")
+               "here, no autotuning (decoder); encoder = its pass over one canvas; generate pass = one iteration of "
+               "generate's denoising loop (launches / GB copied), per statistics path")
     table = Table(title=_title(result["config"]), caption=caption)
     columns = [*varying, "launches", "outside graphs", "copies", "GB", "loops", "compile s", "encoder launches",
-               "encoder GB"]
+               "encoder GB", "generate pass"]
     for name in columns:
         table.add_column(name, justify="right")
     for point in points:
@@ -940,7 +954,9 @@ def render_compiled(result: dict[str, Any], console: Any) -> None:
         table.add_row(*variant, str(point["launches"]), str(point["outside_command_buffers"]), str(point["copies"]),
                       f"{point['copy_bytes'] / 1e9:.3f}", ",".join(map(str, point["loops"])) or "-",
                       f"{point['compile_s']:.0f}", str(point["encoder"]["launches"]),
-                      f"{point['encoder']['copy_bytes'] / 1e9:.3f}")
+                      f"{point['encoder']['copy_bytes'] / 1e9:.3f}",
+                      ", ".join(f"{statistics}: {one['launches']} / {one['copy_bytes'] / 1e9:.3f}"
+                                for statistics, one in point.get("generate", {}).items()) or "-")
     console.print(table)
 
 

@@ -38,13 +38,28 @@ _COPIES = {"kCopy", "kCopyDone", "kDeviceToDeviceCopy"}
 
 
 @dataclasses.dataclass(frozen=True)
+class LoopIteration:
+    """What one iteration of a while loop launches: `launches` (of which `copies`, writing `copy_bytes`) and
+    `kernels` by name as in `StepStructure.kernels`. depth: the while loops around this one."""
+
+    depth: int = 0
+    launches: int = 0
+    copies: int = 0
+    copy_bytes: int = 0
+    kernels: tuple[tuple[str, int], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class StepStructure:
     """Per call of a compiled function (loop bodies counted once per iteration).
 
     launches: kernels, library calls (cuBLAS, cuDNN) and copies. copies / copy_bytes: device-to-device copies
     and the bytes they write. outside_command_buffers: launches the host issues one by one (the rest replay as
     CUDA graphs). loops: known trip count of each while loop (None where XLA does not know it; its body is
-    then counted once). kernels: launches by name, numeric suffixes dropped, most first.
+    then counted once). kernels: launches by name, numeric suffixes dropped, most first. loop_iterations: per
+    while loop (in `loops`' order), what one iteration of it launches and copies, its condition and inner
+    loops included: for a loop of unknown trip count, such as `generate`'s denoising loop, that is the
+    per-pass figure the totals cannot give.
     """
 
     launches: int
@@ -54,6 +69,7 @@ class StepStructure:
     command_buffers: int
     loops: tuple[int | None, ...]
     kernels: tuple[tuple[str, int], ...]
+    loop_iterations: tuple[LoopIteration, ...] = ()
 
     def summary(self) -> str:
         loops = ", ".join("?" if n is None else str(n) for n in self.loops) or "none"
@@ -73,8 +89,10 @@ def step_structure(thunk_sequence: str, thunk_metadata: str, optimized_hlo: str)
     launches = copies = copy_bytes = outside = command_buffers = 0
     loops: list[int | None] = []
     kernels: collections.Counter[str] = collections.Counter()
-    # Enclosing thunks of the current line: (indent, kind, iterations, annotation).
-    enclosing: list[tuple[int, str, int, str]] = []
+    # Per while loop, per iteration: [depth, launches, copies, copy bytes, kernels by name].
+    per_loop: list[list[Any]] = []
+    # Enclosing thunks of the current line: (indent, kind, iterations, annotation, index in per_loop or -1).
+    enclosing: list[tuple[int, str, int, str, int]] = []
     for line in thunk_sequence.splitlines():
         match = re.match(r"^(\s*)(\d+): (k\w+)\s*\[[^\]]*\]\s*(\S*)", line)
         if not match:
@@ -82,30 +100,42 @@ def step_structure(thunk_sequence: str, thunk_metadata: str, optimized_hlo: str)
         indent, thunk_id, kind, name = len(match.group(1)), int(match.group(2)), match.group(3), match.group(4)
         while enclosing and indent <= enclosing[-1][0]:
             enclosing.pop()
-        times = math.prod(iterations for _, _, iterations, _ in enclosing)
+        times = math.prod(entry[2] for entry in enclosing)
         annotation = annotations.get(thunk_id, name)
         if kind == "kWhile":
             trips = _trip_count(instructions.get(annotation))
             loops.append(trips)
-            enclosing.append((indent, kind, trips or 1, annotation))
+            per_loop.append([sum(e[4] >= 0 for e in enclosing), 0, 0, 0, collections.Counter()])
+            enclosing.append((indent, kind, trips or 1, annotation, len(per_loop) - 1))
             continue
         if kind in _STRUCTURAL:
             command_buffers += kind == "kCommandBuffer"
-            enclosing.append((indent, kind, 1, annotation))
+            enclosing.append((indent, kind, 1, annotation, -1))
             continue
         launches += times
-        if all(k != "kCommandBuffer" for _, k, _, _ in enclosing):
+        if all(entry[1] != "kCommandBuffer" for entry in enclosing):
             outside += times
+        written = 0
         if kind in _COPIES:
             # A copy inside a dynamic-slice fusion has no annotation of its own: it writes the fusion's result.
             if annotation not in instructions:
-                annotation = next((a for _, _, _, a in reversed(enclosing) if a in instructions), annotation)
+                annotation = next((e[3] for e in reversed(enclosing) if e[3] in instructions), annotation)
+            written = _array_bytes(instructions.get(annotation, ("",))[0])
             copies += times
-            copy_bytes += times * _array_bytes(instructions.get(annotation, ("",))[0])
-        label = f"copy:{annotation}" if kind in _COPIES else (name or annotation)
-        kernels[re.sub(r"([._]\d+)+$", "", label)] += times
+            copy_bytes += times * written
+        label = re.sub(r"([._]\d+)+$", "", f"copy:{annotation}" if kind in _COPIES else (name or annotation))
+        kernels[label] += times
+        for depth, entry in enumerate(enclosing):
+            if entry[4] >= 0:  # a while loop: this launch's count per iteration of it
+                per_iteration = math.prod(inner[2] for inner in enclosing[depth + 1:])
+                counts = per_loop[entry[4]]
+                counts[1] += per_iteration
+                counts[2] += per_iteration * (kind in _COPIES)
+                counts[3] += per_iteration * written
+                counts[4][label] += per_iteration
+    iterations = tuple(LoopIteration(d, n, c, b, tuple(k.most_common())) for d, n, c, b, k in per_loop)
     return StepStructure(launches, copies, copy_bytes, outside, command_buffers, tuple(loops),
-                         tuple(kernels.most_common()))
+                         tuple(kernels.most_common()), iterations)
 
 
 def _trip_count(instruction: tuple[str, str] | None) -> int | None:
@@ -193,6 +223,42 @@ def compile_encoder_step(config: Config, batch: int, prompt: int, target: str = 
     return _compile_on_cache(lambda params, cache, ids, mask: _encode(params, config, ids, mask, cache),
                              config, batch, prompt, target, (mask,), donate_cache=True,
                              compiler_options=compiler_options)
+
+
+def compile_generate(config: Config, batch: int, prompt: int, target: str = "h200", statistics: str = "pallas",
+                     compiler_options: dict[str, Any] | None = None) -> StepStructure:
+    """The structure of a whole `generate` call (prefill, then a loop over canvases holding the denoising loop
+    and the encoder's pass), two canvases, the default sampler and stopping rule, compiled like
+    `compile_decoder_step`. Its loops have no known trip count, so the totals count each body once; the
+    denoising loop's `loop_iterations` entry (`generate_pass`) is what one pass launches and copies, to set
+    beside the decoder step alone."""
+    from diffjax import kernels
+    from diffjax.generate import GenerationSettings, _generate, make_components
+    from diffjax.model import param_shapes
+
+    settings = GenerationSettings(max_new_tokens=2 * config.canvas_length, eos_token_id=config.eos_token_id,
+                                  statistics=statistics)
+    settings.validate(config)
+
+    def run(params, ids, mask, key, components):
+        return _generate(params, config, settings, ids, mask, key, None, components, None)
+
+    ids = jax.ShapeDtypeStruct((batch, prompt), jnp.int32)
+    mask = jax.ShapeDtypeStruct((batch, prompt), jnp.bool_)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    components = jax.eval_shape(lambda: jax.tree.map(jnp.asarray, make_components()))
+    with kernels.compiling_for_gpu():
+        return compile_structure(jax.jit(run), (param_shapes(config), ids, mask, key, components),
+                                 gpu_device(target), compiler_options)
+
+
+def generate_pass(structure: StepStructure) -> LoopIteration:
+    """The denoising loop's iteration in a `compile_generate` structure: the outermost loop of unknown trip
+    count inside another (the canvas loop)."""
+    for trips, iteration in zip(structure.loops, structure.loop_iterations, strict=True):
+        if trips is None and iteration.depth == 1:
+            return iteration
+    raise ValueError(f"no denoising loop among the loops {structure.loops}: not a compiled `generate`")
 
 
 def _compile_on_cache(step: Any, config: Config, batch: int, prompt: int, target: str,

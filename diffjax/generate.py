@@ -166,7 +166,44 @@ def generate(
                 f"initial_canvas must be [batch={batch}, canvas={config.canvas_length}], got {initial_canvas.shape}"
             )
 
-    components = Components(
+    components = make_components(
+        sampler=sampler, temperature_schedule=temperature_schedule, logits_filter=logits_filter,
+        stopping_rule=stopping_rule, t_min=t_min, t_max=t_max, entropy_bound=entropy_bound,
+        stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
+    )
+    if statistics != "logits":
+        _check_statistics_components(components, statistics)
+    return _generate(
+        params, config, settings, input_ids, attention_mask, key,
+        initial_canvas, components, on_step,
+    )
+
+
+@flax.struct.dataclass
+class Components:
+    """The swappable pieces of the loop, passed as one pytree so their numbers are traced, not baked in."""
+
+    sampler: Any
+    schedule: Any
+    logits_filter: Any
+    stopping: Any
+
+
+def make_components(
+    *,
+    sampler: sampling.Sampler | None = None,
+    temperature_schedule: sampling.TemperatureSchedule | None = None,
+    logits_filter: sampling.LogitsFilter | None = None,
+    stopping_rule: sampling.StoppingRule | None = None,
+    t_min: float = 0.4,
+    t_max: float = 0.8,
+    entropy_bound: float = 0.1,
+    stability_threshold: int | None = 1,
+    confidence_threshold: float | None = 0.005,
+) -> Components:
+    """The loop's components as `generate` takes them: those given, and transformers' defaults built from the
+    scalar hyper-parameters for the others."""
+    return Components(
         sampler=sampler if sampler is not None else sampling.EntropyBoundSampler(entropy_bound=entropy_bound),
         schedule=(
             temperature_schedule if temperature_schedule is not None
@@ -179,12 +216,6 @@ def generate(
                 stability_threshold=stability_threshold, confidence_threshold=confidence_threshold
             )
         ),
-    )
-    if statistics != "logits":
-        _check_statistics_components(components, statistics)
-    return _generate(
-        params, config, settings, input_ids, attention_mask, key,
-        initial_canvas, components, on_step,
     )
 
 
@@ -205,16 +236,6 @@ def _check_statistics_components(components: Components, statistics: str) -> Non
         raise ValueError(
             f"the token draw {type(draw).__name__} has no from_statistics: use statistics='logits'"
         )
-
-
-@flax.struct.dataclass
-class Components:
-    """The swappable pieces of the loop, passed as one pytree so their numbers are traced, not baked in."""
-
-    sampler: Any
-    schedule: Any
-    logits_filter: Any
-    stopping: Any
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings", "on_step"))

@@ -17,7 +17,7 @@ import jax
 import pytest
 
 from diffjax import bench, kernels
-from diffjax.compiled import _array_bytes, gpu_device, step_structure
+from diffjax.compiled import LoopIteration, _array_bytes, generate_pass, gpu_device, step_structure
 from diffjax.config import Config
 
 DATA = pathlib.Path(__file__).parent / "data" / "compiled"
@@ -44,6 +44,10 @@ def test_a_compiled_step_is_counted_with_its_loop_and_its_copies():
     assert dict(structure.kernels)["gemm_fusion_dot"] == 1 + 3
     assert (structure.command_buffers, structure.outside_command_buffers) == (0, structure.launches)
     assert "21 launches per call" in structure.summary()
+    # Per iteration of the loop: the same five launches, one of them the dynamic slice's copy.
+    (iteration,) = structure.loop_iterations
+    assert (iteration.depth, iteration.launches, iteration.copies, iteration.copy_bytes) == (0, 5, 1, 256 * 256 * 2)
+    assert dict(iteration.kernels)["gemm_fusion_dot"] == 1
 
 
 def test_launches_inside_command_buffers_and_unknown_trip_counts():
@@ -77,6 +81,38 @@ condition:
     unknown = step_structure(sequence, metadata, hlo.replace('"n":"6"', '"m":"6"'))
     assert (unknown.launches, unknown.loops) == (2 + 3 + 1, (None,))
     assert "?" in unknown.summary()
+    assert unknown.loop_iterations == structure.loop_iterations == (
+        LoopIteration(0, 3, 1, 128, (("loop_compare_fusion", 1), ("moe_gate_up", 1),
+                                     ("copy:loop_dynamic_slice_fusion", 1))),)
+
+
+def test_nested_loops_are_counted_per_iteration_of_each():
+    """generate's shape: a canvas loop of unknown trips holding a denoising loop of unknown trips, which holds a
+    scan of known trips; `generate_pass` picks the denoising loop."""
+    sequence = """\
+000: kCustomKernel [source | next=001 (1)] prefill grid: [1, 1, 1]
+001: kWhile [prev=000 (1) | sink]
+  body:
+    002: kCustomKernel [source | next=003 (1)] encoder grid: [1, 1, 1]
+    003: kWhile [prev=002 (1) | sink]
+      body:
+        004: kCustomKernel [source | next=005 (1)] sampler grid: [1, 1, 1]
+        005: kCopy [prev=004 (1) | next=006 (1)] kCopy
+        006: kWhile [prev=005 (1) | sink]
+          body:
+            007: kCustomKernel [source | sink] layer grid: [1, 1, 1]
+"""
+    metadata = "\n".join(f'thunk_info {{ profile_annotation: "{name}" thunk_id: {i} }}' for i, name in
+                         [(1, "while.1"), (3, "while.2"), (5, "copy.1"), (6, "while.3")])
+    hlo = ('  %copy.1 = bf16[4,8]{1,0} copy(%p)\n'
+           '  %while.3 = (s32[]) while(%t), condition=%c, body=%b, backend_config={"known_trip_count":{"n":"30"}}\n')
+    structure = step_structure(sequence, metadata, hlo)
+    assert structure.loops == (None, None, 30)
+    assert [(i.depth, i.launches, i.copies, i.copy_bytes) for i in structure.loop_iterations] == [
+        (0, 1 + 2 + 30, 1, 64), (1, 2 + 30, 1, 64), (2, 1, 0, 0)]
+    assert generate_pass(structure) is structure.loop_iterations[1]
+    with pytest.raises(ValueError, match="no denoising loop among the loops"):
+        generate_pass(_fixture_structure())
 
 
 def test_array_bytes_reads_hlo_element_types():
@@ -121,10 +157,18 @@ def test_compiled_full_size_counts_every_variant_and_keeps_a_failing_one(monkeyp
     monkeypatch.setattr(compiled, "compile_decoder_step", fake_compile)
     encoder = dataclasses.replace(_fixture_structure(), launches=99, copy_bytes=7 * 10**9)
     monkeypatch.setattr(compiled, "compile_encoder_step", lambda *shapes: encoder)
+    generate_seen = []
+
+    def fake_generate(config, batch, prompt, target, statistics, compiler_options):
+        generate_seen.append((config.scan_unroll, statistics))
+        return dataclasses.replace(_fixture_structure(), loops=(None, None), loop_iterations=(
+            LoopIteration(0, 50), LoopIteration(1, 40 + len(statistics), 2, 10**9)))
+
+    monkeypatch.setattr(compiled, "compile_generate", fake_generate)
     # The XLA options vary fastest: each layout is compiled with the defaults, then without Triton matmuls.
     settings = bench.FullSizeSettings(batches=(2,), prompts=(8,), scan_unroll=(1, 3),
                                       projections=("separate", "fused"), blocks=("unstacked",),
-                                      xla_options=("", "xla_gpu_enable_triton_gemm=false"))
+                                      xla_options=("", "xla_gpu_enable_triton_gemm=false"), generate=False)
     settings_default = dataclasses.replace(settings, xla_options=("",))
     result = bench.compiled_full_size(settings_default, "h200", config=Config.tiny())
     assert seen == [(1, "separate", "unstacked", 2, 8, "h200"), (1, "fused", "unstacked", 2, 8, "h200"),
@@ -149,6 +193,17 @@ def test_compiled_full_size_counts_every_variant_and_keeps_a_failing_one(monkeyp
     assert "scan_unroll" in header and "projections" in header and "batch" not in header and "blocks" not in header
     assert "batch 2" in text and "blocks unstacked" in text and "no such kernel" in text
     assert "encoder launches" in header and " 99 " in text and "7.000" in text
+    assert "generate" not in points[0] and not generate_seen
+    # With generate, one pass of its denoising loop per statistics path.
+    with_generate = bench.compiled_full_size(
+        dataclasses.replace(settings, scan_unroll=(3,), projections=("separate",), xla_options=("",),
+                            statistics=("logits", "pallas"), generate=True), "h200", config=Config.tiny())
+    assert generate_seen == [(3, "logits"), (3, "pallas")]
+    passes = with_generate["points"][0]["generate"]
+    assert passes["logits"]["launches"] == 46 and passes["pallas"]["copy_bytes"] == 10**9
+    console = Console(width=250, record=True)
+    bench.render(with_generate, console)
+    assert "logits: 46 / 1.000, pallas: 46 / 1.000" in console.export_text()
 
 
 def test_cli_compiled_for_needs_full_size_and_a_plugin(capsys):
