@@ -51,6 +51,7 @@ from diffjax.config import (
     SLIDING_ATTENTION_IMPLEMENTATIONS,
     AttentionConfig,
     Config,
+    KernelTiles,
     require_pretiled_readers,
 )
 from diffjax.generate import STATISTICS
@@ -400,6 +401,10 @@ class FullSizeSettings:
     # comma-separated `name=value` of XLA's debug options (`parse_xla_options`), "" for the defaults. Per
     # compile, so options such as `xla_gpu_enable_command_buffer=` (no CUDA graphs) are compared in one process.
     xla_options: tuple[str, ...] = ("",)
+    # Pallas kernel tiles, each value one variant (same weights): `config.KernelTiles.parse` text, e.g.
+    # "sliding_attention.block_k=64,routing.project=false"; "" for every kernel's defaults. Times a kernel
+    # sweep's winners in the whole step, beside the defaults, in one process.
+    tiles: tuple[str, ...] = ("",)
     # Size of the array copied to measure bandwidth: 4 GiB (well past any cache) on an accelerator, less on a
     # CPU where the full-size model already fills most of the host memory.
     bandwidth_bytes: int | None = None
@@ -442,6 +447,10 @@ class FullSizeSettings:
             raise ValueError(f"--xla-options takes one or more option lists, got {self.xla_options!r}")
         for options in self.xla_options:
             parse_xla_options(options)
+        if isinstance(self.tiles, str) or not self.tiles:
+            raise ValueError(f"--tiles takes one or more tile settings, got {self.tiles!r}")
+        for tiles in self.tiles:
+            KernelTiles.parse(tiles)
         if not self.scan_unroll or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0
                                        for v in self.scan_unroll):
             raise ValueError(f"--scan-unroll takes positive integers, got {self.scan_unroll!r}")
@@ -587,9 +596,9 @@ def step_parts(kernels: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSizeSettings,
-               xla_options: str = "") -> dict[str, Any]:
+               xla_options: str = "", tiles: str = "") -> dict[str, Any]:
     """One decoder step and one encoder canvas on a cache prefilled with `prompt` random tokens, each compiled
-    with `xla_options` (`parse_xla_options`)."""
+    with `xla_options` (`parse_xla_options`); `tiles` (the text of `config.kernel_tiles`) names the profile."""
     from diffjax.model import _denoise_logits, _encode, init_cache, param_dtype, prefill
 
     if prompt + config.canvas_length > config.max_position_embeddings:
@@ -629,7 +638,8 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
             f"{config.sliding_attention_implementation}_unroll{config.scan_unroll}_{config.projection_layout}_"
             f"{config.block_layout}_routing_{config.routing_implementation}_norms_{config.norm_implementation}"
             f"_mlp_{config.mlp_implementation}"
-            + (f"_xla_{re.sub(r'[^A-Za-z0-9=]+', '_', xla_options)}" if xla_options else ""))
+            + (f"_xla_{re.sub(r'[^A-Za-z0-9=]+', '_', xla_options)}" if xla_options else "")
+            + (f"_tiles_{re.sub(r'[^A-Za-z0-9=]+', '_', tiles)}" if tiles else ""))
         try:
             breakdown = kernel_times(decoder_step, trace_dir)
             profiled["decoder_kernels"] = {**breakdown, "kernels": breakdown["kernels"][:PROFILED_KERNELS],
@@ -661,7 +671,7 @@ def _base_config(s: FullSizeSettings, config: Config | None) -> Config:
 
 # What tells the decoder steps of a sweep apart, as points name it.
 VARIANT_KEYS = ("prompt", "batch", "moe", "sliding_attention", "scan_unroll", "projections", "blocks", "routing",
-                "norms", "mlp", "xla_options")
+                "norms", "mlp", "xla_options", "tiles")
 # The full-size table's column headers of VARIANT_KEYS, where shorter than the key.
 _VARIANT_HEADERS = {"sliding_attention": "sliding", "scan_unroll": "unroll"}
 
@@ -670,7 +680,7 @@ def _variants(s: FullSizeSettings) -> list[dict[str, Any]]:
     """Every decoder step to run, as {VARIANT_KEYS: value}, in increasing (prompt, batch) order."""
     return [dict(zip(VARIANT_KEYS, values, strict=True)) for values in itertools.product(
         sorted(set(s.prompts)), sorted(set(s.batches)), s.moe_implementations, s.sliding_attention, s.scan_unroll,
-        s.projections, s.blocks, s.routing, s.norms, s.mlp, s.xla_options)]
+        s.projections, s.blocks, s.routing, s.norms, s.mlp, s.xla_options, s.tiles)]
 
 
 def _variant_config(config: Config, variant: dict[str, Any]) -> Config:
@@ -678,7 +688,7 @@ def _variant_config(config: Config, variant: dict[str, Any]) -> Config:
         moe_implementation=variant["moe"], sliding_attention_implementation=variant["sliding_attention"],
         scan_unroll=variant["scan_unroll"], projection_layout=variant["projections"], block_layout=variant["blocks"],
         routing_implementation=variant["routing"], norm_implementation=variant["norms"],
-        mlp_implementation=variant["mlp"])
+        mlp_implementation=variant["mlp"], kernel_tiles=KernelTiles.parse(variant["tiles"]))
 
 
 def compiled_full_size(s: FullSizeSettings, target: str, log: Callable[[str], None] = lambda _: None,
@@ -782,7 +792,8 @@ def run_full_size(
             try:
                 if key not in steps:
                     log(f"{name}: decoder step and encoder canvas")
-                    steps[key] = time_steps(params_here, config, batch, prompt, s, variant["xla_options"])
+                    steps[key] = time_steps(params_here, config, batch, prompt, s, variant["xla_options"],
+                                            variant["tiles"])
                 point.update(steps[key])
                 if "decoder_kernels" in point:
                     parts = ", ".join(f"{part} {p['total_us'] / 1e3:.2f} ms ({p['count']})" for part, p in

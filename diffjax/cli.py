@@ -39,6 +39,7 @@ from diffjax.config import (
     PROJECTION_LAYOUTS,
     ROUTING_IMPLEMENTATIONS,
     SLIDING_ATTENTION_IMPLEMENTATIONS,
+    KernelTiles,
     require_pretiled_readers,
 )
 from diffjax.generate import STATISTICS
@@ -278,6 +279,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ("moe_implementation", args.moe), ("global_attention_implementation", args.global_attention),
         ("sliding_attention_implementation", args.sliding_attention), ("scan_unroll", args.scan_unroll),
         ("routing_implementation", args.routing), ("norm_implementation", args.norms),
+        ("kernel_tiles", None if args.tiles is None else KernelTiles.parse(args.tiles)),
     ) if value is not None}
     if chosen:
         model.config = model.config.replace(**chosen)
@@ -493,6 +495,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 norms=tuple(args.norms or ("xla",)),
                 mlp=tuple(args.mlp or ("xla",)),
                 xla_options=tuple(args.xla_options or ("",)),
+                tiles=tuple(args.tiles or ("",)),
             )
             if args.compiled_for:
                 result = bench.compiled_full_size(settings, args.compiled_for, log)
@@ -504,7 +507,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (the comparison runs identical "
                                    "weights on both sides)")
             for flag in ("global_attention", "sliding_attention", "scan_unroll", "projections", "blocks",
-                         "routing", "norms", "mlp", "xla_options", "profile", "compiled_for"):
+                         "routing", "norms", "mlp", "xla_options", "tiles", "profile", "compiled_for"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (a GPU run)")
             defaults = bench.BenchSettings()
@@ -621,7 +624,7 @@ _seed = _number_type(int, "an integer", lambda v: 0 <= v < 2**63, "in [0, 2**63)
 
 
 def _add_implementation_flags(parser: argparse.ArgumentParser, prefix: str = "", several: bool = False) -> None:
-    """`--global-attention`, `--sliding-attention`, `--routing`, `--norms`, `--mlp` and `--scan-unroll`: `Config` fields
+    """`--global-attention`, `--sliding-attention`, `--routing`, `--norms`, `--mlp`, `--tiles` and `--scan-unroll`: `Config` fields
     that pick how, not what, the model computes (besides `--moe`). `several`: all but the first take one or
     more values (each timed)."""
     nargs = "+" if several else None
@@ -640,6 +643,10 @@ def _add_implementation_flags(parser: argparse.ArgumentParser, prefix: str = "",
     parser.add_argument("--mlp", choices=MLP_IMPLEMENTATIONS, nargs=nargs,
                         help=f"{prefix}each layer's dense MLP: xla (default, three launches) or programs of the "
                              f"Pallas expert kernels (GPU; needs --moe pallas and fused projections){each}")
+    parser.add_argument("--tiles", nargs=nargs, metavar="TILES",
+                        help=f"{prefix}the Pallas kernels' tiles: comma-separated kernel.setting=value (e.g. "
+                             f"sliding_attention.block_k=64,routing.project=false; kernels: experts, experts_mgpu, "
+                             f"sliding_attention, global_attention, routing, vocab; '' for the defaults){each}")
     parser.add_argument("--scan-unroll", type=_positive_int, nargs=nargs,
                         help=f"{prefix}layer blocks per iteration of the scan over blocks (default 1; the block "
                              f"count: no loop, static weight slices, longer compile){each}")

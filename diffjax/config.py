@@ -29,7 +29,7 @@ MLP_IMPLEMENTATIONS = ("xla", "pallas")
 # Config fields that pick an implementation (same maths): not written to config.json.
 IMPLEMENTATION_FIELDS = (
     "moe_implementation", "global_attention_implementation", "sliding_attention_implementation",
-    "routing_implementation", "norm_implementation", "mlp_implementation", "scan_unroll",
+    "routing_implementation", "norm_implementation", "mlp_implementation", "scan_unroll", "kernel_tiles",
 )
 # How the expert weights are stored (`diffjax.quantize`). Not an implementation field: fp8 changes the maths
 # (slightly) and the parameter tree, and no checkpoint stores it (quantized trees are made at load time).
@@ -43,6 +43,101 @@ PROJECTION_LAYOUTS = ("separate", "fused")
 BLOCK_LAYOUTS = ("stacked", "unstacked")
 
 RopeType = Literal["default", "proportional"]
+
+# KernelTiles field -> (module under diffjax.kernels, its tiles class). Imported when used: the kernels import
+# the layers, which import this module.
+_TILES_CLASSES = {
+    "experts": ("moe", "MoeTiles"),
+    "experts_mgpu": ("moe_mgpu", "MgpuMoeTiles"),
+    "sliding_attention": ("attention", "AttentionTiles"),
+    "global_attention": ("attention", "AttentionTiles"),
+    "routing": ("routing", "RouteTiles"),
+    "vocab": ("vocab", "VocabTiles"),
+}
+
+
+def _tiles_class(field: str) -> type:
+    import importlib
+
+    module, name = _TILES_CLASSES[field]
+    return getattr(importlib.import_module(f"diffjax.kernels.{module}"), name)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTiles:
+    """Tile settings of the Pallas kernels the model and `generate` run, per kernel; None leaves a kernel its
+    own defaults (some follow the shapes, e.g. the experts' row tile the batch). Same maths, another speed:
+    for a GPU sweep's winner (`python -m diffjax.kernels.bench --sweep`) or a researcher's experiment, timed in
+    the whole step (`diffjax bench --full-size --tiles ...`), without editing a kernel.
+
+    experts: `kernels.moe.MoeTiles` (`moe_implementation="pallas"`); experts_mgpu: `kernels.moe_mgpu.
+    MgpuMoeTiles` ("pallas_mgpu"); sliding_attention / global_attention: `kernels.attention.AttentionTiles` of
+    the split-K kernel on each layer type; routing: `kernels.routing.RouteTiles`; vocab:
+    `kernels.vocab.VocabTiles` (`generate(statistics="pallas")`).
+    """
+
+    experts: Any = None
+    experts_mgpu: Any = None
+    sliding_attention: Any = None
+    global_attention: Any = None
+    routing: Any = None
+    vocab: Any = None
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming a field that holds the wrong class or an invalid setting."""
+        for field in _TILES_CLASSES:
+            value = getattr(self, field)
+            if value is None:
+                continue
+            expected = _tiles_class(field)
+            if not isinstance(value, expected):
+                raise ValueError(f"kernel_tiles.{field} must be a {expected.__module__}.{expected.__name__} or "
+                                 f"None, got {type(value).__name__}")
+            if hasattr(value, "validate"):
+                value.validate()
+
+    def kwargs(self, field: str) -> dict[str, Any]:
+        """`{"tiles": ...}` for the kernel `field` names if set, else `{}` (the kernel's defaults)."""
+        value = getattr(self, field)
+        return {} if value is None else {"tiles": value}
+
+    @classmethod
+    def parse(cls, text: str) -> KernelTiles:
+        """From `kernel.setting=value` items separated by commas, e.g. `sliding_attention.block_k=64,
+        routing.project=false` (values: integers, true/false, none); "" or "default": every kernel's defaults.
+        Raises `ValueError` naming an unknown kernel, setting or value."""
+        settings: dict[str, dict[str, Any]] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            if item == "default":
+                continue
+            target, sep, raw = item.partition("=")
+            field, dot, setting = target.strip().partition(".")
+            if not sep or not dot:
+                raise ValueError(f"kernel tiles item {item!r} is not kernel.setting=value")
+            if field not in _TILES_CLASSES:
+                raise ValueError(f"unknown kernel {_with_suggestion(field, frozenset(_TILES_CLASSES))} in "
+                                 f"{item!r}: one of {sorted(_TILES_CLASSES)}")
+            known = frozenset(f.name for f in dataclasses.fields(_tiles_class(field)))
+            if setting not in known:
+                raise ValueError(f"{field} has no tile setting {_with_suggestion(setting, known)}: one of "
+                                 f"{sorted(known)}")
+            settings.setdefault(field, {})[setting] = _tile_value(raw.strip(), item)
+        tiles = cls(**{field: _tiles_class(field)(**values) for field, values in settings.items()})
+        tiles.validate()
+        return tiles
+
+
+def _tile_value(raw: str, item: str) -> int | bool | None:
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"the value of {item!r} must be an integer, true, false or none") from None
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +281,8 @@ class Config:
     # H200, a static slice feeding one matmul is read in place, but q/k/v and gate/up slices are still copied
     # (XLA merges those matmuls): use `projection_layout="fused"` with it. Compile time grows with it.
     scan_unroll: int = 1
+    # Tile settings of the Pallas kernels (`KernelTiles`; the default leaves each kernel its own). Same maths.
+    kernel_tiles: KernelTiles = KernelTiles()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -242,6 +339,9 @@ class Config:
             if unmet:
                 raise ValueError("mlp_implementation='pallas' runs the dense MLP inside the Pallas expert kernels: "
                                  f"it needs {' and '.join(unmet)}")
+        if not isinstance(self.kernel_tiles, KernelTiles):
+            raise ValueError(f"kernel_tiles must be a KernelTiles, got {type(self.kernel_tiles).__name__}")
+        self.kernel_tiles.validate()
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:

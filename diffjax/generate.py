@@ -289,7 +289,8 @@ def _generate(
             # The draw's seed comes from the key half the logits path draws with; the sampler renoises with
             # the other half, as there.
             draw_key, _ = jax.random.split(step_key)
-            vocab_pass = vocab_stats_pallas if settings.statistics == "pallas" else vocab_stats_reference
+            vocab_pass = (functools.partial(vocab_stats_pallas, **config.kernel_tiles.kwargs("vocab"))
+                          if settings.statistics == "pallas" else vocab_stats_reference)
             stats, processed = vocab_pass(
                 hidden, params["embedder"]["embedding"], temperature, seed=jax.random.bits(draw_key, (), jnp.uint32),
                 softcap=config.final_logit_softcapping, return_logits=True,

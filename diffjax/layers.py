@@ -234,9 +234,10 @@ class Attention(nn.Module):
         if implementation == "pallas":
             from diffjax.kernels.attention import global_attention_pallas
 
+            tiles = cfg.kernel_tiles.kwargs("global_attention" if self.layer_type == FULL else "sliding_attention")
             # The canvas's own keys as a second source: no concatenation with the cache is written.
             out = global_attention_pallas(q, context_keys, context_values, mask[:, 0, :context_keys.shape[-3]], k, v,
-                                          context_layer)
+                                          context_layer, **tiles)
         else:
             keys = jnp.concatenate([context_keys, k], axis=1)
             values = jnp.concatenate([context_values, v], axis=1)
@@ -297,10 +298,12 @@ class Router(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (cfg.hidden_size,))
         per_expert_scale = self.param("per_expert_scale", nn.initializers.ones, (cfg.num_experts,))
         proj = Weight("kernel", (cfg.hidden_size, cfg.num_experts), _init, name="proj")()
-        make = route
         if cfg.routing_implementation == "pallas" and not self.is_initializing():
-            from diffjax.kernels.routing import route_pallas as make  # the kernels import this module
-        return make(normed_residual, scale, proj, per_expert_scale, cfg.top_k_experts)
+            from diffjax.kernels.routing import route_pallas  # the kernels import this module
+
+            return route_pallas(normed_residual, scale, proj, per_expert_scale, cfg.top_k_experts,
+                                **cfg.kernel_tiles.kwargs("routing"))
+        return route(normed_residual, scale, proj, per_expert_scale, cfg.top_k_experts)
 
 
 def route(normed_residual: Array, scale: Array, proj: Array, per_expert_scale: Array, k: int
@@ -425,13 +428,15 @@ class Experts(nn.Module):
         if cfg.moe_implementation in STACK_READING_MOE_IMPLEMENTATIONS and not self.is_initializing():
             # The kernels import this module.
             if cfg.moe_implementation == "pallas_mgpu":
-                from diffjax.kernels.moe_mgpu import experts_mgpu as kernel
+                from diffjax.kernels.moe_mgpu import experts_mgpu
+
+                kernel = functools.partial(experts_mgpu, **cfg.kernel_tiles.kwargs("experts_mgpu"))
             else:
                 from diffjax.kernels.moe import experts_pallas
 
                 # (Config allows the MLP, and so the unsummed rows, with this kernel only)
                 kernel = functools.partial(experts_pallas, routing=cfg.routing_implementation, mlp=mlp,
-                                           sum_rows=sum_rows)
+                                           sum_rows=sum_rows, **cfg.kernel_tiles.kwargs("experts"))
             stacks, layer = stacked if stacked is not None else (leaves, None)
             return kernel(x, weights, expert_ids, stacks["gate_up_proj"], stacks["down_proj"], layer,
                           gate_up_scale=stacks.get("gate_up_proj_scale"), down_scale=stacks.get("down_proj_scale"),

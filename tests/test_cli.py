@@ -54,7 +54,7 @@ def test_generate_default_model_sorts(capsys):
 
 def test_generate_implementation_flags_pick_the_computation(capsys):
     """--moe / --global-attention / --sliding-attention reach the config: same answer through another expert
-    path; an implementation this machine cannot run is one clear error line."""
+    path; an implementation this machine cannot run, or a misspelt kernel tile, is one clear error line."""
     reference = run(capsys, "generate", "--no-live", "--seed", "3", "9402751")[1]
     code, out, err = run(capsys, "generate", "--no-live", "--seed", "3", "--moe", "dense", "9402751")
     assert code == 0, err
@@ -64,6 +64,8 @@ def test_generate_implementation_flags_pick_the_computation(capsys):
     assert out == reference
     code, _, err = run(capsys, "generate", "--no-live", "--scan-unroll", "0", "31")
     assert_clean_error(code, err, "--scan-unroll")
+    code, _, err = run(capsys, "generate", "--no-live", "--tiles", "experts.block_rowz=32", "31")
+    assert_clean_error(code, err, "experts has no tile setting block_rowz (did you mean block_rows?)")
     if jax.default_backend() != "gpu":
         code, _, err = run(capsys, "generate", "--no-live", "--sliding-attention", "cudnn", "31")
         assert_clean_error(code, err, "needs an NVIDIA GPU")
@@ -415,6 +417,24 @@ def test_full_size_times_xla_option_variants_on_the_same_weights(capsys):
         dataclasses.replace(settings, xla_options="xla_a=1").validate()
     code, _, err = run(capsys, "bench", "--xla-options", "xla_a=1")
     assert_clean_error(code, err, "--xla-options needs --full-size")
+
+
+def test_full_size_times_kernel_tile_variants_and_refuses_bad_tiles(capsys):
+    """Each --tiles value is a variant with its own `Config.kernel_tiles` (same weights); a bad setting is
+    refused before anything runs, naming it."""
+    from diffjax import bench
+
+    settings = bench.FullSizeSettings(batches=(1,), prompts=(8,), steps=1, repeats=1, force=True,
+                                      bandwidth_bytes=1 << 20, generate=False, tiles=("", "routing.num_warps=2"))
+    points = bench.run_full_size(settings, config=Config.tiny(canvas_length=8))["points"]
+    assert [p["tiles"] for p in points] == ["", "routing.num_warps=2"]
+    assert all("error" not in p and p["decoder_ms"] > 0 for p in points), points
+    with pytest.raises(ValueError, match="--tiles takes one or more tile settings"):
+        dataclasses.replace(settings, tiles="routing.num_warps=2").validate()
+    code, _, err = run(capsys, "bench", "--full-size", "--force", "--tiles", "routing.num_warp=2")
+    assert_clean_error(code, err, "routing has no tile setting num_warp (did you mean num_warps?)")
+    code, _, err = run(capsys, "bench", "--tiles", "routing.num_warps=2")
+    assert_clean_error(code, err, "--tiles needs --full-size")
 
 
 def test_step_parts_sum_kernels_by_the_part_of_the_step_they_run():

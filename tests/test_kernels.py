@@ -1083,6 +1083,43 @@ def test_generate_with_fused_statistics_lowers_for_cuda(kernels_compiled):
     assert lm_head_f32.search(texts["logits"]) and not lm_head_f32.search(texts["pallas"])
 
 
+def test_kernel_tiles_in_the_config_reach_every_kernel(kernels_compiled):
+    """`Config.kernel_tiles` (as `diffjax bench --tiles` parses it) reaches each kernel of the generation loop:
+    lowered for CUDA, each Triton launch takes the warps set for its kernel (the sliding and global layers'
+    split-K launches each their own), and the kernels given no tiles keep their defaults."""
+    from diffjax.config import FULL, SLIDING, KernelTiles
+    from diffjax.kernels import codegen
+
+    config = Config.tiny(num_layers=2, layer_types=(SLIDING, FULL), vocab_size=1024).replace(
+        moe_implementation="pallas", sliding_attention_implementation="pallas",
+        global_attention_implementation="pallas", routing_implementation="pallas")
+    ids = np.arange(3, 11)[None].repeat(2, 0)
+
+    def launches(config: Config) -> dict[str, set[tuple[int, tuple[int, int, int]]]]:
+        lowered = jax.jit(lambda p: generate(p, config, ids, key=jax.random.key(0), statistics="pallas")).trace(
+            param_shapes(config, jnp.bfloat16)).lower(lowering_platforms=("cuda",))
+        found: dict[str, set] = {}
+        for kernel in codegen.triton_kernels(lowered):
+            found.setdefault(kernel.name, set()).add((kernel.num_warps, kernel.grid))
+        return found
+
+    default = launches(config)
+    tuned = launches(config.replace(kernel_tiles=KernelTiles.parse(
+        "experts.num_warps=2,routing.num_warps=2,sliding_attention.num_warps=2,global_attention.num_warps=1,"
+        "vocab.num_warps=2")))
+    assert {name: {w for w, _ in found} for name, found in default.items()} == {
+        "attention_inputs": {4}, "route": {4}, "expert_rows": {4}, "moe_gate_up": {4}, "moe_down": {4},
+        "global_attention_split_k": {8}, "global_attention_combine": {4}, "vocab_stats": {4}}
+    for name in ("route", "moe_gate_up", "moe_down", "vocab_stats"):
+        assert {w for w, _ in tuned[name]} == {2}, name
+    for name in ("attention_inputs", "expert_rows", "global_attention_combine"):
+        assert tuned[name] == default[name], name
+    # Same grids; the two layer types' split-K launches told apart by them.
+    assert {grid for _, grid in tuned["global_attention_split_k"]} == {
+        grid for _, grid in default["global_attention_split_k"]}
+    assert {w for w, _ in tuned["global_attention_split_k"]} == {1, 2}
+
+
 @pytest.mark.parametrize(("moe", "quantization", "routing"), [
     ("pallas", "none", "xla"), ("pallas", "fp8", "pallas"), ("pallas_mgpu", "fp8", "xla"),
     ("pallas_mgpu", "none", "pallas")])

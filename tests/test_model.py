@@ -166,6 +166,37 @@ def test_config_validation(changes, match):
         Config.tiny(**changes)
 
 
+def test_kernel_tiles_parse_validate_and_stay_out_of_the_maths():
+    from diffjax.config import KernelTiles
+    from diffjax.kernels.attention import AttentionTiles
+    from diffjax.kernels.routing import RouteTiles
+
+    tiles = KernelTiles.parse(" sliding_attention.block_k=64, routing.project=False,routing.num_stages=4,"
+                              "experts.block_rows=none")
+    assert tiles.sliding_attention == AttentionTiles(block_k=64) and tiles.global_attention is None
+    assert tiles.routing == RouteTiles(project=False, num_stages=4) and tiles.experts.block_rows is None
+    assert KernelTiles.parse("") == KernelTiles.parse("default") == KernelTiles()
+    assert tiles.kwargs("routing") == {"tiles": tiles.routing} and tiles.kwargs("vocab") == {}
+    config = Config.tiny(kernel_tiles=tiles)
+    # A static argument of jit (hashable, compared by value); an implementation field, not written to config.json.
+    assert hash(config) == hash(Config.tiny(kernel_tiles=KernelTiles.parse(
+        "routing.num_stages=4,sliding_attention.block_k=64,experts.block_rows=none,routing.project=false")))
+    assert config.implementation()["kernel_tiles"] is tiles and config.to_hf() == Config.tiny().to_hf()
+    for text, match in [
+        ("sliding_attention.blok_k=64", r"sliding_attention has no tile setting blok_k \(did you mean block_k\?\)"),
+        ("sliding.block_k=64", "unknown kernel sliding in 'sliding.block_k=64'"),
+        ("routing.project=maybe", "must be an integer, true, false or none"),
+        ("routing", "is not kernel.setting=value"),
+        ("experts.gate_up_block_k=24", "MoeTiles.gate_up_block_k must be a power of two"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            KernelTiles.parse(text)
+    with pytest.raises(ValueError, match=r"kernel_tiles\.routing must be a diffjax\.kernels\.routing\.RouteTiles"):
+        Config.tiny(kernel_tiles=KernelTiles(routing=AttentionTiles()))
+    with pytest.raises(ValueError, match="kernel_tiles must be a KernelTiles"):
+        Config.tiny(kernel_tiles={"routing": None})
+
+
 def test_config_from_hf_reads_and_rejects():
     hf = Config.tiny().to_hf()
     assert Config.from_hf(hf) == Config.tiny()
