@@ -11,6 +11,8 @@
 #                                                #   matmuls) against the defaults, batch 1, one process
 #   BUDGET=400 bash tests/gpu_run.sh sizes       # or: the issue's other sizes, batch 4 and 16 at prompt 1K,
 #                                                #   then batch 1 at prompt 32K
+#   BUDGET=400 bash tests/gpu_run.sh tiles       # or: the whole step at batch 1, then 8, under the kernel tile
+#                                                #   settings the sweeps and the machine code point to
 #
 # The image's transformers may not be 5.23.0: download its wheel here into .whl/ (ignored through
 # .git/info/exclude; the device README's Notes give the pip command) and name .whl in `carry`.
@@ -51,6 +53,20 @@ elif [ "${1:-targets}" = ablations ]; then
     --xla-options "" "xla_gpu_enable_command_buffer=" "xla_gpu_enable_triton_gemm=false" \
     --json "$OUT/ablations.json" > "$OUT/ablations.log" 2>&1
   logs=ablations
+elif [ "${1:-targets}" = tiles ]; then
+  # The step itself, not a kernel alone, under the tile candidates (`Config.kernel_tiles`, one process, one set
+  # of weights; batch 1's variants first). The sliding layers' split-K kernel with 128-row, 64-key blocks: its
+  # two warpgroups then own 64 query rows each, and its MMAs are m64n64 (scores) and m64n256 (values) where the
+  # defaults' shared 64-row block splits them into m64n16 and m64n128 (`python -m diffjax.kernels.codegen
+  # --sections sliding --tiles block_q=128 block_k=64`: 230-247 registers, no spill, same program count). Its
+  # 64-key blocks alone. And the router's scores from XLA's matmul instead of 8 programs that each stream the
+  # whole router (34 us a layer at batch 1).
+  kernels="--routing pallas --norms pallas --mlp pallas"
+  step "batch 1 and 8: the step under kernel tile variants"
+  timeout "$(limit 540)" "${bench[@]}" --no-generate --batch 1 8 $kernels --repeats 3 \
+    --tiles "" "sliding_attention.block_q=128,sliding_attention.block_k=64" "routing.project=false" \
+    "sliding_attention.block_k=64" --json "$OUT/tiles.json" > "$OUT/tiles.log" 2>&1
+  logs=tiles
 elif [ "${1:-targets}" = sizes ]; then
   # The table's other rows (issue 5): batch 4 and 16 at prompt 1K in one process, then a 32K prompt at batch 1
   # (its prefill takes a while; a later --prompt replaces the one in bench), every kernel, the MLP in the

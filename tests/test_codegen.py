@@ -84,6 +84,22 @@ def test_the_dense_mlp_costs_the_expert_launches_no_occupancy(rows):
         assert wide.programs_per_sm < alone["moe_gate_up"].programs_per_sm
 
 
+def test_sliding_split_k_tiles_set_the_width_of_its_mmas():
+    """The report reads the wgmma shapes: the split-K kernel's 8 warps are two warpgroups, which share a 64-row
+    query block by splitting each product's columns, so the default 32-key blocks give the score product
+    m64n16 instructions; 128-row, 64-key blocks (a `tests/gpu_run.sh tiles` candidate) give each warpgroup
+    its own rows, m64n64 for the scores and m64n256 for the values, without spilling at head_dim 256."""
+    from diffjax.kernels.attention import AttentionTiles
+
+    def split_k(tiles: AttentionTiles) -> codegen.KernelReport:
+        fn, args, kwargs = codegen.sliding_problem(8, tiles)
+        return next(r for r in codegen.kernel_reports(fn, *args, **kwargs) if r.name == "global_attention_split_k")
+
+    assert split_k(AttentionTiles()).mma_shapes == ("m64n16k16", "m64n128k16")
+    wide = split_k(AttentionTiles(block_q=128, block_k=64))
+    assert wide.mma_shapes == ("m64n64k16", "m64n256k16") and not wide.spills
+
+
 def test_skewed_k_loops_stay_pipelined():
     reports = moe_reports(1, skew_k=True)
     assert all(r.async_loads and not r.spills and r.programs_per_sm >= 4 for r in reports.values()), reports

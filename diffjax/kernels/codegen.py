@@ -82,6 +82,10 @@ class KernelReport:
     shared_bytes: int  # dynamic shared memory per program
     programs_per_sm: int
     occupancy_limit: str  # what bounds programs_per_sm: "registers", "shared", "warps" or "programs"
+    # The wgmma instruction shapes in the PTX, e.g. ("m64n16k16", "m64n128k16"): per warpgroup, so a dot whose
+    # rows two warpgroups share is split along its columns. Narrow N issues many small MMAs (Hopper's tensor
+    # cores want N >= 64).
+    mma_shapes: tuple[str, ...] = ()
 
     @property
     def spills(self) -> bool:
@@ -187,6 +191,8 @@ def _report(kernel: TritonKernel, compiled: dict[str, Any]) -> KernelReport:
         registers=registers, stack_bytes=stack,
         hot_spill_instructions=hot_spill_instructions(compiled["sass"]), shared_bytes=compiled["shared"],
         programs_per_sm=programs, occupancy_limit=limit,
+        mma_shapes=tuple(sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)),
+                                key=lambda shape: int(re.search(r"n(\d+)", shape)[1]))),
     )
 
 
@@ -375,7 +381,7 @@ def render(records: Sequence[dict[str, Any]]) -> str:
     """A plain-text table, one kernel per line."""
     lines = [f"{'section':<16} {'rows':>4} {'kernel':<25} {'warps':>5} {'mma':<8} {'async':<5} {'mma in flight':<13} "
              f"{'regs':>4} "
-             f"{'spill':>5} {'in loop':>7} {'smem KiB':>8} {'per SM':>6} {'bound':<9} tiles"]
+             f"{'spill':>5} {'in loop':>7} {'smem KiB':>8} {'per SM':>6} {'bound':<9} {'wgmma shapes':<21} tiles"]
     for r in records:
         tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items()) or "defaults"
         lines.append(
@@ -383,7 +389,8 @@ def render(records: Sequence[dict[str, Any]]) -> str:
             f"{'yes' if r['async_loads'] else 'no':<5} {'yes' if r['mma_pipelined'] else 'no':<13} "
             f"{r['registers']:>4} {r['stack_bytes']:>5} "
             f"{r['hot_spill_instructions']:>7} "
-            f"{r['shared_bytes'] / 1024:>8.1f} {r['programs_per_sm']:>6} {r['occupancy_limit']:<9} {tiles}"
+            f"{r['shared_bytes'] / 1024:>8.1f} {r['programs_per_sm']:>6} {r['occupancy_limit']:<9} "
+            f"{','.join(r.get('mma_shapes', ())) or '-':<21} {tiles}"
         )
     return "\n".join(lines)
 
