@@ -1275,6 +1275,30 @@ def test_decoder_attention_kernels_read_each_blocks_cache_in_place(scan_unroll):
     assert float(jnp.max(jnp.abs(denoise_logits(params, kernels, changed, canvas) - reference))) > 1e-3
 
 
+def test_kernel_tiles_change_how_the_decoder_splits_its_work_not_its_logits():
+    """Every kernel of the decoder under other tiles than its defaults (`Config.kernel_tiles`: smaller blocks,
+    packed query heads, three key splits, XLA's router scores, row tiles first) gives the plain model's logits
+    (float32; prompt longer than the window, left padding, batch 2)."""
+    from diffjax.config import KernelTiles
+
+    config = Config.tiny(num_layers=2, layer_types=("sliding_attention", "full_attention"), sliding_window=12)
+    kernels = config.replace(moe_implementation="pallas", routing_implementation="pallas",
+                             sliding_attention_implementation="pallas", global_attention_implementation="pallas")
+    tuned = kernels.replace(kernel_tiles=KernelTiles.parse(
+        "sliding_attention.block_q=16,sliding_attention.block_k=16,sliding_attention.pack_heads=2,"
+        "global_attention.splits=3,routing.block_tokens=16,routing.project=false,experts.block_rows=16,"
+        "experts.column_tiles_first=false"))
+    params = init_params(config, jax.random.key(11))
+    prompt = jax.random.randint(jax.random.key(12), (2, 21), 3, config.vocab_size)
+    cache = encode(params, config, prompt, jnp.ones((2, 21), bool).at[0, :4].set(False),
+                   capacity=21 + config.canvas_length)
+    canvas = jax.random.randint(jax.random.key(13), (2, config.canvas_length), 3, config.vocab_size)
+    reference = denoise_logits(params, config, cache, canvas)
+    assert float(jnp.std(reference)) > 0.1
+    for cfg in (kernels, tuned):
+        _close(denoise_logits(params, cfg, cache, canvas), reference, jnp.float32, scale=5)
+
+
 def test_kernel_bench_sweeps_the_split_k_kernel_on_sliding_layers_too(tmp_path):
     out = tmp_path / "sweep.json"
     assert kernel_bench.main(["--tiny", "--sweep", "--rows", "1", "--repeats", "1", "--sections", "sliding",
