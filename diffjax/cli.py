@@ -624,9 +624,9 @@ _seed = _number_type(int, "an integer", lambda v: 0 <= v < 2**63, "in [0, 2**63)
 
 
 def _add_implementation_flags(parser: argparse.ArgumentParser, prefix: str = "", several: bool = False) -> None:
-    """`--global-attention`, `--sliding-attention`, `--routing`, `--norms`, `--mlp`, `--tiles` and `--scan-unroll`: `Config` fields
-    that pick how, not what, the model computes (besides `--moe`). `several`: all but the first take one or
-    more values (each timed)."""
+    """`--global-attention`, `--sliding-attention`, `--routing`, `--norms`, `--mlp`, `--tiles` and
+    `--scan-unroll`: `Config` fields that pick how, not what, the model computes (besides `--moe`). `several`:
+    all but the first take one or more values (each timed)."""
     nargs = "+" if several else None
     each = "; one or more, each timed" if several else ""
     parser.add_argument("--global-attention", choices=GLOBAL_ATTENTION_IMPLEMENTATIONS,

@@ -234,7 +234,8 @@ class Attention(nn.Module):
         if implementation == "pallas":
             from diffjax.kernels.attention import global_attention_pallas
 
-            tiles = cfg.kernel_tiles.kwargs("global_attention" if self.layer_type == FULL else "sliding_attention")
+            tiles = cfg.kernel_tiles.kwargs("global_attention" if self.layer_type == FULL
+                                            else "sliding_attention")
             # The canvas's own keys as a second source: no concatenation with the cache is written.
             out = global_attention_pallas(q, context_keys, context_values, mask[:, 0, :context_keys.shape[-3]], k, v,
                                           context_layer, **tiles)
