@@ -56,13 +56,6 @@ _TILES_CLASSES = {
 }
 
 
-def _tiles_class(field: str) -> type:
-    import importlib
-
-    module, name = _TILES_CLASSES[field]
-    return getattr(importlib.import_module(f"diffjax.kernels.{module}"), name)
-
-
 @dataclasses.dataclass(frozen=True)
 class KernelTiles:
     """Tile settings of the Pallas kernels the model and `generate` run, per kernel; None leaves a kernel its
@@ -89,12 +82,23 @@ class KernelTiles:
             value = getattr(self, field)
             if value is None:
                 continue
-            expected = _tiles_class(field)
+            expected = self.tiles_class(field)
             if not isinstance(value, expected):
                 raise ValueError(f"kernel_tiles.{field} must be a {expected.__module__}.{expected.__name__} or "
                                  f"None, got {type(value).__name__}")
             if hasattr(value, "validate"):
                 value.validate()
+
+    @staticmethod
+    def tiles_class(field: str) -> type:
+        """The tiles class a field holds, e.g. `AttentionTiles` for "sliding_attention"."""
+        import importlib
+
+        if field not in _TILES_CLASSES:
+            raise ValueError(f"unknown kernel {_with_suggestion(field, frozenset(_TILES_CLASSES))}: one of "
+                             f"{sorted(_TILES_CLASSES)}")
+        module, name = _TILES_CLASSES[field]
+        return getattr(importlib.import_module(f"diffjax.kernels.{module}"), name)
 
     def kwargs(self, field: str) -> dict[str, Any]:
         """`{"tiles": ...}` for the kernel `field` names if set, else `{}` (the kernel's defaults)."""
@@ -117,12 +121,12 @@ class KernelTiles:
             if field not in _TILES_CLASSES:
                 raise ValueError(f"unknown kernel {_with_suggestion(field, frozenset(_TILES_CLASSES))} in "
                                  f"{item!r}: one of {sorted(_TILES_CLASSES)}")
-            known = frozenset(f.name for f in dataclasses.fields(_tiles_class(field)))
+            known = frozenset(f.name for f in dataclasses.fields(cls.tiles_class(field)))
             if setting not in known:
                 raise ValueError(f"{field} has no tile setting {_with_suggestion(setting, known)}: one of "
                                  f"{sorted(known)}")
             settings.setdefault(field, {})[setting] = _tile_value(raw.strip(), item)
-        tiles = cls(**{field: _tiles_class(field)(**values) for field, values in settings.items()})
+        tiles = cls(**{field: cls.tiles_class(field)(**values) for field, values in settings.items()})
         tiles.validate()
         return tiles
 

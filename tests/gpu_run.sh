@@ -44,6 +44,8 @@ if [ "${1:-targets}" = sweeps ]; then
   step "tile sweeps: routing, sliding and global attention, the MLP in the expert launches"
   timeout "$(limit 540)" python3 -m diffjax.kernels.bench --sweep --sections sliding routing attention mlp \
     --rows 1 8 --prompts 1024 --repeats 3 --out "$OUT/sweeps.json" > "$OUT/sweeps.log" 2>&1
+  # Kept on the machine for a `tiles` call after this one: it times the winners in the whole step.
+  cp "$OUT/sweeps.json" /tmp/diffjax_sweeps.json 2>/dev/null
   logs=sweeps
 elif [ "${1:-targets}" = ablations ]; then
   # Where the ~3.7 ms between a batch-1 step's kernels go: the step without CUDA graphs (does it run as one
@@ -61,11 +63,21 @@ elif [ "${1:-targets}" = tiles ]; then
   # --sections sliding --tiles block_q=128 block_k=64`: 230-247 registers, no spill, same program count). Its
   # 64-key blocks alone. And the router's scores from XLA's matmul instead of 8 programs that each stream the
   # whole router (34 us a layer at batch 1).
+  # After a `sweeps` call on the same machine, its winners at 1 and 8 rows come first (`best_kernel_tiles`).
   kernels="--routing pallas --norms pallas --mlp pallas"
+  tiles=("")
+  if [ -f /tmp/diffjax_sweeps.json ]; then
+    mapfile -t won < <(python3 -c "import json; t = json.load(open('/tmp/diffjax_sweeps.json')).get('best_kernel_tiles', {}); \
+print('\n'.join(dict.fromkeys(v for v in t.values() if v)))")
+    tiles+=("${won[@]}")
+  fi
+  tiles+=("sliding_attention.block_q=128,sliding_attention.block_k=64" "routing.project=false" \
+    "sliding_attention.block_k=64")
+  mapfile -t tiles < <(printf '%s\n' "${tiles[@]}" | awk '!seen[$0]++')  # each variant once
+  printf 'tile variants: %s\n' "${tiles[@]}" >> "$OUT/progress.log"
   step "batch 1 and 8: the step under kernel tile variants"
-  timeout "$(limit 540)" "${bench[@]}" --no-generate --batch 1 8 $kernels --repeats 3 \
-    --tiles "" "sliding_attention.block_q=128,sliding_attention.block_k=64" "routing.project=false" \
-    "sliding_attention.block_k=64" --json "$OUT/tiles.json" > "$OUT/tiles.log" 2>&1
+  timeout "$(limit 540)" "${bench[@]}" --no-generate --batch 1 8 $kernels --repeats 3 --tiles "${tiles[@]}" \
+    --json "$OUT/tiles.json" > "$OUT/tiles.log" 2>&1
   logs=tiles
 elif [ "${1:-targets}" = sizes ]; then
   # The table's other rows (issue 5): batch 4 and 16 at prompt 1K in one process, then a 32K prompt at batch 1

@@ -1312,6 +1312,42 @@ def test_kernel_bench_sweeps_the_split_k_kernel_on_sliding_layers_too(tmp_path):
     assert all("pack_heads must be a power of two dividing" in e["error"]
                for e in result["entries"] if e["tiles"]["pack_heads"] > 2)
     assert [b["section"] for b in result["best_tiles"]] == ["sliding"]
+    from diffjax.config import KernelTiles
+
+    assert list(result["best_kernel_tiles"]) == ["1"]  # JSON keys
+    KernelTiles.parse(result["best_kernel_tiles"]["1"])
+
+
+def test_sweep_winners_become_tiles_text_for_the_step_bench():
+    """`best_kernel_tiles`: per rows, the winners' settings that differ from their kernel's defaults, as
+    `KernelTiles.parse` text; the MoE section's bf16 plain-layout kernel only, the MLP's settings merged into
+    the experts', global attention at its shortest prompt."""
+    from diffjax.config import KernelTiles
+    from diffjax.kernels.routing import RouteTiles
+
+    def entry(section, impl, rows, tiles, prompt=None):
+        return {"section": section, "impl": impl, "rows": rows, "prompt": prompt, "ms": 1.0,
+                "tiles": dataclasses.asdict(tiles)}
+
+    best = [
+        entry("moe", "pallas[2]", 8, MoeTiles(num_warps=4, swap_ab=True)),
+        entry("moe", "pallas_fp8[1]", 8, MoeTiles(num_stages=2)),  # not what the step runs
+        entry("mlp", "pallas_with_mlp[1]", 8, MoeTiles(mlp_block_rows=32)),
+        entry("attention", "pallas[3]", 8, AttentionTiles(block_q=32), prompt=1024),
+        entry("attention", "pallas[5]", 8, AttentionTiles(block_k=16), prompt=32768),
+        entry("sliding", "pallas[0]", 8, AttentionTiles()),  # the defaults won: nothing to set
+        entry("routing", "pallas[1]", 1, RouteTiles(project=False)),
+        entry("sliding", "pallas[0]", 1, AttentionTiles()),
+    ]
+    texts = kernel_bench.best_kernel_tiles(best)
+    assert texts == {
+        1: "routing.project=false",
+        8: "experts.num_warps=4,experts.swap_ab=true,experts.mlp_block_rows=32,global_attention.block_q=32",
+    }
+    tiles = KernelTiles.parse(texts[8])
+    assert tiles.experts == MoeTiles(num_warps=4, swap_ab=True, mlp_block_rows=32)
+    assert tiles.global_attention == AttentionTiles(block_q=32) and tiles.sliding_attention is None
+    assert kernel_bench.best_kernel_tiles([entry("sliding", "pallas[0]", 1, AttentionTiles())]) == {1: ""}
 
 
 def test_kernel_bench_times_the_router_against_its_twin_and_sweeps_its_tiles(tmp_path):

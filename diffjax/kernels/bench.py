@@ -30,7 +30,8 @@ For decoder batch rows {1, 4, 8, 16} x 256 canvas tokens it times, best of `--re
 
 `--sweep` instead times each Pallas kernel under the tile settings of `MOE_TILES` (`MGPU_MOE_TILES` for
 `pallas_mgpu`), `VOCAB_TILES`, `ATTENTION_TILES`, `ROUTE_TILES` and `MLP_TILES` beside its defaults, and
-lists the fastest per problem (`best_tiles` in the JSON).
+lists the fastest per problem (`best_tiles` in the JSON), and per batch rows the winners as `--tiles` text for
+`diffjax bench --full-size`, which times them in the whole step (`best_kernel_tiles`).
 
 Each entry records ms, the bytes it must read at least (weights touched + inputs + outputs) and those bytes
 over the time (GB/s, to set against the device copy bandwidth also recorded), and the multiply-adds its
@@ -609,6 +610,7 @@ def run(s: Settings, log: Callable[[str], None] = lambda _: None, child: bool = 
                 entries.append({"section": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
     if s.sweep:
         result["best_tiles"] = best_tiles(entries)
+        result["best_kernel_tiles"] = best_kernel_tiles(result["best_tiles"])
     return result
 
 
@@ -620,6 +622,36 @@ def best_tiles(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if "ms" in e and (key not in best or e["ms"] < best[key]["ms"]):
             best[key] = e
     return [{k: e[k] for k in ("section", "impl", "rows", "prompt", "ms", "tiles") if k in e} for e in best.values()]
+
+
+# Sections -> the `Config.kernel_tiles` field whose kernel they time (the MoE section's by implementation: only
+# the bf16 plain-layout ones the step runs by default).
+_KERNEL_TILES_FIELDS = {"sliding": "sliding_attention", "attention": "global_attention", "routing": "routing",
+                        "vocab": "vocab", "mlp": "experts", "moe:pallas": "experts", "moe:pallas_mgpu": "experts_mgpu"}
+
+
+def best_kernel_tiles(best: Sequence[dict[str, Any]]) -> dict[int, str]:
+    """Per batch rows, the `best_tiles` winners as `config.KernelTiles.parse` text (`diffjax bench --full-size
+    --tiles`): only the settings where a winner differs from its kernel's defaults; where a section was timed at
+    several prompts, at its shortest. "" where every winner is a default."""
+    from diffjax.config import KernelTiles
+
+    shortest: dict[str, int] = {}
+    for e in best:
+        if e.get("prompt") is not None:
+            shortest[e["section"]] = min(shortest.get(e["section"], e["prompt"]), e["prompt"])
+    per_rows: dict[int, dict[str, dict[str, Any]]] = {}
+    for e in best:
+        impl = e.get("impl", "").split("[")[0]
+        field = _KERNEL_TILES_FIELDS.get(e["section"] if e["section"] != "moe" else f"moe:{impl}")
+        if field is None or "tiles" not in e or e.get("prompt") != shortest.get(e["section"]):
+            continue
+        defaults = dataclasses.asdict(KernelTiles.tiles_class(field)())
+        changed = {k: v for k, v in e["tiles"].items() if defaults.get(k) != v}
+        per_rows.setdefault(e["rows"], {}).setdefault(field, {}).update(changed)
+    return {rows: ",".join(f"{field}.{name}={str(value).lower()}" for field, changed in fields.items()
+                           for name, value in changed.items())
+            for rows, fields in sorted(per_rows.items())}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -670,6 +702,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["total_s"] = time.perf_counter() - start
     if not args.child:
         print(render(result))
+        for rows, tiles in result.get("best_kernel_tiles", {}).items():
+            print(f"the winners at {rows} rows, to time in the step: diffjax bench --full-size --tiles '' {tiles!r}"
+                  if tiles else f"the winners at {rows} rows: every kernel's defaults")
     if args.out:
         write_json(result, args.out)
     return 0
