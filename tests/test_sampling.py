@@ -744,9 +744,11 @@ def test_from_statistics_is_the_same_step_as_from_logits(sampler):
     for step in range(3):
         # Moderate sharpness: no probabilities saturated at 1.0, where the two paths' last-ulp rounding could
         # reorder exactly tied confidences.
-        logits = rng.standard_normal((BATCH, CANVAS, VOCAB)).astype(np.float32) * rng.uniform(
+        # One device copy for both paths (not a host array each converts on its own): in CI the logits path once
+        # ranked confidences as if it had read other logits, which a fresh process did not reproduce.
+        logits = jnp.array(rng.standard_normal((BATCH, CANVAS, VOCAB)).astype(np.float32) * rng.uniform(
             0.5, 4.0, (BATCH, CANVAS, 1)
-        ).astype(np.float32)
+        ).astype(np.float32))
         key = jax.random.key(step)
         canvas_logits, accepted_logits, state_logits = _sampler_step(sampler, logits, canvas_logits, state_logits,
                                                                      key)
