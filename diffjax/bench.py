@@ -638,8 +638,8 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
             f"{config.sliding_attention_implementation}_unroll{config.scan_unroll}_{config.projection_layout}_"
             f"{config.block_layout}_routing_{config.routing_implementation}_norms_{config.norm_implementation}"
             f"_mlp_{config.mlp_implementation}"
-            + (f"_xla_{re.sub(r'[^A-Za-z0-9=]+', '_', xla_options)}" if xla_options else "")
-            + (f"_tiles_{re.sub(r'[^A-Za-z0-9=]+', '_', tiles)}" if tiles else ""))
+            + "".join(f"_{label}_{re.sub(r'[^A-Za-z0-9=]+', '_', text)}"
+                      for label, text in (("xla", xla_options), ("tiles", tiles)) if text))
         try:
             breakdown = kernel_times(decoder_step, trace_dir)
             profiled["decoder_kernels"] = {**breakdown, "kernels": breakdown["kernels"][:PROFILED_KERNELS],

@@ -21,7 +21,7 @@ import math
 import pathlib
 import re
 import tempfile
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,56 +86,79 @@ def step_structure(thunk_sequence: str, thunk_metadata: str, optimized_hlo: str)
         r'profile_annotation: "([^"]*)"\s*thunk_id: (\d+)', thunk_metadata)}
     instructions = {name: (shape, rest) for name, shape, rest in re.findall(
         r"^\s*(?:ROOT )?%(\S+) = (\S+) (.*)$", optimized_hlo, flags=re.MULTILINE)}
-    launches = copies = copy_bytes = outside = command_buffers = 0
+    outside = command_buffers = 0
     loops: list[int | None] = []
-    kernels: collections.Counter[str] = collections.Counter()
-    # Per while loop, per iteration: [depth, launches, copies, copy bytes, kernels by name].
-    per_loop: list[list[Any]] = []
-    # Enclosing thunks of the current line: (indent, kind, iterations, annotation, index in per_loop or -1).
-    enclosing: list[tuple[int, str, int, str, int]] = []
+    call = _Counts()  # the whole call
+    per_loop: list[_Counts] = []  # per iteration of each while loop
+    enclosing: list[_Enclosing] = []  # the structural thunks around the current line
     for line in thunk_sequence.splitlines():
         match = re.match(r"^(\s*)(\d+): (k\w+)\s*\[[^\]]*\]\s*(\S*)", line)
         if not match:
             continue
         indent, thunk_id, kind, name = len(match.group(1)), int(match.group(2)), match.group(3), match.group(4)
-        while enclosing and indent <= enclosing[-1][0]:
+        while enclosing and indent <= enclosing[-1].indent:
             enclosing.pop()
-        times = math.prod(entry[2] for entry in enclosing)
         annotation = annotations.get(thunk_id, name)
         if kind == "kWhile":
             trips = _trip_count(instructions.get(annotation))
             loops.append(trips)
-            per_loop.append([sum(e[4] >= 0 for e in enclosing), 0, 0, 0, collections.Counter()])
-            enclosing.append((indent, kind, trips or 1, annotation, len(per_loop) - 1))
+            per_loop.append(_Counts(depth=sum(e.loop is not None for e in enclosing)))
+            enclosing.append(_Enclosing(indent, kind, trips or 1, annotation, len(per_loop) - 1))
             continue
         if kind in _STRUCTURAL:
             command_buffers += kind == "kCommandBuffer"
-            enclosing.append((indent, kind, 1, annotation, -1))
+            enclosing.append(_Enclosing(indent, kind, 1, annotation, None))
             continue
-        launches += times
-        if all(entry[1] != "kCommandBuffer" for entry in enclosing):
+        times = math.prod(e.iterations for e in enclosing)
+        if all(e.kind != "kCommandBuffer" for e in enclosing):
             outside += times
         written = 0
         if kind in _COPIES:
             # A copy inside a dynamic-slice fusion has no annotation of its own: it writes the fusion's result.
             if annotation not in instructions:
-                annotation = next((e[3] for e in reversed(enclosing) if e[3] in instructions), annotation)
+                annotation = next((e.annotation for e in reversed(enclosing) if e.annotation in instructions),
+                                  annotation)
             written = _array_bytes(instructions.get(annotation, ("",))[0])
-            copies += times
-            copy_bytes += times * written
         label = re.sub(r"([._]\d+)+$", "", f"copy:{annotation}" if kind in _COPIES else (name or annotation))
-        kernels[label] += times
-        for depth, entry in enumerate(enclosing):
-            if entry[4] >= 0:  # a while loop: this launch's count per iteration of it
-                per_iteration = math.prod(inner[2] for inner in enclosing[depth + 1:])
-                counts = per_loop[entry[4]]
-                counts[1] += per_iteration
-                counts[2] += per_iteration * (kind in _COPIES)
-                counts[3] += per_iteration * written
-                counts[4][label] += per_iteration
-    iterations = tuple(LoopIteration(d, n, c, b, tuple(k.most_common())) for d, n, c, b, k in per_loop)
-    return StepStructure(launches, copies, copy_bytes, outside, command_buffers, tuple(loops),
-                         tuple(kernels.most_common()), iterations)
+        call.add(times, kind in _COPIES, written, label)
+        for depth, loop in enumerate(enclosing):
+            if loop.loop is not None:  # this launch's count per iteration of that loop
+                per_iteration = math.prod(e.iterations for e in enclosing[depth + 1:])
+                per_loop[loop.loop].add(per_iteration, kind in _COPIES, written, label)
+    return StepStructure(call.launches, call.copies, call.copy_bytes, outside, command_buffers, tuple(loops),
+                         tuple(call.kernels.most_common()), tuple(c.iteration() for c in per_loop))
+
+
+class _Enclosing(NamedTuple):
+    """A structural thunk around the lines that follow it: its indent, kind, iterations per call of its parent
+    (a while loop's trip count, else 1), annotation and, for a while loop, its index in `loops`."""
+
+    indent: int
+    kind: str
+    iterations: int
+    annotation: str
+    loop: int | None
+
+
+@dataclasses.dataclass
+class _Counts:
+    """Launches counted so far, for a whole call or one iteration of a loop at `depth`."""
+
+    depth: int = 0
+    launches: int = 0
+    copies: int = 0
+    copy_bytes: int = 0
+    kernels: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+
+    def add(self, times: int, is_copy: bool, written: int, label: str) -> None:
+        self.launches += times
+        self.copies += times * is_copy
+        self.copy_bytes += times * written
+        self.kernels[label] += times
+
+    def iteration(self) -> LoopIteration:
+        return LoopIteration(self.depth, self.launches, self.copies, self.copy_bytes,
+                             tuple(self.kernels.most_common()))
 
 
 def _trip_count(instruction: tuple[str, str] | None) -> int | None:

@@ -90,12 +90,13 @@ class KernelTiles:
                 value.validate()
 
     @staticmethod
-    def tiles_class(field: str) -> type:
-        """The tiles class a field holds, e.g. `AttentionTiles` for "sliding_attention"."""
+    def tiles_class(field: str, where: str = "") -> type:
+        """The tiles class a field holds, e.g. `AttentionTiles` for "sliding_attention"; an unknown field is a
+        `ValueError` naming it (and `where` it was found)."""
         import importlib
 
         if field not in _TILES_CLASSES:
-            raise ValueError(f"unknown kernel {_with_suggestion(field, frozenset(_TILES_CLASSES))}: one of "
+            raise ValueError(f"unknown kernel {_with_suggestion(field, frozenset(_TILES_CLASSES))}{where}: one of "
                              f"{sorted(_TILES_CLASSES)}")
         module, name = _TILES_CLASSES[field]
         return getattr(importlib.import_module(f"diffjax.kernels.{module}"), name)
@@ -118,10 +119,7 @@ class KernelTiles:
             field, dot, setting = target.strip().partition(".")
             if not sep or not dot:
                 raise ValueError(f"kernel tiles item {item!r} is not kernel.setting=value")
-            if field not in _TILES_CLASSES:
-                raise ValueError(f"unknown kernel {_with_suggestion(field, frozenset(_TILES_CLASSES))} in "
-                                 f"{item!r}: one of {sorted(_TILES_CLASSES)}")
-            known = frozenset(f.name for f in dataclasses.fields(cls.tiles_class(field)))
+            known = frozenset(f.name for f in dataclasses.fields(cls.tiles_class(field, f" in {item!r}")))
             if setting not in known:
                 raise ValueError(f"{field} has no tile setting {_with_suggestion(setting, known)}: one of "
                                  f"{sorted(known)}")
@@ -141,7 +139,6 @@ def _tile_value(raw: str, item: str) -> int | bool | None:
         return int(raw)
     except ValueError:
         raise ValueError(f"the value of {item!r} must be an integer, true, false or none") from None
-
 
 
 @dataclasses.dataclass(frozen=True)
