@@ -39,7 +39,7 @@ CODE_TO_DTYPE: dict[str, np.dtype] = {
 }
 DTYPE_TO_CODE: dict[np.dtype, str] = {dtype: code for code, dtype in CODE_TO_DTYPE.items()}
 
-# The reference implementation refuses headers above 100 MB; a larger value means a corrupt length field.
+# The reference implementation refuses headers above 100 MiB; a larger value means a corrupt length field.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Byte alignment the writer gives every tensor it can (a cache line; enough for any SIMD load).
 ALIGN = 64
@@ -85,7 +85,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
                 f"file ({size} bytes)"
             )
         if header_len > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path}: corrupt safetensors file: header size {header_len} exceeds 100 MB")
+            raise CheckpointError(f"{path}: corrupt safetensors file: header size {header_len} exceeds 100 MiB")
         raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))

@@ -63,6 +63,7 @@ def flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
 
 
 def unflatten(flat: Mapping[Path, Any]) -> dict[str, Any]:
+    """The nested dict of a `{path tuple: leaf}` mapping (the inverse of `flatten`)."""
     tree: dict[str, Any] = {}
     for path, leaf in flat.items():
         node = tree

@@ -9,6 +9,7 @@ from typing import Any
 
 from diffjax.config import AttentionConfig, Config
 from diffjax.generate import GenerationOutput, generate
+from diffjax.layout import arrange_for_gpu
 from diffjax.model import (
     KVCache,
     count_params,
@@ -54,19 +55,8 @@ def load(
         config, params = quantize_model(*load_checkpoint(path, dtype, as_numpy=True, check_finite=check_finite))
     else:
         config, params = load_checkpoint(path, dtype, check_finite=check_finite)
-    if experts_pretiled:
-        from diffjax.kernels.moe import pretile_model
-
-        config, params = pretile_model(config, params)
-    if projections_fused:
-        from diffjax.layout import fuse_projections
-
-        config, params = fuse_projections(config, params)
-    if blocks_unstacked:
-        from diffjax.layout import unstack_blocks
-
-        config, params = unstack_blocks(config, params, donate=True)
-    return config, params
+    return arrange_for_gpu(config, params, experts_pretiled=experts_pretiled, projections_fused=projections_fused,
+                           blocks_unstacked=blocks_unstacked)
 
 __all__ = [
     "AttentionConfig",

@@ -52,6 +52,7 @@ from diffjax.config import (
     AttentionConfig,
     Config,
     KernelTiles,
+    gemma4_layer_types,
     require_pretiled_readers,
 )
 from diffjax.generate import STATISTICS
@@ -103,16 +104,11 @@ class BenchSettings:
             raise ValueError(f"--vocab must be at least 8, got {self.vocab}")
 
 
-def layer_types(num_layers: int, period: int) -> tuple[str, ...]:
-    """Gemma 4's pattern: every `period`-th layer global, and the last always global (as transformers forces)."""
-    return tuple(FULL if (i + 1) % period == 0 or i == num_layers - 1 else SLIDING for i in range(num_layers))
-
-
 def bench_config(s: BenchSettings) -> Config:
     """The comparison model: 4 heads, sliding head_dim hidden/4 (2 kv heads), k_eq_v global layers of twice that."""
     head_dim = s.hidden // 4
     return Config(
-        vocab_size=s.vocab, hidden_size=s.hidden, num_layers=s.layers, layer_types=layer_types(s.layers, 4),
+        vocab_size=s.vocab, hidden_size=s.hidden, num_layers=s.layers, layer_types=gemma4_layer_types(s.layers, 4),
         num_heads=4,
         sliding=AttentionConfig(head_dim=head_dim, num_kv_heads=2, rope_theta=10_000.0),
         full=AttentionConfig(head_dim=2 * head_dim, num_kv_heads=1, rope_theta=1_000_000.0,
@@ -464,7 +460,7 @@ def full_size_config(layers: int | None) -> Config:
     config = Config.diffusiongemma_26b_a4b()
     if layers is None or layers == config.num_layers:
         return config
-    return config.replace(num_layers=layers, layer_types=layer_types(layers, 6))
+    return config.replace(num_layers=layers, layer_types=gemma4_layer_types(layers))
 
 
 def decoder_bytes_per_step(params: Any) -> int:

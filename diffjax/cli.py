@@ -42,11 +42,13 @@ from diffjax.config import (
     KernelTiles,
     require_pretiled_readers,
 )
-from diffjax.generate import STATISTICS
+from diffjax.generate import STATISTICS, GenerationSettings
+from diffjax.layout import arrange_for_gpu
 
 if TYPE_CHECKING:
     from diffjax.config import Config
     from diffjax.tasks import Task
+    from diffjax.tokenizer import AnyTokenizer
 
 EXIT_USAGE = 2
 # The embedded default model: a DiffusionGemma-architecture model that diffjax trained on a task.
@@ -80,13 +82,12 @@ class _Parser(argparse.ArgumentParser):
 class LoadedModel:
     """Everything `generate` needs: weights, config, tokenizer and the checkpoint's sampler defaults."""
 
-    config: Any
-    params: Any
-    tokenizer: Any
+    config: Config
+    params: dict[str, Any]
+    tokenizer: AnyTokenizer
     generation_defaults: dict[str, Any]
     name: str
-    banner: str | None = None
-    task: Any = None  # a `diffjax.tasks.Task` when the checkpoint was trained on one: prompts are its puzzles
+    task: Task | None = None  # when the checkpoint was trained on one: prompts are its puzzles
 
 
 def default_model(experts_fp8: bool = False) -> LoadedModel:
@@ -99,7 +100,7 @@ def default_model(experts_fp8: bool = False) -> LoadedModel:
 
 def checkpoint_kind(path: pathlib.Path) -> str:
     """'diffjax' (a `convert.save` folder) or 'hf' (a transformers folder), from the files present."""
-    from convert import PARAMS_FILE
+    from convert.files import INDEX_FILE, PARAMS_FILE, SINGLE_FILE
 
     if not path.exists():
         raise CliError(f"checkpoint directory {path} does not exist")
@@ -107,11 +108,11 @@ def checkpoint_kind(path: pathlib.Path) -> str:
         raise CliError(f"checkpoint {path} is not a directory")
     if (path / PARAMS_FILE).is_file():
         return "diffjax"
-    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+    if (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file():
         return "hf"
     raise CliError(
         f"{path} is neither a diffjax checkpoint ({PARAMS_FILE}) nor a transformers folder "
-        "(model.safetensors or model.safetensors.index.json)"
+        f"({SINGLE_FILE} or {INDEX_FILE})"
     )
 
 
@@ -284,22 +285,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if chosen:
         model.config = model.config.replace(**chosen)
     if args.experts_pretiled:
-        from diffjax.kernels.moe import pretile_model
-
         require_pretiled_readers((model.config.moe_implementation,))
-        model.config, model.params = pretile_model(model.config, model.params)
-    if args.fused_projections:
-        from diffjax.layout import fuse_projections
-
-        model.config, model.params = fuse_projections(model.config, model.params)
-    if args.unstacked_blocks:
-        from diffjax.layout import unstack_blocks
-
-        model.config, model.params = unstack_blocks(model.config, model.params, donate=True)
+    model.config, model.params = arrange_for_gpu(
+        model.config, model.params, experts_pretiled=args.experts_pretiled,
+        projections_fused=args.fused_projections, blocks_unstacked=args.unstacked_blocks)
     if args.mlp is not None:  # after the layouts: "pallas" reads the fused one
         model.config = model.config.replace(mlp_implementation=args.mlp)
-    if model.banner:
-        err.print(f"[bold white on red] {model.banner} [/]", soft_wrap=True)
     ids = _prompt_ids(args, model)
     if not ids:
         raise CliError("the prompt encodes to no tokens")
@@ -308,8 +299,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     eos_ids = [eos] if isinstance(eos, int) else list(eos)
     pad = int(settings["pad_token_id"])
     canvas = model.config.canvas_length
-    canvases = -(-int(settings.get("max_new_tokens", 256)) // canvas)
-    steps = int(settings.get("max_denoising_steps", 48))
+    defaults = GenerationSettings()
+    canvases = -(-int(settings.get("max_new_tokens", defaults.max_new_tokens)) // canvas)
+    steps = int(settings.get("max_denoising_steps", defaults.max_denoising_steps))
 
     live_tty = not args.no_live and out.is_terminal
     view = None
@@ -375,7 +367,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from diffjax.model import init_params, param_dtype
     from diffjax.quantize import dequantize_experts, quantize_model
     from diffjax.tasks import get_task, write_task_file
-    from diffjax.train import fit, make_optimizer
+    from diffjax.train import default_warmup_steps, fit, make_optimizer
 
     err = Console(stderr=True)
     if args.lora_rank is None and (args.lora_alpha is not None or args.lora_targets is not None):
@@ -396,7 +388,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError(f"{args.out} already holds a training run: pass --resume to continue it, or choose another --out")
     if not args.resume and args.out.is_dir() and any(args.out.iterdir()):
         raise CliError(f"--out {args.out} is not empty: a new run needs a new or empty folder")
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 10)
+    warmup = args.warmup_steps if args.warmup_steps is not None else default_warmup_steps(args.steps)
     if warmup >= args.steps:
         raise CliError(f"--warmup-steps ({warmup}) must be below --steps ({args.steps})")
     lora = None

@@ -72,6 +72,7 @@ class StepStructure:
     loop_iterations: tuple[LoopIteration, ...] = ()
 
     def summary(self) -> str:
+        """One line: launches, copies, command buffers, loops and the most launched kernels."""
         loops = ", ".join("?" if n is None else str(n) for n in self.loops) or "none"
         top = ", ".join(f"{name} {count}" for name, count in self.kernels[:12])
         return (f"{self.launches} launches per call ({self.outside_command_buffers} outside the "

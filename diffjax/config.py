@@ -15,6 +15,12 @@ from typing import Any, Literal
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
+
+
+def gemma4_layer_types(num_layers: int, period: int = 6) -> tuple[str, ...]:
+    """Gemma 4's pattern (transformers' default `layer_types`): every `period`-th layer global, and the last
+    always global (as transformers forces)."""
+    return tuple(FULL if (i + 1) % period == 0 or i == num_layers - 1 else SLIDING for i in range(num_layers))
 MOE_IMPLEMENTATIONS = ("grouped", "dense", "pallas", "pallas_mgpu")
 # MoE kernels that read each block's experts from the whole stack of blocks in place (no per-block copy).
 STACK_READING_MOE_IMPLEMENTATIONS = ("pallas", "pallas_mgpu")
@@ -123,13 +129,14 @@ class KernelTiles:
             if setting not in known:
                 raise ValueError(f"{field} has no tile setting {_with_suggestion(setting, known)}: one of "
                                  f"{sorted(known)}")
-            settings.setdefault(field, {})[setting] = _tile_value(raw.strip(), item)
+            settings.setdefault(field, {})[setting] = tile_value(raw.strip(), item)
         tiles = cls(**{field: cls.tiles_class(field)(**values) for field, values in settings.items()})
         tiles.validate()
         return tiles
 
 
-def _tile_value(raw: str, item: str) -> int | bool | None:
+def tile_value(raw: str, item: str) -> int | bool | None:
+    """A tile setting's value from text: an integer, true/false or none; else a `ValueError` naming `item`."""
     lowered = raw.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -154,6 +161,8 @@ class AttentionConfig:
     rope_factor: float = 1.0
 
     def validate(self, prefix: str, num_heads: int) -> None:
+        """Raise `ValueError` naming the invalid field as `prefix.field` (`num_heads` must be a multiple of the
+        kv heads)."""
         _positive(f"{prefix}.head_dim", self.head_dim)
         _positive(f"{prefix}.num_kv_heads", self.num_kv_heads)
         if self.head_dim % 2:
@@ -185,9 +194,7 @@ class Config:
     hidden_size: int = 2816
     num_layers: int = 30
     # One entry per layer, each `sliding_attention` or `full_attention`.
-    layer_types: tuple[str, ...] = tuple(
-        FULL if (i + 1) % 6 == 0 else SLIDING for i in range(30)
-    )
+    layer_types: tuple[str, ...] = gemma4_layer_types(30)
     num_heads: int = 16
     sliding: AttentionConfig = AttentionConfig(head_dim=256, num_kv_heads=8, rope_theta=10_000.0)
     # Full (global) layers have no v_proj: values are the k_proj output ("k_eq_v").
@@ -349,11 +356,15 @@ class Config:
             raise ValueError(f"final_logit_softcapping must be > 0 or None, got {self.final_logit_softcapping}")
         for name in ("pad_token_id", "bos_token_id"):
             _token_id(name, getattr(self, name), self.vocab_size)
+        if not self.eos_token_id:
+            raise ValueError("eos_token_id must name at least one token id (generation stops on it and training "
+                             "pads with it)")
         for eos in self.eos_token_id:
             _token_id("eos_token_id", eos, self.vocab_size)
 
     # ------------------------------------------------------------ derived facts
     def attention(self, layer_type: str) -> AttentionConfig:
+        """The attention shapes of a layer type: `sliding` or `full`."""
         return self.sliding if layer_type == SLIDING else self.full
 
     @property
@@ -372,10 +383,12 @@ class Config:
 
     @property
     def num_blocks(self) -> int:
+        """Repeats of the layer pattern: the stacked blocks the model scans over."""
         return self.num_layers // self.layer_period
 
     @property
     def block_layer_types(self) -> tuple[str, ...]:
+        """The layer types of one block (`layer_period` layers); every block repeats them."""
         return self.layer_types[: self.layer_period]
 
     def layer_slot(self, layer_index: int) -> tuple[int, int]:
@@ -386,6 +399,7 @@ class Config:
 
     @property
     def embed_scale(self) -> float:
+        """Gemma's embedding multiplier, sqrt(hidden_size)."""
         return math.sqrt(self.hidden_size)
 
     def implementation(self) -> dict[str, Any]:
@@ -626,8 +640,7 @@ def _require_tied(mapping: Mapping[str, Any], where: str) -> None:
 def _layer_types(text: Mapping[str, Any], where: str, num_layers: int) -> tuple[str, ...]:
     """`layer_types`, or transformers' default (every 6th layer global); the last layer made global as
     transformers does, but only after every entry is checked (a bad last entry is an error, not rewritten)."""
-    default = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(num_layers)]
-    layer_types = _list(text, "layer_types", where, default, nullable=True)
+    layer_types = _list(text, "layer_types", where, list(gemma4_layer_types(num_layers)), nullable=True)
     for i, layer_type in enumerate(layer_types):
         if layer_type not in LAYER_TYPES:
             raise ValueError(f"{_path(where, 'layer_types')}[{i}] must be one of {LAYER_TYPES}, got {layer_type!r}")

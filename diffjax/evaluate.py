@@ -15,10 +15,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from diffjax.config import Config
 from diffjax.generate import generate
 from diffjax.model import Params
 from diffjax.tasks import Task
-from diffjax.tokenizer import answer_ids
+from diffjax.tokenizer import answer_ids, left_pad
 
 # Evaluation prompts come from a stream no training batch uses (`Task.batch` seeds with [seed, index]).
 EVAL_STREAM = 2**31 - 1
@@ -31,7 +32,7 @@ def evaluation_prompts(task: Task, n: int, seed: int = 0) -> list[list[int]]:
 
 
 def evaluate(
-    params: Params, config: Any, task: Task, n: int, *, key: jax.Array, batch_size: int = 64, seed: int = 0,
+    params: Params, config: Config, task: Task, n: int, *, key: jax.Array, batch_size: int = 64, seed: int = 0,
     **generate_kwargs: Any,
 ) -> dict[str, Any]:
     """Generate answers to `n` prompts of `task` and check them exactly.
@@ -55,10 +56,7 @@ def evaluate(
         rows = prompts[first:first + batch_size]
         real = len(rows)
         rows = rows + [rows[-1]] * (batch_size - real)
-        ids = np.full((batch_size, width), tok.pad_id, np.int32)
-        mask = np.zeros((batch_size, width), bool)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):], mask[i, width - len(row):] = row, True
+        ids, mask = left_pad(rows, tok.pad_id, width)
         out = generate(params, config, ids, attention_mask=mask, key=jax.random.fold_in(key, first), **settings)
         sequences = np.asarray(out.sequences)[:real, width:]
         for prompt, new in zip(rows[:real], sequences, strict=True):

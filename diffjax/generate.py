@@ -9,10 +9,11 @@
             stopped |= stopping(argmax(processed), processed)      # a stopped row's argmax stays
         append the argmax canvas; EOS ends a row (later tokens -> pad); encode it into the cache
 
-With `statistics="pallas"` (or its twin `"xla"`) the step never holds float32 logits: the decoder returns
-its hidden state, one pass over the vocabulary (`diffjax.kernels.vocab`) gives per-position statistics
-(entropy, a draw, the argmax) and the processed logits once in the model's dtype for self-conditioning, and
-the sampler and stopping rule take the statistics (`from_statistics`).
+With `statistics="pallas"` the step never holds float32 logits: the decoder returns its hidden state, one
+pass over the vocabulary (`diffjax.kernels.vocab`) gives per-position statistics (entropy, a draw, the
+argmax) and the processed logits once in the model's dtype for self-conditioning, and the sampler and
+stopping rule take the statistics (`from_statistics`). Its plain-JAX twin, `"xla"`, takes the same path but
+makes the float32 logits to compute them.
 
 The defaults reproduce transformers 5.23.0 `DiffusionGemmaGenerationMixin.generate`; samplers, schedules,
 filters and stopping rules are values (see `diffjax.sampling`), swapped without touching this loop.
@@ -86,8 +87,9 @@ class GenerationSettings:
         require_int("prefill_chunk_size", self.prefill_chunk_size, 1)
         if self.statistics not in STATISTICS:
             raise ValueError(f"statistics must be one of {STATISTICS}, got {self.statistics!r}")
-        for token in (self.pad_token_id, *(self.eos_token_id or ())):
-            require_int("pad_token_id / eos_token_id", token, 0)
+        for name, token in (("pad_token_id", self.pad_token_id),
+                            *(("eos_token_id", eos) for eos in (self.eos_token_id or ()))):
+            require_int(name, token, 0)
             if token >= config.vocab_size:
                 raise ValueError(f"special token id {token} outside the vocabulary [0, {config.vocab_size})")
 
@@ -272,8 +274,8 @@ def _generate(
         def keep_going(s):
             return (s["step"] < settings.max_denoising_steps) & ~jnp.all(s["stopped"])
 
-        def logits_step(s, first_step_mask, temperature, step_key):
-            logits = _denoise_logits(params, config, cache, s["canvas"], s["sc_logits"], first_step_mask)
+        def logits_step(s, self_conditioning_on, temperature, step_key):
+            logits = _denoise_logits(params, config, cache, s["canvas"], s["sc_logits"], self_conditioning_on)
             processed = components.logits_filter(sampling.scale_logits(logits, temperature))
             canvas, _, sampler_state = components.sampler(processed, s["canvas"], s["sampler"], step_key)
             argmax = jnp.argmax(processed, axis=-1).astype(jnp.int32)
@@ -282,9 +284,9 @@ def _generate(
                 argmax, processed, state
             )
 
-        def statistics_step(s, first_step_mask, temperature, step_key):
+        def statistics_step(s, self_conditioning_on, temperature, step_key):
             hidden = _denoise_logits(
-                params, config, cache, s["canvas"], s["sc_logits"], first_step_mask, return_hidden=True
+                params, config, cache, s["canvas"], s["sc_logits"], self_conditioning_on, return_hidden=True
             )
             # The draw's seed comes from the key half the logits path draws with; the sampler renoises with
             # the other half, as there.
@@ -305,11 +307,11 @@ def _generate(
         def step(s):
             remaining = settings.max_denoising_steps - s["step"]
             # The first step has no previous logits: a masked (exactly zero) signal, as transformers' None.
-            first_step_mask = jnp.broadcast_to(s["step"] > 0, (batch,))
+            self_conditioning_on = jnp.broadcast_to(s["step"] > 0, (batch,))
             temperature = components.schedule(remaining, settings.max_denoising_steps)
             step_key = jax.random.fold_in(steps_key, s["step"])
             propose = logits_step if settings.statistics == "logits" else statistics_step
-            canvas, argmax, processed, sampler_state, stopping = propose(s, first_step_mask, temperature, step_key)
+            canvas, argmax, processed, sampler_state, stopping = propose(s, self_conditioning_on, temperature, step_key)
             # A row that has stopped keeps its argmax and self-conditioning. Its canvas is left to move: rows never
             # mix, and what the canvas feeds (the decoder's output and the sampler's step) is discarded for it.
             frozen = s["stopped"]

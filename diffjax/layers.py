@@ -36,6 +36,7 @@ def rms_norm(x: Array, scale: Array | None, eps: float) -> Array:
 
 
 def gelu_tanh(x: Array) -> Array:
+    """Gemma's activation (`gelu_pytorch_tanh`): GELU with the tanh approximation."""
     return jax.nn.gelu(x, approximate=True)
 
 

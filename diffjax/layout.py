@@ -145,3 +145,19 @@ def relayout(config: Config, params: Params, projection_layout: str, block_layou
     if config.block_layout != block_layout:
         config, params = (unstack_blocks if block_layout == "unstacked" else stack_blocks)(config, params)
     return config, params
+
+
+def arrange_for_gpu(config: Config, params: Params, *, experts_pretiled: bool = False,
+                    projections_fused: bool = False, blocks_unstacked: bool = False) -> tuple[Config, Params]:
+    """The load-time layouts `diffjax.load` and `diffjax generate` offer, in the one order they compose: the
+    experts pretiled for the Pallas kernels (`kernels.moe.pretile_model`), then the projections fused, then
+    the blocks unstacked (which gives its input's arrays away: `donate`)."""
+    if experts_pretiled:
+        from diffjax.kernels.moe import pretile_model
+
+        config, params = pretile_model(config, params)
+    if projections_fused:
+        config, params = fuse_projections(config, params)
+    if blocks_unstacked:
+        config, params = unstack_blocks(config, params, donate=True)
+    return config, params

@@ -70,6 +70,8 @@ class KVCache:
 
 
 def ring_size(config: Config, capacity: int) -> int:
+    """Slots of a sliding layer's cache ring: the window's past keys (the window counts the query itself),
+    fewer when the cache holds fewer tokens."""
     return min(config.sliding_window - 1, capacity)
 
 
@@ -515,6 +517,7 @@ def count_params(config: Config) -> int:
 
 
 def param_dtype(params: Params) -> Any:
+    """The model's activation dtype: its embedding's (fp8 experts and float32 scales do not decide it)."""
     return params["embedder"]["embedding"].dtype
 
 
@@ -556,7 +559,7 @@ def prefill(
     has the same static shape (one compiled body, a `fori_loop` over it) and no padding shifts positions.
     """
     if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"prefill_chunk_size must be a positive integer, got {chunk_size!r}")
+        raise ValueError(f"the prefill chunk size (prefill_chunk_size) must be a positive integer, got {chunk_size!r}")
     length = input_ids.shape[1]
     first = length % chunk_size or chunk_size
     cache, _ = _encode(params, config, input_ids[:, :first], attention_mask[:, :first], cache)

@@ -19,10 +19,14 @@ import math
 import os
 import pathlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from diffjax.config import Config
+
+if TYPE_CHECKING:
+    from diffjax.train import Batch
 
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 SPECIALS = ("<pad>", "<eos>", "<bos>")
@@ -129,7 +133,7 @@ class Task(abc.ABC):
         """Canvases of `config.canvas_length` holding the longest answer and its EOS."""
         return math.ceil((self.max_answer_chars + 1) / config.canvas_length)
 
-    def batch(self, config: Config, batch_size: int, index: int, seed: int):  # -> diffjax.train.Batch
+    def batch(self, config: Config, batch_size: int, index: int, seed: int) -> Batch:
         """Training batch number `index` of the stream `seed`: the same (seed, index) gives the same batch."""
         from diffjax.train import make_batch  # jax is only needed once a batch is built
 

@@ -21,11 +21,14 @@ import pathlib
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    from diffjax.config import Config
 
 Message = Mapping[str, Any]
 Conversation = Sequence[Message]
@@ -261,6 +264,7 @@ class Tokenizer(_ChatTemplateMixin):
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
+        """Text of `ids` (control tokens left out unless `skip_special_tokens=False`)."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
@@ -285,10 +289,6 @@ class ByteTokenizer(_ChatTemplateMixin):
         self.special_tokens = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
         self.chat_template = GEMMA4_CHAT_TEMPLATE
         self.uses_fallback_template = True
-
-    @property
-    def end_of_turn_id(self) -> int:
-        return self._special_ids["<turn|>"]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Control-token strings map to their ids (like added tokens); everything else to its UTF-8 bytes."""
@@ -361,27 +361,26 @@ def _find_chat_template(folder: pathlib.Path, config: Mapping[str, Any]) -> str 
     return processor if isinstance(processor, str) else None
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """`Tokenizer.from_dir(path)`."""
-    return Tokenizer.from_dir(path)
-
-
 # --------------------------------------------------------------------------------------------- chat
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ids -> (ids [batch, longest], attention_mask [batch, longest]), padded on the LEFT.
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ids -> (ids [batch, width], attention_mask [batch, width]), padded on the LEFT to `width` (None:
+    the longest row's length; a longer row is an error).
 
     Left padding keeps every prompt's last token next to the canvas, the position the decoder continues from.
     """
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("every prompt needs at least one token")
     longest = max(len(r) for r in rows)
-    ids = np.full((len(rows), longest), pad_id, np.int32)
-    mask = np.zeros((len(rows), longest), bool)
+    width = longest if width is None else width
+    if longest > width:
+        raise ValueError(f"a prompt of {longest} tokens does not fit the padded width {width}")
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), bool)
     for i, row in enumerate(rows):
-        ids[i, longest - len(row):] = row
-        mask[i, longest - len(row):] = True
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = True
     return ids, mask
 
 
@@ -415,7 +414,7 @@ def answer_ids(new_tokens: Sequence[int], eos_ids: Sequence[int], pad_id: int) -
 
 def chat(
     params: Any,
-    config: Any,
+    config: Config,
     tokenizer: AnyTokenizer,
     messages: Conversation | Sequence[Conversation],
     *,

@@ -72,6 +72,7 @@ from diffjax.model import (
     ring_positions,
     ring_size,
 )
+from diffjax.tokenizer import left_pad
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -94,10 +95,6 @@ class Batch:
     response_ids: Array
     ar_mask: Array
     canvas_valid: Array
-
-    @property
-    def num_canvases(self) -> int:
-        return self.canvas_valid.shape[1]
 
 
 @flax.struct.dataclass
@@ -124,17 +121,12 @@ def make_batch(
     batch = len(prompts)
     if len(responses) != batch:
         raise ValueError(f"{batch} prompts but {len(responses)} responses")
-    prompt_ids = np.full((batch, prompt_length), pad, np.int32)
-    prompt_mask = np.zeros((batch, prompt_length), bool)
+    # Longer prompts keep their last tokens, the ones next to the canvas.
+    prompt_ids, prompt_mask = left_pad([list(prompt)[-prompt_length:] for prompt in prompts], pad, prompt_length)
     response_ids = np.full((batch, num_canvases * length), pad, np.int32)
     ar_mask = np.zeros((batch, num_canvases * length), bool)
     canvas_valid = np.zeros((batch, num_canvases), bool)
-    for b, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-        prompt = list(prompt)[-prompt_length:]
-        if not prompt:
-            raise ValueError(f"prompt {b} is empty")
-        prompt_ids[b, prompt_length - len(prompt):] = prompt
-        prompt_mask[b, prompt_length - len(prompt):] = True
+    for b, response in enumerate(responses):
         text = list(response)[: num_canvases * length - 1]
         used = len(text) // length + 1  # canvases holding text and its EOS
         response_ids[b, : used * length] = eos
@@ -261,6 +253,12 @@ def diffusion_loss(params: Params, config: Config, batch: Batch, noise: NoiseDra
 # ------------------------------------------------------------------------------- optimiser
 
 
+def default_warmup_steps(steps: int) -> int:
+    """A tenth of the run (at least one step), leaving at least one step at the peak rate: a 1-step run starts at
+    it, where a warmup step would train at rate 0."""
+    return min(max(1, steps // 10), steps - 1)
+
+
 def make_optimizer(
     peak_lr: float = 1e-4, total_steps: int = 1000, warmup_steps: int = 100, end_lr_ratio: float = 0.1,
     weight_decay: float = 1e-4, clip_norm: float = 1.0,
@@ -367,7 +365,7 @@ def fit(
             f"training updates every weight, and {config.expert_quantization} experts are a storage format, not "
             "trainable weights: train the unquantized model (diffjax.quantize.dequantize_experts)"
         )
-    optimizer = optimizer or make_optimizer(total_steps=steps, warmup_steps=max(1, steps // 10))
+    optimizer = optimizer or make_optimizer(total_steps=steps, warmup_steps=default_warmup_steps(steps))
     if lora is None:
         trainable = jax.tree.map(jnp.copy, params)  # train_step donates its input; the caller keeps theirs
     else:

@@ -18,7 +18,7 @@ import pytest
 
 import diffjax
 from diffjax import bench, cli
-from diffjax.config import FULL, Config
+from diffjax.config import FULL, Config, gemma4_layer_types
 from diffjax.quantize import FP8
 
 
@@ -80,7 +80,7 @@ def test_generate_compact_steps_when_not_a_tty(capsys):
 
 def test_default_model_is_the_trained_demo():
     model = cli.default_model()
-    assert model.task is not None and model.task.name in model.name and model.banner is None
+    assert model.task is not None and model.task.name in model.name
     assert model.config.vocab_size == model.tokenizer.vocab_size
     assert model.config.num_experts > model.config.top_k_experts > 1  # the real structure: MoE, top-k
     assert {"sliding_attention", "full_attention"} == set(model.config.layer_types)
@@ -344,7 +344,7 @@ def test_full_size_path_on_a_tiny_model(tmp_path):
     from diffjax import bench
 
     settings = bench.FullSizeSettings(batches=(2,), prompts=(20,), new_tokens=16, steps=2, repeats=1,
-                                      force=True, bandwidth_bytes=1 << 20, prefill_chunk=8, transformers=True,
+                                      force=True, bandwidth_bytes=1 << 20, matmul_size=128, prefill_chunk=8, transformers=True,
                                       transformers_compile=False, statistics=("logits", "xla"))
     result = bench.run_full_size(settings, config=Config.tiny().replace(canvas_length=8))
     assert [(p["prompt"], p["batch"], p["moe"], p["statistics"]) for p in result["points"]] == [
@@ -729,7 +729,7 @@ def test_full_size_layers_follow_the_released_pattern():
     from diffjax import bench
 
     released = Config.diffusiongemma_26b_a4b().layer_types
-    assert bench.layer_types(30, 6) == released
+    assert gemma4_layer_types(30) == released
     for layers in (1, 5, 6, 7, 12):
         assert bench.full_size_config(layers).layer_types == (*released[:layers - 1], FULL)
 

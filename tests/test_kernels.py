@@ -656,11 +656,12 @@ def test_kernel_bench_flops_match_xla_cost_analysis():
     shapes = dataclasses.replace(kernel_bench.Shapes.tiny(), hidden=512, moe_inter=256, experts=2, top_k=2,
                                  head_dim=128)
     tokens = 3 * shapes.canvas
-    args = as_f32(*kernel_bench.moe_inputs(shapes, tokens, seed=0))
+    args = as_f32(*kernel_bench.random_moe_problem(shapes, tokens, seed=0))
     counted = kernel_bench.moe_flops(shapes, tokens)
     assert counted <= _xla_flops(experts_dense, *args) <= 1.03 * counted
     batch, context = 2, 40
-    args = as_f32(*kernel_bench.attention_inputs(shapes, batch, context, shapes.kv_heads, shapes.head_dim, seed=0))
+    args = as_f32(*kernel_bench.random_attention_problem(shapes, batch, context, shapes.kv_heads, shapes.head_dim,
+                                                         seed=0))
     counted = kernel_bench.attention_flops(shapes, batch, context + shapes.canvas, shapes.head_dim)
     assert counted <= _xla_flops(kernel_bench.concatenating(attend_padding_only), *args) <= 1.05 * counted
 
@@ -1378,15 +1379,19 @@ def test_kernel_bench_sweep_lists_tile_variants_and_picks_the_fastest():
     assert variants["pallas[1]"][1]["tiles"]["block_k"] == 32
     assert list(kernel_bench._pallas_variants(lambda t: lambda: t, VocabTiles, (), sweep=False)) == ["pallas"]
     entries = [
-        {"section": "moe", "rows": 1, "ms": 2.0, "tiles": {"num_warps": 4}},
-        {"section": "moe", "rows": 1, "ms": 1.0, "tiles": {"num_warps": 8}},
-        {"section": "moe", "rows": 1, "error": "failed"},
-        {"section": "moe", "rows": 4, "ms": 3.0, "tiles": {"num_warps": 4}},
+        {"section": "moe", "impl": "pallas[0]", "rows": 1, "ms": 2.0, "tiles": {"num_warps": 4}},
+        {"section": "moe", "impl": "pallas[1]", "rows": 1, "ms": 1.0, "tiles": {"num_warps": 8}},
+        {"section": "moe", "impl": "pallas[2]", "rows": 1, "error": "failed"},
+        # Faster, but another kernel: it must not take the bf16 kernel's place.
+        {"section": "moe", "impl": "pallas_fp8[0]", "rows": 1, "ms": 0.5, "tiles": {"num_warps": 4}},
+        {"section": "moe", "impl": "pallas[0]", "rows": 4, "ms": 3.0, "tiles": {"num_warps": 4}},
     ]
     assert kernel_bench.best_tiles(entries) == [
-        {"section": "moe", "rows": 1, "ms": 1.0, "tiles": {"num_warps": 8}},
-        {"section": "moe", "rows": 4, "ms": 3.0, "tiles": {"num_warps": 4}},
+        {"section": "moe", "impl": "pallas[1]", "rows": 1, "ms": 1.0, "tiles": {"num_warps": 8}},
+        {"section": "moe", "impl": "pallas_fp8[0]", "rows": 1, "ms": 0.5, "tiles": {"num_warps": 4}},
+        {"section": "moe", "impl": "pallas[0]", "rows": 4, "ms": 3.0, "tiles": {"num_warps": 4}},
     ]
+    assert kernel_bench.best_kernel_tiles(kernel_bench.best_tiles(entries)) == {1: "experts.num_warps=8", 4: ""}
 
 
 # Found by the second mutation audit: the expert kernel's padded layout and the split-K combine's precision.

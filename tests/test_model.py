@@ -153,6 +153,7 @@ def test_cache_appends_where_it_left_off(tiny):
         (dict(num_layers=3), "layer_types has 4 entries"),
         (dict(top_k_experts=9), "top_k_experts"),
         (dict(eos_token_id=(1, 9999)), "eos_token_id"),
+        (dict(eos_token_id=()), "eos_token_id must name at least one token id"),
         (dict(final_logit_softcapping=-1.0), "final_logit_softcapping"),
         (dict(no_such_field=1), "unknown Config field"),
         (dict(scan_unroll=0), "scan_unroll must be a positive integer"),
@@ -188,6 +189,14 @@ def test_kernel_tiles_parse_validate_and_stay_out_of_the_maths():
         ("routing.project=maybe", "must be an integer, true, false or none"),
         ("routing", "is not kernel.setting=value"),
         ("experts.gate_up_block_k=24", "MoeTiles.gate_up_block_k must be a power of two"),
+        # Every kernel's settings are checked when parsed, not when a kernel first traces them.
+        ("vocab.block_v=7", "VocabTiles.block_v must be a power of two"),
+        ("vocab.splits=0", r"VocabTiles.splits must be None or >= 1"),
+        ("global_attention.block_q=48", "AttentionTiles.block_q must be a power of two"),
+        ("sliding_attention.pack_heads=3", r"AttentionTiles.pack_heads must be a power of two dividing block_q"),
+        ("sliding_attention.num_warps=3", r"AttentionTiles.num_warps must be None or a power of two <= 16"),
+        ("routing.num_stages=0", r"RouteTiles.num_stages must be None or >= 1"),
+        ("routing.block_tokens=8", "RouteTiles.block_tokens must be a power of two >= 16"),
     ]:
         with pytest.raises(ValueError, match=match):
             KernelTiles.parse(text)

@@ -28,6 +28,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 
 from diffjax import sampling as S
 from diffjax.sampling.statistics import _mix32 as mix32
+from diffjax.sampling.statistics import uniform_tokens
 
 # One jitted entry point per component kind, shared by the tests: eager JAX compiles every primitive
 # separately, which dominates the runtime of tiny inputs.
@@ -127,9 +128,7 @@ def test_entropy_bound_step_matches_transformers(shape, entropy_bound):
     np.testing.assert_array_equal(np.asarray(processed), processed_t.numpy())
     sample = _race(processed, exp_noise.numpy())
     np.testing.assert_array_equal(np.asarray(sample), sample_t.numpy())
-    new_canvas, accepted = _eb_update(
-        processed, current.astype(np.int32), sample, noise.astype(np.int32), entropy_bound
-    )
+    new_canvas, accepted = _eb_update(_entropy(processed), sample, noise.astype(np.int32), entropy_bound)
     np.testing.assert_array_equal(np.asarray(accepted), hf.accepted_token_mask.numpy())
     np.testing.assert_array_equal(np.asarray(new_canvas), new_canvas_t.numpy())
     assert np.asarray(accepted).sum(-1).min() >= 1  # the lowest-entropy position is always accepted
@@ -440,6 +439,43 @@ def test_ddim_corrector_log_probs():
     loo = np.exp(shifted - shifted.max(-1, keepdims=True))
     loo /= loo.sum(-1, keepdims=True)
     np.testing.assert_allclose(np.exp(cond), alpha * loo + (1 - alpha) / 40, rtol=1e-4, atol=1e-7)
+
+
+def test_ddim_uses_its_vocab_size_as_the_noise_range_k_throughout():
+    """With `vocab_size` K below the logits' width, K is the uniform noise's range in the predictor's route
+    probabilities and the corrector's uniform mass, not only in the renoise draw."""
+    rng = np.random.default_rng(12)
+    width, k_vocab, alpha = 40, 25, 0.25
+    logits = _varied_logits(rng, (2, 6, width))
+    canvas = jnp.asarray(rng.integers(0, width, size=(2, 6)), jnp.int32)
+    cond = np.asarray(S.ddim_corrector_log_probs(logits, canvas, alpha, k_vocab), np.float64)
+    shifted = logits.astype(np.float64).copy()
+    observed = np.asarray(canvas)[..., None]
+    delta = math.log1p(k_vocab * alpha / (1 - alpha))
+    np.put_along_axis(shifted, observed, np.take_along_axis(shifted, observed, -1) - delta, -1)
+    loo = np.exp(shifted - shifted.max(-1, keepdims=True))
+    loo /= loo.sum(-1, keepdims=True)
+    uniform = np.where(np.arange(width) < k_vocab, (1 - alpha) / k_vocab, 0.0)
+    np.testing.assert_allclose(np.exp(cond), alpha * loo + uniform, rtol=1e-4, atol=1e-7)
+
+    # The predictor: half the canvas already holds the argmax, where the clean route's mass grows with K
+    # (0.929 at K = 25 against 0.953 at the width: 400 positions put a few route draws between the two).
+    sampler = S.DDIMSampler(num_steps=4, vocab_size=k_vocab, sampling=S.GreedySampling())
+    logits = _varied_logits(rng, (2, 200, width))
+    argmax = np.asarray(logits.argmax(-1))
+    canvas = jnp.asarray(np.where(rng.random(argmax.shape) < 0.5, argmax, rng.integers(0, k_vocab, argmax.shape)),
+                         jnp.int32)
+    key = jax.random.key(4)
+    ours, took = jax.jit(sampler._predict)(jnp.asarray(logits), canvas, jnp.int32(1), key)
+    _, route_key, noise_key = jax.random.split(key, 3)
+    route_uniform = jax.random.uniform(route_key, canvas.shape, jnp.float32)
+    noise = uniform_tokens(noise_key, canvas.shape, k_vocab)
+    expected, expected_took = S.ddim_predictor_update(canvas, jnp.asarray(argmax, jnp.int32), route_uniform,
+                                                      noise, 1, 4, k_vocab)
+    at_width = S.ddim_predictor_update(canvas, jnp.asarray(argmax, jnp.int32), route_uniform, noise, 1, 4, width)[1]
+    assert np.any(np.asarray(at_width) != np.asarray(expected_took))
+    np.testing.assert_array_equal(np.asarray(took), np.asarray(expected_took))
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(expected))
 
 
 def test_ddim_sampler_interleaves_predictor_and_corrector():

@@ -130,6 +130,14 @@ def test_make_optimizer_is_clipped_adamw_on_warmup_cosine():
     assert float(jnp.abs(trees["ours"][0]["w"] - params["w"]).max()) > 1e-2  # it moved
 
 
+def test_default_warmup_leaves_a_one_step_run_a_step_at_the_peak_rate():
+    assert [train.default_warmup_steps(n) for n in (1, 2, 19, 20, 1000)] == [0, 1, 1, 2, 100]
+    params = {"w": jnp.ones((3,), jnp.float32)}
+    optimizer = train.make_optimizer(peak_lr=0.1, total_steps=1, warmup_steps=train.default_warmup_steps(1))
+    updates, _ = optimizer.update({"w": jnp.ones((3,), jnp.float32)}, optimizer.init(params), params)
+    assert float(jnp.abs(updates["w"]).min()) > 0.05  # the one step trains (a warmup step would not)
+
+
 def test_lora_merge_is_w_plus_alpha_over_rank_a_b():
     """PEFT's convention: the update is (alpha / rank) A @ B, A ~ U(+-1/sqrt(fan_in)) and B = 0 at init; on
     modules whose fan_in and fan_out differ."""

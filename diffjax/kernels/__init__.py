@@ -1,7 +1,8 @@
 """Pallas kernels (NVIDIA GPUs) for the denoising step, each beside its plain-JAX twin.
 
 - `moe.experts_pallas`: grouped gate/up + GELU + down matmuls over expert-sorted tokens (twin:
-  `diffjax.layers.experts_grouped` / `experts_dense`); Triton lowering, bf16/fp32/fp8 experts.
+  `diffjax.layers.experts_grouped` / `experts_dense`); Triton lowering, bf16/fp32/fp8 experts; the layer's
+  dense MLP can ride in the same two launches (`mlp=`, `Config.mlp_implementation="pallas"`).
 - `moe_mgpu.experts_mgpu`: the same maths through Mosaic GPU (TMA + wgmma; Hopper, bf16/fp16).
 - `vocab.vocab_stats_pallas`: LM head, softcap, temperature, logsumexp, entropy, argmax and a Gumbel-max
   sample in one pass over the vocabulary, without float32 logits (twin: `vocab.vocab_stats_reference`).
@@ -9,13 +10,15 @@
   (twin: `diffjax.layers.attend`); `attention.attention_inputs_pallas`: its q/k/v inputs, norms and RoPE in
   one launch (twin: `diffjax.layers.attention_inputs`).
 - `norms.moe_inputs_pallas`: a layer's residual add and its feed-forward inputs' norms in one launch (twin:
-  `diffjax.layers.moe_inputs`).
+  `diffjax.layers.moe_inputs`); `norms.feedforward_outputs_pallas`: the experts' rows summed, the
+  feed-forward outputs' norms and the residual add in one (twin: `diffjax.layers.feedforward_outputs`).
 - `routing.route_pallas` / `routing.expert_rows_pallas`: the router (its projection and top-k), and the row
   layout the Triton experts read, one launch each (twins: `diffjax.layers.route`,
   `routing.expert_rows_reference`).
 
-Which path runs is always chosen by the caller (a `Config` field or an argument). The expert and attention
-kernels are differentiable: their backward is their twin's (`with_twin_backward`). Every kernel takes
+Which path runs is always chosen by the caller (a `Config` field or an argument). The model's Triton
+kernels are differentiable: their backward is their twin's (`with_twin_backward`). The vocabulary pass (a
+sampling path) and the Mosaic GPU experts have no backward. Every kernel takes
 `interpret`: True runs the same kernel body through the Pallas interpreter (CPU tests); the default `None`
 means "interpret iff the default backend is not a GPU", since these kernels only compile for GPUs (the
 Mosaic GPU ones run in Mosaic GPU's own interpreter, which simulates shared memory, TMA and barriers).
@@ -99,6 +102,17 @@ def require_block(name: str, value: int) -> None:
     """Raise `ValueError` unless `value` is a valid block dimension: a power of two >= `MIN_BLOCK`."""
     if value < MIN_BLOCK or value & (value - 1):
         raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {value}")
+
+
+def require_launch(owner: str, num_warps: int | None, num_stages: int | None = None,
+                   splits: int | None = None) -> None:
+    """Raise `ValueError` naming `owner`'s invalid Triton launch setting: warps a power of two <= 16, stages and
+    splits >= 1 (None: the lowering's or the kernel's choice)."""
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"{owner}.num_warps must be None or a power of two <= 16, got {num_warps}")
+    for name, value in (("num_stages", num_stages), ("splits", splits)):
+        if value is not None and value < 1:
+            raise ValueError(f"{owner}.{name} must be None or >= 1, got {value}")
 
 
 def largest_power_of_two_divisor(n: int, cap: int) -> int:

@@ -26,7 +26,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from diffjax.kernels import FINITE_NEG, MIN_BLOCK, require_block, resolve_interpret, with_twin_backward
+from diffjax.kernels import (
+    FINITE_NEG,
+    MIN_BLOCK,
+    require_block,
+    require_launch,
+    resolve_interpret,
+    with_twin_backward,
+)
 from diffjax.layers import attend, attention_inputs
 
 Array = jax.Array
@@ -148,6 +155,16 @@ class AttentionTiles:
     # the heads sharing keys read them once (grouped-query packing; a power of two dividing the group).
     pack_heads: int = 1
 
+    def validate(self) -> None:
+        """Raise `ValueError` naming a setting that no shape can run (pack_heads must also divide the query heads
+        per kv head: checked against the shapes)."""
+        for name in ("block_q", "block_k"):
+            require_block(f"AttentionTiles.{name}", getattr(self, name))
+        require_launch("AttentionTiles", self.num_warps, self.num_stages, self.splits)
+        if self.pack_heads < 1 or self.pack_heads & (self.pack_heads - 1) or self.block_q % self.pack_heads:
+            raise ValueError(f"AttentionTiles.pack_heads must be a power of two dividing block_q ({self.block_q}), "
+                             f"got {self.pack_heads}")
+
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def global_attention_pallas(
@@ -236,8 +253,7 @@ def _global_attention_pallas(
     layer: Array | None, *, tiles: AttentionTiles, interpret: bool | None,
 ) -> Array:
     batch, q_len, heads, head_dim = query.shape
-    for name in ("block_q", "block_k"):
-        require_block(f"AttentionTiles.{name}", getattr(tiles, name))
+    tiles.validate()
     if layer is not None and (keys.ndim != 5 or layer.shape != ()):
         raise ValueError(f"with a layer index, keys must be a [layers, batch, k, kv_heads, head_dim] stack and the "
                          f"index a scalar, got keys {keys.shape} and layer {layer.shape}")

@@ -224,7 +224,7 @@ def _entry(section: str, impl: str, rows: int, timed: Callable[[], tuple[float, 
 # --------------------------------------------------------------------------------------------- moe
 
 
-def moe_inputs(shapes: Shapes, tokens: int, seed: int) -> tuple[jax.Array, ...]:
+def random_moe_problem(shapes: Shapes, tokens: int, seed: int) -> tuple[jax.Array, ...]:
     """Random bf16 activations, routing (top-k of random scores) and expert weights, made on the device."""
     keys = jax.random.split(jax.random.key(seed), 4)
 
@@ -322,7 +322,7 @@ def bench_moe(s: Settings, shapes: Shapes, impls: Sequence[str], log: Callable[[
             raise ValueError(f"unknown moe implementation {impl!r}; expected one of {MOE_IMPLS}")
     out = []
     for rows in s.rows:
-        args = moe_inputs(shapes, rows * shapes.canvas, s.seed)
+        args = random_moe_problem(shapes, rows * shapes.canvas, s.seed)
         flops = moe_flops(shapes, rows * shapes.canvas)
         for (fp8, pretiled), functions in kernels.items():
             x, weights, ids, gate_up, down = args
@@ -414,8 +414,8 @@ def bench_vocab(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list
 # --------------------------------------------------------------------------------------- attention
 
 
-def attention_inputs(shapes: Shapes, batch: int, context: int, kv_heads: int, head_dim: int,
-                     seed: int) -> tuple[jax.Array, ...]:
+def random_attention_problem(shapes: Shapes, batch: int, context: int, kv_heads: int, head_dim: int,
+                             seed: int) -> tuple[jax.Array, ...]:
     """What a decoder layer attends with: canvas queries `[batch, canvas, heads, head_dim]`, `context` cached
     keys/values with an all-True `valid`, and the canvas's own keys/values `[batch, canvas, kv_heads,
     head_dim]`."""
@@ -467,7 +467,7 @@ def bench_attention(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> 
     out = []
     for prompt in s.prompts:
         for batch in s.rows:
-            args = attention_inputs(shapes, batch, prompt, shapes.kv_heads, shapes.head_dim, s.seed)
+            args = random_attention_problem(shapes, batch, prompt, shapes.kv_heads, shapes.head_dim, s.seed)
             nbytes = _nbytes(*args) + _nbytes(args[0])  # + the output, the size of the queries
             flops = attention_flops(shapes, batch, prompt + shapes.canvas, shapes.head_dim)
             out += _time_all("attention", batch, args, nbytes, flops, functions, s, log, prompt=prompt)
@@ -498,7 +498,8 @@ def bench_sliding(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> li
     ring = shapes.sliding_window - 1
     out = []
     for batch in s.rows:
-        args = attention_inputs(shapes, batch, ring, shapes.sliding_kv_heads, shapes.sliding_head_dim, s.seed)
+        args = random_attention_problem(shapes, batch, ring, shapes.sliding_kv_heads, shapes.sliding_head_dim,
+                                        s.seed)
         nbytes = _nbytes(*args) + _nbytes(args[0])
         flops = attention_flops(shapes, batch, ring + shapes.canvas, shapes.sliding_head_dim)
         out += _time_all("sliding", batch, args, nbytes, flops, functions, s, log, prompt=ring)
@@ -560,7 +561,7 @@ def bench_mlp(s: Settings, shapes: Shapes, log: Callable[[str], None]) -> list[d
     out = []
     for rows in s.rows:
         tokens = rows * shapes.canvas
-        experts = moe_inputs(shapes, tokens, s.seed)
+        experts = random_moe_problem(shapes, tokens, s.seed)
         mlp_x = jax.random.normal(keys[0], (tokens, shapes.hidden), jnp.bfloat16)
         mlp_bytes = _nbytes(*mlp_weights) + 2 * _nbytes(mlp_x)
         mlp_flops = 2 * tokens * 3 * shapes.hidden * shapes.mlp_inter
@@ -614,11 +615,18 @@ def run(s: Settings, log: Callable[[str], None] = lambda _: None, child: bool = 
     return result
 
 
+def _base_impl(entry: dict[str, Any]) -> str:
+    """An entry's implementation without its sweep index: "pallas[3]" -> "pallas"."""
+    return entry.get("impl", "").split("[")[0]
+
+
 def best_tiles(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The fastest tile setting per problem (section, rows, prompt) among the entries that ran."""
+    """The fastest tile setting per kernel and problem (section, implementation, rows, prompt) among the entries
+    that ran: a sweep's implementations (e.g. bf16 and fp8 experts, or a kernel and its twin) each keep their
+    winner."""
     best: dict[tuple, dict[str, Any]] = {}
     for e in entries:
-        key = (e["section"], e.get("rows"), e.get("prompt"))
+        key = (e["section"], _base_impl(e), e.get("rows"), e.get("prompt"))
         if "ms" in e and (key not in best or e["ms"] < best[key]["ms"]):
             best[key] = e
     return [{k: e[k] for k in ("section", "impl", "rows", "prompt", "ms", "tiles") if k in e} for e in best.values()]
@@ -642,8 +650,7 @@ def best_kernel_tiles(best: Sequence[dict[str, Any]]) -> dict[int, str]:
             shortest[e["section"]] = min(shortest.get(e["section"], e["prompt"]), e["prompt"])
     per_rows: dict[int, dict[str, dict[str, Any]]] = {}
     for e in best:
-        impl = e.get("impl", "").split("[")[0]
-        field = _KERNEL_TILES_FIELDS.get(e["section"] if e["section"] != "moe" else f"moe:{impl}")
+        field = _KERNEL_TILES_FIELDS.get(e["section"] if e["section"] != "moe" else f"moe:{_base_impl(e)}")
         if field is None or "tiles" not in e or e.get("prompt") != shortest.get(e["section"]):
             continue
         defaults = dataclasses.asdict(KernelTiles.tiles_class(field)())

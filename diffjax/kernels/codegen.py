@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.bench import output_file, write_json
+from diffjax.config import tile_value
 
 TRITON_VERSION = "3.9.0"
 TRITON_CALL_TARGET = "__gpu$xla.gpu.triton"
@@ -408,9 +409,7 @@ def _parse_tiles(items: Sequence[str], sections: Sequence[str]) -> dict[str, Any
             fields = {f.name for f in dataclasses.fields(tiles_class)}
             if field not in fields:
                 raise ValueError(f"{tiles_class.__name__} ({section}) has no field {field!r}; it has {sorted(fields)}")
-        lowered = value.lower()
-        tiles[field] = (None if lowered == "none" else lowered == "true" if lowered in ("true", "false")
-                        else int(value))
+        tiles[field] = tile_value(value, item)
     return tiles
 
 
@@ -421,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="also every tile candidate of `kernels.bench --sweep`")
     p.add_argument("--tiles", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="tile settings instead of the defaults, e.g. num_warps=4 swap_ab=true (fields of the "
-                        "sections' MoeTiles / VocabTiles / AttentionTiles)")
+                        "sections' MoeTiles / VocabTiles / AttentionTiles / RouteTiles)")
     p.add_argument("--out", type=output_file, help="write the records as JSON here")
     args = p.parse_args(argv)
     if any(n <= 0 for n in args.rows):

@@ -38,13 +38,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from diffjax.config import ROUTING_IMPLEMENTATIONS
+from diffjax.config import ROUTING_IMPLEMENTATIONS, Config
 from diffjax.kernels import (
     INT32_OFFSET_LIMIT,
     MIN_BLOCK,
     WIDE_OFFSETS,
     largest_power_of_two_divisor,
     require_block,
+    require_launch,
     resolve_interpret,
     with_twin_backward,
 )
@@ -114,8 +115,7 @@ class MoeTiles:
         for name in ("block_rows", "mlp_block_rows", "mlp_block_n"):
             if getattr(self, name) is not None:
                 require_block(f"MoeTiles.{name}", getattr(self, name))
-        if self.num_warps not in (None, 1, 2, 4, 8, 16):
-            raise ValueError(f"MoeTiles.num_warps must be None or a power of two <= 16, got {self.num_warps}")
+        require_launch("MoeTiles", self.num_warps, self.num_stages)
 
 
 # Float32 accumulator elements per thread above which `warps_for` doubles the warps.
@@ -306,19 +306,20 @@ def pretiled_shapes(gate_up_shape: tuple[int, ...], down_shape: tuple[int, ...],
     return gate_up.shape, down.shape
 
 
-def pretile_model(config: Any, params: Any) -> tuple[Any, Any]:
+def pretile_model(config: Config, params: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     """`(config, params)` with every MoE layer's experts pretiled (`pretile_experts` under the default
     tiles) and `config.expert_layout="pretiled"`; fp8 experts too (quantize first: the scales are per plain
     column and keep their layout). One stack at a time, each a device copy."""
     return _relayout_experts(config, params, "pretiled", _pretile_jit)
 
 
-def untile_model(config: Any, params: Any) -> tuple[Any, Any]:
+def untile_model(config: Config, params: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     """The inverse of `pretile_model`: plain-layout experts and `config.expert_layout="plain"`."""
     return _relayout_experts(config, params, "plain", _untile_jit)
 
 
-def _relayout_experts(config: Any, params: Any, layout: str, relayout: Any) -> tuple[Any, Any]:
+def _relayout_experts(config: Config, params: dict[str, Any], layout: str, relayout: Any
+                      ) -> tuple[Config, dict[str, Any]]:
     from diffjax.quantize import map_experts
 
     if config.expert_layout == layout:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from diffjax.kernels import MIN_BLOCK, resolve_interpret, with_twin_backward
+from diffjax.kernels import MIN_BLOCK, require_block, require_launch, resolve_interpret, with_twin_backward
 from diffjax.layers import route, router_scores
 
 Array = jax.Array
@@ -60,9 +60,8 @@ class RouteTiles:
 
     def validate(self) -> None:
         for name in ("block_tokens", "block_hidden"):
-            value = getattr(self, name)
-            if value < MIN_BLOCK or value & (value - 1):
-                raise ValueError(f"RouteTiles.{name} must be a power of two >= {MIN_BLOCK}, got {value}")
+            require_block(f"RouteTiles.{name}", getattr(self, name))
+        require_launch("RouteTiles", self.num_warps, self.num_stages)
 
 
 # Assignments per step of `expert_rows_pallas`'s loops over all of them (each program reads every expert id).

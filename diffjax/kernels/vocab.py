@@ -32,6 +32,7 @@ from diffjax.kernels import (
     MIN_BLOCK,
     largest_power_of_two_divisor,
     require_block,
+    require_launch,
     resolve_interpret,
 )
 from diffjax.model import tied_logits
@@ -68,6 +69,13 @@ class VocabTiles:
     num_warps: int = 4
     num_stages: int = 3
 
+    def validate(self) -> None:
+        """Raise `ValueError` naming a setting that no shape can run (splits must also divide the vocabulary
+        tiles: checked against the shapes)."""
+        for name in ("block_rows", "block_v", "block_k"):
+            require_block(f"VocabTiles.{name}", getattr(self, name))
+        require_launch("VocabTiles", self.num_warps, self.num_stages, self.splits)
+
 
 @functools.partial(jax.jit, static_argnames=("softcap", "return_logits", "tiles", "interpret"))
 def vocab_stats_pallas(
@@ -90,8 +98,7 @@ def vocab_stats_pallas(
     width = hidden.shape[-1]
     if embedding.ndim != 2 or embedding.shape[1] != width:
         raise ValueError(f"embedding must be [vocab, hidden={width}], got {embedding.shape}")
-    for name in ("block_rows", "block_v", "block_k"):
-        require_block(f"VocabTiles.{name}", getattr(tiles, name))
+    tiles.validate()
     temperature = jnp.asarray(temperature, jnp.float32).reshape(1)
     seed = jnp.asarray(seed).astype(jnp.uint32).reshape(1)
     local = functools.partial(

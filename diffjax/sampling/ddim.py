@@ -76,7 +76,8 @@ def ddim_predictor_update(
     return jnp.where(noise, noise_ids, out).astype(jnp.int32), clean
 
 
-def ddim_corrector_log_probs(logits: jax.Array, canvas_ids: jax.Array, alpha: jax.Array | float) -> jax.Array:
+def ddim_corrector_log_probs(logits: jax.Array, canvas_ids: jax.Array, alpha: jax.Array | float,
+                             vocab_size: int | None = None) -> jax.Array:
     """One-coordinate conditional ``log Cat(alpha * x0_loo + (1 - alpha) / K)`` of the LOO corrector.
 
     The leave-one-out denoiser (arXiv 2605.22765, eq. 13) subtracts ``log(1 + K alpha / (1 - alpha))`` from
@@ -86,19 +87,22 @@ def ddim_corrector_log_probs(logits: jax.Array, canvas_ids: jax.Array, alpha: ja
       logits: float32 ``[batch, canvas, vocab]`` computed on ``canvas_ids``.
       canvas_ids: int32 ``[batch, canvas]``.
       alpha: survival probability at the corrector's time.
+      vocab_size: K, the noise's range (ids ``[0, K)``); ``None`` = the logits' width. Ids from K up get no
+        uniform mass, only the denoiser's.
 
     Returns:
       float32 ``[batch, canvas, vocab]`` normalised log-probabilities.
     """
     logits = jnp.asarray(logits, jnp.float32)
-    vocab = logits.shape[-1]
+    width = logits.shape[-1]
+    vocab = vocab_size_or_logits_width(vocab_size, logits)
     alpha = jnp.asarray(alpha, jnp.float32)
     interior = (alpha > 0.0) & (alpha < 1.0)
     safe = jnp.where(interior, alpha, 0.5)
     delta = jnp.where(interior, jnp.log1p(vocab * safe / (1.0 - safe)), 0.0)
-    observed = jax.nn.one_hot(canvas_ids, vocab, dtype=jnp.bool_)
+    observed = jax.nn.one_hot(canvas_ids, width, dtype=jnp.bool_)
     loo_log_probs = jax.nn.log_softmax(jnp.where(observed, logits - delta, logits), axis=-1)
-    log_uniform = jnp.log1p(-alpha) - math.log(vocab)
+    log_uniform = jnp.where(jnp.arange(width) < vocab, jnp.log1p(-alpha) - math.log(vocab), -jnp.inf)
     return jnp.logaddexp(jnp.log(alpha) + loo_log_probs, log_uniform)
 
 
@@ -169,10 +173,9 @@ class DDIMSampler:
         sample_key, route_key, noise_key = jax.random.split(key, 3)
         sampled = self.sampling(sample_key, processed_logits)
         route_uniform = jax.random.uniform(route_key, canvas_ids.shape, jnp.float32)
-        noise = uniform_tokens(noise_key, canvas_ids.shape, vocab_size_or_logits_width(self.vocab_size, processed_logits))
-        return ddim_predictor_update(
-            canvas_ids, sampled, route_uniform, noise, index, self.num_steps, processed_logits.shape[-1]
-        )
+        vocab = vocab_size_or_logits_width(self.vocab_size, processed_logits)
+        noise = uniform_tokens(noise_key, canvas_ids.shape, vocab)
+        return ddim_predictor_update(canvas_ids, sampled, route_uniform, noise, index, self.num_steps, vocab)
 
     def _correct(
         self, processed_logits: jax.Array, canvas_ids: jax.Array, index: jax.Array, key: jax.Array
@@ -180,7 +183,7 @@ class DDIMSampler:
         select_key, sample_key = jax.random.split(key)
         total = jnp.asarray(self.num_steps, jnp.float32)
         alpha = jnp.minimum(jnp.asarray(index, jnp.float32) + 1.0, total) / total
-        cond = ddim_corrector_log_probs(processed_logits, canvas_ids, alpha)
+        cond = ddim_corrector_log_probs(processed_logits, canvas_ids, alpha, self.vocab_size)
         batch, length = canvas_ids.shape
         k = min(self.corrector_k, length)
         if self.corrector_selection == "random":

@@ -70,30 +70,28 @@ def entropy_bound_mask(entropy: jax.Array, entropy_bound: jax.Array | float) -> 
 
 
 def entropy_bound_update(
-    processed_logits: jax.Array,
-    canvas_ids: jax.Array,
+    entropy: jax.Array,
     sampled_ids: jax.Array,
     noise_ids: jax.Array,
     entropy_bound: jax.Array | float,
 ) -> tuple[jax.Array, jax.Array]:
-    """Deterministic core of :class:`EntropyBoundSampler` given its random draws.
+    """Deterministic core of :class:`EntropyBoundSampler` given its random draws, on either entry point's
+    entropies (:func:`token_entropy` of the processed logits, or the fused pass's statistics).
 
     Args:
-      processed_logits: float32 ``[batch, canvas, vocab]`` (temperature-scaled, filtered).
-      canvas_ids: int32 ``[batch, canvas]``, the current canvas.
+      entropy: float32 ``[batch, canvas]``, each position's entropy under the processed logits.
       sampled_ids: int32 ``[batch, canvas]``, one draw from ``softmax(processed_logits)`` per position.
       noise_ids: int32 ``[batch, canvas]``, uniform tokens over the whole vocabulary.
       entropy_bound: scalar.
 
     Returns:
       ``(new_canvas_ids, accepted)``: accepted positions take the sample, every other position takes the
-      noise token. (The reference first writes ``where(accepted, sample, current)`` and then renoises the
-      non-accepted positions, so the current tokens never survive: a token accepted at one step is
-      re-decided, and possibly renoised, at the next.)
+      noise token. The current canvas plays no part: the reference first writes ``where(accepted, sample,
+      current)`` and then renoises the non-accepted positions, so the current tokens never survive (a token
+      accepted at one step is re-decided, and possibly renoised, at the next).
     """
-    accepted = entropy_bound_mask(token_entropy(processed_logits), entropy_bound)
-    kept = jnp.where(accepted, sampled_ids, canvas_ids)
-    return jnp.where(accepted, kept, noise_ids).astype(jnp.int32), accepted
+    accepted = entropy_bound_mask(entropy, entropy_bound)
+    return jnp.where(accepted, sampled_ids, noise_ids).astype(jnp.int32), accepted
 
 
 @struct.dataclass
@@ -128,9 +126,8 @@ class EntropyBoundSampler:
         self, processed_logits: jax.Array, canvas_ids: jax.Array, state: SamplerState, key: jax.Array
     ) -> tuple[jax.Array, jax.Array, SamplerState]:
         sampled, noise = draw_and_noise(self.sampling, self.vocab_size, processed_logits, canvas_ids.shape, key)
-        new_canvas, accepted = entropy_bound_update(
-            processed_logits, canvas_ids, sampled, noise, self.entropy_bound
-        )
+        new_canvas, accepted = entropy_bound_update(token_entropy(processed_logits), sampled, noise,
+                                                    self.entropy_bound)
         return new_canvas, accepted, SamplerState(step=state.step + 1, committed=accepted)
 
     def from_statistics(
@@ -140,8 +137,7 @@ class EntropyBoundSampler:
         sampled, _, noise = draw_and_noise_from_statistics(
             self.sampling, self.vocab_size, stats, canvas_ids.shape, key, vocab_size
         )
-        accepted = entropy_bound_mask(stats.entropy, self.entropy_bound)
-        new_canvas = jnp.where(accepted, sampled, noise).astype(jnp.int32)
+        new_canvas, accepted = entropy_bound_update(stats.entropy, sampled, noise, self.entropy_bound)
         return new_canvas, accepted, SamplerState(step=state.step + 1, committed=accepted)
 
 
