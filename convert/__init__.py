@@ -17,7 +17,7 @@ from typing import Any
 
 from convert.atomic import check_destination
 from convert.errors import CheckpointError
-from convert.files import PARAMS_FILE, TOKENIZER_FILES
+from convert.files import PARAMS_FILE, companion_files
 from convert.hf import Progress, load_generation_config, load_hf, load_hf_numpy, save_hf
 from convert.native import FORMAT, load, save
 from convert.tree import unflatten
@@ -31,8 +31,9 @@ def convert_checkpoint(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> pathlib.Path:
-    """Convert the transformers folder `src` into a diffjax checkpoint at `dst` (generation config, tokenizer
-    and chat template included, so `diffjax generate --checkpoint DST` needs nothing else).
+    """Convert the transformers folder `src` into a diffjax checkpoint at `dst` (generation config, tokenizer,
+    chat template and a trained model's task.json included, so `diffjax generate --checkpoint DST` needs
+    nothing else).
 
     Host arrays go straight from the reader to the writer (no jax device copies), one preallocated array per
     leaf, so peak memory is about one copy of the converted weights. A `dst` that overlaps `src`, exists
@@ -40,9 +41,8 @@ def convert_checkpoint(
     anything is read (see `check_destination`). A tensor holding NaN or inf is refused (see `load_hf`)."""
     check_destination(src, dst, overwrite)  # fail before reading tens of gigabytes
     config, flat = load_hf_numpy(src, dtype, progress)
-    tokenizer_files = [pathlib.Path(src) / name for name in TOKENIZER_FILES if (pathlib.Path(src) / name).is_file()]
     return save(unflatten(flat), config, dst, load_generation_config(src) or None, overwrite=overwrite,
-                progress=progress, extra_files=tokenizer_files)
+                progress=progress, extra_files=companion_files(src))
 
 
 __all__ = [

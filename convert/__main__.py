@@ -24,6 +24,7 @@ from rich.progress import (
 
 from convert import CheckpointError, convert_checkpoint, load, load_generation_config, save_hf
 from convert.atomic import check_destination
+from convert.files import companion_files
 from convert.hf import parse_size
 
 PHASES = {"read": "reading ", "write": "writing "}
@@ -81,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # The conversion reads every weight anyway: NaN or inf is refused in both directions.
                 config, params = load(args.src, args.dtype, as_numpy=True, check_finite=True)
                 save_hf(params, config, args.dst, load_generation_config(args.src) or None,
-                        max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=progress)
+                        max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=progress,
+                        extra_files=companion_files(args.src))
             else:
                 convert_checkpoint(args.src, args.dst, args.dtype, overwrite=args.overwrite, progress=progress)
         except (CheckpointError, OSError) as exc:

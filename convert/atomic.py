@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -92,8 +93,11 @@ def check_destination(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
     folder = next(p for p in dst.parents if p.exists())  # ends at "." or "/", which exist
     if not folder.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"not a directory (needed for {dst})", str(folder))
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, f"not a writable folder (needed for {dst})", str(folder))
+    # Made and removed, not asked: os.access says yes to root, and to folders (e.g. /proc) that refuse anyway.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{dst.name}.probe-", dir=folder))
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"not a writable folder (needed for {dst}): {exc.strerror}", str(folder)) from None
 
 
 @contextlib.contextmanager

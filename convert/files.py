@@ -20,9 +20,17 @@ INDEX_FILE = "model.safetensors.index.json"  # ... or sharded
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json")
 WEIGHT_FILES = (PARAMS_FILE, SINGLE_FILE, INDEX_FILE)
+# What a conversion carries across, in either direction, beside the weights and configs: the tokenizer, and
+# the task a `diffjax train` model was trained on (its prompts and tokenizer; transformers ignores it).
+COMPANION_FILES = (*TOKENIZER_FILES, TASK_FILE)
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # `diffjax train --out` writes its task.json beside the checkpoint (`diffjax.tasks`).
 _CHECKPOINT_FILES = frozenset({CONFIG_FILE, GENERATION_CONFIG_FILE, *WEIGHT_FILES, *TOKENIZER_FILES, TASK_FILE})
+
+
+def companion_files(folder: str | pathlib.Path) -> list[pathlib.Path]:
+    """The `COMPANION_FILES` present in `folder`."""
+    return [pathlib.Path(folder) / name for name in COMPANION_FILES if (pathlib.Path(folder) / name).is_file()]
 
 
 def shard_file(number: int, count: int) -> str:

@@ -35,7 +35,8 @@ import numbers
 import os
 import pathlib
 import re
-from collections.abc import Callable, Mapping
+import shutil
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -560,8 +561,12 @@ def save_hf(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: Progress | None = None,
+    extra_files: Iterable[str | os.PathLike[str]] = (),
 ) -> pathlib.Path:
     """Write a folder `DiffusionGemmaForBlockDiffusion.from_pretrained` loads.
+
+    `extra_files` (e.g. the tokenizer, or a trained model's task.json) are copied in beside the weights, inside
+    the same atomic write.
 
     Shared weights go under the decoder's names (as `save_pretrained` writes them), plus both layer_scalar
     sets. Sharded with `model.safetensors.index.json` when larger than `max_shard_size`. The vision tower is
@@ -605,6 +610,8 @@ def save_hf(
                 write_safetensors(tmp / file, {n: lazy[n] for n in shard}, {"format": "pt"}, advance)
                 weight_map.update(dict.fromkeys(shard, file))
             write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        for extra in extra_files:
+            shutil.copyfile(extra, tmp / pathlib.Path(extra).name)
     return dst
 
 

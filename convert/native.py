@@ -95,6 +95,12 @@ def save(
     return dst
 
 
+def _first(items: list[str], shown: int = 5) -> str:
+    """The first `shown` items, and how many more: a wrong config.json mismatches every layer's tensors."""
+    more = f" (and {len(items) - shown} more)" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
 def load(
     src: str | os.PathLike[str], dtype: Any = None, *, as_numpy: bool = False, check_finite: bool = False
 ) -> tuple[Config, dict[str, Any]]:
@@ -111,7 +117,8 @@ def load(
     target = resolve_dtype(dtype)
     file = src / PARAMS_FILE
     if not file.is_file():
-        raise CheckpointError(f"{src}: no {PARAMS_FILE} (not a diffjax checkpoint; for a transformers folder use load_hf)")
+        raise CheckpointError(f"{src}: no {PARAMS_FILE} (not a diffjax checkpoint; for a transformers folder "
+                              "use load_hf, or drop --to-hf from `diffjax convert`)")
     tensors, metadata = read_header(file)
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a diffjax checkpoint (metadata format {metadata.get('format')!r})")
@@ -119,14 +126,15 @@ def load(
     expected = {"/".join(p): p for p in shapes}
     problems = []
     if missing := sorted(set(expected) - set(tensors)):
-        problems.append(f"missing tensors: {', '.join(missing)}")
+        problems.append(f"missing tensors: {_first(missing)}")
     if unexpected := sorted(set(tensors) - set(expected)):
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
-    problems += [
-        f"shape mismatch: {name}: expected {list(shapes[expected[name]])}, got {list(info.shape)}"
+        problems.append(f"unexpected tensors: {_first(unexpected)}")
+    if mismatched := [
+        f"{name}: expected {list(shapes[expected[name]])}, got {list(info.shape)}"
         for name, info in sorted(tensors.items())
         if name in expected and info.shape != shapes[expected[name]]
-    ]
+    ]:
+        problems.append(f"shape mismatch with {CONFIG_FILE} in {len(mismatched)} tensors: {_first(mismatched)}")
     if target is None and (mixed := dtype_mismatches(
         [(name, expected[name], info.dtype) for name, info in sorted(tensors.items()) if name in expected], config
     )):

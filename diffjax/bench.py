@@ -99,7 +99,8 @@ class BenchSettings:
         if self.top_k > self.experts:
             raise ValueError(f"--top-k ({self.top_k}) must be <= --experts ({self.experts})")
         if self.hidden % 64:
-            raise ValueError(f"--hidden must be a multiple of 64 (4 heads of hidden/4, even), got {self.hidden}")
+            raise ValueError(f"--hidden must be a multiple of 64, the sizes the comparison model (4 heads of "
+                             f"hidden/4 dims) is tested at, got {self.hidden}")
         if self.vocab < 8:
             raise ValueError(f"--vocab must be at least 8, got {self.vocab}")
 

@@ -5,7 +5,7 @@
     diffjax train --task sort --steps 2000 --batch-size 32 --out runs/sort    # then: generate --checkpoint runs/sort
     diffjax convert hf-folder/ ckpt/ --dtype bfloat16
     diffjax bench [--json out.json]                               # diffjax vs transformers, same weights
-    diffjax info [--checkpoint DIR | --preset tiny]
+    diffjax info [--checkpoint DIR | --preset 26b|tiny|demo|default]
 
 A checkpoint folder with a task.json (written by `diffjax train --task NAME`) takes that task's puzzles as
 prompts and decodes with its symbol tokenizer.
@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -90,10 +91,10 @@ class LoadedModel:
     task: Task | None = None  # when the checkpoint was trained on one: prompts are its puzzles
 
 
-def default_model(experts_fp8: bool = False) -> LoadedModel:
+def default_model(experts_fp8: bool = False, dtype: str | None = None) -> LoadedModel:
     """The model `diffjax generate` runs without `--checkpoint`: the demo model in `diffjax/assets/demo`
     (trained by diffjax on CPU on the task its task.json names; prompts are that task's puzzles)."""
-    model = load_model(DEFAULT_MODEL_DIR, None, None, experts_fp8=experts_fp8)
+    model = load_model(DEFAULT_MODEL_DIR, dtype, None, experts_fp8=experts_fp8)
     model.name = f"embedded demo model ({model.task.name})"
     return model
 
@@ -158,10 +159,14 @@ def load_model(
     if task is not None:
         tokenizer = task.tokenizer
     else:
+        if tokenizer_dir is not None:
+            if not (tokenizer_dir / TOKENIZER_FILE).is_file():
+                raise CliError(f"no {TOKENIZER_FILE} in {tokenizer_dir}, the folder --tokenizer names")
+        elif not (checkpoint / TOKENIZER_FILE).is_file():
+            hint = (" (diffjax checkpoints carry the tokenizer of the folder they were converted from: pass "
+                    "--tokenizer HF_FOLDER)") if kind == "diffjax" else ""
+            raise CliError(f"no {TOKENIZER_FILE} in {checkpoint}{hint}")
         tokenizer_dir = tokenizer_dir or checkpoint
-        if not (tokenizer_dir / TOKENIZER_FILE).is_file():
-            hint = " (diffjax checkpoints do not carry one: pass --tokenizer HF_FOLDER)" if kind == "diffjax" else ""
-            raise CliError(f"no {TOKENIZER_FILE} in {tokenizer_dir}{hint}")
         tokenizer = Tokenizer.from_dir(tokenizer_dir)  # before the weights: fail fast on a bad folder
     config, params = load_weights(checkpoint, dtype, experts_fp8, progress, check_finite)
     if task is not None:
@@ -235,6 +240,9 @@ def _settings(args: argparse.Namespace, model: LoadedModel) -> dict[str, Any]:
     }
     settings.update({k: v for k, v in flags.items() if v is not None})
     if args.no_adaptive_stop:
+        if args.stability_threshold is not None or args.confidence_threshold is not None:
+            raise CliError("--no-adaptive-stop turns adaptive stopping off: drop --stability-threshold and "
+                           "--confidence-threshold, or it")
         settings["stability_threshold"] = None
     return settings
 
@@ -258,6 +266,23 @@ def _prompt_ids(args: argparse.Namespace, model: LoadedModel) -> list[int]:
     return tokenizer.chat_ids(messages, enable_thinking=args.think) if args.think else tokenizer.chat_ids(messages)
 
 
+def compilation_cache_dir() -> pathlib.Path:
+    """Where `diffjax generate` keeps compiled programs between runs: `$XDG_CACHE_HOME/diffjax/jax` (default
+    `~/.cache/diffjax/jax`)."""
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "diffjax" / "jax"
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled programs on disk, so a second `diffjax generate --no-live` with the same model and shapes
+    skips most of its compiling (the embedded model: 22 s -> 10 s of wall time on a loaded 2-core CPU). The
+    live view's loop is not kept: JAX does not store programs that call back to the host. A cache the user
+    set up (JAX's `JAX_COMPILATION_CACHE_DIR`, or the config) is left as it is."""
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR") and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(compilation_cache_dir()))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
@@ -267,11 +292,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from diffjax.generate import generate
     from diffjax.tokenizer import answer_ids, strip_thinking
 
+    if not args.no_compile_cache:
+        enable_compilation_cache()
     out, err = Console(), Console(stderr=True)
     if args.checkpoint is None:
-        if args.tokenizer is not None or args.dtype is not None or args.check_finite:
-            raise CliError("--tokenizer, --dtype and --check-finite need --checkpoint")
-        model = default_model(args.experts_fp8)
+        given = [flag for flag, value in (("--tokenizer", args.tokenizer), ("--check-finite", args.check_finite))
+                 if value]
+        if given:
+            raise CliError(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --checkpoint (the "
+                           "embedded model has its own tokenizer and was checked when it was made)")
+        model = default_model(args.experts_fp8, args.dtype)
     else:
         with err.status(f"loading {args.checkpoint}"):
             model = load_model(args.checkpoint, args.dtype, args.tokenizer, experts_fp8=args.experts_fp8,
@@ -292,9 +322,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.mlp is not None:  # after the layouts: "pallas" reads the fused one
         model.config = model.config.replace(mlp_implementation=args.mlp)
     ids = _prompt_ids(args, model)
+    if model.task is None and not args.raw and getattr(model.tokenizer, "uses_fallback_template", False):
+        err.print(f"note: {model.name} has no chat template of its own: the prompt is wrapped in Gemma 4's (pass "
+                  "--raw to continue the text as it is)", soft_wrap=True, markup=False)
     if not ids:
         raise CliError("the prompt encodes to no tokens")
     settings = _settings(args, model)
+    idle = model.config.kernel_tiles.idle(model.config, settings.get("statistics", "logits"))
+    if idle:
+        raise CliError(f"--tiles sets {', '.join(idle)}, whose kernel does not run here (the experts' needs --moe "
+                       "pallas, experts_mgpu's --moe pallas_mgpu, the attention ones --sliding-attention / "
+                       "--global-attention pallas, routing's --routing pallas, vocab's --statistics pallas)")
     eos = settings.get("eos_token_id") or []
     eos_ids = [eos] if isinstance(eos, int) else list(eos)
     pad = int(settings["pad_token_id"])
@@ -335,7 +373,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     passes = int(np.asarray(result.decoder_passes)[0])
     rate = len(new) / elapsed if elapsed > 0 else float("inf")
     stats = (f"{len(new)} tokens in {elapsed:.2f} s ({rate:.1f} tokens/s incl. compile) · "
-             f"{float(np.asarray(result.tokens_per_forward)[0]):.2f} tokens per forward · {passes} decoder passes")
+             f"{float(np.asarray(result.tokens_per_forward)[0]):.2f} tokens per forward (EOS included, as "
+             f"transformers counts) · {passes} decoder passes")
     if view is not None and view.first_step_at is not None and view.calls > 1:
         steady = elapsed - (view.first_step_at - start)
         stats += f" · first step after {view.first_step_at - start:.2f} s (compile + prompt)"
@@ -372,6 +411,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     if args.lora_rank is None and (args.lora_alpha is not None or args.lora_targets is not None):
         raise CliError("--lora-alpha and --lora-targets need --lora-rank")
+    if args.lora_rank is not None and args.init is None:
+        raise CliError("--lora-rank needs --init: an adapter trains over frozen weights, and a model trained from "
+                       "scratch has only random ones (drop --lora-rank to train every weight)")
     if args.experts_fp8 and args.lora_rank is None:
         raise CliError("--experts-fp8 needs --lora-rank: fp8 experts are a frozen storage format (train an adapter "
                        "over them)")
@@ -538,6 +580,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         config, source = read_config(args.checkpoint), str(args.checkpoint)
     elif args.preset == "tiny":
         config, source = Config.tiny(), "Config.tiny()"
+    elif args.preset == "demo":
+        config, source = Config.demo(), "Config.demo() (the architecture `diffjax train --preset demo` starts from)"
     elif args.preset == "default":
         config, source = default_model().config, "embedded default model"
     else:
@@ -565,12 +609,27 @@ def cmd_info(args: argparse.Namespace) -> int:
         if name == "layer_types":
             value = "".join("F" if t == FULL else "S" for t in value) + "  (S sliding, F full)"
         table.add_row(name, str(value))
-    table.add_row("parameters", f"{total:,} ({total / 1e9:.2f} B)")
-    table.add_row("active per token", f"{active:,} ({active / 1e9:.2f} B)")
-    table.add_row("bf16 size", f"{2 * total / 2**30:.2f} GiB")
-    table.add_row("with fp8 experts", f"{fp8_bytes / 2**30:.2f} GiB (--experts-fp8)")
+    table.add_row("parameters", f"{total:,} ({_count(total)})")
+    table.add_row("active per token", f"{active:,} ({_count(active)})")
+    table.add_row("bf16 size", _bytes(2 * total))
+    table.add_row("with fp8 experts", f"{_bytes(fp8_bytes)} (--experts-fp8)")
     Console().print(table)
     return 0
+
+
+def _count(n: int) -> str:
+    """4.0 B, 281.8 K: the unit that keeps a small model's figures readable."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
 
 
 def _leaves(tree: Any) -> list[tuple[str, Any]]:
@@ -690,6 +749,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_implementation_flags(g)
     g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--no-live", action="store_true", help="no per-step view (also skips the host callback)")
+    g.add_argument("--no-compile-cache", action="store_true",
+                   help="compile from scratch, keeping nothing on disk (default: compiled programs are kept in "
+                        "$XDG_CACHE_HOME/diffjax/jax, or JAX_COMPILATION_CACHE_DIR if set, for the next run; "
+                        "with --no-live only, as the live view calls back to the host)")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="raw", action="store_false", help="wrap the prompt in the chat template (default)")
     mode.add_argument("--raw", dest="raw", action="store_true", help="encode the prompt as is (<bos> + text)")
@@ -804,8 +867,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="config and parameter count of a preset or checkpoint")
     i.add_argument("--checkpoint", type=pathlib.Path, help="read this folder's config.json")
-    i.add_argument("--preset", choices=["26b", "tiny", "default"], default="26b",
-                   help="without --checkpoint: 26b (released model, default), tiny, default (embedded model)")
+    i.add_argument("--preset", choices=["26b", "tiny", "demo", "default"], default="26b",
+                   help="without --checkpoint: 26b (released model, default), tiny, demo (`train --preset demo`'s "
+                        "architecture), default (the embedded model: demo trained on its task)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_info)
     return parser

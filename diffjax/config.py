@@ -62,6 +62,16 @@ _TILES_CLASSES = {
 }
 
 
+# The Config choice under which each kernel (but the vocabulary pass, a `generate` argument) runs.
+_TILES_READERS = {
+    "experts": ("moe_implementation", "pallas"),
+    "experts_mgpu": ("moe_implementation", "pallas_mgpu"),
+    "sliding_attention": ("sliding_attention_implementation", "pallas"),
+    "global_attention": ("global_attention_implementation", "pallas"),
+    "routing": ("routing_implementation", "pallas"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelTiles:
     """Tile settings of the Pallas kernels the model and `generate` run, per kernel; None leaves a kernel its
@@ -107,6 +117,13 @@ class KernelTiles:
         module, name = _TILES_CLASSES[field]
         return getattr(importlib.import_module(f"diffjax.kernels.{module}"), name)
 
+    def idle(self, config: Config, statistics: str = "logits") -> list[str]:
+        """The fields set whose kernel `config` (and `generate(statistics=...)`) does not run: their settings
+        would change nothing."""
+        running = {field: getattr(config, option) == value for field, (option, value) in _TILES_READERS.items()}
+        running["vocab"] = statistics == "pallas"
+        return [field for field in _TILES_CLASSES if getattr(self, field) is not None and not running[field]]
+
     def kwargs(self, field: str) -> dict[str, Any]:
         """`{"tiles": ...}` for the kernel `field` names if set, else `{}` (the kernel's defaults)."""
         value = getattr(self, field)
@@ -129,6 +146,8 @@ class KernelTiles:
             if setting not in known:
                 raise ValueError(f"{field} has no tile setting {_with_suggestion(setting, known)}: one of "
                                  f"{sorted(known)}")
+            if setting in settings.get(field, {}):
+                raise ValueError(f"kernel tiles set {field}.{setting} twice")
             settings.setdefault(field, {})[setting] = tile_value(raw.strip(), item)
         tiles = cls(**{field: cls.tiles_class(field)(**values) for field, values in settings.items()})
         tiles.validate()
@@ -342,7 +361,7 @@ class Config:
         if self.mlp_implementation == "pallas":
             unmet = [f"{name}={want!r} (got {getattr(self, name)!r}{why})" for name, want, why in (
                 ("moe_implementation", "pallas", ""),
-                ("projection_layout", "fused", "; diffjax.layout.fuse_projections makes it"),
+                ("projection_layout", "fused", "; diffjax.layout.fuse_projections, or --fused-projections, makes it"),
             ) if getattr(self, name) != want]
             if unmet:
                 raise ValueError("mlp_implementation='pallas' runs the dense MLP inside the Pallas expert kernels: "

@@ -149,7 +149,8 @@ def generate(
     if prompt == 0:
         raise ValueError("input_ids has zero tokens: give at least one prompt token (e.g. <bos>)")
     attention_mask = (jnp.ones((batch, prompt), bool) if attention_mask is None
-                      else padding_mask("attention_mask", attention_mask, (batch, prompt), every_row_real=True))
+                      else padding_mask("attention_mask", attention_mask, (batch, prompt), every_row_real=True,
+                                       left_padded=True))
     key = prng_key("key", key)
     # Validated (as integers, not bools) by settings.validate.
     eos = None if eos_token_id is None else (
@@ -173,6 +174,7 @@ def generate(
         stopping_rule=stopping_rule, t_min=t_min, t_max=t_max, entropy_bound=entropy_bound,
         stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
     )
+    _check_components(components, config)
     if statistics != "logits":
         _check_statistics_components(components, statistics)
     return _generate(
@@ -219,6 +221,24 @@ def make_components(
             )
         ),
     )
+
+
+def _check_components(components: Components, config: Config) -> None:
+    """Each component of its kind (a wrong one would fail inside the trace, far from its cause), and no noise
+    range past the model's vocabulary (its ids would index past the embedding: silent garbage)."""
+    for name, component, kind in (
+        ("sampler", components.sampler, sampling.Sampler),
+        ("temperature_schedule", components.schedule, sampling.TemperatureSchedule),
+        ("logits_filter", components.logits_filter, sampling.LogitsFilter),
+        ("stopping_rule", components.stopping, sampling.StoppingRule),
+    ):
+        if not isinstance(component, kind):
+            raise ValueError(f"{name} must be a diffjax.sampling.{kind.__name__} (e.g. one of the classes in "
+                             f"diffjax.sampling), got {type(component).__name__}")
+        vocab_size = getattr(component, "vocab_size", None)
+        if vocab_size is not None and vocab_size > config.vocab_size:
+            raise ValueError(f"{name}.vocab_size ({vocab_size}) exceeds the model's vocabulary "
+                             f"({config.vocab_size}): its noise tokens would be ids the model does not have")
 
 
 def _check_statistics_components(components: Components, statistics: str) -> None:

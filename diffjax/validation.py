@@ -33,10 +33,12 @@ def token_ids(name: str, ids: Any, vocab_size: int) -> jax.Array:
     return jnp.asarray(ids).astype(jnp.int32)
 
 
-def padding_mask(name: str, mask: Any, shape: tuple[int, ...], every_row_real: bool = False) -> jax.Array:
+def padding_mask(name: str, mask: Any, shape: tuple[int, ...], every_row_real: bool = False,
+                 left_padded: bool = False) -> jax.Array:
     """`mask` (1 = real token, 0 = padding) as a bool array of `shape`: booleans or integers 0/1 only (a
     cast would read 0.5 or 2 as a real token); with `every_row_real`, each row holding a real token (a
-    prompt of padding alone has nothing to continue)."""
+    prompt of padding alone has nothing to continue); with `left_padded`, each row's padding all before its
+    tokens (generation continues from the last column, which must be the prompt's last token)."""
     if not isinstance(mask, jax.Array):
         mask = np.asarray(mask)
     if tuple(mask.shape) != tuple(shape):
@@ -51,6 +53,10 @@ def padding_mask(name: str, mask: Any, shape: tuple[int, ...], every_row_real: b
         empty = np.flatnonzero(~values.astype(bool).any(axis=-1)) if every_row_real else ()
         if len(empty):
             raise ValueError(f"{name} row {int(empty[0])} has no real token: every row needs at least one")
+        gaps = np.flatnonzero((np.diff(values.astype(np.int8), axis=-1) < 0).any(axis=-1)) if left_padded else ()
+        if len(gaps):
+            raise ValueError(f"{name} row {int(gaps[0])} has padding after a real token: pad prompts on the left "
+                             "(`diffjax.tokenizer.left_pad`), since the canvas continues from the last column")
     return jnp.asarray(mask).astype(bool)
 
 

@@ -13,6 +13,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax
 import pytest
 
+# `diffjax generate` points JAX's persistent compilation cache at a folder (`cli.enable_compilation_cache`); the
+# CLI tests run it in-process, which would persist every later test's programs in their worker. Off here.
+jax.config.update("jax_enable_compilation_cache", False)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():

@@ -12,6 +12,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 
 import jax
 import ml_dtypes
@@ -939,6 +940,18 @@ def test_native_load_reports_bad_metadata(reference_params, tmp_path):
         convert.load(dst)
 
 
+def test_native_load_names_a_config_that_does_not_fit_its_weights_briefly(reference_params, tmp_path):
+    """A config.json edited to another hidden size mismatches nearly every tensor: the error names the first
+    few and counts the rest, instead of a line per tensor."""
+    dst = convert.save(reference_params, CONFIG, tmp_path / "ckpt")
+    config = json.loads((dst / "config.json").read_text())
+    config["text_config"]["hidden_size"] *= 2
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"shape mismatch with config\.json in \d+ tensors: .*\(and \d+ more\)") as info:
+        convert.load(dst)
+    assert len(str(info.value)) < 1000
+
+
 def _with_leaf(params: dict, path: tuple[str, ...], value) -> dict:
     flat = flatten(params)
     flat[path] = value
@@ -1003,13 +1016,21 @@ def test_convert_checks_the_destination_folder_before_reading(tmp_path, monkeypa
 
     readonly = tmp_path / "readonly"
     readonly.mkdir()
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: pathlib.Path(p) != readonly and real_access(p, mode, **kw))
+    # What a folder the user may not write to (or one like /proc, which refuses even root) does to a new entry.
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, dir=None, **kwargs):
+        if pathlib.Path(dir) == readonly:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     for dst in (readonly / "new", readonly / "deeper" / "new"):
         with pytest.raises(PermissionError, match="not a writable folder"):
             convert.convert_checkpoint(missing, dst)
         assert cli_main([str(missing), str(dst), "-q"]) == 1
-        assert capsys.readouterr().err == f"error: {readonly}: not a writable folder (needed for {dst})\n"
+        assert capsys.readouterr().err == (f"error: {readonly}: not a writable folder (needed for {dst}): "
+                                           "Permission denied\n")
     assert list(readonly.iterdir()) == []
 
 

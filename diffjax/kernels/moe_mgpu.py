@@ -120,7 +120,7 @@ def _experts_mgpu(
 ) -> Array:
     if jnp.dtype(x.dtype) not in DTYPES:
         raise ValueError(f"experts_mgpu multiplies in bf16 or fp16 (wgmma), got x {x.dtype}: cast the activations "
-                         "or use moe_implementation='pallas'")
+                         "(a bf16 model: --dtype bfloat16) or use moe_implementation='pallas'")
     interpret = resolve_interpret(interpret)
     if not interpret:
         check_hopper()
