@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import flax.struct
 import jax
@@ -106,13 +106,13 @@ def generate(
     attention_mask: Array | None = None,
     max_new_tokens: int = 256,
     max_denoising_steps: int = 48,
-    t_min: float = 0.4,
-    t_max: float = 0.8,
+    t_min: float | None = 0.4,
+    t_max: float | None = 0.8,
     entropy_bound: float = 0.1,
     stability_threshold: int | None = 1,
     confidence_threshold: float | None = 0.005,
-    eos_token_id: int | Sequence[int] | None = 1,
-    pad_token_id: int = 0,
+    eos_token_id: int | Sequence[int] | Literal["config"] | None = "config",
+    pad_token_id: int | Literal["config"] = "config",
     initial_canvas: Array | None = None,
     prefill_chunk_size: int = 2048,
     statistics: str = "logits",
@@ -124,11 +124,14 @@ def generate(
 ) -> GenerationOutput:
     """Generate `max_new_tokens` (rounded up to whole canvases) after `input_ids [batch, prompt]`.
 
-    The defaults are transformers': linear temperature from t_max to t_min over the remaining steps,
+    The defaults are transformers': linear temperature from t_max to t_min over the remaining steps (either
+    None: temperature 1),
     the entropy-bound sampler, and stable-and-confident adaptive stopping (`stability_threshold=None` or
     `confidence_threshold=None` disables it: every canvas then runs `max_denoising_steps`). Pass
     `sampler`, `temperature_schedule`, `logits_filter` or `stopping_rule` to replace a component; their
     numeric hyper-parameters are traced, so sweeping them does not recompile.
+    `eos_token_id` and `pad_token_id` are the model's (`config.eos_token_id`, `config.pad_token_id`) unless
+    given; `eos_token_id=None` never ends a row.
     `initial_canvas [batch, canvas]` fixes the first canvas (transformers' `decoder_input_ids`; later
     canvases start from uniform noise). The prompt is encoded `prefill_chunk_size` tokens at a time (peak
     attention memory grows with chunk x context, not prompt squared). `on_step`, if given, receives every
@@ -152,6 +155,12 @@ def generate(
                       else padding_mask("attention_mask", attention_mask, (batch, prompt), every_row_real=True,
                                        left_padded=True))
     key = prng_key("key", key)
+    # The model's own by default, as transformers reads them from the checkpoint's generation config (the
+    # released model ends a turn on 106 as well as on EOS).
+    if isinstance(eos_token_id, str) and eos_token_id == "config":
+        eos_token_id = config.eos_token_id
+    if isinstance(pad_token_id, str) and pad_token_id == "config":
+        pad_token_id = config.pad_token_id
     # Validated (as integers, not bools) by settings.validate.
     eos = None if eos_token_id is None else (
         (eos_token_id,) if isinstance(eos_token_id, int | np.integer) else tuple(eos_token_id)
@@ -199,8 +208,8 @@ def make_components(
     temperature_schedule: sampling.TemperatureSchedule | None = None,
     logits_filter: sampling.LogitsFilter | None = None,
     stopping_rule: sampling.StoppingRule | None = None,
-    t_min: float = 0.4,
-    t_max: float = 0.8,
+    t_min: float | None = 0.4,
+    t_max: float | None = 0.8,
     entropy_bound: float = 0.1,
     stability_threshold: int | None = 1,
     confidence_threshold: float | None = 0.005,
@@ -211,6 +220,8 @@ def make_components(
         sampler=sampler if sampler is not None else sampling.EntropyBoundSampler(entropy_bound=entropy_bound),
         schedule=(
             temperature_schedule if temperature_schedule is not None
+            # transformers drops its temperature step when either end is None: the logits as they are.
+            else sampling.ConstantTemperature(1.0) if t_min is None or t_max is None
             else sampling.LinearTemperature(t_min=t_min, t_max=t_max)
         ),
         logits_filter=logits_filter if logits_filter is not None else sampling.IdentityFilter(),

@@ -64,14 +64,19 @@ class Weight(nn.Module):
 
 
 class Linear(nn.Module):
-    """Bias-free projection with a `[in, out]` kernel."""
+    """Bias-free projection with a `[in, out]` kernel, plus a LoRA adapter's low-rank path where the params
+    hold one (`lora_a` `[in, rank]`, `lora_b` `[rank, out]`: `diffjax.lora.attach_lora`, during training)."""
 
     features: int
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", _init, (x.shape[-1], self.features))
-        return x @ kernel.astype(x.dtype)
+        out = x @ kernel.astype(x.dtype)
+        if self.has_variable("params", "lora_a"):
+            a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
+            out = out + (x @ a.astype(x.dtype)) @ b.astype(x.dtype)
+        return out
 
 
 # ----------------------------------------------------------------------------- rotary

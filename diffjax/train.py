@@ -9,8 +9,10 @@ Loss (`diffusion_loss`), one call:
 1. Encoder: ONE causal pass over prompt + clean response. Its final-normed hidden states through the tied,
    softcapped LM head give an autoregressive next-token loss (token t+1 predicted at position t). Scored
    targets (`Batch.ar_mask`): the response's text tokens and the first EOS that ends it; prompt tokens, the
-   EOS fill after that first EOS, and PAD canvases are not scored (as Google's / TRL's SFT score the
-   response only). Mean over scored tokens of the whole batch, weight 1.
+   EOS fill after that first EOS, and PAD canvases are not scored. Mean over scored tokens of the whole
+   batch, weight 1. This differs from the references on purpose: Google's SFT (`EncoderARLoss`) and TRL's
+   example score every real next-token pair, prompt and EOS fill included, with a per-example mean; here
+   the AR co-loss, like the denoising loss, teaches the response only.
 2. The same pass gives the K/V of every position and layer (the flax module's raw per-token K/V, before the
    cache's sliding ring). Per example one valid canvas `c` is chosen (start `s = P + c * L`), noised with
    `t ~ U(1e-4, 1 - 1e-4)`: each token replaced by a uniform random token with probability t.
@@ -30,7 +32,9 @@ Loss (`diffusion_loss`), one call:
 Total = diffusion + AR. The decoder's loss also flows back through the cached K/V into the encoder pass.
 All randomness is in `NoiseDraws` (`draw_noise`), so tests can fix it. `train_step` is one jit-compiled optax
 step (clip 1.0, AdamW b1 0.95 b2 0.99 wd 1e-4, warmup + cosine schedule) of the full params, or of a LoRA
-tree merged into frozen params (`diffjax.lora`). `fit` runs it step by step over a batch stream with a progress
+tree attached to frozen params (`diffjax.lora`). Full fine-tuning updates the params in their own dtype:
+bf16 params keep no float32 master copy, so steps below a weight's bf16 rounding step are lost (train the
+full model in float32, or a LoRA adapter, whose weights are float32, over a bf16 base). `fit` runs it step by step over a batch stream with a progress
 bar and orbax checkpoints (`diffjax.checkpoint`) that resume a killed run exactly.
 """
 
@@ -61,7 +65,7 @@ from rich.progress import (
 
 from diffjax.checkpoint import TrainCheckpointer, TrainState
 from diffjax.config import SLIDING, Config
-from diffjax.lora import LoraConfig, init_lora, merge_lora
+from diffjax.lora import LoraConfig, attach_lora, init_lora, merge_lora
 from diffjax.model import (
     DECODE,
     ENCODE,
@@ -115,7 +119,9 @@ def make_batch(
     num_canvases: int,
 ) -> Batch:
     """Token lists -> `Batch`. A prompt longer than `prompt_length` keeps its last tokens; a response (without
-    EOS) longer than `num_canvases * canvas_length - 1` is cut to leave room for its EOS."""
+    EOS) with no room for its EOS in `num_canvases * canvas_length` tokens is cut to fill them, without an EOS:
+    an EOS at the cut would teach the model to stop where the text was only truncated (TRL's example drops
+    the EOS of a cut response likewise)."""
     length = config.canvas_length
     eos, pad = config.eos_token_id[0], config.pad_token_id
     batch = len(prompts)
@@ -126,12 +132,15 @@ def make_batch(
     response_ids = np.full((batch, num_canvases * length), pad, np.int32)
     ar_mask = np.zeros((batch, num_canvases * length), bool)
     canvas_valid = np.zeros((batch, num_canvases), bool)
+    room = num_canvases * length
     for b, response in enumerate(responses):
-        text = list(response)[: num_canvases * length - 1]
-        used = len(text) // length + 1  # canvases holding text and its EOS
+        text = list(response)
+        cut = len(text) >= room  # no room left for its EOS
+        text = text[:room]
+        used = num_canvases if cut else len(text) // length + 1  # canvases holding text and its EOS
         response_ids[b, : used * length] = eos
         response_ids[b, : len(text)] = text
-        ar_mask[b, : len(text) + 1] = True
+        ar_mask[b, : len(text) + (not cut)] = True
         canvas_valid[b, :used] = True
     return Batch(jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), jnp.asarray(response_ids),
                  jnp.asarray(ar_mask), jnp.asarray(canvas_valid))
@@ -279,10 +288,10 @@ def trained_loss_terms(
     lora: LoraConfig | None = None,
 ) -> dict[str, Array]:
     """`loss_terms` of what a train step optimises: the model params, or with `lora` the LoRA tree
-    `trainable` merged into the frozen `base` params (see `diffjax.lora`)."""
+    `trainable` attached to the frozen `base` params (see `diffjax.lora`)."""
     if (base is None) != (lora is None):
         raise ValueError("LoRA training needs both `base` (the frozen params) and `lora` (its LoraConfig)")
-    params = trainable if lora is None else merge_lora(base, trainable, lora)
+    params = trainable if lora is None else attach_lora(base, trainable, lora)
     return loss_terms(params, config, batch, noise)
 
 

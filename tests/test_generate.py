@@ -15,7 +15,7 @@ from reference import diffjax_params, random_hf_model
 import diffjax
 from diffjax import sampling
 from diffjax.config import FULL, SLIDING, AttentionConfig, Config
-from diffjax.generate import _generate, generate
+from diffjax.generate import _generate, generate, make_components
 
 # Near-zero temperatures make sampling argmax-like and entropies ~0, so both implementations take the same
 # path whatever their random number generators.
@@ -93,6 +93,59 @@ def test_matches_transformers_generate(pairs, name, batch, prompt, pad, eos, sto
         assert passes.min() < passes.max(), f"rows should stop at different steps: {passes}"
 
 
+def test_matches_transformers_over_several_canvases_at_real_temperatures(monkeypatch, tmp_path):
+    """The whole loop against transformers over three canvases at the default temperatures (0.8 -> 0.4): rows
+    ending in different canvases (EOS mid-canvas pads the rest and later canvases), adaptive stopping per row
+    in every canvas, self-conditioning reset per canvas, a left-padded row, max_new_tokens not a multiple of
+    the canvas (rows end in canvases 2, 0 and 1 after 16, 5 and 7 decoder passes). Both sides draw greedily, and transformers' canvas noise and renoise tokens are ours (same
+    keys as `_generate`'s), so the comparison is exact whatever the temperature. On MICRO: through the
+    self-conditioning feedback, the 6-layer random model above amplifies float32 rounding ~5x per step (a
+    token flips by step 8), where this one keeps both sides' logits within 3e-3 of each other."""
+    import transformers.models.diffusion_gemma.generation_diffusion_gemma as hf_generation
+
+    config = MICRO
+    model = random_hf_model(config, seed=11, embed_std=1.0)
+    _, params = diffjax_params(model, tmp_path)
+    batch, steps, key = 3, 8, jax.random.key(1)
+    ids, mask, _ = _inputs(config, batch, 7, [0, 3, 0], seed=1)
+    kwargs = dict(max_new_tokens=2 * config.canvas_length + 8, max_denoising_steps=steps,
+                  eos_token_id=list(range(3, config.vocab_size, 23)), pad_token_id=0, stability_threshold=0,
+                  confidence_threshold=0.3)
+    canvases = iter(range(3))
+    steps_keys = {}
+
+    def our_tokens(noise_key):
+        return torch.tensor(np.asarray(jax.random.randint(noise_key, (batch, config.canvas_length), 0,
+                                                          config.vocab_size, jnp.int32)), dtype=torch.long)
+
+    def initialize_canvas(sampler, batch_size, device):
+        noise_key, steps_keys["canvas"] = jax.random.split(jax.random.fold_in(key, next(canvases)))
+        return our_tokens(noise_key)
+
+    def renoise_canvas(sampler, accepted, remaining):
+        step_key = jax.random.fold_in(steps_keys["canvas"], steps - int(remaining))
+        return torch.where(~sampler.accepted_token_mask, our_tokens(jax.random.split(step_key)[1]), accepted)
+
+    monkeypatch.setattr(hf_generation.EntropyBoundSampler, "initialize_canvas", initialize_canvas)
+    monkeypatch.setattr(hf_generation.EntropyBoundSampler, "renoise_canvas", renoise_canvas)
+    monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples=1, **_: probs.argmax(-1, keepdim=True))
+    with torch.no_grad():
+        ref = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs)
+    out = generate(params, config, ids, attention_mask=mask, key=key,
+                   sampler=sampling.EntropyBoundSampler(sampling=sampling.GreedySampling()), **kwargs)
+    theirs, ours = ref.sequences.numpy(), np.asarray(out.sequences)
+    np.testing.assert_array_equal(ours[:, :theirs.shape[1]], theirs)
+    assert (ours[:, theirs.shape[1]:] == 0).all()  # canvases they did not return: every row had ended
+    np.testing.assert_allclose(np.asarray(out.tokens_per_forward), ref.tokens_per_forward.numpy(), rtol=1e-6)
+    # The cases the test is for happened: rows ended in different canvases, and stopped at different steps.
+    eos = np.isin(ours[:, 7:], kwargs["eos_token_id"])
+    ended_in = [int(np.argmax(row)) // config.canvas_length if row.any() else 3 for row in eos]
+    passes = np.asarray(out.decoder_passes)
+    print("canvas each row ended in:", ended_in, "decoder passes:", passes)
+    assert len(set(ended_in)) > 1 and max(ended_in) > 0, ended_in
+    assert (passes % steps).any() and len(set(passes.tolist())) > 1, passes  # stopped mid-canvas, per row
+
+
 def test_unrolled_blocks_generate_what_transformers_does(pairs):
     """The whole loop with `scan_unroll` (no loop over the two blocks, prefill, decoder and encoder alike): one
     canvas against transformers, two against the looped model (a later canvas starts from noise of our own)."""
@@ -113,6 +166,33 @@ def test_unrolled_blocks_generate_what_transformers_does(pairs):
     np.testing.assert_array_equal(np.asarray(straight.sequences), np.asarray(looped.sequences))
     np.testing.assert_allclose(np.asarray(straight.cache.keys["layer_0"]), np.asarray(looped.cache.keys["layer_0"]),
                                atol=1e-5)
+
+
+def test_eos_and_pad_default_to_the_models_own():
+    """As transformers reads them from the checkpoint: a config ending rows on a quarter of its vocabulary, and
+    padding with 2, ends and pads rows without being told."""
+    config = MICRO.replace(eos_token_id=tuple(range(3, MICRO.vocab_size, 4)), pad_token_id=2)
+    params = diffjax.init_params(config, jax.random.key(1))
+    ids = np.arange(3, 9)[None].repeat(2, 0)
+    kwargs = dict(max_new_tokens=2 * config.canvas_length, max_denoising_steps=2)
+    default = generate(params, config, ids, key=jax.random.key(7), **kwargs)
+    told = generate(params, config, ids, key=jax.random.key(7), eos_token_id=config.eos_token_id, pad_token_id=2,
+                    **kwargs)
+    np.testing.assert_array_equal(np.asarray(default.sequences), np.asarray(told.sequences))
+    assert (np.asarray(default.sequences)[:, 6:] == 2).any()  # something ended and was padded
+
+
+def test_a_temperature_end_of_none_means_temperature_one():
+    """transformers leaves its temperature step out when t_min or t_max is None."""
+    config = MICRO
+    params = diffjax.init_params(config, jax.random.key(1))
+    ids = np.arange(3, 9)[None]
+    kwargs = dict(max_new_tokens=config.canvas_length, max_denoising_steps=3, key=jax.random.key(2))
+    plain = generate(params, config, ids, temperature_schedule=sampling.ConstantTemperature(1.0), **kwargs)
+    for ends in (dict(t_min=None), dict(t_max=None)):
+        assert make_components(**ends).schedule == sampling.ConstantTemperature(1.0)
+        np.testing.assert_array_equal(np.asarray(generate(params, config, ids, **ends, **kwargs).sequences),
+                                      np.asarray(plain.sequences))
 
 
 def test_same_key_same_tokens_and_cache_covers_sequences():

@@ -77,9 +77,9 @@ def test_make_batch_at_the_edges():
     np.testing.assert_array_equal(resp[0, 8:16], eos)
     np.testing.assert_array_equal(resp[0, 16:], pad)
     assert ar[0].sum() == 9 and ar[0, 8]
-    # Too long: cut so that the last position of the last canvas holds its EOS, which is scored.
-    np.testing.assert_array_equal(resp[1, :23], long[:23])
-    assert resp[1, 23] == eos and ar[1].sum() == 24
+    # Too long: cut to fill every canvas, with no EOS (one at the cut would teach stopping there).
+    np.testing.assert_array_equal(resp[1], long[:24])
+    assert ar[1].sum() == 24 and eos not in resp[1]
     # A long prompt keeps its last tokens, the ones next to the response; a short one is left-padded.
     np.testing.assert_array_equal(batch.prompt_ids[0], prompt[-PROMPT_LEN:])
     np.testing.assert_array_equal(batch.prompt_mask[1], [False] * (PROMPT_LEN - 3) + [True] * 3)
@@ -277,6 +277,42 @@ def test_lora_loss_matches_transformers_with_merged_weights(tmp_path):
     assert max(diffs.values()) < 1e-5, diffs
     # The adapter matters: the base model's loss is clearly different.
     assert abs(float(train.diffusion_loss(params, config, batch, noise)) - ref["loss"]) > 1e-2
+
+
+def test_attached_lora_keeps_a_small_bf16_update_better_than_a_merge():
+    """The training step's adapter path against the merged kernel, bf16, where the update is 0.5% of W: what
+    the update changes in the output, against its exact effect (float32)."""
+    from diffjax.layers import Linear
+    from diffjax.lora import attach_lora
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    kernel = (0.02 * jax.random.normal(keys[0], (1, 256, 256))).astype(jnp.bfloat16)
+    params = {"blocks": {"layer_0": {"self_attn": {"q_proj": {"kernel": kernel}}}}}
+    lora_config = LoraConfig(rank=4, alpha=4.0, targets=("self_attn/q_proj",))
+    lora = {"blocks": {"layer_0": {"self_attn": {"q_proj": {
+        "a": jax.random.normal(keys[1], (1, 256, 4)) / 16, "b": jax.random.normal(keys[2], (1, 4, 256)) * 8e-4}}}}}
+    x = jax.random.normal(keys[3], (4096, 256)).astype(jnp.bfloat16)
+
+    def output(module):
+        return Linear(256).apply({"params": jax.tree.map(lambda leaf: leaf[0], module)}, x).astype(jnp.float32)
+
+    q_proj = ("blocks", "layer_0", "self_attn", "q_proj")
+
+    def module(tree):
+        for part in q_proj:
+            tree = tree[part]
+        return tree
+
+    update = lora["blocks"]["layer_0"]["self_attn"]["q_proj"]
+    delta = update["a"][0] @ update["b"][0]
+    assert 2e-3 < float(jnp.abs(delta).mean() / jnp.abs(kernel.astype(jnp.float32)).mean()) < 1e-2
+    exact = x.astype(jnp.float32) @ delta
+    base = output(module(params))
+    errors = {name: float(jnp.linalg.norm(output(module(tree)) - base - exact) / jnp.linalg.norm(exact))
+              for name, tree in (("attached", attach_lora(params, lora, lora_config)),
+                                 ("merged", merge_lora(params, lora, lora_config)))}
+    print("error of the update's effect:", errors)
+    assert errors["attached"] < 0.7 * errors["merged"], errors
 
 
 def test_lora_bad_input():

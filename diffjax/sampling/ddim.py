@@ -126,7 +126,9 @@ class DDIMSampler:
 
     Simplifications vs diffusers: both sub-steps use the loop's processed (temperature-scaled, filtered)
     logits, while diffusers draws ``x0`` at its temperature but runs the corrector on raw logits; the
-    corrector runs in float32 (diffusers uses float64); the route and selection draws use JAX's RNG.
+    corrector runs in float32 (diffusers uses float64); the route and selection draws use JAX's RNG;
+    `diffjax.generate` returns the argmax of each canvas's last logits (transformers' rule for every
+    sampler), not the final DDIM step's canvas.
 
     Attributes:
       num_steps: N predictor steps (a leaf).

@@ -225,7 +225,10 @@ class BlockRefinementSampler(_ConfidenceSampler):
 
     Differences from diffusers: the draw comes from the loop's processed logits (diffusers applies its own
     temperature/top-k/top-p, and at temperature 0 takes the argmax with temperature-1 probabilities; use
-    :class:`GreedySampling` for that); the quota uses ``num_steps`` here, so set it to the loop's N.
+    :class:`GreedySampling` for that); the quota uses ``num_steps`` here, so set it to the loop's N;
+    `diffjax.generate` returns, as transformers' loop does for every sampler, the argmax of each canvas's
+    last logits, where diffusers returns the committed canvas (up to 10 of 32 positions differ on a random
+    model; run the sampler in a loop of your own to keep the committed tokens).
 
     Attributes:
       num_steps: N, the number of denoising steps the quota is spread over (a leaf).
@@ -306,7 +309,8 @@ class ConfidenceThresholdSampler(_ConfidenceSampler):
     Every position with confidence ``>= threshold`` is accepted (Fast-dLLM drops selections with
     ``confidence < threshold``), and always at least the most confident one, so each step makes progress.
     Positions not accepted are re-noised uniformly (Fast-dLLM keeps them masked; there is no mask token
-    here).
+    here). `diffjax.generate` returns the argmax of each canvas's last logits (transformers' rule for every
+    sampler), not the committed canvas Fast-dLLM returns.
 
     Attributes:
       threshold: in (0, 1]; Fast-dLLM's default is 0.9.
