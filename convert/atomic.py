@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -25,6 +27,8 @@ from typing import Any
 
 from convert.errors import CheckpointError
 from convert.files import not_a_checkpoint
+
+logger = logging.getLogger("convert")
 
 
 def fsync_dir(path: pathlib.Path) -> None:
@@ -73,7 +77,7 @@ def check_destination(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
     `check_replaceable`. A `dst` whose parent is a file or not writable: the `OSError` that creating it would
     raise later, after minutes of reading.
     """
-    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    src, dst = pathlib.Path(src), named_destination(dst)
     # Where the data really is: through symlinks and `..`. A `dst` that is itself a symlink is replaced as a
     # link (its target survives), so only the folder holding it is resolved.
     real_src = src.resolve()
@@ -100,6 +104,17 @@ def check_destination(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
         raise type(exc)(exc.errno, f"not a writable folder (needed for {dst}): {exc.strerror}", str(folder)) from None
 
 
+def named_destination(dst: str | os.PathLike[str]) -> pathlib.Path:
+    """`dst` with a name of its own: "." or ".." (no name, or one that is not the folder's) become the absolute
+    folder, since the temporary sibling is named after it and must lie beside it, not inside it."""
+    dst = pathlib.Path(dst)
+    if dst.name in ("", ".."):
+        dst = dst.resolve()
+        if not dst.name:
+            raise CheckpointError(f"cannot write a checkpoint at {dst}: it replaces the folder, which must have a parent")
+    return dst
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | os.PathLike[str], overwrite: bool = False) -> Iterator[pathlib.Path]:
     """Yield an empty temporary directory; on success it becomes `dst`, on any error it is removed.
@@ -107,9 +122,13 @@ def atomic_directory(dst: str | os.PathLike[str], overwrite: bool = False) -> It
     Refuses an existing `dst` without `overwrite`, and with it one that is not a checkpoint
     (`check_replaceable`); the old `dst` survives any failure.
     """
-    dst = pathlib.Path(dst)
+    dst = named_destination(dst)
     check_replaceable(dst, overwrite)  # fail before spending time on a write that cannot be installed
+    missing = [folder for folder in dst.parents if not folder.exists()]
     dst.parent.mkdir(parents=True, exist_ok=True)
+    for folder in reversed(missing):  # a new folder's name is durable once its parent is synced
+        fsync_dir(folder.parent)
+    _warn_about_leftovers(dst)
     tag = uuid.uuid4().hex[:8]
     tmp = dst.parent / f".{dst.name}.tmp-{tag}"
     tmp.mkdir()
@@ -124,6 +143,16 @@ def atomic_directory(dst: str | os.PathLike[str], overwrite: bool = False) -> It
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _warn_about_leftovers(dst: pathlib.Path) -> None:
+    """Name the temporary folders a killed write left beside `dst` (SIGKILL or power loss run no cleanup).
+    Not removed here: another process may be writing one right now."""
+    leftovers = sorted(dst.parent.glob(f".{glob.escape(dst.name)}.tmp-*")) + sorted(
+        dst.parent.glob(f".{glob.escape(dst.name)}.old-*"))
+    if leftovers:
+        logger.warning("left by an interrupted write to %s (delete them if no other conversion is running): %s",
+                       dst, ", ".join(str(p) for p in leftovers))
 
 
 def _install(tmp: pathlib.Path, dst: pathlib.Path, overwrite: bool, tag: str) -> None:

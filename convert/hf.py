@@ -216,8 +216,12 @@ def index_tensors(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{index}: bad index (expected JSON with a 'weight_map' object)") from None
+    for name, shard in weight_map.items():
+        # A shard is a file of this folder: not another type, and no path that leads out of it.
+        if not isinstance(shard, str) or pathlib.PurePath(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{index}: tensor {name!r} maps to {shard!r}, not a file name in {path}")
     shards = list(dict.fromkeys(weight_map.values()))
     absent = [s for s in shards if not (path / s).is_file()]
     if absent:
@@ -369,13 +373,32 @@ def load_hf(
 
     With a `mesh` (`diffjax.sharding.make_mesh`), every leaf is made directly with the sharding of
     `diffjax.sharding.param_shardings`: each device's shard is copied from the memory-mapped slices it
-    covers, so neither one device nor the host ever holds more than one shard at a time. On several hosts
-    each host reads only its own devices' shards.
+    covers, so neither one device nor the host ever holds more than one shard at a time (replicas of a shard
+    are read once). On several hosts each host reads only its own devices' shards.
     """
     if mesh is None:
         config, arrays = load_hf_numpy(path, dtype, progress)
         return config, to_jax(arrays)
     return _load_hf_sharded(path, dtype, progress, mesh)
+
+
+def _shard_by_shard(shape: tuple[int, ...], sharding: Any, make_shard: Callable[[tuple[slice, ...]], np.ndarray]
+                    ) -> jax.Array:
+    """`jax.make_array_from_callback`, one distinct shard on the host at a time: that function keeps every
+    device's host shard until it has them all (a data-parallel replica of a 30 GB expert stack is read once per
+    replica). Here each index is read once, put on the devices holding it, and dropped before the next."""
+    devices_by_index: dict[tuple, list[Any]] = {}
+    indices: dict[tuple, tuple[slice, ...]] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        devices_by_index.setdefault(key, []).append(device)
+        indices[key] = index
+    pieces = []
+    for key, devices in devices_by_index.items():
+        host = make_shard(indices[key])
+        pieces += [jax.device_put(host, device).block_until_ready() for device in devices]
+        del host
+    return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
 
 
 def _load_hf_sharded(
@@ -423,7 +446,7 @@ def _load_hf_sharded(
     done = 0
     arrays: dict[Path, Any] = {}
     for leaf, shape in shapes.items():
-        arrays[leaf] = jax.make_array_from_callback(shape, shardings[leaf], functools.partial(shard, leaf))
+        arrays[leaf] = _shard_by_shard(shape, shardings[leaf], functools.partial(shard, leaf))
         for source in sources[leaf].values():
             if source is not None:
                 if source[1].path in files:  # a host whose devices needed none of it never mapped it
@@ -493,7 +516,7 @@ def _read_json_object(file: pathlib.Path) -> dict[str, Any]:
     """The JSON object in `file`; a `CheckpointError` naming the file if it is not one."""
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{file}: bad JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file}: bad JSON (not an object)")

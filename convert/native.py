@@ -122,6 +122,9 @@ def load(
     tensors, metadata = read_header(file)
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a diffjax checkpoint (metadata format {metadata.get('format')!r})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: diffjax checkpoint format version {metadata.get('format_version')!r}, this "
+                              f"diffjax reads version {FORMAT_VERSION!r}")
     shapes = param_leaf_shapes(config)
     expected = {"/".join(p): p for p in shapes}
     problems = []

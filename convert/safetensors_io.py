@@ -100,8 +100,10 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
     for name, entry in header.items():
         try:
             code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(d) for d in shape)
-            begin, end = int(begin), int(end)
+            # JSON integers only, as the format says: int() would also read 1.9, true or "4".
+            if not all(type(v) is int and v >= 0 for v in (*shape, begin, end)):
+                raise ValueError
+            shape = tuple(shape)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(
                 f"{path}: corrupt safetensors file: bad header entry for tensor {name!r}: {entry!r}"

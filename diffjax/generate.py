@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -234,6 +235,27 @@ def make_components(
     )
 
 
+# What the loop calls each kind of component with: a sampler and a stopping rule both have `init` and
+# `__call__`, so the protocols alone cannot tell one passed for the other.
+_CALL_ARGUMENTS = {
+    sampling.Sampler: ("processed_logits", "canvas_ids", "state", "key"),
+    sampling.TemperatureSchedule: ("remaining_steps", "num_steps"),
+    sampling.LogitsFilter: ("logits",),
+    sampling.StoppingRule: ("argmax_ids", "processed_logits", "state"),
+}
+
+
+def _takes(component: Any, count: int) -> bool:
+    """Whether `component(...)` accepts `count` positional arguments (True when its signature is not known)."""
+    try:
+        inspect.signature(component).bind(*range(count))
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (e.g. a builtin)
+        return True
+    return True
+
+
 def _check_components(components: Components, config: Config) -> None:
     """Each component of its kind (a wrong one would fail inside the trace, far from its cause), and no noise
     range past the model's vocabulary (its ids would index past the embedding: silent garbage)."""
@@ -243,8 +265,9 @@ def _check_components(components: Components, config: Config) -> None:
         ("logits_filter", components.logits_filter, sampling.LogitsFilter),
         ("stopping_rule", components.stopping, sampling.StoppingRule),
     ):
-        if not isinstance(component, kind):
-            raise ValueError(f"{name} must be a diffjax.sampling.{kind.__name__} (e.g. one of the classes in "
+        if not isinstance(component, kind) or not _takes(component, len(_CALL_ARGUMENTS[kind])):
+            raise ValueError(f"{name} must be a diffjax.sampling.{kind.__name__}, called with "
+                             f"({', '.join(_CALL_ARGUMENTS[kind])}) (e.g. one of the classes in "
                              f"diffjax.sampling), got {type(component).__name__}")
         vocab_size = getattr(component, "vocab_size", None)
         if vocab_size is not None and vocab_size > config.vocab_size:

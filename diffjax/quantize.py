@@ -50,11 +50,15 @@ SCALE_LEAVES = tuple(scale_name(w) for w in EXPERT_WEIGHTS)
 def quantize(w: Array) -> tuple[Array, Array]:
     """`w [..., k, n]` -> (`q` float8_e4m3fn `[..., k, n]`, `scale` float32 `[..., n]`), `w ~= q * scale[..., None, :]`.
 
-    An all-zero column gets scale 1 (its q is 0 either way; a zero scale would divide 0 by 0).
+    A column whose scale would be 0 (all zeros, or a largest magnitude so small that amax / 448 rounds or
+    flushes to 0) gets scale 1: its q is 0 either way, where a zero scale would divide 0 by 0. A column
+    holding NaN or inf gets a NaN scale.
     """
     w32 = w.astype(jnp.float32)
     amax = jnp.max(jnp.abs(w32), axis=-2)
-    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    scale = amax / FP8_MAX
+    # A non-finite column keeps a NaN scale, for `quantize_experts` to refuse (`>=` alone would hide a NaN).
+    scale = jnp.where(jnp.isfinite(amax), jnp.where(scale >= jnp.finfo(jnp.float32).tiny, scale, 1.0), jnp.nan)
     # The clip guards against w / (amax / 448) rounding just above 448: e4m3fn has no infinity, so an
     # out-of-range value would become NaN.
     q = jnp.clip(w32 / scale[..., None, :], -FP8_MAX, FP8_MAX).astype(FP8)
@@ -114,6 +118,10 @@ def quantize_experts(params: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(experts)
         for weight in EXPERT_WEIGHTS:
             out[weight], out[scale_name(weight)] = quantize(experts[weight])
+            # A NaN or inf would give its whole column a NaN (or a misleading) scale: refused, not spread.
+            if not bool(jnp.all(jnp.isfinite(out[scale_name(weight)]))):
+                raise ValueError(f"experts/{weight} holds NaN or inf: fp8 quantization scales each column by its "
+                                 "largest magnitude, so one non-finite weight would spoil its column")
         return out
 
     return map_experts(params, quantize_node)

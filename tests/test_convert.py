@@ -1110,3 +1110,73 @@ def test_generation_config_unknown_keys_warned_not_refused(tmp_path, caplog):
     assert "'max_denoising_step' (did you mean 'max_denoising_steps'?)" in caplog.text
     assert "'do_sample'" in caplog.text
     assert "transformers_version" not in caplog.text and "cache_implementation" not in caplog.text
+
+
+# Found by the third review: what a hand-edited or corrupt file could still slip through.
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [1.9], "data_offsets": [0, 4]},  # int() would read 1
+    {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]},
+    {"dtype": "F32", "shape": [1e400], "data_offsets": [0, 4]},  # Infinity: int() raised OverflowError
+], ids=["float", "bool", "string", "infinity"])
+def test_safetensors_header_takes_json_integers_only(tmp_path, entry):
+    from convert.safetensors_io import read_header
+
+    header = json.dumps({"w": entry}).replace("1e+400", "Infinity").encode()
+    _raw_safetensors(tmp_path / "bad.safetensors", header, b"\0" * 4)
+    with pytest.raises(CheckpointError, match="bad header entry for tensor 'w'"):
+        read_header(tmp_path / "bad.safetensors")
+
+
+def test_index_and_json_files_that_lie_are_named(sharded_dir, reference_params, tmp_path):
+    folder = tmp_path / "sharded"
+    shutil.copytree(sharded_dir, folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    name = next(iter(index["weight_map"]))
+    for shard in (["x"], 5, "../model-00001-of-00002.safetensors", "/etc/passwd"):
+        (folder / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": {
+            **index["weight_map"], name: shard}}))
+        with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(name)}' maps to .*, not a file name in"):
+            convert.load_hf(folder)
+    (folder / "model.safetensors.index.json").write_bytes(b"\xff{}")
+    with pytest.raises(CheckpointError, match="bad index"):
+        convert.load_hf(folder)
+    (folder / "config.json").write_bytes(b'{"model_type": "\xff"}')
+    with pytest.raises(CheckpointError, match=r"config\.json: bad JSON"):
+        convert.load_hf(folder)
+
+    # A diffjax checkpoint of a format version this code does not know.
+    dst = convert.save(reference_params, CONFIG, tmp_path / "ckpt")
+    file = dst / "params.safetensors"
+    raw = file.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    header["__metadata__"]["format_version"] = "2"
+    _raw_safetensors(file, json.dumps(header).encode().ljust(length), raw[8 + length:])
+    with pytest.raises(CheckpointError, match="format version '2', this diffjax reads version '1'"):
+        convert.load(dst)
+
+
+def test_a_destination_named_dot_is_the_folder_itself(reference_params, tmp_path, monkeypatch):
+    """`.` has no name of its own: the temporary sibling would land inside it and the install fail at the end."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    convert.save(reference_params, CONFIG, ".", overwrite=True)
+    assert (tmp_path / "here" / "params.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # no temporary left beside it
+    _, params = convert.load(tmp_path / "here")
+    jax.tree.map(np.testing.assert_array_equal, params, reference_params)
+
+
+def test_leftovers_of_a_killed_write_are_named(reference_params, tmp_path, caplog):
+    """SIGKILL runs no cleanup: the next write to the same destination says what was left beside it."""
+    (tmp_path / ".ckpt.tmp-deadbeef").mkdir()
+    with caplog.at_level(logging.WARNING, logger="convert"):
+        convert.save(reference_params, CONFIG, tmp_path / "new" / "deeper" / "ckpt")
+        convert.save(reference_params, CONFIG, tmp_path / "ckpt")
+    assert [r.getMessage() for r in caplog.records if ".tmp-deadbeef" in r.getMessage()] == [
+        f"left by an interrupted write to {tmp_path / 'ckpt'} (delete them if no other conversion is running): "
+        f"{tmp_path / '.ckpt.tmp-deadbeef'}"]
+    assert (tmp_path / ".ckpt.tmp-deadbeef").is_dir() and (tmp_path / "new" / "deeper" / "ckpt").is_dir()

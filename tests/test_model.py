@@ -178,6 +178,11 @@ def test_kernel_tiles_parse_validate_and_stay_out_of_the_maths():
     assert tiles.routing == RouteTiles(project=False, num_stages=4) and tiles.experts.block_rows is None
     assert KernelTiles.parse("") == KernelTiles.parse("default") == KernelTiles()
     assert tiles.kwargs("routing") == {"tiles": tiles.routing} and tiles.kwargs("vocab") == {}
+    # Settings of kernels a config does not run change nothing: named, for the CLI to refuse.
+    assert tiles.idle(Config.tiny()) == ["experts", "sliding_attention", "routing"]
+    assert tiles.idle(Config.tiny(moe_implementation="pallas", sliding_attention_implementation="pallas",
+                                  routing_implementation="pallas")) == []
+    assert KernelTiles.parse("vocab.block_k=32").idle(Config.tiny(), statistics="pallas") == []
     config = Config.tiny(kernel_tiles=tiles)
     # A static argument of jit (hashable, compared by value); an implementation field, not written to config.json.
     assert hash(config) == hash(Config.tiny(kernel_tiles=KernelTiles.parse(

@@ -49,6 +49,22 @@ def test_round_trip_is_within_one_e4m3_half_step():
     assert np.abs(back - w).max() > 0  # rounding happened: the bound was tested, not trivially met
 
 
+def test_quantize_tiny_and_non_finite_columns():
+    """A column too small for a normal float32 scale quantizes to zeros with scale 1 (not 0/0 = NaN); one
+    holding NaN or inf is refused by name, not spread over its column."""
+    w = jnp.array([[1e-37, 0.0], [0.0, 1.0], [0.0, 0.5], [0.0, 0.0]], jnp.float32)
+    q, scale = quantize(w)
+    assert float(scale[0]) == 1.0
+    back = np.asarray(dequantize(q, scale, jnp.float32))
+    assert np.isfinite(back).all() and np.all(back[:, 0] == 0) and back[1, 1] == 1.0
+    for bad in (np.inf, np.nan):
+        weights = np.ones((1, 4, 2), np.float32)
+        weights[0, 1, 1] = bad
+        experts = {"gate_up_proj": weights, "down_proj": np.ones((1, 4, 2), np.float32)}
+        with pytest.raises(ValueError, match="experts/gate_up_proj holds NaN or inf"):
+            quantize_experts({"blocks": {"layer_0": {"experts": experts}}})
+
+
 def test_dequantize_rounds_once_to_the_activation_dtype():
     """q * scale is formed in float32 and rounded once: rounding the scale to bf16 first (or the product in
     bf16) moves a good share of the weights by a bf16 step."""
