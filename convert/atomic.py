@@ -22,7 +22,7 @@ import pathlib
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from convert.errors import CheckpointError
@@ -116,8 +116,11 @@ def named_destination(dst: str | os.PathLike[str]) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike[str], overwrite: bool = False) -> Iterator[pathlib.Path]:
+def atomic_directory(dst: str | os.PathLike[str], overwrite: bool = False,
+                     extra_files: Iterable[str | os.PathLike[str]] = ()) -> Iterator[pathlib.Path]:
     """Yield an empty temporary directory; on success it becomes `dst`, on any error it is removed.
+    `extra_files` (e.g. the tokenizer, or a trained model's task.json) are copied in beside what the caller
+    wrote, inside the same atomic write.
 
     Refuses an existing `dst` without `overwrite`, and with it one that is not a checkpoint
     (`check_replaceable`); the old `dst` survives any failure.
@@ -134,6 +137,8 @@ def atomic_directory(dst: str | os.PathLike[str], overwrite: bool = False) -> It
     tmp.mkdir()
     try:
         yield tmp
+        for extra in extra_files:
+            shutil.copyfile(extra, tmp / pathlib.Path(extra).name)
         for child in tmp.iterdir():
             if child.is_file():  # writers fsync their own files; this covers any that did not
                 with open(child, "rb+") as f:

@@ -35,7 +35,6 @@ import numbers
 import os
 import pathlib
 import re
-import shutil
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -620,7 +619,7 @@ def save_hf(
     advance = write_progress(progress, total)
 
     dst = pathlib.Path(dst)
-    with atomic_directory(dst, overwrite) as tmp:
+    with atomic_directory(dst, overwrite, extra_files) as tmp:
         write_json(tmp / CONFIG_FILE, config.to_hf())
         if generation_config:
             write_json(tmp / GENERATION_CONFIG_FILE, hf_generation_config(generation_config))
@@ -633,8 +632,6 @@ def save_hf(
                 write_safetensors(tmp / file, {n: lazy[n] for n in shard}, {"format": "pt"}, advance)
                 weight_map.update(dict.fromkeys(shard, file))
             write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        for extra in extra_files:
-            shutil.copyfile(extra, tmp / pathlib.Path(extra).name)
     return dst
 
 

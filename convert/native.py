@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -51,6 +50,7 @@ from convert.tree import (
 )
 from diffjax.config import Config
 from diffjax.model import param_leaf_shapes
+from diffjax.validation import first_few
 
 FORMAT = "diffjax"
 FORMAT_VERSION = "1"
@@ -83,22 +83,14 @@ def save(
     advance = write_progress(progress, sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors.values()))
 
     dst = pathlib.Path(dst)
-    with atomic_directory(dst, overwrite) as tmp:
+    with atomic_directory(dst, overwrite, extra_files) as tmp:
         write_json(tmp / CONFIG_FILE, hf_config)
         if generation_config:
             write_json(tmp / GENERATION_CONFIG_FILE, normalise_generation_config(generation_config))
         write_safetensors(
             tmp / PARAMS_FILE, tensors, {"format": FORMAT, "format_version": FORMAT_VERSION}, advance
         )
-        for extra in extra_files:
-            shutil.copyfile(extra, tmp / pathlib.Path(extra).name)
     return dst
-
-
-def _first(items: list[str], shown: int = 5) -> str:
-    """The first `shown` items, and how many more: a wrong config.json mismatches every layer's tensors."""
-    more = f" (and {len(items) - shown} more)" if len(items) > shown else ""
-    return ", ".join(items[:shown]) + more
 
 
 def load(
@@ -129,15 +121,15 @@ def load(
     expected = {"/".join(p): p for p in shapes}
     problems = []
     if missing := sorted(set(expected) - set(tensors)):
-        problems.append(f"missing tensors: {_first(missing)}")
+        problems.append(f"missing tensors: {first_few(missing)}")
     if unexpected := sorted(set(tensors) - set(expected)):
-        problems.append(f"unexpected tensors: {_first(unexpected)}")
+        problems.append(f"unexpected tensors: {first_few(unexpected)}")
     if mismatched := [
         f"{name}: expected {list(shapes[expected[name]])}, got {list(info.shape)}"
         for name, info in sorted(tensors.items())
         if name in expected and info.shape != shapes[expected[name]]
     ]:
-        problems.append(f"shape mismatch with {CONFIG_FILE} in {len(mismatched)} tensors: {_first(mismatched)}")
+        problems.append(f"shape mismatch with {CONFIG_FILE} in {len(mismatched)} tensors: {first_few(mismatched)}")
     if target is None and (mixed := dtype_mismatches(
         [(name, expected[name], info.dtype) for name, info in sorted(tensors.items()) if name in expected], config
     )):

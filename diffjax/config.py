@@ -50,25 +50,16 @@ BLOCK_LAYOUTS = ("stacked", "unstacked")
 
 RopeType = Literal["default", "proportional"]
 
-# KernelTiles field -> (module under diffjax.kernels, its tiles class). Imported when used: the kernels import
-# the layers, which import this module.
+# KernelTiles field -> (module under diffjax.kernels, its tiles class, the Config choice under which the kernel
+# runs: None for the vocabulary pass, a `generate` argument). Classes are imported when used: the kernels
+# import the layers, which import this module.
 _TILES_CLASSES = {
-    "experts": ("moe", "MoeTiles"),
-    "experts_mgpu": ("moe_mgpu", "MgpuMoeTiles"),
-    "sliding_attention": ("attention", "AttentionTiles"),
-    "global_attention": ("attention", "AttentionTiles"),
-    "routing": ("routing", "RouteTiles"),
-    "vocab": ("vocab", "VocabTiles"),
-}
-
-
-# The Config choice under which each kernel (but the vocabulary pass, a `generate` argument) runs.
-_TILES_READERS = {
-    "experts": ("moe_implementation", "pallas"),
-    "experts_mgpu": ("moe_implementation", "pallas_mgpu"),
-    "sliding_attention": ("sliding_attention_implementation", "pallas"),
-    "global_attention": ("global_attention_implementation", "pallas"),
-    "routing": ("routing_implementation", "pallas"),
+    "experts": ("moe", "MoeTiles", ("moe_implementation", "pallas")),
+    "experts_mgpu": ("moe_mgpu", "MgpuMoeTiles", ("moe_implementation", "pallas_mgpu")),
+    "sliding_attention": ("attention", "AttentionTiles", ("sliding_attention_implementation", "pallas")),
+    "global_attention": ("attention", "AttentionTiles", ("global_attention_implementation", "pallas")),
+    "routing": ("routing", "RouteTiles", ("routing_implementation", "pallas")),
+    "vocab": ("vocab", "VocabTiles", None),
 }
 
 
@@ -114,15 +105,17 @@ class KernelTiles:
         if field not in _TILES_CLASSES:
             raise ValueError(f"unknown kernel {_with_suggestion(field, frozenset(_TILES_CLASSES))}{where}: one of "
                              f"{sorted(_TILES_CLASSES)}")
-        module, name = _TILES_CLASSES[field]
+        module, name, _ = _TILES_CLASSES[field]
         return getattr(importlib.import_module(f"diffjax.kernels.{module}"), name)
 
     def idle(self, config: Config, statistics: str = "logits") -> list[str]:
         """The fields set whose kernel `config` (and `generate(statistics=...)`) does not run: their settings
         would change nothing."""
-        running = {field: getattr(config, option) == value for field, (option, value) in _TILES_READERS.items()}
-        running["vocab"] = statistics == "pallas"
-        return [field for field in _TILES_CLASSES if getattr(self, field) is not None and not running[field]]
+        def runs(choice: tuple[str, str] | None) -> bool:
+            return statistics == "pallas" if choice is None else getattr(config, choice[0]) == choice[1]
+
+        return [field for field, (_, _, choice) in _TILES_CLASSES.items()
+                if getattr(self, field) is not None and not runs(choice)]
 
     def kwargs(self, field: str) -> dict[str, Any]:
         """`{"tiles": ...}` for the kernel `field` names if set, else `{}` (the kernel's defaults)."""

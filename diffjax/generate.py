@@ -126,8 +126,7 @@ def generate(
     """Generate `max_new_tokens` (rounded up to whole canvases) after `input_ids [batch, prompt]`.
 
     The defaults are transformers': linear temperature from t_max to t_min over the remaining steps (either
-    None: temperature 1),
-    the entropy-bound sampler, and stable-and-confident adaptive stopping (`stability_threshold=None` or
+    None: temperature 1), the entropy-bound sampler, and stable-and-confident adaptive stopping (`stability_threshold=None` or
     `confidence_threshold=None` disables it: every canvas then runs `max_denoising_steps`). Pass
     `sampler`, `temperature_schedule`, `logits_filter` or `stopping_rule` to replace a component; their
     numeric hyper-parameters are traced, so sweeping them does not recompile.

@@ -10,10 +10,11 @@ The LoRA tree mirrors the parameter tree down to each targeted module, which hol
 Training attaches each adapter beside its frozen kernel inside the jit-compiled step (`attach_lora`): the
 model's `Linear` adds `(x @ A) @ (scale * B)` to `x @ W`, so the gradient reaches only A and B, and a small
 update is not rounded onto a bf16 W's grid. Export and inference merge it into W (`merge_lora`).
-Default targets are TRL's example's: the attention q/k/v/o projections and the dense MLP gate/up/down of every
-layer (Google's sudoku recipe adapts "all-linear", the router and self-conditioning block too; TRL keeps
-separate encoder and decoder adapters where one adapter serves both here). Experts, router, norms, self-conditioning and the tied embedding/LM head stay
-frozen. Full-attention layers have no v_proj (values come from k_proj), so `v_proj` adapts sliding layers only.
+Default targets are TRL's example's: the attention q/k/v/o projections and the dense MLP gate/up/down of
+every layer (Google's sudoku recipe adapts "all-linear", the router and self-conditioning block too; TRL
+keeps separate encoder and decoder adapters where one adapter serves both here). Experts, router, norms,
+self-conditioning and the tied embedding/LM head stay frozen. Full-attention layers have no v_proj (values
+come from k_proj), so `v_proj` adapts sliding layers only.
 """
 
 from __future__ import annotations

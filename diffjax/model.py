@@ -33,7 +33,7 @@ from diffjax.layers import (
     rms_norm,
 )
 from diffjax.quantize import FP8, SCALE_LEAVES, storage_dtype
-from diffjax.validation import padding_mask, require_int, token_ids
+from diffjax.validation import first_few, padding_mask, require_int, token_ids
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -473,13 +473,12 @@ def check_params(params: Params, config: Config) -> None:
         elif fixed is not None and dtype != fixed:
             problems.append(f"{'/'.join(path)} is {dtype}, expected {jnp.dtype(fixed)}")
     if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         hint = ""
         if config.expert_quantization == "fp8" and any(p[-1] in SCALE_LEAVES for p in missing):
             hint = ": fp8 experts come from diffjax.quantize.quantize_model(config, params)"
         elif config.expert_quantization != "fp8" and any(p[-1] in SCALE_LEAVES for p in unexpected):
             hint = ": these are fp8 experts, for the config quantize_model returned (expert_quantization='fp8')"
-        raise ValueError(f"params do not match this config: {'; '.join(problems[:5])}{more}{hint}")
+        raise ValueError(f"params do not match this config: {first_few(problems, '; ')}{hint}")
 
 
 _UNIT_PARAMS = ("scale", "per_expert_scale", "encoder_layer_scalar", "decoder_layer_scalar")

@@ -34,8 +34,9 @@ All randomness is in `NoiseDraws` (`draw_noise`), so tests can fix it. `train_st
 step (clip 1.0, AdamW b1 0.95 b2 0.99 wd 1e-4, warmup + cosine schedule) of the full params, or of a LoRA
 tree attached to frozen params (`diffjax.lora`). Full fine-tuning updates the params in their own dtype:
 bf16 params keep no float32 master copy, so steps below a weight's bf16 rounding step are lost (train the
-full model in float32, or a LoRA adapter, whose weights are float32, over a bf16 base). `fit` runs it step by step over a batch stream with a progress
-bar and orbax checkpoints (`diffjax.checkpoint`) that resume a killed run exactly.
+full model in float32, or a LoRA adapter, whose weights are float32, over a bf16 base). `fit` runs it step
+by step over a batch stream with a progress bar and orbax checkpoints (`diffjax.checkpoint`) that resume a
+killed run exactly.
 """
 
 from __future__ import annotations

@@ -10,6 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def first_few(items: list[str], separator: str = ", ", shown: int = 5) -> str:
+    """The first `shown` items, and how many more: one wrong setting (a config that does not fit its weights)
+    can make every layer's tensors a problem."""
+    more = f" (and {len(items) - shown} more)" if len(items) > shown else ""
+    return separator.join(items[:shown]) + more
+
+
 def require_int(name: str, value: Any, minimum: int) -> None:
     """`value` a Python or NumPy integer (not a bool, not a float) >= `minimum`."""
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or value < minimum:

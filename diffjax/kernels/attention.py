@@ -273,7 +273,7 @@ def _global_attention_pallas(
     _, _, _, kv_heads, _ = keys.shape
     block_q, pack = tiles.block_q, tiles.pack_heads
     group = heads // kv_heads
-    if pack < 1 or pack & (pack - 1) or group % pack or block_q % pack:
+    if group % pack:  # (a power of two dividing block_q: `tiles.validate()` above)
         raise ValueError(f"AttentionTiles.pack_heads must be a power of two dividing the query heads per kv head "
                          f"({group}) and block_q ({block_q}), got {pack}")
     # A program's query rows are `block_q // pack` canvas rows of `pack` query heads of one kv head, read in
