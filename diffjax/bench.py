@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -411,6 +412,10 @@ class FullSizeSettings:
     # A folder: one more decoder step per point under the profiler (`diffjax.profile`), its trace kept there
     # and its kernels summed by name in the point (`decoder_kernels`) and the log.
     profile_dir: str | None = None
+    # The decoder step alone, on a cache of random keys and values: no prefill and no encoder canvas compiled
+    # or timed (two of a point's three full-size compiles, ~30 s each with every kernel), for tile and option
+    # sweeps where only the step changes.
+    decoder_only: bool = False
 
     def validate(self) -> None:
         for name in ("new_tokens", "steps", "repeats", "prefill_chunk"):
@@ -592,21 +597,64 @@ def step_parts(kernels: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return parts
 
 
+# Decoder steps run back to back inside one compiled loop for `decoder_looped_ms`: enough to spread the one
+# call's dispatch and wait (~3.7 ms at the released shapes on an H200) to under a millisecond a step.
+LOOPED_STEPS = 4
+
+
+def random_cache(config: Config, batch: int, prompt: int, dtype: Any, seed: int) -> Any:
+    """A cache as if `prompt` tokens had been written, with random keys and values: what a decoder step reads,
+    for timing it without compiling a prefill."""
+    from diffjax.model import init_cache
+
+    empty = init_cache(config, batch, prompt + config.canvas_length, dtype)
+    names = sorted(empty.keys)
+    draws = iter(jax.random.split(jax.random.key(seed), 2 * len(names)))
+
+    def fill(arrays: dict[str, Any]) -> dict[str, Any]:
+        return {name: jax.random.normal(next(draws), arrays[name].shape, dtype) for name in names}
+
+    mask = jnp.broadcast_to(jnp.arange(empty.capacity) < prompt, empty.mask.shape)
+    return empty.replace(keys=fill(empty.keys), values=fill(empty.values), mask=mask,
+                         length=jnp.asarray(prompt, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "count"))
+def _looped_decoder_steps(params: Any, config: Config, cache: Any, canvas_ids: Any, self_conditioning_logits: Any,
+                          self_conditioning_mask: Any, count: int) -> Any:
+    """`count` decoder steps in one `fori_loop`, each self-conditioned on the last one's logits as in
+    `generate`: the steps depend on each other, so XLA can hoist none of them out of the loop."""
+    from diffjax.model import _denoise_logits
+
+    def step(_: Any, logits: Any) -> Any:
+        return _denoise_logits(params, config, cache, canvas_ids, logits, self_conditioning_mask).astype(logits.dtype)
+
+    return jax.lax.fori_loop(0, count, step, self_conditioning_logits)
+
+
 def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSizeSettings,
                xla_options: str = "", tiles: str = "") -> dict[str, Any]:
     """One decoder step and one encoder canvas on a cache prefilled with `prompt` random tokens, each compiled
-    with `xla_options` (`parse_xla_options`); `tiles` (the text of `config.kernel_tiles`) names the profile."""
+    with `xla_options` (`parse_xla_options`); `tiles` (the text of `config.kernel_tiles`) names the profile.
+    The decoder step is timed three ways: one call (its dispatch and wait included), three calls queued, and
+    `LOOPED_STEPS` steps in one compiled loop (per step: the device's time, as inside `generate`). With
+    `s.decoder_only`, the cache is random (`random_cache`) and the prefill and encoder are neither compiled
+    nor timed (their fields are None)."""
     from diffjax.model import _denoise_logits, _encode, init_cache, param_dtype, prefill
 
     if prompt + config.canvas_length > config.max_position_embeddings:
         raise ValueError(f"prompt {prompt} + a canvas exceed the model's {config.max_position_embeddings} positions")
-    ids = jnp.asarray(prompt_ids(config, batch, prompt, s.seed), jnp.int32)
-    mask = jnp.ones_like(ids, bool)
-    empty = init_cache(config, batch, prompt + config.canvas_length, param_dtype(params))
-    fill = jax.jit(prefill, static_argnames=("config", "chunk_size"))
-    prefill_first, prefill_s = best_time(
-        lambda: fill(params, config, ids, mask, empty, chunk_size=s.prefill_chunk), 1)
-    cache = fill(params, config, ids, mask, empty, chunk_size=s.prefill_chunk)
+    prefill_first = prefill_s = None
+    if s.decoder_only:
+        cache = random_cache(config, batch, prompt, param_dtype(params), s.seed)
+    else:
+        ids = jnp.asarray(prompt_ids(config, batch, prompt, s.seed), jnp.int32)
+        mask = jnp.ones_like(ids, bool)
+        empty = init_cache(config, batch, prompt + config.canvas_length, param_dtype(params))
+        fill = jax.jit(prefill, static_argnames=("config", "chunk_size"))
+        prefill_first, prefill_s = best_time(
+            lambda: fill(params, config, ids, mask, empty, chunk_size=s.prefill_chunk), 1)
+        cache = fill(params, config, ids, mask, empty, chunk_size=s.prefill_chunk)
     canvas = jax.random.randint(jax.random.key(s.seed), (batch, config.canvas_length), 0, config.vocab_size)
     sc_logits = jnp.zeros((batch, config.canvas_length, config.vocab_size), param_dtype(params))
     sc_mask = jnp.ones((batch,), bool)
@@ -620,14 +668,20 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
         return decoder(params, cache, canvas, sc_logits, sc_mask)
 
     _, decoder_s = best_time(decoder_step, s.repeats)
-    # Three steps queued back to back: the host's dispatch of one overlaps the device's work on the one before,
-    # as in `generate`'s loop, which runs on the device; a lone call's time also holds its dispatch and wait.
+    # Three steps queued back to back: the host's dispatch of one overlaps the device's work on the one before;
+    # a lone call's time also holds its dispatch and wait.
     _, decoder_queued_s = best_time(decoder_step, s.repeats, calls=3)
-    canvas_mask = jnp.ones_like(canvas, bool)
-    start = time.perf_counter()
-    encoder = _encode.lower(params, config, canvas, canvas_mask, cache).compile(options)
-    encoder_compile_s = time.perf_counter() - start
-    _, encoder_s = best_time(lambda: encoder(params, canvas, canvas_mask, cache)[0], s.repeats)
+    # `generate`'s loop runs on the device: its steps pay no dispatch each.
+    looped = _looped_decoder_steps.lower(params, config, cache, canvas, sc_logits, sc_mask,
+                                         LOOPED_STEPS).compile(options)
+    _, looped_s = best_time(lambda: looped(params, cache, canvas, sc_logits, sc_mask), s.repeats)
+    encoder_s = encoder_compile_s = None
+    if not s.decoder_only:
+        canvas_mask = jnp.ones_like(canvas, bool)
+        start = time.perf_counter()
+        encoder = _encode.lower(params, config, canvas, canvas_mask, cache).compile(options)
+        encoder_compile_s = time.perf_counter() - start
+        _, encoder_s = best_time(lambda: encoder(params, canvas, canvas_mask, cache)[0], s.repeats)
     profiled = {}
     if s.profile_dir is not None:
         trace_dir = pathlib.Path(s.profile_dir) / (
@@ -644,13 +698,15 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
         except Exception as exc:  # a profiler that cannot trace here must not lose the timings
             profiled["decoder_kernels_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     return {
-        "prefill_s": prefill_s, "prefill_compile_s": max(prefill_first - prefill_s, 0.0),
+        "prefill_s": prefill_s,
+        "prefill_compile_s": None if prefill_first is None else max(prefill_first - prefill_s, 0.0),
         "decoder_ms": 1e3 * decoder_s, "decoder_queued_ms": 1e3 * decoder_queued_s,
-        "decoder_compile_s": decoder_compile_s,
-        "encoder_canvas_ms": 1e3 * encoder_s, "encoder_compile_s": encoder_compile_s,
+        "decoder_looped_ms": 1e3 * looped_s / LOOPED_STEPS, "decoder_compile_s": decoder_compile_s,
+        "encoder_canvas_ms": None if encoder_s is None else 1e3 * encoder_s, "encoder_compile_s": encoder_compile_s,
         "cache_bytes": cache_bytes(cache),
         # A canvas costs `steps` decoder passes plus one encoder pass that appends it to the context.
-        "tokens_per_s_at_steps": batch * config.canvas_length / (s.steps * decoder_s + encoder_s),
+        "tokens_per_s_at_steps": None if encoder_s is None else batch * config.canvas_length / (
+            s.steps * decoder_s + encoder_s),
         **profiled,
     }
 
@@ -721,7 +777,8 @@ def compiled_full_size(s: FullSizeSettings, target: str, log: Callable[[str], No
             point.update(dataclasses.asdict(compile_decoder_step(*shapes)))
             # XLA's compile here, without autotuning: how compile time grows with a variant, not the GPU's.
             point["compile_s"] = time.perf_counter() - start
-            point["encoder"] = dataclasses.asdict(compile_encoder_step(*shapes))
+            if not s.decoder_only:
+                point["encoder"] = dataclasses.asdict(compile_encoder_step(*shapes))
             if s.generate:
                 point["generate"] = {
                     statistics: dataclasses.asdict(generate_pass(compile_generate(
@@ -800,6 +857,7 @@ def run_full_size(
                 step_bytes = weight_bytes + point["cache_bytes"]
                 point["floor_ms"] = 1e3 * step_bytes / bandwidth
                 point["ratio_to_floor"] = point["decoder_ms"] / point["floor_ms"]
+                point["looped_ratio_to_floor"] = point["decoder_looped_ms"] / point["floor_ms"]
                 # From batch ~8 a step does more arithmetic than the matmul throughput covers in the time its
                 # bytes take: there the compute floor is the bound that counts.
                 point["flops"] = decoder_flops_per_step(config, batch, prompt)
@@ -908,7 +966,8 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
     caption = (f"{result['device']}; weights {_gib(result['weight_bytes'])} made in {result['init_s']:.1f} s; "
                f"copy bandwidth {result['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
                f"{result['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; floor = (weights + cache) / bandwidth; compute "
-               f"floor = step FLOPs / matmul rate; x roofline = against the larger; tokens/s at {settings['steps']} steps per canvas = canvas x batch / (steps x decoder + "
+               f"floor = step FLOPs / matmul rate; queued = per step of 3 calls queued; looped = per step of "
+               f"{LOOPED_STEPS} in one compiled loop, as in generate; x roofline = against the larger; tokens/s at {settings['steps']} steps per canvas = canvas x batch / (steps x decoder + "
                f"encoder); generate = whole loop, ms per decoder pass")
     points = result["points"]
     # Only what tells the points apart gets a column; the settings they share go to the caption.
@@ -916,8 +975,8 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
     varying = [key for key in keys if len({str(p[key]) for p in points}) > 1]
     shared = ", ".join(f"{key} {points[0][key]}" for key in keys if key not in varying) if points else ""
     table = Table(title=_title(result["config"]), caption=f"{shared}. {caption}")
-    columns = [*(_VARIANT_HEADERS.get(key, key) for key in varying), "decoder ms", "queued ms", "floor ms",
-               "x floor", "compute floor ms", "x roofline", "encoder canvas ms",
+    columns = [*(_VARIANT_HEADERS.get(key, key) for key in varying), "decoder ms", "queued ms", "looped ms",
+               "floor ms", "x floor", "looped x floor", "compute floor ms", "x roofline", "encoder canvas ms",
                "tokens/s", "generate ms/step", "transformers ms/step", "ours/theirs", "peak mem"]
     for name in columns:
         table.add_column(name, justify="right")
@@ -928,8 +987,9 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
             continue
         ours, theirs = point.get("diffjax") or {}, point.get("transformers") or {}
         table.add_row(
-            *variant, _fmt(point["decoder_ms"]), _fmt(point.get("decoder_queued_ms")), _fmt(point["floor_ms"]),
-            _fmt(point["ratio_to_floor"]), _fmt(point["compute_floor_ms"]), _fmt(point["ratio_to_roofline"]),
+            *variant, _fmt(point["decoder_ms"]), _fmt(point.get("decoder_queued_ms")),
+            _fmt(point.get("decoder_looped_ms")), _fmt(point["floor_ms"]), _fmt(point["ratio_to_floor"]),
+            _fmt(point.get("looped_ratio_to_floor")), _fmt(point["compute_floor_ms"]), _fmt(point["ratio_to_roofline"]),
             _fmt(point["encoder_canvas_ms"]), _fmt(point["tokens_per_s_at_steps"]),
             _fmt(ours.get("ms_per_step")), _fmt(theirs.get("ms_per_step")), _fmt(point.get("ratio")),
             _gib(point["peak_memory_bytes"]),
@@ -961,8 +1021,9 @@ def render_compiled(result: dict[str, Any], console: Any) -> None:
             continue
         table.add_row(*variant, str(point["launches"]), str(point["outside_command_buffers"]), str(point["copies"]),
                       f"{point['copy_bytes'] / 1e9:.3f}", ",".join(map(str, point["loops"])) or "-",
-                      f"{point['compile_s']:.0f}", str(point["encoder"]["launches"]),
-                      f"{point['encoder']['copy_bytes'] / 1e9:.3f}",
+                      f"{point['compile_s']:.0f}", *((str(point["encoder"]["launches"]),
+                                                      f"{point['encoder']['copy_bytes'] / 1e9:.3f}")
+                                                     if "encoder" in point else ("-", "-")),
                       ", ".join(f"{statistics}: {one['launches']} / {one['copy_bytes'] / 1e9:.3f}"
                                 for statistics, one in point.get("generate", {}).items()) or "-")
     console.print(table)

@@ -529,7 +529,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 norms=tuple(args.norms or ("xla",)),
                 mlp=tuple(args.mlp or ("xla",)),
                 xla_options=tuple(args.xla_options or ("",)),
-                tiles=tuple(args.tiles or ("",)),
+                tiles=tuple(args.tiles or ("",)), decoder_only=args.decoder_only,
             )
             if args.compiled_for:
                 result = bench.compiled_full_size(settings, args.compiled_for, log)
@@ -541,7 +541,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (the comparison runs identical "
                                    "weights on both sides)")
             for flag in ("global_attention", "sliding_attention", "scan_unroll", "projections", "blocks",
-                         "routing", "norms", "mlp", "xla_options", "tiles", "profile", "compiled_for"):
+                         "routing", "norms", "mlp", "xla_options", "tiles", "profile", "compiled_for",
+                         "decoder_only"):
                 if getattr(args, flag):
                     raise CliError(f"--{flag.replace('_', '-')} needs --full-size (a GPU run)")
             defaults = bench.BenchSettings()
@@ -839,6 +840,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--with-transformers: eager transformers (default: static cache + torch.compile)")
     b.add_argument("--no-generate", action="store_true",
                    help="--full-size: time the decoder step and encoder canvas only, not the whole loop")
+    b.add_argument("--decoder-only", action="store_true",
+                   help="--full-size: time the decoder step alone on a cache of random keys and values (no prefill "
+                        "or encoder compiled: for tile and option sweeps)")
     b.add_argument("--experts-fp8", action="store_true",
                    help="--full-size: experts in float8_e4m3fn with float32 per-column scales (the floor counts "
                         "their bytes)")

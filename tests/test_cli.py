@@ -467,6 +467,51 @@ def test_full_size_times_xla_option_variants_on_the_same_weights(capsys):
     assert_clean_error(code, err, "--xla-options needs --full-size")
 
 
+def test_looped_decoder_steps_are_the_step_applied_in_turn():
+    """The looped timing runs real steps: each self-conditioned on the last one's logits (as `generate` does),
+    so the loop's result is the step applied `count` times, not one step XLA could hoist out of the loop."""
+    from diffjax import bench
+    from diffjax.model import _denoise_logits
+
+    config = Config.tiny(canvas_length=8)
+    params = diffjax.init_params(config, jax.random.key(1), jax.numpy.float32)
+    cache = bench.random_cache(config, 2, 12, jax.numpy.float32, seed=3)
+    canvas = jax.random.randint(jax.random.key(4), (2, 8), 0, config.vocab_size)
+    logits = jax.random.normal(jax.random.key(5), (2, 8, config.vocab_size))
+    mask = jax.numpy.array([True, False])
+    expected = logits
+    for _ in range(3):
+        expected = _denoise_logits(params, config, cache, canvas, expected, mask)
+    looped = bench._looped_decoder_steps(params, config, cache, canvas, logits, mask, 3)
+    np.testing.assert_allclose(np.asarray(looped), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    once = bench._looped_decoder_steps(params, config, cache, canvas, logits, mask, 1)
+    assert np.abs(np.asarray(looped) - np.asarray(once)).max() > 1e-3  # three steps are not one
+
+
+def test_random_cache_holds_the_prompt_and_decoder_only_points_skip_prefill_and_encoder(capsys):
+    """`--decoder-only` times the step on a random cache: `prompt` slots written (mask, length), random keys
+    and values in every layer, no prefill or encoder figures (None, not zeros) and a point like the others."""
+    from diffjax import bench
+
+    config = Config.tiny(canvas_length=8)
+    cache = bench.random_cache(config, 2, 12, jax.numpy.bfloat16, seed=0)
+    assert int(cache.length) == 12 and cache.capacity == 20
+    assert np.asarray(cache.mask).sum(axis=1).tolist() == [12, 12] and np.asarray(cache.mask)[:, :12].all()
+    for arrays in (cache.keys, cache.values):
+        for x in arrays.values():
+            assert x.dtype == jax.numpy.bfloat16 and 0.5 < float(jax.numpy.std(x.astype(float))) < 2
+    assert not np.array_equal(np.asarray(cache.keys["layer_0"]), np.asarray(cache.values["layer_0"]))
+    settings = bench.FullSizeSettings(batches=(2,), prompts=(12,), steps=1, repeats=1, force=True,
+                                      bandwidth_bytes=1 << 20, matmul_size=128, generate=False, decoder_only=True)
+    (point,) = bench.run_full_size(settings, config=config)["points"]
+    assert "error" not in point, point
+    assert point["prefill_s"] is None and point["encoder_canvas_ms"] is None and point["tokens_per_s_at_steps"] is None
+    assert point["decoder_ms"] > 0 and point["decoder_looped_ms"] > 0 and point["looped_ratio_to_floor"] > 0
+    assert point["cache_bytes"] == bench.cache_bytes(cache)
+    code, _, err = run(capsys, "bench", "--decoder-only")
+    assert_clean_error(code, err, "--decoder-only needs --full-size")
+
+
 def test_full_size_times_kernel_tile_variants_and_refuses_bad_tiles(capsys):
     """Each --tiles value is a variant with its own `Config.kernel_tiles` (same weights); a bad setting is
     refused before anything runs, naming it."""
@@ -728,8 +773,8 @@ def test_full_size_point_figures_from_their_measurements(monkeypatch):
     layer's keys and values, a full layer holding every position, a sliding one its ring."""
     from diffjax import bench
 
-    # prefill, decoder step, three decoder steps queued (per step), encoder canvas
-    samples = iter([(1.0, 0.5), (1.0, 0.002), (1.0, 0.0015), (1.0, 0.003)])
+    # prefill, decoder step, three decoder steps queued (per step), LOOPED_STEPS steps in a loop, encoder canvas
+    samples = iter([(1.0, 0.5), (1.0, 0.002), (1.0, 0.0015), (1.0, 0.004), (1.0, 0.003)])
     calls_seen = []
 
     def best_time(fn, repeats, calls=1):
@@ -755,8 +800,10 @@ def test_full_size_point_figures_from_their_measurements(monkeypatch):
     assert point["cache_bytes"] == cache
     assert point["floor_ms"] == pytest.approx(1e3 * (weights + cache) / 1e9)
     assert point["decoder_ms"] == pytest.approx(2.0) and point["encoder_canvas_ms"] == pytest.approx(3.0)
-    assert point["decoder_queued_ms"] == pytest.approx(1.5) and calls_seen == [1, 1, 3, 1]
+    assert point["decoder_queued_ms"] == pytest.approx(1.5) and calls_seen == [1, 1, 3, 1, 1]
+    assert point["decoder_looped_ms"] == pytest.approx(4.0 / bench.LOOPED_STEPS)
     assert point["ratio_to_floor"] == pytest.approx(2.0 / point["floor_ms"])
+    assert point["looped_ratio_to_floor"] == pytest.approx(4.0 / bench.LOOPED_STEPS / point["floor_ms"])
     assert point["compute_floor_ms"] == pytest.approx(1e3 * point["flops"] / 1e12)
     assert point["tokens_per_s_at_steps"] == pytest.approx(batch * config.canvas_length / (steps * 0.002 + 0.003))
 
