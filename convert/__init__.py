@@ -41,7 +41,7 @@ def convert_checkpoint(
     anything is read (see `check_destination`). A tensor holding NaN or inf is refused (see `load_hf`)."""
     check_destination(src, dst, overwrite)  # fail before reading tens of gigabytes
     config, flat = load_hf_numpy(src, dtype, progress)
-    return save(unflatten(flat), config, dst, load_generation_config(src) or None, overwrite=overwrite,
+    return save(unflatten(flat), config, dst, load_generation_config(src, carried=True) or None, overwrite=overwrite,
                 progress=progress, extra_files=companion_files(src))
 
 

@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_destination(args.src, args.dst, args.overwrite)  # before minutes of reading
                 # The conversion reads every weight anyway: NaN or inf is refused in both directions.
                 config, params = load(args.src, args.dtype, as_numpy=True, check_finite=True)
-                save_hf(params, config, args.dst, load_generation_config(args.src) or None,
+                save_hf(params, config, args.dst, load_generation_config(args.src, carried=True) or None,
                         max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=progress,
                         extra_files=companion_files(args.src))
             else:

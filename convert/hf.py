@@ -473,8 +473,18 @@ KNOWN_GENERATION_FILE_KEYS = frozenset({
 })
 
 
-def normalise_generation_config(raw: Mapping[str, Any], where: str = "generation config") -> dict[str, Any]:
+# Keys of transformers' generation config that diffjax does not use but a conversion carries through
+# verbatim, so that a checkpoint converted to ours and back generates in transformers as before.
+CARRIED_GENERATION_KEYS = (
+    "max_length", "bos_token_id", "return_dict_in_generate", "cache_implementation", "cache_config",
+    "disable_compile",
+)
+
+
+def normalise_generation_config(raw: Mapping[str, Any], where: str = "generation config",
+                                carried: bool = False) -> dict[str, Any]:
     """Keep the sampler settings we use, from either transformers' layout or our flat one; drop nulls.
+    With `carried`, also the `CARRIED_GENERATION_KEYS` present, verbatim (what the converters write back).
 
     transformers nests `entropy_bound` in `sampler_config` (`{"_cls_name": "EntropyBoundSamplerConfig", ...}`);
     `eos_token_id` becomes a list of ints. A value of the wrong type (a string, a list, a bool where a number
@@ -499,6 +509,8 @@ def normalise_generation_config(raw: Mapping[str, Any], where: str = "generation
             raise CheckpointError(f"{where}: {shown[key]} must be an integer, got {value!r}")
         elif key not in _INTEGER_KEYS and not _is_number(value):
             raise CheckpointError(f"{where}: {shown[key]} must be a number, got {value!r}")
+    if carried:
+        out.update({key: raw[key] for key in CARRIED_GENERATION_KEYS if raw.get(key) is not None})
     return out
 
 
@@ -522,8 +534,9 @@ def _read_json_object(file: pathlib.Path) -> dict[str, Any]:
     return raw
 
 
-def load_generation_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Sampler settings of `path/generation_config.json` ({} when absent); see `GENERATION_KEYS`."""
+def load_generation_config(path: str | os.PathLike[str], carried: bool = False) -> dict[str, Any]:
+    """Sampler settings of `path/generation_config.json` ({} when absent); see `GENERATION_KEYS`. With
+    `carried`, also the keys a conversion keeps without using them (`CARRIED_GENERATION_KEYS`)."""
     file = pathlib.Path(path) / GENERATION_CONFIG_FILE
     if not file.is_file():
         return {}
@@ -535,12 +548,12 @@ def load_generation_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         log.warning("%s: ignoring unknown key %r%s; transformers' DiffusionGemmaGenerationConfig refuses it",
                     file, key, hint)
-    return normalise_generation_config(raw, str(file))
+    return normalise_generation_config(raw, str(file), carried)
 
 
 def hf_generation_config(generation_config: Mapping[str, Any]) -> dict[str, Any]:
     """Our flat settings -> the `generation_config.json` transformers' DiffusionGemmaGenerationConfig reads."""
-    flat = normalise_generation_config(generation_config)
+    flat = normalise_generation_config(generation_config, carried=True)
     out: dict[str, Any] = {k: v for k, v in flat.items() if k != "entropy_bound"}
     # transformers validates these with isinstance(float): a JSON 1 would be rejected.
     for key in ("t_min", "t_max", "confidence_threshold"):

@@ -12,7 +12,8 @@ A directory:
                             {"format": "diffjax", "format_version": "1"}.
     generation_config.json  optional, flat: max_new_tokens, max_denoising_steps, t_min, t_max,
                             entropy_bound, stability_threshold, confidence_threshold, eos_token_id (list),
-                            pad_token_id (only the keys that are set).
+                            pad_token_id (only the keys that are set), and transformers' keys diffjax does
+                            not use but carries for a conversion back (`convert.hf.CARRIED_GENERATION_KEYS`).
 
 The directory is written atomically (`convert.atomic`). Loading is bit-exact: bytes go from the file to the
 array unchanged unless a `dtype` cast is asked for.
@@ -70,11 +71,18 @@ def save(
 
     `extra_files` (e.g. the tokenizer and chat template) are copied in beside them, inside the same atomic
     write. Refuses an existing `dst` (FileExistsError) unless `overwrite=True`; the old directory is
-    replaced only once the new one is complete, and survives any failure.
+    replaced only once the new one is complete, and survives any failure. Refuses floating leaves of more
+    than one dtype (fp8 experts and their float32 scales aside): `load` reads a checkpoint in its one dtype
+    and would refuse the file.
     """
     refuse_load_time_formats(config)
     flat = flatten(params)
     check_tree(flat, config, "params")
+    if mixed := dtype_mismatches([("/".join(path), path, np.dtype(leaf.dtype)) for path, leaf in sorted(flat.items())],
+                                 config):
+        raise CheckpointError(
+            f"params mix floating dtypes, a checkpoint `load` would refuse: {first_few(mixed)}. Cast them to one "
+            "first, e.g. jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)")
     hf_config = config.to_hf()
     # A maths field to_hf cannot express would be silently lost (the implementation choices are not maths).
     if Config.from_hf(hf_config).replace(**config.implementation()) != config:
@@ -86,7 +94,7 @@ def save(
     with atomic_directory(dst, overwrite, extra_files) as tmp:
         write_json(tmp / CONFIG_FILE, hf_config)
         if generation_config:
-            write_json(tmp / GENERATION_CONFIG_FILE, normalise_generation_config(generation_config))
+            write_json(tmp / GENERATION_CONFIG_FILE, normalise_generation_config(generation_config, carried=True))
         write_safetensors(
             tmp / PARAMS_FILE, tensors, {"format": FORMAT, "format_version": FORMAT_VERSION}, advance
         )

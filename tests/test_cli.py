@@ -580,7 +580,7 @@ def test_full_size_with_fp8_experts_counts_their_bytes(capsys, monkeypatch):
     # The sweep runs on fp8 weights (the timings themselves: test_full_size_path_on_a_tiny_model).
     timed = []
     monkeypatch.setattr(bench, "time_steps", lambda p, config, *_: timed.append((p, config)) or {
-        "cache_bytes": 0, "decoder_ms": 1.0})
+        "cache_bytes": 0, "decoder_ms": 1.0, "decoder_looped_ms": 0.9})
     settings = bench.FullSizeSettings(batches=(1,), prompts=(4,), steps=1, repeats=1, force=True,
                                       bandwidth_bytes=1 << 20, generate=False, experts_fp8=True)
     result = bench.run_full_size(settings, config=tiny)
@@ -597,7 +597,7 @@ def test_full_size_attention_choices_reach_the_config(capsys, monkeypatch):
 
     timed = []
     monkeypatch.setattr(bench, "time_steps", lambda p, config, *_: timed.append(config) or {
-        "cache_bytes": 0, "decoder_ms": 1.0})
+        "cache_bytes": 0, "decoder_ms": 1.0, "decoder_looped_ms": 0.9})
     settings = bench.FullSizeSettings(batches=(1,), prompts=(4,), steps=1, repeats=1, force=True,
                                       bandwidth_bytes=1 << 20, generate=False, global_attention="pallas",
                                       sliding_attention=("cudnn", "pallas"), scan_unroll=(1, 5))
@@ -632,7 +632,7 @@ def _tiny_full_size(monkeypatch, **settings):
 
     timed = []
     monkeypatch.setattr(bench, "time_steps", lambda p, config, *_: timed.append((p, config)) or {
-        "cache_bytes": 0, "decoder_ms": 1.0})
+        "cache_bytes": 0, "decoder_ms": 1.0, "decoder_looped_ms": 0.9})
     result = bench.run_full_size(bench.FullSizeSettings(
         batches=(1,), prompts=(4,), steps=1, repeats=1, force=True, bandwidth_bytes=1 << 20, generate=False,
         **settings), config=Config.tiny(canvas_length=8))

@@ -21,7 +21,7 @@ import pytest
 import safetensors.numpy
 import torch
 from reference import random_hf_model, save_hf
-from transformers import DiffusionGemmaForBlockDiffusion
+from transformers import DiffusionGemmaForBlockDiffusion, DiffusionGemmaGenerationConfig
 
 import convert
 import convert.atomic
@@ -544,7 +544,9 @@ def test_overwrite_replaces_empty_folders_and_checkpoints(hf_dir, sharded_dir, r
     convert.save_hf(reference_params, CONFIG, dst, overwrite=True, max_shard_size="100KB")  # a diffjax checkpoint
     assert (dst / "model.safetensors.index.json").is_file() and not (dst / "params.safetensors").exists()
     convert.convert_checkpoint(hf_dir, dst, overwrite=True)  # a sharded transformers one
-    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "params.safetensors"]
+    # transformers' generation_config.json comes through (with only the keys we carry): the old one is gone.
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "generation_config.json", "params.safetensors"]
+    assert convert.load_generation_config(dst, carried=True) == convert.load_generation_config(hf_dir, carried=True)
     shutil.rmtree(dst)
     shutil.copytree(sharded_dir, dst)  # what transformers' save_pretrained wrote
     convert.convert_checkpoint(hf_dir, dst, overwrite=True)
@@ -800,6 +802,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_end_to_end(sharded_dir, reference_params, tmp_path, capsys):
     generation = json.loads((sharded_dir / "generation_config.json").read_text())
     generation["max_new_tokens"] = 48
+    # transformers' keys diffjax does not use: carried to our checkpoint and back, not handed to generate.
+    carried = {"max_length": 300, "bos_token_id": 2, "cache_implementation": "static"}
+    generation.update(carried)
     folder = tmp_path / "src"
     shutil.copytree(sharded_dir, folder)
     (folder / "generation_config.json").write_text(json.dumps(generation))
@@ -811,6 +816,9 @@ def test_cli_end_to_end(sharded_dir, reference_params, tmp_path, capsys):
     assert config == CONFIG
     _assert_trees_equal(params, jax.tree.map(lambda a: a.astype(jax.numpy.bfloat16), reference_params))
     assert convert.load_generation_config(tmp_path / "out") == {"max_new_tokens": 48}
+    kept = {key: value for key, value in generation.items() if key in convert.hf.CARRIED_GENERATION_KEYS}
+    assert carried.items() <= kept.items()
+    assert convert.load_generation_config(tmp_path / "out", carried=True) == {"max_new_tokens": 48, **kept}
 
     # The same entry point in-process (a subprocess each costs seconds of imports).
     assert cli_main([str(folder), str(tmp_path / "out")]) == 1
@@ -818,6 +826,8 @@ def test_cli_end_to_end(sharded_dir, reference_params, tmp_path, capsys):
     assert cli_main([str(tmp_path / "out"), str(tmp_path / "hf"), "--to-hf", "-q", "--max-shard-size", "50KB"]) == 0
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     _assert_trees_equal(convert.load_hf(tmp_path / "hf")[1], params)
+    back = DiffusionGemmaGenerationConfig.from_pretrained(tmp_path / "hf")
+    assert (back.max_new_tokens, back.max_length, back.bos_token_id, back.cache_implementation) == (48, 300, 2, "static")
     assert cli_main([str(tmp_path / "missing"), str(tmp_path / "out2")]) == 1
     assert f"error: {tmp_path / 'missing'}: not a checkpoint directory" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
@@ -960,10 +970,20 @@ def _with_leaf(params: dict, path: tuple[str, ...], value) -> dict:
     return unflatten(flat)
 
 
-def test_native_load_refuses_a_tensor_of_another_dtype(reference_params, tmp_path):
+def test_native_save_and_load_refuse_a_tensor_of_another_dtype(reference_params, tmp_path):
+    """`save` refuses a tree of mixed floating dtypes (`load` would refuse what it wrote); a file that holds
+    one anyway (written by other code) is refused by `load` unless a dtype is asked for."""
+    from convert.safetensors_io import read_header, write_safetensors
+
     path = ("blocks", "layer_1", "mlp", "up_proj", "kernel")
     odd = _with_leaf(reference_params, path, np.asarray(flatten(reference_params)[path]).astype(np.float16))
-    dst = convert.save(odd, CONFIG, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"params mix floating dtypes.*blocks/layer_1/mlp/up_proj/kernel is "
+                                              r"float16, expected float32.*Cast them to one first"):
+        convert.save(odd, CONFIG, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    dst = convert.save(reference_params, CONFIG, tmp_path / "ckpt")
+    _, metadata = read_header(dst / convert.PARAMS_FILE)
+    write_safetensors(dst / convert.PARAMS_FILE, {"/".join(p): leaf for p, leaf in flatten(odd).items()}, metadata)
     with pytest.raises(CheckpointError, match=r"blocks/layer_1/mlp/up_proj/kernel is float16, expected float32"):
         convert.load(dst)
     _, cast = convert.load(dst, dtype="float32")  # asking for one dtype casts everything: fine
