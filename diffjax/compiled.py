@@ -257,7 +257,7 @@ def compile_generate(config: Config, batch: int, prompt: int, target: str = "h20
     denoising loop's `loop_iterations` entry (`generate_pass`) is what one pass launches and copies, to set
     beside the decoder step alone."""
     from diffjax import kernels
-    from diffjax.generate import GenerationSettings, _generate, make_components
+    from diffjax.generate import GenerationSettings, _generate, make_components, node_types
     from diffjax.model import param_shapes
 
     settings = GenerationSettings(max_new_tokens=2 * config.canvas_length, eos_token_id=config.eos_token_id,
@@ -265,7 +265,7 @@ def compile_generate(config: Config, batch: int, prompt: int, target: str = "h20
     settings.validate(config)
 
     def run(params, ids, mask, key, components):
-        return _generate(params, config, settings, ids, mask, key, None, components, None)
+        return _generate(params, config, settings, ids, mask, key, None, components, None, node_types(components))
 
     ids = jax.ShapeDtypeStruct((batch, prompt), jnp.int32)
     mask = jax.ShapeDtypeStruct((batch, prompt), jnp.bool_)

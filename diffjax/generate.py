@@ -188,8 +188,22 @@ def generate(
         _check_statistics_components(components, statistics)
     return _generate(
         params, config, settings, input_ids, attention_mask, key,
-        initial_canvas, components, on_step,
+        initial_canvas, components, on_step, node_types(components),
     )
+
+
+def node_types(tree: Any) -> tuple[Any, ...]:
+    """The type of every pytree node in `tree`, nested as its structure is: `(type, (children...))`, None for
+    a leaf. `_generate` takes it as a static argument because jit's cache cannot tell component classes
+    apart by their treedef alone: JAX compares two dataclass pytree nodes by their field names, not their
+    classes, so a sampler class could otherwise run the program compiled for another one with the same
+    fields (field-less draws such as GreedySampling and GumbelMaxSampling included), silently."""
+    return _treedef_node_types(jax.tree.structure(tree))
+
+
+def _treedef_node_types(treedef: Any) -> tuple[Any, ...]:
+    data = treedef.node_data()
+    return (None if data is None else data[0], tuple(_treedef_node_types(child) for child in treedef.children()))
 
 
 @flax.struct.dataclass
@@ -268,6 +282,13 @@ def _check_components(components: Components, config: Config) -> None:
             raise ValueError(f"{name} must be a diffjax.sampling.{kind.__name__}, called with "
                              f"({', '.join(_CALL_ARGUMENTS[kind])}) (e.g. one of the classes in "
                              f"diffjax.sampling), got {type(component).__name__}")
+        for path, leaf in jax.tree_util.tree_flatten_with_path(component)[0]:
+            if not isinstance(leaf, jax.Array | np.ndarray | np.generic | int | float | complex):
+                where = name + jax.tree_util.keystr(path)
+                raise ValueError(
+                    f"{where} ({type(leaf).__name__}) is not a JAX pytree of arrays, so it cannot be an argument "
+                    "of the compiled loop: make its class a @flax.struct.dataclass, with the fields that pick a "
+                    "structure (a top-k's k) as flax.struct.field(pytree_node=False)")
         vocab_size = getattr(component, "vocab_size", None)
         if vocab_size is not None and vocab_size > config.vocab_size:
             raise ValueError(f"{name}.vocab_size ({vocab_size}) exceeds the model's vocabulary "
@@ -293,11 +314,14 @@ def _check_statistics_components(components: Components, statistics: str) -> Non
         )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "settings", "on_step"))
+@functools.partial(jax.jit, static_argnames=("config", "settings", "on_step", "component_types"))
 def _generate(
     params: Params, config: Config, settings: GenerationSettings, input_ids: Array, attention_mask: Array,
     key: Array, initial_canvas: Array | None, components: Components, on_step: StepCallback | None,
+    component_types: tuple[Any, ...],
 ) -> GenerationOutput:
+    """`generate`'s loop; `component_types` is `node_types(components)`, only a key of jit's cache."""
+    del component_types
     batch, prompt = input_ids.shape
     canvas_len, num_canvases = config.canvas_length, settings.num_canvases(config)
     cache = init_cache(config, batch, prompt + num_canvases * canvas_len, param_dtype(params))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -358,6 +359,23 @@ def test_stopped_rows_keep_their_draft_and_the_schedule_sees_the_remaining_steps
     np.testing.assert_array_equal(np.asarray(out.decoder_passes), [1, 4])
 
 
+class _PlainStopping:
+    """A stopping rule that is not a pytree."""
+
+    def init(self, canvas_ids):
+        return ()
+
+    def __call__(self, argmax_ids, processed_logits, state):
+        return jnp.zeros(argmax_ids.shape[0], bool), state
+
+
+class _PlainDraw:
+    """A token draw that is not a pytree."""
+
+    def __call__(self, logits, key):
+        return jnp.argmax(logits, -1)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -392,6 +410,13 @@ def test_stopped_rows_keep_their_draft_and_the_schedule_sees_the_remaining_steps
         (dict(stopping_rule=sampling.DDIMSampler()),
          r"stopping_rule must be a diffjax.sampling.StoppingRule, called with \(argmax_ids, processed_logits, state\)"),
         (dict(sampler=sampling.StableAndConfidentStopping()), "sampler must be a diffjax.sampling.Sampler"),
+        # Not pytrees: jit cannot take them as arguments (JAX's own message names an internal function).
+        (dict(stopping_rule=_PlainStopping()),
+         r"stopping_rule \(_PlainStopping\) is not a JAX pytree of arrays.*@flax.struct.dataclass"),
+        (dict(temperature_schedule=lambda remaining_steps, num_steps: 1.0),
+         r"temperature_schedule \(function\) is not a JAX pytree"),
+        (dict(sampler=sampling.EntropyBoundSampler(sampling=_PlainDraw())),
+         r"sampler.sampling \(_PlainDraw\) is not a JAX pytree"),
         (dict(key=0), "key must be one PRNG key"),
         (dict(key=jax.random.split(jax.random.key(0))), "key must be one PRNG key"),
         (dict(eos_token_id=True), "eos_token_id"),
@@ -465,3 +490,37 @@ def test_encode_and_denoise_refuse_what_the_model_cannot_read():
         diffjax.denoise_logits(params, config, cache, canvas)
     with pytest.raises(ValueError, match="canvas_ids must hold integer token ids"):
         diffjax.denoise_logits(params, config, cache, canvas[:, :8].astype(np.float32))
+
+
+def test_component_classes_with_the_same_fields_get_their_own_compiled_loop(monkeypatch):
+    """JAX compares dataclass pytree nodes by field names, not classes, so jit's cache can run the program
+    compiled for one component class on another with the same fields (field-less token draws included):
+    `generate` keys its jit on every node's type (`node_types`) as well."""
+    import importlib
+
+    generate_module = importlib.import_module("diffjax.generate")  # diffjax.generate is also the function
+    greedy = make_components(sampler=sampling.EntropyBoundSampler(sampling=sampling.GreedySampling()))
+    gumbel = make_components(sampler=sampling.EntropyBoundSampler(sampling=sampling.GumbelMaxSampling()))
+    assert generate_module.node_types(greedy) != generate_module.node_types(gumbel)
+    assert generate_module.node_types(greedy) == generate_module.node_types(
+        make_components(sampler=sampling.EntropyBoundSampler(entropy_bound=0.3, sampling=sampling.GreedySampling())))
+
+    # The mechanism on a small jit: many field-less classes, each must run its own program.
+    @functools.partial(jax.jit, static_argnames=("component_types",))
+    def keyed(component, x, component_types):
+        return component(x)
+
+    classes = []
+    for c in range(200):
+        classes.append(struct.dataclass(type(f"Add{c}", (), {"__call__": lambda self, x, c=c: x + c})))
+        component = classes[-1]()
+        assert int(keyed(component, jnp.int32(0), component_types=generate_module.node_types(component))) == c
+
+    seen = []
+    monkeypatch.setattr(generate_module, "_generate", lambda *args: seen.append(args))
+    config = Config.tiny()
+    for draw in (sampling.GreedySampling(), sampling.GumbelMaxSampling()):
+        sampler = sampling.EntropyBoundSampler(sampling=draw)
+        generate(diffjax.param_shapes(config), config, np.array([[3, 4]]), key=jax.random.key(0), sampler=sampler)
+        assert seen[-1][-1] == generate_module.node_types(seen[-1][-3])
+        assert seen[-1][-1][1][0][1][1][0] is type(draw)

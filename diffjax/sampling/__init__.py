@@ -4,7 +4,11 @@
 pytree. Numeric hyper-parameters (temperatures, entropy bound, thresholds) are pytree *leaves*, so a
 jitted loop that takes the component as an argument does not recompile when they change. Structural
 choices (a top-k's ``k``, the stability window length, string options) are static pytree metadata:
-changing them changes the shapes or the program, so they do recompile.
+changing them changes the shapes or the program, so they do recompile. A component of your own follows the
+same rules: a ``@flax.struct.dataclass`` (``generate`` refuses a plain object or a lambda by name), its
+structural fields declared ``flax.struct.field(pytree_node=False)`` (a traced ``k`` fails inside the trace),
+and no checks on leaf values in ``__post_init__`` unless they tolerate tracers (it runs again when JAX
+rebuilds the object inside the loop).
 
 The generation loop drives the components through a few small protocols::
 
