@@ -42,7 +42,9 @@ class Sampler(Protocol):
 
     ``init(canvas_ids [batch, canvas])`` returns the per-canvas state (any pytree);
     ``__call__(processed_logits [batch, canvas, vocab], canvas_ids [batch, canvas], state, key)`` returns
-    ``(new_canvas_ids int32 [batch, canvas], accepted_mask bool [batch, canvas], new_state)``.
+    ``(new_canvas_ids int32 [batch, canvas], accepted_mask bool [batch, canvas], new_state)``. The new ids
+    must lie in ``[0, vocab)``: they are the next step's input, and the loop runs on the device, where an id
+    past the embedding cannot raise (its embedding lookup gives NaN, and the answer pad tokens).
 
     Optional: ``from_statistics(stats, canvas_ids, state, key, vocab_size)`` makes the same step from a
     :class:`TokenStatistics` of ``softmax(processed)`` instead of the logits; samplers that need more of the
