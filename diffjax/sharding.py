@@ -182,7 +182,11 @@ def cache_specs(config: Config, mesh: Mesh) -> KVCache:
 
 
 def shard_cache(cache: KVCache, config: Config, mesh: Mesh) -> KVCache:
-    """`cache` placed on `mesh` (`cache_specs`; its batch must divide by the `data` axis)."""
+    """`cache` placed on `mesh` (`cache_specs`); its batch must divide by the `data` axis (else ValueError: a
+    batch the axis does not divide would be replicated on every device, silently)."""
+    _check_mesh(mesh)
+    if cache.batch_size % mesh.shape[DATA]:
+        raise ValueError(f"cache batch {cache.batch_size} is not divisible by the mesh's data axis ({mesh.shape[DATA]})")
     specs = cache_specs(config, mesh)
     return jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, _fit(spec, x.shape, mesh))),
                         cache, specs, is_leaf=lambda x: isinstance(x, P))

@@ -200,6 +200,8 @@ def bad_input_errors() -> dict[str, str]:
     mesh = sharding.make_mesh(1, 8, 1)
     attempts = {
         "uneven_batch": lambda: sharding.shard_batch(jnp.zeros((3, 2)), sharding.make_mesh(8, 1, 1)),
+        "uneven_cache": lambda: sharding.shard_cache(model.init_cache(Config.tiny(), 3, 4), Config.tiny(),
+                                                     sharding.make_mesh(8, 1, 1)),
         "experts_not_divisible": lambda: sharding.experts_expert_parallel(
             jnp.ones((4, 8)), jnp.ones((4, 2)), jnp.zeros((4, 2), jnp.int32), jnp.ones((4, 8, 6)),
             jnp.ones((4, 3, 8))),

@@ -101,6 +101,7 @@ def test_sharded_train_step_equals_single_device(report: dict) -> None:
 def test_bad_inputs_on_a_mesh_are_named(report: dict) -> None:
     errors = report["errors"]
     assert errors["uneven_batch"] == "batch axis 3 is not divisible by the mesh's data axis (8)"
+    assert errors["uneven_cache"] == "cache batch 3 is not divisible by the mesh's data axis (8)"
     assert "4 experts cannot be split evenly over an expert group of 8 devices" in errors["experts_not_divisible"]
     assert "mesh axes must be ('data', 'expert', 'model')" in errors["foreign_mesh"]
 
