@@ -145,3 +145,17 @@ def test_task_file_round_trip_and_errors(tmp_path):
     (tmp_path / TASK_FILE).write_text('{"task": "chess"}')
     with pytest.raises(ValueError, match="unknown task 'chess'"):
         read_task_file(tmp_path)
+
+
+def test_readme_demo_model_snippet_runs_and_sorts(capsys, monkeypatch):
+    """The README's Python snippet for the embedded demo model, as written there: it must run, and the model
+    it loads sorts its prompt."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+    (snippet,) = [block for block in blocks if 'diffjax.load("diffjax/assets/demo")' in block]
+    monkeypatch.chdir(root)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "11345"
