@@ -72,8 +72,7 @@ def save(
     `extra_files` (e.g. the tokenizer and chat template) are copied in beside them, inside the same atomic
     write. Refuses an existing `dst` (FileExistsError) unless `overwrite=True`; the old directory is
     replaced only once the new one is complete, and survives any failure. Refuses floating leaves of more
-    than one dtype (fp8 experts and their float32 scales aside): `load` reads a checkpoint in its one dtype
-    and would refuse the file.
+    than one dtype: `load` reads a checkpoint in its one dtype and would refuse the file.
     """
     refuse_load_time_formats(config)
     flat = flatten(params)

@@ -58,7 +58,7 @@ from diffjax.config import (
 )
 from diffjax.generate import STATISTICS
 from diffjax.layout import relayout
-from diffjax.model import init_params, param_shapes
+from diffjax.model import KVCache, init_params, param_shapes
 from diffjax.profile import kernel_times, render_kernel_times
 
 RESULT_KEYS = ("first_call_s", "compile_s", "warm_call_s", "decoder_passes", "ms_per_step", "tokens_per_s")
@@ -460,6 +460,9 @@ class FullSizeSettings:
             raise ValueError(f"--layers must be in [1, 30] for --full-size, got {self.layers}")
         if self.transformers and not self.generate:
             raise ValueError("--with-transformers compares whole generate loops: drop --no-generate")
+        if self.decoder_only and self.generate:
+            raise ValueError("--decoder-only times the decoder step alone: add --no-generate (the whole loop "
+                             "compiles its own prefill and encoder)")
 
 
 def full_size_config(layers: int | None) -> Config:
@@ -597,12 +600,12 @@ def step_parts(kernels: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return parts
 
 
-# Decoder steps run back to back inside one compiled loop for `decoder_looped_ms`: enough to spread the one
-# call's dispatch and wait (~3.7 ms at the released shapes on an H200) to under a millisecond a step.
+# `decoder_looped_ms` is the time one compiled loop takes for 1 + LOOPED_STEPS steps less its time for 1, over
+# LOOPED_STEPS: the call's dispatch and wait (~3.7 ms at the released shapes on an H200) cancel out.
 LOOPED_STEPS = 4
 
 
-def random_cache(config: Config, batch: int, prompt: int, dtype: Any, seed: int) -> Any:
+def random_cache(config: Config, batch: int, prompt: int, dtype: Any, seed: int) -> KVCache:
     """A cache as if `prompt` tokens had been written, with random keys and values: what a decoder step reads,
     for timing it without compiling a prefill."""
     from diffjax.model import init_cache
@@ -619,11 +622,12 @@ def random_cache(config: Config, batch: int, prompt: int, dtype: Any, seed: int)
                          length=jnp.asarray(prompt, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "count"))
+@functools.partial(jax.jit, static_argnames=("config",))
 def _looped_decoder_steps(params: Any, config: Config, cache: Any, canvas_ids: Any, self_conditioning_logits: Any,
-                          self_conditioning_mask: Any, count: int) -> Any:
-    """`count` decoder steps in one `fori_loop`, each self-conditioned on the last one's logits as in
-    `generate`: the steps depend on each other, so XLA can hoist none of them out of the loop."""
+                          self_conditioning_mask: Any, count: Any) -> Any:
+    """`count` (traced: one program for every count) decoder steps in one loop, each self-conditioned on the
+    last one's logits as in `generate`, whose denoising loop also has a trip count known only on the device:
+    the steps depend on each other, so XLA can hoist none of them out of the loop."""
     from diffjax.model import _denoise_logits
 
     def step(_: Any, logits: Any) -> Any:
@@ -637,7 +641,8 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
     """One decoder step and one encoder canvas on a cache prefilled with `prompt` random tokens, each compiled
     with `xla_options` (`parse_xla_options`); `tiles` (the text of `config.kernel_tiles`) names the profile.
     The decoder step is timed three ways: one call (its dispatch and wait included), three calls queued, and
-    `LOOPED_STEPS` steps in one compiled loop (per step: the device's time, as inside `generate`). With
+    in one compiled loop (`LOOPED_STEPS` more steps against one: the device's time per step, as inside
+    `generate`, without the call's dispatch and wait). With
     `s.decoder_only`, the cache is random (`random_cache`) and the prefill and encoder are neither compiled
     nor timed (their fields are None)."""
     from diffjax.model import _denoise_logits, _encode, init_cache, param_dtype, prefill
@@ -672,9 +677,11 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
     # a lone call's time also holds its dispatch and wait.
     _, decoder_queued_s = best_time(decoder_step, s.repeats, calls=3)
     # `generate`'s loop runs on the device: its steps pay no dispatch each.
-    looped = _looped_decoder_steps.lower(params, config, cache, canvas, sc_logits, sc_mask,
-                                         LOOPED_STEPS).compile(options)
-    _, looped_s = best_time(lambda: looped(params, cache, canvas, sc_logits, sc_mask), s.repeats)
+    one = jnp.asarray(1, jnp.int32)
+    looped = _looped_decoder_steps.lower(params, config, cache, canvas, sc_logits, sc_mask, one).compile(options)
+    _, looped_one_s = best_time(lambda: looped(params, cache, canvas, sc_logits, sc_mask, one), s.repeats)
+    more = jnp.asarray(1 + LOOPED_STEPS, jnp.int32)
+    _, looped_more_s = best_time(lambda: looped(params, cache, canvas, sc_logits, sc_mask, more), s.repeats)
     encoder_s = encoder_compile_s = None
     if not s.decoder_only:
         canvas_mask = jnp.ones_like(canvas, bool)
@@ -701,7 +708,8 @@ def time_steps(params: Any, config: Config, batch: int, prompt: int, s: FullSize
         "prefill_s": prefill_s,
         "prefill_compile_s": None if prefill_first is None else max(prefill_first - prefill_s, 0.0),
         "decoder_ms": 1e3 * decoder_s, "decoder_queued_ms": 1e3 * decoder_queued_s,
-        "decoder_looped_ms": 1e3 * looped_s / LOOPED_STEPS, "decoder_compile_s": decoder_compile_s,
+        "decoder_looped_ms": 1e3 * (looped_more_s - looped_one_s) / LOOPED_STEPS,
+        "decoder_compile_s": decoder_compile_s,
         "encoder_canvas_ms": None if encoder_s is None else 1e3 * encoder_s, "encoder_compile_s": encoder_compile_s,
         "cache_bytes": cache_bytes(cache),
         # A canvas costs `steps` decoder passes plus one encoder pass that appends it to the context.
@@ -966,8 +974,10 @@ def render_full_size(result: dict[str, Any], console: Any) -> None:
     caption = (f"{result['device']}; weights {_gib(result['weight_bytes'])} made in {result['init_s']:.1f} s; "
                f"copy bandwidth {result['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
                f"{result['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; floor = (weights + cache) / bandwidth; compute "
-               f"floor = step FLOPs / matmul rate; queued = per step of 3 calls queued; looped = per step of "
-               f"{LOOPED_STEPS} in one compiled loop, as in generate; x roofline = against the larger; tokens/s at {settings['steps']} steps per canvas = canvas x batch / (steps x decoder + "
+               f"floor = step FLOPs / matmul rate; queued = per step of 3 calls queued; looped = per step in "
+               f"one compiled loop, as in generate ({LOOPED_STEPS} more steps against one); x roofline = "
+               f"against the larger; tokens/s at {settings['steps']} steps per canvas = canvas x batch / "
+               f"(steps x decoder + "
                f"encoder); generate = whole loop, ms per decoder pass")
     points = result["points"]
     # Only what tells the points apart gets a column; the settings they share go to the caption.

@@ -82,8 +82,8 @@ print('\n'.join(dict.fromkeys(v for v in t.values() if v)))")
   logs=tiles
 elif [ "${1:-targets}" = sizes ]; then
   # The table's other rows (issue 5): batch 4 and 16 at prompt 1K in one process, then a 32K prompt at batch 1
-  # (its prefill takes a while; a later --prompt replaces the one in bench), every kernel, the MLP in the
-  # expert launches.
+  # (its prefill takes a while; a later --prompt replaces the one in bench), every kernel but the
+  # MLP's (2026-11-28: 1.4 ms slower a step).
   kernels="--routing pallas --norms pallas --mlp xla"
   step "batch 4 and 16, prompt 1K"
   timeout "$(limit 240)" "${bench[@]}" --no-generate --batch 4 16 $kernels --repeats 3 --json "$OUT/sizes.json" \

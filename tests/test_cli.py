@@ -482,9 +482,9 @@ def test_looped_decoder_steps_are_the_step_applied_in_turn():
     expected = logits
     for _ in range(3):
         expected = _denoise_logits(params, config, cache, canvas, expected, mask)
-    looped = bench._looped_decoder_steps(params, config, cache, canvas, logits, mask, 3)
+    looped = bench._looped_decoder_steps(params, config, cache, canvas, logits, mask, jax.numpy.int32(3))
     np.testing.assert_allclose(np.asarray(looped), np.asarray(expected), rtol=1e-5, atol=1e-5)
-    once = bench._looped_decoder_steps(params, config, cache, canvas, logits, mask, 1)
+    once = bench._looped_decoder_steps(params, config, cache, canvas, logits, mask, jax.numpy.int32(1))
     assert np.abs(np.asarray(looped) - np.asarray(once)).max() > 1e-3  # three steps are not one
 
 
@@ -508,6 +508,8 @@ def test_random_cache_holds_the_prompt_and_decoder_only_points_skip_prefill_and_
     assert point["prefill_s"] is None and point["encoder_canvas_ms"] is None and point["tokens_per_s_at_steps"] is None
     assert point["decoder_ms"] > 0 and point["decoder_looped_ms"] > 0 and point["looped_ratio_to_floor"] > 0
     assert point["cache_bytes"] == bench.cache_bytes(cache)
+    with pytest.raises(ValueError, match="--decoder-only times the decoder step alone: add --no-generate"):
+        dataclasses.replace(settings, generate=True).validate()
     code, _, err = run(capsys, "bench", "--decoder-only")
     assert_clean_error(code, err, "--decoder-only needs --full-size")
 
@@ -773,8 +775,9 @@ def test_full_size_point_figures_from_their_measurements(monkeypatch):
     layer's keys and values, a full layer holding every position, a sliding one its ring."""
     from diffjax import bench
 
-    # prefill, decoder step, three decoder steps queued (per step), LOOPED_STEPS steps in a loop, encoder canvas
-    samples = iter([(1.0, 0.5), (1.0, 0.002), (1.0, 0.0015), (1.0, 0.004), (1.0, 0.003)])
+    # prefill, decoder step, three decoder steps queued (per step), the loop of 1 step and of 1 + LOOPED_STEPS
+    # (per call), encoder canvas
+    samples = iter([(1.0, 0.5), (1.0, 0.002), (1.0, 0.0015), (1.0, 0.005), (1.0, 0.011), (1.0, 0.003)])
     calls_seen = []
 
     def best_time(fn, repeats, calls=1):
@@ -800,10 +803,11 @@ def test_full_size_point_figures_from_their_measurements(monkeypatch):
     assert point["cache_bytes"] == cache
     assert point["floor_ms"] == pytest.approx(1e3 * (weights + cache) / 1e9)
     assert point["decoder_ms"] == pytest.approx(2.0) and point["encoder_canvas_ms"] == pytest.approx(3.0)
-    assert point["decoder_queued_ms"] == pytest.approx(1.5) and calls_seen == [1, 1, 3, 1, 1]
-    assert point["decoder_looped_ms"] == pytest.approx(4.0 / bench.LOOPED_STEPS)
+    assert point["decoder_queued_ms"] == pytest.approx(1.5) and calls_seen == [1, 1, 3, 1, 1, 1]
+    # The call's own dispatch and wait cancel: (11 - 5) ms over the LOOPED_STEPS more steps.
+    assert point["decoder_looped_ms"] == pytest.approx(6.0 / bench.LOOPED_STEPS)
     assert point["ratio_to_floor"] == pytest.approx(2.0 / point["floor_ms"])
-    assert point["looped_ratio_to_floor"] == pytest.approx(4.0 / bench.LOOPED_STEPS / point["floor_ms"])
+    assert point["looped_ratio_to_floor"] == pytest.approx(6.0 / bench.LOOPED_STEPS / point["floor_ms"])
     assert point["compute_floor_ms"] == pytest.approx(1e3 * point["flops"] / 1e12)
     assert point["tokens_per_s_at_steps"] == pytest.approx(batch * config.canvas_length / (steps * 0.002 + 0.003))
 

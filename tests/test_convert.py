@@ -817,7 +817,6 @@ def test_cli_end_to_end(sharded_dir, reference_params, tmp_path, capsys):
     _assert_trees_equal(params, jax.tree.map(lambda a: a.astype(jax.numpy.bfloat16), reference_params))
     assert convert.load_generation_config(tmp_path / "out") == {"max_new_tokens": 48}
     kept = {key: value for key, value in generation.items() if key in convert.hf.CARRIED_GENERATION_KEYS}
-    assert carried.items() <= kept.items()
     assert convert.load_generation_config(tmp_path / "out", carried=True) == {"max_new_tokens": 48, **kept}
 
     # The same entry point in-process (a subprocess each costs seconds of imports).
