@@ -32,6 +32,7 @@ import numpy as np
 from convert.__main__ import shard_size
 from diffjax.bench import output_file
 from diffjax.config import (
+    AR_TARGETS,
     BLOCK_LAYOUTS,
     GLOBAL_ATTENTION_IMPLEMENTATIONS,
     MLP_IMPLEMENTATIONS,
@@ -393,6 +394,9 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
         "task": args.task, "preset": None if args.init else args.preset, "init": str(args.init) if args.init else None,
         "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
         "warmup_steps": args.warmup_steps, "moe": args.moe, "dtype": args.dtype, "experts_fp8": args.experts_fp8,
+        # Stored only when set, so that runs from before the flag still resume.
+        **({"ar_targets": args.ar_targets} if args.ar_targets != "response" else {}),
+        **({"master_weights": True} if args.master_weights else {}),
     }
 
 
@@ -419,6 +423,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                        "over them)")
     if args.dtype is not None and args.init is None:
         raise CliError("--dtype needs --init (a model trained from scratch is float32)")
+    if args.master_weights and (args.dtype in (None, "float32") or args.lora_rank is not None):
+        raise CliError("--master-weights needs --dtype bfloat16 or float16 and full fine-tuning (no --lora-rank): "
+                       "it keeps float32 copies of low-precision weights")
     if args.check_finite and args.init is None:
         raise CliError("--check-finite needs --init (the weights it scans)")
     if args.out.exists() and not args.out.is_dir():
@@ -456,10 +463,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     settings = _train_settings(args)
     result = fit(
-        params, config, lambda index: task.batch(config, args.batch_size, index, args.seed), args.steps,
+        params, config, lambda index: task.batch(config, args.batch_size, index, args.seed, args.ar_targets), args.steps,
         key=train_key, optimizer=make_optimizer(args.lr, args.steps, warmup), lora=lora, checkpoint_dir=state_dir,
         checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume, metadata=settings,
-        progress=not args.no_progress, console=err,
+        progress=not args.no_progress, console=err, master_weights=args.master_weights,
     )
 
     # The trained model as a diffjax checkpoint in --out itself (beside train_state/), so that
@@ -798,6 +805,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep", type=_positive_int, default=3, help="training checkpoints kept (default 3)")
     t.add_argument("--dtype", choices=dtypes, help="--init: cast the weights (default float32; bfloat16 halves the "
                    "memory of a large base)")
+    t.add_argument("--master-weights", action="store_true",
+                   help="with --dtype bfloat16/float16, full fine-tuning: train float32 copies of the weights (the "
+                        "forward runs in --dtype), so updates below a bf16 rounding step add up; the export is --dtype")
     t.add_argument("--check-finite", action="store_true",
                    help="--init: refuse a diffjax checkpoint with NaN or inf weights (reads every weight once more, "
                         "about a second per 10 GB; transformers folders are always checked)")
@@ -806,6 +816,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory); the exported model has them widened back")
     t.add_argument("--moe", choices=("grouped", "dense"), default="dense",
                    help="expert computation during training (default dense: every expert, vmapped per example)")
+    t.add_argument("--ar-targets", choices=AR_TARGETS, default="response",
+                   help="what the encoder's AR co-loss scores: the response (default), prompt + response as TRL's "
+                        "example, or prompt + every valid canvas with a per-example mean as Google's SFT")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

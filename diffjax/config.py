@@ -31,6 +31,8 @@ SLIDING_ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 ROUTING_IMPLEMENTATIONS = ("xla", "pallas")
 NORM_IMPLEMENTATIONS = ("xla", "pallas")
 MLP_IMPLEMENTATIONS = ("xla", "pallas")
+# What the training loss's AR co-loss scores (`train.make_batch`): ours, TRL's example's, Google's SFT's.
+AR_TARGETS = ("response", "trl", "google")
 
 # Config fields that pick an implementation (same maths): not written to config.json.
 IMPLEMENTATION_FIELDS = (

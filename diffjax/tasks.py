@@ -133,8 +133,9 @@ class Task(abc.ABC):
         """Canvases of `config.canvas_length` holding the longest answer and its EOS."""
         return math.ceil((self.max_answer_chars + 1) / config.canvas_length)
 
-    def batch(self, config: Config, batch_size: int, index: int, seed: int) -> Batch:
-        """Training batch number `index` of the stream `seed`: the same (seed, index) gives the same batch."""
+    def batch(self, config: Config, batch_size: int, index: int, seed: int, ar_targets: str = "response") -> Batch:
+        """Training batch number `index` of the stream `seed`: the same (seed, index) gives the same batch.
+        `ar_targets`: what the AR co-loss scores (`train.make_batch`)."""
         from diffjax.train import make_batch  # jax is only needed once a batch is built
 
         if config.vocab_size < self.tokenizer.vocab_size:
@@ -147,7 +148,8 @@ class Task(abc.ABC):
         rng = np.random.default_rng([seed, index])
         pairs = [self.sample(rng) for _ in range(batch_size)]
         return make_batch(
-            config, [p for p, _ in pairs], [a for _, a in pairs], self.prompt_length, self.num_canvases(config)
+            config, [p for p, _ in pairs], [a for _, a in pairs], self.prompt_length, self.num_canvases(config),
+            ar_targets,
         )
 
 

@@ -7,12 +7,13 @@ canvases are PAD, masked out of the encoder and carry no loss (`canvas_valid` Fa
 Loss (`diffusion_loss`), one call:
 
 1. Encoder: ONE causal pass over prompt + clean response. Its final-normed hidden states through the tied,
-   softcapped LM head give an autoregressive next-token loss (token t+1 predicted at position t). Scored
-   targets (`Batch.ar_mask`): the response's text tokens and the first EOS that ends it; prompt tokens, the
-   EOS fill after that first EOS, and PAD canvases are not scored. Mean over scored tokens of the whole
-   batch, weight 1. This differs from the references on purpose: Google's SFT (`EncoderARLoss`) and TRL's
-   example score every real next-token pair, prompt and EOS fill included, with a per-example mean; here
-   the AR co-loss, like the denoising loss, teaches the response only.
+   softcapped LM head give an autoregressive next-token loss (token t+1 predicted at position t), weight 1.
+   Scored targets (`Batch.ar_mask`), by default: the response's text tokens and the first EOS that ends it;
+   prompt tokens, the EOS fill after that first EOS, and PAD canvases are not scored; mean over the scored
+   tokens of the whole batch. So the AR co-loss, like the denoising loss, teaches the response only. The
+   references score the prompt too: `make_batch(ar_targets="trl")` is TRL's example (prompt + response + its
+   EOS, token mean), `ar_targets="google"` Google's SFT `EncoderARLoss` (prompt + every valid canvas, EOS fill
+   included, per-example mean).
 2. The same pass gives the K/V of every position and layer (the flax module's raw per-token K/V, before the
    cache's sliding ring). Per example one valid canvas `c` is chosen (start `s = P + c * L`), noised with
    `t ~ U(1e-4, 1 - 1e-4)`: each token replaced by a uniform random token with probability t.
@@ -32,9 +33,10 @@ Loss (`diffusion_loss`), one call:
 Total = diffusion + AR. The decoder's loss also flows back through the cached K/V into the encoder pass.
 All randomness is in `NoiseDraws` (`draw_noise`), so tests can fix it. `train_step` is one jit-compiled optax
 step (clip 1.0, AdamW b1 0.95 b2 0.99 wd 1e-4, warmup + cosine schedule) of the full params, or of a LoRA
-tree attached to frozen params (`diffjax.lora`). Full fine-tuning updates the params in their own dtype:
-bf16 params keep no float32 master copy, so steps below a weight's bf16 rounding step are lost (train the
-full model in float32, or a LoRA adapter, whose weights are float32, over a bf16 base). `fit` runs it step
+tree attached to frozen params (`diffjax.lora`). Full fine-tuning updates the params in their own dtype,
+unless `fit(master_weights=True)` keeps float32 masters of bf16 or fp16 params (`train_step`'s
+`compute_dtype`): without them an update below a weight's rounding step is lost. A LoRA adapter's weights
+are float32. `fit` runs it step
 by step over a batch stream with a progress bar and orbax checkpoints (`diffjax.checkpoint`) that resume a
 killed run exactly.
 """
@@ -65,7 +67,7 @@ from rich.progress import (
 )
 
 from diffjax.checkpoint import TrainCheckpointer, TrainState
-from diffjax.config import SLIDING, Config
+from diffjax.config import AR_TARGETS, SLIDING, Config
 from diffjax.lora import LoraConfig, attach_lora, init_lora, merge_lora
 from diffjax.model import (
     DECODE,
@@ -74,6 +76,7 @@ from diffjax.model import (
     Embedder,
     KVCache,
     init_cache,
+    param_dtype,
     ring_positions,
     ring_size,
 )
@@ -91,8 +94,11 @@ class Batch:
 
     prompt_ids/prompt_mask `[B, P]`: left-padded prompt and its attention mask.
     response_ids `[B, N*L]`: response tokens, the last text canvas EOS-filled, later canvases PAD.
-    ar_mask `[B, N*L]`: response tokens scored by the AR loss (text + the first EOS).
+    ar_mask `[B, P + N*L]`: the tokens of prompt + response that the AR loss scores, each predicted from the
+    token before it (position 0 is never scored); `make_batch`'s `ar_targets` says which.
     canvas_valid `[B, N]`: canvases holding text (or its EOS fill); at least one per example.
+    ar_mean (static): "tokens", the AR loss is the mean over every scored token of the batch; "examples", the
+    mean over each example's scored tokens, then over the examples.
     """
 
     prompt_ids: Array
@@ -100,6 +106,7 @@ class Batch:
     response_ids: Array
     ar_mask: Array
     canvas_valid: Array
+    ar_mean: str = flax.struct.field(pytree_node=False, default="tokens")
 
 
 @flax.struct.dataclass
@@ -117,12 +124,28 @@ class NoiseDraws:
 
 def make_batch(
     config: Config, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], prompt_length: int,
-    num_canvases: int,
+    num_canvases: int, ar_targets: str = "response",
 ) -> Batch:
     """Token lists -> `Batch`. A prompt longer than `prompt_length` keeps its last tokens; a response (without
     EOS) with no room for its EOS in `num_canvases * canvas_length` tokens is cut to fill them, without an EOS:
     an EOS at the cut would teach the model to stop where the text was only truncated (TRL's example drops
-    the EOS of a cut response likewise)."""
+    the EOS of a cut response likewise).
+
+    `ar_targets` chooses the tokens the AR co-loss scores (`Batch.ar_mask`) and its mean (`Batch.ar_mean`):
+    - "response" (ours): the response's text and the first EOS after it (the first one predicted from the last
+      prompt token); mean over the batch's scored tokens. The AR loss then teaches what the denoising loss
+      teaches, the response.
+    - "trl" (TRL's `sft_diffusion_gemma` example): every token of prompt + text + first EOS whose predecessor is
+      one too, so the prompt's tokens after the first as well; mean over the batch's scored tokens.
+    - "google" (Google's SFT, `EncoderARLoss`): every token of the prompt and of the valid canvases, EOS fill
+      included, whose predecessor is one too, except the first response token when the prompt is shorter than
+      `prompt_length` (Google right-pads the prompt, so a PAD stands between the two); the mean over each
+      example's scored tokens, then over the examples.
+    """
+    if ar_targets not in AR_TARGETS:
+        raise ValueError(f"ar_targets must be one of {AR_TARGETS}, got {ar_targets!r}")
+    if prompt_length < 1:
+        raise ValueError(f"prompt_length must be >= 1 (the prompt starts with BOS), got {prompt_length}")
     length = config.canvas_length
     eos, pad = config.eos_token_id[0], config.pad_token_id
     batch = len(prompts)
@@ -131,7 +154,7 @@ def make_batch(
     # Longer prompts keep their last tokens, the ones next to the canvas.
     prompt_ids, prompt_mask = left_pad([list(prompt)[-prompt_length:] for prompt in prompts], pad, prompt_length)
     response_ids = np.full((batch, num_canvases * length), pad, np.int32)
-    ar_mask = np.zeros((batch, num_canvases * length), bool)
+    text_and_eos = np.zeros((batch, num_canvases * length), bool)
     canvas_valid = np.zeros((batch, num_canvases), bool)
     room = num_canvases * length
     for b, response in enumerate(responses):
@@ -141,10 +164,22 @@ def make_batch(
         used = num_canvases if cut else len(text) // length + 1  # canvases holding text and its EOS
         response_ids[b, : used * length] = eos
         response_ids[b, : len(text)] = text
-        ar_mask[b, : len(text) + (not cut)] = True
+        text_and_eos[b, : len(text) + (not cut)] = True
         canvas_valid[b, :used] = True
+
+    prompt_mask = np.asarray(prompt_mask, bool)
+    response_scored = np.repeat(canvas_valid, length, 1) if ar_targets == "google" else text_and_eos
+    sources = np.concatenate([prompt_mask, response_scored], 1)  # tokens that may predict the next one
+    targets = sources.copy()
+    if ar_targets == "response":
+        targets[:, :prompt_length] = False
+    ar_mask = np.zeros_like(targets)
+    ar_mask[:, 1:] = targets[:, 1:] & sources[:, :-1]
+    if ar_targets == "google":
+        ar_mask[~prompt_mask.all(1), prompt_length] = False
     return Batch(jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), jnp.asarray(response_ids),
-                 jnp.asarray(ar_mask), jnp.asarray(canvas_valid))
+                 jnp.asarray(ar_mask), jnp.asarray(canvas_valid),
+                 ar_mean="examples" if ar_targets == "google" else "tokens")
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -171,6 +206,17 @@ def noisy_canvas(config: Config, batch: Batch, noise: NoiseDraws) -> tuple[Array
 def _cross_entropy(logits: Array, targets: Array) -> Array:
     logits = logits.astype(jnp.float32)
     return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def ar_loss(logits: Array, ids: Array, ar_mask: Array, ar_mean: str) -> Array:
+    """The AR co-loss from the encoder's next-token logits `[B, S-1, V]` (position t predicts token t+1) of
+    `ids [B, S]`, scoring the tokens `ar_mask [B, S]` marks; `ar_mean` as in `Batch`. A batch (or, with
+    "examples", an example) with nothing scored adds 0."""
+    scored = ar_mask[:, 1:]
+    ce = _cross_entropy(logits, ids[:, 1:]) * scored
+    if ar_mean == "examples":
+        return jnp.mean(jnp.sum(ce, axis=1) / jnp.maximum(jnp.sum(scored, axis=1), 1))
+    return jnp.sum(ce) / jnp.maximum(jnp.sum(scored), 1)
 
 
 def _decoder_cache(config: Config, kv: tuple[dict, dict], mask: Array, start: Array) -> KVCache:
@@ -227,6 +273,13 @@ def _per_example(config: Config, fn: Any, args: Any) -> Array:
 def loss_terms(params: Params, config: Config, batch: Batch, noise: NoiseDraws) -> dict[str, Array]:
     """The loss and its parts: `loss`, `diffusion`, `ar`, `diffusion_per_example [B]`."""
     rows, prompt_len = batch.prompt_ids.shape
+    if batch.ar_mask.shape != (rows, prompt_len + batch.response_ids.shape[1]):
+        raise ValueError(
+            f"Batch.ar_mask has shape {batch.ar_mask.shape}, expected [batch, prompt + response] = "
+            f"{(rows, prompt_len + batch.response_ids.shape[1])} (build batches with train.make_batch)"
+        )
+    if batch.ar_mean not in ("tokens", "examples"):
+        raise ValueError(f"Batch.ar_mean must be 'tokens' or 'examples', got {batch.ar_mean!r}")
     length = config.canvas_length
     ids = jnp.concatenate([batch.prompt_ids, batch.response_ids], axis=1).astype(jnp.int32)
     response_visible = jnp.repeat(batch.canvas_valid, length, axis=1)
@@ -238,9 +291,7 @@ def loss_terms(params: Params, config: Config, batch: Batch, noise: NoiseDraws) 
         {"params": params}, ENCODE, ids, init_cache(config, rows, 1, dtype), attention_mask=mask
     )
     ar_logits = Embedder(config).apply({"params": params["embedder"]}, hidden[:, :-1], method=Embedder.logits)
-    targets_scored = jnp.concatenate([jnp.zeros_like(batch.prompt_mask, bool), batch.ar_mask], axis=1)[:, 1:]
-    ar_ce = _cross_entropy(ar_logits, ids[:, 1:])
-    ar = jnp.sum(ar_ce * targets_scored) / jnp.maximum(jnp.sum(targets_scored), 1)
+    ar = ar_loss(ar_logits, ids, batch.ar_mask, batch.ar_mean)
 
     # 2. The chosen canvas, noised, decoded against the clean context before it (vmapped: positions differ).
     clean, noisy = noisy_canvas(config, batch, noise)
@@ -297,19 +348,24 @@ def trained_loss_terms(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "optimizer", "lora"), donate_argnames=("trainable", "opt_state")
+    jax.jit, static_argnames=("config", "optimizer", "lora", "compute_dtype"),
+    donate_argnames=("trainable", "opt_state"),
 )
 def train_step(
     trainable: Params, opt_state: Any, config: Config, optimizer: optax.GradientTransformation, batch: Batch,
-    noise: NoiseDraws, base: Params | None = None, lora: LoraConfig | None = None,
+    noise: NoiseDraws, base: Params | None = None, lora: LoraConfig | None = None, compute_dtype: Any = None,
 ) -> tuple[Params, Any, dict[str, Array]]:
     """One optimiser step on `diffusion_loss`; metrics: loss, diffusion, ar, grad_norm (before clipping).
 
     Full fine-tuning: `trainable` is the params. LoRA: `trainable` is the LoRA tree, `base` the frozen params
     and `lora` its config; only the LoRA tree (and its optimiser state, `optimizer.init(lora_tree)`) changes.
+    `compute_dtype` (full fine-tuning with master weights): `trainable` holds float32 masters, cast to this
+    dtype for the loss; gradients, optimiser state and updates stay float32.
     """
 
     def loss_fn(p: Params) -> tuple[Array, dict[str, Array]]:
+        if compute_dtype is not None:
+            p = jax.tree.map(lambda w: w.astype(compute_dtype), p)
         terms = trained_loss_terms(p, config, batch, noise, base, lora)
         return terms["loss"], terms
 
@@ -352,7 +408,7 @@ def fit(
     optimizer: optax.GradientTransformation | None = None, lora: LoraConfig | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None, checkpoint_every: int = 100, keep: int = 3,
     resume: bool = False, metadata: Mapping[str, Any] | None = None, progress: bool = True,
-    console: Any = None,
+    console: Any = None, master_weights: bool = False,
 ) -> FitResult:
     """Train until `steps` optimiser steps are done: one jit-compiled `train_step` per step, batch `batches(i)`
     for data position i, the step's noise drawn from a key split off the carried RNG key.
@@ -365,6 +421,11 @@ def fit(
     rich progress bar (loss, tokens/s) on `console`. A step whose loss or gradient norm is not finite stops
     the run with `TrainingDiverged` before anything after it is saved (the checkpoints on disk keep the
     weights from before it).
+
+    `master_weights` (full fine-tuning of bf16 or fp16 params): train float32 copies of the weights, with
+    float32 optimiser state, and run each step's loss in the params' dtype; `FitResult.params` is cast back
+    to it. Without them an update smaller than half a weight's rounding step (bf16: 2^-9 of its size) is
+    lost. Costs 4 more bytes a weight, and AdamW's two moments take 4 bytes each instead of 2.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -375,8 +436,20 @@ def fit(
             f"training updates every weight, and {config.expert_quantization} experts are a storage format, not "
             "trainable weights: train the unquantized model (diffjax.quantize.dequantize_experts)"
         )
+    compute_dtype = None
+    if master_weights:
+        if lora is not None:
+            raise ValueError("master_weights is for full fine-tuning: a LoRA adapter's weights are float32 already")
+        dtypes = {w.dtype for w in jax.tree.leaves(params)}
+        if len(dtypes) > 1:
+            raise ValueError(f"master_weights needs params of one dtype, got {sorted(map(str, dtypes))}")
+        if param_dtype(params) == jnp.float32:
+            raise ValueError("master_weights keeps float32 copies of bf16 or fp16 params; these are float32 already")
+        compute_dtype = param_dtype(params)
     optimizer = optimizer or make_optimizer(total_steps=steps, warmup_steps=default_warmup_steps(steps))
-    if lora is None:
+    if master_weights:
+        trainable = jax.tree.map(lambda w: jnp.array(w, jnp.float32), params)  # copies: train_step donates them
+    elif lora is None:
         trainable = jax.tree.map(jnp.copy, params)  # train_step donates its input; the caller keeps theirs
     else:
         key, lora_key = jax.random.split(key)
@@ -386,7 +459,8 @@ def fit(
     checkpointer = None
     if checkpoint_dir is not None:
         checkpointer = TrainCheckpointer(checkpoint_dir, keep)
-        metadata = {"lora": None if lora is None else dataclasses.asdict(lora), **(metadata or {})}
+        metadata = {"lora": None if lora is None else dataclasses.asdict(lora), **(metadata or {}),
+                    **({"master_weights": True} if master_weights else {})}  # older runs resume as they were
         if checkpointer.latest_step() is not None:
             if not resume:
                 raise FileExistsError(f"{checkpoint_dir} already holds training checkpoints "
@@ -409,7 +483,7 @@ def fit(
                 next_key, step_key = jax.random.split(state.key)
                 noise = draw_noise(step_key, batch, config)
                 trainable, opt_state, metrics = train_step(
-                    state.trainable, state.opt_state, config, optimizer, batch, noise, base, lora)
+                    state.trainable, state.opt_state, config, optimizer, batch, noise, base, lora, compute_dtype)
                 for name, value in metrics.items():
                     history[name].append(float(value))  # also waits for the step, so the timing below is real
                 _check_finite_step(state.step + 1, history, checkpointer)
@@ -428,7 +502,12 @@ def fit(
     finally:
         if checkpointer is not None:
             checkpointer.close()
-    merged = state.trainable if lora is None else merge_lora(params, state.trainable, lora)
+    if lora is not None:
+        merged = merge_lora(params, state.trainable, lora)
+    elif master_weights:
+        merged = jax.tree.map(lambda w: w.astype(compute_dtype), state.trainable)
+    else:
+        merged = state.trainable
     return FitResult(merged, None if lora is None else state.trainable, state.opt_state, state.step, history,
                      rate if tokens else None)
 
@@ -449,6 +528,6 @@ def _check_finite_step(step: int, history: Mapping[str, list[float]], checkpoint
 
 
 __all__ = [
-    "Batch", "FitResult", "NoiseDraws", "TrainingDiverged", "diffusion_loss", "draw_noise", "fit", "loss_terms",
-    "make_batch", "make_optimizer", "noisy_canvas", "train_step", "trained_loss_terms",
+    "AR_TARGETS", "Batch", "FitResult", "NoiseDraws", "TrainingDiverged", "ar_loss", "diffusion_loss", "draw_noise",
+    "fit", "loss_terms", "make_batch", "make_optimizer", "noisy_canvas", "train_step", "trained_loss_terms",
 ]

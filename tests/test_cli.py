@@ -85,7 +85,7 @@ def test_generate_keeps_compiled_programs_for_the_next_run(monkeypatch, tmp_path
     run gains is measured by hand: the README's demo command, 22 s -> 10 s of wall time on the 2-core CPU)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cli.compilation_cache_dir() == tmp_path / "xdg" / "diffjax" / "jax"
-    before = jax.config.jax_compilation_cache_dir  # set by this module's earlier generate calls
+    before = jax.config.jax_compilation_cache_dir  # the test session's shared cache (conftest.py)
     jax.config.update("jax_compilation_cache_dir", None)
     monkeypatch.setattr(jax.config, "update", lambda name, value: chosen.append((name, value)))
     chosen = []

@@ -15,18 +15,23 @@ import convert
 from diffjax import train
 from diffjax.config import FULL, SLIDING, Config
 from diffjax.lora import LoraConfig, init_lora, merge_lora
+from diffjax.tasks import get_task
 
 PROMPT_LEN, NUM_CANVASES = 10, 3
 
 
-def _batch(config: Config, seed: int = 0) -> train.Batch:
+def _rows(config: Config, seed: int = 0) -> tuple[list, list]:
     """Row 0: a full-length prompt (longer than the window), 20 response tokens (3 canvases, EOS-filled).
     Row 1: a left-padded 6-token prompt, 12 response tokens (2 canvases, the third PAD)."""
     rng = np.random.default_rng(seed)
     hi = config.vocab_size
     prompts = [rng.integers(3, hi, PROMPT_LEN), rng.integers(3, hi, 6)]
     responses = [rng.integers(3, hi, 20), rng.integers(3, hi, 12)]
-    return train.make_batch(config, prompts, responses, PROMPT_LEN, NUM_CANVASES)
+    return prompts, responses
+
+
+def _batch(config: Config, seed: int = 0) -> train.Batch:
+    return train.make_batch(config, *_rows(config, seed), PROMPT_LEN, NUM_CANVASES)
 
 
 def _noise(config: Config, batch: train.Batch, canvas, coin, seed: int = 1) -> train.NoiseDraws:
@@ -76,13 +81,112 @@ def test_make_batch_at_the_edges():
     np.testing.assert_array_equal(resp[0, :8], exact)
     np.testing.assert_array_equal(resp[0, 8:16], eos)
     np.testing.assert_array_equal(resp[0, 16:], pad)
-    assert ar[0].sum() == 9 and ar[0, 8]
+    assert ar[0].sum() == 9 and ar[0, PROMPT_LEN + 8]
     # Too long: cut to fill every canvas, with no EOS (one at the cut would teach stopping there).
     np.testing.assert_array_equal(resp[1], long[:24])
     assert ar[1].sum() == 24 and eos not in resp[1]
     # A long prompt keeps its last tokens, the ones next to the response; a short one is left-padded.
     np.testing.assert_array_equal(batch.prompt_ids[0], prompt[-PROMPT_LEN:])
     np.testing.assert_array_equal(batch.prompt_mask[1], [False] * (PROMPT_LEN - 3) + [True] * 3)
+
+
+@pytest.mark.parametrize("ar_targets", train.AR_TARGETS)
+def test_ar_loss_follows_each_reference_in_its_own_layout(ar_targets):
+    """The AR co-loss on random logits against each reference's formula, in that reference's own layout:
+    TRL's example (prompt, text and EOS right-padded, `attention_mask[:, :-1] & attention_mask[:, 1:]`,
+    `F.cross_entropy(ignore_index=-100)`), Google's `EncoderARLoss` (the prompt right-padded to P, then every
+    canvas, `full_valid & roll(full_valid, -1)`, per-example mean), ours (text and first EOS, token mean).
+    Rows: a prompt filling P with a short response; a short prompt with a response cut at the canvases (no
+    EOS); a short prompt with a response filling one canvas exactly (its EOS fills the next)."""
+    config = Config.tiny(canvas_length=8)
+    length, hi, pad = config.canvas_length, config.vocab_size, config.pad_token_id
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(3, hi, PROMPT_LEN), rng.integers(3, hi, 4), rng.integers(3, hi, 7)]
+    responses = [rng.integers(3, hi, 11), rng.integers(3, hi, 30), rng.integers(3, hi, 8)]
+    batch = train.make_batch(config, prompts, responses, PROMPT_LEN, NUM_CANVASES, ar_targets=ar_targets)
+    ids = np.concatenate([batch.prompt_ids, batch.response_ids], 1)
+    rows, width = ids.shape
+    logits = (3 * rng.standard_normal((rows, width, hi))).astype(np.float32)  # position t predicts t + 1
+    ours = float(train.ar_loss(jnp.asarray(logits[:, :-1]), jnp.asarray(ids), batch.ar_mask, batch.ar_mean))
+
+    def in_our_layout(b: int, ref_prompt: int, pos: np.ndarray) -> np.ndarray:
+        """Our position of the token at `pos` in a layout whose prompt (len(prompts[b]) real tokens) is
+        followed by the response at `ref_prompt`."""
+        real = len(prompts[b])
+        return np.where(pos < real, PROMPT_LEN - real + pos, PROMPT_LEN + pos - ref_prompt)
+
+    room = NUM_CANVASES * length
+    text = [min(len(r), room) for r in responses]
+    with_eos = [n + (n < room) for n in text]
+    if ar_targets == "trl":
+        trl_width = max(len(p) + n for p, n in zip(prompts, with_eos, strict=True))
+        trl_ids = np.full((rows, trl_width), pad)
+        attention = np.zeros((rows, trl_width), bool)
+        trl_logits = rng.standard_normal((rows, trl_width, hi)).astype(np.float32)  # pads: never scored
+        for b in range(rows):
+            real = len(prompts[b]) + with_eos[b]
+            where = in_our_layout(b, len(prompts[b]), np.arange(real))
+            trl_ids[b, :real], attention[b, :real] = ids[b, where], True
+            trl_logits[b, :real] = logits[b, where]
+        mask = attention[:, :-1] & attention[:, 1:]
+        targets = torch.tensor(np.where(mask, trl_ids[:, 1:], -100))
+        expected = float(torch.nn.functional.cross_entropy(
+            torch.tensor(trl_logits[:, :-1]).flatten(0, 1), targets.flatten(), ignore_index=-100))
+    elif ar_targets == "google":
+        full_seq = np.concatenate([np.full((rows, PROMPT_LEN), pad), batch.response_ids], 1)
+        full_valid = np.concatenate([np.zeros((rows, PROMPT_LEN), bool),
+                                     np.repeat(batch.canvas_valid, length, 1)], 1)
+        g_logits = rng.standard_normal((rows, width, hi)).astype(np.float32)
+        for b in range(rows):
+            real = len(prompts[b])
+            full_seq[b, :real], full_valid[b, :real] = prompts[b], True
+            where = np.flatnonzero(full_valid[b])
+            g_logits[b, where] = logits[b, in_our_layout(b, PROMPT_LEN, where)]
+        target = np.roll(full_seq, -1, axis=1)
+        shifted_valid = np.roll(full_valid, -1, axis=1)
+        shifted_valid[:, -1] = False
+        mask = full_valid & shifted_valid
+        loss = _ce(g_logits, target) * mask
+        expected = float(np.mean(loss.sum(1) / np.maximum(mask.sum(1), 1)))
+    else:
+        ce, count = 0.0, 0
+        for b in range(rows):
+            pos = PROMPT_LEN + np.arange(with_eos[b])
+            ce += _ce(logits[b, pos - 1], ids[b, pos]).sum()
+            count += len(pos)
+        expected = ce / count
+    print(ar_targets, "ours", ours, "reference", expected, "scored", np.asarray(batch.ar_mask).sum(1))
+    assert expected > 1.0
+    assert ours == pytest.approx(expected, rel=1e-5)
+
+
+def test_ar_targets_differ_and_bad_ones_are_refused():
+    config = Config.tiny(canvas_length=8)
+    batch = _batch(config)
+    masks = {t: np.asarray(train.make_batch(config, *_rows(config), PROMPT_LEN, NUM_CANVASES, ar_targets=t).ar_mask)
+             for t in train.AR_TARGETS}
+    # Row 0: 10 prompt tokens (9 scored after the first), 20 text + EOS, 3 canvases of 8; row 1: 6 prompt
+    # tokens, 12 text + EOS, 2 canvases; Google skips row 1's first response token (its prompt is padded).
+    assert masks["response"].sum(1).tolist() == [21, 13] == np.asarray(batch.ar_mask).sum(1).tolist()
+    assert masks["trl"].sum(1).tolist() == [9 + 21, 5 + 13]
+    assert masks["google"].sum(1).tolist() == [9 + 24, 5 + 16 - 1]
+    task = get_task("sort")  # a task's batches pass the choice on
+    for targets, mean, prompt_scored in (("response", "tokens", False), ("trl", "tokens", True),
+                                         ("google", "examples", True)):
+        task_batch = task.batch(task.model_config(config), 2, 0, 0, ar_targets=targets)
+        assert task_batch.ar_mean == mean
+        assert bool(task_batch.ar_mask[:, : task.prompt_length].any()) == prompt_scored
+    with pytest.raises(ValueError, match="ar_targets must be one of"):
+        train.make_batch(config, *_rows(config), PROMPT_LEN, NUM_CANVASES, ar_targets="prompt")
+    with pytest.raises(ValueError, match="prompt_length must be >= 1"):
+        train.make_batch(config, *_rows(config), 0, NUM_CANVASES)
+    params = None
+    with pytest.raises(ValueError, match=r"ar_mask has shape .* expected \[batch, prompt \+ response\]"):
+        train.loss_terms(params, config, batch.replace(ar_mask=batch.ar_mask[:, PROMPT_LEN:]),
+                         _noise(config, batch, canvas=[0, 0], coin=[False, False]))
+    with pytest.raises(ValueError, match="ar_mean must be 'tokens' or 'examples'"):
+        train.loss_terms(params, config, batch.replace(ar_mean="sum"),
+                         _noise(config, batch, canvas=[0, 0], coin=[False, False]))
 
 
 def test_noisy_canvas_replaces_exactly_the_drawn_positions():
@@ -189,7 +293,7 @@ def _reference_loss(model, config: Config, batch: train.Batch, noise: train.Nois
     ids = np.concatenate([batch.prompt_ids, batch.response_ids], 1).astype(np.int64)
     mask = np.concatenate([batch.prompt_mask, np.repeat(batch.canvas_valid, length, 1)], 1)
     rows = ids.shape[0]
-    scored = np.concatenate([np.zeros_like(batch.prompt_mask), batch.ar_mask], 1)[:, 1:]
+    scored = np.asarray(batch.ar_mask)[:, 1:]
     clean, noisy = (np.asarray(x) for x in train.noisy_canvas(config, batch, noise))
     dummy = np.zeros((rows, length), np.int64)
     with torch.no_grad():
@@ -335,11 +439,64 @@ def test_lora_bad_input():
         train.trained_loss_terms(lora, config, None, None, base=params)
 
 
+SMALL = dict(num_layers=2, layer_types=(SLIDING, FULL), canvas_length=8, vocab_size=256, hidden_size=32,
+             intermediate_size=64, num_experts=4, moe_intermediate_size=16, moe_implementation="dense")
+SMALL_STEPS = optax.adam(3e-5)  # one object, so that jit's cache serves both tests below
+
+
+def test_master_weights_keep_the_updates_a_bf16_step_loses():
+    """Three small Adam steps (3e-5, below half of most weights' bf16 rounding step) from one bf16 start: the
+    float32 masters (`compute_dtype=bf16`) move as a float32 run does; plain bf16 params lose most of it."""
+    from diffjax.model import init_params
+
+    config = Config.tiny(**{**SMALL, "num_layers": 1, "layer_types": (FULL,)})
+    start16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), init_params(config, jax.random.key(0)))
+    start = jax.tree.map(lambda w: w.astype(jnp.float32), start16)
+    batch = _batch(config)
+    noises = [train.draw_noise(jax.random.key(i), batch, config) for i in range(3)]
+    optimizer = SMALL_STEPS
+
+    def run(trainable, compute_dtype=None):
+        opt_state = optimizer.init(trainable)
+        for noise in noises:
+            trainable, opt_state, _ = train.train_step(trainable, opt_state, config, optimizer, batch, noise,
+                                                       None, None, compute_dtype)  # as `fit` calls it
+        return np.concatenate([np.asarray(w - s, np.float32).ravel()
+                               for w, s in zip(jax.tree.leaves(trainable), jax.tree.leaves(start), strict=True)])
+
+    exact = run(jax.tree.map(jnp.copy, start))
+    errors = {name: float(np.linalg.norm(moved - exact) / np.linalg.norm(exact))
+              for name, moved in (("masters", run(jax.tree.map(jnp.copy, start), jnp.dtype(jnp.bfloat16))),
+                                  ("bf16", run(jax.tree.map(jnp.copy, start16))))}
+    print("error of the moves against float32:", errors)
+    assert errors["masters"] < 0.25 < 0.6 < errors["bf16"], errors
+
+
+def test_fit_with_master_weights_returns_bf16_and_refuses_what_it_cannot_do():
+    from diffjax.model import init_params
+
+    config = Config.tiny(**{**SMALL, "num_layers": 1, "layer_types": (FULL,)})
+    params16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), init_params(config, jax.random.key(0)))
+    batch = _batch(config)
+    fitted = train.fit(params16, config, lambda i: batch, 1, key=jax.random.key(1), master_weights=True,
+                       optimizer=SMALL_STEPS, progress=False)  # the test above's compiled step
+    assert {w.dtype for w in jax.tree.leaves(fitted.params)} == {jnp.dtype(jnp.bfloat16)}
+    assert {w.dtype for w in jax.tree.leaves(fitted.opt_state[0].mu)} == {jnp.dtype(jnp.float32)}
+    assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(fitted.params), jax.tree.leaves(params16),
+                                                    strict=True))
+    with pytest.raises(ValueError, match="float32 already"):
+        train.fit(jax.tree.map(lambda w: w.astype(jnp.float32), params16), config, lambda i: batch, 1,
+                  key=jax.random.key(1), master_weights=True, progress=False)
+    mixed = {**params16, "embedder": jax.tree.map(lambda w: w.astype(jnp.float32), params16["embedder"])}
+    with pytest.raises(ValueError, match="master_weights needs params of one dtype"):
+        train.fit(mixed, config, lambda i: batch, 1, key=jax.random.key(1), master_weights=True, progress=False)
+    with pytest.raises(ValueError, match="master_weights is for full fine-tuning"):
+        train.fit(params16, config, lambda i: batch, 1, key=jax.random.key(1), master_weights=True,
+                  lora=LoraConfig(rank=2), progress=False)
+
+
 def test_train_step_overfits_one_batch():
-    config = Config.tiny(
-        num_layers=2, layer_types=(SLIDING, FULL), canvas_length=8, vocab_size=256, hidden_size=32,
-        intermediate_size=64, num_experts=4, moe_intermediate_size=16, moe_implementation="dense",
-    )
+    config = Config.tiny(**SMALL)
     from diffjax.model import init_params
 
     params = init_params(config, jax.random.key(0))

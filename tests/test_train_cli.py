@@ -98,8 +98,15 @@ def test_train_bad_arguments(trained, tmp_path, capsys):
         (["train", "--task", "sort", "--preset", "tiny", "--init", trained, "--steps", "2", *out], "not allowed with"),
         ([*TINY_RUN[:-1], "--out", trained, "--resume", "--batch-size", "3"],
          "other settings: batch_size (checkpoint 2, now 3)"),
+        ([*TINY_RUN[:-1], "--out", trained, "--resume", "--ar-targets", "google"],
+         "other settings: ar_targets (checkpoint None, now 'google')"),
+        ([*TINY_RUN, *out, "--ar-targets", "prompt"], "argument --ar-targets: invalid choice: 'prompt'"),
         ([*TINY_RUN, *out, "--experts-fp8"], "--experts-fp8 needs --lora-rank"),
         ([*TINY_RUN, *out, "--dtype", "bfloat16"], "--dtype needs --init"),
+        (["train", "--task", "sort", "--init", trained, "--steps", "2", *out, "--master-weights"],
+         "--master-weights needs --dtype bfloat16 or float16"),
+        (["train", "--task", "sort", "--init", trained, "--steps", "2", *out, "--master-weights", "--dtype",
+          "bfloat16", "--lora-rank", "2"], "and full fine-tuning (no --lora-rank)"),
     ]
     for argv, message in cases:
         code, _, err = run(capsys, *argv)
