@@ -184,6 +184,7 @@ def generate(
         stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
     )
     _check_components(components, config)
+    _check_step_budget(components.sampler, max_denoising_steps)
     if statistics != "logits":
         _check_statistics_components(components, statistics)
     return _generate(
@@ -293,6 +294,18 @@ def _check_components(components: Components, config: Config) -> None:
         if vocab_size is not None and vocab_size > config.vocab_size:
             raise ValueError(f"{name}.vocab_size ({vocab_size}) exceeds the model's vocabulary "
                              f"({config.vocab_size}): its noise tokens would be ids the model does not have")
+
+
+def _check_step_budget(sampler: sampling.Sampler, max_denoising_steps: int) -> None:
+    """A sampler whose schedule needs more steps than the loop runs would leave each canvas half-committed
+    and still return an answer (the argmax of its last logits): refuse it."""
+    needed = getattr(sampler, "num_calls", None)
+    if needed is not None and needed > max_denoising_steps:
+        raise ValueError(
+            f"{type(sampler).__name__} spreads its schedule over {needed} steps, but max_denoising_steps is "
+            f"{max_denoising_steps}: set its num_steps to at most max_denoising_steps (e.g. equal), or raise "
+            "max_denoising_steps"
+        )
 
 
 def _check_statistics_components(components: Components, statistics: str) -> None:

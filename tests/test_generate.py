@@ -403,6 +403,11 @@ class _PlainDraw:
         (dict(input_ids=np.array([[3, 4, 5], [3, 4, 5]]), attention_mask=np.array([[0, 1, 1], [1, 0, 1]])),
          "row 1 has padding after a real token"),
         (dict(sampler=sampling.DDIMSampler(vocab_size=10**6)), r"sampler.vocab_size \(1000000\) exceeds"),
+        # A schedule the loop cannot finish would leave the canvas half-committed, silently.
+        (dict(sampler=sampling.BlockRefinementSampler(num_steps=9), max_denoising_steps=8),
+         "BlockRefinementSampler spreads its schedule over 9 steps, but max_denoising_steps is 8"),
+        (dict(sampler=sampling.DDIMSampler(num_steps=3, corrector_steps=2), max_denoising_steps=8),
+         "DDIMSampler spreads its schedule over 9 steps"),
         (dict(sampler="ddim"), "sampler must be a diffjax.sampling.Sampler"),
         (dict(sampler=sampling.TopKFilter(3)), "sampler must be a diffjax.sampling.Sampler.*got TopKFilter"),
         (dict(temperature_schedule=0.5), "temperature_schedule must be a diffjax.sampling.TemperatureSchedule"),

@@ -48,7 +48,9 @@ class Sampler(Protocol):
 
     Optional: ``from_statistics(stats, canvas_ids, state, key, vocab_size)`` makes the same step from a
     :class:`TokenStatistics` of ``softmax(processed)`` instead of the logits; samplers that need more of the
-    distribution than that (e.g. :class:`DDIMSampler`) do not have it.
+    distribution than that (e.g. :class:`DDIMSampler`) do not have it. ``num_calls``: the loop steps a
+    sampler's schedule needs to finish (:class:`BlockRefinementSampler`, :class:`DDIMSampler`);
+    ``diffjax.generate`` refuses a ``max_denoising_steps`` below it.
     """
 
     def init(self, canvas_ids: jax.Array) -> Any: ...

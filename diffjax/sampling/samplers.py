@@ -252,6 +252,11 @@ class BlockRefinementSampler(_ConfidenceSampler):
         require_finite("editing_threshold", self.editing_threshold, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
         require_optional_vocab(self.vocab_size)
 
+    @property
+    def num_calls(self) -> int:
+        """Loop steps needed to commit every position: ``num_steps``."""
+        return int(self.num_steps)
+
     def _update(
         self, canvas_ids: jax.Array, sampled: jax.Array, confidence: jax.Array, noise: jax.Array,
         state: SamplerState,
