@@ -76,7 +76,7 @@ class TrainCheckpointer:
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         stored, given = meta["metadata"], _json_roundtrip(metadata or {})
         if metadata is not None and stored != given:
-            differ = ", ".join(f"{k} (checkpoint {stored.get(k)!r}, now {given.get(k)!r})"
+            differ = ", ".join(f"{k} (checkpoint {stored.get(k, 'not set')!r}, now {given.get(k, 'not set')!r})"
                                for k in sorted(set(stored) | set(given)) if stored.get(k) != given.get(k))
             raise ValueError(f"checkpoint {self.directory / str(step)} was written by a run with other settings: "
                              f"{differ}")

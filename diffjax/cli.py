@@ -394,7 +394,7 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
         "task": args.task, "preset": None if args.init else args.preset, "init": str(args.init) if args.init else None,
         "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
         "warmup_steps": args.warmup_steps, "moe": args.moe, "dtype": args.dtype, "experts_fp8": args.experts_fp8,
-        # Stored only when set, so that runs from before the flag still resume.
+        # Runs from before the flag trained on "response" and stored no key: they resume with --ar-targets response.
         **({"ar_targets": args.ar_targets} if args.ar_targets != "response" else {}),
         **({"master_weights": True} if args.master_weights else {}),
     }
@@ -816,9 +816,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory); the exported model has them widened back")
     t.add_argument("--moe", choices=("grouped", "dense"), default="dense",
                    help="expert computation during training (default dense: every expert, vmapped per example)")
-    t.add_argument("--ar-targets", choices=AR_TARGETS, default="response",
-                   help="what the encoder's AR co-loss scores: the response (default), prompt + response as TRL's "
-                        "example, or prompt + every valid canvas with a per-example mean as Google's SFT")
+    t.add_argument("--ar-targets", choices=AR_TARGETS, default="google",
+                   help="what the encoder's AR co-loss scores: prompt + every valid canvas with a per-example mean "
+                        "as Google's SFT (default), prompt + response as TRL's example, or the response only (runs "
+                        "from before 2026-11-28 trained so: resume them with --ar-targets response)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

@@ -31,8 +31,9 @@ SLIDING_ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 ROUTING_IMPLEMENTATIONS = ("xla", "pallas")
 NORM_IMPLEMENTATIONS = ("xla", "pallas")
 MLP_IMPLEMENTATIONS = ("xla", "pallas")
-# What the training loss's AR co-loss scores (`train.make_batch`): ours, TRL's example's, Google's SFT's.
-AR_TARGETS = ("response", "trl", "google")
+# What the training loss's AR co-loss scores (`train.make_batch`): Google's SFT's (the default), TRL's example's,
+# the response only.
+AR_TARGETS = ("google", "trl", "response")
 
 # Config fields that pick an implementation (same maths): not written to config.json.
 IMPLEMENTATION_FIELDS = (

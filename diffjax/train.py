@@ -8,12 +8,10 @@ Loss (`diffusion_loss`), one call:
 
 1. Encoder: ONE causal pass over prompt + clean response. Its final-normed hidden states through the tied,
    softcapped LM head give an autoregressive next-token loss (token t+1 predicted at position t), weight 1.
-   Scored targets (`Batch.ar_mask`), by default: the response's text tokens and the first EOS that ends it;
-   prompt tokens, the EOS fill after that first EOS, and PAD canvases are not scored; mean over the scored
-   tokens of the whole batch. So the AR co-loss, like the denoising loss, teaches the response only. The
-   references score the prompt too: `make_batch(ar_targets="trl")` is TRL's example (prompt + response + its
-   EOS, token mean), `ar_targets="google"` Google's SFT `EncoderARLoss` (prompt + every valid canvas, EOS fill
-   included, per-example mean).
+   Scored targets (`Batch.ar_mask`), by default as Google's SFT `EncoderARLoss` scores them: the prompt and
+   every valid canvas, EOS fill included, with a per-example mean. `make_batch(ar_targets="trl")` is TRL's
+   example (prompt + response + its EOS, token mean); `ar_targets="response"` scores the response's text and
+   first EOS only (token mean), which trains worse models on the sort task.
 2. The same pass gives the K/V of every position and layer (the flax module's raw per-token K/V, before the
    cache's sliding ring). Per example one valid canvas `c` is chosen (start `s = P + c * L`), noised with
    `t ~ U(1e-4, 1 - 1e-4)`: each token replaced by a uniform random token with probability t.
@@ -124,7 +122,7 @@ class NoiseDraws:
 
 def make_batch(
     config: Config, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], prompt_length: int,
-    num_canvases: int, ar_targets: str = "response",
+    num_canvases: int, ar_targets: str = "google",
 ) -> Batch:
     """Token lists -> `Batch`. A prompt longer than `prompt_length` keeps its last tokens; a response (without
     EOS) with no room for its EOS in `num_canvases * canvas_length` tokens is cut to fill them, without an EOS:
@@ -132,15 +130,15 @@ def make_batch(
     the EOS of a cut response likewise).
 
     `ar_targets` chooses the tokens the AR co-loss scores (`Batch.ar_mask`) and its mean (`Batch.ar_mean`):
-    - "response" (ours): the response's text and the first EOS after it (the first one predicted from the last
-      prompt token); mean over the batch's scored tokens. The AR loss then teaches what the denoising loss
-      teaches, the response.
+    - "google" (the default; Google's SFT, `EncoderARLoss`): every token of the prompt and of the valid
+      canvases, EOS fill included, whose predecessor is one too, except the first response token when the
+      prompt is shorter than `prompt_length` (Google right-pads the prompt, so a PAD stands between the two);
+      the mean over each example's scored tokens, then over the examples.
     - "trl" (TRL's `sft_diffusion_gemma` example): every token of prompt + text + first EOS whose predecessor is
-      one too, so the prompt's tokens after the first as well; mean over the batch's scored tokens.
-    - "google" (Google's SFT, `EncoderARLoss`): every token of the prompt and of the valid canvases, EOS fill
-      included, whose predecessor is one too, except the first response token when the prompt is shorter than
-      `prompt_length` (Google right-pads the prompt, so a PAD stands between the two); the mean over each
-      example's scored tokens, then over the examples.
+      one too; mean over the batch's scored tokens.
+    - "response" (diffjax's default before 2026-11-28): the response's text and the first EOS after it (the
+      first one predicted from the last prompt token); mean over the batch's scored tokens. On the sort task
+      it trains markedly worse models (`notebooks/ablation_ar_targets.ipynb`).
     """
     if ar_targets not in AR_TARGETS:
         raise ValueError(f"ar_targets must be one of {AR_TARGETS}, got {ar_targets!r}")

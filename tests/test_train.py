@@ -48,7 +48,8 @@ def test_make_batch_and_draw_noise():
     np.testing.assert_array_equal(resp[0, 20:], eos)  # text, then EOS to the end of its canvas
     np.testing.assert_array_equal(resp[1, 12:16], eos)
     np.testing.assert_array_equal(resp[1, 16:], pad)
-    np.testing.assert_array_equal(np.asarray(batch.ar_mask).sum(1), [21, 13])  # text + first EOS
+    # Google's targets: prompt pairs (9, 5) and every valid canvas (24, 16), less row 1's first response token.
+    np.testing.assert_array_equal(np.asarray(batch.ar_mask).sum(1), [9 + 24, 5 + 16 - 1])
     np.testing.assert_array_equal(np.asarray(batch.prompt_mask).sum(1), [PROMPT_LEN, 6])
     assert np.all(np.asarray(batch.prompt_ids)[1, :4] == pad)
 
@@ -74,7 +75,8 @@ def test_make_batch_at_the_edges():
     eos, pad = config.eos_token_id[0], config.pad_token_id
     rng = np.random.default_rng(4)
     exact, long, prompt = rng.integers(3, 100, 8), rng.integers(3, 100, 30), rng.integers(3, 100, 13)
-    batch = train.make_batch(config, [prompt, prompt[:3]], [exact, long], PROMPT_LEN, NUM_CANVASES)
+    batch = train.make_batch(config, [prompt, prompt[:3]], [exact, long], PROMPT_LEN, NUM_CANVASES,
+                             ar_targets="response")
     resp, ar = np.asarray(batch.response_ids), np.asarray(batch.ar_mask)
     # Exactly one canvas of text: its EOS opens the next canvas (EOS-filled); the third is PAD.
     np.testing.assert_array_equal(batch.canvas_valid, [[True, True, False], [True, True, True]])
@@ -167,9 +169,9 @@ def test_ar_targets_differ_and_bad_ones_are_refused():
              for t in train.AR_TARGETS}
     # Row 0: 10 prompt tokens (9 scored after the first), 20 text + EOS, 3 canvases of 8; row 1: 6 prompt
     # tokens, 12 text + EOS, 2 canvases; Google skips row 1's first response token (its prompt is padded).
-    assert masks["response"].sum(1).tolist() == [21, 13] == np.asarray(batch.ar_mask).sum(1).tolist()
+    assert masks["response"].sum(1).tolist() == [21, 13]
     assert masks["trl"].sum(1).tolist() == [9 + 21, 5 + 13]
-    assert masks["google"].sum(1).tolist() == [9 + 24, 5 + 16 - 1]
+    assert masks["google"].sum(1).tolist() == [9 + 24, 5 + 16 - 1] == np.asarray(batch.ar_mask).sum(1).tolist()
     task = get_task("sort")  # a task's batches pass the choice on
     for targets, mean, prompt_scored in (("response", "tokens", False), ("trl", "tokens", True),
                                          ("google", "examples", True)):
@@ -306,7 +308,10 @@ def _reference_loss(model, config: Config, batch: train.Batch, noise: train.Nois
         hidden = out.encoder_last_hidden_state
         ar_logits = _softcap(config, model.lm_head(hidden).float().numpy())
     ar_ce = _ce(ar_logits[:, :-1], ids[:, 1:])
-    ar = float((ar_ce * scored).sum() / scored.sum())
+    if batch.ar_mean == "examples":
+        ar = float(np.mean((ar_ce * scored).sum(1) / scored.sum(1)))
+    else:
+        ar = float((ar_ce * scored).sum() / scored.sum())
 
     per_example = []
     for b in range(rows):

@@ -98,8 +98,8 @@ def test_train_bad_arguments(trained, tmp_path, capsys):
         (["train", "--task", "sort", "--preset", "tiny", "--init", trained, "--steps", "2", *out], "not allowed with"),
         ([*TINY_RUN[:-1], "--out", trained, "--resume", "--batch-size", "3"],
          "other settings: batch_size (checkpoint 2, now 3)"),
-        ([*TINY_RUN[:-1], "--out", trained, "--resume", "--ar-targets", "google"],
-         "other settings: ar_targets (checkpoint None, now 'google')"),
+        ([*TINY_RUN[:-1], "--out", trained, "--resume", "--ar-targets", "response"],
+         "other settings: ar_targets (checkpoint 'google', now 'not set')"),
         ([*TINY_RUN, *out, "--ar-targets", "prompt"], "argument --ar-targets: invalid choice: 'prompt'"),
         ([*TINY_RUN, *out, "--experts-fp8"], "--experts-fp8 needs --lora-rank"),
         ([*TINY_RUN, *out, "--dtype", "bfloat16"], "--dtype needs --init"),
@@ -132,5 +132,6 @@ def test_lora_over_fp8_experts_of_a_bf16_base(trained, tmp_path, capsys):
             exported = np.asarray(params["blocks"][layer]["experts"][name], np.float32)
             np.testing.assert_array_equal(exported, np.asarray(widened["blocks"][layer]["experts"][name], np.float32))
             assert not np.array_equal(exported, np.asarray(base["blocks"][layer]["experts"][name], np.float32))
-    code, generated, err = run(capsys, "generate", "52817", "--checkpoint", out, "--no-live", "--steps", "2")
-    assert code == 0 and generated.strip(), err
+    # Four steps of training in all: the answer may be empty (an EOS first), the run must not fail.
+    code, _, err = run(capsys, "generate", "52817", "--checkpoint", out, "--no-live", "--steps", "2")
+    assert code == 0 and "2 decoder passes" in err, err
