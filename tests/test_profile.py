@@ -21,8 +21,9 @@ def test_kernel_times_sums_a_calls_work_by_name(tmp_path):
     assert abs(sum(k["share"] for k in kernels) - 1) < 1e-6
     assert all(k["count"] >= 1 for k in kernels)
     assert not any(k["name"].startswith(("ThreadpoolListener", "end: ")) for k in kernels)
-    # Two matmuls of 384^3 dominate a sine and a sum.
-    assert kernels[0]["share"] > 0.3
+    # Two matmuls of 384^3 and the sine hold most of the call (each ~1/3 on 2 CPU cores at optimisation level
+    # 0; the largest alone dipped to 0.24 under load, so the three together are checked).
+    assert sum(k["share"] for k in kernels[:3]) > 0.6
     text = render_kernel_times(breakdown, top=1)
     assert kernels[0]["name"][:40] in text.splitlines()[2]
     assert any(f"({len(kernels) - 1} more names)" in line for line in text.splitlines()) or len(kernels) == 1
