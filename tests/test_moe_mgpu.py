@@ -173,7 +173,8 @@ def test_mgpu_moe_kernel_rejects_what_it_cannot_run():
         experts_mgpu(x, weights, ids, gate_up, down, tiles=MgpuMoeTiles(max_concurrent_steps=1), interpret=True)
 
 
-@pytest.mark.parametrize(("quantization", "layout"), [("none", "plain"), ("fp8", "plain"), ("fp8", "pretiled")])
+# fp8 with the plain layout is the pair the other two cover between them (each ~18 s of CI).
+@pytest.mark.parametrize(("quantization", "layout"), [("none", "plain"), ("fp8", "pretiled")])
 def test_experts_module_and_model_select_the_mgpu_kernel(quantization, layout):
     """Through the `Experts` module, and through a two-block bf16 model whose blocks' experts (or fp8 scales)
     differ: the kernel must read block i's weights in block i from the stack, in either layout."""
@@ -210,8 +211,10 @@ def test_mgpu_moe_kernel_lowers_for_cuda_at_released_shapes():
     for tokens in (cfg.canvas_length, 8 * cfg.canvas_length):
         routing = (jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16), jax.ShapeDtypeStruct((tokens, k), jnp.float32),
                    jax.ShapeDtypeStruct((tokens, k), jnp.int32))
-        # The defaults and every setting the kernel bench sweeps.
-        for tiles in (MgpuMoeTiles(), *(MgpuMoeTiles(**c) for c in MGPU_MOE_TILES)):
+        # The defaults at both sizes, every setting the kernel bench sweeps at batch 1 (the grid is what batch 8
+        # changes, and the defaults show it lowers).
+        sweep = MGPU_MOE_TILES if tokens == cfg.canvas_length else ()
+        for tiles in (MgpuMoeTiles(), *(MgpuMoeTiles(**c) for c in sweep)):
             text = lower_for_cuda(lambda x, w, i, up, down, tiles=tiles: experts_mgpu(
                 x, w, i, up, down, jnp.int32(2), tiles=tiles, interpret=False), *routing, *stacks)
             assert text.count(f"@{MGPU_CALL}(") == 2  # gate/up and down
@@ -220,7 +223,7 @@ def test_mgpu_moe_kernel_lowers_for_cuda_at_released_shapes():
             # fp8 stacks and their scales go to the kernels as they are (no widened copy of a stack).
         fp8_stacks = [jax.ShapeDtypeStruct(a.shape, FP8) for a in stacks]
         scales = [jax.ShapeDtypeStruct((layers, experts, n), jnp.float32) for n in (2 * inter, hidden)]
-        for tiles in (MgpuMoeTiles(), *(MgpuMoeTiles(**c) for c in MGPU_MOE_TILES if "compute_warpgroups" not in c)):
+        for tiles in (MgpuMoeTiles(), *(MgpuMoeTiles(**c) for c in sweep if "compute_warpgroups" not in c)):
             text = lower_for_cuda(lambda x, w, i, up, down, s_up, s_down, tiles=tiles: experts_mgpu(
                 x, w, i, up, down, jnp.int32(4), gate_up_scale=s_up, down_scale=s_down, tiles=tiles,
                 interpret=False), *routing, *fp8_stacks, *scales)
