@@ -34,6 +34,7 @@ from diffjax.bench import output_file
 from diffjax.config import (
     AR_TARGETS,
     BLOCK_LAYOUTS,
+    DEFAULT_AR_TARGETS,
     GLOBAL_ATTENTION_IMPLEMENTATIONS,
     MLP_IMPLEMENTATIONS,
     MOE_IMPLEMENTATIONS,
@@ -816,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory); the exported model has them widened back")
     t.add_argument("--moe", choices=("grouped", "dense"), default="dense",
                    help="expert computation during training (default dense: every expert, vmapped per example)")
-    t.add_argument("--ar-targets", choices=AR_TARGETS, default="google",
+    t.add_argument("--ar-targets", choices=AR_TARGETS, default=DEFAULT_AR_TARGETS,
                    help="what the encoder's AR co-loss scores: prompt + every valid canvas with a per-example mean "
                         "as Google's SFT (default), prompt + response as TRL's example, or the response only (runs "
                         "from before 2026-11-28 trained so: resume them with --ar-targets response)")

@@ -34,6 +34,7 @@ MLP_IMPLEMENTATIONS = ("xla", "pallas")
 # What the training loss's AR co-loss scores (`train.make_batch`): Google's SFT's (the default), TRL's example's,
 # the response only.
 AR_TARGETS = ("google", "trl", "response")
+DEFAULT_AR_TARGETS = "google"
 
 # Config fields that pick an implementation (same maths): not written to config.json.
 IMPLEMENTATION_FIELDS = (

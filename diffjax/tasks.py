@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from diffjax.config import Config
+from diffjax.config import DEFAULT_AR_TARGETS, Config
 
 if TYPE_CHECKING:
     from diffjax.train import Batch
@@ -133,7 +133,9 @@ class Task(abc.ABC):
         """Canvases of `config.canvas_length` holding the longest answer and its EOS."""
         return math.ceil((self.max_answer_chars + 1) / config.canvas_length)
 
-    def batch(self, config: Config, batch_size: int, index: int, seed: int, ar_targets: str = "google") -> Batch:
+    def batch(
+        self, config: Config, batch_size: int, index: int, seed: int, ar_targets: str = DEFAULT_AR_TARGETS
+    ) -> Batch:
         """Training batch number `index` of the stream `seed`: the same (seed, index) gives the same batch.
         `ar_targets`: what the AR co-loss scores (`train.make_batch`)."""
         from diffjax.train import make_batch  # jax is only needed once a batch is built

@@ -65,7 +65,7 @@ from rich.progress import (
 )
 
 from diffjax.checkpoint import TrainCheckpointer, TrainState
-from diffjax.config import AR_TARGETS, SLIDING, Config
+from diffjax.config import AR_TARGETS, DEFAULT_AR_TARGETS, SLIDING, Config
 from diffjax.lora import LoraConfig, attach_lora, init_lora, merge_lora
 from diffjax.model import (
     DECODE,
@@ -74,7 +74,6 @@ from diffjax.model import (
     Embedder,
     KVCache,
     init_cache,
-    param_dtype,
     ring_positions,
     ring_size,
 )
@@ -122,7 +121,7 @@ class NoiseDraws:
 
 def make_batch(
     config: Config, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], prompt_length: int,
-    num_canvases: int, ar_targets: str = "google",
+    num_canvases: int, ar_targets: str = DEFAULT_AR_TARGETS,
 ) -> Batch:
     """Token lists -> `Batch`. A prompt longer than `prompt_length` keeps its last tokens; a response (without
     EOS) with no room for its EOS in `num_canvases * canvas_length` tokens is cut to fill them, without an EOS:
@@ -165,7 +164,6 @@ def make_batch(
         text_and_eos[b, : len(text) + (not cut)] = True
         canvas_valid[b, :used] = True
 
-    prompt_mask = np.asarray(prompt_mask, bool)
     response_scored = np.repeat(canvas_valid, length, 1) if ar_targets == "google" else text_and_eos
     sources = np.concatenate([prompt_mask, response_scored], 1)  # tokens that may predict the next one
     targets = sources.copy()
@@ -441,9 +439,9 @@ def fit(
         dtypes = {w.dtype for w in jax.tree.leaves(params)}
         if len(dtypes) > 1:
             raise ValueError(f"master_weights needs params of one dtype, got {sorted(map(str, dtypes))}")
-        if param_dtype(params) == jnp.float32:
+        (compute_dtype,) = dtypes
+        if compute_dtype == jnp.float32:
             raise ValueError("master_weights keeps float32 copies of bf16 or fp16 params; these are float32 already")
-        compute_dtype = param_dtype(params)
     optimizer = optimizer or make_optimizer(total_steps=steps, warmup_steps=default_warmup_steps(steps))
     if master_weights:
         trainable = jax.tree.map(lambda w: jnp.array(w, jnp.float32), params)  # copies: train_step donates them
