@@ -129,8 +129,13 @@ class Embedder(nn.Module):
 
     def soft_embed(self, logits: Array) -> Array:
         """`softmax(logits) @ E * scale`: the expected embedding under `[batch, canvas, vocab]` logits."""
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.embedding.dtype)
-        return (probs @ self.embedding) * self._scale(self.embedding.dtype)
+        from diffjax.sharding import LOGITS_SPEC, constrain  # sharding imports the model
+
+        # On a mesh, the probabilities split over the vocabulary as the embedding is: each device contracts
+        # its own slice and the partial sums are reduced. Given split some other way (rows only, as
+        # `shard_batch` places them), XLA gathered the whole embedding onto every device instead.
+        probs = constrain(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), LOGITS_SPEC)
+        return (probs.astype(self.embedding.dtype) @ self.embedding) * self._scale(self.embedding.dtype)
 
     def logits(self, hidden: Array) -> Array:
         """Tied LM head with the final softcap, float32 `[batch, seq, vocab]`."""

@@ -9,10 +9,11 @@ A mesh has three named axes (`make_mesh(data, expert, model)`):
 
 Partition rules (`param_specs`), `[blocks]` being the scanned leading axis of per-layer weights:
 
-    embedder/embedding [vocab, hidden]          (expert, model) on vocab. The lookup, the tied LM head
-                                                (logits come out split over vocab) and the self-conditioning
-                                                `softmax(z) @ E` (a contraction over vocab) are partitioned by
-                                                XLA (GSPMD), which inserts the reductions they need.
+    embedder/embedding [vocab, hidden]          (expert, model) on vocab. The lookup and the tied LM head
+                                                (logits come out split over vocab) are partitioned by XLA,
+                                                which inserts the reductions they need; the self-conditioning
+                                                `softmax(z) @ E` takes its probabilities split the same way
+                                                (`constrain`), or XLA gathers the whole embedding.
     self_attn/q_proj [.., hidden, heads*hd]     model on heads      o_proj [.., heads*hd, hidden]: model on heads
     self_attn/{k,v}_proj [.., hidden, kv*hd]    model on kv heads when they divide evenly, else replicated
     mlp/{gate,up}_proj [.., hidden, inter]      model on inter      mlp/down_proj [.., inter, hidden]: model
@@ -190,6 +191,19 @@ def shard_cache(cache: KVCache, config: Config, mesh: Mesh) -> KVCache:
     specs = cache_specs(config, mesh)
     return jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, _fit(spec, x.shape, mesh))),
                         cache, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def constrain(x: Array, spec: P) -> Array:
+    """`x` held to `spec` (fitted to its shape) inside a jit under a `make_mesh` mesh; `x` itself without one
+    (one device, or a mesh of other axes), so the model's code can pin a layout XLA's propagation gets wrong."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or tuple(mesh.axis_names) != AXES:
+        return x
+    return jax.lax.with_sharding_constraint(x, _fit(spec, x.shape, mesh))
+
+
+# The LM head's layout: rows over `data`, the vocabulary over the expert group (the embedding's split).
+LOGITS_SPEC = P(DATA, None, EXPERT_GROUP)
 
 
 def shard_batch(tree: Any, mesh: Mesh) -> Any:

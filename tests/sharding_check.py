@@ -62,17 +62,21 @@ def max_diff(a, b) -> float:
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+def all_gathers_of(hlo: str, *dims: str) -> list[str]:
+    """The all-gathers of a compiled module whose result's dims end with one of `dims` ("512,64")."""
+    # e.g. `%all-gather.3 = f32[2,8,64,64]{3,2,1,0} all-gather(...)`
+    result = re.compile(r"= \w+\[([\d,]*)\]\S* all-gather(-start)?\(")
+    return [line.strip()[:160] for line in hlo.splitlines()
+            if (m := result.search(line)) and f",{m.group(1)}".endswith(tuple(f",{d}" for d in dims))]
+
+
 def collectives(hlo: str, config: Config) -> dict:
     """Counts of the collectives in a compiled module, and any all-gather producing a whole expert weight."""
     e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
-    expert_shapes = (f"{e},{h},{2 * i}", f"{e},{i},{h}")
-    # e.g. `%all-gather.3 = f32[2,8,64,64]{3,2,1,0} all-gather(...)`: the result's dims, [blocks,] experts, ...
-    result = re.compile(r"= \w+\[([\d,]*)\]\S* all-gather(-start)?\(")
-    gathers = [line.strip()[:160] for line in hlo.splitlines()
-               if (m := result.search(line)) and m.group(1).endswith(expert_shapes)]
     counts = {op: len(re.findall(rf"\b{op}(-start)?\(", hlo))
               for op in ("all-to-all", "all-reduce", "reduce-scatter", "all-gather")}
-    return {"counts": counts, "expert_weight_all_gathers": gathers}
+    return {"counts": counts, "expert_weight_all_gathers": all_gathers_of(hlo, f"{e},{h},{2 * i}", f"{e},{i},{h}"),
+            "embedding_all_gathers": all_gathers_of(hlo, f"{config.vocab_size},{h}")}
 
 
 def vocab_pass_collectives(params: dict, config: Config, mesh) -> dict:
@@ -84,11 +88,9 @@ def vocab_pass_collectives(params: dict, config: Config, mesh) -> dict:
     compiled = jax.jit(lambda h, e: vocab_stats_pallas(h, e, 0.7, seed=1, softcap=30.0, return_logits=True)).lower(
         hidden, embedding).compile()
     text = compiled.as_text()
-    # e.g. `%all-gather.3 = f32[512,64]{1,0} all-gather(...)`: a gather whose result is the whole embedding.
-    whole = re.compile(rf"= \w+\[{config.vocab_size},{config.hidden_size}\]\S* all-gather(-start)?\(")
     return {
         "all_gathers": len(re.findall(r"\ball-gather(-start)?\(", text)),
-        "embedding_all_gathers": [line.strip()[:160] for line in text.splitlines() if whole.search(line)],
+        "embedding_all_gathers": all_gathers_of(text, f"{config.vocab_size},{config.hidden_size}"),
     }
 
 
@@ -165,7 +167,13 @@ def main(train_meshes: tuple[tuple[int, int, int], ...]) -> None:
             result["hlo"] = collectives(compiled.as_text(), config)
             result["logits_max_diff"] = max_diff(compiled(*args), ref_logits)
 
-            out = generate(sharded, parallel, sharding.shard_batch(ids, mesh), **gen_kwargs)
+            # Compiled ahead (the one compile the call would make) to read which arrays it gathers whole.
+            compiled = jax.jit(lambda p, i: generate(p, parallel, i, **gen_kwargs)).lower(
+                sharded, sharding.shard_batch(ids, mesh)).compile()
+            result["generate_whole_gathers"] = all_gathers_of(
+                compiled.as_text(), f"{config.vocab_size},{config.hidden_size}",
+                f"{BATCH},{config.canvas_length},{config.vocab_size}")
+            out = compiled(sharded, sharding.shard_batch(ids, mesh))
             result["tokens_equal"] = bool(np.array_equal(out.sequences, ref_gen.sequences))
             result["passes_equal"] = bool(np.array_equal(out.decoder_passes, ref_gen.decoder_passes))
 

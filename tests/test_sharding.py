@@ -49,6 +49,14 @@ def test_sharded_logits_and_tokens_equal_single_device(report: dict, mesh: str) 
     assert result["tokens_equal"] and result["passes_equal"]
 
 
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_generate_never_gathers_the_logits_or_the_embedding_whole(report: dict, mesh: str) -> None:
+    """The self-conditioning product contracts each device's slice of the vocabulary. Unpinned, the compiled
+    loop gathered the embedding whole on (1, 8, 1) and (1, 4, 2), and on (1, 4, 2) the [batch, canvas, vocab]
+    logits too (its carry had settled on rows split over `expert`), every step."""
+    assert report["meshes"][mesh]["generate_whole_gathers"] == []
+
+
 def test_fused_vocabulary_pass_runs_sharded(report: dict) -> None:
     """generate(statistics="pallas") on the mesh that splits both the rows and the vocabulary draws the same
     tokens as on one device, and the vocabulary kernel reads each device's slice of the embedding: no
@@ -81,6 +89,9 @@ def test_decoder_hlo_has_the_expected_collectives(report: dict, mesh: str) -> No
     if model > 1:  # heads / MLP split over `model`: partial sums reduced
         assert hlo["counts"]["all-reduce"] + hlo["counts"]["reduce-scatter"] > 0
     assert hlo["expert_weight_all_gathers"] == []  # expert weights are never gathered whole
+    # The self-conditioning product contracts each device's vocabulary slice (it gathered the embedding whole
+    # on every mesh that splits it, given logits split over rows only).
+    assert hlo["embedding_all_gathers"] == []
 
 
 def test_fp8_experts_run_expert_parallel(report: dict) -> None:
@@ -88,6 +99,7 @@ def test_fp8_experts_run_expert_parallel(report: dict) -> None:
     assert result["fp8_logits_max_diff"] <= TOLERANCE
     assert result["fp8_hlo"]["counts"]["all-to-all"] > 0
     assert result["fp8_hlo"]["expert_weight_all_gathers"] == []  # dequantized where they lie, not gathered
+    assert result["fp8_hlo"]["embedding_all_gathers"] == []
 
 
 def test_sharded_train_step_equals_single_device(report: dict) -> None:
