@@ -17,6 +17,7 @@ and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -49,6 +50,8 @@ from diffjax.generate import STATISTICS, GenerationSettings
 from diffjax.layout import arrange_for_gpu
 
 if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
     from diffjax.config import Config
     from diffjax.tasks import Task
     from diffjax.tokenizer import AnyTokenizer
@@ -93,10 +96,10 @@ class LoadedModel:
     task: Task | None = None  # when the checkpoint was trained on one: prompts are its puzzles
 
 
-def default_model(experts_fp8: bool = False, dtype: str | None = None) -> LoadedModel:
+def default_model(experts_fp8: bool = False, dtype: str | None = None, mesh: Mesh | None = None) -> LoadedModel:
     """The model `diffjax generate` runs without `--checkpoint`: the demo model in `diffjax/assets/demo`
     (trained by diffjax on CPU on the task its task.json names; prompts are that task's puzzles)."""
-    model = load_model(DEFAULT_MODEL_DIR, dtype, None, experts_fp8=experts_fp8)
+    model = load_model(DEFAULT_MODEL_DIR, dtype, None, experts_fp8=experts_fp8, mesh=mesh)
     model.name = f"embedded demo model ({model.task.name})"
     return model
 
@@ -121,37 +124,45 @@ def checkpoint_kind(path: pathlib.Path) -> str:
 
 def load_weights(
     checkpoint: pathlib.Path, dtype: str | None, experts_fp8: bool = False,
-    progress: Callable[[str, int, int], None] | None = None, check_finite: bool = False,
+    progress: Callable[[str, int, int], None] | None = None, check_finite: bool = False, mesh: Mesh | None = None,
 ) -> tuple[Any, Any]:
     """`(config, params)` of a diffjax or transformers folder, cast to `dtype`. `experts_fp8`: the experts are
     quantized to float8_e4m3fn on the way from the host to the device (`diffjax.quantize.quantize_model`), so
     the unquantized experts never sit on the device all at once. `check_finite`: refuse NaN or inf in a
-    diffjax checkpoint's weights (`convert.load`; a transformers folder is always scanned, by `load_hf`)."""
+    diffjax checkpoint's weights (`convert.load`; a transformers folder is always scanned, by `load_hf`).
+    `mesh`: the weights placed on it by `diffjax.sharding`'s rules, each device receiving its shards from the
+    host (fp8 experts are quantized on the default device first)."""
     import convert
     from convert.tree import unflatten
     from diffjax.quantize import quantize_model
+    from diffjax.sharding import shard_params
 
     kind = checkpoint_kind(checkpoint)
     if not experts_fp8:
-        if kind == "diffjax":
+        if kind == "hf":
+            return convert.load_hf(checkpoint, dtype, progress, mesh=mesh)
+        if mesh is None:
             return convert.load(checkpoint, dtype, check_finite=check_finite)
-        return convert.load_hf(checkpoint, dtype, progress)
+        config, host = convert.load(checkpoint, dtype, as_numpy=True, check_finite=check_finite)
+        return config, shard_params(host, config, mesh)
     if kind == "diffjax":
         config, host = convert.load(checkpoint, dtype, as_numpy=True, check_finite=check_finite)
     else:
         config, flat = convert.load_hf_numpy(checkpoint, dtype, progress)
         host = unflatten(flat)
-    return quantize_model(config, host)
+    config, params = quantize_model(config, host)
+    return config, params if mesh is None else shard_params(params, config, mesh)
 
 
 def load_model(
     checkpoint: pathlib.Path, dtype: str | None, tokenizer_dir: pathlib.Path | None,
     progress: Callable[[str, int, int], None] | None = None, experts_fp8: bool = False, check_finite: bool = False,
+    mesh: Mesh | None = None,
 ) -> LoadedModel:
     """Weights from a diffjax or transformers folder, its generation_config.json, and a tokenizer folder
     (or, for a folder trained on a task, the task.json naming it: the task's tokenizer).
 
-    `experts_fp8`, `check_finite`: see `load_weights`."""
+    `experts_fp8`, `check_finite`, `mesh`: see `load_weights`."""
     import convert
     from diffjax.tasks import read_task_file
     from diffjax.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -170,7 +181,7 @@ def load_model(
             raise CliError(f"no {TOKENIZER_FILE} in {checkpoint}{hint}")
         tokenizer_dir = tokenizer_dir or checkpoint
         tokenizer = Tokenizer.from_dir(tokenizer_dir)  # before the weights: fail fast on a bad folder
-    config, params = load_weights(checkpoint, dtype, experts_fp8, progress, check_finite)
+    config, params = load_weights(checkpoint, dtype, experts_fp8, progress, check_finite, mesh)
     if task is not None:
         check_fits_task(config, task, str(checkpoint))
     return LoadedModel(
@@ -285,6 +296,32 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", str(compilation_cache_dir()))
 
 
+def generation_mesh(args: argparse.Namespace) -> Mesh | None:
+    """`diffjax generate --mesh`'s mesh (None without the flag), after refusing the flags that cannot run on it."""
+    if args.mesh is None:
+        return None
+    from diffjax import sharding
+
+    if args.mesh[0] != 1:
+        raise CliError(f"--mesh {','.join(map(str, args.mesh))}: diffjax generate runs one prompt, so the data axis "
+                       "must be 1 (split the model over expert and model)")
+    one_device = [flag for flag, given in (
+        ("--moe", args.moe is not None), ("--experts-pretiled", args.experts_pretiled),
+        ("--fused-projections", args.fused_projections), ("--unstacked-blocks", args.unstacked_blocks),
+        (f"--sliding-attention {args.sliding_attention}", args.sliding_attention not in (None, "xla")),
+        (f"--global-attention {args.global_attention}", args.global_attention not in (None, "xla")),
+        ("--routing pallas", args.routing == "pallas"), ("--norms pallas", args.norms == "pallas"),
+        ("--mlp pallas", args.mlp == "pallas"),
+    ) if given]
+    if one_device:
+        raise CliError(f"{', '.join(one_device)} {'runs' if len(one_device) == 1 else 'run'} on one device, not on "
+                       "--mesh (there the experts run expert-parallel and the rest as XLA partitions it)")
+    try:
+        return sharding.make_mesh(*args.mesh)
+    except ValueError as exc:
+        raise CliError(f"--mesh: {exc}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
@@ -292,22 +329,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     from diffjax.generate import generate
+    from diffjax.sharding import shard_batch
     from diffjax.tokenizer import answer_ids, strip_thinking
 
     if not args.no_compile_cache:
         enable_compilation_cache()
     out, err = Console(), Console(stderr=True)
+    mesh = generation_mesh(args)
     if args.checkpoint is None:
         given = [flag for flag, value in (("--tokenizer", args.tokenizer), ("--check-finite", args.check_finite))
                  if value]
         if given:
             raise CliError(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --checkpoint (the "
                            "embedded model has its own tokenizer and was checked when it was made)")
-        model = default_model(args.experts_fp8, args.dtype)
+        model = default_model(args.experts_fp8, args.dtype, mesh)
     else:
         with err.status(f"loading {args.checkpoint}"):
             model = load_model(args.checkpoint, args.dtype, args.tokenizer, experts_fp8=args.experts_fp8,
-                               check_finite=args.check_finite)
+                               check_finite=args.check_finite, mesh=mesh)
+    if mesh is not None:
+        model.config = model.config.replace(moe_implementation="expert_parallel")
     chosen = {field: value for field, value in (
         ("moe_implementation", args.moe), ("global_attention_implementation", args.global_attention),
         ("sliding_attention_implementation", args.sliding_attention), ("scan_unroll", args.scan_unroll),
@@ -343,18 +384,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     canvases = -(-int(settings.get("max_new_tokens", defaults.max_new_tokens)) // canvas)
     steps = int(settings.get("max_denoising_steps", defaults.max_denoising_steps))
 
-    live_tty = not args.no_live and out.is_terminal
+    show_steps = not args.no_live
+    if show_steps and mesh is not None:
+        err.print("note: no live view on --mesh (JAX runs ordered host callbacks on one device only)",
+                  markup=False, highlight=False, soft_wrap=True)
+        show_steps = False
+    live_tty = show_steps and out.is_terminal
     view = None
-    if not args.no_live:
+    if show_steps:
         view = CanvasView(model.tokenizer, eos_ids, pad, steps, canvases, err, compact=not live_tty)
     key = jax.random.key(args.seed)
     start = time.perf_counter()
 
     def run() -> Any:
-        result = generate(
-            model.params, model.config, jnp.asarray([ids], jnp.int32), key=key, on_step=view, **settings
-        )
-        jax.block_until_ready(result.sequences)
+        prompt = jnp.asarray([ids], jnp.int32)
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+            result = generate(model.params, model.config, prompt if mesh is None else shard_batch(prompt, mesh),
+                              key=key, on_step=view, **settings)
+            jax.block_until_ready(result.sequences)
         return result
 
     if live_tty:
@@ -683,6 +730,14 @@ _nonnegative_float = _number_type(float, "a finite number", lambda v: math.isfin
 _seed = _number_type(int, "an integer", lambda v: 0 <= v < 2**63, "in [0, 2**63)")
 
 
+def _mesh_shape(text: str) -> tuple[int, int, int]:
+    """`--mesh DATA,EXPERT,MODEL`: three positive integers."""
+    sizes = text.split(",")
+    if len(sizes) != 3 or not all(size.strip().isdigit() and int(size) > 0 for size in sizes):
+        raise argparse.ArgumentTypeError(f"expected DATA,EXPERT,MODEL (three positive integers), got {text!r}")
+    return int(sizes[0]), int(sizes[1]), int(sizes[2])
+
+
 def _add_implementation_flags(parser: argparse.ArgumentParser, prefix: str = "", several: bool = False) -> None:
     """`--global-attention`, `--sliding-attention`, `--routing`, `--norms`, `--mlp`, `--tiles` and
     `--scan-unroll`: `Config` fields that pick how, not what, the model computes (besides `--moe`). `several`:
@@ -756,6 +811,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe", choices=MOE_IMPLEMENTATIONS,
                    help="expert computation (default: the checkpoint's, grouped): on a GPU, pallas")
     _add_implementation_flags(g)
+    g.add_argument("--mesh", type=_mesh_shape, metavar="1,EXPERT,MODEL",
+                   help="run on a (data, expert, model) mesh of all devices (diffjax.sharding.make_mesh; e.g. 1,8,1 "
+                        "on 8 GPUs): each device loads only its shards and the experts run expert-parallel. data "
+                        "must be 1 (one prompt); XLA attention, routing and norms (--statistics pallas works)")
     g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--no-live", action="store_true", help="no per-step view (also skips the host callback)")
     g.add_argument("--no-compile-cache", action="store_true",

@@ -12,6 +12,8 @@ one device with the grouped MoE; on one mesh also a decoder pass with fp8 expert
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import sys
@@ -200,7 +202,18 @@ def main(train_meshes: tuple[tuple[int, int, int], ...]) -> None:
         report["meshes"][",".join(map(str, shape))] = result
         lap(f"mesh {shape}")
     report["errors"] = bad_input_errors()
+    report["cli_answer"] = cli_answer("1,4,2")
     json.dump(report, sys.stdout)
+
+
+def cli_answer(mesh: str) -> str:
+    """What `diffjax generate --mesh MESH` prints for the demo model."""
+    from diffjax import cli
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli.main(["generate", "--no-live", "--no-compile-cache", "--mesh", mesh, "9402751"])
+    return printed.getvalue() if code == 0 else f"exit status {code}"
 
 
 def bad_input_errors() -> dict[str, str]:

@@ -746,6 +746,11 @@ def bench_count(params) -> int:
         ([], "required"),
         (["info", "--checkpoint", "/nonexistent"], "does not exist"),
         (["bench", "--top-k", "9", "--experts", "8", "--no-transformers"], "--top-k"),
+        (["generate", "--mesh", "1,8", "52817"], "expected DATA,EXPERT,MODEL"),
+        (["generate", "--mesh", "2,1,1", "52817"], "the data axis must be 1"),
+        (["generate", "--mesh", "1,8,1", "52817"], "--mesh: mesh (data=1, expert=8, model=1) needs 8 devices, got 1"),
+        (["generate", "--mesh", "1,1,1", "--moe", "pallas", "--sliding-attention", "cudnn", "52817"],
+         "--moe, --sliding-attention cudnn run on one device, not on --mesh"),
     ],
 )
 def test_errors_are_one_clean_line(capsys, argv, fragment):

@@ -110,6 +110,12 @@ def test_sharded_train_step_equals_single_device(report: dict) -> None:
     assert result["updated_params_max_diff"] <= TOLERANCE
 
 
+def test_cli_generates_on_a_mesh_what_it_does_on_one_device(report: dict) -> None:
+    """`diffjax generate --mesh 1,4,2`: the demo model loaded shard by shard, experts expert-parallel, prints the
+    single-device answer (tests/test_cli.py::test_generate_default_model_sorts)."""
+    assert report["cli_answer"] == "0124579\n"
+
+
 def test_bad_inputs_on_a_mesh_are_named(report: dict) -> None:
     errors = report["errors"]
     assert errors["uneven_batch"] == "batch axis 3 is not divisible by the mesh's data axis (8)"
