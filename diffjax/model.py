@@ -19,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from diffjax.config import FULL, SLIDING, STACK_READING_MOE_IMPLEMENTATIONS, Config
 from diffjax.layers import (
@@ -103,6 +104,13 @@ def ring_positions(length: Array, ring: int) -> Array:
 
 def tied_logits(hidden: Array, embedding: Array, softcap: float | None) -> Array:
     """`softcap * tanh(hidden @ embedding^T / softcap)`: float32 `[..., vocab]` for hidden `[..., hidden]`."""
+    from diffjax.sharding import DATA, constrain  # sharding imports the model
+
+    # On a mesh, the rows whole on every device of an expert group (split over `data` only), as the vocabulary
+    # split of the embedding needs them: the MoE leaves its tokens split over every device, and from there XLA
+    # made each device's logits for its own tokens and gathered them, [rows, vocab / group] floats a step
+    # instead of [rows, hidden].
+    hidden = constrain(hidden, P(DATA, *[None] * (hidden.ndim - 1)))
     # float32 output even for bf16 weights: transformers rounds logits to bf16 first, which turns top-two
     # gaps below one bf16 ulp (~1% of the logit) into ties and flips the argmax; we keep the extra bits.
     logits = jnp.einsum("...h,vh->...v", hidden, embedding.astype(hidden.dtype), preferred_element_type=jnp.float32)

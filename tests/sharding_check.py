@@ -175,6 +175,8 @@ def main(train_meshes: tuple[tuple[int, int, int], ...]) -> None:
             result["generate_whole_gathers"] = all_gathers_of(
                 compiled.as_text(), f"{config.vocab_size},{config.hidden_size}",
                 f"{BATCH},{config.canvas_length},{config.vocab_size}")
+            result["lm_head_gathers"] = [line.strip()[:160] for line in compiled.as_text().splitlines()
+                                         if re.search(r"\ball-gather(-start)?\(", line) and "embedder.logits" in line]
             out = compiled(sharded, sharding.shard_batch(ids, mesh))
             result["tokens_equal"] = bool(np.array_equal(out.sequences, ref_gen.sequences))
             result["passes_equal"] = bool(np.array_equal(out.decoder_passes, ref_gen.decoder_passes))

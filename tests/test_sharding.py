@@ -55,6 +55,10 @@ def test_sharded_generate_never_gathers_the_logits_or_the_embedding_whole(report
     loop gathered the embedding whole on (1, 8, 1) and (1, 4, 2), and on (1, 4, 2) the [batch, canvas, vocab]
     logits too (its carry had settled on rows split over `expert`), every step."""
     assert report["meshes"][mesh]["generate_whole_gathers"] == []
+    # The LM head takes its rows whole ([rows, hidden] gathered if need be) and gathers none of its logits: from
+    # the MoE's tokens split over every device, it made each device's rows' logits and gathered [rows, vocab /
+    # group] floats a step on (1, 8, 1) and (1, 4, 2).
+    assert report["meshes"][mesh]["lm_head_gathers"] == []
 
 
 def test_fused_vocabulary_pass_runs_sharded(report: dict) -> None:
