@@ -130,28 +130,30 @@ def load_weights(
     quantized to float8_e4m3fn on the way from the host to the device (`diffjax.quantize.quantize_model`), so
     the unquantized experts never sit on the device all at once. `check_finite`: refuse NaN or inf in a
     diffjax checkpoint's weights (`convert.load`; a transformers folder is always scanned, by `load_hf`).
-    `mesh`: the weights placed on it by `diffjax.sharding`'s rules, each device receiving its shards from the
-    host (fp8 experts are quantized on the default device first)."""
+    `mesh`: the weights placed on it by `diffjax.sharding`'s rules, each device receiving its shards (a
+    transformers folder is read shard by shard; a diffjax checkpoint is read into host memory first); fp8
+    experts are quantized where their shards lie."""
     import convert
     from convert.tree import unflatten
     from diffjax.quantize import quantize_model
     from diffjax.sharding import shard_params
 
     kind = checkpoint_kind(checkpoint)
-    if not experts_fp8:
-        if kind == "hf":
-            return convert.load_hf(checkpoint, dtype, progress, mesh=mesh)
-        if mesh is None:
-            return convert.load(checkpoint, dtype, check_finite=check_finite)
-        config, host = convert.load(checkpoint, dtype, as_numpy=True, check_finite=check_finite)
-        return config, shard_params(host, config, mesh)
-    if kind == "diffjax":
-        config, host = convert.load(checkpoint, dtype, as_numpy=True, check_finite=check_finite)
+    if kind == "hf" and (mesh is not None or not experts_fp8):
+        config, params = convert.load_hf(checkpoint, dtype, progress, mesh=mesh)
+    elif kind == "diffjax" and mesh is None and not experts_fp8:
+        return convert.load(checkpoint, dtype, check_finite=check_finite)
+    elif kind == "diffjax":
+        config, params = convert.load(checkpoint, dtype, as_numpy=True, check_finite=check_finite)
     else:
         config, flat = convert.load_hf_numpy(checkpoint, dtype, progress)
-        host = unflatten(flat)
-    config, params = quantize_model(config, host)
-    return config, params if mesh is None else shard_params(params, config, mesh)
+        params = unflatten(flat)
+    if mesh is not None:
+        params = shard_params(params, config, mesh)
+    if experts_fp8:
+        config, params = quantize_model(config, params)
+    # quantize_model's output follows its inputs' shardings; placed once more so each leaf has the rule's own.
+    return config, params if mesh is None or not experts_fp8 else shard_params(params, config, mesh)
 
 
 def load_model(
@@ -305,17 +307,19 @@ def generation_mesh(args: argparse.Namespace) -> Mesh | None:
     if args.mesh[0] != 1:
         raise CliError(f"--mesh {','.join(map(str, args.mesh))}: diffjax generate runs one prompt, so the data axis "
                        "must be 1 (split the model over expert and model)")
-    one_device = [flag for flag, given in (
+    tiled = sorted({item.split(".")[0].strip() for item in (args.tiles or "").split(",") if item.strip()} - {"vocab"})
+    refused = [flag for flag, given in (
         ("--moe", args.moe is not None), ("--experts-pretiled", args.experts_pretiled),
         ("--fused-projections", args.fused_projections), ("--unstacked-blocks", args.unstacked_blocks),
         (f"--sliding-attention {args.sliding_attention}", args.sliding_attention not in (None, "xla")),
         (f"--global-attention {args.global_attention}", args.global_attention not in (None, "xla")),
         ("--routing pallas", args.routing == "pallas"), ("--norms pallas", args.norms == "pallas"),
-        ("--mlp pallas", args.mlp == "pallas"),
+        ("--mlp pallas", args.mlp == "pallas"), (f"--tiles {','.join(tiled)}", bool(tiled)),
     ) if given]
-    if one_device:
-        raise CliError(f"{', '.join(one_device)} {'runs' if len(one_device) == 1 else 'run'} on one device, not on "
-                       "--mesh (there the experts run expert-parallel and the rest as XLA partitions it)")
+    if refused:
+        raise CliError(f"--mesh runs the experts expert-parallel and the rest as XLA partitions it: drop "
+                       f"{', '.join(refused)} (the Pallas and cuDNN kernels, their tiles and the load-time layouts "
+                       "are for one device; --statistics pallas runs on a mesh)")
     try:
         return sharding.make_mesh(*args.mesh)
     except ValueError as exc:
@@ -385,9 +389,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     steps = int(settings.get("max_denoising_steps", defaults.max_denoising_steps))
 
     show_steps = not args.no_live
-    if show_steps and mesh is not None:
-        err.print("note: no live view on --mesh (JAX runs ordered host callbacks on one device only)",
-                  markup=False, highlight=False, soft_wrap=True)
+    if show_steps and mesh is not None and mesh.size > 1:
+        err.print("note: no live view on --mesh (JAX refuses ordered host callbacks in a program over several "
+                  "devices)", markup=False, highlight=False, soft_wrap=True)
         show_steps = False
     live_tty = show_steps and out.is_terminal
     view = None
@@ -813,8 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_implementation_flags(g)
     g.add_argument("--mesh", type=_mesh_shape, metavar="1,EXPERT,MODEL",
                    help="run on a (data, expert, model) mesh of all devices (diffjax.sharding.make_mesh; e.g. 1,8,1 "
-                        "on 8 GPUs): each device loads only its shards and the experts run expert-parallel. data "
-                        "must be 1 (one prompt); XLA attention, routing and norms (--statistics pallas works)")
+                        "on 8 GPUs): each device receives only its shards (a transformers folder is read shard by "
+                        "shard, a diffjax checkpoint through host memory) and the experts run expert-parallel. "
+                        "data must be 1 (one prompt); XLA attention, routing and norms (--statistics pallas works)")
     g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--no-live", action="store_true", help="no per-step view (also skips the host callback)")
     g.add_argument("--no-compile-cache", action="store_true",

@@ -24,7 +24,7 @@ def gemma4_layer_types(num_layers: int, period: int = 6) -> tuple[str, ...]:
 MOE_IMPLEMENTATIONS = ("grouped", "dense", "pallas", "pallas_mgpu")
 # MoE kernels that read each block's experts from the whole stack of blocks in place (no per-block copy).
 STACK_READING_MOE_IMPLEMENTATIONS = ("pallas", "pallas_mgpu")
-# MoE forms that need a device mesh (`jax.set_mesh`): not offered where no mesh is set up (bench, CLI).
+# MoE forms that need a device mesh (`jax.set_mesh`): not a --moe choice; `diffjax generate --mesh` picks it.
 MESH_MOE_IMPLEMENTATIONS = ("expert_parallel",)
 GLOBAL_ATTENTION_IMPLEMENTATIONS = ("xla", "pallas")
 SLIDING_ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")

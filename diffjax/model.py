@@ -19,7 +19,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from diffjax.config import FULL, SLIDING, STACK_READING_MOE_IMPLEMENTATIONS, Config
 from diffjax.layers import (
@@ -104,13 +103,13 @@ def ring_positions(length: Array, ring: int) -> Array:
 
 def tied_logits(hidden: Array, embedding: Array, softcap: float | None) -> Array:
     """`softcap * tanh(hidden @ embedding^T / softcap)`: float32 `[..., vocab]` for hidden `[..., hidden]`."""
-    from diffjax.sharding import DATA, constrain  # sharding imports the model
+    from diffjax.sharding import rows_over_data  # sharding imports the model
 
     # On a mesh, the rows whole on every device of an expert group (split over `data` only), as the vocabulary
     # split of the embedding needs them: the MoE leaves its tokens split over every device, and from there XLA
     # made each device's logits for its own tokens and gathered them, [rows, vocab / group] floats a step
     # instead of [rows, hidden].
-    hidden = constrain(hidden, P(DATA, *[None] * (hidden.ndim - 1)))
+    hidden = rows_over_data(hidden)
     # float32 output even for bf16 weights: transformers rounds logits to bf16 first, which turns top-two
     # gaps below one bf16 ulp (~1% of the logit) into ties and flips the argmax; we keep the extra bits.
     logits = jnp.einsum("...h,vh->...v", hidden, embedding.astype(hidden.dtype), preferred_element_type=jnp.float32)
@@ -137,13 +136,15 @@ class Embedder(nn.Module):
 
     def soft_embed(self, logits: Array) -> Array:
         """`softmax(logits) @ E * scale`: the expected embedding under `[batch, canvas, vocab]` logits."""
-        from diffjax.sharding import LOGITS_SPEC, constrain  # sharding imports the model
+        from diffjax.sharding import split_over_vocab  # sharding imports the model
 
         # On a mesh, the probabilities split over the vocabulary as the embedding is: each device contracts
-        # its own slice and the partial sums are reduced. Given split some other way (rows only, as
-        # `shard_batch` places them), XLA gathered the whole embedding onto every device instead.
-        probs = constrain(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), LOGITS_SPEC)
-        return (probs.astype(self.embedding.dtype) @ self.embedding) * self._scale(self.embedding.dtype)
+        # its own slice and the partial sums are reduced (in float32, rounded once as one device does). Given
+        # split some other way (rows only, as `shard_batch` places them), XLA gathered the whole embedding
+        # onto every device instead.
+        probs = split_over_vocab(jax.nn.softmax(logits.astype(jnp.float32), axis=-1)).astype(self.embedding.dtype)
+        soft = jnp.einsum("...v,vh->...h", probs, self.embedding, preferred_element_type=jnp.float32)
+        return soft.astype(self.embedding.dtype) * self._scale(self.embedding.dtype)
 
     def logits(self, hidden: Array) -> Array:
         """Tied LM head with the final softcap, float32 `[batch, seq, vocab]`."""

@@ -9,11 +9,13 @@ A mesh has three named axes (`make_mesh(data, expert, model)`):
 
 Partition rules (`param_specs`), `[blocks]` being the scanned leading axis of per-layer weights:
 
-    embedder/embedding [vocab, hidden]          (expert, model) on vocab. The lookup and the tied LM head
-                                                (logits come out split over vocab) are partitioned by XLA,
-                                                which inserts the reductions they need; the self-conditioning
-                                                `softmax(z) @ E` takes its probabilities split the same way
-                                                (`constrain`), or XLA gathers the whole embedding.
+    embedder/embedding [vocab, hidden]          (expert, model) on vocab. The lookup, the tied LM head
+                                                (logits come out split over vocab) and the self-conditioning
+                                                `softmax(z) @ E` are partitioned by XLA, which inserts the
+                                                reductions they need; the model pins the LM head's input rows
+                                                whole (`rows_over_data`) and the product's probabilities split
+                                                over vocab (`split_over_vocab`), or XLA gathers logits or the
+                                                whole embedding.
     self_attn/q_proj [.., hidden, heads*hd]     model on heads      o_proj [.., heads*hd, hidden]: model on heads
     self_attn/{k,v}_proj [.., hidden, kv*hd]    model on kv heads when they divide evenly, else replicated
     mlp/{gate,up}_proj [.., hidden, inter]      model on inter      mlp/down_proj [.., inter, hidden]: model
@@ -35,8 +37,9 @@ Usage (one host; README "Sharded runs" for several):
         out = generate(params, config, shard_batch(prompt_ids, mesh), key=key)
 
 `encode`, `denoise_logits`, `generate` and `train.train_step` are the single-device functions: jit follows
-the input shardings. Only the MoE needs the mesh explicitly (`experts_expert_parallel`, under
-`jax.set_mesh`): its token dispatch is a `jax.shard_map` with two all-to-alls.
+the input shardings. Run them under `jax.set_mesh(mesh)`: the expert-parallel MoE needs it (its token
+dispatch is a `jax.shard_map` with two all-to-alls), and the model's layout pins (`constrain`) take effect
+only there.
 """
 
 from __future__ import annotations
@@ -194,16 +197,25 @@ def shard_cache(cache: KVCache, config: Config, mesh: Mesh) -> KVCache:
 
 
 def constrain(x: Array, spec: P) -> Array:
-    """`x` held to `spec` (fitted to its shape) inside a jit under a `make_mesh` mesh; `x` itself without one
-    (one device, or a mesh of other axes), so the model's code can pin a layout XLA's propagation gets wrong."""
+    """`x` held to `spec` (fitted to its shape) inside a jit under `jax.set_mesh` of a `make_mesh` mesh; `x`
+    itself without one (one device, or a mesh of other axes or of non-Auto axes), so the model's code can pin a
+    layout that XLA's propagation gets wrong and still run anywhere."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or tuple(mesh.axis_names) != AXES:
+    if mesh.empty or tuple(mesh.axis_names) != AXES or any(t != AxisType.Auto for t in mesh.axis_types):
         return x
     return jax.lax.with_sharding_constraint(x, _fit(spec, x.shape, mesh))
 
 
-# The LM head's layout: rows over `data`, the vocabulary over the expert group (the embedding's split).
-LOGITS_SPEC = P(DATA, None, EXPERT_GROUP)
+def split_over_vocab(x: Array) -> Array:
+    """`[rows, ..., vocab]` held split as the embedding is: rows over `data`, the vocabulary over the expert
+    group (`constrain`)."""
+    return constrain(x, P(DATA, *[None] * (x.ndim - 2), EXPERT_GROUP)) if x.ndim >= 2 else x
+
+
+def rows_over_data(x: Array) -> Array:
+    """`[rows, ..., features]` held split over `data` on its rows only, whole on every device of an expert
+    group (`constrain`)."""
+    return constrain(x, P(DATA, *[None] * (x.ndim - 1))) if x.ndim >= 2 else x
 
 
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
@@ -298,6 +310,7 @@ def _exchange(xs: Array, ws: Array, ids: Array, gate_up: Array, down: Array, gro
 
 
 __all__ = [
-    "AXES", "DATA", "EXPERT", "EXPERT_GROUP", "MODEL", "cache_specs", "experts_expert_parallel", "make_mesh",
-    "param_bytes_per_device", "param_shardings", "param_specs", "shard_batch", "shard_cache", "shard_params",
+    "AXES", "DATA", "EXPERT", "EXPERT_GROUP", "MODEL", "cache_specs", "constrain", "experts_expert_parallel",
+    "make_mesh", "param_bytes_per_device", "param_shardings", "param_specs", "rows_over_data", "shard_batch",
+    "shard_cache", "shard_params", "split_over_vocab",
 ]

@@ -177,6 +177,7 @@ def main(train_meshes: tuple[tuple[int, int, int], ...]) -> None:
                 f"{BATCH},{config.canvas_length},{config.vocab_size}")
             result["lm_head_gathers"] = [line.strip()[:160] for line in compiled.as_text().splitlines()
                                          if re.search(r"\ball-gather(-start)?\(", line) and "embedder.logits" in line]
+            result["lm_head_named"] = "embedder.logits" in compiled.as_text()  # the names the check reads exist
             out = compiled(sharded, sharding.shard_batch(ids, mesh))
             result["tokens_equal"] = bool(np.array_equal(out.sequences, ref_gen.sequences))
             result["passes_equal"] = bool(np.array_equal(out.decoder_passes, ref_gen.decoder_passes))
@@ -204,18 +205,26 @@ def main(train_meshes: tuple[tuple[int, int, int], ...]) -> None:
         report["meshes"][",".join(map(str, shape))] = result
         lap(f"mesh {shape}")
     report["errors"] = bad_input_errors()
-    report["cli_answer"] = cli_answer("1,4,2")
+    report["cli"] = cli_on_a_mesh((1, 4, 2))
     json.dump(report, sys.stdout)
 
 
-def cli_answer(mesh: str) -> str:
-    """What `diffjax generate --mesh MESH` prints for the demo model."""
+def cli_on_a_mesh(shape: tuple[int, int, int]) -> dict:
+    """What `diffjax generate --mesh` prints for the demo model, and whether the weights it loads lie on the
+    mesh as the partition rules place them."""
     from diffjax import cli
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        code = cli.main(["generate", "--no-live", "--no-compile-cache", "--mesh", mesh, "9402751"])
-    return printed.getvalue() if code == 0 else f"exit status {code}"
+    mesh = sharding.make_mesh(*shape)
+    demo = cli.default_model(mesh=mesh)
+    placed = all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(
+        jax.tree.leaves(demo.params), jax.tree.leaves(sharding.param_shardings(demo.config, mesh)), strict=True))
+    printed, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+        code = cli.main(["generate", "--no-live", "--no-compile-cache", "--mesh", ",".join(map(str, shape)), "9402751"])
+    return {"answer": printed.getvalue(), "exit_status": code, "stderr": errors.getvalue()[-2000:],
+            "params_on_their_shards": placed,
+            "experts_per_device": demo.params["blocks"]["layer_0"]["experts"]["gate_up_proj"].addressable_shards[0]
+            .data.shape[1]}
 
 
 def bad_input_errors() -> dict[str, str]:

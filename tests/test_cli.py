@@ -750,7 +750,10 @@ def bench_count(params) -> int:
         (["generate", "--mesh", "2,1,1", "52817"], "the data axis must be 1"),
         (["generate", "--mesh", "1,8,1", "52817"], "--mesh: mesh (data=1, expert=8, model=1) needs 8 devices, got 1"),
         (["generate", "--mesh", "1,1,1", "--moe", "pallas", "--sliding-attention", "cudnn", "52817"],
-         "--moe, --sliding-attention cudnn run on one device, not on --mesh"),
+         "--mesh runs the experts expert-parallel and the rest as XLA partitions it: drop --moe, --sliding-attention "
+         "cudnn (the Pallas"),
+        (["generate", "--mesh", "1,1,1", "--tiles", "vocab.block_v=256,routing.project=false", "52817"],
+         "drop --tiles routing (the Pallas"),
     ],
 )
 def test_errors_are_one_clean_line(capsys, argv, fragment):

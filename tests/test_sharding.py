@@ -58,7 +58,7 @@ def test_sharded_generate_never_gathers_the_logits_or_the_embedding_whole(report
     # The LM head takes its rows whole ([rows, hidden] gathered if need be) and gathers none of its logits: from
     # the MoE's tokens split over every device, it made each device's rows' logits and gathered [rows, vocab /
     # group] floats a step on (1, 8, 1) and (1, 4, 2).
-    assert report["meshes"][mesh]["lm_head_gathers"] == []
+    assert report["meshes"][mesh]["lm_head_named"] and report["meshes"][mesh]["lm_head_gathers"] == []
 
 
 def test_fused_vocabulary_pass_runs_sharded(report: dict) -> None:
@@ -115,9 +115,12 @@ def test_sharded_train_step_equals_single_device(report: dict) -> None:
 
 
 def test_cli_generates_on_a_mesh_what_it_does_on_one_device(report: dict) -> None:
-    """`diffjax generate --mesh 1,4,2`: the demo model loaded shard by shard, experts expert-parallel, prints the
-    single-device answer (tests/test_cli.py::test_generate_default_model_sorts)."""
-    assert report["cli_answer"] == "0124579\n"
+    """`diffjax generate --mesh 1,4,2`: the demo model's weights on their shards (its 8 experts one per device),
+    experts expert-parallel, prints the single-device answer (tests/test_cli.py::test_generate_default_model_sorts)."""
+    cli = report["cli"]
+    assert cli["exit_status"] == 0, cli["stderr"]
+    assert cli["params_on_their_shards"] and cli["experts_per_device"] == 1
+    assert cli["answer"] == "0124579\n"
 
 
 def test_bad_inputs_on_a_mesh_are_named(report: dict) -> None:
@@ -170,6 +173,23 @@ def test_expert_mesh_divides_the_released_model_bytes() -> None:
     scales = 4 * config.num_layers * config.num_experts * (2 * config.moe_intermediate_size + config.hidden_size)
     fp8_total = sharding.param_bytes_per_device(fp8, AbstractMesh((1, 1, 1), sharding.AXES))
     assert fp8_total == total - experts // 2 + scales
+
+
+def test_constrain_pins_only_under_a_diffjax_mesh() -> None:
+    """No mesh, a mesh of other axis names, or one of Explicit axes: the array as it is (the model runs there
+    unchanged); under `make_mesh`'s mesh, a sharding constraint with the spec fitted to the shape."""
+    x = jnp.arange(12.0).reshape(3, 4)
+    assert sharding.split_over_vocab(x) is x and sharding.rows_over_data(x) is x
+    foreign = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+    explicit = jax.make_mesh((1, 1, 1), sharding.AXES, axis_types=(jax.sharding.AxisType.Explicit,) * 3,
+                             devices=jax.devices()[:1])
+    for mesh in (foreign, explicit):
+        with jax.set_mesh(mesh):
+            assert jax.jit(lambda a: sharding.split_over_vocab(a) * 2)(x).tolist() == (x * 2).tolist()
+    with jax.set_mesh(sharding.make_mesh(devices=jax.devices()[:1])):
+        text = jax.jit(lambda a: (sharding.split_over_vocab(a), sharding.rows_over_data(a[None]))).lower(x).as_text()
+    assert text.count("sharding_constraint") == 2, text
+    assert sharding.rows_over_data(jnp.ones(3)).shape == (3,)  # a single row: nothing to split
 
 
 def test_make_mesh_rejects_a_wrong_device_count() -> None:
