@@ -103,7 +103,7 @@ def ring_positions(length: Array, ring: int) -> Array:
 
 def tied_logits(hidden: Array, embedding: Array, softcap: float | None) -> Array:
     """`softcap * tanh(hidden @ embedding^T / softcap)`: float32 `[..., vocab]` for hidden `[..., hidden]`."""
-    from diffjax.sharding import rows_over_data  # sharding imports the model
+    from diffjax.sharding import rows_over_data, split_over_vocab  # sharding imports the model
 
     # On a mesh, the rows whole on every device of an expert group (split over `data` only), as the vocabulary
     # split of the embedding needs them: the MoE leaves its tokens split over every device, and from there XLA
@@ -113,6 +113,9 @@ def tied_logits(hidden: Array, embedding: Array, softcap: float | None) -> Array
     # float32 output even for bf16 weights: transformers rounds logits to bf16 first, which turns top-two
     # gaps below one bf16 ulp (~1% of the logit) into ties and flips the argmax; we keep the extra bits.
     logits = jnp.einsum("...h,vh->...v", hidden, embedding.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    # ... and the logits (and so their gradient) left split over the vocabulary: a training step's loss otherwise
+    # took them split over rows, and their gradient was gathered whole to get back.
+    logits = split_over_vocab(logits)
     return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
 
 

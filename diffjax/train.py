@@ -77,6 +77,7 @@ from diffjax.model import (
     ring_positions,
     ring_size,
 )
+from diffjax.sharding import MODEL, constrain
 from diffjax.tokenizer import left_pad
 
 Array = jax.Array
@@ -292,7 +293,10 @@ def loss_terms(params: Params, config: Config, batch: Batch, noise: NoiseDraws) 
     # 2. The chosen canvas, noised, decoded against the clean context before it (vmapped: positions differ).
     clean, noisy = noisy_canvas(config, batch, noise)
     start = prompt_len + noise.canvas * length
-    kv_rows = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), kv)  # [blocks, B, ...] -> [B, blocks, ...]
+    # [blocks, B, ...] -> [B, blocks, ...]; on a mesh every example whole (each one's decoder pass runs on the
+    # whole mesh), kv heads over `model`: from the MoE's tokens split over every device, XLA otherwise rebuilt
+    # each example's K/V by replicating the whole batch's first.
+    kv_rows = jax.tree.map(lambda x: constrain(jnp.moveaxis(x, 1, 0), P(None, None, None, MODEL, None)), kv)
     decode = functools.partial(_decode_one, params, config)
     first = _per_example(config, lambda a: decode(*a, None, None), (kv_rows, mask, start, noisy))
     first = jax.lax.stop_gradient(first)
