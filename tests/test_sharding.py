@@ -66,9 +66,9 @@ def test_sharded_generate_never_gathers_the_logits_or_the_embedding_whole(report
 
 def test_nothing_sharded_is_replicated_whole_to_be_resplit(report: dict) -> None:
     """Over the whole check (every mesh's decoder pass, generate, the fused pass and the train step) XLA never
-    falls back to replicating an array to change its layout. It did five times before the layouts were pinned:
-    the self-conditioning carry in generate on (1, 4, 2); on (2, 2, 2) the train step's per-example K/V (four
-    leaves) and, with the LM head's input rows pinned, the AR logits' gradient."""
+    falls back to replicating an array to change its layout. Before the layouts were pinned it did five times:
+    the self-conditioning carry in generate on (1, 4, 2), and on (2, 2, 2) the train step's per-example K/V
+    (four leaves). Pinning the LM head's input rows alone added a sixth, the AR logits' gradient."""
     assert report["rematerializations"] == []
 
 
