@@ -140,20 +140,22 @@ def load_weights(
 
     kind = checkpoint_kind(checkpoint)
     if kind == "hf" and (mesh is not None or not experts_fp8):
-        config, params = convert.load_hf(checkpoint, dtype, progress, mesh=mesh)
+        config, params = convert.load_hf(checkpoint, dtype, progress, mesh=mesh)  # on the mesh already
     elif kind == "diffjax" and mesh is None and not experts_fp8:
         return convert.load(checkpoint, dtype, check_finite=check_finite)
     elif kind == "diffjax":
         config, params = convert.load(checkpoint, dtype, as_numpy=True, check_finite=check_finite)
+        if mesh is not None:
+            params = shard_params(params, config, mesh)
     else:
         config, flat = convert.load_hf_numpy(checkpoint, dtype, progress)
         params = unflatten(flat)
-    if mesh is not None:
-        params = shard_params(params, config, mesh)
     if experts_fp8:
         config, params = quantize_model(config, params)
-    # quantize_model's output follows its inputs' shardings; placed once more so each leaf has the rule's own.
-    return config, params if mesh is None or not experts_fp8 else shard_params(params, config, mesh)
+        if mesh is not None:
+            # quantize_model's output follows its inputs' shardings; its new scale leaves get the rule's own.
+            params = shard_params(params, config, mesh)
+    return config, params
 
 
 def load_model(
@@ -307,7 +309,9 @@ def generation_mesh(args: argparse.Namespace) -> Mesh | None:
     if args.mesh[0] != 1:
         raise CliError(f"--mesh {','.join(map(str, args.mesh))}: diffjax generate runs one prompt, so the data axis "
                        "must be 1 (split the model over expert and model)")
-    tiled = sorted({item.split(".")[0].strip() for item in (args.tiles or "").split(",") if item.strip()} - {"vocab"})
+    tiles = KernelTiles.parse(args.tiles or "")
+    tiled = [field.name for field in dataclasses.fields(tiles)
+             if field.name != "vocab" and getattr(tiles, field.name) is not None]
     refused = [flag for flag, given in (
         ("--moe", args.moe is not None), ("--experts-pretiled", args.experts_pretiled),
         ("--fused-projections", args.fused_projections), ("--unstacked-blocks", args.unstacked_blocks),

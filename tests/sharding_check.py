@@ -172,12 +172,12 @@ def main(train_meshes: tuple[tuple[int, int, int], ...]) -> None:
             # Compiled ahead (the one compile the call would make) to read which arrays it gathers whole.
             compiled = jax.jit(lambda p, i: generate(p, parallel, i, **gen_kwargs)).lower(
                 sharded, sharding.shard_batch(ids, mesh)).compile()
+            text = compiled.as_text()
             result["generate_whole_gathers"] = all_gathers_of(
-                compiled.as_text(), f"{config.vocab_size},{config.hidden_size}",
-                f"{BATCH},{config.canvas_length},{config.vocab_size}")
-            result["lm_head_gathers"] = [line.strip()[:160] for line in compiled.as_text().splitlines()
+                text, f"{config.vocab_size},{config.hidden_size}", f"{BATCH},{config.canvas_length},{config.vocab_size}")
+            result["lm_head_gathers"] = [line.strip()[:160] for line in text.splitlines()
                                          if re.search(r"\ball-gather(-start)?\(", line) and "embedder.logits" in line]
-            result["lm_head_named"] = "embedder.logits" in compiled.as_text()  # the names the check reads exist
+            result["lm_head_named"] = "embedder.logits" in text  # the names the check reads exist
             out = compiled(sharded, sharding.shard_batch(ids, mesh))
             result["tokens_equal"] = bool(np.array_equal(out.sequences, ref_gen.sequences))
             result["passes_equal"] = bool(np.array_equal(out.decoder_passes, ref_gen.decoder_passes))
